@@ -1,0 +1,398 @@
+"""Configuration: presets, the resolved run config, overrides, validation, hashing.
+
+Data flows one way: a `RunConfig` is resolved once (preset + variant + overrides),
+validated with a readable error, and then read by the model, the Lightning module,
+the trainer and the tracker. Nothing downstream mutates it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from lab.errors import LabError, check_choice, check_positive
+from lab.gates import GateSpec, Variant, get_variant
+
+SDPA_TRANSFORMS = ("none", "rmsnorm", "silu")
+FFN_KINDS = ("dense", "moe")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Qwen3-style decoder (spec section 1.6, Table 7): pre-RMSNorm, RoPE, SwiGLU, GQA, QK-norm.
+
+    Init: every Linear and the embedding draw from normal(0, init_std) with zero biases,
+    the reference implementation's `_init_weights` (0.02); norms start at 1. No depth scaling.
+    """
+
+    vocab_size: int = 16384
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 16
+    ffn_hidden: int = 192
+    context: int = 128
+    rope_base: float = 10000.0
+    rms_eps: float = 1e-6
+    qk_norm: bool = True
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    gate: GateSpec | None = None
+    # The paper's controls (spec 1.5).
+    sdpa_transform: str = "none"         # "rmsnorm" (per-head "GroupNorm") or "silu" at G1
+    sandwich_norm: bool = False
+    residual_clip: float | None = None
+    switch_head: str | None = None       # "kv:E:K" or "v:E:K": experts, top-k
+    gate_insert_fraction: float | None = None  # gate off until this fraction of training
+    # Feed-forward: dense SwiGLU or a mixture of experts (lab/moe.py).
+    ffn: str = "dense"
+    moe_experts: int = 8
+    moe_top_k: int = 2
+    moe_expert_hidden: int = 128
+    moe_shared_expert: bool = False
+    moe_extra_experts: int = 0           # baseline_add4experts: more total and activated experts
+    moe_aux_loss_coef: float = 0.01
+    moe_z_loss_coef: float = 0.001
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim",
+                     "ffn_hidden", "context"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise LabError(f"model.{name}: must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise LabError(f"model.n_heads: {self.n_heads} query heads are not divisible by "
+                           f"{self.n_kv_heads} KV heads (GQA needs whole groups)")
+        if self.head_dim % 2:
+            raise LabError(f"model.head_dim: RoPE needs an even head_dim, got {self.head_dim}")
+        check_positive("model.rope_base", self.rope_base)
+        check_positive("model.init_std", self.init_std)
+        check_choice("model.sdpa_transform", self.sdpa_transform, SDPA_TRANSFORMS)
+        check_choice("model.ffn", self.ffn, FFN_KINDS)
+        if self.residual_clip is not None:
+            check_positive("model.residual_clip", self.residual_clip)
+        if self.gate is not None:
+            self.gate.validate()
+        if self.gate_insert_fraction is not None:
+            if self.gate is None:
+                raise LabError("model.gate_insert_fraction: needs a gate to insert")
+            if not 0 < self.gate_insert_fraction < 1:
+                raise LabError("model.gate_insert_fraction: must lie in (0, 1), got "
+                               f"{self.gate_insert_fraction!r}")
+        if self.switch_head is not None:
+            parse_switch_head(self.switch_head)
+        if self.ffn == "moe":
+            for name in ("moe_experts", "moe_top_k", "moe_expert_hidden"):
+                check_positive(f"model.{name}", getattr(self, name))
+            if self.moe_top_k > self.moe_experts:
+                raise LabError(f"model.moe_top_k: {self.moe_top_k} exceeds the "
+                               f"{self.moe_experts} experts")
+        elif self.moe_extra_experts:
+            raise LabError("model.moe_extra_experts: needs an MoE preset (model.ffn=moe); "
+                           "baseline_add4experts is defined on MoE models only")
+
+
+def parse_switch_head(text: str) -> tuple[str, int, int]:
+    """'kv:8:8' -> ('kv', 8, 8): which projections get experts, how many, and top-k."""
+    parts = text.split(":")
+    try:
+        target, experts, top_k = parts[0], int(parts[1]), int(parts[2])
+    except (IndexError, ValueError):
+        raise LabError(f"model.switch_head: expected 'kv:E:K' or 'v:E:K', got {text!r}") from None
+    check_choice("model.switch_head target", target, ("kv", "v"))
+    if not 1 <= top_k <= experts:
+        raise LabError(f"model.switch_head: top-k {top_k} must lie in 1..{experts}")
+    return target, experts, top_k
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation. The paper states AdamW with "default" settings and no more (spec 4.1);
+    betas 0.9/0.95, weight decay 0.1 on matrices only and clipping at 1.0 are the common
+    LLM choices we adopt. Schedule: linear warmup, cosine decay to min_lr_ratio of the peak
+    (the MoE recipe: warmup then cosine; spec 4.2)."""
+
+    tokens: float = 2e5
+    batch_size: int = 16               # sequences per optimizer step (all devices)
+    micro_batch_size: int = 0          # sequences per forward pass; 0 = batch_size
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+    precision: str = "auto"            # auto: bf16-mixed on GPU, 32-true on CPU
+    compile: bool = False
+    val_every: int = 50                # steps between validations
+    val_batches: int = 8               # batches of the fixed validation set
+    log_every: int = 5                 # steps between logged training metrics
+    devices: int = 1                   # GPUs for one run (DDP when > 1)
+    deterministic: bool = False
+    # Divergence: non-finite loss, or loss above ceiling for patience logged steps.
+    divergence_loss_ceiling: float = 20.0
+    divergence_patience: int = 3
+    # Loss-spike detector (lab/callbacks.py).
+    spike_window: int = 50
+    spike_k: float = 6.0
+    spike_floor: float = 0.1
+    spike_merge: int = 20
+    checkpoint_every: int = 0          # steps between resumable checkpoints; 0 = at validations
+
+    def validate(self) -> None:
+        check_positive("train.tokens", self.tokens)
+        check_positive("train.lr", self.lr)
+        check_positive("train.batch_size", self.batch_size)
+        if self.micro_batch_size < 0 or (self.micro_batch_size and
+                                         self.batch_size % (self.micro_batch_size * self.devices)):
+            raise LabError(f"train.micro_batch_size: batch_size {self.batch_size} must be a multiple "
+                           f"of micro_batch_size x devices ({self.micro_batch_size} x {self.devices})")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise LabError(f"train.min_lr_ratio: must lie in [0, 1], got {self.min_lr_ratio!r}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise LabError(f"train.warmup_fraction: must lie in [0, 1), got {self.warmup_fraction!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise LabError(f"train.seed: must be a non-negative integer, got {self.seed!r}")
+        check_choice("train.precision", self.precision, ("auto", "32-true", "bf16-mixed", "16-mixed"))
+        for name in ("val_every", "val_batches", "log_every", "devices", "divergence_patience"):
+            check_positive(f"train.{name}", getattr(self, name))
+
+    @property
+    def micro_batch(self) -> int:
+        return self.micro_batch_size or self.batch_size // self.devices
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from: `synthetic`, a prepared token directory, or text files (lab/data.py)."""
+
+    source: str = "synthetic"
+    vocab_size: int = 16384            # BPE vocabulary for text sources
+    bos_aligned: bool = False          # start every training window at a document boundary
+    valid: str | None = None           # explicit valid/test files for text sources
+    test: str | None = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    variant: str
+    preset: str
+    model: ModelConfig
+    train: TrainConfig
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate()
+        if self.train.micro_batch_size == 0 and self.train.batch_size % self.train.devices:
+            raise LabError(f"train.batch_size: {self.train.batch_size} is not divisible by "
+                           f"{self.train.devices} devices")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Identity of a grid cell: every field that changes what is trained."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --- presets ------------------------------------------------------------------------
+# Sub-billion Qwen3-style decoders: 2:1 GQA and head_dim 64 as the paper's dense models
+# (Table 7), context 1024. `tiny` is for CPU tests (head_dim 16, context 128, synthetic vocab).
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(model=dict(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
+                            head_dim=16, ffn_hidden=192, context=128),
+                 train=dict(batch_size=16, lr=3e-3, val_every=50, val_batches=4)),
+    "small": dict(model=dict(n_layers=6, d_model=384, n_heads=6, n_kv_heads=3, head_dim=64,
+                             ffn_hidden=1024, context=1024),
+                  train=dict(batch_size=32, lr=3e-3, val_every=200, val_batches=16)),
+    "base": dict(model=dict(n_layers=12, d_model=512, n_heads=8, n_kv_heads=4, head_dim=64,
+                            ffn_hidden=1792, context=1024),
+                 train=dict(batch_size=64, lr=2e-3, val_every=250, val_batches=16)),
+    "medium": dict(model=dict(n_layers=16, d_model=768, n_heads=12, n_kv_heads=6, head_dim=64,
+                              ffn_hidden=2304, context=1024),
+                   train=dict(batch_size=64, lr=1.5e-3, val_every=250, val_batches=16)),
+    "large": dict(model=dict(n_layers=28, d_model=1024, n_heads=16, n_kv_heads=8, head_dim=64,
+                             ffn_hidden=2816, context=1024),
+                  train=dict(batch_size=128, micro_batch_size=32, lr=1e-3, val_every=250,
+                             val_batches=16)),
+    "xl": dict(model=dict(n_layers=28, d_model=1536, n_heads=24, n_kv_heads=12, head_dim=64,
+                          ffn_hidden=4096, context=1024),
+               train=dict(batch_size=128, micro_batch_size=16, lr=8e-4, val_every=250,
+                          val_batches=16)),
+    # Depth is what exposes the paper's stability trend at small scale (issue: reproduce).
+    "deep-narrow": dict(model=dict(n_layers=32, d_model=256, n_heads=4, n_kv_heads=2,
+                                   head_dim=64, ffn_hidden=768, context=1024),
+                        train=dict(batch_size=32, lr=1e-2, val_every=250, val_batches=16)),
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    out.update(extra)
+    return out
+
+
+def _coerce(field_name: str, current: Any, text: str) -> Any:
+    """Parse an override value by the type of the field's current value."""
+    if isinstance(current, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise LabError(f"{field_name}: expected true or false, got {text!r}")
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        if isinstance(current, int):
+            number = float(text)
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        if isinstance(current, float) or current is None and _looks_numeric(text):
+            return float(text)
+    except ValueError:
+        raise LabError(f"{field_name}: expected a {type(current).__name__}, got {text!r}") from None
+    return text
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+
+
+def parse_overrides(pairs: list[str] | dict | None) -> dict[str, dict[str, str]]:
+    """['train.lr=1e-3', 'gate.activation=silu'] -> {'train': {'lr': '1e-3'}, ...} (validated keys)."""
+    if not pairs:
+        return {}
+    items = pairs.items() if isinstance(pairs, dict) else (_split_pair(p) for p in pairs)
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in items:
+        section, _, name = key.partition(".")
+        allowed = {**SECTIONS, "gate": GateSpec}
+        if section not in allowed or not name:
+            raise LabError(f"override {key!r}: keys look like section.field with section one of "
+                           f"{', '.join(allowed)}")
+        fields = {f.name for f in dataclasses.fields(allowed[section])}
+        if name not in fields:
+            raise LabError(f"override {key!r}: unknown field {name!r} of {section}; allowed: "
+                           f"{', '.join(sorted(fields))}")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def _split_pair(pair: str) -> tuple[str, str]:
+    if "=" not in pair:
+        raise LabError(f"--set: expected key=value, got {pair!r}")
+    key, value = pair.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def _apply(section_obj, section: str, values: dict) -> Any:
+    updates = {}
+    for name, value in values.items():
+        current = getattr(section_obj, name)
+        updates[name] = _coerce(f"{section}.{name}", current, value) if isinstance(value, str) else value
+    return dataclasses.replace(section_obj, **updates)
+
+
+def _scaled_heads(preset_heads: int, factor: float, what: str, variant: str) -> int:
+    heads = preset_heads * factor
+    if heads != int(heads):
+        raise LabError(f"variant {variant}: {what} x {factor} = {heads} is not a whole number "
+                       "at this preset")
+    return int(heads)
+
+
+def resolve(variant: str | Variant, preset: str, overrides: list[str] | dict | None = None,
+            data: str | None = None, tokens: float | None = None, seed: int | None = None,
+            lr: float | None = None) -> RunConfig:
+    """Preset + variant + overrides -> a validated RunConfig (raises LabError, never trains)."""
+    if preset not in PRESETS:
+        raise LabError(f"preset: unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    spec = get_variant(variant) if isinstance(variant, str) else variant
+    preset_values = PRESETS[preset]
+    parsed = parse_overrides(overrides)
+
+    model = ModelConfig(**preset_values["model"])
+    model = dataclasses.replace(
+        model,
+        n_heads=_scaled_heads(model.n_heads, spec.q_heads_factor, "n_heads", spec.slug),
+        n_kv_heads=_scaled_heads(model.n_kv_heads, spec.kv_heads_factor, "n_kv_heads", spec.slug),
+        gate=spec.gate, **spec.model)
+    if "gate" in parsed:
+        if model.gate is None:
+            raise LabError(f"override gate.*: variant {spec.slug} has no gate to change")
+        model = dataclasses.replace(model, gate=_apply(model.gate, "gate", parsed["gate"]))
+    model = _apply(model, "model", parsed.get("model", {}))
+
+    train = TrainConfig(**preset_values.get("train", {}))
+    direct = {k: v for k, v in (("tokens", tokens), ("seed", seed), ("lr", lr)) if v is not None}
+    train = dataclasses.replace(train, **direct)
+    train = _apply(train, "train", parsed.get("train", {}))
+
+    data_cfg = DataConfig(vocab_size=model.vocab_size)
+    if data is not None:
+        data_cfg = dataclasses.replace(data_cfg, source=data)
+    data_cfg = _apply(data_cfg, "data", parsed.get("data", {}))
+
+    config = RunConfig(variant=spec.slug, preset=preset, model=model, train=train, data=data_cfg)
+    if spec.needs == "moe" and model.ffn != "moe":
+        raise LabError(f"variant {spec.slug}: needs an MoE preset (model.ffn=moe)")
+    config.validate()
+    return config
+
+
+def baseline_model(config: RunConfig) -> ModelConfig:
+    """The same architecture with the variant taken out: what `params/added` is counted against."""
+    from lab.gates import VARIANTS
+
+    variant = VARIANTS.get(config.variant)
+    model = config.model
+    if variant is None:
+        return dataclasses.replace(model, gate=None, gate_insert_fraction=None)
+    defaults = ModelConfig()
+    reset = {name: getattr(defaults, name) for name in variant.model}
+    return dataclasses.replace(model, gate=None, **reset,
+                               n_heads=round(model.n_heads / variant.q_heads_factor),
+                               n_kv_heads=round(model.n_kv_heads / variant.kv_heads_factor))
+
+
+def with_vocab(config: RunConfig, vocab_size: int) -> RunConfig:
+    """The model's vocabulary is the data's: set once the tokens are known."""
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab_size))
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {'model.n_layers': 2, 'model.gate.position': 'sdpa', ...} for MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def from_dict(raw: dict) -> RunConfig:
+    """Inverse of RunConfig.to_dict (for configs read back from MLflow or checkpoints)."""
+    model = dict(raw["model"])
+    if model.get("gate") is not None:
+        model["gate"] = GateSpec(**model["gate"])
+    return RunConfig(variant=raw["variant"], preset=raw["preset"], model=ModelConfig(**model),
+                     train=TrainConfig(**raw["train"]), data=DataConfig(**raw["data"]))

@@ -1,0 +1,303 @@
+"""Tokens: sources, the on-disk token store, and the windows training reads.
+
+A prepared corpus is a directory: `manifest.json` (source, tokenizer hash, vocabulary,
+dtype, token counts per split, end-of-text id) and one flat token file per split
+(`train.bin`, `valid.bin`, `test.bin`, uint16 or uint32), read through numpy memmaps,
+as nanoGPT does. Documents are separated by the end-of-text token, which doubles as BOS.
+
+Every batch is a pure function of (seed, micro-batch index): the same seed gives the same
+batches for every variant, and a resumed run continues at its step with no loader state.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import lzma
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lab.errors import LabError
+
+SPLITS = ("train", "valid", "test")
+END_OF_TEXT = "<|endoftext|>"
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("GATELAB_CACHE", "cache")).resolve()
+
+
+# --- the token store ------------------------------------------------------------------
+
+@dataclass
+class TokenStore:
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> "TokenStore":
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.exists():
+            raise LabError(f"data: {path} is not a prepared corpus (no {MANIFEST})")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as err:
+            raise LabError(f"data: corrupt manifest {manifest_path}: {err}") from None
+        store = cls(path, manifest)
+        for split in SPLITS:
+            file = path / f"{split}.bin"
+            expected = manifest["splits"][split] * np.dtype(manifest["dtype"]).itemsize
+            if not file.exists() or file.stat().st_size != expected:
+                raise LabError(f"data: {file} is missing or truncated (expected {expected} bytes); "
+                               "prepare the corpus again")
+        return store
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.manifest["eos_id"])
+
+    def tokens(self, split: str) -> np.ndarray:
+        return np.memmap(self.path / f"{split}.bin", dtype=self.manifest["dtype"], mode="r")
+
+    def document_starts(self, split: str) -> np.ndarray:
+        """Positions of the end-of-text tokens that open each document (a window starting
+        there has BOS at position 0)."""
+        tokens = self.tokens(split)
+        starts = np.flatnonzero(np.asarray(tokens) == self.eos_id)
+        return starts
+
+
+def write_store(path: Path, splits: dict[str, np.ndarray], vocab_size: int, eos_id: int,
+                source: str, tokenizer_hash: str) -> TokenStore:
+    """Write token arrays and a manifest atomically (a half-written store is never opened)."""
+    path.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if vocab_size <= 2 ** 16 else np.uint32
+    for split, tokens in splits.items():
+        tmp = path / f"{split}.bin.tmp"
+        np.asarray(tokens, dtype=dtype).tofile(tmp)
+        os.replace(tmp, path / f"{split}.bin")
+    manifest = dict(format_version=FORMAT_VERSION, source=source, tokenizer_hash=tokenizer_hash,
+                    vocab_size=int(vocab_size), dtype=np.dtype(dtype).name, eos_id=int(eos_id),
+                    bos_id=int(eos_id), splits={s: int(len(t)) for s, t in splits.items()})
+    tmp = path / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, path / MANIFEST)
+    return TokenStore(path, manifest)
+
+
+# --- synthetic: a generated language that needs no files ----------------------------------
+
+def generate_synthetic(vocab_size: int, n_tokens: int, seed: int, language_seed: int = 0) -> np.ndarray:
+    """Documents from a sparse Markov chain with copy spans.
+
+    Token 0 is end-of-text. Each token has 4 likely successors (probabilities .5/.25/.15/.1),
+    which gives local structure; with probability 0.08 per position a document starts to
+    copy a span of 8-24 tokens from earlier in itself, which only attention over long ranges
+    can predict (induction). Uniform loss is ln(vocab); the chain's entropy is ~1.2 nats.
+    """
+    content = np.arange(1, vocab_size)
+    # The language (who follows whom) is fixed by language_seed; splits differ only in `seed`.
+    successors = np.random.default_rng(language_seed).choice(content, size=(vocab_size, 4))
+    rng = np.random.default_rng(seed)
+    cumulative = np.cumsum([0.5, 0.25, 0.15, 0.1])
+    n_docs = max(1, n_tokens // 200)
+    max_len = 512
+    lengths = rng.integers(64, max_len, size=n_docs)
+    docs = np.zeros((n_docs, max_len), dtype=np.int64)
+    docs[:, 0] = rng.choice(content, size=n_docs)
+    copy_left = np.zeros(n_docs, dtype=np.int64)
+    copy_src = np.zeros(n_docs, dtype=np.int64)
+    rows = np.arange(n_docs)
+    for t in range(1, max_len):
+        start_copy = (copy_left == 0) & (rng.random(n_docs) < 0.08) & (t > 32)
+        copy_left[start_copy] = rng.integers(8, 25, size=start_copy.sum())
+        copy_src[start_copy] = rng.integers(0, t - 8, size=start_copy.sum())
+        markov = successors[docs[:, t - 1], np.searchsorted(cumulative, rng.random(n_docs))]
+        copying = copy_left > 0
+        copied = docs[rows, np.minimum(copy_src, t - 1)]
+        docs[:, t] = np.where(copying, copied, markov)
+        copy_src += copying
+        copy_left -= copying
+    pieces = []
+    for doc, length in zip(docs, lengths):
+        pieces.append(np.zeros(1, dtype=np.int64))  # end-of-text opens each document
+        pieces.append(doc[:length])
+    return np.concatenate(pieces)[:max(n_tokens, 1)]
+
+
+def prepare_synthetic(vocab_size: int, train_tokens: int = 2_000_000, seed: int = 1234,
+                      root: Path | None = None) -> TokenStore:
+    key = f"synthetic-v{FORMAT_VERSION}b-vocab{vocab_size}-n{train_tokens}-seed{seed}"
+    path = (root or cache_root()) / key
+    if (path / MANIFEST).exists():
+        return TokenStore.open(path)
+    eval_tokens = max(train_tokens // 20, 50_000)
+    splits = {
+        "train": generate_synthetic(vocab_size, train_tokens, seed + 1, language_seed=seed),
+        "valid": generate_synthetic(vocab_size, eval_tokens, seed + 2, language_seed=seed),
+        "test": generate_synthetic(vocab_size, eval_tokens, seed + 3, language_seed=seed),
+    }
+    return write_store(path, splits, vocab_size, eos_id=0, source="synthetic", tokenizer_hash=key)
+
+
+# --- text files: byte-level BPE ------------------------------------------------------------
+
+def read_text(path: str | Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise LabError(f"data: file not found: {path}")
+    opener = {".xz": lzma.open, ".gz": gzip.open}.get(path.suffix, open)
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            text = handle.read()
+    except (lzma.LZMAError, OSError, EOFError, UnicodeDecodeError) as err:
+        raise LabError(f"data: cannot read {path}: {err}") from None
+    if not text.strip():
+        raise LabError(f"data: {path} is empty")
+    return text
+
+
+def split_documents(text: str) -> list[str]:
+    docs = [d.strip() for d in text.split(END_OF_TEXT)]
+    return [d for d in docs if d]
+
+
+def train_tokenizer(documents: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(documents, trainer=trainer)
+    return tokenizer
+
+
+def encode_documents(tokenizer, documents: list[str]) -> np.ndarray:
+    """Each document preceded by end-of-text; batch-encoded (the tokenizer runs in parallel)."""
+    eos = tokenizer.token_to_id(END_OF_TEXT)
+    encoded = tokenizer.encode_batch(documents)
+    pieces = []
+    for item in encoded:
+        pieces.append(np.array([eos], dtype=np.int64))
+        pieces.append(np.asarray(item.ids, dtype=np.int64))
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+
+
+def _file_digest(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def prepare_text(train: list[str | Path], valid: str | Path | None, test: str | Path | None,
+                 vocab_size: int, root: Path | None = None) -> TokenStore:
+    """Text files -> BPE -> token store. Without explicit valid/test files the documents are
+    split deterministically (every 50th document to valid, the next to test)."""
+    train_paths = [Path(p) for p in train]
+    extra = [Path(p) for p in (valid, test) if p is not None]
+    for path in train_paths + extra:
+        if not path.exists():
+            raise LabError(f"data: file not found: {path}")
+    key = f"text-{_file_digest(train_paths + extra)}-vocab{vocab_size}"
+    path = (root or cache_root()) / key
+    if (path / MANIFEST).exists():
+        return TokenStore.open(path)
+    train_docs = [d for p in train_paths for d in split_documents(read_text(p))]
+    if valid is not None and test is not None:
+        valid_docs, test_docs = split_documents(read_text(valid)), split_documents(read_text(test))
+    else:
+        valid_docs = train_docs[0::50]
+        test_docs = train_docs[1::50]
+        train_docs = [d for i, d in enumerate(train_docs) if i % 50 not in (0, 1)]
+    if not train_docs or not valid_docs or not test_docs:
+        raise LabError("data: too few documents to form train, valid and test splits "
+                       f"({len(train_docs)} train documents); add text or pass valid/test files")
+    tokenizer = train_tokenizer(train_docs, vocab_size)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path / "tokenizer.json"))
+    tokenizer_hash = hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest()[:16]
+    splits = {s: encode_documents(tokenizer, docs)
+              for s, docs in (("train", train_docs), ("valid", valid_docs), ("test", test_docs))}
+    return write_store(path, splits, tokenizer.get_vocab_size(),
+                       eos_id=tokenizer.token_to_id(END_OF_TEXT),
+                       source=",".join(str(p) for p in train_paths), tokenizer_hash=tokenizer_hash)
+
+
+def open_source(source: str, vocab_size: int, valid: str | None = None,
+                test: str | None = None) -> TokenStore:
+    """`synthetic`, a prepared directory, or text files (comma-separated) -> a token store."""
+    if source == "synthetic":
+        return prepare_synthetic(vocab_size)
+    path = Path(source)
+    if path.is_dir():
+        return TokenStore.open(path)
+    files = [Path(p) for p in source.split(",") if p]
+    return prepare_text(files, valid, test, vocab_size)
+
+
+# --- windows -------------------------------------------------------------------------------
+
+class WindowSampler:
+    """Random training windows of `seq_len + 1` tokens, a pure function of (seed, index)."""
+
+    def __init__(self, store: TokenStore, seq_len: int, micro_batch: int, seed: int,
+                 bos_aligned: bool = False, split: str = "train"):
+        self.tokens = store.tokens(split)
+        self.seq_len, self.micro_batch, self.seed = seq_len, micro_batch, seed
+        if len(self.tokens) < seq_len + 2:
+            raise LabError(f"data: the {split} split has {len(self.tokens)} tokens, fewer than one "
+                           f"window of {seq_len + 1}; use more text or a shorter context")
+        self.starts = None
+        if bos_aligned:
+            starts = store.document_starts(split)
+            starts = starts[starts + seq_len + 1 <= len(self.tokens)]
+            if len(starts) == 0:
+                raise LabError(f"data: no document in the {split} split has room for a "
+                               f"BOS-aligned window of {seq_len + 1} tokens")
+            self.starts = starts
+
+    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, index])
+        if self.starts is None:
+            offsets = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.micro_batch)
+        else:
+            offsets = self.starts[rng.integers(0, len(self.starts), size=self.micro_batch)]
+        windows = np.stack([self.tokens[o:o + self.seq_len + 1] for o in offsets]).astype(np.int64)
+        windows = torch.from_numpy(windows)
+        return windows[:, :-1], windows[:, 1:]
+
+
+def eval_windows(store: TokenStore, split: str, seq_len: int, n_windows: int,
+                 bos_aligned: bool = False) -> torch.Tensor:
+    """A fixed evaluation set: windows spread evenly over the split, (n, seq_len + 1)."""
+    tokens = store.tokens(split)
+    if len(tokens) < seq_len + 2:
+        raise LabError(f"data: the {split} split has {len(tokens)} tokens, fewer than one "
+                       f"window of {seq_len + 1}")
+    if bos_aligned:
+        candidates = store.document_starts(split)
+        candidates = candidates[candidates + seq_len + 1 <= len(tokens)]
+        if len(candidates) == 0:
+            candidates = np.array([0])
+    else:
+        candidates = np.arange(0, len(tokens) - seq_len - 1, max(1, seq_len // 2))
+    picks = candidates[np.linspace(0, len(candidates) - 1, num=min(n_windows, len(candidates)))
+                       .round().astype(int)]
+    return torch.from_numpy(np.stack([tokens[o:o + seq_len + 1] for o in picks]).astype(np.int64))

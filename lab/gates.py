@@ -1,0 +1,294 @@
+"""The gate math of the paper, and every variant it tests, as data.
+
+A gate is a point in five axes (spec section 1.3): position (G1-G5), granularity,
+head sharing, form and activation, plus whether it depends on the input at all.
+`GateSpec` holds that point; `gate_logit_width`, `gate_scores` and `apply_gate`
+are the whole of the math. The attention module (lab/model.py) computes the gate
+logits from the pre-norm hidden state X in the same matmul as Q, K and V
+(the reference code fuses the G1 gate into q_proj; spec section 1.6) and calls
+these functions at the position the spec names.
+
+Each of the paper's variants is one `Variant` entry in `VARIANTS` (spec section 3):
+a gate spec, or a few architecture changes for the paper's controls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lab.errors import LabError, check_choice
+
+POSITIONS = ("sdpa", "value", "key", "query", "dense_out")  # G1, G2, G3, G4, G5
+PAPER_POSITION_NAMES = {"sdpa": "G1", "value": "G2", "key": "G3", "query": "G4", "dense_out": "G5"}
+GRANULARITIES = ("elementwise", "headwise")
+SHARINGS = ("head_specific", "head_shared")
+FORMS = ("multiplicative", "additive")
+SHARED_AVERAGES = ("post_activation", "pre_activation")
+QK_PLACEMENTS = ("after_projection", "after_norm_rope")
+GATE_INITS = ("normal", "zeros")
+
+
+def _ns_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    # Table 4 row 7: scores in [0.5, 1] keep the non-linearity and remove sparsity.
+    return 0.5 + 0.5 * torch.sigmoid(x)
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "sigmoid": torch.sigmoid,
+    "silu": F.silu,
+    "identity": lambda x: x,
+    "ns_sigmoid": _ns_sigmoid,
+}
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """One point of the paper's gate space.
+
+    Defaults are the paper's default gate (Eq. 5): head-specific, multiplicative,
+    sigmoid, on the SDPA output, computed from the pre-norm hidden state.
+    Choices the paper leaves open (spec 'Not found') are fields with documented defaults:
+    - bias: False, as the reference code (bias only with qkv_bias, which its configs leave off).
+    - init: "normal", the reference init (normal(0, init_std), so scores start near sigmoid(0)=0.5).
+    - shared_average: "post_activation": the paper averages "gating scores", i.e. after the activation.
+    - qk_placement: "after_projection": the paper says "after the Q, K, V projections (Eq. 1)",
+      so G3/G4 act before QK-norm and RoPE; "after_norm_rope" is the alternative.
+    """
+
+    position: str = "sdpa"
+    granularity: str = "elementwise"
+    sharing: str = "head_specific"
+    form: str = "multiplicative"
+    activation: str = "sigmoid"
+    input_dependent: bool = True
+    bias: bool = False
+    init: str = "normal"
+    shared_average: str = "post_activation"
+    qk_placement: str = "after_projection"
+
+    def validate(self) -> None:
+        check_choice("gate.position", self.position, POSITIONS)
+        check_choice("gate.granularity", self.granularity, GRANULARITIES)
+        check_choice("gate.sharing", self.sharing, SHARINGS)
+        check_choice("gate.form", self.form, FORMS)
+        check_choice("gate.activation", self.activation, tuple(ACTIVATIONS))
+        check_choice("gate.init", self.init, GATE_INITS)
+        check_choice("gate.shared_average", self.shared_average, SHARED_AVERAGES)
+        check_choice("gate.qk_placement", self.qk_placement, QK_PLACEMENTS)
+        if self.position == "dense_out" and self.granularity == "headwise":
+            raise LabError("gate.granularity: headwise makes no sense at position dense_out "
+                           "(the W_o output has no heads); use elementwise")
+        if self.position == "dense_out" and self.sharing == "head_shared":
+            raise LabError("gate.sharing: head_shared makes no sense at position dense_out "
+                           "(the W_o output has no heads); use head_specific")
+        if self.sharing == "head_shared" and self.granularity == "headwise":
+            raise LabError("gate.sharing: head_shared with headwise granularity is one scalar "
+                           "for every head; use elementwise with head_shared")
+
+    @property
+    def paper_position(self) -> str:
+        return PAPER_POSITION_NAMES[self.position]
+
+    def axes(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_gate(text: str, base: GateSpec | None = None) -> GateSpec:
+    """`position=sdpa,granularity=headwise,...` -> GateSpec (unnamed points of the space)."""
+    values = dataclasses.asdict(base or GateSpec())
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if "=" not in item:
+            raise LabError(f"--gate: expected key=value, got {item!r}")
+        key, value = (s.strip() for s in item.split("=", 1))
+        if key not in values:
+            raise LabError(f"--gate: unknown gate axis {key!r}; allowed: {', '.join(values)}")
+        if isinstance(values[key], bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise LabError(f"gate.{key}: expected true or false, got {value!r}")
+            value = value.lower() in ("true", "1")
+        values[key] = value
+    spec = GateSpec(**values)
+    spec.validate()
+    return spec
+
+
+# --- shapes -------------------------------------------------------------------
+
+def gated_heads_and_width(spec: GateSpec, n_heads: int, n_kv_heads: int, head_dim: int,
+                          d_model: int) -> tuple[int, int]:
+    """(heads, width) of the tensor the gate modulates, viewed as (..., heads, width)."""
+    if spec.position in ("sdpa", "query"):
+        return n_heads, head_dim
+    if spec.position in ("value", "key"):
+        return n_kv_heads, head_dim
+    return 1, d_model  # dense_out: the W_o output, one "head" of width d_model
+
+
+def gate_score_shape(spec: GateSpec, heads: int, width: int) -> tuple[int, int]:
+    """(heads, width) of the scores before broadcasting (Table 1's score shape per token)."""
+    return heads, (width if spec.granularity == "elementwise" else 1)
+
+
+def gate_logit_width(spec: GateSpec, heads: int, width: int) -> int:
+    """Columns the gate adds to the fused input projection (0 for the input-independent gate).
+
+    Head-shared keeps the full head-specific projection and averages afterwards, as the
+    paper's parameter counts show (201M / 25M, the same as head-specific; spec 1.3.3).
+    """
+    if not spec.input_dependent:
+        return 0
+    score_heads, score_width = gate_score_shape(spec, heads, width)
+    return score_heads * score_width
+
+
+def gate_param_count(spec: GateSpec, heads: int, width: int, d_model: int) -> int:
+    """Parameters one layer's gate adds (spec section 1.4)."""
+    score_heads, score_width = gate_score_shape(spec, heads, width)
+    if not spec.input_dependent:
+        return score_heads * score_width  # the learnable tensor b
+    logits = score_heads * score_width
+    return logits * d_model + (logits if spec.bias else 0)
+
+
+# --- the math -----------------------------------------------------------------
+
+def gate_scores(spec: GateSpec, logits: torch.Tensor) -> torch.Tensor:
+    """Logits (..., heads, w) -> scores (..., heads or 1, w), activation and head sharing applied."""
+    activation = ACTIVATIONS[spec.activation]
+    if spec.sharing == "head_shared":
+        # Table 1 rows 12-13: average over the head dimension, one score per token and element.
+        if spec.shared_average == "pre_activation":
+            return activation(logits.mean(dim=-2, keepdim=True))
+        return activation(logits).mean(dim=-2, keepdim=True)
+    return activation(logits)
+
+
+def apply_gate(spec: GateSpec, y: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Y' = Y * s (multiplicative, Eq. 5) or Y' = Y + s (additive); s broadcasts over heads/width."""
+    if spec.form == "additive":
+        return y + scores
+    return y * scores
+
+
+# --- the variant registry -------------------------------------------------------
+
+@dataclass(frozen=True)
+class Variant:
+    """A named point the paper measured: a gate, or architecture changes (its controls).
+
+    `model` holds ModelConfig field overrides (lab/config.py); `q_heads_factor` and
+    `kv_heads_factor` scale the preset's head counts for the parameter-matched baselines.
+    `paper` cites table and row; the paper_* numbers are the MoE-15A2B values (Tables 1, 3, 4, 6)
+    where it reports them, for the report to set beside ours.
+    """
+
+    slug: str
+    gate: GateSpec | None = None
+    model: dict = field(default_factory=dict)
+    q_heads_factor: float = 1.0
+    kv_heads_factor: float = 1.0
+    paper: str = ""
+    paper_ppl: float | None = None
+    paper_gate_mean: float | None = None
+    paper_first_token_attn: float | None = None
+    paper_max_activation: float | None = None
+    needs: str | None = None
+    description: str = ""
+
+    @property
+    def paper_delta_ppl(self) -> float | None:
+        return None if self.paper_ppl is None else round(self.paper_ppl - PAPER_BASELINE_PPL, 3)
+
+
+PAPER_BASELINE_PPL = 6.026  # Table 1 row 1, MoE-15A2B
+
+_G = GateSpec  # short alias: the table below reads as one line per variant
+_SWITCH = "switch_head"
+
+_VARIANT_LIST = [
+    Variant("baseline", paper="T1-1", paper_ppl=6.026, paper_first_token_attn=0.467,
+            paper_max_activation=1053, description="GQA softmax attention, no gate"),
+    Variant("baseline_kv8", kv_heads_factor=2.0, paper="T1-2", paper_ppl=5.979,
+            description="parameter-matched: twice the KV heads (paper: k=4 -> 8)"),
+    Variant("baseline_q48", q_heads_factor=1.5, paper="T1-3", paper_ppl=5.953,
+            description="parameter-matched: 1.5x the query heads (paper: q=32 -> 48)"),
+    Variant("baseline_add4experts", model={"moe_extra_experts": 4}, paper="T1-4", paper_ppl=5.964,
+            needs="moe", description="parameter-matched: 4 more total and activated experts"),
+    Variant("sdpa_elementwise_sigmoid_mul", _G(), paper="T1-5", paper_ppl=5.761,
+            paper_gate_mean=0.116, paper_first_token_attn=0.048, paper_max_activation=94,
+            description="G1: Y' = Y * sigmoid(X W), one score per head and element"),
+    Variant("value_elementwise_sigmoid_mul", _G(position="value"), paper="T1-6", paper_ppl=5.820,
+            paper_gate_mean=0.221, paper_first_token_attn=0.297, paper_max_activation=125,
+            description="G2: gate on V after its projection"),
+    Variant("key_elementwise_sigmoid_mul", _G(position="key"), paper="T1-7", paper_ppl=6.016,
+            description="G3: gate on K after its projection"),
+    Variant("query_elementwise_sigmoid_mul", _G(position="query"), paper="T1-8", paper_ppl=5.981,
+            description="G4: gate on Q after its projection"),
+    Variant("denseout_elementwise_sigmoid_mul", _G(position="dense_out"), paper="T1-9",
+            paper_ppl=6.017, description="G5: gate on the W_o output, before the residual add"),
+    Variant("sdpa_headwise_sigmoid_mul", _G(granularity="headwise"), paper="T1-10",
+            paper_ppl=5.792, paper_gate_mean=0.172, paper_first_token_attn=0.073,
+            paper_max_activation=98, description="G1: one scalar per query head"),
+    Variant("value_headwise_sigmoid_mul", _G(position="value", granularity="headwise"),
+            paper="T1-11", paper_ppl=5.808, description="G2: one scalar per KV head"),
+    Variant("sdpa_elementwise_headshared_sigmoid_mul", _G(sharing="head_shared"), paper="T1-12",
+            paper_ppl=5.801, paper_gate_mean=0.271, paper_first_token_attn=0.301,
+            paper_max_activation=286, description="G1: scores averaged over heads"),
+    Variant("value_elementwise_headshared_sigmoid_mul", _G(position="value", sharing="head_shared"),
+            paper="T1-13", paper_ppl=5.867, description="G2: scores averaged over KV heads"),
+    Variant("sdpa_elementwise_silu_add", _G(form="additive", activation="silu"), paper="T1-14",
+            paper_ppl=5.821, description="G1 additive: Y' = Y + SiLU(X W)"),
+    Variant("sdpa_elementwise_silu_mul", _G(activation="silu"), paper="T1-15", paper_ppl=5.822,
+            description="G1: Y' = Y * SiLU(X W)"),
+    Variant("sdpa_perhead_rmsnorm", model={"sdpa_transform": "rmsnorm"}, paper="T3-5",
+            paper_ppl=5.847, description="control: RMSNorm on each head's SDPA output"),
+    Variant("sdpa_silu_noparam", model={"sdpa_transform": "silu"}, paper="T3-6", paper_ppl=5.975,
+            description="control: Y' = SiLU(Y) at G1, no parameters"),
+    Variant("sdpa_elementwise_identity_add", _G(form="additive", activation="identity"),
+            paper="T3-7", paper_ppl=5.882, description="control: Y' = Y + X W at G1"),
+    Variant("sdpa_input_independent_sigmoid_mul", _G(input_dependent=False), paper="T4-6",
+            paper_ppl=5.917, paper_gate_mean=0.335, paper_first_token_attn=0.364,
+            paper_max_activation=471, description="G1: Y' = Y * sigmoid(b), b zero-initialised"),
+    Variant("sdpa_elementwise_nssigmoid_mul", _G(activation="ns_sigmoid"), paper="T4-7",
+            paper_ppl=5.900, paper_gate_mean=0.653, paper_first_token_attn=0.451,
+            paper_max_activation=892, description="G1: Y' = Y * (0.5 + 0.5 sigmoid(X W))"),
+    Variant("switchhead_kv_8top8", model={_SWITCH: "kv:8:8"}, paper="T6-2", paper_ppl=5.847,
+            description="sigmoid-routed K and V projection experts, 8 experts, top-8"),
+    Variant("switchhead_kv_4top4", model={_SWITCH: "kv:4:4"}, paper="T6-3", paper_ppl=5.935,
+            description="sigmoid-routed K and V projection experts, 4 experts, top-4"),
+    Variant("switchhead_v_4top4", model={_SWITCH: "v:4:4"}, paper="T6-4", paper_ppl=5.820,
+            description="sigmoid-routed V projection experts, 4 experts, top-4"),
+    Variant("switchhead_v_8top2", model={_SWITCH: "v:8:2"}, paper="T6-5", paper_ppl=5.870,
+            description="sigmoid-routed V projection experts, 8 experts, top-2"),
+    Variant("switchhead_v_1top1", model={_SWITCH: "v:1:1"}, paper="T6-6", paper_ppl=5.808,
+            description="one V expert, top-1: the same function as value_headwise_sigmoid_mul"),
+    Variant("baseline_sandwich_norm", model={"sandwich_norm": True}, paper="T2-7",
+            description="control: RMSNorm on attention and FFN outputs before the residual add"),
+    Variant("baseline_residual_clip", model={"residual_clip": 100.0}, paper="App. A.6",
+            description="control: clamp attention and FFN outputs to +-100 before the residual add"),
+    Variant("sdpa_gate_added_in_continued_training", _G(),
+            model={"gate_insert_fraction": 0.5}, paper="App. A.7",
+            description="G1 elementwise gate inserted halfway through training (baseline before)"),
+]
+
+VARIANTS: dict[str, Variant] = {v.slug: v for v in _VARIANT_LIST}
+
+
+def get_variant(slug: str) -> Variant:
+    if slug not in VARIANTS:
+        raise LabError(f"variant: unknown variant {slug!r}; see `gatelab variants` "
+                       f"(allowed: {', '.join(VARIANTS)})")
+    return VARIANTS[slug]
+
+
+def custom_variant(gate: GateSpec) -> Variant:
+    """An unnamed point of the gate space, asked for by axes (`--gate ...`)."""
+    a = gate
+    slug = (f"custom_{a.position}_{a.granularity}_{a.sharing}_{a.form}_{a.activation}"
+            + ("" if a.input_dependent else "_inputindependent"))
+    return Variant(slug, gate, description="asked for by axes")

@@ -1,0 +1,309 @@
+"""A Qwen3-style decoder with every gate position of the paper exposed.
+
+Reads top to bottom: rotary embedding (with optional YaRN), SwiGLU, Switch Head
+projection experts, attention, block, decoder. Shapes: B batch, T tokens, H query heads,
+G KV heads, D head_dim, C d_model.
+
+The attention computes Q, K, V and every input-dependent gate's logits from the same
+pre-norm hidden state X in one fused matmul (the reference code fuses the G1 gate into
+q_proj; spec 1.6). The gate math itself is lab/gates.py. A `probe` callable, when given,
+receives the tensors at each gate position and the exact attention probabilities
+(lab/analysis.py turns them into the paper's metrics); without one the fast SDPA path runs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lab.config import ModelConfig, parse_switch_head
+from lab.gates import apply_gate, gate_logit_width, gate_score_shape, gate_scores, gated_heads_and_width
+
+Probe = Callable[[int, str, torch.Tensor], None]
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (base 10k, spec 4.1), rotate-half layout as Qwen3. `yarn_factor` > 1 applies YaRN
+    (Peng et al., 2023): frequencies interpolated by a ramp between wavelengths that fit
+    beta_slow and beta_fast times in the trained context, and attention logits scaled by
+    (0.1 ln s + 1)^2. Factor 1 is plain RoPE."""
+
+    def __init__(self, head_dim: int, base: float, context: int, yarn_factor: float = 1.0,
+                 beta_fast: float = 32.0, beta_slow: float = 1.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        self.attention_scale = 1.0
+        if yarn_factor > 1.0:
+            wavelength = 2 * math.pi / inv_freq
+            rotations_in_context = context / wavelength
+            # ramp: 0 -> interpolate fully (long wavelengths), 1 -> keep (short wavelengths)
+            keep = ((rotations_in_context - beta_slow) / (beta_fast - beta_slow)).clamp(0, 1)
+            inv_freq = inv_freq / yarn_factor * (1 - keep) + inv_freq * keep
+            self.attention_scale = (0.1 * math.log(yarn_factor) + 1.0) ** 2
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def forward(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(length, device=device, dtype=torch.float32)
+        angles = torch.outer(positions, self.inv_freq.to(device))  # (T, D/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (T, D)
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, heads, D); cos/sin: (T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return x * cos + rotated * sin
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)  # [gate | up], one matmul
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class SwitchProjection(nn.Module):
+    """Switch Head projection experts (Csordas et al.; paper App. A.1, Table 6).
+
+    Per KV head, E expert projections d_model -> D; a sigmoid router (d_model -> E per head)
+    scores them, each token keeps its top-k and sums the selected experts weighted by their
+    scores. With E = 1 and k = 1 this is sigmoid(X w) * (X W_v): the value headwise gate.
+    Experts are few (<= 8), so all are computed in one matmul and the unselected masked out.
+    """
+
+    def __init__(self, d_model: int, kv_heads: int, head_dim: int, experts: int, top_k: int):
+        super().__init__()
+        self.kv_heads, self.head_dim, self.experts, self.top_k = kv_heads, head_dim, experts, top_k
+        self.experts_proj = nn.Linear(d_model, kv_heads * experts * head_dim, bias=False)
+        self.router = nn.Linear(d_model, kv_heads * experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        values = self.experts_proj(x).view(B, T, self.kv_heads, self.experts, self.head_dim)
+        scores = torch.sigmoid(self.router(x)).view(B, T, self.kv_heads, self.experts)
+        if self.top_k < self.experts:
+            kept = scores.topk(self.top_k, dim=-1).indices
+            scores = scores * torch.zeros_like(scores).scatter_(-1, kept, 1.0)
+        return (values * scores[..., None]).sum(dim=-2)  # (B, T, G, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.gate_spec = cfg.gate
+        self.gate_active = cfg.gate is not None and cfg.gate_insert_fraction is None
+        q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+
+        self.switch = None
+        if cfg.switch_head is not None:
+            target, experts, top_k = parse_switch_head(cfg.switch_head)
+            self.switch = target
+            self.v_experts = SwitchProjection(cfg.d_model, cfg.n_kv_heads, cfg.head_dim, experts, top_k)
+            if target == "kv":
+                self.k_experts = SwitchProjection(cfg.d_model, cfg.n_kv_heads, cfg.head_dim, experts, top_k)
+        k_in_proj = 0 if self.switch == "kv" else kv_width
+        v_in_proj = 0 if self.switch else kv_width
+
+        gate_width = 0
+        if cfg.gate is not None:
+            heads, width = gated_heads_and_width(cfg.gate, cfg.n_heads, cfg.n_kv_heads,
+                                                 cfg.head_dim, cfg.d_model)
+            self.gate_heads, self.gate_score_width = gate_score_shape(cfg.gate, heads, width)
+            gate_width = gate_logit_width(cfg.gate, heads, width)
+            if not cfg.gate.input_dependent:
+                # Table 4 row 6: a learnable tensor, zero-initialised, so the gate starts at 0.5.
+                self.gate_constant = nn.Parameter(torch.zeros(self.gate_heads, self.gate_score_width))
+            elif cfg.gate.bias:
+                self.gate_bias = nn.Parameter(torch.zeros(gate_width))
+        # One matmul from X: [q | k | v | gate logits].
+        self.split = [q_width, k_in_proj, v_in_proj, gate_width]
+        self.in_proj = nn.Linear(cfg.d_model, sum(self.split), bias=False)
+        self.o_proj = nn.Linear(q_width, cfg.d_model, bias=False)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.rms_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.rms_eps) if cfg.qk_norm else nn.Identity()
+        self.sdpa_transform = cfg.sdpa_transform
+        if cfg.sdpa_transform == "rmsnorm":
+            self.sdpa_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.rms_eps)  # per head ("GroupNorm")
+
+    def _gate_scores(self, gate_logits: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        if self.gate_spec.input_dependent:
+            if self.gate_spec.bias:
+                gate_logits = gate_logits + self.gate_bias
+            logits = gate_logits.view(B, T, self.gate_heads, self.gate_score_width)
+        else:
+            logits = self.gate_constant.view(1, 1, self.gate_heads, self.gate_score_width)
+        return gate_scores(self.gate_spec, logits)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                attention_scale: float = 1.0, probe: Optional[Probe] = None) -> torch.Tensor:
+        B, T, C = x.shape
+        H, G, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v, gate_logits = self.in_proj(x).split(self.split, dim=-1)
+        q = q.view(B, T, H, D)
+        k = self.k_experts(x) if self.switch == "kv" else k.view(B, T, G, D)
+        v = self.v_experts(x) if self.switch else v.view(B, T, G, D)
+
+        spec = self.gate_spec if self.gate_active else None
+        scores = self._gate_scores(gate_logits, B, T) if spec is not None else None
+        position = spec.position if spec is not None else None
+        early_qk = spec is not None and spec.qk_placement == "after_projection"
+        if position == "value":
+            v = apply_gate(spec, v, scores)  # G2
+        elif position == "key" and early_qk:
+            k = apply_gate(spec, k, scores)  # G3
+        elif position == "query" and early_qk:
+            q = apply_gate(spec, q, scores)  # G4
+
+        cos, sin = rope
+        q = apply_rotary(self.q_norm(q), cos, sin)
+        k = apply_rotary(self.k_norm(k), cos, sin)
+        if position == "key" and not early_qk:
+            k = apply_gate(spec, k, scores)
+        elif position == "query" and not early_qk:
+            q = apply_gate(spec, q, scores)
+
+        scale = attention_scale / math.sqrt(D)
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+        if probe is None:
+            y = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
+                                               enable_gqa=H != G)
+        else:
+            y = self._exact_attention(qh, kh, vh, scale, probe)
+        y = y.transpose(1, 2)  # (B, T, H, D): per-head SDPA output before concatenation
+
+        if self.sdpa_transform == "rmsnorm":
+            y = self.sdpa_norm(y)
+        elif self.sdpa_transform == "silu":
+            y = F.silu(y)
+        if probe is not None:
+            probe(self.layer, "gate_input", x)
+            probe(self.layer, "sdpa_out", y)
+            if scores is not None:
+                probe(self.layer, "gate_scores", scores)
+        if position == "sdpa":
+            y = apply_gate(spec, y, scores)  # G1
+            if probe is not None:
+                probe(self.layer, "sdpa_out_gated", y)
+
+        out = self.o_proj(y.reshape(B, T, H * D))
+        if position == "dense_out":
+            out = apply_gate(spec, out.view(B, T, 1, C), scores).view(B, T, C)  # G5
+        return out
+
+    def _exact_attention(self, q, k, v, scale, probe: Probe) -> torch.Tensor:
+        """Softmax attention with the probabilities in hand (SDPA returns none)."""
+        groups = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        T = q.shape[-2]
+        logits = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        probs = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        probe(self.layer, "attn_probs", probs)
+        return (probs @ v.float()).to(v.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.rms_eps)
+        self.attn = Attention(cfg, layer)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.rms_eps)
+        if cfg.ffn == "moe":
+            from lab.moe import MoEFeedForward  # only MoE presets need it
+            self.ffn = MoEFeedForward(cfg)
+        else:
+            self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        self.sandwich = cfg.sandwich_norm
+        if cfg.sandwich_norm:  # Ding et al. 2021; dense Table 2 row 7
+            self.attn_out_norm = nn.RMSNorm(cfg.d_model, eps=cfg.rms_eps)
+            self.ffn_out_norm = nn.RMSNorm(cfg.d_model, eps=cfg.rms_eps)
+        self.clip = cfg.residual_clip  # App. A.6
+
+    def _to_residual(self, out: torch.Tensor, norm_name: str) -> torch.Tensor:
+        if self.sandwich:
+            out = getattr(self, norm_name)(out)
+        if self.clip is not None:
+            out = out.clamp(-self.clip, self.clip)
+        return out
+
+    def forward(self, x, rope, attention_scale: float = 1.0, probe: Optional[Probe] = None):
+        attn_out = self._to_residual(self.attn(self.attn_norm(x), rope, attention_scale, probe),
+                                     "attn_out_norm")
+        h = x + attn_out
+        ffn_out = self._to_residual(self.ffn(self.ffn_norm(h)), "ffn_out_norm")
+        out = h + ffn_out
+        if probe is not None:  # the four curves of the paper's Fig. 6
+            probe(self.layer, "attn_output", attn_out)
+            probe(self.layer, "attn_residual", h)
+            probe(self.layer, "ffn_output", ffn_out)
+            probe(self.layer, "ffn_residual", out)
+        return out
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, yarn_factor: float = 1.0):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.rms_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_base, cfg.context, yarn_factor)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The reference `_init_weights`: normal(0, 0.02) for Linear and Embedding, zero bias.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def set_yarn(self, factor: float) -> None:
+        """Long-context evaluation: swap the rotary embedding (no parameters change)."""
+        device = self.embed.weight.device
+        self.rope = RotaryEmbedding(self.cfg.head_dim, self.cfg.rope_base, self.cfg.context,
+                                    factor).to(device)
+
+    def set_gate_active(self, active: bool) -> None:
+        for block in self.blocks:
+            block.attn.gate_active = active and block.attn.gate_spec is not None
+
+    def forward(self, tokens: torch.Tensor, probe: Optional[Probe] = None) -> torch.Tensor:
+        B, T = tokens.shape
+        x = self.embed(tokens)  # (B, T, C)
+        rope = self.rope(T, tokens.device)
+        for block in self.blocks:
+            x = block(x, rope, self.rope.attention_scale, probe)
+        return self.lm_head(self.norm(x))  # (B, T, vocab)
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """Auxiliary losses of the last forward (the MoE router's); empty for dense models."""
+        losses: dict[str, torch.Tensor] = {}
+        for block in self.blocks:
+            for name, value in getattr(block.ffn, "aux_losses", {}).items():
+                losses[name] = losses.get(name, 0) + value
+        return losses
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Total and non-embedding parameters (tied weights counted once)."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.embed.weight.numel()
+    if not model.cfg.tie_embeddings:
+        embedding += model.lm_head.weight.numel()
+    return {"total": total, "non_embedding": total - embedding}

@@ -1,0 +1,192 @@
+"""One training run, end to end: config -> data -> model -> Lightning -> MLflow.
+
+`train_run` is what `gatelab train`, the grid and the sweep all call. The config arrives
+validated; the run's MLflow record is created before training and closed after the test
+evaluation, as FINISHED (a diverged run is FINISHED with the tag `diverged`), FAILED or
+KILLED.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lab.config import RunConfig, baseline_model, flatten, with_vocab
+from lab.data import TokenStore, open_source
+from lab.model import Decoder, count_parameters
+from lab import tracking
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str
+    metrics: dict = field(default_factory=dict)
+    diverged_step: int | None = None
+
+
+def count_params(config: RunConfig) -> dict[str, int]:
+    """Total, non-embedding and added-over-baseline parameters, without allocating weights."""
+    with torch.device("meta"):
+        counts = count_parameters(Decoder(config.model))
+        counts["added"] = counts["total"] - count_parameters(Decoder(baseline_model(config)))["total"]
+    return counts
+
+
+def open_data(config: RunConfig) -> tuple[TokenStore, RunConfig]:
+    d = config.data
+    store = open_source(d.source, d.vocab_size, d.valid, d.test)
+    return store, with_vocab(config, store.vocab_size)
+
+
+def run_tags(config: RunConfig) -> dict[str, str]:
+    return {"variant": config.variant, "seed": str(config.train.seed), "preset": config.preset,
+            "lr": f"{config.train.lr:g}", "config_hash": config.hash(),
+            "git_commit": tracking.git_commit(), "data": config.data.source}
+
+
+def start_run(config: RunConfig, uri: str, experiment: str, run_name: str | None = None,
+              parent_run_id: str | None = None, extra_tags: dict | None = None) -> str:
+    """Create the MLflow run for `config` (RUNNING) with its params, tags and config artifact."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    mlflow_client = tracking.client(uri)
+    tags = run_tags(config)
+    tags[MLFLOW_RUN_NAME] = run_name or f"{config.variant}/lr={config.train.lr:g}/seed={config.train.seed}"
+    if parent_run_id:
+        tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    tags.update(extra_tags or {})
+    run = mlflow_client.create_run(tracking.experiment_id(mlflow_client, experiment, uri), tags=tags)
+    run_id = run.info.run_id
+    tracking.log_params(mlflow_client, run_id, flatten(config.to_dict()))
+    tracking.log_dict_artifact(mlflow_client, run_id, config.to_dict(), "config.yaml")
+    return run_id
+
+
+def checkpoint_dir(run_id: str) -> Path:
+    return tracking.store_dir() / "checkpoints" / run_id
+
+
+def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gatelab",
+              run_name: str | None = None, parent_run_id: str | None = None,
+              run_id: str | None = None, extra_tags: dict | None = None, quiet: bool = False,
+              callbacks: list | None = None,
+              on_start: Callable[[str], None] | None = None) -> RunResult:
+    """Train, evaluate and record one run. `run_id` continues an existing (killed) run from
+    its last checkpoint; otherwise a new run is created."""
+    import lightning as L
+
+    from lab.callbacks import AtomicCheckpoint, GateInsertion, LossMonitor
+    from lab.training import LanguageModel, TokenDataModule, accumulation, total_steps
+
+    uri = tracking.tracking_uri(uri)
+    store, config = open_data(config)
+    mlflow_client = tracking.client(uri)
+    if run_id is None:
+        run_id = start_run(config, uri, experiment, run_name, parent_run_id, extra_tags)
+    else:
+        mlflow_client.update_run(run_id, status="RUNNING")
+    if on_start:
+        on_start(run_id)
+    counts = count_params(config)
+    for name, value in counts.items():
+        mlflow_client.log_metric(run_id, f"params/{name}", value)
+    if not quiet:
+        added = f", {counts['added']:,} added over baseline"
+        print(f"[{config.variant}] parameters: {counts['total']:,} total, "
+              f"{counts['non_embedding']:,} non-embedding{added}", flush=True)
+
+    started = time.time()
+    L.seed_everything(config.train.seed, workers=True, verbose=False)
+    module = LanguageModel(config)
+    ckpt = checkpoint_dir(run_id) / "last.ckpt"
+    start_step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] \
+        if ckpt.exists() else 0
+    data = TokenDataModule(store, config, start_step=start_step)
+    steps = total_steps(config)
+    monitor = LossMonitor(config, accumulate=accumulation(config))
+    checkpoints = AtomicCheckpoint(checkpoint_dir(run_id),
+                                   config.train.checkpoint_every or config.train.val_every, monitor)
+    all_callbacks = [monitor, checkpoints, *(callbacks or [])]
+    if config.model.gate_insert_fraction is not None:
+        all_callbacks.append(GateInsertion(int(config.model.gate_insert_fraction * steps)))
+    cuda = torch.cuda.is_available()
+    precision = config.train.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if cuda else "32-true"
+    trainer = L.Trainer(
+        accelerator="gpu" if cuda else "cpu", devices=config.train.devices if cuda else 1,
+        strategy="ddp" if cuda and config.train.devices > 1 else "auto",
+        precision=precision, max_steps=steps, val_check_interval=config.train.val_every,
+        check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        accumulate_grad_batches=accumulation(config), log_every_n_steps=config.train.log_every,
+        logger=tracking.lightning_logger(uri, run_id), callbacks=all_callbacks,
+        enable_checkpointing=False, enable_progress_bar=not quiet, enable_model_summary=False,
+        deterministic=config.train.deterministic, default_root_dir=str(checkpoint_dir(run_id)))
+    status = "FAILED"
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt.exists() else None)
+        metrics = _finish(trainer, module, data, monitor, config, mlflow_client, run_id, started)
+        status = "FINISHED"
+        return RunResult(run_id, status, metrics, monitor.diverged_step)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        mlflow_client.set_terminated(run_id, status)
+
+
+def _finish(trainer, module, data, monitor, config, mlflow_client, run_id, started) -> dict:
+    metrics: dict[str, float] = {}
+    steps_done = trainer.global_step
+    tokens_per_step = config.train.batch_size * config.model.context
+    if monitor.diverged_step is not None:
+        mlflow_client.set_tag(run_id, "diverged", "true")
+        metrics["diverged/step"] = monitor.diverged_step
+    else:
+        mlflow_client.set_tag(run_id, "diverged", "false")
+        # Final evaluation at the last step (validation may not fall on it), then test.
+        val = trainer.validate(module, datamodule=data, verbose=False)[0]
+        test = trainer.test(module, datamodule=data, verbose=False)[0]
+        metrics.update({"val/final_loss": val["val/loss"], "val/ppl": val["val/ppl"],
+                        "test/loss": test["test/loss"], "test/ppl": test["test/ppl"]})
+        history = [m.value for m in mlflow_client.get_metric_history(run_id, "val/loss")]
+        metrics["val/best_loss"] = min(history + [val["val/loss"]])
+    spikes = monitor.spikes()
+    metrics["spikes/count"] = len(spikes)
+    metrics["spikes/max_excess"] = max((s.max_excess for s in spikes), default=0.0)
+    metrics["tokens/seen"] = steps_done * tokens_per_step
+    metrics["time/wall_s"] = time.time() - started
+    if monitor.tokens_per_s:
+        metrics["throughput/tokens_per_s_mean"] = sum(monitor.tokens_per_s) / len(monitor.tokens_per_s)
+    if monitor.grad_norms:
+        finite = [n for n in monitor.grad_norms if math.isfinite(n)]
+        metrics["train/grad_norm_max"] = max(finite, default=float("nan"))
+    for name, value in metrics.items():
+        if value is not None and math.isfinite(float(value)):
+            mlflow_client.log_metric(run_id, name, float(value), step=steps_done)
+    tracking.log_dict_artifact(mlflow_client, run_id, [dataclasses.asdict(s) for s in spikes],
+                               "spikes.json")
+    tracking.log_dict_artifact(mlflow_client, run_id,
+                               {"step": monitor.steps, "loss": monitor.losses,
+                                "grad_norm": monitor.grad_norms}, "loss_history.json")
+    return metrics
+
+
+def describe(result: RunResult) -> str:
+    m = result.metrics
+    if result.diverged_step is not None:
+        return f"run {result.run_id}: diverged at step {result.diverged_step}"
+    return (f"run {result.run_id}: val/ppl {m['val/ppl']:.3f}, test/ppl {m['test/ppl']:.3f}, "
+            f"{int(m['tokens/seen']):,} tokens in {m['time/wall_s']:.0f} s")
+
+
+def to_json(result: RunResult) -> str:
+    return json.dumps(dataclasses.asdict(result), default=str)

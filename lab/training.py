@@ -1,0 +1,168 @@
+"""The Lightning side: the language-model module and the token data module.
+
+The module owns the model and the step logic (loss, optimizer, schedule, clipping);
+cross-cutting concerns (loss history, spikes, divergence, throughput, checkpoints, probes)
+live in callbacks (lab/callbacks.py); the Trainer runs the loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from lab.config import RunConfig
+from lab.data import TokenStore, WindowSampler, eval_windows
+from lab.model import Decoder
+
+
+def lr_lambda(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warmup to the peak, then cosine decay to min_ratio x peak at total_steps."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def total_steps(config: RunConfig) -> int:
+    tokens_per_step = config.train.batch_size * config.model.context
+    return max(1, int(config.train.tokens // tokens_per_step))
+
+
+def accumulation(config: RunConfig) -> int:
+    return config.train.batch_size // (config.train.micro_batch * config.train.devices)
+
+
+class LanguageModel(L.LightningModule):
+    def __init__(self, config: RunConfig):
+        super().__init__()
+        self.config = config
+        self.save_hyperparameters({"config": config.to_dict()})
+        self.model = Decoder(config.model)
+        self.max_steps = total_steps(config)
+        self._eval_sums: dict[str, list[torch.Tensor]] = {}
+
+    def setup(self, stage: str) -> None:
+        if self.config.train.compile and not getattr(self, "_compiled", False):
+            self.model.compile()  # in place: state-dict keys stay unprefixed
+            self._compiled = True
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens)
+
+    def _lm_loss(self, batch, reduction: str = "mean") -> torch.Tensor:
+        inputs, targets = batch
+        logits = self.model(inputs)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+
+    def training_step(self, batch, batch_idx):
+        lm_loss = self._lm_loss(batch)
+        loss = lm_loss
+        for name, value in self.model.aux_losses().items():
+            loss = loss + value
+            self.log(f"train/{name}", value)
+        self.log("train/loss", lm_loss)
+        self.log("lr", self.lr_schedulers().get_last_lr()[0])
+        return {"loss": loss, "lm_loss": lm_loss.detach()}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Clipping here rather than through the Trainer, so the pre-clip norm is logged.
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.config.train.grad_clip)
+        self.grad_norm = norm.detach()
+        self.log("train/grad_norm", norm)
+
+    def _eval_step(self, batch, split: str):
+        windows = batch[0] if isinstance(batch, (list, tuple)) else batch
+        losses = self._lm_loss((windows[:, :-1], windows[:, 1:]), reduction="sum")
+        sums = self._eval_sums.setdefault(split, [torch.zeros((), device=self.device),
+                                                  torch.zeros((), device=self.device)])
+        sums[0] += losses.float()
+        sums[1] += windows[:, 1:].numel()
+
+    def _eval_end(self, split: str):
+        total, count = self._eval_sums.pop(split)
+        total = self.all_gather(total).sum()
+        count = self.all_gather(count).sum()
+        loss = total / count
+        self.log(f"{split}/loss", loss, sync_dist=False, rank_zero_only=True)
+        self.log(f"{split}/ppl", torch.exp(loss), sync_dist=False, rank_zero_only=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self):
+        if "val" in self._eval_sums:
+            self._eval_end("val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self):
+        if "test" in self._eval_sums:
+            self._eval_end("test")
+
+    def configure_optimizers(self):
+        t = self.config.train
+        # Weight decay on matrices only (embeddings included), not on norms, biases or gate vectors.
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": t.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        fused = torch.cuda.is_available() and self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                                      fused=fused or None)
+        warmup = int(t.warmup_fraction * self.max_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_lambda(step, self.max_steps, warmup, t.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class _TrainBatches(IterableDataset):
+    """Micro-batches start, start+1, ... of this rank, split over loader workers in order
+    (the DataLoader takes one batch from each worker in turn, so order is preserved)."""
+
+    def __init__(self, sampler: WindowSampler, start: int, rank: int, world: int):
+        self.sampler, self.start, self.rank, self.world = sampler, start, rank, world
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        index = self.start + worker
+        while True:
+            yield self.sampler.batch(index * self.world + self.rank)
+            index += workers
+
+
+class TokenDataModule(L.LightningDataModule):
+    def __init__(self, store: TokenStore, config: RunConfig, start_step: int = 0,
+                 num_workers: int = 0):
+        super().__init__()
+        self.store, self.config = store, config
+        self.start_step, self.num_workers = start_step, num_workers
+
+    def train_dataloader(self):
+        t = self.config.train
+        sampler = WindowSampler(self.store, self.config.model.context, t.micro_batch, t.seed,
+                                self.config.data.bos_aligned)
+        rank = self.trainer.global_rank if self.trainer else 0
+        world = self.trainer.world_size if self.trainer else 1
+        start = self.start_step * accumulation(self.config)
+        return DataLoader(_TrainBatches(sampler, start, rank, world), batch_size=None,
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=self.num_workers > 0)
+
+    def _eval_loader(self, split: str):
+        t = self.config.train
+        windows = eval_windows(self.store, split, self.config.model.context,
+                               t.val_batches * t.micro_batch, self.config.data.bos_aligned)
+        return DataLoader(windows, batch_size=t.micro_batch, shuffle=False)
+
+    def val_dataloader(self):
+        return self._eval_loader("valid")
+
+    def test_dataloader(self):
+        return self._eval_loader("test")
