@@ -19,6 +19,8 @@ EXAMPLES = {
     "ui": "gatelab ui --port 5000",
     "variants": "gatelab variants --preset small --json",
     "demo": "gatelab demo",
+    "bench": "gatelab bench --preset base,medium --variants baseline,sdpa_elementwise_sigmoid_mul "
+             "--lab-variants baseline --steps 30",
 }
 
 
@@ -96,6 +98,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import datetime
+    from pathlib import Path
+
+    from lab.bench import run_bench
+
+    out = Path(args.out) if args.out else Path("benchmarks") / (
+        f"{datetime.date.today().isoformat()}-{args.preset.replace(',', '_')}-x{args.devices}.json")
+    run_bench(args.preset.split(","), args.variants.split(","), args.steps, args.warmup, args.data,
+              args.overrides, args.devices, [v for v in args.lab_variants.split(",") if v], out,
+              args.tracking_uri)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatelab", description="Gated-attention ablation lab "
                                      "(Qiu et al., 2025): train, sweep and compare gate variants.")
@@ -125,6 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(sub, "demo", "the main job on the synthetic corpus, on CPU in a few minutes")
     _add_tracking(p)
     p.set_defaults(func=cmd_demo)
+
+    p = _parser(sub, "bench", "measure tokens/s, MFU, peak memory and gate overhead "
+                "(bare compiled loop vs the full lab path)")
+    p.add_argument("--preset", default="base,medium", help="comma-separated presets")
+    p.add_argument("--variants", default="baseline,sdpa_elementwise_sigmoid_mul,sdpa_headwise_sigmoid_mul")
+    p.add_argument("--lab-variants", default="baseline",
+                   help="variants also timed through the full lab path (Lightning + MLflow)")
+    p.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")
+    p.add_argument("--devices", type=int, default=1, help="GPUs: >1 times the lab path under DDP")
+    p.add_argument("--data", default="synthetic")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", help="JSON output (default benchmarks/<date>-<presets>-x<devices>.json)")
+    p.add_argument("--tracking-uri", help="store for the lab-path runs (default: a temporary one)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
