@@ -2,7 +2,7 @@
 # (.whl/: mlflow-skinny, optuna and their missing needs) into /tmp/site and puts the repo
 # and them on PYTHONPATH. Usage: source benchmarks/gpu_env.sh
 set -e
-if [ -d .whl ] && [ ! -d /tmp/site/mlflow ]; then
+if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
 fi

@@ -166,18 +166,27 @@ def run_bench(presets: list[str], variants: list[str], steps: int, warmup: int, 
             counts = count_params(config)
             row = {"preset": preset, "variant": variant, "params": counts["total"],
                    "micro_batch": config.train.micro_batch, "batch": config.train.batch_size}
+            report["results"].append(row)
             if devices == 1:
                 row["bare"] = bare_loop(config, steps, warmup)
+                print(format_row(row), flush=True)
             if variant in lab_variants or devices > 1:
                 row["lab"] = lab_loop(config, steps, warmup, uri)
-            report["results"].append(row)
-            print(format_row(row), flush=True)
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
+                print(format_row(row), flush=True)
+            _write(report, out)
+    if _write(report, out):
         print(format_table(report))
         print(f"wrote {out}")
     return report
+
+
+def _write(report: dict, out: Path) -> bool:
+    """Rank 0 writes the JSON after every row, so a crash keeps what was measured."""
+    if int(os.environ.get("LOCAL_RANK", 0)) != 0:
+        return False
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    return True
 
 
 def format_row(row: dict) -> str:
