@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lab.config import RunConfig, resolve
 from lab.data import WindowSampler
@@ -73,8 +72,7 @@ def bare_loop(config: RunConfig, steps: int, warmup: int) -> dict:
             inputs = inputs.pin_memory().to(device, non_blocking=True) if device == "cuda" else inputs
             targets = targets.pin_memory().to(device, non_blocking=True) if device == "cuda" else targets
             with autocast:
-                logits = model(inputs)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / accumulate
+                loss = model(inputs, targets=targets) / accumulate
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
@@ -163,6 +161,7 @@ def run_bench(presets: list[str], variants: list[str], steps: int, warmup: int, 
     with tempfile.TemporaryDirectory() as tmp:
         uri = uri or f"sqlite:///{tmp}/bench.db"
         for preset, variant, config in plan:
+            torch._dynamo.reset()  # each model compiles afresh (no recompile-limit fallbacks)
             counts = count_params(config)
             row = {"preset": preset, "variant": variant, "params": counts["total"],
                    "micro_batch": config.train.micro_batch, "batch": config.train.batch_size}
