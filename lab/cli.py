@@ -19,6 +19,7 @@ EXAMPLES = {
     "ui": "gatelab ui --port 5000",
     "variants": "gatelab variants --preset small --json",
     "demo": "gatelab demo",
+    "export": "gatelab export 3f2a9c0d1e4b4f6e8a7b5c4d3e2f1a0b --format hf --out exports/gated-tiny",
 }
 
 
@@ -96,6 +97,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from lab.export import export
+
+    result = export(args.run, args.out, fmt=args.format, dtype=args.dtype, tokenizer=args.tokenizer,
+                    force=args.force)
+    print(result.describe())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatelab", description="Gated-attention ablation lab "
                                      "(Qiu et al., 2025): train, sweep and compare gate variants.")
@@ -125,6 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(sub, "demo", "the main job on the synthetic corpus, on CPU in a few minutes")
     _add_tracking(p)
     p.set_defaults(func=cmd_demo)
+
+    p = _parser(sub, "export", "write a run's checkpoint as a Hugging Face Qwen3 model "
+                "(baseline, sdpa headwise / elementwise gates)")
+    p.add_argument("run", help="an MLflow run id (its checkpoint in the store), a checkpoint "
+                   "directory, or a .ckpt file")
+    p.add_argument("--format", default="hf", help="output format; hf: transformers Qwen3 with the "
+                   "reference gate flags, safetensors weights and the tokenizer")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 weights")
+    p.add_argument("--tokenizer", help="tokenizer.json to ship (default: the run's corpus tokenizer)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
