@@ -7,9 +7,11 @@ and exit code 2, before any MLflow run is created.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
 import sys
+import warnings
 
 from lab.errors import LabError
 
@@ -150,8 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """--quiet: the libraries' INFO chatter off (device banners, tips, schema creation);
+    their warnings and errors stay. Lightning sets its loggers to INFO when imported, so
+    it is imported first; MLflow reads its level from the environment when imported."""
+    import lightning  # noqa: F401
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    for name in ("lightning.pytorch", "lightning.fabric", "mlflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for category in (DeprecationWarning, FutureWarning):  # library internals, nothing to act on
+        warnings.filterwarnings("ignore", category=category, module="lightning")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        quiet_libraries()
     try:
         return args.func(args)
     except LabError as err:
