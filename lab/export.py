@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,8 +71,9 @@ def check_exportable(config: RunConfig) -> None:
     """LabError naming the reason and what is supported, for anything the reference Qwen3 cannot load."""
     m = config.model
     defaults = ModelConfig()
-    changed = [name for name in ("sdpa_transform", "sandwich_norm", "residual_clip", "switch_head",
-                                 "gate_insert_fraction", "ffn")
+    changed = [f"{name}={getattr(m, name)}"
+               for name in ("sdpa_transform", "sandwich_norm", "residual_clip", "switch_head",
+                            "gate_insert_fraction", "ffn")
                if getattr(m, name) != getattr(defaults, name)]
     if not m.qk_norm:
         changed.append("qk_norm")
@@ -258,7 +260,7 @@ def load_checkpoint(run_or_path: str) -> Checkpoint:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=False)
         config = from_dict(raw["hyper_parameters"]["config"])
-    except (KeyError, TypeError, RuntimeError, OSError) as err:
+    except (KeyError, TypeError, RuntimeError, OSError, pickle.UnpicklingError) as err:
         raise LabError(f"export: {path} is not a gatelab training checkpoint ({err})") from None
     state = {name.removeprefix("model."): tensor for name, tensor in raw["state_dict"].items()
              if name.startswith("model.")}

@@ -16,6 +16,7 @@ from lab.export import export, load_hf, model_config_from_hf, q_proj_rows
 from lab.model import Decoder
 
 EXPORTED = ["baseline", "sdpa_headwise_sigmoid_mul", "sdpa_elementwise_sigmoid_mul"]
+UNTIED = ["model.tie_embeddings=false"]
 
 
 def trained_like_decoder(config, seed: int = 0) -> Decoder:
@@ -36,8 +37,8 @@ def write_checkpoint(path, config, decoder: Decoder, step: int) -> None:
                 "hyper_parameters": {"config": config.to_dict()}}, path)
 
 
-def exported(tmp_path, variant: str, step: int = 10**6):
-    config = resolve(variant, "tiny")
+def exported(tmp_path, variant: str, step: int = 10**6, overrides=None):
+    config = resolve(variant, "tiny", overrides)
     decoder = trained_like_decoder(config)
     ckpt = tmp_path / "last.ckpt"
     write_checkpoint(ckpt, config, decoder, step)
@@ -50,9 +51,10 @@ def tokens(vocab: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("variant", EXPORTED)
-def test_round_trip_gives_identical_logits(tmp_path, variant):
-    config, decoder, out, _ = exported(tmp_path, variant)
+@pytest.mark.parametrize("variant,overrides", [(v, None) for v in EXPORTED] +
+                         [("sdpa_headwise_sigmoid_mul", UNTIED)])
+def test_round_trip_gives_identical_logits(tmp_path, variant, overrides):
+    config, decoder, out, _ = exported(tmp_path, variant, overrides=overrides)
     loaded = load_hf(out).eval()
     assert loaded.cfg == config.model  # the HF config carries the whole architecture
     x = tokens(config.model.vocab_size)
@@ -138,16 +140,18 @@ def read_export(out):
     return json.loads((out / "config.json").read_text()), load_file(str(out / "model.safetensors"))
 
 
-@pytest.mark.parametrize("variant", EXPORTED)
-def test_reference_forward_on_the_export_matches_our_model(tmp_path, variant):
-    config, decoder, out, _ = exported(tmp_path, variant)
+@pytest.mark.parametrize("variant,overrides", [(v, None) for v in EXPORTED] +
+                         [("sdpa_elementwise_sigmoid_mul", UNTIED)])
+def test_reference_forward_on_the_export_matches_our_model(tmp_path, variant, overrides):
+    config, decoder, out, _ = exported(tmp_path, variant, overrides=overrides)
     hf, weights = read_export(out)
     gated = variant != "baseline"
     H, D = config.model.n_heads, config.model.head_dim
     width = (D if variant.startswith("sdpa_elementwise") else 1) if gated else 0
     assert weights["model.layers.0.self_attn.q_proj.weight"].shape == (H * D + H * width,
                                                                        config.model.d_model)
-    assert "lm_head.weight" not in weights  # tied, as HF saves it
+    # Tied: left out, as save_pretrained does (HF re-ties it on load); untied: written.
+    assert ("lm_head.weight" in weights) == (not config.model.tie_embeddings)
     x = tokens(config.model.vocab_size)
     with torch.no_grad():
         ours = decoder(x)
