@@ -103,11 +103,24 @@ def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: grouped_mm's backward
+    rejects expanded (stride-0) gradients, e.g. the gradient of a plain .sum()."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by expert times that expert's matrix: (M, K) x (E, K, N) -> (M, N).
     ends: (E,) int32 cumulative row counts (the end of each expert's rows)."""
     if _grouped_mm_supported(x, weight):
-        return _GROUPED_MM(x, weight, offs=ends)
+        return _ContiguousGrad.apply(_GROUPED_MM(x, weight, offs=ends))
     # Fallback: a loop over experts (one host sync for the counts), see the module docstring.
     counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
     pieces = [rows @ weight[e] for e, rows in enumerate(x.split(counts)) if counts[e]]
