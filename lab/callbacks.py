@@ -159,7 +159,7 @@ class RoutingStats(L.Callback):
         layers = [layer for layer in moe_layers(pl_module) if layer.routing]
         if not layers:
             return
-        counts = torch.stack([layer.routing["counts"] for layer in layers])  # (layers, E)
+        counts = torch.stack([layer.routing["counts"] for layer in layers]).float()  # (layers, E)
         losses = torch.stack([torch.stack([layer.routing["balance_loss"], layer.routing["z_loss"]])
                               for layer in layers]).mean(dim=0)  # (2,)
         self._counts = counts if self._counts is None else self._counts + counts

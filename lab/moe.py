@@ -64,17 +64,17 @@ def route(logits: torch.Tensor, top_k: int, normalize: bool):
 
 
 def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Assignments per expert (float, E). scatter_add, not bincount: a static shape for compile."""
+    """Assignments per expert (int64, E). scatter_add, not bincount: a static shape for compile."""
     flat = experts.flatten()
-    return torch.zeros(num_experts, device=flat.device).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.float32))
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
 
 
 def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Switch loss for top-k: E * sum_i f_i * P_i; 1 for uniform router probabilities.
     probs: (N, E) router probabilities; counts: (E,) assignments per expert (no gradient)."""
     num_experts = probs.shape[-1]
-    share = counts / counts.sum().clamp_min(1)  # f_i
+    share = counts.float() / counts.sum().clamp_min(1)  # f_i
     return num_experts * (share.detach() * probs.mean(dim=0)).sum()
 
 
