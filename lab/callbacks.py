@@ -16,7 +16,9 @@ import lightning as L
 import torch
 
 from lab.config import RunConfig
+from lab.moe import moe_layers, routing_summary
 from lab.spikes import detect_spikes
+from lab.tracking import log_dict_artifact
 
 
 class LossMonitor(L.Callback):
@@ -139,3 +141,64 @@ class AtomicCheckpoint(L.Callback):
         trainer.save_checkpoint(tmp)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
+
+
+class RoutingStats(L.Callback):
+    """Routing statistics of every MoE run, kept off the hot path: each micro-batch's
+    per-expert counts and unweighted router losses stay on the device and are summed; once
+    per `log_every` optimizer steps they are copied to the host (one sync) and logged as
+    `moe/load_max_over_mean`, `moe/load_min_over_mean` (worst layer over the interval),
+    `moe/aux_loss` (load-balancing loss, mean over layers, 1 = uniform router) and
+    `moe/z_loss`. At the end, `routing.json` records each layer's per-expert share of all
+    assignments of the run. Under DDP the counts are rank 0's (the losses use global ones)."""
+
+    def __init__(self, log_every: int):
+        self.log_every = log_every
+        self.run_counts: torch.Tensor | None = None
+        self._reset_interval()
+
+    def _reset_interval(self) -> None:
+        self._counts, self._losses, self._micro_batches = None, None, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        layers = [layer for layer in moe_layers(pl_module) if layer.routing]
+        if not layers:
+            return
+        counts = torch.stack([layer.routing["counts"] for layer in layers]).float()  # (layers, E)
+        losses = torch.stack([torch.stack([layer.routing["balance_loss"], layer.routing["z_loss"]])
+                              for layer in layers]).mean(dim=0)  # (2,)
+        self._counts = counts if self._counts is None else self._counts + counts
+        self._losses = losses if self._losses is None else self._losses + losses
+        self._micro_batches += 1
+        self.run_counts = counts if self.run_counts is None else self.run_counts + counts
+        steps_done = trainer.global_step
+        if steps_done and steps_done % self.log_every == 0 and steps_done != getattr(
+                self, "_logged_step", None):
+            self._logged_step = steps_done
+            self._flush(trainer)
+
+    def _flush(self, trainer) -> None:
+        if self._counts is None:
+            return
+        summary = routing_summary(self._counts)
+        values = torch.stack([summary["load_max_over_mean"], summary["load_min_over_mean"],
+                              *(self._losses / self._micro_batches)]).tolist()  # one sync
+        self._reset_interval()
+        if trainer.is_global_zero and trainer.logger is not None:
+            names = ("moe/load_max_over_mean", "moe/load_min_over_mean", "moe/aux_loss",
+                     "moe/z_loss")
+            trainer.logger.log_metrics(dict(zip(names, values)), step=trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module):
+        self._flush(trainer)
+        logger = trainer.logger
+        if self.run_counts is None or not trainer.is_global_zero or \
+                not hasattr(logger, "run_id"):
+            return
+        counts = self.run_counts.cpu()
+        share = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1)
+        log_dict_artifact(logger.experiment, logger.run_id,
+                          {"experts": counts.shape[-1],
+                           "top_k": moe_layers(pl_module)[0].top_k,
+                           "token_fraction_per_layer": share.tolist(),
+                           "assignments_per_layer": counts.tolist()}, "routing.json")

@@ -55,6 +55,7 @@ class ModelConfig:
     moe_expert_hidden: int = 128
     moe_shared_expert: bool = False
     moe_extra_experts: int = 0           # baseline_add4experts: more total and activated experts
+    moe_normalize_top_k: bool = True     # renormalise the k kept router probabilities (Qwen3-MoE)
     moe_aux_loss_coef: float = 0.01
     moe_z_loss_coef: float = 0.001
 
@@ -88,6 +89,9 @@ class ModelConfig:
         if self.ffn == "moe":
             for name in ("moe_experts", "moe_top_k", "moe_expert_hidden"):
                 check_positive(f"model.{name}", getattr(self, name))
+            if not isinstance(self.moe_extra_experts, int) or self.moe_extra_experts < 0:
+                raise LabError("model.moe_extra_experts: must be a non-negative integer, got "
+                               f"{self.moe_extra_experts!r}")
             if self.moe_top_k > self.moe_experts:
                 raise LabError(f"model.moe_top_k: {self.moe_top_k} exceeds the "
                                f"{self.moe_experts} experts")
@@ -232,6 +236,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     "deep-narrow": dict(model=dict(n_layers=32, d_model=256, n_heads=4, n_kv_heads=2,
                                    head_dim=64, ffn_hidden=768, context=1024),
                         train=dict(batch_size=32, lr=1e-2, val_every=250, val_batches=16)),
+    # Mixture-of-experts FFN (lab/moe.py), the paper's main model family (spec 4.2) at small
+    # scale: fine-grained experts (expert FFN ~0.375 d_model, as 768 / 2048), top-k of the pool
+    # so that the activated FFN width equals the dense preset's, untied embeddings as the paper.
+    "moe-tiny": dict(model=dict(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
+                                head_dim=16, ffn_hidden=192, context=128, tie_embeddings=False,
+                                ffn="moe", moe_experts=16, moe_top_k=4, moe_expert_hidden=48),
+                     train=dict(batch_size=16, lr=3e-3, val_every=50, val_batches=4)),
+    "moe-small": dict(model=dict(n_layers=6, d_model=384, n_heads=6, n_kv_heads=3, head_dim=64,
+                                 ffn_hidden=1024, context=1024, tie_embeddings=False, ffn="moe",
+                                 moe_experts=32, moe_top_k=8, moe_expert_hidden=128),
+                      train=dict(batch_size=32, lr=3e-3, val_every=200, val_batches=16)),
+    "moe-base": dict(model=dict(n_layers=12, d_model=512, n_heads=8, n_kv_heads=4, head_dim=64,
+                                ffn_hidden=1792, context=1024, tie_embeddings=False, ffn="moe",
+                                moe_experts=32, moe_top_k=8, moe_expert_hidden=224),
+                     train=dict(batch_size=64, lr=2e-3, val_every=250, val_batches=16)),
 }
 
 

@@ -37,10 +37,14 @@ class RunResult:
 
 
 def count_params(config: RunConfig) -> dict[str, int]:
-    """Total, non-embedding and added-over-baseline parameters, without allocating weights."""
+    """Total, non-embedding, added-over-baseline and active (used per token: MoE experts
+    not selected excluded; lab/moe.py) parameters, without allocating weights."""
+    from lab.moe import active_parameters
+
     with torch.device("meta"):
         counts = count_parameters(Decoder(config.model))
         counts["added"] = counts["total"] - count_parameters(Decoder(baseline_model(config)))["total"]
+    counts["active"] = active_parameters(config)
     return counts
 
 
@@ -87,7 +91,7 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
     its last checkpoint; otherwise a new run is created."""
     import lightning as L
 
-    from lab.callbacks import AtomicCheckpoint, GateInsertion, LossMonitor
+    from lab.callbacks import AtomicCheckpoint, GateInsertion, LossMonitor, RoutingStats
     from lab.training import LanguageModel, TokenDataModule, accumulation, total_steps
 
     uri = tracking.tracking_uri(uri)
@@ -111,7 +115,8 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
             mlflow_client.log_metric(run_id, f"params/{name}", value)
     if not quiet and primary:
         added = f", {counts['added']:,} added over baseline"
-        print(f"[{config.variant}] parameters: {counts['total']:,} total, "
+        active = f", {counts['active']:,} active" if counts["active"] != counts["total"] else ""
+        print(f"[{config.variant}] parameters: {counts['total']:,} total{active}, "
               f"{counts['non_embedding']:,} non-embedding{added}", flush=True)
 
     started = time.time()
@@ -128,6 +133,8 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
     all_callbacks = [monitor, checkpoints, *(callbacks or [])]
     if config.model.gate_insert_fraction is not None:
         all_callbacks.append(GateInsertion(int(config.model.gate_insert_fraction * steps)))
+    if config.model.ffn == "moe":
+        all_callbacks.append(RoutingStats(config.train.log_every))
     cuda = torch.cuda.is_available()
     precision = config.train.precision
     if precision == "auto":
