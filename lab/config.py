@@ -192,6 +192,9 @@ class TrainConfig:
         return self.micro_batch_size or self.batch_size // self.devices
 
 
+ANALYSIS_FIELDS = ("analysis_windows", "analysis_every", "long_context_factors")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where tokens come from: `synthetic`, a prepared token directory, or text files (lab/data.py)."""
@@ -222,8 +225,12 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Identity of a grid cell: every field that changes what is trained."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        """Identity of a grid cell: every field that changes what is trained (the analysis
+        fields only change what is measured afterwards, so they are left out)."""
+        raw = self.to_dict()
+        for name in ANALYSIS_FIELDS:
+            raw["train"].pop(name, None)
+        blob = json.dumps(raw, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -11,6 +11,7 @@ import torch
 from lab.analysis import (ProbeRecorder, analyze, long_context_metric, record, write_outputs)
 from lab.config import ModelConfig, resolve
 from lab.data import write_store
+from lab.errors import LabError
 from lab.gates import GateSpec
 from lab.model import Decoder, RotaryEmbedding
 
@@ -179,6 +180,15 @@ def test_metrics_of_gated_and_ungated_models_are_present_and_finite(tmp_path, va
     assert ("gate_scores.png" in files) == (variant != "baseline")
 
 
+def test_analysis_settings_do_not_change_the_config_hash():
+    config = resolve("baseline", "tiny")
+    changed = resolve("baseline", "tiny", {"train.analysis_windows": "0",
+                                           "train.long_context_factors": ""})
+    assert changed.hash() == config.hash()
+    with pytest.raises(LabError, match="train.long_context_factors"):
+        resolve("baseline", "tiny", {"train.long_context_factors": "2,x"})
+
+
 def test_non_finite_weights_are_skipped(tmp_path):
     store = tiny_store(tmp_path / "store")
     config = resolve("baseline", "tiny", {"model.vocab_size": "32", "model.context": "16"})
@@ -211,8 +221,8 @@ def test_training_run_records_the_metrics_and_analyze_writes_the_plots(tmp_path,
     steps = [m.step for m in mlflow_client.get_metric_history(result.run_id, "gate/mean")]
     assert steps == [4, 8, 8]  # analysis_every=4 as a time series, then the end-of-run analysis
 
-    for artifact in mlflow_client.list_artifacts(result.run_id, "analysis"):
-        (tmp_path / "mlruns" / "artifacts").exists()  # artifacts live beside the store
+    end_of_run = {a.path for a in mlflow_client.list_artifacts(result.run_id, "analysis")}
+    assert {"analysis/analysis.json", "analysis/long_context.png"} <= end_of_run
     assert main(["analyze", result.run_id, "--windows", "2", "--long-context", ""]) == 0
     logged = {a.path for a in mlflow_client.list_artifacts(result.run_id, "analysis")}
     assert {"analysis/first_token_attn.png", "analysis/max_activation.png",
