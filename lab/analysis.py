@@ -246,68 +246,83 @@ def _attention_layers(n_layers: int) -> list[int]:
 
 def probe_metrics(model, store: TokenStore, windows: int,
                   map_layers: Sequence[int] = ()) -> Analysis:
-    """F-Attn, the most-attended key, M-Act, gate statistics and SDPA sparsity."""
+    """F-Attn and the most-attended key on BOS-aligned and random windows; M-Act, gate
+    statistics and SDPA sparsity on the BOS-aligned ones."""
     cfg = model.cfg
-    L, T = cfg.n_layers, cfg.context
     gate = cfg.gate if any(b.attn.gate_active for b in model.blocks) else None
     result = Analysis()
-    m, per_layer = result.metrics, result.per_layer
-
     for suffix, aligned in (("", True), ("_random", False)):
-        data = eval_windows(store, "valid", T, windows, bos_aligned=aligned)
-        recorder = ProbeRecorder(L, gate, store.eos_id, map_layers if aligned else ())
+        data = eval_windows(store, "valid", cfg.context, windows, bos_aligned=aligned)
+        recorder = ProbeRecorder(cfg.n_layers, gate, store.eos_id, map_layers if aligned else ())
         record(model, data, recorder)
-        first = recorder.mean("first_token_attn")
-        positions, values = recorder.top_key()
-        eos = recorder.mean("eos_attn")
-        per_layer.update({f"first_token_attn{suffix}": first,
-                          f"top_key_position{suffix}": positions,
-                          f"top_key_attn{suffix}": values, f"eos_attn{suffix}": eos})
-        m[f"sink/first_token_attn{suffix}"] = _nanmean(first)
-        m[f"sink/eos_attn{suffix}"] = _nanmean(eos)
-        for layer in range(L):
-            m[layer_metric(f"sink/first_token_attn{suffix}", layer, L)] = first[layer]
-            m[layer_metric(f"sink/top_key_position{suffix}", layer, L)] = positions[layer]
-        if not aligned:
-            continue
-        # Activations, gates and sparsity: on the BOS-aligned windows only.
-        result.attention_maps = recorder.attention_maps
-        for curve in ACTIVATION_CURVES:
-            maxima, where = recorder.activation_maxima(curve)
-            per_layer[f"max_{curve}"], per_layer[f"max_{curve}_position"] = maxima, where
-        m["act/max_mean"] = _nanmean(per_layer["max_ffn_residual"])  # M-Act: residual after each layer
-        for curve in ACTIVATION_CURVES[:3]:
-            m[f"act/{curve}_max_mean"] = _nanmean(per_layer[f"max_{curve}"])
-        for layer in range(L):
-            m[layer_metric("act/max", layer, L)] = per_layer["max_ffn_residual"][layer]
-        for kind in ("sdpa", "sdpa_gated", "sdpa_average_gate"):
-            abs_mean = recorder.mean(f"{kind}_abs_mean")
-            if abs_mean is None:
-                continue
-            name = kind.replace("sdpa_", "").replace("sdpa", "")
-            suffix_kind = f"_{name}" if name else ""
-            per_layer[f"{kind}_abs_mean"] = abs_mean
-            if kind != "sdpa_average_gate":
-                m[f"sdpa/abs_mean{suffix_kind}"] = _nanmean(abs_mean)
-            for threshold in SPARSITY_THRESHOLDS:
-                label = threshold_name(threshold)
-                fractions = recorder.mean(f"{kind}_below_{label}")
-                per_layer[f"{kind}_below_{label}"] = fractions
-                m[f"sdpa/sparsity_{label}{suffix_kind}"] = _nanmean(fractions)
-        gate_layers = recorder.gate_layers()
-        if gate_layers is not None:
-            per_layer.update(gate_layers)
-            pooled = np.concatenate([np.concatenate(recorder.gate_samples[l]) for l in range(L)])
-            result.gate_samples = pooled
-            means = gate_layers["gate_mean"]
-            squares = recorder.mean("gate_square")
-            m["gate/mean"] = _nanmean(means)
-            m["gate/std"] = math.sqrt(max(_nanmean(squares) - m["gate/mean"] ** 2, 0.0))
-            m["gate/min"] = min(gate_layers["gate_min"])
-            m["gate/max"] = max(gate_layers["gate_max"])
-            for layer in range(L):
-                m[layer_metric("gate/mean", layer, L)] = means[layer]
+        _sink_metrics(recorder, suffix, result)
+        if aligned:
+            result.attention_maps = recorder.attention_maps
+            _activation_metrics(recorder, result)
+            _sparsity_metrics(recorder, result)
+            _gate_metrics(recorder, result)
     return result
+
+
+def _sink_metrics(recorder: ProbeRecorder, suffix: str, result: Analysis) -> None:
+    L, m = recorder.n_layers, result.metrics
+    first = recorder.mean("first_token_attn")
+    positions, values = recorder.top_key()
+    eos = recorder.mean("eos_attn")
+    result.per_layer.update({f"first_token_attn{suffix}": first,
+                             f"top_key_position{suffix}": positions,
+                             f"top_key_attn{suffix}": values, f"eos_attn{suffix}": eos})
+    m[f"sink/first_token_attn{suffix}"] = _nanmean(first)
+    m[f"sink/eos_attn{suffix}"] = _nanmean(eos)
+    for layer in range(L):
+        m[layer_metric(f"sink/first_token_attn{suffix}", layer, L)] = first[layer]
+        m[layer_metric(f"sink/top_key_position{suffix}", layer, L)] = positions[layer]
+
+
+def _activation_metrics(recorder: ProbeRecorder, result: Analysis) -> None:
+    L, m, per_layer = recorder.n_layers, result.metrics, result.per_layer
+    for curve in ACTIVATION_CURVES:
+        per_layer[f"max_{curve}"], per_layer[f"max_{curve}_position"] = \
+            recorder.activation_maxima(curve)
+    # M-Act (Table 4): the mean over layers of the residual stream's max after each layer.
+    m["act/max_mean"] = _nanmean(per_layer["max_ffn_residual"])
+    for curve in ACTIVATION_CURVES[:3]:
+        m[f"act/{curve}_max_mean"] = _nanmean(per_layer[f"max_{curve}"])
+    for layer in range(L):
+        m[layer_metric("act/max", layer, L)] = per_layer["max_ffn_residual"][layer]
+
+
+def _sparsity_metrics(recorder: ProbeRecorder, result: Analysis) -> None:
+    # (probe prefix, metric suffix): the SDPA output, after the G1 gate, and the control.
+    for kind, suffix in (("sdpa", ""), ("sdpa_gated", "_gated"),
+                         ("sdpa_average_gate", "_average_gate")):
+        abs_mean = recorder.mean(f"{kind}_abs_mean")
+        if abs_mean is None:
+            continue
+        result.per_layer[f"{kind}_abs_mean"] = abs_mean
+        if kind != "sdpa_average_gate":  # Fig. 4
+            result.metrics[f"sdpa/abs_mean{suffix}"] = _nanmean(abs_mean)
+        for threshold in SPARSITY_THRESHOLDS:  # Fig. 5
+            label = threshold_name(threshold)
+            fractions = recorder.mean(f"{kind}_below_{label}")
+            result.per_layer[f"{kind}_below_{label}"] = fractions
+            result.metrics[f"sdpa/sparsity_{label}{suffix}"] = _nanmean(fractions)
+
+
+def _gate_metrics(recorder: ProbeRecorder, result: Analysis) -> None:
+    stats = recorder.gate_layers()
+    if stats is None:
+        return
+    L, m = recorder.n_layers, result.metrics
+    result.per_layer.update(stats)
+    result.gate_samples = np.concatenate([np.concatenate(recorder.gate_samples[layer])
+                                          for layer in range(L)])
+    # Pooled over layers, tokens and elements (Table 4's gate score; Fig. 7 per layer).
+    m["gate/mean"] = _nanmean(stats["gate_mean"])
+    m["gate/std"] = math.sqrt(max(_nanmean(recorder.mean("gate_square")) - m["gate/mean"] ** 2, 0))
+    m["gate/min"], m["gate/max"] = min(stats["gate_min"]), max(stats["gate_max"])
+    for layer in range(L):
+        m[layer_metric("gate/mean", layer, L)] = stats["gate_mean"][layer]
 
 
 @torch.no_grad()
