@@ -131,6 +131,12 @@ class AtomicCheckpoint(L.Callback):
             self._saved_step = step
             self.save(trainer)
 
+    def on_train_end(self, trainer, pl_module):
+        # The final weights, for `gatelab analyze` (and a resume that finds nothing left to do).
+        if getattr(self, "_saved_step", None) != trainer.global_step:
+            self._saved_step = trainer.global_step
+            self.save(trainer)
+
     def save(self, trainer) -> None:
         if self.loss_monitor.diverged_step is not None:
             return
@@ -202,3 +208,24 @@ class RoutingStats(L.Callback):
                            "top_k": moe_layers(pl_module)[0].top_k,
                            "token_fraction_per_layer": share.tolist(),
                            "assignments_per_layer": counts.tolist()}, "routing.json")
+class AnalysisMonitor(L.Callback):
+    """`train.analysis_every` > 0: the probe metrics of lab/analysis.py (attention sink,
+    massive activations, gate statistics) every N steps, as time series on the run.
+    Long-context perplexity and plots are left to the end of the run (lab/run.py)."""
+
+    def __init__(self, store, config: RunConfig):
+        self.store, self.config = store, config
+        self.every = config.train.analysis_every
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if not step or step % self.every or getattr(self, "_done_step", None) == step:
+            return
+        self._done_step = step
+        if not trainer.is_global_zero or trainer.logger is None:
+            return
+        from lab.analysis import analyze, finite_metrics
+
+        result = analyze(pl_module.model, self.store, self.config, factors=(), maps=False)
+        if result.skipped is None:
+            trainer.logger.log_metrics(finite_metrics(result.metrics), step=step)

@@ -24,6 +24,7 @@ EXAMPLES = {
     "bench": "gatelab bench --preset base,medium --variants baseline,sdpa_elementwise_sigmoid_mul "
              "--lab-variants baseline --steps 30",
     "export": "gatelab export 3f2a9c0d1e4b4f6e8a7b5c4d3e2f1a0b --format hf --out exports/gated-tiny",
+    "analyze": "gatelab analyze 3f2c9a... --windows 16 --long-context 1,2,4",
 }
 
 
@@ -124,6 +125,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from lab.analysis import analyze_target, summary
+
+    run_id, result, files = analyze_target(args.target, args.tracking_uri, args.windows,
+                                           args.long_context, args.out)
+    print(summary(result))
+    where = f"run {run_id}" if run_id else "no MLflow run"
+    print(f"logged to {where}; files: {', '.join(files) if files else 'none'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatelab", description="Gated-attention ablation lab "
                                      "(Qiu et al., 2025): train, sweep and compare gate variants.")
@@ -149,6 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--gate", help="describe one point of the gate space by axes")
     p.set_defaults(func=cmd_variants)
+
+    p = _parser(sub, "analyze", "recompute the attention-sink, massive-activation, gate and "
+                "long-context metrics from a run's checkpoint and log them with per-layer plots")
+    p.add_argument("target", help="an MLflow run id (uses mlruns/checkpoints/<run id>/last.ckpt) "
+                   "or a checkpoint file")
+    p.add_argument("--windows", type=int, default=None,
+                   help="validation windows to probe (default: the run's train.analysis_windows)")
+    p.add_argument("--long-context", default=None, metavar="FACTORS",
+                   help="context multiples for long-context perplexity, e.g. 1,2,4,8; '' skips "
+                        "(default: the run's train.long_context_factors)")
+    p.add_argument("--out", default=None, help="also write analysis.json and the plots here "
+                   "(default for a checkpoint without a run: analysis-<checkpoint name>)")
+    p.add_argument("--tracking-uri")
+    p.set_defaults(func=cmd_analyze)
 
     p = _parser(sub, "demo", "the main job on the synthetic corpus, on CPU in a few minutes")
     _add_tracking(p)

@@ -148,6 +148,11 @@ class TrainConfig:
     spike_floor: float = 0.1
     spike_merge: int = 20
     checkpoint_every: int = 0          # steps between resumable checkpoints; 0 = at validations
+    # End-of-run analyses (lab/analysis.py): attention sink, massive activations, gate
+    # statistics on this many held-out windows of `context` tokens (0 = no analysis) ...
+    analysis_windows: int = 8
+    analysis_every: int = 0            # ... also every N steps as a time series (0 = end only)
+    long_context_factors: str = "1,2,4,8"  # validation ppl at these multiples of context ("" = off)
 
     def validate(self) -> None:
         check_positive("train.tokens", self.tokens)
@@ -166,10 +171,32 @@ class TrainConfig:
         check_choice("train.precision", self.precision, ("auto", "32-true", "bf16-mixed", "16-mixed"))
         for name in ("val_every", "val_batches", "log_every", "devices", "divergence_patience"):
             check_positive(f"train.{name}", getattr(self, name))
+        for name in ("analysis_windows", "analysis_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise LabError(f"train.{name}: must be a non-negative integer, got {value!r}")
+        self.context_factors()
+
+    def context_factors(self) -> list[int]:
+        """`long_context_factors` parsed: '1,2,4' -> [1, 2, 4] (LabError on anything else)."""
+        text = str(self.long_context_factors or "").strip()
+        if not text:
+            return []
+        try:
+            factors = [int(part) for part in text.split(",")]
+        except ValueError:
+            factors = []
+        if not factors or any(f < 1 for f in factors):
+            raise LabError("train.long_context_factors: expected comma-separated positive integers "
+                           f"(multiples of the context, e.g. 1,2,4,8) or empty, got {text!r}")
+        return sorted(set(factors))
 
     @property
     def micro_batch(self) -> int:
         return self.micro_batch_size or self.batch_size // self.devices
+
+
+ANALYSIS_FIELDS = ("analysis_windows", "analysis_every", "long_context_factors")
 
 
 @dataclass(frozen=True)
@@ -202,8 +229,12 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Identity of a grid cell: every field that changes what is trained."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        """Identity of a grid cell: every field that changes what is trained (the analysis
+        fields only change what is measured afterwards, so they are left out)."""
+        raw = self.to_dict()
+        for name in ANALYSIS_FIELDS:
+            raw["train"].pop(name, None)
+        blob = json.dumps(raw, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -91,7 +91,8 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
     its last checkpoint; otherwise a new run is created."""
     import lightning as L
 
-    from lab.callbacks import AtomicCheckpoint, GateInsertion, LossMonitor, RoutingStats
+    from lab.callbacks import (AnalysisMonitor, AtomicCheckpoint, GateInsertion, LossMonitor,
+                               RoutingStats)
     from lab.training import LanguageModel, TokenDataModule, accumulation, total_steps
 
     uri = tracking.tracking_uri(uri)
@@ -135,6 +136,8 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
         all_callbacks.append(GateInsertion(int(config.model.gate_insert_fraction * steps)))
     if config.model.ffn == "moe":
         all_callbacks.append(RoutingStats(config.train.log_every))
+    if config.train.analysis_every and config.train.analysis_windows:
+        all_callbacks.append(AnalysisMonitor(store, config))
     cuda = torch.cuda.is_available()
     precision = config.train.precision
     if precision == "auto":
@@ -199,7 +202,33 @@ def _finish(trainer, module, data, monitor, config, mlflow_client, run_id, start
     tracking.log_dict_artifact(mlflow_client, run_id,
                                {"step": monitor.steps, "loss": monitor.losses,
                                 "grad_norm": monitor.grad_norms}, "loss_history.json")
+    if trainer.is_global_zero and (config.train.analysis_windows or config.train.context_factors()):
+        metrics.update(_analyze(module, data.store, config, mlflow_client, run_id, steps_done))
     return metrics
+
+
+def _analyze(module, store, config, mlflow_client, run_id, step) -> dict:
+    """The paper's analyses on the final weights (lab/analysis.py), also for a diverged run
+    whose weights are still finite; timed as `time/analysis_s`."""
+    from lab.analysis import analysis_device, analyze, log_analysis, log_metrics
+
+    started = time.time()
+    device = next(module.model.parameters()).device
+    model = module.model.to(analysis_device())  # Lightning's teardown left it on the CPU
+    try:
+        result = analyze(model, store, config)
+        log_analysis(mlflow_client, run_id, result, step)
+    except Exception as err:  # a finished training run stays FINISHED; the tag says what broke
+        import traceback
+
+        traceback.print_exc()
+        mlflow_client.set_tag(run_id, "analysis", f"failed: {type(err).__name__}: {err}"[:500])
+        return {}
+    finally:
+        module.model.to(device)
+    seconds = time.time() - started
+    log_metrics(mlflow_client, run_id, {"time/analysis_s": seconds}, step)
+    return {**result.metrics, "time/analysis_s": seconds}
 
 
 def describe(result: RunResult) -> str:

@@ -1,0 +1,642 @@
+"""The paper's analyses as metrics every run records (spec sections 5 and 4.6; claims 6-9, 12).
+
+- Attention sink, F-Attn (Fig. 2, Table 4): the attention probability queries put on key
+  position 0, averaged over heads and query positions, per layer and over layers.
+- Massive activations, M-Act (Fig. 6, Table 4): per layer the max |x| of the residual stream
+  after the layer, and of the attention and FFN outputs, with the token position of the max.
+- Gate statistics (Fig. 3, Fig. 7, Table 4) and the sparsity of the SDPA output before and
+  after the G1 gate, with the "average gate" control (App. A.3, Figs. 4-5).
+- Long-context extrapolation (section 4.4, Table 5, at our scale): validation perplexity at
+  multiples of the trained context, with RoPE as trained and with YaRN.
+
+The first three run one exact-attention forward (`Decoder.forward(tokens, probe=...)`; SDPA
+returns no probabilities) over held-out validation windows; `ProbeRecorder` reduces every
+probed tensor to per-layer sums as it arrives, so memory holds one layer's attention at a time.
+
+Choices where the paper is silent (spec section 5 and "Not found"):
+- Windows: the paper's models read documents that start with BOS, so F-Attn is measured on
+  validation windows that start at a document boundary (position 0 is the end-of-text token,
+  which doubles as BOS here). The same metrics on evenly spread unaligned windows carry the
+  suffix `_random`: a sink on "whatever comes first" and a sink on the BOS token differ there.
+- Query position 0 is excluded from every attention average: it can attend only to itself,
+  so it would add 1/T of trivial first-token mass.
+- The most-attended key position per layer is the argmax of the attention each key position
+  receives, averaged over all (head, query >= 1) rows; a sink that forms elsewhere than
+  position 0 shows there. `sink/eos_attn*` is the mass on end-of-text tokens inside the window
+  (positions >= 1), averaged over the queries that can see one: a delimiter sink.
+- M-Act takes max |x| (absolute value) over every token and channel of the windows.
+- Gate statistics pool every layer, token and element of the probed scores; the histogram
+  keeps an evenly strided sample of each batch's scores.
+- The average-gate control applies the layer's mean gate score over the same batch.
+- Long context: windows of factor x context tokens from the validation split, the same
+  number of tokens at every factor; perplexity over all positions of the window. YaRN's
+  factor is the multiple (128k/32k = 4 in the paper; its setting is not stated).
+
+Metric names (what `gatelab report` reads): `sink/first_token_attn`,
+`sink/first_token_attn_random`, `sink/eos_attn`, `sink/eos_attn_random`, `act/max_mean`,
+`act/attn_output_max_mean`, `act/attn_residual_max_mean`, `act/ffn_output_max_mean`,
+`gate/mean|std|min|max`, `sdpa/abs_mean`, `sdpa/abs_mean_gated`, `sdpa/sparsity_1e-2`,
+`sdpa/sparsity_1e-2_gated`, `sdpa/sparsity_1e-2_average_gate` (and 1e-3), and
+`long/ppl_<k>x`, `long/ppl_<k>x_yarn`. MLflow rejects '@' in metric names, so the
+long-context names use '_' (`long_context_metric`). Per-layer values go under `layers/`
+(`layers/sink/first_token_attn/layer_03`, ...) and, in full, into `analysis/analysis.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lab.config import RunConfig
+from lab.data import TokenStore, eval_windows
+from lab.errors import LabError
+from lab.gates import GateSpec, apply_gate
+
+SPARSITY_THRESHOLDS = (1e-2, 1e-3)  # App. A.3, Fig. 5
+ACTIVATION_CURVES = ("attn_output", "attn_residual", "ffn_output", "ffn_residual")  # Fig. 6
+GATE_SAMPLES_PER_BATCH = 20_000     # gate scores kept per layer and batch for the histogram
+PROBE_BATCH = 4                     # windows per exact-attention forward
+LONG_CONTEXT_TOKENS_PER_FORWARD = 8  # x context: tokens per long-context forward
+ATTENTION_MAP_LAYERS = 4            # layers drawn in attention_maps.png
+
+
+def threshold_name(threshold: float) -> str:
+    return f"{threshold:.0e}".replace("e-0", "e-")  # 0.01 -> '1e-2'
+
+
+def long_context_metric(factor: int, yarn: bool) -> str:
+    return f"long/ppl_{factor}x" + ("_yarn" if yarn else "")
+
+
+def layer_metric(name: str, layer: int, n_layers: int) -> str:
+    return f"layers/{name}/layer_{layer:0{len(str(max(n_layers - 1, 1)))}d}"
+
+
+class ProbeRecorder:
+    """The `probe` `Decoder.forward` calls: each tensor becomes per-layer running sums.
+
+    Sums stay on the device as tensors (no synchronisation per layer); `finish` turns them
+    into per-layer lists. Set `tokens` to the batch before each forward (delimiter masks).
+    """
+
+    def __init__(self, n_layers: int, gate: GateSpec | None, eos_id: int | None = None,
+                 map_layers: Sequence[int] = (), gate_samples: int = GATE_SAMPLES_PER_BATCH):
+        self.n_layers, self.gate, self.eos_id = n_layers, gate, eos_id
+        self.map_layers, self.gate_samples_per_batch = set(map_layers), gate_samples
+        self.tokens: torch.Tensor | None = None
+        self.sums: dict[tuple[str, int], torch.Tensor] = {}
+        self.counts: dict[tuple[str, int], torch.Tensor | int] = {}
+        self.received: dict[int, torch.Tensor] = {}          # layer -> (T,) attention received
+        self.received_rows: dict[int, int] = {}              # layer -> (window, head, query) rows
+        self.position_max: dict[tuple[str, int], torch.Tensor] = {}  # (curve, layer) -> (T,)
+        self.gate_min: dict[int, torch.Tensor] = {}
+        self.gate_max: dict[int, torch.Tensor] = {}
+        self.gate_samples: dict[int, list[np.ndarray]] = {}
+        self.attention_maps: dict[int, np.ndarray] = {}
+        self._pre_gate: dict[int, torch.Tensor] = {}
+        self._scores: dict[int, torch.Tensor] = {}
+
+    def __call__(self, layer: int, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach()
+        if name == "attn_probs":
+            self._attention(layer, tensor.float())
+        elif name == "sdpa_out":
+            self._sparsity("sdpa", layer, tensor)
+            if self.gate is not None and self.gate.position == "sdpa":
+                self._pre_gate[layer] = tensor
+        elif name == "gate_scores":
+            self._gate(layer, tensor.float())
+        elif name == "sdpa_out_gated":
+            self._sparsity("sdpa_gated", layer, tensor)
+            before, scores = self._pre_gate.pop(layer, None), self._scores.pop(layer, None)
+            if before is not None and scores is not None:
+                # Fig. 5's control: the same outputs scaled by the mean score, not the real gate.
+                self._sparsity("sdpa_average_gate", layer, apply_gate(self.gate, before, scores.mean()))
+        elif name in ACTIVATION_CURVES:
+            per_position = tensor.float().abs().amax(dim=(0, 2))  # (T,)
+            previous = self.position_max.get((name, layer))
+            self.position_max[(name, layer)] = per_position if previous is None else \
+                torch.maximum(previous, per_position)
+
+    def _add(self, quantity: str, layer: int, total: torch.Tensor, count) -> None:
+        key = (quantity, layer)
+        self.sums[key] = self.sums.get(key, 0) + total.double()
+        self.counts[key] = self.counts.get(key, 0) + count
+
+    def _attention(self, layer: int, probs: torch.Tensor) -> None:
+        B, H, T, _ = probs.shape
+        rows = probs[:, :, 1:, :]  # query 0 attends only to itself: excluded (module docstring)
+        self._add("first_token_attn", layer, rows[..., 0].sum(), rows[..., 0].numel())
+        received = rows.sum(dim=(0, 1, 2), dtype=torch.float64)  # (T,) over all (head, query) rows
+        self.received[layer] = self.received.get(layer, 0) + received
+        self.received_rows[layer] = self.received_rows.get(layer, 0) + B * H * (T - 1)
+        if self.eos_id is not None and self.tokens is not None:
+            delimiters = self.tokens[:, :T] == self.eos_id  # (B, T)
+            delimiters[:, 0] = False                          # position 0 is F-Attn's
+            mass = torch.einsum("bhqk,bk->bhq", probs, delimiters.float())  # (B, H, T)
+            sees = delimiters.cumsum(dim=-1) > 0              # query q sees one at 1..q
+            self._add("eos_attn", layer, (mass * sees[:, None, :]).sum(), sees.sum() * H)
+        if layer in self.map_layers and layer not in self.attention_maps:
+            self.attention_maps[layer] = probs[0].mean(dim=0).cpu().numpy()  # head-averaged
+
+    def _sparsity(self, kind: str, layer: int, y: torch.Tensor) -> None:
+        magnitude = y.float().abs()
+        self._add(f"{kind}_abs_mean", layer, magnitude.sum(), magnitude.numel())
+        for threshold in SPARSITY_THRESHOLDS:
+            self._add(f"{kind}_below_{threshold_name(threshold)}", layer,
+                      (magnitude < threshold).sum(), magnitude.numel())
+
+    def _gate(self, layer: int, scores: torch.Tensor) -> None:
+        self._add("gate_mean", layer, scores.sum(), scores.numel())
+        self._add("gate_square", layer, (scores.double() ** 2).sum(), scores.numel())
+        low, high = scores.min(), scores.max()
+        self.gate_min[layer] = torch.minimum(self.gate_min.get(layer, low), low)
+        self.gate_max[layer] = torch.maximum(self.gate_max.get(layer, high), high)
+        flat = scores.flatten()
+        stride = max(1, flat.numel() // self.gate_samples_per_batch)
+        self.gate_samples.setdefault(layer, []).append(flat[::stride].cpu().numpy())
+        if self.gate is not None and self.gate.position == "sdpa":
+            self._scores[layer] = scores
+
+    # --- read-out ----------------------------------------------------------------------
+
+    def mean(self, quantity: str) -> list[float] | None:
+        """Per-layer mean of a summed quantity, None where it was never probed."""
+        if not any(key[0] == quantity for key in self.sums):
+            return None
+        out = []
+        for layer in range(self.n_layers):
+            key = (quantity, layer)
+            count = float(self.counts.get(key, 0))
+            out.append(float(self.sums[key]) / count if key in self.sums and count else math.nan)
+        return out
+
+    def top_key(self) -> tuple[list[int], list[float]]:
+        """Per layer: the key position that receives the most attention, and how much."""
+        positions, values = [], []
+        for layer in range(self.n_layers):
+            mean = self.received[layer] / self.received_rows[layer]
+            value, position = mean.max(dim=0)
+            positions.append(int(position))
+            values.append(float(value))
+        return positions, values
+
+    def activation_maxima(self, curve: str) -> tuple[list[float], list[int]]:
+        values, positions = [], []
+        for layer in range(self.n_layers):
+            value, position = self.position_max[(curve, layer)].max(dim=0)
+            values.append(float(value))
+            positions.append(int(position))
+        return values, positions
+
+    def gate_layers(self) -> dict[str, list[float]] | None:
+        means = self.mean("gate_mean")
+        if means is None:
+            return None
+        squares = self.mean("gate_square")
+        std = [math.sqrt(max(s - m * m, 0.0)) for m, s in zip(means, squares)]
+        return {"gate_mean": means, "gate_std": std,
+                "gate_min": [float(self.gate_min[l]) for l in range(self.n_layers)],
+                "gate_max": [float(self.gate_max[l]) for l in range(self.n_layers)]}
+
+
+@dataclass
+class Analysis:
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_layer: dict[str, list] = field(default_factory=dict)
+    gate_samples: np.ndarray | None = None
+    attention_maps: dict[int, np.ndarray] = field(default_factory=dict)
+    skipped: str | None = None  # why nothing was measured (non-finite weights)
+
+    def to_json(self) -> dict:
+        return {"metrics": self.metrics, "per_layer": self.per_layer, "skipped": self.skipped}
+
+
+@torch.no_grad()
+def record(model, windows: torch.Tensor, recorder: ProbeRecorder,
+           batch_size: int = PROBE_BATCH) -> ProbeRecorder:
+    """Exact-attention forwards over `windows` (n, >= T) feeding `recorder`."""
+    device = next(model.parameters()).device
+    T = model.cfg.context
+    for start in range(0, len(windows), batch_size):
+        tokens = windows[start:start + batch_size, :T].to(device)
+        recorder.tokens = tokens
+        # forward, not __call__: an in-place torch.compile would trace the Python probe.
+        model.forward(tokens, probe=recorder)
+    return recorder
+
+
+def _nanmean(values: Sequence[float] | None) -> float:
+    finite = [v for v in values or [] if v is not None and not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def _attention_layers(n_layers: int) -> list[int]:
+    count = min(ATTENTION_MAP_LAYERS, n_layers)
+    return sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, count)})
+
+
+def probe_metrics(model, store: TokenStore, windows: int,
+                  map_layers: Sequence[int] = ()) -> Analysis:
+    """F-Attn and the most-attended key on BOS-aligned and random windows; M-Act, gate
+    statistics and SDPA sparsity on the BOS-aligned ones."""
+    cfg = model.cfg
+    gate = cfg.gate if any(b.attn.gate_active for b in model.blocks) else None
+    result = Analysis()
+    for suffix, aligned in (("", True), ("_random", False)):
+        data = eval_windows(store, "valid", cfg.context, windows, bos_aligned=aligned)
+        recorder = ProbeRecorder(cfg.n_layers, gate, store.eos_id, map_layers if aligned else ())
+        record(model, data, recorder)
+        _sink_metrics(recorder, suffix, result)
+        if aligned:
+            result.attention_maps = recorder.attention_maps
+            _activation_metrics(recorder, result)
+            _sparsity_metrics(recorder, result)
+            _gate_metrics(recorder, result)
+    return result
+
+
+def _sink_metrics(recorder: ProbeRecorder, suffix: str, result: Analysis) -> None:
+    L, m = recorder.n_layers, result.metrics
+    first = recorder.mean("first_token_attn")
+    positions, values = recorder.top_key()
+    eos = recorder.mean("eos_attn")
+    result.per_layer.update({f"first_token_attn{suffix}": first,
+                             f"top_key_position{suffix}": positions,
+                             f"top_key_attn{suffix}": values, f"eos_attn{suffix}": eos})
+    m[f"sink/first_token_attn{suffix}"] = _nanmean(first)
+    m[f"sink/eos_attn{suffix}"] = _nanmean(eos)
+    for layer in range(L):
+        m[layer_metric(f"sink/first_token_attn{suffix}", layer, L)] = first[layer]
+        m[layer_metric(f"sink/top_key_position{suffix}", layer, L)] = positions[layer]
+
+
+def _activation_metrics(recorder: ProbeRecorder, result: Analysis) -> None:
+    L, m, per_layer = recorder.n_layers, result.metrics, result.per_layer
+    for curve in ACTIVATION_CURVES:
+        per_layer[f"max_{curve}"], per_layer[f"max_{curve}_position"] = \
+            recorder.activation_maxima(curve)
+    # M-Act (Table 4): the mean over layers of the residual stream's max after each layer.
+    m["act/max_mean"] = _nanmean(per_layer["max_ffn_residual"])
+    for curve in ACTIVATION_CURVES[:3]:
+        m[f"act/{curve}_max_mean"] = _nanmean(per_layer[f"max_{curve}"])
+    for layer in range(L):
+        m[layer_metric("act/max", layer, L)] = per_layer["max_ffn_residual"][layer]
+
+
+def _sparsity_metrics(recorder: ProbeRecorder, result: Analysis) -> None:
+    # (probe prefix, metric suffix): the SDPA output, after the G1 gate, and the control.
+    for kind, suffix in (("sdpa", ""), ("sdpa_gated", "_gated"),
+                         ("sdpa_average_gate", "_average_gate")):
+        abs_mean = recorder.mean(f"{kind}_abs_mean")
+        if abs_mean is None:
+            continue
+        result.per_layer[f"{kind}_abs_mean"] = abs_mean
+        if kind != "sdpa_average_gate":  # Fig. 4
+            result.metrics[f"sdpa/abs_mean{suffix}"] = _nanmean(abs_mean)
+        for threshold in SPARSITY_THRESHOLDS:  # Fig. 5
+            label = threshold_name(threshold)
+            fractions = recorder.mean(f"{kind}_below_{label}")
+            result.per_layer[f"{kind}_below_{label}"] = fractions
+            result.metrics[f"sdpa/sparsity_{label}{suffix}"] = _nanmean(fractions)
+
+
+def _gate_metrics(recorder: ProbeRecorder, result: Analysis) -> None:
+    stats = recorder.gate_layers()
+    if stats is None:
+        return
+    L, m = recorder.n_layers, result.metrics
+    result.per_layer.update(stats)
+    result.gate_samples = np.concatenate([np.concatenate(recorder.gate_samples[layer])
+                                          for layer in range(L)])
+    # Pooled over layers, tokens and elements (Table 4's gate score; Fig. 7 per layer).
+    m["gate/mean"] = _nanmean(stats["gate_mean"])
+    m["gate/std"] = math.sqrt(max(_nanmean(recorder.mean("gate_square")) - m["gate/mean"] ** 2, 0))
+    m["gate/min"], m["gate/max"] = min(stats["gate_min"]), max(stats["gate_max"])
+    for layer in range(L):
+        m[layer_metric("gate/mean", layer, L)] = stats["gate_mean"][layer]
+
+
+@torch.no_grad()
+def long_context_perplexity(model, store: TokenStore, context: int, factors: Sequence[int],
+                            windows: int, bos_aligned: bool = False,
+                            autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Validation perplexity on windows of factor x context tokens (section 4.4 at our scale).
+
+    RoPE as trained (`long/ppl_2x`) and YaRN with factor = the multiple (`long/ppl_2x_yarn`;
+    at 1x YaRN is plain RoPE, so only `long/ppl_1x`). Every factor reads the same tokens:
+    ceil(windows / largest factor) validation spans of largest-factor x context tokens, each
+    cut into windows of factor x context, so the factors differ only in how much context
+    each prediction has (paired, not independent, samples). Perplexity is over all positions
+    of each window. A factor the split is too short for, or that runs out of GPU memory,
+    is left out with a message.
+    """
+    if not factors:
+        return {}
+    device = next(model.parameters()).device
+    longest = max(factors) * context
+    try:
+        spans = eval_windows(store, "valid", longest, math.ceil(windows / max(factors)),
+                             bos_aligned=bos_aligned)
+    except LabError as err:
+        print(f"analysis: long-context perplexity skipped: {err}", flush=True)
+        return {}
+    original_rope = model.rope
+    results: dict[str, float] = {}
+    try:
+        for factor in factors:
+            length = factor * context
+            data = torch.cat([spans[:, start:start + length + 1]
+                              for start in range(0, longest - length + 1, length)])
+            batch = max(1, LONG_CONTEXT_TOKENS_PER_FORWARD * context // length)
+            for yarn in ((False, True) if factor > 1 else (False,)):
+                model.set_yarn(float(factor) if yarn else 1.0)
+                try:
+                    loss = _mean_loss(model, data, batch, device, autocast_dtype)
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    print(f"analysis: {long_context_metric(factor, yarn)} skipped: out of GPU "
+                          "memory", flush=True)
+                    continue
+                results[long_context_metric(factor, yarn)] = math.exp(min(loss, 80.0))
+    finally:
+        model.rope = original_rope
+    return results
+
+
+def _mean_loss(model, data: torch.Tensor, batch: int, device, autocast_dtype) -> float:
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    for start in range(0, len(data), batch):
+        windows = data[start:start + batch].to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            logits = model.forward(windows[:, :-1])
+        total += F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten(),
+                                 reduction="sum").double()
+        count += windows[:, 1:].numel()
+    return float(total) / count
+
+
+def analysis_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def analyze(model, store: TokenStore, config: RunConfig, windows: int | None = None,
+            factors: Sequence[int] | None = None, maps: bool = True) -> Analysis:
+    """Every analysis of the module docstring on `model` (left in the mode it came in)."""
+    windows = config.train.analysis_windows if windows is None else windows
+    factors = config.train.context_factors() if factors is None else factors
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        return Analysis(skipped="non-finite weights")
+    was_training = model.training
+    model.eval()
+    try:
+        layers = _attention_layers(config.model.n_layers) if maps else ()
+        result = probe_metrics(model, store, windows, layers) if windows else Analysis()
+        if factors:
+            device = next(model.parameters()).device
+            bf16 = device.type == "cuda" and config.train.precision in ("auto", "bf16-mixed")
+            result.metrics.update(long_context_perplexity(
+                model, store, config.model.context, factors, max(windows, 1),
+                config.data.bos_aligned, torch.bfloat16 if bf16 else None))
+    finally:
+        model.train(was_training)
+    return result
+
+
+# --- MLflow ---------------------------------------------------------------------------
+
+def finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+
+
+def log_metrics(mlflow_client, run_id: str, metrics: dict[str, float], step: int) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    items = [Metric(k, v, stamp, step) for k, v in finite_metrics(metrics).items()]
+    for start in range(0, len(items), 1000):  # MLflow takes at most 1000 metrics a batch
+        mlflow_client.log_batch(run_id, metrics=items[start:start + 1000])
+
+
+def log_analysis(mlflow_client, run_id: str, analysis: Analysis, step: int,
+                 plots: bool = True) -> list[str]:
+    """Metrics at `step`, `analysis/analysis.json` and the plots; returns the files logged."""
+    if analysis.skipped:
+        mlflow_client.set_tag(run_id, "analysis", f"skipped: {analysis.skipped}")
+        return []
+    log_metrics(mlflow_client, run_id, analysis.metrics, step)
+    with tempfile.TemporaryDirectory() as tmp:
+        names = [path.name for path in write_outputs(analysis, Path(tmp), plots)]
+        mlflow_client.log_artifacts(run_id, tmp, artifact_path="analysis")
+    return names
+
+
+def write_outputs(analysis: Analysis, folder: Path, plots: bool = True) -> list[Path]:
+    """`analysis.json` (every metric and per-layer value) and the plots, into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "analysis.json"
+    path.write_text(json.dumps(analysis.to_json(), indent=1, default=_json_number))
+    return [path] + (write_plots(analysis, folder) if plots and not analysis.skipped else [])
+
+
+def _json_number(value):
+    return float(value) if isinstance(value, (np.floating, np.integer)) else str(value)
+
+
+# --- plots ------------------------------------------------------------------------------
+
+def write_plots(analysis: Analysis, folder: Path) -> list[Path]:
+    """The per-layer figures of the paper's Figs. 2, 3, 6 and 7, the demo's attention maps
+    and the long-context curve, as PNGs in `folder`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    written: list[Path] = []
+    per_layer, m = analysis.per_layer, analysis.metrics
+
+    def save(fig, name: str) -> None:
+        path = folder / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    if "first_token_attn" in per_layer:  # Fig. 2 / Fig. 6 right panel
+        layers = np.arange(len(per_layer["first_token_attn"]))
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(layers, per_layer["first_token_attn"], "o-",
+                label=f"BOS windows (mean {m['sink/first_token_attn']:.3f})")
+        ax.plot(layers, per_layer["first_token_attn_random"], "s--",
+                label=f"random windows (mean {m['sink/first_token_attn_random']:.3f})")
+        for layer, position in zip(layers, per_layer["top_key_position"]):
+            if position != 0:
+                ax.annotate(f"top key {position}", (layer, per_layer["first_token_attn"][layer]),
+                            fontsize=7, textcoords="offset points", xytext=(2, 6))
+        ax.set(xlabel="layer", ylabel="attention on position 0", ylim=(0, 1.02),
+               title="First-token attention per layer", xticks=layers)
+        ax.legend(fontsize=8)
+        save(fig, "first_token_attn.png")
+
+    if "max_ffn_residual" in per_layer:  # Fig. 6 left panel
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for curve in ACTIVATION_CURVES:
+            ax.plot(per_layer[f"max_{curve}"], "o-", label=curve, markersize=3)
+        ax.set(xlabel="layer", ylabel="max |activation|", yscale="log",
+               xticks=range(len(per_layer["max_ffn_residual"])),
+               title=f"Max activation per layer (M-Act {m['act/max_mean']:.3g})")
+        ax.legend(fontsize=8)
+        save(fig, "max_activation.png")
+
+    if analysis.gate_samples is not None:  # Fig. 3 histogram, Fig. 7 per-layer statistics
+        fig, (hist, stats) = plt.subplots(1, 2, figsize=(10, 3.5))
+        hist.hist(analysis.gate_samples, bins=50, density=True)
+        hist.set(xlabel="gate score", ylabel="density",
+                 title=f"Gate scores, all layers (mean {m['gate/mean']:.3f})")
+        layers = np.arange(len(per_layer["gate_mean"]))
+        mean, std = np.array(per_layer["gate_mean"]), np.array(per_layer["gate_std"])
+        stats.plot(layers, mean, "o-", label="mean")
+        stats.fill_between(layers, mean - std, mean + std, alpha=0.3, label="mean ± std")
+        stats.plot(layers, per_layer["gate_min"], "v:", label="min")
+        stats.plot(layers, per_layer["gate_max"], "^:", label="max")
+        stats.set(xlabel="layer", ylabel="gate score", title="Gate scores per layer",
+                  xticks=layers)
+        stats.legend(fontsize=8)
+        save(fig, "gate_scores.png")
+
+    if analysis.attention_maps:  # the paper's demo: head-averaged maps of a few layers
+        layers = sorted(analysis.attention_maps)
+        fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers) + 1, 3.6),
+                                 squeeze=False, layout="constrained")
+        for ax, layer in zip(axes[0], layers):
+            attention = np.asarray(analysis.attention_maps[layer])
+            causal = np.tril(np.ones_like(attention, dtype=bool))
+            shown = np.ma.masked_where(~causal, np.clip(attention, 1e-4, 1))  # future: blank
+            image = ax.imshow(shown, norm=LogNorm(1e-4, 1), cmap="viridis")
+            ax.set(title=f"layer {layer}: F-Attn {per_layer['first_token_attn'][layer]:.2f}",
+                   xlabel="key position", ylabel="query position")
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="attention (log)")
+        fig.savefig(folder / "attention_maps.png", dpi=110)
+        plt.close(fig)
+        written.append(folder / "attention_maps.png")
+
+    long = {k: v for k, v in m.items() if k.startswith("long/")}
+    if long:  # Table 5 at our scale
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for yarn, style in ((False, "o-"), (True, "s--")):
+            points = sorted((int(k.split("_")[1][:-1]), v) for k, v in long.items()
+                            if k.endswith("_yarn") == yarn)
+            if yarn and "long/ppl_1x" in long:
+                points = [(1, long["long/ppl_1x"])] + points
+            if points:
+                ax.plot(*zip(*points), style, label="YaRN" if yarn else "RoPE as trained")
+        factors = sorted({int(k.split("_")[1][:-1]) for k in long})
+        ax.set(xscale="log", xlabel="context, multiple of the training length",
+               ylabel="validation perplexity", title="Long-context extrapolation")
+        ax.set_xticks(factors, [f"{f}x" for f in factors])
+        ax.minorticks_off()
+        ax.legend(fontsize=8)
+        save(fig, "long_context.png")
+    return written
+
+
+# --- `gatelab analyze`: recompute from a checkpoint ----------------------------------------
+
+def load_checkpoint(path: Path):
+    """(Decoder with the checkpoint's weights, its RunConfig, its global step)."""
+    from lab.config import from_dict
+    from lab.model import Decoder
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        config = from_dict(checkpoint["hyper_parameters"]["config"])
+    except (OSError, RuntimeError, KeyError, TypeError) as err:
+        raise LabError(f"analyze: {path} is not a gatelab checkpoint ({err})") from None
+    model = Decoder(config.model)
+    model.load_state_dict({name.removeprefix("model."): tensor
+                           for name, tensor in checkpoint["state_dict"].items()
+                           if name.startswith("model.")})
+    return model, config, int(checkpoint.get("global_step", 0))
+
+
+def analyze_target(target: str, uri: str | None = None, windows: int | None = None,
+                   long_context: str | None = None, out: str | None = None,
+                   ) -> tuple[str | None, Analysis, list[str]]:
+    """`target` is an MLflow run id (its `checkpoints/<run id>/last.ckpt`) or a checkpoint
+    file. Metrics and plots go to the run when there is one, and to `out` when given.
+    Returns (run id or None, the analysis, the files written)."""
+    import dataclasses
+
+    from lab import tracking
+    from lab.run import checkpoint_dir, open_data
+
+    uri = tracking.tracking_uri(uri)
+    mlflow_client = tracking.client(uri)
+    path = Path(target)
+    if path.is_file():
+        run_id = path.parent.name if path.parent.parent.name == "checkpoints" else None
+        if run_id is not None and not _run_exists(mlflow_client, run_id):
+            run_id = None  # a checkpoint of a run this tracking store does not hold
+    else:
+        run_id, path = target, checkpoint_dir(target) / "last.ckpt"
+        if not path.is_file():
+            raise LabError(f"analyze: {target!r} is neither a checkpoint file nor a run with a "
+                           f"checkpoint ({path} does not exist)")
+        if not _run_exists(mlflow_client, run_id):
+            raise LabError(f"analyze: run {run_id} is not in the tracking store {uri} "
+                           "(pass --tracking-uri, or the checkpoint path with --out)")
+    if run_id is None and out is None:
+        out = f"analysis-{path.stem}"
+    if windows is not None and windows < 0:
+        raise LabError(f"analyze --windows: must be a non-negative integer, got {windows}")
+
+    model, config, step = load_checkpoint(path)
+    train = config.train
+    if windows is not None:
+        train = dataclasses.replace(train, analysis_windows=windows)
+    if long_context is not None:
+        train = dataclasses.replace(train, long_context_factors=long_context)
+    train.validate()
+    config = dataclasses.replace(config, train=train)
+    store, _ = open_data(config)
+    if store.vocab_size != config.model.vocab_size:
+        raise LabError(f"analyze: the data {config.data.source!r} has vocabulary "
+                       f"{store.vocab_size}, the checkpoint {config.model.vocab_size}")
+    result = analyze(model.to(analysis_device()), store, config)
+    files: list[str] = []
+    if run_id is not None:
+        files += [f"analysis/{name}" for name in log_analysis(mlflow_client, run_id, result, step)]
+    if out is not None:
+        files += [str(path) for path in write_outputs(result, Path(out))]
+    return run_id, result, files
+
+
+def _run_exists(mlflow_client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.get_run(run_id)
+        return True
+    except MlflowException:
+        return False
+
+
+def summary(result: Analysis) -> str:
+    """The headline numbers, one per line (per-layer values are in analysis.json)."""
+    if result.skipped:
+        return f"analysis skipped: {result.skipped}"
+    return "\n".join(f"{name:36s} {value:.4g}" for name, value in sorted(result.metrics.items())
+                     if not name.startswith("layers/"))
