@@ -290,12 +290,13 @@ def open_storage(url: str, create: bool = True):
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     if "://" in url:
-        if url.startswith(("postgresql", "postgres:")):
+        if url.startswith(("postgresql://", "postgres://")):
+            # SQLAlchemy 2.1 maps a plain postgresql:// URL to the psycopg (3) driver.
             try:
-                import psycopg2  # noqa: F401
+                import psycopg  # noqa: F401
             except ImportError:
-                raise LabError("--storage: a postgresql:// storage needs the psycopg2 driver: "
-                               "pip install psycopg2-binary==2.9.13 (extra: postgres)") from None
+                raise LabError("--storage: a postgresql:// storage needs the psycopg driver: "
+                               "pip install 'psycopg[binary]==3.3.9' (the postgres extra)") from None
         try:
             return optuna.storages.RDBStorage(url, skip_table_creation=not create,
                                               engine_kwargs={"pool_pre_ping": True})
@@ -496,7 +497,11 @@ def run_worker(plan: WorkerPlan) -> None:
 
     torch.set_num_threads(plan.threads)
     if plan.quiet:
+        import logging
+
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     storage = open_storage(plan.storage)
     for variant, n_trials in plan.quota.items():
         if n_trials <= 0:
@@ -576,10 +581,10 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
     _positive_int("--workers", workers)
     n_trials = n_trials or sweep.trials
     url = storage_url(sweep.name, storage or sweep.storage)
-    uri = tracking.tracking_uri(tracking_uri)
     if quiet:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    optuna_storage = open_storage(url)
+    optuna_storage = open_storage(url)  # a bad URL fails here, before any MLflow run
+    uri = tracking.tracking_uri(tracking_uri)
     # Prepare the data once, here: workers would otherwise race to build the same cache.
     open_data(sweep.config(sweep.variants[0], sweep.lr_bounds()[0], sweep.seeds[0]))
 
