@@ -89,6 +89,12 @@ class Sweep:
         return resolve(variant, self.preset, list(self.overrides), data=self.data,
                        tokens=self.tokens, seed=seed, lr=lr)
 
+    def steps(self) -> int:
+        """Optimizer steps of one trial (the pruners' unit)."""
+        from lab.training import total_steps
+
+        return total_steps(self.config(self.variants[0], self.lr_bounds()[0], self.seeds[0]))
+
     def lr_bounds(self) -> tuple[float, float]:
         if self.lr_ladder:
             return min(self.lr_ladder), max(self.lr_ladder)
@@ -343,7 +349,10 @@ def make_pruner(sweep: Sweep):
         return optuna.pruners.NopPruner()
     options = dict(sweep.pruner_options)
     if sweep.pruner == "median":
+        # Early in training a larger LR is ahead almost by construction; comparing only
+        # after the first quarter of the steps keeps the pruner from favouring high LRs.
         options.setdefault("n_startup_trials", 2)
+        options.setdefault("n_warmup_steps", sweep.steps() // 4)
     return _pruner_class(sweep.pruner)(**options)
 
 
@@ -807,6 +816,9 @@ def plot_summary(summaries: dict[str, VariantSummary], path: Path, title: str) -
         if s.max_stable_lr is not None:
             ax.axvline(s.max_stable_lr, color=line.get_color(), linestyle=":", linewidth=1)
     ax.set_xscale("log")
+    every_lr = [p.lr for s in summaries.values() for p in s.points]
+    if every_lr:  # diverged and pruned LRs sit on the top edge: keep them inside the axes
+        ax.set_xlim(min(every_lr) / 1.3, max(every_lr) * 1.3)
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("final validation loss (nats)")
     ax.set_title(f"{title}  (x: diverged, o: pruned, dotted: max stable LR)", fontsize=9)
