@@ -25,6 +25,8 @@ EXAMPLES = {
              "--lab-variants baseline --steps 30",
     "export": "gatelab export 3f2a9c0d1e4b4f6e8a7b5c4d3e2f1a0b --format hf --out exports/gated-tiny",
     "analyze": "gatelab analyze 3f2c9a... --windows 16 --long-context 1,2,4",
+    "sweep": "gatelab sweep sweeps/lr.yaml --variants baseline --n-trials 4 --workers 2",
+    "sweep-report": "gatelab sweep-report lr --out reports/sweeps/lr",
 }
 
 
@@ -136,6 +138,28 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from lab.sweep import format_summary, load_sweep, run_sweep
+
+    sweep = load_sweep(args.sweep_file)
+    if args.variants:
+        sweep = sweep.with_variants([v.strip() for v in args.variants.split(",") if v.strip()])
+    summaries = run_sweep(sweep, n_trials=args.n_trials, workers=args.workers,
+                          storage=args.storage, tracking_uri=args.tracking_uri, quiet=args.quiet)
+    print(format_summary(summaries))
+    return 0
+
+
+def cmd_sweep_report(args) -> int:
+    from lab.sweep import format_summary, sweep_report
+
+    summaries, plot = sweep_report(args.sweep, args.storage, args.out, args.tracking_uri,
+                                   args.tolerance)
+    print(format_summary(summaries))
+    print(f"plot: {plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatelab", description="Gated-attention ablation lab "
                                      "(Qiu et al., 2025): train, sweep and compare gate variants.")
@@ -175,6 +199,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default for a checkpoint without a run: analysis-<checkpoint name>)")
     p.add_argument("--tracking-uri")
     p.set_defaults(func=cmd_analyze)
+    p = _parser(sub, "sweep", "learning-rate sweep per variant with Optuna (docs/sweeps.md)")
+    p.add_argument("sweep_file", help="a sweep file, e.g. sweeps/lr.yaml")
+    p.add_argument("--variants", help="comma-separated subset of the file's variants")
+    p.add_argument("--n-trials", type=int, help="trials per variant (default: the file's `trials`); "
+                   "a resumed sweep runs only the missing ones")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    p.add_argument("--storage", help="Optuna storage: a journal file path (default "
+                   "sweeps/<name>.journal) or postgresql://user@host/db for several machines")
+    _add_tracking(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = _parser(sub, "sweep-report", "best and max-stable LR per variant, and the loss-vs-LR plot")
+    p.add_argument("sweep", help="the sweep's name (the `name` in its file)")
+    p.add_argument("--storage", help="Optuna storage (default: as `gatelab sweep`)")
+    p.add_argument("--out", help="output directory (default reports/sweeps/<sweep>/)")
+    p.add_argument("--tolerance", type=float, default=0.02,
+                   help="max stable LR: within this fraction of the best loss (default 0.02)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI of the sweep's runs")
+    p.set_defaults(func=cmd_sweep_report)
 
     p = _parser(sub, "demo", "the main job on the synthetic corpus, on CPU in a few minutes")
     _add_tracking(p)

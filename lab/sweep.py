@@ -1,0 +1,875 @@
+"""Learning-rate sweeps per variant with Optuna: the paper's stability claim (spec 4.4, Table 2).
+
+The paper's second claim is that SDPA gating tolerates larger learning rates: at 8e-3 the
+48-layer baseline diverges while the gated model trains to its best perplexity (spec 4.4).
+A sweep measures that per variant: one Optuna study per variant (`<sweep>/<variant>`),
+objective = final validation loss, and afterwards the best LR and the largest stable LR.
+
+Choices the paper leaves to us, all documented here and in docs/sweeps.md:
+- One trial is one training run at one (LR, seed). With a ladder the grid is LR x seed; with
+  a range (TPE or random) the seed is `seeds[trial.number % len(seeds)]`, a fixed rotation
+  the sampler does not search. Trials at the same LR are averaged in the analysis.
+- Pruning reports the validation loss at the training step (`trial.report(loss,
+  step=global_step)`), not per epoch: LM training here is one long epoch.
+- A diverged trial (non-finite loss, or loss above the ceiling; lab/callbacks.py) ends as
+  Optuna state PRUNED with user attribute `state=diverged`. PRUNED, not FAIL, because the
+  samplers learn from pruned trials (TPE ranks them below every completed trial), so the
+  search moves away from LRs that blow up; and a pruned trial can never be `best_trial`.
+  Early-stopped trials are PRUNED with `state=pruned`; crashes (an exception) are FAIL.
+- Default storage: an Optuna journal file `sweeps/<name>.journal` under the working
+  directory. Its writes are appends serialised by a lock file (Optuna's default symlink
+  lock, the same lock optuna-dashboard uses), which is what several worker processes on
+  one machine need; SQLite under concurrent writers raises "database is locked". For
+  workers on several machines pass `--storage postgresql://...`.
+- Workers are processes (`--workers N`), not threads: training is CPU/GPU bound and holds
+  the GIL. Each study's remaining trials are split between the workers up front, so a
+  study ends with exactly its trial budget.
+- MLflow: a parent run per study (found again by its tags when a sweep is resumed) and
+  exactly one child run per trial, created inside the trial, tagged with the trial number,
+  LR, seed and final `state` (complete | pruned | diverged | failed). Pruned runs end KILLED,
+  diverged ones FINISHED with `diverged=true` (as lab/run.py records them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import yaml
+
+from lab.errors import LabError, check_choice
+
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "successive_halving", "none")
+SWEEP_KEYS = ("name", "preset", "data", "tokens", "variants", "lr", "trials", "sampler",
+              "pruner", "seeds", "storage", "overrides", "description")
+SWEEP_DIR = "sweeps"
+STABLE_TOLERANCE = 0.02   # "max stable LR": within 2% of the best final validation loss
+STATES = ("complete", "pruned", "diverged", "failed")
+
+
+# --- the sweep file -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sweep:
+    """A validated sweep file (sweeps/*.yaml)."""
+
+    name: str
+    preset: str
+    variants: tuple[str, ...]
+    data: str = "synthetic"
+    tokens: float | None = None
+    lr_low: float | None = None          # log-uniform range ...
+    lr_high: float | None = None
+    lr_ladder: tuple[float, ...] = ()    # ... or an explicit ladder (grid)
+    trials: int = 8                      # per variant
+    sampler: str = "tpe"
+    pruner: str = "median"
+    pruner_options: dict = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0,)
+    storage: str | None = None
+    overrides: tuple[str, ...] = ()
+    description: str = ""
+
+    def study_name(self, variant: str) -> str:
+        return f"{self.name}/{variant}"
+
+    def grid(self) -> dict[str, list]:
+        return {"lr": list(self.lr_ladder), "seed": list(self.seeds)}
+
+    def config(self, variant: str, lr: float, seed: int):
+        from lab.config import resolve
+
+        return resolve(variant, self.preset, list(self.overrides), data=self.data,
+                       tokens=self.tokens, seed=seed, lr=lr)
+
+    def steps(self) -> int:
+        """Optimizer steps of one trial (the pruners' unit)."""
+        from lab.training import total_steps
+
+        return total_steps(self.config(self.variants[0], self.lr_bounds()[0], self.seeds[0]))
+
+    def lr_bounds(self) -> tuple[float, float]:
+        if self.lr_ladder:
+            return min(self.lr_ladder), max(self.lr_ladder)
+        return self.lr_low, self.lr_high
+
+    def with_variants(self, variants: list[str]) -> "Sweep":
+        unknown = [v for v in variants if v not in self.variants]
+        if unknown or not variants:
+            raise LabError(f"--variants: {', '.join(unknown) or '(none)'} not in sweep "
+                           f"{self.name!r}; allowed: {', '.join(self.variants)}")
+        return dataclasses.replace(self, variants=tuple(variants))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _number(field_name: str, value) -> float:
+    """YAML 1.1 reads `2e5` as a string; accept it, reject anything else non-numeric."""
+    if isinstance(value, bool):
+        raise LabError(f"{field_name}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise LabError(f"{field_name}: expected a number, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise LabError(f"{field_name}: must be a positive number, got {value!r}")
+    return number
+
+
+def _positive_int(field_name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise LabError(f"{field_name}: must be a positive integer, got {value!r}")
+    return value
+
+
+def _parse_lr(raw) -> dict:
+    if not isinstance(raw, dict) or not (set(raw) <= {"low", "high", "ladder"}) or \
+            ("ladder" in raw) == ("low" in raw or "high" in raw):
+        raise LabError("lr: expected {low: <lr>, high: <lr>} (log-uniform) or "
+                       f"{{ladder: [<lr>, ...]}}, got {raw!r}")
+    if "ladder" in raw:
+        ladder = raw["ladder"]
+        if not isinstance(ladder, list) or not ladder:
+            raise LabError(f"lr.ladder: expected a non-empty list of learning rates, got {ladder!r}")
+        values = tuple(sorted({_number("lr.ladder", v) for v in ladder}))
+        return {"lr_ladder": values}
+    if "low" not in raw or "high" not in raw:
+        raise LabError("lr: a range needs both low and high")
+    low, high = _number("lr.low", raw["low"]), _number("lr.high", raw["high"])
+    if not low < high:
+        raise LabError(f"lr: low ({low:g}) must be below high ({high:g})")
+    return {"lr_low": low, "lr_high": high}
+
+
+def _parse_pruner(raw) -> tuple[str, dict]:
+    """`median`, or `{kind: median, n_startup_trials: 2, ...}` (options go to Optuna's pruner)."""
+    if isinstance(raw, dict):
+        options = dict(raw)
+        kind = options.pop("kind", None)
+    else:
+        kind, options = raw, {}
+    check_choice("pruner", kind, PRUNERS)
+    if options:
+        import inspect
+
+        allowed = set(inspect.signature(_pruner_class(kind)).parameters) if kind != "none" else set()
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise LabError(f"pruner: unknown option(s) {', '.join(unknown)} for {kind}; allowed: "
+                           f"{', '.join(sorted(allowed)) or '(none)'}")
+    return kind, options
+
+
+def _pruner_class(kind: str):
+    import optuna
+
+    return {"median": optuna.pruners.MedianPruner,
+            "successive_halving": optuna.pruners.SuccessiveHalvingPruner}[kind]
+
+
+def _parse_overrides(raw) -> tuple[str, ...]:
+    from lab.config import parse_overrides
+
+    if raw is None:
+        return ()
+    if isinstance(raw, dict):
+        pairs = tuple(f"{k}={v}" for k, v in raw.items())
+    elif isinstance(raw, list) and all(isinstance(p, str) for p in raw):
+        pairs = tuple(raw)
+    else:
+        raise LabError(f"overrides: expected a mapping of dotted keys (train.val_every: 25) or a "
+                       f"list of 'key=value', got {raw!r}")
+    parsed = parse_overrides(list(pairs))
+    for key in ("lr", "seed"):
+        if key in parsed.get("train", {}):
+            raise LabError(f"overrides: train.{key} is what the sweep sets per trial; use the "
+                           f"sweep's {'lr' if key == 'lr' else 'seeds'} field")
+    return pairs
+
+
+def parse_sweep(raw: Any, source: str = "sweep") -> Sweep:
+    """A loaded YAML document -> a validated Sweep; every field checked before anything runs."""
+    if not isinstance(raw, dict):
+        raise LabError(f"{source}: expected a mapping of sweep fields, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SWEEP_KEYS))
+    if unknown:
+        raise LabError(f"{source}: unknown field(s) {', '.join(unknown)}; allowed: "
+                       f"{', '.join(SWEEP_KEYS)}")
+    for required in ("name", "preset", "variants", "lr"):
+        if required not in raw:
+            raise LabError(f"{source}: missing field {required!r}")
+    name = raw["name"]
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise LabError(f"name: expected letters, digits, '-', '_' or '.', got {name!r}")
+    variants = raw["variants"]
+    if isinstance(variants, str):
+        variants = [v.strip() for v in variants.split(",") if v.strip()]
+    if not isinstance(variants, list) or not variants or len(set(variants)) != len(variants):
+        raise LabError(f"variants: expected a non-empty list of distinct variant slugs, got {variants!r}")
+    seeds = raw.get("seeds", [0])
+    if isinstance(seeds, int):
+        seeds = [seeds]
+    if not isinstance(seeds, list) or not seeds or any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise LabError(f"seeds: expected a non-empty list of non-negative integers, got {seeds!r}")
+    lr = _parse_lr(raw["lr"])
+    ladder = "lr_ladder" in lr
+    sampler = raw.get("sampler", "grid" if ladder else "tpe")
+    check_choice("sampler", sampler, SAMPLERS)
+    if ladder != (sampler == "grid"):
+        raise LabError(f"sampler: {sampler!r} does not fit the lr field: an lr.ladder needs "
+                       "sampler grid, an lr range (low/high) needs tpe or random")
+    grid_size = len(lr.get("lr_ladder", ())) * len(seeds)
+    trials = _positive_int("trials", raw.get("trials", grid_size if ladder else 8))
+    pruner, pruner_options = _parse_pruner(raw.get("pruner", "median"))
+    storage = raw.get("storage")
+    if storage is not None and (not isinstance(storage, str) or not storage):
+        raise LabError(f"storage: expected a storage URL or journal file path, got {storage!r}")
+    data = raw.get("data", "synthetic")
+    if not isinstance(data, str) or not data:
+        raise LabError(f"data: expected synthetic, a corpus directory or text files, got {data!r}")
+    sweep = Sweep(name=name, preset=raw["preset"], variants=tuple(variants), data=data,
+                  tokens=_number("tokens", raw["tokens"]) if raw.get("tokens") is not None else None,
+                  trials=trials, sampler=sampler, pruner=pruner, pruner_options=pruner_options,
+                  seeds=tuple(seeds), storage=storage, overrides=_parse_overrides(raw.get("overrides")),
+                  description=str(raw.get("description", "")), **lr)
+    # Resolve every variant at both ends of the range and every seed: unknown presets,
+    # variants, override keys and impossible shapes fail here, before any trial or run.
+    low, high = sweep.lr_bounds()
+    for variant in sweep.variants:
+        for seed in sweep.seeds:
+            for value in (low, high):
+                sweep.config(variant, value, seed)
+    return sweep
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    path = Path(path)
+    if not path.is_file():
+        raise LabError(f"sweep file: not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where else ""
+        raise LabError(f"sweep file {path}: malformed YAML{at}: "
+                       f"{getattr(err, 'problem', None) or err}") from None
+    return parse_sweep(raw, source=str(path))
+
+
+# --- storage ------------------------------------------------------------------------
+
+def default_storage(name: str) -> str:
+    return str(Path(SWEEP_DIR) / f"{name}.journal")
+
+
+def storage_url(sweep_name: str, explicit: str | None = None) -> str:
+    """--storage, else the sweep file's `storage`, else `sweeps/<name>.journal`.
+
+    Looks for `sweeps/<name>.yaml` under the working directory when only a name is given
+    (sweep-report, best_lrs), so a sweep that names its own storage is found again."""
+    if explicit:
+        return explicit
+    path = Path(SWEEP_DIR) / f"{sweep_name}.yaml"
+    if path.is_file():
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:
+            raw = None
+        if isinstance(raw, dict) and raw.get("name") == sweep_name and raw.get("storage"):
+            return raw["storage"]
+    return default_storage(sweep_name)
+
+
+def open_storage(url: str, create: bool = True):
+    """A URL with a scheme (postgresql://, mysql://, sqlite:///) is an RDB storage; anything
+    else is a path to an Optuna journal file (the form optuna-dashboard also accepts)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    if "://" in url:
+        if url.startswith(("postgresql://", "postgres://")):
+            # SQLAlchemy 2.1 maps a plain postgresql:// URL to the psycopg (3) driver.
+            try:
+                import psycopg  # noqa: F401
+            except ImportError:
+                raise LabError("--storage: a postgresql:// storage needs the psycopg driver: "
+                               "pip install 'psycopg[binary]==3.3.9' (the postgres extra)") from None
+        try:
+            return optuna.storages.RDBStorage(url, skip_table_creation=not create,
+                                              engine_kwargs={"pool_pre_ping": True})
+        except Exception as err:  # sqlalchemy's errors are many; the user needs one line
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise LabError(f"--storage: cannot open {_redact(url)}: {first}") from None
+    path = Path(url)
+    if not create and not path.is_file():
+        raise LabError(f"--storage: no sweep storage at {path} (run `gatelab sweep` first, or "
+                       "pass --storage)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Default lock (a symlink lock file beside the journal): atomic on local and NFS file
+    # systems, and the lock optuna-dashboard takes when it opens the same file.
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def _redact(url: str) -> str:
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db"""
+    scheme, _, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if at and ":" in credentials:
+        credentials = credentials.split(":", 1)[0] + ":***"
+    return f"{scheme}://{credentials}{at}{host}"
+
+
+# --- Optuna objects -----------------------------------------------------------------
+
+def make_sampler(sweep: Sweep, seed: int | None = None):
+    import optuna
+
+    if sweep.sampler == "grid":
+        return optuna.samplers.GridSampler(sweep.grid(), seed=seed)
+    if sweep.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    # constant_liar: parallel workers see each other's running trials and spread out.
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True,
+                                      n_startup_trials=min(10, max(2, sweep.trials // 3)))
+
+
+def make_pruner(sweep: Sweep):
+    import optuna
+
+    if sweep.pruner == "none":
+        return optuna.pruners.NopPruner()
+    options = dict(sweep.pruner_options)
+    if sweep.pruner == "median":
+        # Early in training a larger LR is ahead almost by construction; comparing only
+        # after the first quarter of the steps keeps the pruner from favouring high LRs.
+        options.setdefault("n_startup_trials", 2)
+        options.setdefault("n_warmup_steps", sweep.steps() // 4)
+    return _pruner_class(sweep.pruner)(**options)
+
+
+def open_study(sweep: Sweep, variant: str, storage, sampler_seed: int | None = None):
+    import optuna
+
+    return optuna.create_study(study_name=sweep.study_name(variant), storage=storage,
+                               direction="minimize", load_if_exists=True,
+                               sampler=make_sampler(sweep, sampler_seed), pruner=make_pruner(sweep))
+
+
+class OptunaPruning(L.Callback):
+    """Report the validation loss to the trial at each validation, by training step, and
+    stop the run when the pruner says so. Optuna's own Lightning callback reports per
+    epoch, which is meaningless for step-based LM training."""
+
+    def __init__(self, trial, monitor: str = "val/loss"):
+        self.trial, self.monitor = trial, monitor
+        self.pruned_step: int | None = None
+
+    def on_validation_end(self, trainer, pl_module):
+        import optuna
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        # Only validations inside fit: the final trainer.validate() in lab/run.py repeats
+        # the last step and must not prune a finished run.
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None or not math.isfinite(float(value)):
+            return  # a non-finite loss is divergence: LossMonitor stops the run
+        step = trainer.global_step
+        self.trial.report(float(value), step=step)
+        if self.trial.should_prune():
+            self.pruned_step = step
+            raise optuna.TrialPruned(f"pruned at step {step}: {self.monitor} {float(value):.4f}")
+
+
+# --- MLflow parent runs -------------------------------------------------------------
+
+def parent_run(sweep: Sweep, variant: str, uri: str, storage: str) -> str:
+    """Find or create the study's parent run (tags sweep, study, sweep_role=parent), and mark
+    it RUNNING: a resumed sweep reuses the parent it had."""
+    from lab import tracking
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+    mlflow_client = tracking.client(uri)
+    experiment = tracking.experiment_id(mlflow_client, sweep.name, uri)
+    study = sweep.study_name(variant)
+    found = mlflow_client.search_runs(
+        [experiment], filter_string=f"tags.study = '{study}' and tags.sweep_role = 'parent'",
+        max_results=1, order_by=["attributes.start_time ASC"])
+    if found:
+        run_id = found[0].info.run_id
+        mlflow_client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = mlflow_client.create_run(experiment, tags={
+        MLFLOW_RUN_NAME: study, "sweep": sweep.name, "study": study, "variant": variant,
+        "sweep_role": "parent", "preset": sweep.preset, "git_commit": tracking.git_commit()})
+    low, high = sweep.lr_bounds()
+    params = {"sweep.preset": sweep.preset, "sweep.data": sweep.data, "sweep.tokens": sweep.tokens,
+              "sweep.sampler": sweep.sampler, "sweep.pruner": sweep.pruner,
+              "sweep.trials": sweep.trials, "sweep.seeds": list(sweep.seeds),
+              "sweep.lr_low": low, "sweep.lr_high": high,
+              "sweep.lr_ladder": list(sweep.lr_ladder) or None,
+              "sweep.overrides": list(sweep.overrides), "sweep.storage": _redact(storage)}
+    tracking.log_params(mlflow_client, run.info.run_id, params)
+    tracking.log_dict_artifact(mlflow_client, run.info.run_id, sweep.to_dict(), "sweep.yaml")
+    return run.info.run_id
+
+
+# --- the objective: one trial = one training run --------------------------------------
+
+def _seed_for(sweep: Sweep, trial) -> int:
+    if sweep.sampler == "grid":
+        return trial.suggest_categorical("seed", list(sweep.seeds))
+    return sweep.seeds[trial.number % len(sweep.seeds)]
+
+
+def run_trial(trial, sweep: Sweep, variant: str, uri: str, parent_run_id: str,
+              quiet: bool = True) -> float:
+    """Train one run for the trial; return its final validation loss, or raise TrialPruned
+    for pruned and diverged runs (user attribute `state` tells which)."""
+    import optuna
+    from lab import tracking
+    from lab.run import train_run
+
+    low, high = sweep.lr_bounds()
+    lr = trial.suggest_float("lr", low, high, log=True)
+    seed = _seed_for(sweep, trial)
+    trial.set_user_attr("seed", seed)
+    trial.set_user_attr("variant", variant)
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    config = sweep.config(variant, lr, seed)
+    pruning = OptunaPruning(trial)
+    mlflow_client = tracking.client(uri)
+    run_ids: list[str] = []
+
+    def on_start(run_id: str) -> None:
+        run_ids.append(run_id)
+        trial.set_user_attr("mlflow_run_id", run_id)
+
+    def finish(state: str, **attrs) -> None:
+        trial.set_user_attr("state", state)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        if run_ids:
+            mlflow_client.set_tag(run_ids[0], "state", state)
+
+    tags = {"sweep": sweep.name, "study": sweep.study_name(variant), "trial": str(trial.number),
+            "state": "running"}
+    try:
+        result = train_run(config, uri, experiment=sweep.name, parent_run_id=parent_run_id,
+                           run_name=f"{variant}/trial-{trial.number}/lr={lr:.3g}",
+                           extra_tags=tags, quiet=quiet, callbacks=[pruning], on_start=on_start)
+    except optuna.TrialPruned:
+        finish("pruned", pruned_step=pruning.pruned_step)
+        if run_ids:
+            mlflow_client.set_terminated(run_ids[0], "KILLED")
+        raise
+    except Exception as err:
+        finish("failed", error=f"{type(err).__name__}: {err}"[:500])
+        raise
+    spikes = int(result.metrics.get("spikes/count", 0))
+    if result.diverged_step is not None:
+        finish("diverged", diverged_step=result.diverged_step, spikes=spikes)
+        raise optuna.TrialPruned(f"diverged at step {result.diverged_step}")
+    loss = float(result.metrics["val/final_loss"])
+    finish("complete", spikes=spikes)
+    return loss
+
+
+# --- workers ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What one worker process does: `quota[variant]` trials of each study, in order."""
+
+    sweep: Sweep
+    storage: str
+    uri: str
+    parents: dict[str, str]
+    quota: dict[str, int]
+    threads: int = 1
+    quiet: bool = True
+
+
+def run_worker(plan: WorkerPlan) -> None:
+    import optuna
+    import torch
+
+    torch.set_num_threads(plan.threads)
+    if plan.quiet:
+        import logging
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    storage = open_storage(plan.storage)
+    for variant, n_trials in plan.quota.items():
+        if n_trials <= 0:
+            continue
+        # Each worker seeds its sampler differently, so random draws differ between workers.
+        study = open_study(plan.sweep, variant, storage, sampler_seed=None)
+        study.optimize(lambda trial: run_trial(trial, plan.sweep, variant, plan.uri,
+                                               plan.parents[variant], plan.quiet),
+                       n_trials=n_trials, catch=(Exception,), gc_after_trial=True)
+
+
+def _worker_main(plan: WorkerPlan) -> None:
+    """Entry point of a spawned worker process."""
+    run_worker(plan)
+
+
+def split_trials(remaining: int, workers: int) -> list[int]:
+    """7 trials over 3 workers -> [3, 2, 2]."""
+    return [remaining // workers + (1 if i < remaining % workers else 0) for i in range(workers)]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_stale_trials(study, uri: str) -> int:
+    """RUNNING trials whose worker process on this host is gone (a killed sweep) become FAIL,
+    and their MLflow runs KILLED; the sweep then runs their points again. Trials of live
+    workers, and of other machines, are left alone."""
+    import optuna
+    from lab import tracking
+
+    host = socket.gethostname()
+    failed = 0
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if worker_host != host or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        study._storage.set_trial_user_attr(trial._trial_id, "state", "failed")
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            mlflow_client = tracking.client(uri)
+            mlflow_client.set_tag(run_id, "state", "failed")
+            mlflow_client.set_terminated(run_id, "KILLED")
+        failed += 1
+    return failed
+
+
+def _done(study) -> int:
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+              optuna.trial.TrialState.RUNNING)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
+              storage: str | None = None, tracking_uri: str | None = None,
+              quiet: bool = False) -> dict[str, "VariantSummary"]:
+    """Run (or resume) the sweep: each study gets up to `n_trials` trials that completed or
+    were pruned; crashed trials are run again. Returns the per-variant summary."""
+    import multiprocessing
+
+    import optuna
+    from lab import tracking
+    from lab.run import open_data
+
+    if n_trials is not None:
+        _positive_int("--n-trials", n_trials)
+    _positive_int("--workers", workers)
+    n_trials = n_trials or sweep.trials
+    url = storage_url(sweep.name, storage or sweep.storage)
+    if quiet:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna_storage = open_storage(url)  # a bad URL fails here, before any MLflow run
+    uri = tracking.tracking_uri(tracking_uri)
+    # Prepare the data once, here: workers would otherwise race to build the same cache.
+    open_data(sweep.config(sweep.variants[0], sweep.lr_bounds()[0], sweep.seeds[0]))
+
+    remaining, parents = {}, {}
+    for variant in sweep.variants:
+        study = open_study(sweep, variant, optuna_storage)
+        for key, value in (("sweep", sweep.name), ("variant", variant), ("preset", sweep.preset)):
+            study.set_user_attr(key, value)
+        stale = fail_stale_trials(study, uri)
+        if stale and not quiet:
+            print(f"[{study.study_name}] {stale} trial(s) of a killed worker marked failed")
+        remaining[variant] = max(0, n_trials - _done(study))
+        parents[variant] = parent_run(sweep, variant, uri, url)
+    if not quiet:
+        for variant in sweep.variants:
+            print(f"[{sweep.study_name(variant)}] {remaining[variant]} trial(s) to run; "
+                  f"storage {_redact(url)}; MLflow parent run {parents[variant]}", flush=True)
+
+    workers = max(1, min(workers, max(remaining.values(), default=0)))
+    shares = {v: split_trials(n, workers) for v, n in remaining.items()}
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    plans = [WorkerPlan(sweep, url, uri, parents, {v: shares[v][i] for v in sweep.variants},
+                        threads, quiet) for i in range(workers)]
+    status = "FAILED"
+    try:
+        if workers == 1:
+            run_worker(plans[0])
+        else:
+            context = multiprocessing.get_context("spawn")  # no forked torch/thread state
+            processes = [context.Process(target=_worker_main, args=(plan,), name=f"sweep-worker-{i}")
+                         for i, plan in enumerate(plans)]
+            for process in processes:
+                process.start()
+            for process in processes:
+                process.join()
+            bad = [p.name for p in processes if p.exitcode != 0]
+            if bad:
+                raise RuntimeError(f"sweep worker(s) {', '.join(bad)} exited with an error")
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        mlflow_client = tracking.client(uri)
+        for run_id in parents.values():
+            mlflow_client.set_terminated(run_id, status)
+    summaries = summarize_sweep(sweep.name, url, variants=list(sweep.variants))
+    for variant, summary in summaries.items():
+        for name, value in (("best/lr", summary.best_lr), ("best/val_loss", summary.best_loss),
+                            ("max_stable/lr", summary.max_stable_lr)):
+            if value is not None:
+                tracking.client(uri).log_metric(parents[variant], name, value)
+    return summaries
+
+
+# --- analysis -----------------------------------------------------------------------
+
+@dataclass
+class LRPoint:
+    """Every trial at one learning rate (several seeds), by outcome."""
+
+    lr: float
+    losses: list[float] = field(default_factory=list)    # final val loss of completed trials
+    diverged: int = 0
+    pruned: int = 0
+    failed: int = 0
+    spikes: list[int] = field(default_factory=list)
+
+    @property
+    def mean_loss(self) -> float | None:
+        return sum(self.losses) / len(self.losses) if self.losses else None
+
+
+@dataclass
+class VariantSummary:
+    variant: str
+    study: str
+    points: list[LRPoint]
+    best_lr: float | None
+    best_loss: float | None
+    max_stable_lr: float | None
+    counts: dict[str, int]
+    tolerance: float = STABLE_TOLERANCE
+
+
+def trial_state(trial) -> str:
+    """complete | pruned | diverged | failed (running trials are not analysed)."""
+    import optuna
+
+    if trial.state == optuna.trial.TrialState.COMPLETE:
+        return "complete"
+    if trial.state == optuna.trial.TrialState.PRUNED:
+        return "diverged" if trial.user_attrs.get("state") == "diverged" else "pruned"
+    if trial.state == optuna.trial.TrialState.FAIL:
+        return "failed"
+    return "running"
+
+
+def summarize_trials(trials, variant: str = "", study: str = "",
+                     tolerance: float = STABLE_TOLERANCE) -> VariantSummary:
+    """Best LR = the LR with the lowest mean final validation loss over its completed trials.
+    Max stable LR = the largest LR none of whose trials diverged and whose mean loss is
+    within `tolerance` (relative) of the best: the paper's "tolerates a larger LR" (4.4)."""
+    points: dict[float, LRPoint] = {}
+    counts = {state: 0 for state in STATES}
+    for trial in trials:
+        state = trial_state(trial)
+        if state == "running" or "lr" not in trial.params:
+            continue
+        counts[state] += 1
+        point = points.setdefault(float(trial.params["lr"]), LRPoint(float(trial.params["lr"])))
+        if state == "complete":
+            point.losses.append(float(trial.value))
+        else:
+            setattr(point, state, getattr(point, state) + 1)
+        if "spikes" in trial.user_attrs:
+            point.spikes.append(int(trial.user_attrs["spikes"]))
+    ordered = sorted(points.values(), key=lambda p: p.lr)
+    scored = [p for p in ordered if p.mean_loss is not None]
+    best = min(scored, key=lambda p: p.mean_loss, default=None)
+    stable = [p for p in scored if not p.diverged and best is not None
+              and p.mean_loss <= best.mean_loss * (1 + tolerance)]
+    return VariantSummary(variant, study, ordered, best.lr if best else None,
+                          best.mean_loss if best else None,
+                          max((p.lr for p in stable), default=None), counts, tolerance)
+
+
+def summarize_sweep(sweep_name: str, storage: str | None = None, variants: list[str] | None = None,
+                    tolerance: float = STABLE_TOLERANCE) -> dict[str, VariantSummary]:
+    import optuna
+
+    url = storage_url(sweep_name, storage)
+    optuna_storage = open_storage(url, create=False)
+    prefix = f"{sweep_name}/"
+    names = [s.study_name for s in optuna.get_all_study_summaries(optuna_storage, include_best_trial=False)
+             if s.study_name.startswith(prefix)]
+    if not names:
+        raise LabError(f"sweep: no studies named {prefix}<variant> in {_redact(url)}")
+    out = {}
+    for name in names:
+        variant = name[len(prefix):]
+        if variants is not None and variant not in variants:
+            continue
+        study = optuna.load_study(study_name=name, storage=optuna_storage)
+        out[variant] = summarize_trials(study.get_trials(deepcopy=False), variant, name, tolerance)
+    return out
+
+
+def best_lrs(sweep_name: str, storage: str | None = None) -> dict[str, float]:
+    """variant -> best learning rate of a finished sweep (what a grid's `lrs: {from_sweep:}`
+    reads). Variants without a completed trial are left out."""
+    return {variant: summary.best_lr
+            for variant, summary in summarize_sweep(sweep_name, storage).items()
+            if summary.best_lr is not None}
+
+
+# --- the report ---------------------------------------------------------------------
+
+def spikes_from_mlflow(uri: str, sweep_name: str) -> dict[tuple[str, int], int]:
+    """(study, trial number) -> spikes/count of the trial's child run."""
+    from lab import tracking
+
+    mlflow_client = tracking.client(uri)
+    experiment = mlflow_client.get_experiment_by_name(sweep_name)
+    if experiment is None:
+        return {}
+    out = {}
+    for run in mlflow_client.search_runs([experiment.experiment_id],
+                                         filter_string="tags.sweep_role != 'parent'",
+                                         max_results=50000):
+        tags, metrics = run.data.tags, run.data.metrics
+        if "trial" in tags and "study" in tags and "spikes/count" in metrics:
+            out[(tags["study"], int(tags["trial"]))] = int(metrics["spikes/count"])
+    return out
+
+
+def format_summary(summaries: dict[str, VariantSummary]) -> str:
+    def lr(value):
+        return f"{value:.3g}" if value is not None else "-"
+
+    lines = []
+    for variant, s in summaries.items():
+        counts = ", ".join(f"{n} {state}" for state, n in s.counts.items() if n)
+        best = f"{s.best_loss:.4f}" if s.best_loss is not None else "-"
+        lines.append(f"{variant}: best lr {lr(s.best_lr)} (val loss {best}), max stable lr "
+                     f"{lr(s.max_stable_lr)} (within {s.tolerance:.0%}, no divergence); "
+                     f"trials: {counts or 'none'}")
+        for p in s.points:
+            loss = f"{p.mean_loss:.4f}" if p.mean_loss is not None else "-"
+            outcome = ", ".join(f"{getattr(p, k)} {k}" for k in ("diverged", "pruned", "failed")
+                                if getattr(p, k))
+            spikes = "/".join(map(str, p.spikes)) if p.spikes else "-"
+            lines.append(f"  lr {p.lr:<10.4g} val loss {loss:<8} spikes {spikes:<6} {outcome}")
+    return "\n".join(lines)
+
+
+def plot_summary(summaries: dict[str, VariantSummary], path: Path, title: str) -> Path:
+    """Final validation loss against LR, one curve per variant; diverged LRs as crosses on
+    the top edge, pruned-only LRs as open circles there too (they have no final loss)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import blended_transform_factory
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    top = blended_transform_factory(ax.transData, ax.transAxes)
+    for variant, s in summaries.items():
+        scored = [p for p in s.points if p.mean_loss is not None]
+        line, = ax.plot([p.lr for p in scored], [p.mean_loss for p in scored], marker="o",
+                        label=variant)
+        diverged = [p.lr for p in s.points if p.diverged]
+        if diverged:
+            ax.scatter(diverged, [0.97] * len(diverged), marker="x", s=60, color=line.get_color(),
+                       transform=top, clip_on=False)
+        pruned = [p.lr for p in s.points if p.pruned and p.mean_loss is None and not p.diverged]
+        if pruned:
+            ax.scatter(pruned, [0.93] * len(pruned), marker="o", facecolors="none",
+                       color=line.get_color(), transform=top, clip_on=False)
+        if s.max_stable_lr is not None:
+            ax.axvline(s.max_stable_lr, color=line.get_color(), linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    every_lr = [p.lr for s in summaries.values() for p in s.points]
+    if every_lr:  # diverged and pruned LRs sit on the top edge: keep them inside the axes
+        ax.set_xlim(min(every_lr) / 1.3, max(every_lr) * 1.3)
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final validation loss (nats)")
+    ax.set_title(f"{title}  (x: diverged, o: pruned, dotted: max stable LR)", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def sweep_report(sweep_name: str, storage: str | None = None, out: str | Path | None = None,
+                 tracking_uri: str | None = None,
+                 tolerance: float = STABLE_TOLERANCE) -> tuple[dict[str, VariantSummary], Path]:
+    """Summaries, a text table, summary.json and the loss-vs-LR plot under `out` (default
+    reports/sweeps/<sweep>/), all logged to the studies' MLflow parent runs."""
+    import json
+
+    from lab import tracking
+
+    if not 0 <= tolerance < 1:
+        raise LabError(f"--tolerance: must lie in [0, 1), got {tolerance!r}")
+    summaries = summarize_sweep(sweep_name, storage, tolerance=tolerance)
+    uri = tracking.tracking_uri(tracking_uri)
+    spikes = spikes_from_mlflow(uri, sweep_name)
+    if spikes:  # the child runs' spikes/count, where MLflow has them
+        import optuna
+
+        optuna_storage = open_storage(storage_url(sweep_name, storage), create=False)
+        for variant, summary in summaries.items():
+            trials = optuna.load_study(study_name=summary.study, storage=optuna_storage).get_trials(
+                deepcopy=False)
+            by_lr: dict[float, list[int]] = {}
+            for t in trials:
+                if (summary.study, t.number) in spikes and "lr" in t.params:
+                    by_lr.setdefault(float(t.params["lr"]), []).append(spikes[(summary.study, t.number)])
+            for point in summary.points:
+                point.spikes = by_lr.get(point.lr, point.spikes)
+    directory = Path(out) if out else Path("reports") / "sweeps" / sweep_name
+    directory.mkdir(parents=True, exist_ok=True)
+    plot = plot_summary(summaries, directory / "val_loss_vs_lr.png", f"sweep {sweep_name}")
+    text = format_summary(summaries)
+    (directory / "summary.txt").write_text(text + "\n")
+    (directory / "summary.json").write_text(json.dumps(
+        {v: dataclasses.asdict(s) for v, s in summaries.items()}, indent=2))
+    mlflow_client = tracking.client(uri)
+    experiment = mlflow_client.get_experiment_by_name(sweep_name)
+    if experiment is not None:
+        for run in mlflow_client.search_runs([experiment.experiment_id],
+                                             filter_string="tags.sweep_role = 'parent'"):
+            for name in ("val_loss_vs_lr.png", "summary.txt", "summary.json"):
+                mlflow_client.log_artifact(run.info.run_id, str(directory / name), "sweep_report")
+    return summaries, plot

@@ -1,0 +1,334 @@
+"""lab/sweep.py: sweep files, the analysis, step-based pruning, parallel workers on one
+Optuna storage (journal file and PostgreSQL), MLflow nesting, the report and best_lrs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from lab.cli import main
+from lab.errors import LabError
+from lab.sweep import (best_lrs, load_sweep, parse_sweep, run_sweep, run_trial, split_trials,
+                       summarize_trials, sweep_report)
+
+TINY = dict(name="t", preset="tiny", data="synthetic", tokens=2.5e4,
+            variants=["baseline", "sdpa_elementwise_sigmoid_mul"],
+            lr={"ladder": [3e-3, 3e-2, 1.0, 30.0]}, overrides={"train.val_every": 4})
+
+
+def sweep_dict(**changes) -> dict:
+    raw = dict(TINY)
+    raw.update(changes)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A working directory with its own MLflow store, data cache and sweeps/ (workers are
+    spawned processes: they inherit the environment and the working directory)."""
+    root = tmp_path_factory.mktemp("sweep")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("GATELAB_STORE", str(root / "mlruns"))
+        mp.setenv("GATELAB_CACHE", str(root / "cache"))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield root
+
+
+# --- the sweep file -------------------------------------------------------------------
+
+def test_shipped_sweep_file_is_valid():
+    sweep = load_sweep(Path(__file__).parents[1] / "sweeps" / "lr.yaml")
+    assert sweep.name == "lr" and sweep.sampler == "tpe" and sweep.pruner == "median"
+    assert len(sweep.variants) >= 2 and sweep.lr_low < sweep.lr_high
+
+
+def test_ladder_defaults_to_grid_over_lr_and_seed():
+    sweep = parse_sweep(sweep_dict(seeds=[0, 1]))
+    assert sweep.sampler == "grid" and sweep.trials == 8
+    assert sweep.grid() == {"lr": [3e-3, 3e-2, 1.0, 30.0], "seed": [0, 1]}
+    assert sweep.tokens == 2.5e4
+    assert parse_sweep(sweep_dict(tokens="2e5")).tokens == 2e5  # YAML 1.1 reads 2e5 as text
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(preset="huge"), "preset"),
+    (dict(variants=["baseline", "nope"]), "variant"),
+    (dict(variants=[]), "variants"),
+    (dict(lr={"low": 1e-2, "high": 1e-3}), "lr"),
+    (dict(lr={"low": -1, "high": 1e-3}), "lr.low"),
+    (dict(lr={"ladder": []}), "lr.ladder"),
+    (dict(lr={"ladder": [1e-3], "low": 1e-4}), "lr"),
+    (dict(lr={"low": 1e-3, "high": 1e-2}, sampler="grid"), "sampler"),
+    (dict(sampler="cmaes"), "sampler"),
+    (dict(pruner="hyperband"), "pruner"),
+    (dict(pruner={"kind": "median", "patience": 3}), "pruner"),
+    (dict(trials=0), "trials"),
+    (dict(seeds=[-1]), "seeds"),
+    (dict(tokens=0), "tokens"),
+    (dict(overrides={"train.lr": 1e-3}), "overrides"),
+    (dict(overrides={"train.nope": 1}), "train.nope"),
+    (dict(overrides={"model.n_kv_heads": 3}), "model.n_heads"),
+    (dict(name="a/b"), "name"),
+    (dict(colour="red"), "colour"),
+])
+def test_bad_sweep_fields_name_the_field(changes, field):
+    with pytest.raises(LabError, match=field.replace(".", r"\.")):
+        parse_sweep(sweep_dict(**changes))
+
+
+def test_cli_rejects_bad_input_with_exit_2_before_anything_is_created(tmp_path, monkeypatch,
+                                                                      capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
+    (tmp_path / "broken.yaml").write_text("name: x\nvariants: [baseline\n")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(sweep_dict(pruner="hyperband")))
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump(sweep_dict()))
+    for argv in (["sweep", "broken.yaml"], ["sweep", "bad.yaml"], ["sweep", "missing.yaml"],
+                 ["sweep", "good.yaml", "--variants", "baseline,nope"],
+                 ["sweep", "good.yaml", "--n-trials", "0"], ["sweep", "good.yaml", "--workers", "0"],
+                 ["sweep-report", "never-ran"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+    assert not (tmp_path / "sweeps").exists() and not (tmp_path / "mlruns").exists()
+
+
+# --- the analysis ---------------------------------------------------------------------
+
+def _trial(lr, value=None, state="complete", spikes=0):
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 100, log=True)}
+    if state == "complete":
+        return optuna.trial.create_trial(params={"lr": lr}, distributions=dist, value=value,
+                                         user_attrs={"state": state, "spikes": spikes})
+    return optuna.trial.create_trial(params={"lr": lr}, distributions=dist,
+                                     state=optuna.trial.TrialState.PRUNED,
+                                     user_attrs={"state": state})
+
+
+def test_summary_best_and_max_stable_lr():
+    trials = [_trial(1e-3, 3.00), _trial(1e-3, 3.02), _trial(3e-3, 2.90), _trial(1e-2, 2.95),
+              _trial(3e-2, 2.97), _trial(3e-2, state="diverged"), _trial(1e-1, 3.5),
+              _trial(3e-1, state="diverged"), _trial(5e-3, state="pruned")]
+    s = summarize_trials(trials)
+    assert s.best_lr == 3e-3 and s.best_loss == pytest.approx(2.90)
+    # 1e-2 is within 2% of 2.90; 3e-2 would be too, but one of its seeds diverged.
+    assert s.max_stable_lr == 1e-2
+    assert s.counts == {"complete": 6, "pruned": 1, "diverged": 2, "failed": 0}
+    assert [p.lr for p in s.points] == sorted(p.lr for p in s.points)
+    assert next(p for p in s.points if p.lr == 1e-3).mean_loss == pytest.approx(3.01)
+
+
+def test_diverged_trials_are_never_best():
+    s = summarize_trials([_trial(1.0, state="diverged"), _trial(10.0, state="diverged")])
+    assert s.best_lr is None and s.max_stable_lr is None and s.counts["diverged"] == 2
+
+
+def test_split_trials_exact():
+    assert split_trials(7, 3) == [3, 2, 2] and sum(split_trials(4, 4)) == 4
+    assert split_trials(1, 2) == [1, 0]
+
+
+# --- pruning by step --------------------------------------------------------------------
+
+def test_pruned_trial_reports_by_step_and_ends_pruned_not_failed(workspace):
+    from lab import tracking
+
+    sweep = parse_sweep(sweep_dict(name="prune", variants=["baseline"],
+                                   lr={"low": 1e-3, "high": 1e-2}, sampler="random"))
+    # A loss above 0 always crosses this threshold: the first validation (step 4) prunes.
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0))
+    uri = tracking.tracking_uri()
+    study.optimize(lambda t: run_trial(t, sweep, "baseline", uri, parent_run_id=None), n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert list(trial.intermediate_values) == [4]          # keyed by training step
+    assert trial.user_attrs["state"] == "pruned" and trial.user_attrs["pruned_step"] == 4
+    run = tracking.client(uri).get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["state"] == "pruned"
+    assert run.data.tags["trial"] == "0"
+
+
+# --- parallel workers, MLflow nesting, the report ---------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_sweep(workspace):
+    """The acceptance sweep: 2 variants x 4 LRs on tiny, here with 4 worker processes on the
+    default journal storage (LR 30 diverges for both variants)."""
+    sweep = parse_sweep(sweep_dict(pruner="none"))
+    started = time.time()
+    summaries = run_sweep(sweep, workers=4, quiet=True)
+    return sweep, summaries, time.time() - started
+
+
+def test_four_workers_record_every_trial_once(finished_sweep, workspace):
+    sweep, summaries, _ = finished_sweep
+    storage = optuna.storages.journal.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(workspace / "sweeps" / "t.journal")))
+    workers = set()
+    for variant in sweep.variants:
+        trials = optuna.load_study(study_name=f"t/{variant}", storage=storage).trials
+        assert [t.number for t in trials] == [0, 1, 2, 3]
+        assert sorted(t.params["lr"] for t in trials) == [3e-3, 3e-2, 1.0, 30.0]
+        assert all(t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL
+                   for t in trials)
+        by_lr = {t.params["lr"]: t for t in trials}
+        assert by_lr[30.0].state == optuna.trial.TrialState.PRUNED
+        assert by_lr[30.0].user_attrs["state"] == "diverged"
+        assert by_lr[3e-3].user_attrs["state"] == "complete"
+        workers |= {t.user_attrs["worker"] for t in trials}
+    assert len(workers) == 4  # four processes did the work
+    for summary in summaries.values():
+        assert summary.best_lr in (3e-3, 3e-2, 1.0) and summary.best_lr != 30.0
+        assert summary.counts["diverged"] >= 1
+
+
+def test_mlflow_one_child_per_trial_nested_under_its_study(finished_sweep, workspace):
+    from lab import tracking
+
+    client = tracking.client(tracking.tracking_uri())
+    experiment = client.get_experiment_by_name("t").experiment_id
+    runs = client.search_runs([experiment])
+    parents = {r.data.tags["study"]: r.info.run_id for r in runs
+               if r.data.tags.get("sweep_role") == "parent"}
+    children = [r for r in runs if r.data.tags.get("sweep_role") != "parent"]
+    assert set(parents) == {"t/baseline", "t/sdpa_elementwise_sigmoid_mul"}
+    assert len(children) == 8
+    assert len({(r.data.tags["study"], r.data.tags["trial"]) for r in children}) == 8
+    for run in children:
+        assert run.data.tags["mlflow.parentRunId"] == parents[run.data.tags["study"]]
+        assert run.data.tags["state"] in ("complete", "diverged")
+        if run.data.tags["lr"] == "30":
+            assert run.data.tags["state"] == "diverged" and run.data.tags["diverged"] == "true"
+    nested = client.search_runs([experiment], filter_string=(
+        f"tags.mlflow.parentRunId = '{parents['t/baseline']}'"))
+    assert len(nested) == 4
+
+
+def test_resumed_sweep_adds_nothing_and_reuses_parents(finished_sweep, workspace):
+    from lab import tracking
+
+    sweep, _, _ = finished_sweep
+    run_sweep(sweep, workers=2, quiet=True)
+    client = tracking.client(tracking.tracking_uri())
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert len(runs) == 10  # 2 parents + 8 children, as before
+
+
+def test_report_and_best_lrs(finished_sweep, workspace, capsys):
+    from lab import tracking
+
+    assert main(["sweep-report", "t"]) == 0
+    out = capsys.readouterr().out
+    for variant in TINY["variants"]:
+        assert f"{variant}: best lr " in out and "max stable lr" in out
+    assert "1 diverged" in out
+    report = workspace / "reports" / "sweeps" / "t"
+    assert (report / "val_loss_vs_lr.png").stat().st_size > 10_000
+    lrs = best_lrs("t")
+    summaries, _ = sweep_report("t", out=workspace / "again")
+    assert lrs == {v: s.best_lr for v, s in summaries.items()} and set(lrs) == set(TINY["variants"])
+    client = tracking.client(tracking.tracking_uri())
+    parent = client.search_runs([client.get_experiment_by_name("t").experiment_id],
+                                filter_string="tags.sweep_role = 'parent'")[0]
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep_report")}
+    assert "sweep_report/val_loss_vs_lr.png" in logged
+    assert parent.data.metrics["best/lr"] == lrs[parent.data.tags["variant"]]
+
+
+# --- PostgreSQL: workers on several machines ------------------------------------------
+
+def _postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def _install_postgres() -> str | None:
+    """Debian's postgresql package, once per session; the reason it failed, else None."""
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return "PostgreSQL is not installed and apt-get (as root) is unavailable"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    try:
+        subprocess.run(["apt-get", "update", "-qq"], env=env, check=True, timeout=60,
+                       capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "postgresql"],
+                       env=env, check=True, timeout=90, capture_output=True)
+    except (subprocess.SubprocessError, OSError) as err:
+        return f"apt-get install postgresql failed or took too long: {str(err)[:200]}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    pytest.importorskip("psycopg", reason="the psycopg driver is not installed (pip install "
+                        "'psycopg[binary]==3.3.9', in the dev extra)")
+    bindir = _postgres_bin()
+    if bindir is None:
+        reason = _install_postgres()
+        bindir = _postgres_bin()
+        if bindir is None:
+            pytest.skip(reason or "PostgreSQL binaries not found after install")
+    data = Path(tempfile.mkdtemp(prefix="gatelab-pg-"))
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        run_as = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(data, "postgres")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    try:
+        subprocess.run(run_as + [str(bindir / "initdb"), "-D", str(data / "db"), "-A", "trust",
+                                 "-U", "postgres"], check=True, capture_output=True, timeout=60)
+        subprocess.run(run_as + [str(bindir / "pg_ctl"), "-D", str(data / "db"), "-w", "-t", "30",
+                                 "-l", str(data / "log"), "-o",
+                                 f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"],
+                       check=True, capture_output=True, timeout=60)
+    except (subprocess.SubprocessError, OSError, LookupError) as err:
+        shutil.rmtree(data, ignore_errors=True)
+        pytest.skip(f"could not start a PostgreSQL server: {str(err)[:200]}")
+    print(f"PostgreSQL {bindir.parent.name} on 127.0.0.1:{port}")
+    yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    subprocess.run(run_as + [str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "immediate",
+                             "stop"], capture_output=True, timeout=60)
+    shutil.rmtree(data, ignore_errors=True)
+
+
+def test_postgres_storage_with_two_workers(postgres_url, workspace):
+    sweep = parse_sweep(sweep_dict(name="pg", variants=["baseline"],
+                                   lr={"ladder": [3e-3, 30.0]}, pruner="none"))
+    summaries = run_sweep(sweep, workers=2, storage=postgres_url, quiet=True)
+    study = optuna.load_study(study_name="pg/baseline", storage=postgres_url)
+    assert len(study.trials) == 2 and {t.params["lr"] for t in study.trials} == {3e-3, 30.0}
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2
+    assert summaries["baseline"].best_lr == 3e-3
+    assert best_lrs("pg", storage=postgres_url) == {"baseline": 3e-3}
+    assert not (workspace / "sweeps" / "pg.journal").exists()
+
+
+def test_stale_trials_of_dead_local_workers_fail_and_others_stay(tmp_path):
+    from lab.sweep import fail_stale_trials, open_storage, storage_url
+
+    study = optuna.create_study(study_name="s/baseline",
+                                storage=open_storage(str(tmp_path / "s.journal")))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for worker in (f"{socket.gethostname()}:{dead.pid}", f"{socket.gethostname()}:{os.getpid()}",
+                   f"elsewhere:{dead.pid}"):
+        study.ask().set_user_attr("worker", worker)
+    assert fail_stale_trials(study, uri=f"sqlite:///{tmp_path / 'unused.db'}") == 1
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.FAIL] + [optuna.trial.TrialState.RUNNING] * 2
+    assert storage_url("s", str(tmp_path / "x.journal")) == str(tmp_path / "x.journal")
+    assert storage_url("nosuch") == str(Path("sweeps") / "nosuch.journal")
