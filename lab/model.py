@@ -274,9 +274,10 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_base, cfg.context, yarn_factor)
-        self.apply(self._init_weights)
-        for block in self.blocks:
-            block.attn.init_gate()
+        if not self.embed.weight.is_meta:  # a meta model (parameter counting) has no values to draw
+            self.apply(self._init_weights)
+            for block in self.blocks:
+                block.attn.init_gate()
 
     def _init_weights(self, module: nn.Module) -> None:
         # The reference `_init_weights`: normal(0, 0.02) for Linear and Embedding, zero bias.
