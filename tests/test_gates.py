@@ -1,6 +1,5 @@
 """lab/gates.py: the gate axes, the score math, the parameter formulas and the registry."""
 
-import dataclasses
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """lab/model.py: shapes, causality, parameter counts against the paper's formulas, every gate
 position against a slow reference, the controls, and that every variant learns."""
 
-import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -11,12 +10,15 @@ import torch.nn.functional as F
 from lab.callbacks import GateInsertion
 from lab.config import PRESETS, ModelConfig, parse_switch_head, resolve
 from lab.data import generate_synthetic
-from lab.gates import VARIANTS, GateSpec
-from lab.model import Decoder, SwitchProjection, apply_rotary, count_parameters
+from lab.gates import VARIANTS, GateSpec, custom_variant
+from lab.model import (Decoder, RotaryEmbedding, SwitchProjection, apply_rotary,
+                       count_parameters)
 from lab.run import count_params
 
 DENSE_VARIANTS = [slug for slug, v in VARIANTS.items() if v.needs is None]
 G1_TO_G5 = ["sdpa", "value", "key", "query", "dense_out"]
+_TINY = PRESETS["tiny"]["model"]
+H, G, D, C = _TINY["n_heads"], _TINY["n_kv_heads"], _TINY["head_dim"], _TINY["d_model"]
 
 
 def model_config(variant, preset="tiny", overrides=None) -> ModelConfig:
@@ -168,8 +170,6 @@ def test_parameter_matched_baselines_scale_heads_in_the_paper_ratios():
     dict(position="sdpa", input_dependent=False),
 ])
 def test_sigmoid_gate_with_very_large_logits_equals_the_baseline(gate_axes):
-    from lab.gates import custom_variant
-
     gate = GateSpec(**{"bias": True, **gate_axes})
     torch.manual_seed(0)
     gated = Decoder(model_config(custom_variant(gate))).eval()
@@ -219,23 +219,15 @@ def reference_attention(attn, x: torch.Tensor, gate_at: dict) -> torch.Tensor:
     return gate_at.get("dense_out", identity)(out, gate_logits)
 
 
-_ROPE_CACHE = {}
-
-
 def attn_rope(attn, length):
-    from lab.model import RotaryEmbedding
-
-    key = (attn.head_dim, length)
-    if key not in _ROPE_CACHE:
-        _ROPE_CACHE[key] = RotaryEmbedding(attn.head_dim, 10000.0, 128)(length, "cpu")
-    return _ROPE_CACHE[key]
+    """The (cos, sin) tables the decoder hands its attention layers (RoPE base 10k)."""
+    return RotaryEmbedding(attn.head_dim, 10000.0, _TINY["context"])(length, "cpu")
 
 
 def _per_head(logits, heads, width):
     return logits.reshape(*logits.shape[:2], heads, width)
 
 
-H, G, D, C = 4, 2, 16, 64  # tiny
 REFERENCE_GATES = {
     "sdpa_elementwise_sigmoid_mul": {"sdpa": lambda y, g: y * torch.sigmoid(_per_head(g, H, D))},
     "sdpa_headwise_sigmoid_mul": {"sdpa": lambda y, g: y * torch.sigmoid(_per_head(g, H, 1))},

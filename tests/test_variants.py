@@ -17,7 +17,7 @@ from lab.errors import LabError
 from lab.gates import VARIANTS
 from lab.run import count_params
 from lab.variants import describe_variants
-from test_gates import SPEC_SLUGS
+from test_gates import SPEC_SLUGS  # pytest puts tests/ on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 
