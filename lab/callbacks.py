@@ -35,6 +35,7 @@ class LossMonitor(L.Callback):
         self._last_step = 0
         self.tokens_per_s: list[float] = []
         self.accumulate = accumulate
+        self.val_losses: list[float] = []
         self._micro = 0
 
     def on_train_start(self, trainer, pl_module):
@@ -89,6 +90,10 @@ class LossMonitor(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self._flush(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module):
+        if "val/loss" in trainer.callback_metrics and not trainer.sanity_checking:
+            self.val_losses.append(float(trainer.callback_metrics["val/loss"]))
 
     def spikes(self):
         t = self.config.train

@@ -7,9 +7,11 @@ and exit code 2, before any MLflow run is created.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
 import sys
+import warnings
 
 from lab.errors import LabError
 
@@ -19,6 +21,9 @@ EXAMPLES = {
     "ui": "gatelab ui --port 5000",
     "variants": "gatelab variants --preset small --json",
     "demo": "gatelab demo",
+    "bench": "gatelab bench --preset base,medium --variants baseline,sdpa_elementwise_sigmoid_mul "
+             "--lab-variants baseline --steps 30",
+    "export": "gatelab export 3f2a9c0d1e4b4f6e8a7b5c4d3e2f1a0b --format hf --out exports/gated-tiny",
 }
 
 
@@ -96,6 +101,29 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import datetime
+    from pathlib import Path
+
+    from lab.bench import run_bench
+
+    out = Path(args.out) if args.out else Path("benchmarks") / (
+        f"{datetime.date.today().isoformat()}-{args.preset.replace(',', '_')}-x{args.devices}.json")
+    run_bench(args.preset.split(","), args.variants.split(","), args.steps, args.warmup, args.data,
+              args.overrides, args.devices, [v for v in args.lab_variants.split(",") if v], out,
+              args.tracking_uri)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from lab.export import export
+
+    result = export(args.run, args.out, fmt=args.format, dtype=args.dtype, tokenizer=args.tokenizer,
+                    force=args.force)
+    print(result.describe())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatelab", description="Gated-attention ablation lab "
                                      "(Qiu et al., 2025): train, sweep and compare gate variants.")
@@ -125,11 +153,52 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(sub, "demo", "the main job on the synthetic corpus, on CPU in a few minutes")
     _add_tracking(p)
     p.set_defaults(func=cmd_demo)
+
+    p = _parser(sub, "bench", "measure tokens/s, MFU, peak memory and gate overhead "
+                "(bare compiled loop vs the full lab path)")
+    p.add_argument("--preset", default="base,medium", help="comma-separated presets")
+    p.add_argument("--variants", default="baseline,sdpa_elementwise_sigmoid_mul,sdpa_headwise_sigmoid_mul")
+    p.add_argument("--lab-variants", default="baseline",
+                   help="variants also timed through the full lab path (Lightning + MLflow)")
+    p.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")
+    p.add_argument("--devices", type=int, default=1, help="GPUs: >1 times the lab path under DDP")
+    p.add_argument("--data", default="synthetic")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", help="JSON output (default benchmarks/<date>-<presets>-x<devices>.json)")
+    p.add_argument("--tracking-uri", help="store for the lab-path runs (default: a temporary one)")
+    p.set_defaults(func=cmd_bench)
+    p = _parser(sub, "export", "write a run's checkpoint as a Hugging Face Qwen3 model "
+                "(baseline, sdpa headwise / elementwise gates)")
+    p.add_argument("run", help="an MLflow run id (its checkpoint in the store), a checkpoint "
+                   "directory, or a .ckpt file")
+    p.add_argument("--format", default="hf", help="output format; hf: transformers Qwen3 with the "
+                   "reference gate flags, safetensors weights and the tokenizer")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 weights")
+    p.add_argument("--tokenizer", help="tokenizer.json to ship (default: the run's corpus tokenizer)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    p.set_defaults(func=cmd_export)
     return parser
+
+
+def quiet_libraries() -> None:
+    """--quiet: the libraries' INFO chatter off (device banners, tips, schema creation);
+    their warnings and errors stay. Lightning sets its loggers to INFO when imported, so
+    it is imported first; MLflow reads its level from the environment when imported."""
+    import lightning  # noqa: F401
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    for name in ("lightning.pytorch", "lightning.fabric", "mlflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for category in (DeprecationWarning, FutureWarning):  # library internals, nothing to act on
+        warnings.filterwarnings("ignore", category=category, module="lightning")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        quiet_libraries()
     try:
         return args.func(args)
     except LabError as err:

@@ -296,13 +296,20 @@ class Decoder(nn.Module):
         for block in self.blocks:
             block.attn.gate_active = active and block.attn.gate_spec is not None
 
-    def forward(self, tokens: torch.Tensor, probe: Optional[Probe] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, probe: Optional[Probe] = None,
+                targets: Optional[torch.Tensor] = None, reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, vocab); or, given targets, the cross-entropy in float32. Computing the
+        loss here puts the LM head and the loss in one compiled graph, so the float32 logits
+        of a 16k vocabulary are never written out whole (a large saving at small d_model)."""
         B, T = tokens.shape
         x = self.embed(tokens)  # (B, T, C)
         rope = self.rope(T, tokens.device)
         for block in self.blocks:
             x = block(x, rope, self.rope.attention_scale, probe)
-        return self.lm_head(self.norm(x))  # (B, T, vocab)
+        logits = self.lm_head(self.norm(x))  # (B, T, vocab)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """Auxiliary losses of the last forward (the MoE router's); empty for dense models."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,9 @@ from lab.config import RunConfig, baseline_model, flatten, with_vocab
 from lab.data import TokenStore, open_source
 from lab.model import Decoder, count_parameters
 from lab import tracking
+
+
+DDP_RUN_ID = "GATELAB_DDP_RUN_ID"
 
 
 @dataclass
@@ -89,16 +93,23 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
     uri = tracking.tracking_uri(uri)
     store, config = open_data(config)
     mlflow_client = tracking.client(uri)
-    if run_id is None:
+    # Under DDP, Lightning starts ranks > 0 by running the same command again; they join
+    # the run rank 0 created (passed through the environment) and write nothing to MLflow.
+    primary = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if not primary:
+        run_id = os.environ[DDP_RUN_ID]
+    elif run_id is None:
         run_id = start_run(config, uri, experiment, run_name, parent_run_id, extra_tags)
     else:
         mlflow_client.update_run(run_id, status="RUNNING")
-    if on_start:
+    os.environ[DDP_RUN_ID] = run_id
+    if on_start and primary:
         on_start(run_id)
     counts = count_params(config)
-    for name, value in counts.items():
-        mlflow_client.log_metric(run_id, f"params/{name}", value)
-    if not quiet:
+    if primary:
+        for name, value in counts.items():
+            mlflow_client.log_metric(run_id, f"params/{name}", value)
+    if not quiet and primary:
         added = f", {counts['added']:,} added over baseline"
         print(f"[{config.variant}] parameters: {counts['total']:,} total, "
               f"{counts['non_embedding']:,} non-embedding{added}", flush=True)
@@ -133,32 +144,33 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
     status = "FAILED"
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt.exists() else None)
-        metrics = _finish(trainer, module, data, monitor, config, mlflow_client, run_id, started)
+        metrics = _finish(trainer, module, data, monitor, config,
+                          mlflow_client if primary else None, run_id, started)
         status = "FINISHED"
         return RunResult(run_id, status, metrics, monitor.diverged_step)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        mlflow_client.set_terminated(run_id, status)
+        if primary:
+            mlflow_client.set_terminated(run_id, status)
 
 
 def _finish(trainer, module, data, monitor, config, mlflow_client, run_id, started) -> dict:
+    """Final evaluation (every rank takes part) and the run's summary (`mlflow_client` is None
+    on DDP ranks > 0, which record nothing)."""
     metrics: dict[str, float] = {}
     steps_done = trainer.global_step
     tokens_per_step = config.train.batch_size * config.model.context
     if monitor.diverged_step is not None:
-        mlflow_client.set_tag(run_id, "diverged", "true")
         metrics["diverged/step"] = monitor.diverged_step
     else:
-        mlflow_client.set_tag(run_id, "diverged", "false")
         # Final evaluation at the last step (validation may not fall on it), then test.
         val = trainer.validate(module, datamodule=data, verbose=False)[0]
         test = trainer.test(module, datamodule=data, verbose=False)[0]
         metrics.update({"val/final_loss": val["val/loss"], "val/ppl": val["val/ppl"],
                         "test/loss": test["test/loss"], "test/ppl": test["test/ppl"]})
-        history = [m.value for m in mlflow_client.get_metric_history(run_id, "val/loss")]
-        metrics["val/best_loss"] = min(history + [val["val/loss"]])
+        metrics["val/best_loss"] = min(monitor.val_losses + [val["val/loss"]])
     spikes = monitor.spikes()
     metrics["spikes/count"] = len(spikes)
     metrics["spikes/max_excess"] = max((s.max_excess for s in spikes), default=0.0)
@@ -169,6 +181,9 @@ def _finish(trainer, module, data, monitor, config, mlflow_client, run_id, start
     if monitor.grad_norms:
         finite = [n for n in monitor.grad_norms if math.isfinite(n)]
         metrics["train/grad_norm_max"] = max(finite, default=float("nan"))
+    if mlflow_client is None:
+        return metrics
+    mlflow_client.set_tag(run_id, "diverged", str(monitor.diverged_step is not None).lower())
     for name, value in metrics.items():
         if value is not None and math.isfinite(float(value)):
             mlflow_client.log_metric(run_id, name, float(value), step=steps_done)

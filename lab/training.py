@@ -11,7 +11,6 @@ import math
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lab.config import RunConfig
@@ -55,8 +54,7 @@ class LanguageModel(L.LightningModule):
 
     def _lm_loss(self, batch, reduction: str = "mean") -> torch.Tensor:
         inputs, targets = batch
-        logits = self.model(inputs)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+        return self.model(inputs, targets=targets, reduction=reduction)
 
     def training_step(self, batch, batch_idx):
         lm_loss = self._lm_loss(batch)

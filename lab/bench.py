@@ -1,0 +1,221 @@
+"""`gatelab bench`: tokens/s, step time, MFU and peak memory, the lab path against a bare loop.
+
+Two loops over the same model, micro-batches and optimizer settings:
+- bare: a compiled PyTorch loop (bf16 autocast, fused AdamW, clipping), nothing else. It is
+  the reference the full lab path is held to.
+- lab: `lab.run.train_run`, i.e. Lightning Trainer + MLflow logging + loss monitor, spike
+  detector and checkpoint callbacks, timed by a callback from the end of warm-up to the end.
+Both skip `warmup` steps (compilation, allocator warm-up) before timing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lab.config import RunConfig, resolve
+from lab.data import WindowSampler
+from lab.errors import LabError
+from lab.flops import model_flops_per_token, peak_tflops
+from lab.model import Decoder
+from lab.run import count_params, open_data
+from lab.training import accumulation
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench_config(variant: str, preset: str, steps: int, warmup: int, data: str,
+                 overrides: list[str], devices: int = 1) -> RunConfig:
+    config = resolve(variant, preset, overrides, data=data)
+    tokens_per_step = config.train.batch_size * config.model.context
+    train = dataclasses.replace(config.train, tokens=(steps + warmup) * tokens_per_step,
+                                compile=torch.cuda.is_available(), devices=devices,
+                                val_every=10 ** 9, log_every=10)
+    return dataclasses.replace(config, train=train)
+
+
+def bare_loop(config: RunConfig, steps: int, warmup: int) -> dict:
+    """The reference: the same work as a lab training step, with nothing around it."""
+    store, config = open_data(config)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = config.train
+    torch.manual_seed(t.seed)
+    model = Decoder(config.model).to(device)
+    if t.compile:
+        model.compile()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=t.lr,
+                                  betas=(t.beta1, t.beta2), fused=device == "cuda" or None)
+    sampler = WindowSampler(store, config.model.context, t.micro_batch, t.seed)
+    accumulate = accumulation(config)
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda")
+    index = 0
+
+    def step():
+        nonlocal index
+        for _ in range(accumulate):
+            inputs, targets = sampler.batch(index)
+            index += 1
+            inputs = inputs.pin_memory().to(device, non_blocking=True) if device == "cuda" else inputs
+            targets = targets.pin_memory().to(device, non_blocking=True) if device == "cuda" else targets
+            with autocast:
+                loss = model(inputs, targets=targets) / accumulate
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    _sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync()
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
+    del model, optimizer
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return _rates(config, steps, elapsed, peak)
+
+
+def _rates(config: RunConfig, steps: int, elapsed: float, peak_gib: float | None) -> dict:
+    tokens = steps * config.train.batch_size * config.model.context
+    tokens_per_s = tokens / elapsed
+    out = {"tokens_per_s": tokens_per_s, "step_ms": 1000 * elapsed / steps, "peak_mem_gib": peak_gib}
+    if torch.cuda.is_available():
+        peak = peak_tflops(torch.cuda.get_device_name())
+        devices = config.train.devices
+        if peak:
+            out["mfu"] = model_flops_per_token(config) * tokens_per_s / (peak * 1e12 * devices)
+    return out
+
+
+class _SteadyStateTimer:
+    """Times the lab path from the end of warm-up to the end of training."""
+
+    def __new__(cls, warmup: int):
+        import lightning as L
+
+        class Timer(L.Callback):
+            def __init__(self):
+                self.start = self.end = None
+                self.start_step = warmup
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if self.start is None and trainer.global_step >= warmup:
+                    _sync()
+                    self.start, self.start_step = time.perf_counter(), trainer.global_step
+                    if torch.cuda.is_available():
+                        torch.cuda.reset_peak_memory_stats()
+
+            def on_train_end(self, trainer, pl_module):
+                _sync()
+                self.end, self.end_step = time.perf_counter(), trainer.global_step
+
+        return Timer()
+
+
+def lab_loop(config: RunConfig, steps: int, warmup: int, uri: str) -> dict:
+    from lab.run import train_run
+
+    timer = _SteadyStateTimer(warmup)
+    result = train_run(config, uri, experiment="bench", quiet=True, callbacks=[timer])
+    if timer.start is None or timer.end_step <= timer.start_step:
+        raise LabError("bench: the lab path finished before warm-up ended; raise --steps")
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
+    out = _rates(config, timer.end_step - timer.start_step, timer.end - timer.start, peak)
+    out["run_id"] = result.run_id
+    return out
+
+
+def run_bench(presets: list[str], variants: list[str], steps: int, warmup: int, data: str,
+              overrides: list[str], devices: int, lab_variants: list[str], out: Path,
+              uri: str | None = None) -> dict:
+    # Validate every configuration before any GPU work.
+    plan = [(p, v, bench_config(v, p, steps, warmup, data, overrides, devices))
+            for p in presets for v in variants]
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    report = {"date": datetime.date.today().isoformat(), "device": device_name,
+              "peak_bf16_tflops": peak_tflops(device_name) if torch.cuda.is_available() else None,
+              "torch": torch.__version__, "steps": steps, "warmup": warmup, "data": data,
+              "devices": devices, "overrides": overrides, "results": []}
+    print(f"device: {device_name}; dense bf16 peak used for MFU: {report['peak_bf16_tflops']} TFLOP/s",
+          flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = uri or f"sqlite:///{tmp}/bench.db"
+        for preset, variant, config in plan:
+            torch._dynamo.reset()  # each model compiles afresh (no recompile-limit fallbacks)
+            counts = count_params(config)
+            row = {"preset": preset, "variant": variant, "params": counts["total"],
+                   "micro_batch": config.train.micro_batch, "batch": config.train.batch_size}
+            report["results"].append(row)
+            if devices == 1:
+                row["bare"] = bare_loop(config, steps, warmup)
+                print(format_row(row), flush=True)
+            if variant in lab_variants or devices > 1:
+                row["lab"] = lab_loop(config, steps, warmup, uri)
+                print(format_row(row), flush=True)
+            _write(report, out)
+    if _write(report, out):
+        print(format_table(report))
+        print(f"wrote {out}")
+    return report
+
+
+def _write(report: dict, out: Path) -> bool:
+    """Rank 0 writes the JSON after every row, so a crash keeps what was measured."""
+    if int(os.environ.get("LOCAL_RANK", 0)) != 0:
+        return False
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    return True
+
+
+def format_row(row: dict) -> str:
+    parts = [f"{row['preset']:>11} {row['variant']:<36}"]
+    for kind in ("bare", "lab"):
+        if kind in row:
+            r = row[kind]
+            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+            mem = f"{r['peak_mem_gib']:.1f} GiB" if r.get("peak_mem_gib") is not None else "-"
+            parts.append(f"{kind}: {r['tokens_per_s']:,.0f} tok/s {r['step_ms']:.1f} ms MFU {mfu} {mem}")
+    return " | ".join(parts)
+
+
+def format_table(report: dict) -> str:
+    """Markdown: one row per preset x variant, overhead against the preset's baseline."""
+    lines = ["| preset | variant | params | bare tok/s | step ms | MFU | peak GiB | overhead vs baseline | lab tok/s | lab / bare |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    baseline = {r["preset"]: r for r in report["results"] if r["variant"] == "baseline"}
+    for r in report["results"]:
+        bare, lab = r.get("bare", {}), r.get("lab", {})
+        base = baseline.get(r["preset"], {}).get("bare")
+        overhead = (f"{100 * (1 - bare['tokens_per_s'] / base['tokens_per_s']):+.1f}%"
+                    if bare and base else "-")
+        ratio = f"{lab['tokens_per_s'] / bare['tokens_per_s']:.3f}" if bare and lab else "-"
+        mfu = f"{100 * bare['mfu']:.1f}%" if bare.get("mfu") is not None else (
+            f"{100 * lab['mfu']:.1f}%" if lab.get("mfu") is not None else "-")
+        mem = bare.get("peak_mem_gib") or lab.get("peak_mem_gib")
+        mem_text = f"{mem:.1f}" if mem is not None else "-"
+        step_ms = bare.get("step_ms", lab.get("step_ms", 0))
+        lines.append(f"| {r['preset']} | {r['variant']} | {r['params'] / 1e6:.1f}M | "
+                     f"{bare.get('tokens_per_s', 0):,.0f} | {step_ms:.1f} | {mfu} | {mem_text} | "
+                     f"{overhead} | {lab.get('tokens_per_s', 0):,.0f} | {ratio} |")
+    return "\n".join(lines)

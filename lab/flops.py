@@ -1,0 +1,48 @@
+"""Model FLOPs per token and the GPU's dense bf16 peak, for MFU.
+
+MFU = (6 N + 12 L d T) x tokens/s / peak (PaLM, App. B): 6N for the matmuls of forward and
+backward over N parameters, 12 L d T for attention scores and values (d = query heads x
+head_dim). N counts every parameter once, the tied embedding included, because the LM head
+is a d_model x vocab matmul even though the embedding lookup is not. For MoE models N is
+the active parameter count (lab/moe.py).
+"""
+
+from __future__ import annotations
+
+# Dense bf16 tensor-core peaks, TFLOP/s, from the vendors' datasheets (no sparsity).
+# Matched by substring of torch.cuda.get_device_name(), first match wins.
+PEAK_BF16_TFLOPS = [
+    ("H200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),      # SXM and NVL
+    ("GH200", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A10G", 125.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("RTX 4090", 165.2),
+    ("RTX 3090", 71.0),
+    ("V100", 125.0),      # fp16: V100 has no bf16
+]
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key, value in PEAK_BF16_TFLOPS:
+        if key in device_name:
+            return value
+    return None
+
+
+def flops_per_token(n_params: int, n_layers: int, attn_width: int, context: int) -> float:
+    return 6.0 * n_params + 12.0 * n_layers * attn_width * context
+
+
+def model_flops_per_token(config) -> float:
+    """For a RunConfig: active parameters, counted without allocating weights."""
+    from lab.run import count_params
+
+    counts = count_params(config)
+    n_params = counts.get("active", counts["total"])
+    m = config.model
+    return flops_per_token(n_params, m.n_layers, m.n_heads * m.head_dim, m.context)
