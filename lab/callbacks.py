@@ -106,7 +106,9 @@ class LossMonitor(L.Callback):
 class GateInsertion(L.Callback):
     """`sdpa_gate_added_in_continued_training` (NeurIPS App. A.7): the model trains as the
     baseline until `gate_insert_fraction` of the steps, then the gate switches on and
-    training continues on the same schedule. Its parameters get no gradient before that."""
+    training continues on the same schedule. Its parameters get no gradient before that;
+    the gate's columns of the fused in_proj still see AdamW's decoupled weight decay, so
+    they enter slightly shrunk from their init (a factor of about exp(-wd x sum of LRs))."""
 
     def __init__(self, insert_step: int):
         self.insert_step = insert_step

@@ -57,7 +57,12 @@ class GateSpec:
     - init: "normal", the reference init (normal(0, init_std), so scores start near sigmoid(0)=0.5).
     - shared_average: "post_activation": the paper averages "gating scores", i.e. after the activation.
     - qk_placement: "after_projection": the paper says "after the Q, K, V projections (Eq. 1)",
-      so G3/G4 act before QK-norm and RoPE; "after_norm_rope" is the alternative.
+      so G3/G4 act before QK-norm and RoPE; "after_norm_rope" is the alternative. Note that
+      QK-norm (an RMSNorm per head) undoes any per-head scale, so a *headwise* multiplicative
+      G3/G4 gate before it changes nothing; elementwise gates keep their effect either way.
+    - init: "normal" or "zeros" (gate logit weights start at 0, scores at activation(0)).
+    The input-independent gate (`input_dependent=False`) is a learnable tensor b of the
+    score shape, always zero-initialised (Table 4 row 6); `bias` and `init` do not apply to it.
     """
 
     position: str = "sdpa"
@@ -177,6 +182,9 @@ def apply_gate(spec: GateSpec, y: torch.Tensor, scores: torch.Tensor) -> torch.T
 
 # --- the variant registry -------------------------------------------------------
 
+PAPER_BASELINE_PPL = 6.026  # Table 1 row 1, MoE-15A2B
+
+
 @dataclass(frozen=True)
 class Variant:
     """A named point the paper measured: a gate, or architecture changes (its controls).
@@ -184,7 +192,9 @@ class Variant:
     `model` holds ModelConfig field overrides (lab/config.py); `q_heads_factor` and
     `kv_heads_factor` scale the preset's head counts for the parameter-matched baselines.
     `paper` cites table and row; the paper_* numbers are the MoE-15A2B values (Tables 1, 3, 4, 6)
-    where it reports them, for the report to set beside ours.
+    where it reports them, for the report to set beside ours. `paper_baseline_ppl` is the
+    row the paper's delta is taken against: the MoE baseline (T1-1), except for the dense-only
+    sandwich norm, which Table 2 sets beside the baseline at the same LR (T2-6).
     """
 
     slug: str
@@ -194,6 +204,7 @@ class Variant:
     kv_heads_factor: float = 1.0
     paper: str = ""
     paper_ppl: float | None = None
+    paper_baseline_ppl: float = PAPER_BASELINE_PPL
     paper_gate_mean: float | None = None
     paper_first_token_attn: float | None = None
     paper_max_activation: float | None = None
@@ -202,10 +213,17 @@ class Variant:
 
     @property
     def paper_delta_ppl(self) -> float | None:
-        return None if self.paper_ppl is None else round(self.paper_ppl - PAPER_BASELINE_PPL, 3)
+        return None if self.paper_ppl is None else round(self.paper_ppl - self.paper_baseline_ppl, 3)
 
+    @property
+    def paper_table(self) -> str:
+        """'T1-5' -> 'Table 1'; appendix references ('App. A.6') as they are."""
+        return f"Table {self.paper[1:].split('-')[0]}" if self.paper.startswith("T") else self.paper
 
-PAPER_BASELINE_PPL = 6.026  # Table 1 row 1, MoE-15A2B
+    @property
+    def paper_row(self) -> int | None:
+        return int(self.paper.split("-")[1]) if self.paper.startswith("T") else None
+
 
 _G = GateSpec  # short alias: the table below reads as one line per variant
 _SWITCH = "switch_head"
@@ -268,6 +286,7 @@ _VARIANT_LIST = [
     Variant("switchhead_v_1top1", model={_SWITCH: "v:1:1"}, paper="T6-6", paper_ppl=5.808,
             description="one V expert, top-1: the same function as value_headwise_sigmoid_mul"),
     Variant("baseline_sandwich_norm", model={"sandwich_norm": True}, paper="T2-7",
+            paper_ppl=7.407, paper_baseline_ppl=9.195,
             description="control: RMSNorm on attention and FFN outputs before the residual add"),
     Variant("baseline_residual_clip", model={"residual_clip": 100.0}, paper="App. A.6",
             description="control: clamp attention and FFN outputs to +-100 before the residual add"),
@@ -287,8 +306,16 @@ def get_variant(slug: str) -> Variant:
 
 
 def custom_variant(gate: GateSpec) -> Variant:
-    """An unnamed point of the gate space, asked for by axes (`--gate ...`)."""
+    """An unnamed point of the gate space, asked for by axes (`--gate ...`).
+
+    The slug names the five axes, then every option that differs from its default, so two
+    different gates never share a name (`custom_sdpa_headwise_head_specific_additive_silu_bias-true`).
+    """
     a = gate
-    slug = (f"custom_{a.position}_{a.granularity}_{a.sharing}_{a.form}_{a.activation}"
-            + ("" if a.input_dependent else "_inputindependent"))
+    slug = f"custom_{a.position}_{a.granularity}_{a.sharing}_{a.form}_{a.activation}"
+    defaults = GateSpec()
+    axes = ("position", "granularity", "sharing", "form", "activation")
+    for name, value in gate.axes().items():
+        if name not in axes and value != getattr(defaults, name):
+            slug += f"_{name.replace('_', '')}-{str(value).lower()}"
     return Variant(slug, gate, description="asked for by axes")

@@ -137,6 +137,16 @@ class Attention(nn.Module):
         if cfg.sdpa_transform == "rmsnorm":
             self.sdpa_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.rms_eps)  # per head ("GroupNorm")
 
+    def init_gate(self) -> None:
+        """Apply `gate.init` after the model-wide init (which draws every Linear, gate logits
+        included, from normal(0, init_std) like the reference code). "zeros" starts every
+        input-dependent gate at activation(0) exactly (0.5 for sigmoid). The input-independent
+        gate's tensor b is zero-initialised whatever `init` says (Table 4 row 6)."""
+        gate_width = self.split[-1]
+        if self.gate_spec is not None and self.gate_spec.init == "zeros" and gate_width:
+            with torch.no_grad():
+                self.in_proj.weight[-gate_width:].zero_()
+
     def _gate_scores(self, gate_logits: torch.Tensor, B: int, T: int) -> torch.Tensor:
         if self.gate_spec.input_dependent:
             if self.gate_spec.bias:
@@ -264,7 +274,10 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_base, cfg.context, yarn_factor)
-        self.apply(self._init_weights)
+        if not self.embed.weight.is_meta:  # a meta model (parameter counting) has no values to draw
+            self.apply(self._init_weights)
+            for block in self.blocks:
+                block.attn.init_gate()
 
     def _init_weights(self, module: nn.Module) -> None:
         # The reference `_init_weights`: normal(0, 0.02) for Linear and Embedding, zero bias.
