@@ -233,7 +233,8 @@ def test_cli_exports_a_trained_run_and_names_the_step(tmp_path, monkeypatch, cap
     out = tmp_path / "hf"
     assert main(["export", result.run_id, "--format", "hf", "--out", str(out)]) == 0
     message = capsys.readouterr().out
-    assert "intermediate checkpoint: step 4 of 6" in message
+    # AtomicCheckpoint writes last.ckpt at the end of training, so the export is of step 6.
+    assert "from the final checkpoint" in message
     assert "no tokenizer (synthetic corpus)" in message
     assert not (out / "tokenizer.json").exists()
     assert "No tokenizer" in (out / "README.md").read_text()
