@@ -18,6 +18,8 @@ from lab.errors import LabError
 EXAMPLES = {
     "train": "gatelab train --variant sdpa_elementwise_sigmoid_mul --preset tiny --data synthetic "
              "--tokens 2e5 --set train.lr=3e-3",
+    "prepare": "gatelab prepare --data 'gutenberg-en/train-*.txt.xz' --valid gutenberg-en/valid.txt.xz "
+               "--test gutenberg-en/test.txt.xz --vocab-size 16384",
     "ui": "gatelab ui --port 5000",
     "variants": "gatelab variants --preset small --json",
     "demo": "gatelab demo",
@@ -45,7 +47,8 @@ def _add_tracking(parser: argparse.ArgumentParser) -> None:
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", help="model preset (see `gatelab variants`)")
     parser.add_argument("--data", default=None,
-                        help="synthetic, a prepared corpus directory, or text files (comma-separated)")
+                        help="synthetic, a prepared corpus directory (`gatelab prepare`), or "
+                        "text files/globs (comma-separated)")
     parser.add_argument("--tokens", type=float, default=None, help="training token budget, e.g. 2e5")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
@@ -65,6 +68,16 @@ def cmd_train(args) -> int:
                      seed=args.seed, lr=args.lr)
     result = train_run(config, args.tracking_uri, experiment=args.experiment, quiet=args.quiet)
     print(describe(result))
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from lab.corpus import describe, prepare
+
+    log = None if args.quiet else (lambda message: print(message, flush=True))
+    prepared = prepare(args.data, args.vocab_size, args.valid, args.test, args.tokenizer, args.out,
+                       args.text_field, args.tokenizer_sample_mb, args.holdout_every, log=log)
+    print(describe(prepared))
     return 0
 
 
@@ -173,6 +186,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     _add_tracking(p)
     p.set_defaults(func=cmd_train)
+
+    p = _parser(sub, "prepare", "tokenize a text corpus into memory-mapped token files (cached)")
+    p.add_argument("--data", required=True, help="text files or globs (comma-separated; .txt, "
+                   ".jsonl, .parquet, text/jsonl may be .gz/.xz), hf:<dataset>[:<config>], "
+                   "hf:<saved dir>, or synthetic")
+    p.add_argument("--valid", help="validation files (with --test; else documents are split "
+                   "deterministically)")
+    p.add_argument("--test", help="test files")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="BPE vocabulary (default 16384; taken from --tokenizer when given)")
+    p.add_argument("--tokenizer", help="reuse this tokenizers JSON file instead of training one")
+    p.add_argument("--out", help="output directory (default: a directory under GATELAB_CACHE "
+                   "or ./cache keyed by the source and tokenizer)")
+    p.add_argument("--text-field", default="text", help="jsonl/parquet/hf text field")
+    p.add_argument("--tokenizer-sample-mb", type=float, default=None,
+                   help="train the BPE on the first this many MB of training text (default 32)")
+    p.add_argument("--holdout-every", type=int, default=None,
+                   help="without --valid/--test: document i goes to valid when i %% N == 0, "
+                   "to test when i %% N == 1 (default 50)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_prepare)
 
     p = _parser(sub, "ui", "serve the MLflow UI on the local store")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")

@@ -4,6 +4,8 @@ A prepared corpus is a directory: `manifest.json` (source, tokenizer hash, vocab
 dtype, token counts per split, end-of-text id) and one flat token file per split
 (`train.bin`, `valid.bin`, `test.bin`, uint16 or uint32), read through numpy memmaps,
 as nanoGPT does. Documents are separated by the end-of-text token, which doubles as BOS.
+Text sources (files, globs, Hugging Face datasets) are tokenized into a store by
+lab/corpus.py (`gatelab prepare`).
 
 Every batch is a pure function of (seed, micro-batch index): the same seed gives the same
 batches for every variant, and a resumed run continues at its step with no loader state.
@@ -11,13 +13,11 @@ batches for every variant, and a resumed run continues at its step with no loade
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import json
-import lzma
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -79,18 +79,24 @@ class TokenStore:
         return starts
 
 
-def write_store(path: Path, splits: dict[str, np.ndarray], vocab_size: int, eos_id: int,
-                source: str, tokenizer_hash: str) -> TokenStore:
-    """Write token arrays and a manifest atomically (a half-written store is never opened)."""
+def write_store(path: Path, splits: dict[str, np.ndarray | Iterable[np.ndarray]], vocab_size: int,
+                eos_id: int, source: str, tokenizer_hash: str, extra: dict | None = None) -> TokenStore:
+    """Write each split (one array, or chunks written as they come, so a large corpus never
+    sits in memory) and then the manifest; a store without its manifest is never opened."""
     path.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if vocab_size <= 2 ** 16 else np.uint32
-    for split, tokens in splits.items():
+    counts = {}
+    for split, chunks in splits.items():
         tmp = path / f"{split}.bin.tmp"
-        np.asarray(tokens, dtype=dtype).tofile(tmp)
+        counts[split] = 0
+        with open(tmp, "wb") as handle:
+            for chunk in ([chunks] if isinstance(chunks, np.ndarray) else chunks):
+                np.asarray(chunk, dtype=dtype).tofile(handle)
+                counts[split] += len(chunk)
         os.replace(tmp, path / f"{split}.bin")
     manifest = dict(format_version=FORMAT_VERSION, source=source, tokenizer_hash=tokenizer_hash,
                     vocab_size=int(vocab_size), dtype=np.dtype(dtype).name, eos_id=int(eos_id),
-                    bos_id=int(eos_id), splits={s: int(len(t)) for s, t in splits.items()})
+                    bos_id=int(eos_id), splits=counts, **(extra or {}))
     tmp = path / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, path / MANIFEST)
@@ -138,9 +144,10 @@ def generate_synthetic(vocab_size: int, n_tokens: int, seed: int, language_seed:
 
 
 def prepare_synthetic(vocab_size: int, train_tokens: int = 2_000_000, seed: int = 1234,
-                      root: Path | None = None) -> TokenStore:
+                      root: Path | None = None, path: Path | None = None) -> TokenStore:
+    """The synthetic corpus in `path`, else in `root` (default cache_root()) under its key."""
     key = f"synthetic-v{FORMAT_VERSION}b-vocab{vocab_size}-n{train_tokens}-seed{seed}"
-    path = (root or cache_root()) / key
+    path = path or (root or cache_root()) / key
     if (path / MANIFEST).exists():
         return TokenStore.open(path)
     eval_tokens = max(train_tokens // 20, 50_000)
@@ -152,110 +159,51 @@ def prepare_synthetic(vocab_size: int, train_tokens: int = 2_000_000, seed: int 
     return write_store(path, splits, vocab_size, eos_id=0, source="synthetic", tokenizer_hash=key)
 
 
-# --- text files: byte-level BPE ------------------------------------------------------------
-
-def read_text(path: str | Path) -> str:
-    path = Path(path)
-    if not path.exists():
-        raise LabError(f"data: file not found: {path}")
-    opener = {".xz": lzma.open, ".gz": gzip.open}.get(path.suffix, open)
-    try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            text = handle.read()
-    except (lzma.LZMAError, OSError, EOFError, UnicodeDecodeError) as err:
-        raise LabError(f"data: cannot read {path}: {err}") from None
-    if not text.strip():
-        raise LabError(f"data: {path} is empty")
-    return text
-
-
-def split_documents(text: str) -> list[str]:
-    docs = [d.strip() for d in text.split(END_OF_TEXT)]
-    return [d for d in docs if d]
-
-
-def train_tokenizer(documents: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tokenizer.train_from_iterator(documents, trainer=trainer)
-    return tokenizer
-
-
-def encode_documents(tokenizer, documents: list[str]) -> np.ndarray:
-    """Each document preceded by end-of-text; batch-encoded (the tokenizer runs in parallel)."""
-    eos = tokenizer.token_to_id(END_OF_TEXT)
-    encoded = tokenizer.encode_batch(documents)
-    pieces = []
-    for item in encoded:
-        pieces.append(np.array([eos], dtype=np.int64))
-        pieces.append(np.asarray(item.ids, dtype=np.int64))
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-
-
-def _file_digest(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        stat = path.stat()
-        digest.update(f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode())
-    return digest.hexdigest()[:16]
-
-
-def prepare_text(train: list[str | Path], valid: str | Path | None, test: str | Path | None,
-                 vocab_size: int, root: Path | None = None) -> TokenStore:
-    """Text files -> BPE -> token store. Without explicit valid/test files the documents are
-    split deterministically (every 50th document to valid, the next to test)."""
-    train_paths = [Path(p) for p in train]
-    extra = [Path(p) for p in (valid, test) if p is not None]
-    for path in train_paths + extra:
-        if not path.exists():
-            raise LabError(f"data: file not found: {path}")
-    key = f"text-{_file_digest(train_paths + extra)}-vocab{vocab_size}"
-    path = (root or cache_root()) / key
-    if (path / MANIFEST).exists():
-        return TokenStore.open(path)
-    train_docs = [d for p in train_paths for d in split_documents(read_text(p))]
-    if valid is not None and test is not None:
-        valid_docs, test_docs = split_documents(read_text(valid)), split_documents(read_text(test))
-    else:
-        valid_docs = train_docs[0::50]
-        test_docs = train_docs[1::50]
-        train_docs = [d for i, d in enumerate(train_docs) if i % 50 not in (0, 1)]
-    if not train_docs or not valid_docs or not test_docs:
-        raise LabError("data: too few documents to form train, valid and test splits "
-                       f"({len(train_docs)} train documents); add text or pass valid/test files")
-    tokenizer = train_tokenizer(train_docs, vocab_size)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(path / "tokenizer.json"))
-    tokenizer_hash = hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest()[:16]
-    splits = {s: encode_documents(tokenizer, docs)
-              for s, docs in (("train", train_docs), ("valid", valid_docs), ("test", test_docs))}
-    return write_store(path, splits, tokenizer.get_vocab_size(),
-                       eos_id=tokenizer.token_to_id(END_OF_TEXT),
-                       source=",".join(str(p) for p in train_paths), tokenizer_hash=tokenizer_hash)
-
-
 def open_source(source: str, vocab_size: int, valid: str | None = None,
                 test: str | None = None) -> TokenStore:
-    """`synthetic`, a prepared directory, or text files (comma-separated) -> a token store."""
+    """`synthetic`, a prepared directory, or a text source (files, globs, `hf:`; see
+    lab/corpus.py), which is prepared into the cache on first use."""
     if source == "synthetic":
         return prepare_synthetic(vocab_size)
-    path = Path(source)
-    if path.is_dir():
-        return TokenStore.open(path)
-    files = [Path(p) for p in source.split(",") if p]
-    return prepare_text(files, valid, test, vocab_size)
+    if Path(source).is_dir() and (Path(source) / MANIFEST).exists():
+        return TokenStore.open(source)
+    from lab.corpus import prepare  # lazy: corpus imports this module
+
+    return prepare(source, vocab_size, valid, test).store
 
 
 # --- windows -------------------------------------------------------------------------------
 
+def aligned_starts(store: TokenStore, split: str, seq_len: int) -> np.ndarray:
+    """Document starts (end-of-text positions) with room for a window of seq_len + 1 after them."""
+    starts = store.document_starts(split)
+    return starts[starts + seq_len + 1 <= len(store.tokens(split))]
+
+
+def check_batch_fits(store: TokenStore, seq_len: int, micro_batch: int,
+                     bos_aligned: bool = False) -> None:
+    """Before training (and before any run is recorded): each split must hold at least one
+    micro-batch of windows of seq_len + 1 tokens, and BOS-aligned training at least one
+    document start with room for a window."""
+    need = micro_batch * (seq_len + 1)
+    for split in SPLITS:
+        have = int(store.manifest["splits"][split])
+        if have < need:
+            raise LabError(f"data: the {split} split of {store.path} has {have:,} tokens, fewer "
+                           f"than one micro-batch ({micro_batch} windows of {seq_len + 1} = "
+                           f"{need:,}); use more text, a smaller model.context or "
+                           "train.micro_batch_size")
+    if bos_aligned and len(aligned_starts(store, "train", seq_len)) == 0:
+        raise LabError(f"data.bos_aligned: no document in the train split of {store.path} has "
+                       f"room for a window of {seq_len + 1} tokens; set data.bos_aligned=false")
+
+
 class WindowSampler:
-    """Random training windows of `seq_len + 1` tokens, a pure function of (seed, index)."""
+    """Random training windows of `seq_len + 1` tokens, a pure function of (seed, index).
+
+    With `bos_aligned`, every window starts at a document's end-of-text token, so position 0
+    is always BOS, as in the paper's models (the attention-sink analysis reads position 0).
+    """
 
     def __init__(self, store: TokenStore, seq_len: int, micro_batch: int, seed: int,
                  bos_aligned: bool = False, split: str = "train"):
@@ -266,12 +214,10 @@ class WindowSampler:
                            f"window of {seq_len + 1}; use more text or a shorter context")
         self.starts = None
         if bos_aligned:
-            starts = store.document_starts(split)
-            starts = starts[starts + seq_len + 1 <= len(self.tokens)]
-            if len(starts) == 0:
+            self.starts = aligned_starts(store, split, seq_len)
+            if len(self.starts) == 0:
                 raise LabError(f"data: no document in the {split} split has room for a "
                                f"BOS-aligned window of {seq_len + 1} tokens")
-            self.starts = starts
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, index])
@@ -292,8 +238,7 @@ def eval_windows(store: TokenStore, split: str, seq_len: int, n_windows: int,
         raise LabError(f"data: the {split} split has {len(tokens)} tokens, fewer than one "
                        f"window of {seq_len + 1}")
     if bos_aligned:
-        candidates = store.document_starts(split)
-        candidates = candidates[candidates + seq_len + 1 <= len(tokens)]
+        candidates = aligned_starts(store, split, seq_len)
         if len(candidates) == 0:
             candidates = np.array([0])
     else:

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from lab.config import RunConfig, baseline_model, flatten, with_vocab
-from lab.data import TokenStore, open_source
+from lab.data import TokenStore, check_batch_fits, open_source
 from lab.model import Decoder, count_parameters
 from lab import tracking
 
@@ -51,6 +51,7 @@ def count_params(config: RunConfig) -> dict[str, int]:
 def open_data(config: RunConfig) -> tuple[TokenStore, RunConfig]:
     d = config.data
     store = open_source(d.source, d.vocab_size, d.valid, d.test)
+    check_batch_fits(store, config.model.context, config.train.micro_batch, d.bos_aligned)
     return store, with_vocab(config, store.vocab_size)
 
 
