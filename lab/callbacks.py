@@ -90,6 +90,21 @@ class LossMonitor(L.Callback):
     def on_train_end(self, trainer, pl_module):
         self._flush(trainer, pl_module)
 
+    def state_dict(self) -> dict:
+        # The history travels in the checkpoint, so a run resumed after a crash reports
+        # spikes and loss_history.json over the whole run, not only after the resume.
+        pending = [(s, float(l), math.nan if n is None else float(n)) for s, l, n in self._pending]
+        return {"steps": self.steps + [p[0] for p in pending],
+                "losses": self.losses + [p[1] for p in pending],
+                "grad_norms": self.grad_norms + [p[2] for p in pending],
+                "tokens_per_s": list(self.tokens_per_s)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.steps = list(state_dict["steps"])
+        self.losses = list(state_dict["losses"])
+        self.grad_norms = list(state_dict["grad_norms"])
+        self.tokens_per_s = list(state_dict["tokens_per_s"])
+
     def spikes(self):
         t = self.config.train
         return detect_spikes(self.losses, self.steps, t.spike_window, t.spike_k, t.spike_floor,
