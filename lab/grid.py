@@ -17,9 +17,8 @@ is gone; from another host it is dead when its `gatelab.heartbeat` tag (refreshe
 HEARTBEAT_S by the worker) is older than `stale_after_s`. Dead runs are marked KILLED and
 their cell continues in the same run from its last checkpoint (`train_run(run_id=...)`),
 so a cell ends with exactly one FINISHED run; a killed run without a checkpoint stays
-KILLED and the cell starts a fresh run. Worker processes die with the grid process
-(PR_SET_PDEATHSIG on Linux, and a watchdog on the parent pid), so a SIGKILLed grid leaves
-no orphan writing to the store.
+KILLED and the cell starts a fresh run. Worker processes watch the grid process's identity
+and end within a second of it, so a SIGKILLed grid leaves no orphan writing to the store.
 
 Failures are per cell: a run that fails (CUDA out of memory, a full disk, any error) is
 marked FAILED with the tag `gatelab.failure` saying why, and the grid moves on. A diverged
@@ -382,7 +381,7 @@ def estimate(cells: list[Cell], counts: list[dict], uri: str, workers: int,
         flops = ASSUMED_FLOPS[device]
         seconds = [6 * n["total"] * c.config.train.tokens / flops + ASSUMED_RUN_OVERHEAD_S
                    for c, n in zip(cells, counts)]
-        basis = (f"6 x params x tokens FLOPs at an assumed {flops:.0e} FLOP/s per {device} "
+        basis = (f"6 x params x tokens FLOPs at an assumed {flops:.1e} FLOP/s per {device} "
                  f"worker + {ASSUMED_RUN_OVERHEAD_S:.0f} s per run (no finished runs of this "
                  "preset in the store to measure)")
     return seconds, basis
@@ -695,32 +694,23 @@ def _release_memory() -> None:
 
 # --- worker processes -------------------------------------------------------------------
 
-def die_with_parent(parent_pid: int) -> None:
-    """A worker must not outlive the grid process (a SIGKILLed grid would leave it writing):
-    the kernel kills it on Linux, and a watchdog thread covers other systems and the window
-    before prctl."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+def die_with_grid(grid_owner: str, every_s: float = 0.5) -> None:
+    """A worker must not outlive its grid process (a SIGKILLed grid would leave it writing
+    to the store): a watchdog thread ends this process once the grid's identity (see
+    owner_alive) is gone. Forkserver workers are not the grid's children, so the kernel's
+    parent-death signal would not reach them."""
 
     def watch():
-        while True:
-            if os.getppid() != parent_pid:
-                os._exit(1)
-            time.sleep(1.0)
-
-    if os.getppid() != parent_pid:
+        while owner_alive(grid_owner, None):
+            time.sleep(every_s)
         os._exit(1)
+
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _worker_main(env: dict, threads: int, parent_pid: int, ctx: GridContext, tasks, results):
+def _worker_main(env: dict, threads: int, grid_owner: str, ctx: GridContext, tasks, results):
     os.environ.update(env)
-    die_with_parent(parent_pid)
+    die_with_grid(grid_owner)
     _set_threads(threads)
     try:
         while True:
@@ -735,12 +725,17 @@ def _worker_main(env: dict, threads: int, parent_pid: int, ctx: GridContext, tas
 
 class WorkerPool:
     """One process per slot (a GPU, or a share of the CPU cores), each taking cells from
-    its own queue, so the pool knows which cell a crashed worker held."""
+    its own queue, so the pool knows which cell a crashed worker held.
+
+    Workers fork from a server process that has imported torch, Lightning and MLflow once
+    and touched no GPU (multiprocessing's forkserver): CUDA-safe like spawn, without paying
+    the imports per worker. Workers watch the grid process and end with it."""
 
     def __init__(self, slots: list[dict], threads: int, ctx: GridContext):
         import multiprocessing
 
-        self.mp = multiprocessing.get_context("spawn")
+        self.mp = multiprocessing.get_context("forkserver")
+        self.mp.set_forkserver_preload(["torch", "lightning", "mlflow", "mlflow.tracking"])
         self.slots, self.threads, self.ctx = slots, threads, ctx
         self.results = self.mp.Queue()
         self.workers = [self._start(slot) for slot in slots]
@@ -748,7 +743,8 @@ class WorkerPool:
     def _start(self, slot: dict):
         tasks = self.mp.Queue()
         process = self.mp.Process(target=_worker_main, daemon=True,
-                                  args=(slot, self.threads, os.getpid(), self.ctx, tasks, self.results))
+                                  args=(slot, self.threads, owner_identity(), self.ctx, tasks,
+                                        self.results))
         process.start()
         return process, tasks
 
@@ -820,7 +816,7 @@ def run_ddp_cell(task: Task, ctx: GridContext, gpus: list[str]) -> Outcome:
                                                   "config": task.config.to_dict()},
                                          "ctx": dataclasses.asdict(ctx)}, default=str))
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(gpus),
-                   GATELAB_GRID_PID=str(os.getpid()))
+                   GATELAB_GRID_OWNER=owner_identity())
         code = subprocess.call([sys.executable, "-m", "lab.grid", "--run-cell", str(spec_file),
                                 "--outcome", str(outcome_file)], env=env)
         if outcome_file.exists():
@@ -835,8 +831,8 @@ def _run_cell_main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[argv.index("--run-cell") + 1]).read_text())
     outcome_file = Path(argv[argv.index("--outcome") + 1])
     lead = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
-    if lead and os.environ.get("GATELAB_GRID_PID"):
-        die_with_parent(int(os.environ["GATELAB_GRID_PID"]))
+    if os.environ.get("GATELAB_GRID_OWNER"):
+        die_with_grid(os.environ["GATELAB_GRID_OWNER"])
     raw = spec["task"]
     task = Task(raw["index"], raw["name"], from_dict(raw["config"]), raw["run_id"], raw["resumed"])
     outcome = execute_cell(task, GridContext(**spec["ctx"]), lead_rank=lead)

@@ -6,10 +6,17 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+# Worker and fork-server processes import from sys.path, where '' would mean the changed
+# working directory of a test: name this checkout and this folder explicitly.
+for _path in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 # 16 steps of 8 windows of 32 tokens; validation (and a checkpoint) every 4 steps.
 TINY_OVERRIDES = {"model.context": 32, "train.batch_size": 8, "train.val_every": 4,
@@ -90,15 +97,7 @@ def grid_processes():
     """Processes forked from a clean server that has imported the lab once: a SIGKILL trial
     then costs a fork, not an interpreter start with torch, Lightning and MLflow."""
     import multiprocessing
-    import sys
 
-    # The server resolves imports from sys.path; '' would mean the test's changed cwd.
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
     context = multiprocessing.get_context("forkserver")
     # Third-party modules only: the server preloads before it takes the test's sys.path,
     # so a preloaded `lab` could be another checkout's.
