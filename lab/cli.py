@@ -124,7 +124,10 @@ def cmd_demo(args) -> int:
     from lab.report import build_report
 
     spec = load_grid(Path(__file__).resolve().parents[1] / "ablations" / "smoke.yaml")
-    summary = run_grid(spec, GridOptions(tracking_uri=args.tracking_uri, quiet=args.quiet))
+    # Two one-thread workers: a tiny model gains nothing from a second intra-op thread.
+    workers = args.cpu_workers or min(2, os.cpu_count() or 1)
+    summary = run_grid(spec, GridOptions(tracking_uri=args.tracking_uri, quiet=args.quiet,
+                                         cpu_workers=workers, cpu_threads=1))
     print(describe_summary(summary))
     print(build_report(spec.name, args.tracking_uri).markdown)
     print("Browse it: gatelab ui   (then open http://127.0.0.1:5000)")
@@ -189,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _parser(sub, "demo", "the smoke grid on the synthetic corpus and its report, on CPU in "
                 "a few minutes")
+    p.add_argument("--cpu-workers", type=int, help="cells trained at once (default: 2, or 1 "
+                   "on a one-core machine)")
     _add_tracking(p)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -633,7 +633,7 @@ def create_cell_run(task: Task, ctx: GridContext, owner: str) -> str:
 
 def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = True) -> Outcome:
     """Run one cell in this process: create (or take over) its run and train it. Any failure
-    is recorded on the run and returned; only KeyboardInterrupt propagates."""
+    is recorded on the run and returned; an interrupt propagates (the run ends KILLED)."""
     from lab import tracking
     from lab.progress import RunProgress
     from lab.run import train_run
@@ -661,8 +661,6 @@ def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = 
                                callbacks=callbacks)
         return Outcome(task.index, task.name, "FINISHED", run_id, result.metrics.get("val/ppl"),
                        result.diverged_step, time.time() - started)
-    except KeyboardInterrupt:
-        raise
     except Exception as err:
         kind, message = describe_failure(err, task.config)
         if run_id is not None and lead_rank:
@@ -719,7 +717,7 @@ def _worker_main(env: dict, threads: int, grid_owner: str, ctx: GridContext, tas
                 return
             notify = lambda run_id, index=task.index: results.put(("started", index, run_id))  # noqa: E731
             results.put(("outcome", task.index, execute_cell(task, ctx, on_start=notify)))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         return
 
 
@@ -939,9 +937,9 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
                     task, f"GPU {slot['CUDA_VISIBLE_DEVICES']}" if slot else "a CPU worker"))
             finally:
                 pool.close()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into sys.exit(1)
         client.set_terminated(parent, "KILLED")
-        raise
+        raise KeyboardInterrupt from None
     finally:
         signal.signal(signal.SIGTERM, previous_term) if previous_term is not None else None
     summary = GridSummary(spec.name, len(cells), len(work.done), outcomes, len(work.busy),

@@ -231,7 +231,8 @@ def markdown_table(rows: list[Row]) -> str:
         ppl, ppl_ci = _fmt_interval(row.ppl)
         delta, delta_ci = ("0 (reference)", "-") if row.variant == BASELINE else \
             _fmt_interval(row.delta, signed=True)
-        paper = "-" if row.paper_delta is None else f"{row.paper_delta:+.3f}"
+        paper = "-" if row.paper_delta is None else "0 (reference)" if row.variant == BASELINE \
+            else f"{row.paper_delta:+.3f}"
         cells = [row.variant, f"{row.lr:g}", str(len(row.runs)), ppl, ppl_ci, delta, delta_ci,
                  paper, row.direction, str(row.spikes), f"{row.diverged}/{len(row.runs)}",
                  *[_fmt(row.extra.get(k), 4) for k in extras]]
@@ -284,9 +285,9 @@ def plot_loss_curves(client, rows: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 6))
-    colours = plt.get_cmap("tab20")
+    colours = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
     for index, row in enumerate(rows):
-        colour = colours(index % 20)
+        colour = colours(index % colours.N)
         for k, run in enumerate(row.runs):
             steps, losses = loss_history(client, run.run_id)
             if not steps:

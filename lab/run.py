@@ -136,7 +136,7 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
         metrics = _finish(trainer, module, data, monitor, config, mlflow_client, run_id, started)
         status = "FINISHED"
         return RunResult(run_id, status, metrics, monitor.diverged_step)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into sys.exit(1)
         status = "KILLED"
         raise
     finally:
