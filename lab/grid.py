@@ -725,15 +725,20 @@ class WorkerPool:
     """One process per slot (a GPU, or a share of the CPU cores), each taking cells from
     its own queue, so the pool knows which cell a crashed worker held.
 
-    Workers fork from a server process that has imported torch, Lightning and MLflow once
-    and touched no GPU (multiprocessing's forkserver): CUDA-safe like spawn, without paying
-    the imports per worker. Workers watch the grid process and end with it."""
+    GPU workers start fresh interpreters (spawn): each must see only its own device, and a
+    process that has asked CUDA anything cannot hand a working CUDA to a fork. CPU workers
+    fork from a server that has imported torch, Lightning and MLflow once (forkserver), so
+    four workers do not pay four interpreter start-ups. Workers watch the grid process and
+    end with it."""
 
     def __init__(self, slots: list[dict], threads: int, ctx: GridContext):
         import multiprocessing
 
-        self.mp = multiprocessing.get_context("forkserver")
-        self.mp.set_forkserver_preload(["torch", "lightning", "mlflow", "mlflow.tracking"])
+        if any(slots):
+            self.mp = multiprocessing.get_context("spawn")
+        else:
+            self.mp = multiprocessing.get_context("forkserver")
+            self.mp.set_forkserver_preload(["torch", "lightning", "mlflow", "mlflow.tracking"])
         self.slots, self.threads, self.ctx = slots, threads, ctx
         self.results = self.mp.Queue()
         self.workers = [self._start(slot) for slot in slots]

@@ -360,9 +360,12 @@ def plot_lr(all_rows: list[Row], path: Path) -> None:
 
 def build_report(grid: str, uri: str | None = None, out: str | Path | None = None,
                  log_to_parent: bool = True) -> Report:
+    import os
+
     import matplotlib
 
     matplotlib.use("Agg")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one per artifact
 
     client, parent, records = load_runs(grid, uri)
     rows, all_rows = build_rows(records)
