@@ -96,6 +96,21 @@ class LossMonitor(L.Callback):
     def on_validation_end(self, trainer, pl_module):
         if "val/loss" in trainer.callback_metrics and not trainer.sanity_checking:
             self.val_losses.append(float(trainer.callback_metrics["val/loss"]))
+    def state_dict(self) -> dict:
+        # The history travels in the checkpoint, so a run resumed after a crash reports
+        # spikes and loss_history.json over the whole run, not only after the resume.
+        pending = [(s, float(l), math.nan if n is None else float(n)) for s, l, n in self._pending]
+        return {"steps": self.steps + [p[0] for p in pending],
+                "losses": self.losses + [p[1] for p in pending],
+                "grad_norms": self.grad_norms + [p[2] for p in pending],
+                "tokens_per_s": list(self.tokens_per_s), "val_losses": list(self.val_losses)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.steps = list(state_dict["steps"])
+        self.losses = list(state_dict["losses"])
+        self.grad_norms = list(state_dict["grad_norms"])
+        self.tokens_per_s = list(state_dict["tokens_per_s"])
+        self.val_losses = list(state_dict.get("val_losses", []))
 
     def spikes(self):
         t = self.config.train

@@ -23,6 +23,8 @@ EXAMPLES = {
     "ui": "gatelab ui --port 5000",
     "variants": "gatelab variants --preset small --json",
     "demo": "gatelab demo",
+    "grid": "gatelab grid ablations/smoke.yaml --seeds 0,1 --dry-run",
+    "report": "gatelab report smoke --out reports/smoke",
     "bench": "gatelab bench --preset base,medium --variants baseline,sdpa_elementwise_sigmoid_mul "
              "--lab-variants baseline --steps 30",
     "export": "gatelab export 3f2a9c0d1e4b4f6e8a7b5c4d3e2f1a0b --format hf --out exports/gated-tiny",
@@ -106,15 +108,51 @@ def cmd_variants(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from lab.config import resolve
-    from lab.run import describe, train_run
+def cmd_grid(args) -> int:
+    from lab.grid import GridOptions, describe_summary, load_grid, run_grid, with_cli
 
-    config = resolve("sdpa_elementwise_sigmoid_mul", "tiny", data="synthetic", tokens=2e5)
-    result = train_run(config, args.tracking_uri, experiment="demo", quiet=args.quiet)
-    print(describe(result))
-    print("Browse it: gatelab ui   (then open http://127.0.0.1:5000)")
+    spec = with_cli(load_grid(args.file), preset=args.preset, data=args.data, tokens=args.tokens,
+                    seeds=args.seeds, lrs=args.lrs, variants=args.variants,
+                    overrides=args.overrides)
+    options = GridOptions(gpus=args.gpus, cpu_workers=args.cpu_workers,
+                          cpu_threads=args.cpu_threads, dry_run=args.dry_run,
+                          tracking_uri=args.tracking_uri, shard=args.shard, quiet=args.quiet,
+                          stale_after_s=args.stale_after)
+    try:
+        summary = run_grid(spec, options)
+    except KeyboardInterrupt:
+        print(f"grid {spec.name}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    if args.dry_run:
+        return 0
+    print(describe_summary(summary))
+    return 1 if summary.failed else 0
+
+
+def cmd_report(args) -> int:
+    from lab.report import build_report
+
+    report = build_report(args.grid, args.tracking_uri, args.out)
+    print(report.markdown)
+    print(f"\nwritten to {report.out_dir} (and logged to the grid's parent run)")
     return 0
+
+
+def cmd_demo(args) -> int:
+    from pathlib import Path
+
+    from lab.grid import GridOptions, describe_summary, load_grid, run_grid
+    from lab.report import build_report
+
+    spec = load_grid(Path(__file__).resolve().parents[1] / "ablations" / "smoke.yaml")
+    # Two one-thread workers: a tiny model gains nothing from a second intra-op thread.
+    workers = args.cpu_workers or min(2, os.cpu_count() or 1)
+    summary = run_grid(spec, GridOptions(tracking_uri=args.tracking_uri, quiet=args.quiet,
+                                         cpu_workers=workers, cpu_threads=1))
+    print(describe_summary(summary))
+    print(build_report(spec.name, args.tracking_uri).markdown)
+    print("Browse it: gatelab ui   (then open http://127.0.0.1:5000)")
+    return 1 if summary.failed else 0
 
 
 def cmd_bench(args) -> int:
@@ -253,7 +291,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI of the sweep's runs")
     p.set_defaults(func=cmd_sweep_report)
 
-    p = _parser(sub, "demo", "the main job on the synthetic corpus, on CPU in a few minutes")
+    p = _parser(sub, "grid", "run an ablation grid (variants x LRs x seeds), resumable, into MLflow")
+    p.add_argument("file", help="grid file, e.g. ablations/core.yaml")
+    p.add_argument("--preset", help="replace the file's preset")
+    p.add_argument("--data", help="replace the file's data source")
+    p.add_argument("--tokens", help="replace the file's token budget, e.g. 2e5")
+    p.add_argument("--seeds", help="replace the file's seeds, e.g. 0,1,2")
+    p.add_argument("--lrs", help="replace the file's learning rates, e.g. 1e-3,3e-3")
+    p.add_argument("--variants", help="replace the file's variants: slugs, comma-separated, or all")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="add a config override for every cell")
+    p.add_argument("--gpus", help="all (default) or CUDA indices, e.g. 0,1: one worker per GPU")
+    p.add_argument("--cpu-workers", type=int, default=1,
+                   help="cells trained at once without GPUs (default 1)")
+    p.add_argument("--cpu-threads", type=int,
+                   help="torch threads per CPU worker (default: cores / workers)")
+    p.add_argument("--shard", help="run only shard i of n (i/n), for grids spread over machines")
+    p.add_argument("--stale-after", type=float, default=600.0,
+                   help="seconds without a heartbeat after which another host's run counts as "
+                   "dead (default 600)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the cells, parameter counts and a time estimate; run nothing")
+    _add_tracking(p)
+    p.set_defaults(func=cmd_grid)
+
+    p = _parser(sub, "report", "compare the variants of a grid: tables (Markdown, CSV) and plots")
+    p.add_argument("grid", help="grid name (the MLflow experiment)")
+    p.add_argument("--out", help="output folder (default reports/<grid>)")
+    p.add_argument("--tracking-uri")
+    p.set_defaults(func=cmd_report)
+
+    p = _parser(sub, "demo", "the smoke grid on the synthetic corpus and its report, on CPU in "
+                "a few minutes")
+    p.add_argument("--cpu-workers", type=int, help="cells trained at once (default: 2, or 1 "
+                   "on a one-core machine)")
     _add_tracking(p)
     p.set_defaults(func=cmd_demo)
 

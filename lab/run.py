@@ -159,7 +159,7 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
                           mlflow_client if primary else None, run_id, started)
         status = "FINISHED"
         return RunResult(run_id, status, metrics, monitor.diverged_step)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into sys.exit(1)
         status = "KILLED"
         raise
     finally:

@@ -1,0 +1,1019 @@
+"""The ablation grid: a YAML file -> validated cells -> workers -> one MLflow run per cell.
+
+A grid file (`ablations/*.yaml`) names the experiment, the preset, the data, the token
+budget, the variants, the seeds, the learning rates and config overrides. Every cell
+(variant x lr x seed) is resolved through `lab.config.resolve` and its data opened before
+anything is written to MLflow, so a typo costs nothing.
+
+MLflow layout: one experiment per grid name; one parent run per grid (found again on a
+rerun); one child run per cell named `variant/lr=.../seed=...`, tagged variant, lr, seed,
+preset and config_hash (the hash of the fully resolved config: the cell's identity).
+
+Resume. A rerun skips cells that have a FINISHED child run with the same config_hash. A
+child run still RUNNING is alive only if its owner is: each run carries the tag
+`gatelab.owner` = `host:pid:start`, the process that executes it (its start time from
+/proc guards against a reused pid). On the owner's host the run is dead when that process
+is gone; from another host it is dead when its `gatelab.heartbeat` tag (refreshed every
+HEARTBEAT_S by the worker) is older than `stale_after_s`. Dead runs are marked KILLED and
+their cell continues in the same run from its last checkpoint (`train_run(run_id=...)`),
+so a cell ends with exactly one FINISHED run; a killed run without a checkpoint stays
+KILLED and the cell starts a fresh run. Worker processes watch the grid process's identity
+and end within a second of it, so a SIGKILLed grid leaves no orphan writing to the store.
+
+Failures are per cell: a run that fails (CUDA out of memory, a full disk, any error) is
+marked FAILED with the tag `gatelab.failure` saying why, and the grid moves on. A diverged
+run is FINISHED with the tag `diverged=true` (lab/run.py) and is not rerun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import math
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lab.config import RunConfig, from_dict, resolve
+from lab.errors import LabError
+
+GRID_FIELDS = ("name", "preset", "data", "tokens", "variants", "seeds", "lrs", "overrides")
+REQUIRED_FIELDS = ("name", "variants")
+# Fields that the grid's own axes set: an override of them would silently defeat the grid.
+AXIS_OVERRIDES = {"train.lr": "lrs", "train.seed": "seeds", "train.tokens": "tokens"}
+
+PARENT_TAG = "gatelab.grid_parent"
+GRID_TAG = "gatelab.grid"
+OWNER_TAG = "gatelab.owner"
+HEARTBEAT_TAG = "gatelab.heartbeat"
+FAILURE_TAG = "gatelab.failure"
+FAILURE_KIND_TAG = "gatelab.failure_kind"
+HEARTBEAT_S = 60.0
+STALE_AFTER_S = 600.0
+
+# Time estimate without measurements: 6 N FLOPs per token (Kaplan et al., 2020) at a rate
+# we assume per worker, plus a fixed cost per run (process, store, validation and test).
+ASSUMED_FLOPS = {"cpu": 1.5e10, "cuda": 1e14}
+ASSUMED_RUN_OVERHEAD_S = 5.0
+
+
+# --- the grid file ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GridSpec:
+    name: str
+    variants: tuple[str, ...] | str          # slugs, or "all"
+    preset: str = "tiny"
+    data: str = "synthetic"
+    tokens: float | None = None              # None: the preset's budget
+    seeds: tuple[int, ...] = (0,)
+    lrs: tuple[float, ...] | None = None     # None: the preset's LR
+    lr_sweep: str | None = None              # lrs: {from_sweep: <name>}
+    overrides: dict = field(default_factory=dict)
+
+
+def _number(where: str, value, positive: bool = True) -> float:
+    """YAML 1.1 reads `2e5` as a string; numbers may come either way."""
+    if isinstance(value, bool):
+        raise LabError(f"{where}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise LabError(f"{where}: expected a number, got {value!r}") from None
+    if positive and not number > 0 or not math.isfinite(number):
+        raise LabError(f"{where}: must be a positive number, got {value!r}")
+    return number
+
+
+def _seed(where: str, value) -> int:
+    number = _number(where, value, positive=False)
+    if number != int(number) or number < 0:
+        raise LabError(f"{where}: seeds are non-negative integers, got {value!r}")
+    return int(number)
+
+
+def _unique(where: str, values: list) -> tuple:
+    if not values:
+        raise LabError(f"{where}: must list at least one value")
+    if len(set(values)) != len(values):
+        raise LabError(f"{where}: lists a value twice: {values}")
+    return tuple(values)
+
+
+def _list(where: str, value) -> list:
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [value]
+
+
+def parse_seeds(value, where: str = "seeds") -> tuple[int, ...]:
+    return _unique(where, [_seed(where, v) for v in _list(where, value)])
+
+
+def parse_lrs(value, where: str = "lrs") -> tuple[float, ...]:
+    return _unique(where, [_number(where, v) for v in _list(where, value)])
+
+
+def parse_variants(value, where: str = "variants") -> tuple[str, ...] | str:
+    if value == "all" or value == ["all"]:
+        return "all"
+    names = _list(where, value)
+    for name in names:
+        if not isinstance(name, str):
+            raise LabError(f"{where}: variant names are strings, got {name!r}")
+    return _unique(where, names)
+
+
+def _overrides(where: str, value) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise LabError(f"{where}: expected a mapping of dotted keys, e.g. {{train.val_every: 50}}")
+    out = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise LabError(f"{where}: keys are dotted field names, got {key!r}")
+        if key in AXIS_OVERRIDES:
+            raise LabError(f"{where}.{key}: set this with the grid's `{AXIS_OVERRIDES[key]}` field")
+        if isinstance(item, (dict, list)):
+            raise LabError(f"{where}.{key}: expected a single value, got {item!r}")
+        out[key] = item
+    return out
+
+
+def grid_from_dict(raw, source: str = "grid file") -> GridSpec:
+    if not isinstance(raw, dict):
+        raise LabError(f"{source}: expected a mapping with fields {', '.join(GRID_FIELDS)}")
+    unknown = [k for k in raw if k not in GRID_FIELDS]
+    if unknown:
+        raise LabError(f"{source}: unknown field {unknown[0]!r}; allowed: {', '.join(GRID_FIELDS)}")
+    missing = [k for k in REQUIRED_FIELDS if raw.get(k) in (None, "", [])]
+    if missing:
+        raise LabError(f"{source}: missing field {missing[0]!r}")
+    name = raw["name"]
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise LabError(f"name: {name!r} must be letters, digits, '_', '.' or '-' "
+                       "(it names the MLflow experiment and the report folder)")
+    for key in ("preset", "data"):
+        if key in raw and not isinstance(raw[key], str):
+            raise LabError(f"{key}: expected a string, got {raw[key]!r}")
+    lrs, lr_sweep = None, None
+    if raw.get("lrs") is not None:
+        if isinstance(raw["lrs"], dict):
+            if set(raw["lrs"]) != {"from_sweep"} or not isinstance(raw["lrs"]["from_sweep"], str):
+                raise LabError("lrs: expected a list of learning rates or {from_sweep: <sweep name>}")
+            lr_sweep = raw["lrs"]["from_sweep"]
+        else:
+            lrs = parse_lrs(raw["lrs"])
+    return GridSpec(
+        name=name, variants=parse_variants(raw["variants"]),
+        preset=raw.get("preset") or "tiny", data=raw.get("data") or "synthetic",
+        tokens=None if raw.get("tokens") is None else _number("tokens", raw["tokens"]),
+        seeds=parse_seeds(raw["seeds"]) if raw.get("seeds") is not None else (0,),
+        lrs=lrs, lr_sweep=lr_sweep, overrides=_overrides("overrides", raw.get("overrides")))
+
+
+def load_grid(path: str | Path) -> GridSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise LabError(f"grid file: {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise LabError(f"grid file {path}: malformed YAML{where}: {problem}") from None
+    return grid_from_dict(raw, f"grid file {path}")
+
+
+def with_cli(spec: GridSpec, preset=None, data=None, tokens=None, seeds=None, lrs=None,
+             variants=None, overrides=None) -> GridSpec:
+    """Command-line flags replace the file's fields (`--set` adds overrides)."""
+    changes: dict = {}
+    if preset is not None:
+        changes["preset"] = preset
+    if data is not None:
+        changes["data"] = data
+    if tokens is not None:
+        changes["tokens"] = _number("--tokens", tokens)
+    if seeds is not None:
+        changes["seeds"] = parse_seeds(seeds, "--seeds")
+    if lrs is not None:
+        changes["lrs"], changes["lr_sweep"] = parse_lrs(lrs, "--lrs"), None
+    if variants is not None:
+        changes["variants"] = parse_variants(variants, "--variants")
+    if overrides:
+        from lab.config import _split_pair
+
+        extra = dict(_split_pair(p) for p in overrides)
+        changes["overrides"] = {**spec.overrides, **_overrides("--set", extra)}
+    return dataclasses.replace(spec, **changes)
+
+
+# --- cells ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cell:
+    variant: str
+    lr: float
+    seed: int
+    config: RunConfig          # resolved, with the data's vocabulary
+
+    @property
+    def name(self) -> str:
+        return cell_name(self.variant, self.lr, self.seed)
+
+    @property
+    def config_hash(self) -> str:
+        return self.config.hash()
+
+
+def cell_name(variant: str, lr: float, seed: int) -> str:
+    return f"{variant}/lr={lr:g}/seed={seed}"
+
+
+def _variants(spec: GridSpec) -> list[str]:
+    """`all`: every registered variant that resolves at the grid's preset (MoE-only variants
+    drop out of a dense preset); an explicit list must resolve entirely."""
+    from lab.gates import VARIANTS
+
+    if spec.variants != "all":
+        return list(spec.variants)
+    available = []
+    for slug in VARIANTS:
+        try:
+            resolve(slug, spec.preset, spec.overrides, data=spec.data, tokens=spec.tokens)
+            available.append(slug)
+        except LabError:
+            continue
+    return available
+
+
+def _learning_rates(spec: GridSpec, variants: list[str]) -> dict[str, tuple[float, ...] | None]:
+    if spec.lr_sweep is None:
+        return {v: spec.lrs for v in variants}
+    try:
+        from lab.sweep import best_lrs
+    except ImportError:
+        raise LabError("lrs.from_sweep: sweeps are not available in this installation "
+                       "(no lab.sweep); list learning rates instead") from None
+    best = best_lrs(spec.lr_sweep)
+    missing = [v for v in variants if v not in best]
+    if missing:
+        raise LabError(f"lrs.from_sweep: sweep {spec.lr_sweep!r} has no best LR for "
+                       f"{', '.join(missing)}; run the sweep for them or list lrs")
+    return {v: (float(best[v]),) for v in variants}
+
+
+def plan(spec: GridSpec) -> list[Cell]:
+    """Every cell of the grid, resolved and validated, with its data opened (a missing or
+    corrupt corpus fails here, before any run). Seeds outermost, so a grid stopped half-way
+    already holds whole comparisons at its first seeds."""
+    from lab.run import open_data
+
+    variants = _variants(spec)
+    if not variants:
+        raise LabError(f"variants: none is available at preset {spec.preset!r}")
+    lrs = _learning_rates(spec, variants)
+    configs = []
+    for seed in spec.seeds:
+        for variant in variants:
+            for lr in lrs[variant] or (None,):
+                config = resolve(variant, spec.preset, spec.overrides, data=spec.data,
+                                 tokens=spec.tokens, seed=seed, lr=lr)
+                configs.append(config)
+    opened: dict = {}
+    cells = []
+    for config in configs:
+        key = dataclasses.astuple(config.data)
+        if key not in opened:
+            opened[key] = open_data(config)[0].vocab_size
+        config = dataclasses.replace(config, model=dataclasses.replace(
+            config.model, vocab_size=opened[key]))
+        cells.append(Cell(config.variant, config.train.lr, config.train.seed, config))
+    return cells
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not int(match[1]) < int(match[2]):
+        raise LabError(f"--shard: expected i/n with 0 <= i < n, e.g. 0/2, got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def shard_cells(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
+    """Cell k belongs to shard k mod n: every machine gets a mix of variants and seeds."""
+    if shard is None:
+        return cells
+    index, count = shard
+    return [cell for k, cell in enumerate(cells) if k % count == index]
+
+
+def parse_gpus(text: str | None) -> list[str]:
+    """`all` or a comma list of CUDA indices -> the device ids workers are pinned to."""
+    import torch
+
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if text is None or text == "all":
+        return [str(i) for i in range(available)]
+    if available == 0:
+        raise LabError("--gpus: no CUDA device is visible; leave --gpus out to run on CPU")
+    ids = [g.strip() for g in text.split(",") if g.strip()]
+    for gpu in ids:
+        if not gpu.isdigit() or int(gpu) >= available:
+            raise LabError(f"--gpus: {gpu!r} is not one of all, "
+                           f"{', '.join(str(i) for i in range(available))}")
+    return list(dict.fromkeys(ids))
+
+
+# --- time estimate ---------------------------------------------------------------------
+
+def measured_tokens_per_s(uri: str, preset: str, data: str) -> tuple[float, int] | None:
+    """Median end-to-end tokens/s (tokens seen / wall time, overheads included) of FINISHED
+    runs of this preset and data already in the store; None without any."""
+    from lab import tracking
+
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return None
+    try:
+        client = tracking.client(uri)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(experiments, f"attributes.status = 'FINISHED' and "
+                                  f"tags.preset = '{preset}' and tags.data = '{data}'",
+                                  max_results=500) if experiments else []
+    except Exception:  # an unreadable store only means no measurement
+        return None
+    rates = sorted(r.data.metrics["tokens/seen"] / r.data.metrics["time/wall_s"] for r in runs
+                   if r.data.metrics.get("time/wall_s") and r.data.metrics.get("tokens/seen"))
+    return (rates[len(rates) // 2], len(rates)) if rates else None
+
+
+def estimate(cells: list[Cell], counts: list[dict], uri: str, workers: int,
+             device: str) -> tuple[list[float], str]:
+    """Seconds per cell and a sentence saying what the estimate rests on."""
+    spec = cells[0].config
+    measured = measured_tokens_per_s(uri, spec.preset, spec.data.source)
+    if measured:
+        rate, n = measured
+        seconds = [c.config.train.tokens / rate for c in cells]
+        basis = (f"median of {n} finished {spec.preset} runs in the store: {rate:,.0f} tokens/s "
+                 "end to end")
+    else:
+        flops = ASSUMED_FLOPS[device]
+        seconds = [6 * n["total"] * c.config.train.tokens / flops + ASSUMED_RUN_OVERHEAD_S
+                   for c, n in zip(cells, counts)]
+        basis = (f"6 x params x tokens FLOPs at an assumed {flops:.1e} FLOP/s per {device} "
+                 f"worker + {ASSUMED_RUN_OVERHEAD_S:.0f} s per run (no finished runs of this "
+                 "preset in the store to measure)")
+    return seconds, basis
+
+
+def print_dry_run(spec: GridSpec, cells: list[Cell], uri: str, workers: int, device: str) -> None:
+    from lab.progress import duration
+    from lab.run import count_params
+
+    counts = [count_params(c.config) for c in cells]
+    seconds, basis = estimate(cells, counts, uri, workers, device)
+    width = max(len(c.name) for c in cells)
+    print(f"grid {spec.name}: {len(cells)} cells, preset {spec.preset}, data {spec.data}, "
+          f"{cells[0].config.train.tokens:,.0f} tokens per run")
+    print(f"{'cell':{width}}  {'params':>12}  {'added':>10}  {'est.':>8}  config_hash")
+    for cell, count, secs in zip(cells, counts, seconds):
+        print(f"{cell.name:{width}}  {count['total']:>12,}  {count['added']:>10,}  "
+              f"{duration(secs):>8}  {cell.config_hash}")
+    total = sum(seconds) / max(1, min(workers, len(cells)))
+    print(f"estimated time: {duration(total)} on {workers} {device} worker(s); basis: {basis}")
+
+
+# --- who owns a run -------------------------------------------------------------------
+
+def _process_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), '' where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def owner_identity(pid: int | None = None) -> str:
+    pid = pid or os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
+
+
+def owner_alive(owner: str | None, heartbeat: str | None, stale_after_s: float = STALE_AFTER_S,
+                now: float | None = None) -> bool:
+    if not owner:
+        return False
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return False
+    host, pid, start = parts[0], int(parts[1]), parts[2]
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # exists, owned by someone else
+        return not start or _process_start(pid) == start
+    try:
+        return (now or time.time()) - float(heartbeat) < stale_after_s
+    except (TypeError, ValueError):
+        return False
+
+
+# --- the store ------------------------------------------------------------------------
+
+def _search_all(client, experiment_id: str, filter_string: str) -> list:
+    from mlflow.entities import ViewType
+
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, ViewType.ACTIVE_ONLY,
+                                  max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_parent(client, experiment_id: str) -> str | None:
+    runs = _search_all(client, experiment_id, f"tags.`{PARENT_TAG}` = 'true'")
+    runs.sort(key=lambda r: (r.info.start_time, r.info.run_id))
+    return runs[0].info.run_id if runs else None
+
+
+def find_or_create_parent(client, experiment_id: str, name: str) -> str:
+    """One parent per grid. Two grid processes starting at once may both create one; the
+    earliest wins and the other deletes its own."""
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+    found = find_parent(client, experiment_id)
+    if found:
+        return found
+    mine = client.create_run(experiment_id, tags={MLFLOW_RUN_NAME: name, PARENT_TAG: "true",
+                                                  GRID_TAG: name}).info.run_id
+    winner = find_parent(client, experiment_id)
+    if winner != mine:
+        client.delete_run(mine)
+    return winner
+
+
+def child_runs(client, experiment_id: str, parent_run_id: str) -> list:
+    return _search_all(client, experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+@dataclass
+class Task:
+    index: int
+    name: str
+    config: RunConfig
+    run_id: str | None = None      # an existing run to continue (resume, or pre-created)
+    resumed: bool = False
+
+
+@dataclass
+class Outcome:
+    index: int
+    name: str
+    status: str                    # FINISHED or FAILED
+    run_id: str | None = None
+    val_ppl: float | None = None
+    diverged_step: int | None = None
+    wall_s: float = 0.0
+    failure: str | None = None
+
+    def text(self) -> str:
+        if self.status != "FINISHED":
+            return f"FAILED: {self.failure}"
+        if self.diverged_step is not None:
+            return f"diverged at step {self.diverged_step} (FINISHED, tagged diverged)"
+        return f"val/ppl {self.val_ppl:.3f} in {self.wall_s:.0f} s"
+
+
+@dataclass
+class Plan:
+    tasks: list[Task]
+    done: list[Cell]
+    busy: list[Cell]
+    killed: list[str]
+
+
+def reconcile(client, cells: list[Cell], runs: list, stale_after_s: float = STALE_AFTER_S) -> Plan:
+    """What each cell needs: nothing (a FINISHED run), nothing now (a live RUNNING run), a
+    resume (a dead run with a checkpoint), or a fresh run. Dead RUNNING runs become KILLED."""
+    from lab.run import checkpoint_dir
+
+    by_hash: dict[str, list] = {}
+    for run in runs:
+        by_hash.setdefault(run.data.tags.get("config_hash"), []).append(run)
+    tasks, done, busy, killed = [], [], [], []
+    for index, cell in enumerate(cells):
+        mine = sorted(by_hash.get(cell.config_hash, []), key=lambda r: r.info.start_time)
+        if any(r.info.status == "FINISHED" for r in mine):
+            done.append(cell)
+            continue
+        live = False
+        for run in mine:
+            if run.info.status != "RUNNING":
+                continue
+            if owner_alive(run.data.tags.get(OWNER_TAG), run.data.tags.get(HEARTBEAT_TAG),
+                           stale_after_s):
+                live = True
+                continue
+            client.set_terminated(run.info.run_id, "KILLED")
+            client.set_tag(run.info.run_id, "gatelab.killed_reason",
+                           f"owner {run.data.tags.get(OWNER_TAG)} was gone when the grid resumed")
+            run.info._status = "KILLED"
+            killed.append(run.info.run_id)
+        if live:
+            busy.append(cell)
+            continue
+        resumable = [r for r in mine if r.info.status == "KILLED"
+                     and (checkpoint_dir(r.info.run_id) / "last.ckpt").exists()]
+        if resumable:
+            tasks.append(Task(index, cell.name, cell.config, resumable[-1].info.run_id, True))
+        else:
+            tasks.append(Task(index, cell.name, cell.config))
+    return Plan(tasks, done, busy, killed)
+
+
+# --- running one cell -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GridContext:
+    uri: str
+    experiment: str
+    parent_run_id: str
+    grid: str
+    quiet: bool
+
+
+def _caused_by(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def describe_failure(err: BaseException, config: RunConfig) -> tuple[str, str]:
+    """(kind, one-line message) for a failed cell: out of memory, disk full, bad input, error."""
+    import torch
+
+    from lab.data import cache_root
+    from lab.tracking import store_dir
+
+    chain = list(_caused_by(err))
+    text = " ".join(str(e) for e in chain)
+    if any(isinstance(e, torch.OutOfMemoryError) for e in chain) or "out of memory" in text.lower():
+        t = config.train
+        smaller = max(1, t.micro_batch // 2)
+        return "oom", (f"CUDA out of memory with {t.micro_batch} sequences x {config.model.context} "
+                       f"tokens per micro-batch: use a smaller micro-batch with gradient "
+                       f"accumulation, e.g. --set train.micro_batch_size={smaller} (the batch of "
+                       f"{t.batch_size} sequences and the results stay the same)")
+    if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain) or \
+            "no space left on device" in text.lower() or "database or disk is full" in text:
+        where = next((e.filename for e in chain if isinstance(e, OSError) and e.filename), None)
+        return "disk_full", (f"disk full{f' writing {where}' if where else ''}: free space for "
+                             f"the store ({store_dir()}) and the cache ({cache_root()}), then "
+                             "rerun the grid; finished cells are kept")
+    if isinstance(err, LabError):
+        return "config", str(err)
+    return "error", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+@contextmanager
+def heartbeat(client, run_id: str, every_s: float = HEARTBEAT_S):
+    """Refresh the run's heartbeat tag while it trains (how other hosts tell it is alive)."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(every_s):
+            try:
+                client.set_tag(run_id, HEARTBEAT_TAG, str(int(time.time())))
+            except Exception:
+                pass  # a missed beat only makes the run look older
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
+def create_cell_run(task: Task, ctx: GridContext, owner: str) -> str:
+    from lab.run import start_run
+
+    tags = {GRID_TAG: ctx.grid, OWNER_TAG: owner, HEARTBEAT_TAG: str(int(time.time()))}
+    return start_run(task.config, ctx.uri, ctx.experiment, task.name, ctx.parent_run_id, tags)
+
+
+def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = True) -> Outcome:
+    """Run one cell in this process: create (or take over) its run and train it. Any failure
+    is recorded on the run and returned; an interrupt propagates (the run ends KILLED)."""
+    from lab import tracking
+    from lab.progress import RunProgress
+    from lab.run import train_run
+    from lab.training import total_steps
+
+    client = tracking.client(ctx.uri)
+    run_id = task.run_id
+    started = time.time()
+    try:
+        if run_id is None:
+            run_id = create_cell_run(task, ctx, owner_identity())
+        elif lead_rank:
+            client.set_tag(run_id, OWNER_TAG, owner_identity())
+            client.set_tag(run_id, HEARTBEAT_TAG, str(int(time.time())))
+            if task.resumed:
+                client.set_tag(run_id, "gatelab.resumed", "true")
+        if on_start:
+            on_start(run_id)
+        config = task.config
+        callbacks = [] if ctx.quiet else [RunProgress(
+            task.name, total_steps(config), config.train.log_every,
+            config.train.batch_size * config.model.context)]
+        with heartbeat(client, run_id) if lead_rank else _nothing():
+            result = train_run(config, ctx.uri, ctx.experiment, run_id=run_id, quiet=True,
+                               callbacks=callbacks)
+        return Outcome(task.index, task.name, "FINISHED", run_id, result.metrics.get("val/ppl"),
+                       result.diverged_step, time.time() - started)
+    except Exception as err:
+        kind, message = describe_failure(err, task.config)
+        if run_id is not None and lead_rank:
+            try:  # best effort: on a full disk the store may refuse this too
+                client.set_tag(run_id, FAILURE_KIND_TAG, kind)
+                client.set_tag(run_id, FAILURE_TAG, message[:4000])
+                client.set_terminated(run_id, "FAILED")
+            except Exception:
+                pass
+        _release_memory()
+        return Outcome(task.index, task.name, "FAILED", run_id, wall_s=time.time() - started,
+                       failure=message)
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- worker processes -------------------------------------------------------------------
+
+def die_with_grid(grid_owner: str, every_s: float = 0.5) -> None:
+    """A worker must not outlive its grid process (a SIGKILLed grid would leave it writing
+    to the store): a watchdog thread ends this process once the grid's identity (see
+    owner_alive) is gone. Forkserver workers are not the grid's children, so the kernel's
+    parent-death signal would not reach them."""
+
+    def watch():
+        while owner_alive(grid_owner, None):
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _worker_main(env: dict, threads: int, grid_owner: str, ctx: GridContext, tasks, results):
+    os.environ.update(env)
+    die_with_grid(grid_owner)
+    _set_threads(threads)
+    try:
+        while True:
+            task = tasks.get()
+            if task is None:
+                return
+            notify = lambda run_id, index=task.index: results.put(("started", index, run_id))  # noqa: E731
+            results.put(("outcome", task.index, execute_cell(task, ctx, on_start=notify)))
+    except (KeyboardInterrupt, SystemExit):
+        return
+
+
+class WorkerPool:
+    """One process per slot (a GPU, or a share of the CPU cores), each taking cells from
+    its own queue, so the pool knows which cell a crashed worker held.
+
+    GPU workers start fresh interpreters (spawn): each must see only its own device, and a
+    process that has asked CUDA anything cannot hand a working CUDA to a fork. CPU workers
+    fork from a server that has imported torch, Lightning and MLflow once (forkserver), so
+    four workers do not pay four interpreter start-ups. Workers watch the grid process and
+    end with it."""
+
+    def __init__(self, slots: list[dict], threads: int, ctx: GridContext):
+        import multiprocessing
+
+        if any(slots):
+            self.mp = multiprocessing.get_context("spawn")
+        else:
+            self.mp = multiprocessing.get_context("forkserver")
+            self.mp.set_forkserver_preload(["torch", "lightning", "mlflow", "mlflow.tracking"])
+        self.slots, self.threads, self.ctx = slots, threads, ctx
+        self.results = self.mp.Queue()
+        self.workers = [self._start(slot) for slot in slots]
+
+    def _start(self, slot: dict):
+        tasks = self.mp.Queue()
+        process = self.mp.Process(target=_worker_main, daemon=True,
+                                  args=(slot, self.threads, owner_identity(), self.ctx, tasks,
+                                        self.results))
+        process.start()
+        return process, tasks
+
+    def run(self, tasks: list[Task], on_outcome, on_dispatch) -> None:
+        pending = deque(tasks)
+        holding: dict[int, Task] = {}     # worker slot -> task
+        run_ids: dict[int, str] = {}      # task index -> run id
+        while pending or holding:
+            for slot in range(len(self.workers)):
+                if slot not in holding and pending:
+                    task = pending.popleft()
+                    holding[slot] = task
+                    self.workers[slot][1].put(task)
+                    on_dispatch(task, self.slots[slot])
+            try:
+                kind, index, payload = self.results.get(timeout=1.0)
+            except queue.Empty:
+                kind = None
+            if kind == "started":
+                run_ids[index] = payload
+            elif kind == "outcome":
+                slot = next(s for s, t in holding.items() if t.index == index)
+                del holding[slot]
+                on_outcome(payload)
+            for slot, task in list(holding.items()):
+                process = self.workers[slot][0]
+                if process.is_alive() or not self.results.empty():
+                    continue
+                # The worker died holding a cell (killed by the OS, a segfault): record it.
+                reason = (f"worker process exited with code {process.exitcode} while training "
+                          "(killed by the operating system, e.g. out of host memory?)")
+                _fail_run(self.ctx, run_ids.get(task.index), "worker_died", reason)
+                del holding[slot]
+                self.workers[slot] = self._start(self.slots[slot])
+                on_outcome(Outcome(task.index, task.name, "FAILED", run_ids.get(task.index),
+                                   failure=reason))
+
+    def close(self) -> None:
+        for process, tasks in self.workers:
+            if process.is_alive():
+                tasks.put(None)
+        for process, _ in self.workers:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+
+
+def _fail_run(ctx: GridContext, run_id: str | None, kind: str, reason: str) -> None:
+    if run_id is None:
+        return
+    from lab import tracking
+
+    client = tracking.client(ctx.uri)
+    client.set_tag(run_id, FAILURE_KIND_TAG, kind)
+    client.set_tag(run_id, FAILURE_TAG, reason)
+    client.set_terminated(run_id, "FAILED")
+
+
+def run_ddp_cell(task: Task, ctx: GridContext, gpus: list[str]) -> Outcome:
+    """A cell with train.devices > 1: one Lightning DDP job over the grid's GPUs, in its own
+    process (Lightning starts the other ranks by re-running that process's command line, so
+    it must be a command that runs just this cell). The run is created here so every rank
+    logs to the same one."""
+    if task.run_id is None:
+        task = dataclasses.replace(task, run_id=create_cell_run(task, ctx, owner_identity()))
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_file, outcome_file = Path(tmp) / "cell.json", Path(tmp) / "outcome.json"
+        spec_file.write_text(json.dumps({"task": {**dataclasses.asdict(task),
+                                                  "config": task.config.to_dict()},
+                                         "ctx": dataclasses.asdict(ctx)}, default=str))
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(gpus),
+                   GATELAB_GRID_OWNER=owner_identity())
+        code = subprocess.call([sys.executable, "-m", "lab.grid", "--run-cell", str(spec_file),
+                                "--outcome", str(outcome_file)], env=env)
+        if outcome_file.exists():
+            return Outcome(**json.loads(outcome_file.read_text()))
+    reason = f"DDP job exited with code {code} before recording an outcome"
+    _fail_run(ctx, task.run_id, "worker_died", reason)
+    return Outcome(task.index, task.name, "FAILED", task.run_id, failure=reason)
+
+
+def _run_cell_main(argv: list[str]) -> int:
+    """`python -m lab.grid --run-cell SPEC --outcome FILE`: one cell, for DDP jobs."""
+    spec = json.loads(Path(argv[argv.index("--run-cell") + 1]).read_text())
+    outcome_file = Path(argv[argv.index("--outcome") + 1])
+    lead = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    if os.environ.get("GATELAB_GRID_OWNER"):
+        die_with_grid(os.environ["GATELAB_GRID_OWNER"])
+    raw = spec["task"]
+    task = Task(raw["index"], raw["name"], from_dict(raw["config"]), raw["run_id"], raw["resumed"])
+    outcome = execute_cell(task, GridContext(**spec["ctx"]), lead_rank=lead)
+    if lead:
+        tmp = outcome_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(outcome)))
+        os.replace(tmp, outcome_file)
+    return 0
+
+
+# --- the grid ----------------------------------------------------------------------------
+
+@dataclass
+class GridOptions:
+    gpus: str | None = None
+    cpu_workers: int = 1
+    cpu_threads: int | None = None   # torch threads per CPU worker; None: cores / workers
+    dry_run: bool = False
+    tracking_uri: str | None = None
+    shard: str | None = None
+    quiet: bool = False
+    stale_after_s: float = STALE_AFTER_S
+
+
+@dataclass
+class GridSummary:
+    name: str
+    cells: int
+    already_done: int
+    outcomes: list[Outcome]
+    busy: int = 0
+    killed: list[str] = field(default_factory=list)
+    parent_run_id: str | None = None
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status != "FINISHED"]
+
+
+def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
+    """Validate every cell, then run the ones the store does not already hold."""
+    from lab import tracking
+
+    shard = parse_shard(options.shard)
+    gpus = parse_gpus(options.gpus)
+    if options.cpu_workers < 1:
+        raise LabError(f"--cpu-workers: must be at least 1, got {options.cpu_workers}")
+    if options.cpu_threads is not None and options.cpu_threads < 1:
+        raise LabError(f"--cpu-threads: must be at least 1, got {options.cpu_threads}")
+    # Small models gain little from intra-op threads and lose much when threads outnumber
+    # free cores, so CPU workers split the cores between them.
+    cpu_threads = options.cpu_threads or max(1, (os.cpu_count() or 1) // options.cpu_workers)
+    all_cells = plan(spec)
+    cells = shard_cells(all_cells, shard)
+    devices = cells[0].config.train.devices
+    if gpus and devices > len(gpus):
+        raise LabError(f"train.devices: {devices} GPUs per run but only {len(gpus)} given "
+                       f"({','.join(gpus)})")
+    uri = tracking.tracking_uri(options.tracking_uri)
+    device = "cuda" if gpus else "cpu"
+    workers = (1 if devices > 1 else len(gpus)) if gpus else options.cpu_workers
+    if options.dry_run:
+        print_dry_run(spec, cells, uri, workers, device)
+        return GridSummary(spec.name, len(cells), 0, [])
+
+    client = tracking.client(uri)
+    experiment = tracking.experiment_id(client, spec.name, uri)
+    parent = find_or_create_parent(client, experiment, spec.name)
+    client.update_run(parent, status="RUNNING")
+    tracking.log_dict_artifact(client, parent, _spec_dict(spec), "grid.yaml")
+    work = reconcile(client, cells, child_runs(client, experiment, parent), options.stale_after_s)
+    ctx = GridContext(uri, spec.name, parent, spec.name, options.quiet)
+    progress = _progress(spec.name, work, workers, options.quiet)
+    outcomes: list[Outcome] = []
+
+    def finished(outcome: Outcome) -> None:
+        outcomes.append(outcome)
+        progress.cell_done(outcome.name, outcome.text(), outcome.status != "FINISHED")
+
+    def dispatched(task: Task, where) -> None:
+        resumed = " (resuming from its checkpoint)" if task.resumed else ""
+        progress.say(f"start {task.name}{resumed}" + (f" on {where}" if where else ""))
+
+    previous_term = _sigterm_as_interrupt()
+    try:
+        if not work.tasks:
+            pass
+        elif devices > 1 and gpus:
+            for task in work.tasks:
+                dispatched(task, f"GPUs {','.join(gpus)} (DDP)")
+                finished(run_ddp_cell(task, ctx, gpus))
+        elif workers == 1 and not (gpus and options.gpus not in (None, "all")):
+            if not gpus:
+                _set_threads(cpu_threads)
+            for task in work.tasks:
+                dispatched(task, None)
+                finished(execute_cell(task, ctx))
+        else:
+            slots = [{"CUDA_VISIBLE_DEVICES": g} for g in gpus] or [{}] * options.cpu_workers
+            threads = max(1, (os.cpu_count() or 1) // len(gpus)) if gpus else cpu_threads
+            pool = WorkerPool(slots, threads, ctx)
+            try:
+                pool.run(work.tasks, finished, lambda task, slot: dispatched(
+                    task, f"GPU {slot['CUDA_VISIBLE_DEVICES']}" if slot else "a CPU worker"))
+            finally:
+                pool.close()
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into sys.exit(1)
+        client.set_terminated(parent, "KILLED")
+        raise KeyboardInterrupt from None
+    finally:
+        signal.signal(signal.SIGTERM, previous_term) if previous_term is not None else None
+    summary = GridSummary(spec.name, len(cells), len(work.done), outcomes, len(work.busy),
+                          work.killed, parent)
+    _close_parent(client, experiment, parent, {c.config_hash for c in all_cells}, summary)
+    return summary
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _spec_dict(spec: GridSpec) -> dict:
+    out = dataclasses.asdict(spec)
+    out["variants"] = list(spec.variants) if spec.variants != "all" else "all"
+    return out
+
+
+def _progress(name: str, work: Plan, workers: int, quiet: bool):
+    from lab.progress import GridProgress
+
+    progress = GridProgress(name, len(work.tasks), len(work.done), workers, quiet)
+    if work.killed:
+        progress.say(f"marked {len(work.killed)} run(s) of a dead grid process KILLED")
+    if work.done:
+        progress.say(f"{len(work.done)} cell(s) already FINISHED in the store: skipped")
+    if work.busy:
+        progress.say(f"{len(work.busy)} cell(s) are running in another live process: left to it")
+    progress.say(f"{len(work.tasks)} cell(s) to run")
+    return progress
+
+
+def _close_parent(client, experiment: str, parent: str, wanted: set[str],
+                  summary: GridSummary) -> None:
+    """FINISHED once every cell of the whole grid has a FINISHED run; FAILED when cells
+    failed; left RUNNING while other shards or processes still work on it."""
+    finished_hashes = {r.data.tags.get("config_hash") for r in child_runs(client, experiment, parent)
+                       if r.info.status == "FINISHED"}
+    if wanted <= finished_hashes:
+        client.set_terminated(parent, "FINISHED")
+    elif summary.failed:
+        client.set_terminated(parent, "FAILED")
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler stopping the job) ends runs as KILLED, like Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def describe_summary(summary: GridSummary) -> str:
+    ran = len(summary.outcomes)
+    finished = summary.already_done + ran - len(summary.failed)
+    lines = [f"grid {summary.name}: {finished}/{summary.cells} cells FINISHED "
+             f"({ran} run now, {summary.already_done} already finished"
+             + (f", {summary.busy} running elsewhere" if summary.busy else "") + ")"]
+    for outcome in summary.failed:
+        lines.append(f"  FAILED {outcome.name}: {outcome.failure}")
+    if summary.failed:
+        lines.append("  rerun the same command to retry failed cells; finished cells are kept")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(_run_cell_main(sys.argv[1:]))

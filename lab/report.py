@@ -1,0 +1,394 @@
+"""`gatelab report <grid>`: compare a grid's variants from what MLflow holds.
+
+One row per variant: validation perplexity over seeds (mean +- sample std, and a 95%
+confidence interval from the t-distribution with n-1 degrees of freedom), the difference
+to the baseline paired by seed (the same seed gives every variant the same data order and
+the same initial draw of the shared weights, so differences are far less noisy than the
+spread of either), with its own t interval; loss spikes; divergences; the analysis metrics
+where runs carry them; and the paper's delta-PPL (MoE-15A2B, lab.gates) beside ours with
+whether the sign agrees.
+
+With several learning rates in a grid, each variant's row is at its best LR (lowest mean
+validation perplexity over seeds, diverged runs counting as worse than any); every
+(variant, LR) pair is in `all_lrs.csv` and the LR plot.
+
+Outputs go to `reports/<grid>/` (report.md, report.csv, all_lrs.csv, loss_curves.png,
+delta_ppl.png, lr_vs_loss.png) and are logged to the grid's parent run under `report/`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lab.errors import LabError
+
+ANALYSIS_PREFIXES = ("gate/mean", "sink/first_token_attn", "act/max_mean", "long/ppl@")
+BASELINE = "baseline"
+CONFIDENCE = 0.95
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    variant: str
+    lr: float
+    seed: int
+    metrics: dict
+    diverged: bool
+
+    @property
+    def val_ppl(self) -> float | None:
+        value = self.metrics.get("val/ppl")
+        return None if self.diverged or value is None or not math.isfinite(value) else value
+
+
+@dataclass
+class Interval:
+    mean: float
+    std: float | None
+    low: float | None
+    high: float | None
+    n: int
+
+
+def t_interval(values: list[float], confidence: float = CONFIDENCE) -> Interval | None:
+    """Mean, sample std and the two-sided t confidence interval (None below two values)."""
+    from scipy import stats
+
+    if not values:
+        return None
+    array = np.asarray(values, dtype=np.float64)
+    mean = float(array.mean())
+    if len(array) < 2:
+        return Interval(mean, None, None, None, 1)
+    std = float(array.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(array) - 1)) * std / math.sqrt(len(array))
+    return Interval(mean, std, mean - half, mean + half, len(array))
+
+
+@dataclass
+class Row:
+    variant: str
+    lr: float
+    runs: list[RunRecord]
+    ppl: Interval | None
+    delta: Interval | None = None
+    paper_delta: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def diverged(self) -> int:
+        return sum(r.diverged for r in self.runs)
+
+    @property
+    def spikes(self) -> int:
+        return int(sum(r.metrics.get("spikes/count", 0) for r in self.runs))
+
+    @property
+    def max_spike_excess(self) -> float:
+        return max((r.metrics.get("spikes/max_excess", 0.0) for r in self.runs), default=0.0)
+
+    @property
+    def direction(self) -> str:
+        """Does our delta have the paper's sign? 'yes', 'no', with '(CI spans 0)' when our
+        interval does not exclude zero; '-' when either side has no delta."""
+        if self.paper_delta is None or self.delta is None or self.variant == BASELINE \
+                or self.paper_delta == 0:
+            return "-"
+        agrees = "yes" if (self.delta.mean < 0) == (self.paper_delta < 0) else "no"
+        if self.delta.low is not None and self.delta.low <= 0 <= self.delta.high:
+            agrees += " (CI spans 0)"
+        return agrees
+
+
+@dataclass
+class Report:
+    grid: str
+    rows: list[Row]
+    all_rows: list[Row]
+    markdown: str
+    out_dir: Path
+    files: list[Path]
+
+
+# --- reading the store ------------------------------------------------------------------
+
+def load_runs(grid: str, uri: str | None = None) -> tuple[object, str, list[RunRecord]]:
+    """The grid's FINISHED child runs (the latest per config hash)."""
+    from lab import tracking
+    from lab.grid import child_runs, find_parent
+
+    uri = tracking.tracking_uri(uri)
+    client = tracking.client(uri)
+    experiment = client.get_experiment_by_name(grid)
+    parent = find_parent(client, experiment.experiment_id) if experiment else None
+    if parent is None:
+        grids = [e.name for e in client.search_experiments()
+                 if find_parent(client, e.experiment_id)]
+        raise LabError(f"report: no grid named {grid!r} in {uri}; grids there: "
+                       f"{', '.join(grids) or 'none (run `gatelab grid FILE` first)'}")
+    latest: dict[str, object] = {}
+    for run in child_runs(client, experiment.experiment_id, parent):
+        if run.info.status != "FINISHED":
+            continue
+        key = run.data.tags.get("config_hash", run.info.run_id)
+        if key not in latest or run.info.end_time > latest[key].info.end_time:
+            latest[key] = run
+    records = [RunRecord(r.info.run_id, r.data.tags.get("variant", "?"),
+                         float(r.data.tags.get("lr", "nan")), int(r.data.tags.get("seed", -1)),
+                         dict(r.data.metrics), r.data.tags.get("diverged") == "true")
+               for r in latest.values()]
+    if not records:
+        raise LabError(f"report: grid {grid!r} has no FINISHED runs yet")
+    return client, parent, records
+
+
+def _variant_order(variant: str) -> tuple:
+    from lab.gates import VARIANTS
+
+    order = list(VARIANTS)
+    return (variant != BASELINE, order.index(variant) if variant in order else len(order), variant)
+
+
+# --- the table ------------------------------------------------------------------------------
+
+def _rank(row: Row) -> tuple:
+    # Lower is better; a group with diverged runs or no perplexity ranks after all others.
+    return (row.diverged > 0, row.ppl is None, row.ppl.mean if row.ppl else 0.0)
+
+
+def build_rows(records: list[RunRecord]) -> tuple[list[Row], list[Row]]:
+    """(one row per variant at its best LR, one row per variant and LR)."""
+    from lab.gates import VARIANTS
+
+    groups: dict[tuple[str, float], list[RunRecord]] = {}
+    for record in records:
+        groups.setdefault((record.variant, record.lr), []).append(record)
+    all_rows = []
+    for (variant, lr), runs in groups.items():
+        runs.sort(key=lambda r: r.seed)
+        row = Row(variant, lr, runs, t_interval([r.val_ppl for r in runs if r.val_ppl is not None]))
+        row.paper_delta = VARIANTS[variant].paper_delta_ppl if variant in VARIANTS else None
+        all_rows.append(row)
+    best: dict[str, Row] = {}
+    for row in all_rows:
+        if row.variant not in best or _rank(row) < _rank(best[row.variant]):
+            best[row.variant] = row
+    baseline = best.get(BASELINE)
+    for row in all_rows:
+        if baseline is not None:
+            row.delta = paired_delta(row, baseline)
+        row.extra = analysis_metrics(row.runs)
+    all_rows.sort(key=lambda r: (_variant_order(r.variant), r.lr))
+    rows = sorted(best.values(), key=lambda r: _variant_order(r.variant))
+    return rows, all_rows
+
+
+def paired_delta(row: Row, baseline: Row) -> Interval | None:
+    """PPL(variant) - PPL(baseline) per seed present and finite in both, then its t interval."""
+    base = {r.seed: r.val_ppl for r in baseline.runs if r.val_ppl is not None}
+    diffs = [r.val_ppl - base[r.seed] for r in row.runs if r.val_ppl is not None and r.seed in base]
+    return t_interval(diffs)
+
+
+def analysis_metrics(runs: list[RunRecord]) -> dict[str, float]:
+    """Mean over seeds of every analysis metric a run carries (another module logs them)."""
+    names = sorted({k for r in runs for k in r.metrics if k.startswith(ANALYSIS_PREFIXES)})
+    out = {}
+    for name in names:
+        values = [r.metrics[name] for r in runs if name in r.metrics and math.isfinite(r.metrics[name])]
+        if values:
+            out[name] = float(np.mean(values))
+    return out
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _fmt_interval(interval: Interval | None, signed: bool = False) -> tuple[str, str]:
+    if interval is None:
+        return "-", "-"
+    sign = "+" if signed else ""
+    centre = f"{interval.mean:{sign}.3f}" + ("" if interval.std is None else f" ± {interval.std:.3f}")
+    ci = "-" if interval.low is None else f"[{interval.low:{sign}.3f}, {interval.high:{sign}.3f}]"
+    return centre, ci
+
+
+def markdown_table(rows: list[Row]) -> str:
+    extras = sorted({k for r in rows for k in r.extra})
+    header = ["variant", "lr", "seeds", "val PPL (mean ± std)", "95% CI", "Δ PPL vs baseline",
+              "Δ 95% CI", "paper Δ PPL", "same sign", "spikes", "diverged", *extras]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        ppl, ppl_ci = _fmt_interval(row.ppl)
+        delta, delta_ci = ("0 (reference)", "-") if row.variant == BASELINE else \
+            _fmt_interval(row.delta, signed=True)
+        paper = "-" if row.paper_delta is None else "0 (reference)" if row.variant == BASELINE \
+            else f"{row.paper_delta:+.3f}"
+        cells = [row.variant, f"{row.lr:g}", str(len(row.runs)), ppl, ppl_ci, delta, delta_ci,
+                 paper, row.direction, str(row.spikes), f"{row.diverged}/{len(row.runs)}",
+                 *[_fmt(row.extra.get(k), 4) for k in extras]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    extras = sorted({k for r in rows for k in r.extra})
+    columns = ["variant", "lr", "n_runs", "n_ppl", "val_ppl_mean", "val_ppl_std", "val_ppl_ci_low",
+               "val_ppl_ci_high", "delta_ppl_mean", "delta_ppl_std", "delta_ppl_ci_low",
+               "delta_ppl_ci_high", "n_paired", "paper_delta_ppl", "same_sign", "spikes",
+               "max_spike_excess", "diverged", *extras]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in rows:
+            p, d = row.ppl, row.delta
+            writer.writerow([row.variant, row.lr, len(row.runs), p.n if p else 0,
+                             p and p.mean, p and p.std, p and p.low, p and p.high,
+                             d and d.mean, d and d.std, d and d.low, d and d.high,
+                             d.n if d else 0, row.paper_delta, row.direction, row.spikes,
+                             row.max_spike_excess, row.diverged,
+                             *[row.extra.get(k) for k in extras]])
+
+
+# --- plots ---------------------------------------------------------------------------------
+
+def _artifact_json(client, run_id: str, name: str):
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, name, tmp)
+        except Exception:
+            return None
+        return json.loads(Path(path).read_text())
+
+
+def loss_history(client, run_id: str) -> tuple[list[int], list[float]]:
+    """The run's per-step training loss: the loss_history.json artifact (every step), else
+    MLflow's train/loss history (every log interval)."""
+    data = _artifact_json(client, run_id, "loss_history.json")
+    if data and data.get("step"):
+        return list(data["step"]), list(data["loss"])
+    history = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)
+    return [m.step for m in history], [m.value for m in history]
+
+
+def plot_loss_curves(client, rows: list[Row], path: Path) -> None:
+    """Every run's training loss, one colour per variant, spike peaks marked with x."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 6))
+    colours = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
+    for index, row in enumerate(rows):
+        colour = colours(index % colours.N)
+        for k, run in enumerate(row.runs):
+            steps, losses = loss_history(client, run.run_id)
+            if not steps:
+                continue
+            ax.plot(steps, losses, color=colour, linewidth=0.8, alpha=0.8,
+                    label=row.variant if k == 0 else None)
+            by_step = dict(zip(steps, losses))
+            peaks = [s["peak_step"] for s in _artifact_json(client, run.run_id, "spikes.json") or []]
+            peaks = [p for p in peaks if p in by_step and math.isfinite(by_step[p])]
+            if peaks:
+                ax.scatter(peaks, [by_step[p] for p in peaks], marker="x", s=40, color=colour,
+                           zorder=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats)")
+    ax.set_title("training loss per run (x: detected loss spikes)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_deltas(rows: list[Row], path: Path) -> None:
+    """Δ PPL vs baseline with 95% CIs (bars), and the paper's Δ (diamonds)."""
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r.variant != BASELINE and r.delta is not None]
+    fig, ax = plt.subplots(figsize=(9, 0.4 * len(shown) + 1.5))
+    y = np.arange(len(shown))
+    means = [r.delta.mean for r in shown]
+    errors = [[r.delta.mean - r.delta.low if r.delta.low is not None else 0 for r in shown],
+              [r.delta.high - r.delta.mean if r.delta.high is not None else 0 for r in shown]]
+    ax.barh(y, means, xerr=errors, color="tab:blue", alpha=0.7, capsize=3, label="ours (95% CI)")
+    paper = [(i, r.paper_delta) for i, r in enumerate(shown) if r.paper_delta is not None]
+    if paper:
+        ax.scatter([p for _, p in paper], [i for i, _ in paper], marker="D", color="tab:red",
+                   zorder=3, label="paper (MoE-15A2B)")
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(y, [r.variant for r in shown], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("Δ validation PPL vs baseline (negative is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_lr(all_rows: list[Row], path: Path) -> None:
+    """Final validation loss against learning rate, one line per variant (mean over seeds)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    variants = sorted({r.variant for r in all_rows}, key=_variant_order)
+    for variant in variants:
+        points = sorted((r.lr, np.mean([x.metrics["val/final_loss"] for x in r.runs
+                                        if "val/final_loss" in x.metrics and not x.diverged]))
+                        for r in all_rows if r.variant == variant
+                        and any("val/final_loss" in x.metrics and not x.diverged for x in r.runs))
+        if points:
+            ax.plot(*zip(*points), marker="o", label=variant)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final validation loss (nats, mean over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- the report ----------------------------------------------------------------------------
+
+def build_report(grid: str, uri: str | None = None, out: str | Path | None = None,
+                 log_to_parent: bool = True) -> Report:
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one per artifact
+
+    client, parent, records = load_runs(grid, uri)
+    rows, all_rows = build_rows(records)
+    out_dir = Path(out or Path("reports") / grid)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows)
+    n_lrs = len({r.lr for r in all_rows})
+    note = (f"{len(records)} finished runs; rows at each variant's best of {n_lrs} learning rates"
+            if n_lrs > 1 else f"{len(records)} finished runs")
+    markdown = (f"## Grid {grid}\n\n{note}. PPL: validation perplexity; CIs: 95%, t-distribution "
+                "over seeds; Δ paired by seed; paper Δ: MoE-15A2B (Tables 1, 3, 4, 6).\n\n"
+                f"{table}\n")
+    files = [out_dir / "report.md", out_dir / "report.csv", out_dir / "all_lrs.csv",
+             out_dir / "loss_curves.png", out_dir / "delta_ppl.png"]
+    files[0].write_text(markdown)
+    write_csv(rows, files[1])
+    write_csv(all_rows, files[2])
+    plot_loss_curves(client, rows, files[3])
+    plot_deltas(rows, files[4])
+    if n_lrs > 1:
+        files.append(out_dir / "lr_vs_loss.png")
+        plot_lr(all_rows, files[-1])
+    if log_to_parent:
+        for file in files:
+            client.log_artifact(parent, str(file), artifact_path="report")
+    return Report(grid, rows, all_rows, markdown, out_dir, files)

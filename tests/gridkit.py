@@ -1,0 +1,105 @@
+"""Shared by the grid, report and reliability tests: a throwaway MLflow store per test and
+a grid small enough to train in about a second per cell on one CPU thread."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Worker and fork-server processes import from sys.path, where '' would mean the changed
+# working directory of a test: name this checkout and this folder explicitly.
+for _path in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+# 16 steps of 8 windows of 32 tokens; validation (and a checkpoint) every 4 steps.
+TINY_OVERRIDES = {"model.context": 32, "train.batch_size": 8, "train.val_every": 4,
+                  "train.val_batches": 2, "train.log_every": 2}
+TINY_TOKENS = 4096
+
+
+def tiny_grid(name: str, variants, seeds=(0,), lrs=(3e-3,), **overrides) -> dict:
+    return {"name": name, "preset": "tiny", "data": "synthetic", "tokens": TINY_TOKENS,
+            "variants": list(variants), "seeds": list(seeds), "lrs": list(lrs),
+            "overrides": {**TINY_OVERRIDES, **overrides}}
+
+
+def _shared_dir() -> Path:
+    # Outside the repository, shared by test sessions: the synthetic corpus and an empty,
+    # migrated MLflow database are deterministic and slow to make.
+    path = Path(tempfile.gettempdir()) / "gatelab-tests"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def _template_db() -> Path:
+    import mlflow
+
+    template = _shared_dir() / f"mlflow-{mlflow.__version__}.db"
+    if not template.exists():
+        work = Path(tempfile.mkdtemp(dir=_shared_dir()))
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(f"sqlite:///{work / 'mlflow.db'}").search_experiments()
+        os.replace(work / "mlflow.db", template)
+        shutil.rmtree(work, ignore_errors=True)
+    return template
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> str:
+    """A fresh store under tmp_path (copied from a migrated empty database); returns its URI."""
+    root = tmp_path / "mlruns"
+    root.mkdir()
+    shutil.copy(_template_db(), root / "mlflow.db")
+    monkeypatch.setenv("GATELAB_STORE", str(root))
+    monkeypatch.setenv("GATELAB_CACHE", str(_shared_dir() / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def run_statuses(uri: str, experiment: str) -> dict[str, list[str]]:
+    """Child runs' statuses by run name, read with sqlite3 (no MLflow engine in this process,
+    which matters for tests that fork)."""
+    path = uri[len("sqlite:///"):]
+    with sqlite3.connect(path, timeout=30) as db:
+        rows = db.execute(
+            "SELECT r.name, r.status FROM runs r JOIN experiments e ON r.experiment_id = "
+            "e.experiment_id WHERE e.name = ? AND r.lifecycle_stage = 'active' AND EXISTS "
+            "(SELECT 1 FROM tags t WHERE t.run_uuid = r.run_uuid AND t.key = 'mlflow.parentRunId')",
+            (experiment,)).fetchall()
+    out: dict[str, list[str]] = {}
+    for name, status in rows:
+        out.setdefault(name, []).append(status)
+    return out
+
+
+def run_grid_process(raw: dict, env: dict) -> None:
+    """Target of a forked grid process (the crash tests SIGKILL it)."""
+    os.environ.update(env)
+    from lab.grid import GridOptions, grid_from_dict, run_grid
+
+    run_grid(grid_from_dict(raw), GridOptions(quiet=True, cpu_threads=1))
+
+
+def nothing() -> None:
+    """Target that only makes the fork server start."""
+
+
+def grid_processes():
+    """Processes forked from a clean server that has imported the lab once: a SIGKILL trial
+    then costs a fork, not an interpreter start with torch, Lightning and MLflow."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    # Third-party modules only: the server preloads before it takes the test's sys.path,
+    # so a preloaded `lab` could be another checkout's.
+    context.set_forkserver_preload(["torch", "lightning", "mlflow", "mlflow.tracking", "yaml"])
+    return context

@@ -1,0 +1,191 @@
+"""lab/grid.py: grid files, cells, the MLflow layout, resume, workers and per-cell failures."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from gridkit import run_statuses, store, tiny_grid  # noqa: F401 (fixture)
+from lab.errors import LabError
+from lab.grid import (GridOptions, grid_from_dict, load_grid, owner_alive, owner_identity,
+                      parse_shard, plan, run_grid, shard_cells, with_cli)
+
+
+def _runs(uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], "")
+
+
+def test_grid_file_reads_yaml_numbers_and_cli_flags_replace_fields(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("name: g\nvariants: [baseline, sdpa_headwise_sigmoid_mul]\ntokens: 2e5\n"
+                    "seeds: [0, 1]\nlrs: [3e-3, 1e-3]\noverrides: {train.val_every: 50}\n")
+    spec = load_grid(path)
+    assert spec.tokens == 2e5 and spec.lrs == (3e-3, 1e-3) and spec.seeds == (0, 1)
+    assert spec.preset == "tiny" and spec.data == "synthetic"
+    spec = with_cli(spec, tokens="1e4", seeds="2,3,4", variants="baseline",
+                    overrides=["train.log_every=7"])
+    assert spec.tokens == 1e4 and spec.seeds == (2, 3, 4) and spec.variants == ("baseline",)
+    assert spec.overrides == {"train.val_every": 50, "train.log_every": "7"}
+    cells = plan(spec)
+    assert [c.name for c in cells] == [f"baseline/lr={lr:g}/seed={s}" for s in (2, 3, 4)
+                                       for lr in (3e-3, 1e-3)]
+    assert all(c.config.train.val_every == 50 and c.config.train.log_every == 7 for c in cells)
+    assert len({c.config_hash for c in cells}) == len(cells)
+
+
+def test_all_means_every_variant_available_at_the_preset():
+    cells = plan(grid_from_dict({"name": "a", "variants": "all", "tokens": 1e4}))
+    variants = {c.variant for c in cells}
+    assert "baseline_add4experts" not in variants  # MoE-only, the tiny preset is dense
+    assert {"baseline", "sdpa_elementwise_sigmoid_mul", "switchhead_v_1top1"} <= variants
+    assert cells[0].variant == "baseline"
+
+
+def test_lrs_from_sweep_asks_the_sweep_module(monkeypatch):
+    import types
+
+    fake = types.ModuleType("lab.sweep")
+    fake.best_lrs = lambda name, storage=None: {"baseline": 1e-3, "sdpa_headwise_sigmoid_mul": 4e-3}
+    monkeypatch.setitem(sys.modules, "lab.sweep", fake)
+    spec = grid_from_dict({"name": "s", "variants": ["baseline", "sdpa_headwise_sigmoid_mul"],
+                           "lrs": {"from_sweep": "lr-tiny"}, "tokens": 1e4})
+    assert {(c.variant, c.lr) for c in plan(spec)} == {("baseline", 1e-3),
+                                                       ("sdpa_headwise_sigmoid_mul", 4e-3)}
+    fake.best_lrs = lambda name, storage=None: {"baseline": 1e-3}
+    with pytest.raises(LabError, match="sdpa_headwise_sigmoid_mul"):
+        plan(spec)
+
+
+def test_shards_partition_the_cells():
+    cells = plan(grid_from_dict({"name": "s", "variants": ["baseline", "sdpa_headwise_sigmoid_mul"],
+                                 "seeds": [0, 1, 2], "tokens": 1e4}))
+    parts = [shard_cells(cells, parse_shard(f"{i}/3")) for i in range(3)]
+    assert sorted(c.name for p in parts for c in p) == sorted(c.name for c in cells)
+    assert all(len(p) == 2 for p in parts)
+    with pytest.raises(LabError, match="--shard"):
+        parse_shard("3/3")
+
+
+def test_dry_run_prints_cells_counts_and_estimate_and_writes_nothing(store, capsys, tmp_path):
+    spec = grid_from_dict(tiny_grid("dry", ["baseline", "sdpa_elementwise_sigmoid_mul"]))
+    run_grid(spec, GridOptions(dry_run=True))
+    out = capsys.readouterr().out
+    from lab.run import count_params
+
+    for cell in plan(spec):
+        counts = count_params(cell.config)
+        assert f"{counts['total']:,}  {counts['added']:>10,}" in out
+        assert cell.name in out and cell.config_hash in out
+    assert "estimated time" in out and "basis:" in out
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(store).get_experiment_by_name("dry") is None
+
+
+def test_grid_layout_and_rerun_skips_finished_cells(store):
+    """Parent run per grid, one child per cell with its tags; a rerun runs nothing; more
+    seeds run only the new cells, under the same parent."""
+    raw = tiny_grid("layout", ["baseline", "sdpa_headwise_sigmoid_mul"])
+    options = GridOptions(quiet=True, cpu_threads=1)
+    first = run_grid(grid_from_dict(raw), options)
+    assert [o.status for o in first.outcomes] == ["FINISHED", "FINISHED"]
+    client, runs = _runs(store, "layout")
+    parents = [r for r in runs if r.data.tags.get("gatelab.grid_parent") == "true"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    for run in children:
+        tags, metrics = run.data.tags, run.data.metrics
+        assert tags["mlflow.runName"] == f"{tags['variant']}/lr={tags['lr']}/seed={tags['seed']}"
+        assert tags["preset"] == "tiny" and len(tags["config_hash"]) == 16
+        for name in ("val/ppl", "test/ppl", "val/best_loss", "val/final_loss", "tokens/seen",
+                     "time/wall_s", "params/total", "params/added", "spikes/count",
+                     "spikes/max_excess"):
+            assert name in metrics, name
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"spikes.json", "loss_history.json", "config.yaml"} <= artifacts
+
+    again = run_grid(grid_from_dict(raw), options)
+    assert again.outcomes == [] and again.already_done == 2
+    more = run_grid(grid_from_dict({**raw, "seeds": [0, 1]}), options)
+    assert len(more.outcomes) == 2 and more.already_done == 2
+    assert {n: s for n, s in run_statuses(store, "layout").items()} == {
+        f"{v}/lr=0.003/seed={s}": ["FINISHED"] for v in ("baseline", "sdpa_headwise_sigmoid_mul")
+        for s in (0, 1)}
+    _, runs = _runs(store, "layout")
+    assert sum(r.data.tags.get("gatelab.grid_parent") == "true" for r in runs) == 1
+
+
+def test_four_cpu_workers_write_one_sqlite_store(store):
+    """Four worker processes train and log at once into one SQLite store: every cell is
+    recorded exactly once, with all its metrics."""
+    variants = ["baseline", "sdpa_elementwise_sigmoid_mul", "sdpa_headwise_sigmoid_mul",
+                "value_elementwise_sigmoid_mul"]
+    summary = run_grid(grid_from_dict(tiny_grid("four", variants)),
+                       GridOptions(cpu_workers=4, cpu_threads=1, quiet=True))
+    assert sorted(o.status for o in summary.outcomes) == ["FINISHED"] * 4, \
+        [o.failure for o in summary.outcomes]
+    assert run_statuses(store, "four") == {f"{v}/lr=0.003/seed=0": ["FINISHED"] for v in variants}
+    client, runs = _runs(store, "four")
+    for run in runs:
+        if run.data.tags.get("mlflow.parentRunId"):
+            assert {"val/ppl", "test/ppl", "params/total"} <= set(run.data.metrics)
+            assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 8
+
+
+def test_a_failing_cell_is_marked_failed_and_the_grid_moves_on(store, monkeypatch):
+    """CUDA OOM and a full disk, injected into two cells' training steps: each ends FAILED
+    with a tag saying why (OOM: a smaller micro-batch), and the other cells finish."""
+    from lab.training import LanguageModel
+
+    original = LanguageModel.training_step
+
+    def failing_step(self, batch, batch_idx):
+        if self.config.variant == "sdpa_headwise_sigmoid_mul":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if self.config.variant == "value_elementwise_sigmoid_mul" and self.global_step == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", "/store/last.ckpt")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(LanguageModel, "training_step", failing_step)
+    variants = ["sdpa_headwise_sigmoid_mul", "value_elementwise_sigmoid_mul", "baseline"]
+    summary = run_grid(grid_from_dict(tiny_grid("failing", variants)),
+                       GridOptions(quiet=True, cpu_threads=1))
+    by_variant = {o.name.split("/")[0]: o for o in summary.outcomes}
+    assert by_variant["baseline"].status == "FINISHED"
+    assert "train.micro_batch_size=4" in by_variant["sdpa_headwise_sigmoid_mul"].failure
+    assert by_variant["value_elementwise_sigmoid_mul"].failure.startswith("disk full writing")
+    _, runs = _runs(store, "failing")
+    kinds = {r.data.tags.get("variant"): (r.info.status, r.data.tags.get("gatelab.failure_kind"))
+             for r in runs if r.data.tags.get("mlflow.parentRunId")}
+    assert kinds == {"sdpa_headwise_sigmoid_mul": ("FAILED", "oom"),
+                     "value_elementwise_sigmoid_mul": ("FAILED", "disk_full"),
+                     "baseline": ("FINISHED", None)}
+    parent = next(r for r in runs if r.data.tags.get("gatelab.grid_parent"))
+    assert parent.info.status == "FAILED"
+
+
+def test_owner_liveness():
+    assert owner_alive(owner_identity(), None)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert not owner_alive(owner_identity(child.pid), None)  # exited
+    host, pid, start = owner_identity().rsplit(":", 2)
+    assert not owner_alive(f"{host}:{pid}:{start}0", None)    # pid reused by another process
+    now = time.time()
+    other = "elsewhere.invalid:123:456"
+    assert socket.gethostname() != "elsewhere.invalid"
+    assert owner_alive(other, str(int(now - 30)), stale_after_s=600, now=now)
+    assert not owner_alive(other, str(int(now - 900)), stale_after_s=600, now=now)
+    assert not owner_alive(None, None)

@@ -1,0 +1,131 @@
+"""lab/report.py: statistics over seeds, paired deltas, the paper's deltas, files and plots,
+on a grid written straight into MLflow (no training: the numbers are chosen)."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+from gridkit import store  # noqa: F401 (fixture)
+from lab.errors import LabError
+
+T_975_DF2 = 4.302652729911275  # two-sided 95% t quantile, 2 degrees of freedom
+
+PPL = {  # (variant, lr) -> val/ppl by seed 0, 1, 2 (None: diverged)
+    ("baseline", 3e-3): [10.0, 10.4, 10.2],
+    ("baseline", 1e-3): [11.0, 11.2, 11.1],
+    ("sdpa_elementwise_sigmoid_mul", 3e-3): [9.5, 9.8, 9.9],
+    ("key_elementwise_sigmoid_mul", 3e-3): [10.1, 10.3, 10.3],
+    ("value_elementwise_sigmoid_mul", 3e-3): [9.9, 10.0, None],
+}
+
+
+def write_grid(uri: str, name: str = "fake") -> str:
+    from mlflow.tracking import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    from lab import tracking
+    from lab.grid import cell_name, find_or_create_parent
+
+    client = MlflowClient(uri)
+    experiment = tracking.experiment_id(client, name, uri)
+    parent = find_or_create_parent(client, experiment, name)
+
+    def run(variant, lr, seed, ppl, status="FINISHED"):
+        tags = {MLFLOW_PARENT_RUN_ID: parent, MLFLOW_RUN_NAME: cell_name(variant, lr, seed),
+                "variant": variant, "lr": f"{lr:g}", "seed": str(seed),
+                "config_hash": f"{variant}-{lr}-{seed}", "diverged": str(ppl is None).lower()}
+        run_id = client.create_run(experiment, tags=tags).info.run_id
+        metrics = {"spikes/count": 1 if variant == "baseline" else 0,
+                   "spikes/max_excess": 0.3 if variant == "baseline" else 0.0}
+        if ppl is not None:
+            metrics.update({"val/ppl": ppl, "val/final_loss": math.log(ppl)})
+        if variant.startswith("sdpa"):
+            metrics["gate/mean"] = 0.1 + seed / 100
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, value)
+        tracking.log_dict_artifact(client, run_id, {"step": [1, 2, 3], "loss": [6.0, 5.0 + seed,
+                                                                               4.0]},
+                                   "loss_history.json")
+        tracking.log_dict_artifact(client, run_id, [{"start_step": 2, "peak_step": 2,
+                                                     "end_step": 2, "max_excess": 0.3}]
+                                   if variant == "baseline" else [], "spikes.json")
+        client.set_terminated(run_id, status)
+        return run_id
+
+    for (variant, lr), values in PPL.items():
+        for seed, ppl in enumerate(values):
+            run(variant, lr, seed, ppl)
+    # Neither a failed attempt nor a stale duplicate of a cell may count.
+    run("sdpa_elementwise_sigmoid_mul", 3e-3, 0, 1.0, status="FAILED")
+    return parent
+
+
+def test_report_statistics_deltas_and_the_papers_direction(store, tmp_path):
+    from lab.report import build_report
+
+    parent = write_grid(store)
+    report = build_report("fake", store, tmp_path / "out")
+    rows = {r.variant: r for r in report.rows}
+    assert list(rows) == ["baseline", "sdpa_elementwise_sigmoid_mul",
+                          "value_elementwise_sigmoid_mul", "key_elementwise_sigmoid_mul"]
+    assert rows["baseline"].lr == 3e-3  # the better of its two LRs
+
+    gate = rows["sdpa_elementwise_sigmoid_mul"]
+    assert gate.ppl.mean == pytest.approx(29.2 / 3)
+    assert gate.ppl.std == pytest.approx(0.2081666, rel=1e-6)
+    half = T_975_DF2 * 0.2081666 / math.sqrt(3)
+    assert (gate.ppl.low, gate.ppl.high) == pytest.approx((29.2 / 3 - half, 29.2 / 3 + half),
+                                                          rel=1e-6)
+    # Paired by seed: (-0.5, -0.6, -0.3).
+    assert gate.delta.mean == pytest.approx(-1.4 / 3)
+    half = T_975_DF2 * 0.1527525 / math.sqrt(3)
+    assert (gate.delta.low, gate.delta.high) == pytest.approx((-1.4 / 3 - half, -1.4 / 3 + half),
+                                                              rel=1e-6)
+    assert gate.paper_delta == pytest.approx(-0.265) and gate.direction == "yes"
+    assert gate.extra == {"gate/mean": pytest.approx(0.11)}
+
+    # (+0.1, -0.1, +0.1): the paper's sign is negative; our interval spans zero.
+    assert rows["key_elementwise_sigmoid_mul"].direction == "no (CI spans 0)"
+    value = rows["value_elementwise_sigmoid_mul"]
+    assert value.diverged == 1 and value.ppl.n == 2 and value.delta.n == 2
+    assert rows["baseline"].spikes == 3 and rows["baseline"].direction == "-"
+
+    text = report.markdown
+    for variant in rows:
+        assert f"| {variant} |" in text
+    assert "| 1/3 |" in text and "gate/mean" in text
+
+    with open(tmp_path / "out" / "report.csv") as handle:
+        table = {r["variant"]: r for r in csv.DictReader(handle)}
+    assert float(table["sdpa_elementwise_sigmoid_mul"]["delta_ppl_mean"]) == pytest.approx(-1.4 / 3)
+    assert table["value_elementwise_sigmoid_mul"]["diverged"] == "1"
+    with open(tmp_path / "out" / "all_lrs.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == len(PPL)
+
+    for name in ("loss_curves.png", "delta_ppl.png", "lr_vs_loss.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
+    from mlflow.tracking import MlflowClient
+
+    logged = {a.path for a in MlflowClient(store).list_artifacts(parent, "report")}
+    assert {"report/report.md", "report/report.csv", "report/delta_ppl.png"} <= logged
+
+
+def test_one_seed_has_no_interval_and_an_unknown_grid_is_a_lab_error(store, tmp_path):
+    from lab.report import build_report, t_interval
+
+    single = t_interval([3.0])
+    assert single.mean == 3.0 and single.low is None and t_interval([]) is None
+    with pytest.raises(LabError, match="no grid named 'nothing'"):
+        build_report("nothing", store, tmp_path)
+
+
+def test_report_command_prints_every_variant(store, capsys, tmp_path):
+    from lab.cli import main
+
+    write_grid(store, "printed")
+    assert main(["report", "printed", "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert all(f"| {variant} |" in out for variant, _ in PPL)
