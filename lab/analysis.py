@@ -246,13 +246,15 @@ def _attention_layers(n_layers: int) -> list[int]:
 
 def probe_metrics(model, store: TokenStore, windows: int,
                   map_layers: Sequence[int] = ()) -> Analysis:
-    """F-Attn and the most-attended key on BOS-aligned and random windows; M-Act, gate
-    statistics and SDPA sparsity on the BOS-aligned ones."""
+    """F-Attn and the most-attended key on windows that open with BOS and on random windows;
+    M-Act, gate statistics and SDPA sparsity on the BOS ones. The BOS windows are spread over
+    the whole split with BOS at position 0 (bos_prefix), so there are as many distinct ones
+    as asked for even when the split holds a few long documents."""
     cfg = model.cfg
     gate = cfg.gate if any(b.attn.gate_active for b in model.blocks) else None
     result = Analysis()
     for suffix, aligned in (("", True), ("_random", False)):
-        data = eval_windows(store, "valid", cfg.context, windows, bos_aligned=aligned)
+        data = eval_windows(store, "valid", cfg.context, windows, bos_prefix=aligned)
         recorder = ProbeRecorder(cfg.n_layers, gate, store.eos_id, map_layers if aligned else ())
         record(model, data, recorder)
         _sink_metrics(recorder, suffix, result)
@@ -327,7 +329,7 @@ def _gate_metrics(recorder: ProbeRecorder, result: Analysis) -> None:
 
 @torch.no_grad()
 def long_context_perplexity(model, store: TokenStore, context: int, factors: Sequence[int],
-                            windows: int, bos_aligned: bool = False,
+                            windows: int, bos_aligned: bool = False, bos_prefix: bool = False,
                             autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Validation perplexity on windows of factor x context tokens (section 4.4 at our scale).
 
@@ -345,7 +347,7 @@ def long_context_perplexity(model, store: TokenStore, context: int, factors: Seq
     longest = max(factors) * context
     try:
         spans = eval_windows(store, "valid", longest, math.ceil(windows / max(factors)),
-                             bos_aligned=bos_aligned)
+                             bos_aligned=bos_aligned, bos_prefix=bos_prefix)
     except LabError as err:
         print(f"analysis: long-context perplexity skipped: {err}", flush=True)
         return {}
@@ -406,7 +408,8 @@ def analyze(model, store: TokenStore, config: RunConfig, windows: int | None = N
             bf16 = device.type == "cuda" and config.train.precision in ("auto", "bf16-mixed")
             result.metrics.update(long_context_perplexity(
                 model, store, config.model.context, factors, max(windows, 1),
-                config.data.bos_aligned, torch.bfloat16 if bf16 else None))
+                config.data.bos_aligned, config.data.bos_prefix,
+                torch.bfloat16 if bf16 else None))
     finally:
         model.train(was_training)
     return result

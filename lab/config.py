@@ -206,6 +206,7 @@ class DataConfig:
     source: str = "synthetic"
     vocab_size: int = 16384            # BPE vocabulary for text sources
     bos_aligned: bool = False          # start every training window at a document boundary
+    bos_prefix: bool = False           # random windows with BOS at position 0 (long documents)
     valid: str | None = None           # explicit valid/test files for text sources
     test: str | None = None
 

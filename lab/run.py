@@ -51,7 +51,10 @@ def count_params(config: RunConfig) -> dict[str, int]:
 def open_data(config: RunConfig) -> tuple[TokenStore, RunConfig]:
     d = config.data
     store = open_source(d.source, d.vocab_size, d.valid, d.test)
-    check_batch_fits(store, config.model.context, config.train.micro_batch, d.bos_aligned)
+    from lab.training import total_steps
+
+    check_batch_fits(store, config.model.context, config.train.micro_batch, d.bos_aligned,
+                     total_steps(config) * config.train.batch_size)
     return store, with_vocab(config, store.vocab_size)
 
 

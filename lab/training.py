@@ -145,7 +145,8 @@ class TokenDataModule(L.LightningDataModule):
     def train_dataloader(self):
         t = self.config.train
         sampler = WindowSampler(self.store, self.config.model.context, t.micro_batch, t.seed,
-                                self.config.data.bos_aligned)
+                                self.config.data.bos_aligned,
+                                bos_prefix=self.config.data.bos_prefix)
         rank = self.trainer.global_rank if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1
         start = self.start_step * accumulation(self.config)
@@ -156,7 +157,8 @@ class TokenDataModule(L.LightningDataModule):
     def _eval_loader(self, split: str):
         t = self.config.train
         windows = eval_windows(self.store, split, self.config.model.context,
-                               t.val_batches * t.micro_batch, self.config.data.bos_aligned)
+                               t.val_batches * t.micro_batch, self.config.data.bos_aligned,
+                               self.config.data.bos_prefix)
         return DataLoader(windows, batch_size=t.micro_batch, shuffle=False)
 
     def val_dataloader(self):

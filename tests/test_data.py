@@ -259,6 +259,36 @@ def test_bos_aligned_windows_start_with_bos(prepared):
     assert (unaligned != store.eos_id).any()
 
 
+def test_bos_prefix_windows_open_with_bos_anywhere_in_the_split(prepared):
+    """BOS then seq_len tokens of a random window: position 0 is BOS, and the windows are as
+    many and as varied as random windows (unlike document-start alignment)."""
+    store = prepared.store
+    tokens = np.asarray(store.tokens("train"))
+    prefixed = WindowSampler(store, seq_len=32, micro_batch=8, seed=0, bos_prefix=True)
+    plain = WindowSampler(store, seq_len=32, micro_batch=8, seed=0)
+    starts = set()
+    for index in range(10):
+        inputs, targets = prefixed.batch(index)
+        assert (inputs[:, 0] == store.eos_id).all()
+        # After BOS the window is the same stretch of text the plain sampler would draw.
+        assert torch.equal(targets, plain.batch(index)[0])
+        for row in targets.numpy():
+            matches = [o for o in range(len(tokens) - 32) if (tokens[o:o + 32] == row).all()]
+            starts.update(matches[:1])
+    assert len(starts) > len(store.document_starts("train"))
+    windows = eval_windows(store, "valid", 32, 6, bos_prefix=True)
+    assert windows.shape == (6, 33) and (windows[:, 0] == store.eos_id).all()
+
+
+def test_bos_aligned_refuses_a_run_that_would_memorise_its_few_documents(prepared):
+    store = prepared.store
+    starts = len(store.document_starts("train"))
+    check_batch_fits(store, seq_len=16, micro_batch=2, bos_aligned=True, train_windows=4 * starts)
+    with pytest.raises(LabError, match="data.bos_prefix=true"):
+        check_batch_fits(store, seq_len=16, micro_batch=2, bos_aligned=True,
+                         train_windows=4 * starts + 1)
+
+
 # --- bad input ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case, message", [

@@ -198,12 +198,12 @@ def test_missing_checkpoint_and_bad_format(tmp_path, monkeypatch, capsys):
 def test_text_corpus_ships_its_tokenizer(tmp_path):
     from tokenizers import Tokenizer
 
-    from lab.data import prepare_text
+    from lab.corpus import prepare
 
     text = tmp_path / "corpus.txt"
     text.write_text("<|endoftext|>".join(f"document {i}: the gate opens and the sink drains {i % 7}."
                                 for i in range(200)))
-    store = prepare_text([text], None, None, vocab_size=300, root=tmp_path / "cache")
+    store = prepare(str(text), vocab_size=300, out=tmp_path / "cache").store
     config = resolve("sdpa_headwise_sigmoid_mul", "tiny", data=str(store.path),
                      overrides=[f"model.vocab_size={store.vocab_size}"])
     write_checkpoint(tmp_path / "last.ckpt", config, Decoder(config.model), 3)
