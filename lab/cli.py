@@ -342,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSON output (default benchmarks/<date>-<presets>-x<devices>.json)")
     p.add_argument("--tracking-uri", help="store for the lab-path runs (default: a temporary one)")
     p.set_defaults(func=cmd_bench)
+
     p = _parser(sub, "export", "write a run's checkpoint as a Hugging Face Qwen3 model "
                 "(baseline, sdpa headwise / elementwise gates)")
     p.add_argument("run", help="an MLflow run id (its checkpoint in the store), a checkpoint "

@@ -286,6 +286,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def read_yaml(path, kind: str):
+    """A grid or sweep file -> its parsed YAML; a missing file or bad YAML is a LabError that
+    names the file and, for bad YAML, the line and column."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise LabError(f"{kind} file: {path} not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise LabError(f"{kind} file {path}: malformed YAML{where}: {problem}") from None
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     out.update(extra)

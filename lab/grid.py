@@ -46,9 +46,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
-from lab.config import RunConfig, from_dict, resolve
+from lab.config import RunConfig, from_dict, read_yaml, resolve
 from lab.errors import LabError
 
 GRID_FIELDS = ("name", "preset", "data", "tokens", "variants", "seeds", "lrs", "overrides")
@@ -191,15 +190,7 @@ def grid_from_dict(raw, source: str = "grid file") -> GridSpec:
 
 def load_grid(path: str | Path) -> GridSpec:
     path = Path(path)
-    if not path.is_file():
-        raise LabError(f"grid file: {path} not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise LabError(f"grid file {path}: malformed YAML{where}: {problem}") from None
+    raw = read_yaml(path, "grid")
     return grid_from_dict(raw, f"grid file {path}")
 
 

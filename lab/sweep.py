@@ -43,6 +43,7 @@ from typing import Any
 import lightning as L
 import yaml
 
+from lab.config import read_yaml
 from lab.errors import LabError, check_choice
 
 SAMPLERS = ("tpe", "random", "grid")
@@ -253,15 +254,7 @@ def parse_sweep(raw: Any, source: str = "sweep") -> Sweep:
 
 def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
-    if not path.is_file():
-        raise LabError(f"sweep file: not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        at = f" at line {where.line + 1}" if where else ""
-        raise LabError(f"sweep file {path}: malformed YAML{at}: "
-                       f"{getattr(err, 'problem', None) or err}") from None
+    raw = read_yaml(path, "sweep")
     return parse_sweep(raw, source=str(path))
 
 
