@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 
 from lab.config import RunConfig, resolve
@@ -107,35 +108,30 @@ def _rates(config: RunConfig, steps: int, elapsed: float, peak_gib: float | None
     return out
 
 
-class _SteadyStateTimer:
+class SteadyStateTimer(L.Callback):
     """Times the lab path from the end of warm-up to the end of training."""
 
-    def __new__(cls, warmup: int):
-        import lightning as L
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.start = self.end = None
+        self.start_step = self.end_step = warmup
 
-        class Timer(L.Callback):
-            def __init__(self):
-                self.start = self.end = None
-                self.start_step = warmup
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.start is None and trainer.global_step >= self.warmup:
+            _sync()
+            self.start, self.start_step = time.perf_counter(), trainer.global_step
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
 
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                if self.start is None and trainer.global_step >= warmup:
-                    _sync()
-                    self.start, self.start_step = time.perf_counter(), trainer.global_step
-                    if torch.cuda.is_available():
-                        torch.cuda.reset_peak_memory_stats()
-
-            def on_train_end(self, trainer, pl_module):
-                _sync()
-                self.end, self.end_step = time.perf_counter(), trainer.global_step
-
-        return Timer()
+    def on_train_end(self, trainer, pl_module):
+        _sync()
+        self.end, self.end_step = time.perf_counter(), trainer.global_step
 
 
 def lab_loop(config: RunConfig, steps: int, warmup: int, uri: str) -> dict:
     from lab.run import train_run
 
-    timer = _SteadyStateTimer(warmup)
+    timer = SteadyStateTimer(warmup)
     result = train_run(config, uri, experiment="bench", quiet=True, callbacks=[timer])
     if timer.start is None or timer.end_step <= timer.start_step:
         raise LabError("bench: the lab path finished before warm-up ended; raise --steps")

@@ -1,0 +1,41 @@
+import json
+
+from lab.bench import format_table, run_bench
+from lab.config import resolve
+from lab.flops import flops_per_token, model_flops_per_token, peak_tflops
+
+
+def test_peak_lookup_by_device_name():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H200") == 989.4
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("Some Future GPU") is None
+
+
+def test_model_flops_follow_the_palm_formula():
+    config = resolve("baseline", "tiny")
+    m = config.model
+    from lab.run import count_params
+
+    n = count_params(config)["total"]
+    expected = 6 * n + 12 * m.n_layers * m.n_heads * m.head_dim * m.context
+    assert model_flops_per_token(config) == expected == flops_per_token(
+        n, m.n_layers, m.n_heads * m.head_dim, m.context)
+
+
+def test_bench_times_the_bare_loop_and_the_lab_path_and_writes_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("GATELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "bench.json"
+    report = run_bench(["tiny"], ["baseline", "sdpa_headwise_sigmoid_mul"], steps=2, warmup=1,
+                       data="synthetic", overrides=["train.batch_size=4"], devices=1,
+                       lab_variants=["baseline"], out=out)
+    saved = json.loads(out.read_text())
+    assert saved["results"] == report["results"]
+    baseline, gated = saved["results"]
+    assert baseline["bare"]["tokens_per_s"] > 0 and baseline["lab"]["tokens_per_s"] > 0
+    assert "lab" not in gated and gated["bare"]["step_ms"] > 0
+    table = format_table(saved)
+    assert "| tiny | sdpa_headwise_sigmoid_mul |" in table and "+0.0%" in table
