@@ -305,6 +305,21 @@ def read_yaml(path, kind: str):
         raise LabError(f"{kind} file {path}: malformed YAML{where}: {problem}") from None
 
 
+def yaml_number(where: str, value, positive: bool = True) -> float:
+    """A number from a grid or sweep file: YAML 1.1 reads `2e5` as a string, so both come."""
+    import math
+
+    if isinstance(value, bool):
+        raise LabError(f"{where}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise LabError(f"{where}: expected a number, got {value!r}") from None
+    if not math.isfinite(number) or positive and not number > 0:
+        raise LabError(f"{where}: must be a positive number, got {value!r}")
+    return number
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     out.update(extra)

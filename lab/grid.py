@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from lab.config import RunConfig, from_dict, read_yaml, resolve
+from lab.config import RunConfig, from_dict, read_yaml, resolve, yaml_number
 from lab.errors import LabError
 
 GRID_FIELDS = ("name", "preset", "data", "tokens", "variants", "seeds", "lrs", "overrides")
@@ -85,21 +85,10 @@ class GridSpec:
     overrides: dict = field(default_factory=dict)
 
 
-def _number(where: str, value, positive: bool = True) -> float:
-    """YAML 1.1 reads `2e5` as a string; numbers may come either way."""
-    if isinstance(value, bool):
-        raise LabError(f"{where}: expected a number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise LabError(f"{where}: expected a number, got {value!r}") from None
-    if positive and not number > 0 or not math.isfinite(number):
-        raise LabError(f"{where}: must be a positive number, got {value!r}")
-    return number
 
 
 def _seed(where: str, value) -> int:
-    number = _number(where, value, positive=False)
+    number = yaml_number(where, value, positive=False)
     if number != int(number) or number < 0:
         raise LabError(f"{where}: seeds are non-negative integers, got {value!r}")
     return int(number)
@@ -126,7 +115,7 @@ def parse_seeds(value, where: str = "seeds") -> tuple[int, ...]:
 
 
 def parse_lrs(value, where: str = "lrs") -> tuple[float, ...]:
-    return _unique(where, [_number(where, v) for v in _list(where, value)])
+    return _unique(where, [yaml_number(where, v) for v in _list(where, value)])
 
 
 def parse_variants(value, where: str = "variants") -> tuple[str, ...] | str:
@@ -183,7 +172,7 @@ def grid_from_dict(raw, source: str = "grid file") -> GridSpec:
     return GridSpec(
         name=name, variants=parse_variants(raw["variants"]),
         preset=raw.get("preset") or "tiny", data=raw.get("data") or "synthetic",
-        tokens=None if raw.get("tokens") is None else _number("tokens", raw["tokens"]),
+        tokens=None if raw.get("tokens") is None else yaml_number("tokens", raw["tokens"]),
         seeds=parse_seeds(raw["seeds"]) if raw.get("seeds") is not None else (0,),
         lrs=lrs, lr_sweep=lr_sweep, overrides=_overrides("overrides", raw.get("overrides")))
 
@@ -203,7 +192,7 @@ def with_cli(spec: GridSpec, preset=None, data=None, tokens=None, seeds=None, lr
     if data is not None:
         changes["data"] = data
     if tokens is not None:
-        changes["tokens"] = _number("--tokens", tokens)
+        changes["tokens"] = yaml_number("--tokens", tokens)
     if seeds is not None:
         changes["seeds"] = parse_seeds(seeds, "--seeds")
     if lrs is not None:

@@ -43,7 +43,7 @@ from typing import Any
 import lightning as L
 import yaml
 
-from lab.config import read_yaml
+from lab.config import read_yaml, yaml_number
 from lab.errors import LabError, check_choice
 
 SAMPLERS = ("tpe", "random", "grid")
@@ -112,17 +112,6 @@ class Sweep:
         return dataclasses.asdict(self)
 
 
-def _number(field_name: str, value) -> float:
-    """YAML 1.1 reads `2e5` as a string; accept it, reject anything else non-numeric."""
-    if isinstance(value, bool):
-        raise LabError(f"{field_name}: expected a number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise LabError(f"{field_name}: expected a number, got {value!r}") from None
-    if not math.isfinite(number) or number <= 0:
-        raise LabError(f"{field_name}: must be a positive number, got {value!r}")
-    return number
 
 
 def _positive_int(field_name: str, value) -> int:
@@ -140,11 +129,11 @@ def _parse_lr(raw) -> dict:
         ladder = raw["ladder"]
         if not isinstance(ladder, list) or not ladder:
             raise LabError(f"lr.ladder: expected a non-empty list of learning rates, got {ladder!r}")
-        values = tuple(sorted({_number("lr.ladder", v) for v in ladder}))
+        values = tuple(sorted({yaml_number("lr.ladder", v) for v in ladder}))
         return {"lr_ladder": values}
     if "low" not in raw or "high" not in raw:
         raise LabError("lr: a range needs both low and high")
-    low, high = _number("lr.low", raw["low"]), _number("lr.high", raw["high"])
+    low, high = yaml_number("lr.low", raw["low"]), yaml_number("lr.high", raw["high"])
     if not low < high:
         raise LabError(f"lr: low ({low:g}) must be below high ({high:g})")
     return {"lr_low": low, "lr_high": high}
@@ -238,7 +227,7 @@ def parse_sweep(raw: Any, source: str = "sweep") -> Sweep:
     if not isinstance(data, str) or not data:
         raise LabError(f"data: expected synthetic, a corpus directory or text files, got {data!r}")
     sweep = Sweep(name=name, preset=raw["preset"], variants=tuple(variants), data=data,
-                  tokens=_number("tokens", raw["tokens"]) if raw.get("tokens") is not None else None,
+                  tokens=yaml_number("tokens", raw["tokens"]) if raw.get("tokens") is not None else None,
                   trials=trials, sampler=sampler, pruner=pruner, pruner_options=pruner_options,
                   seeds=tuple(seeds), storage=storage, overrides=_parse_overrides(raw.get("overrides")),
                   description=str(raw.get("description", "")), **lr)
