@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import math
 import os
 import queue
 import re
