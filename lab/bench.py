@@ -15,7 +15,6 @@ import datetime
 import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from lab.data import WindowSampler
 from lab.errors import LabError
 from lab.flops import model_flops_per_token, peak_tflops
 from lab.model import Decoder
+from lab import tracking
 from lab.run import count_params, open_data
 from lab.training import accumulation
 
@@ -154,21 +154,24 @@ def run_bench(presets: list[str], variants: list[str], steps: int, warmup: int, 
               "devices": devices, "overrides": overrides, "results": []}
     print(f"device: {device_name}; dense bf16 peak used for MFU: {report['peak_bf16_tflops']} TFLOP/s",
           flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        uri = uri or f"sqlite:///{tmp}/bench.db"
-        for preset, variant, config in plan:
-            torch._dynamo.reset()  # each model compiles afresh (no recompile-limit fallbacks)
-            counts = count_params(config)
-            row = {"preset": preset, "variant": variant, "params": counts["total"],
-                   "micro_batch": config.train.micro_batch, "batch": config.train.batch_size}
-            report["results"].append(row)
-            if devices == 1:
-                row["bare"] = bare_loop(config, steps, warmup)
-                print(format_row(row), flush=True)
-            if variant in lab_variants or devices > 1:
-                row["lab"] = lab_loop(config, steps, warmup, uri)
-                print(format_row(row), flush=True)
-            _write(report, out)
+    # The lab-path runs go to their own store beside the main one (mlruns/bench.db), not a
+    # temporary file: MLflow keeps SQLite engines open per URI for the life of the process.
+    if uri is None:
+        tracking.store_dir().mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{tracking.store_dir() / 'bench.db'}"
+    for preset, variant, config in plan:
+        torch._dynamo.reset()  # each model compiles afresh (no recompile-limit fallbacks)
+        counts = count_params(config)
+        row = {"preset": preset, "variant": variant, "params": counts["total"],
+               "micro_batch": config.train.micro_batch, "batch": config.train.batch_size}
+        report["results"].append(row)
+        if devices == 1:
+            row["bare"] = bare_loop(config, steps, warmup)
+            print(format_row(row), flush=True)
+        if variant in lab_variants or devices > 1:
+            row["lab"] = lab_loop(config, steps, warmup, uri)
+            print(format_row(row), flush=True)
+        _write(report, out)
     if _write(report, out):
         print(format_table(report))
         print(f"wrote {out}")

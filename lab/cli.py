@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="synthetic")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", help="JSON output (default benchmarks/<date>-<presets>-x<devices>.json)")
-    p.add_argument("--tracking-uri", help="store for the lab-path runs (default: a temporary one)")
+    p.add_argument("--tracking-uri", help="store for the lab-path runs (default: mlruns/bench.db)")
     p.set_defaults(func=cmd_bench)
 
     p = _parser(sub, "export", "write a run's checkpoint as a Hugging Face Qwen3 model "
