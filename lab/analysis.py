@@ -560,19 +560,13 @@ def write_plots(analysis: Analysis, folder: Path) -> list[Path]:
 
 def load_checkpoint(path: Path):
     """(Decoder with the checkpoint's weights, its RunConfig, its global step)."""
-    from lab.config import from_dict
     from lab.model import Decoder
+    from lab.run import read_checkpoint
 
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        config = from_dict(checkpoint["hyper_parameters"]["config"])
-    except (OSError, RuntimeError, KeyError, TypeError) as err:
-        raise LabError(f"analyze: {path} is not a gatelab checkpoint ({err})") from None
+    config, state, step = read_checkpoint(path, "analyze")
     model = Decoder(config.model)
-    model.load_state_dict({name.removeprefix("model."): tensor
-                           for name, tensor in checkpoint["state_dict"].items()
-                           if name.startswith("model.")})
-    return model, config, int(checkpoint.get("global_step", 0))
+    model.load_state_dict(state)
+    return model, config, step
 
 
 def analyze_target(target: str, uri: str | None = None, windows: int | None = None,

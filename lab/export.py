@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lab.config import ModelConfig, RunConfig, from_dict
+from lab.config import ModelConfig, RunConfig
 from lab.errors import LabError, check_choice
 from lab.gates import GateSpec
 
@@ -254,17 +253,12 @@ def checkpoint_path(run_or_path: str) -> Path:
 
 
 def load_checkpoint(run_or_path: str) -> Checkpoint:
+    from lab.run import read_checkpoint
     from lab.training import total_steps
 
     path = checkpoint_path(run_or_path)
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=False)
-        config = from_dict(raw["hyper_parameters"]["config"])
-    except (KeyError, TypeError, RuntimeError, OSError, pickle.UnpicklingError) as err:
-        raise LabError(f"export: {path} is not a gatelab training checkpoint ({err})") from None
-    state = {name.removeprefix("model."): tensor for name, tensor in raw["state_dict"].items()
-             if name.startswith("model.")}
-    return Checkpoint(path, config, state, int(raw.get("global_step", 0)), total_steps(config))
+    config, state, step = read_checkpoint(path, "export")
+    return Checkpoint(path, config, state, step, total_steps(config))
 
 
 # --- tokenizer ------------------------------------------------------------------------

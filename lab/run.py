@@ -86,6 +86,25 @@ def checkpoint_dir(run_id: str) -> Path:
     return tracking.store_dir() / "checkpoints" / run_id
 
 
+def read_checkpoint(path: Path, command: str) -> tuple[RunConfig, dict, int]:
+    """A training checkpoint -> (its RunConfig, the Decoder's state dict without the
+    LightningModule's `model.` prefix, its global step). `command` names the caller in the
+    one-line error a file that is not a gatelab checkpoint gives."""
+    import pickle
+
+    from lab.config import from_dict
+    from lab.errors import LabError
+
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=False)
+        config = from_dict(raw["hyper_parameters"]["config"])
+    except (KeyError, TypeError, RuntimeError, OSError, pickle.UnpicklingError) as err:
+        raise LabError(f"{command}: {path} is not a gatelab training checkpoint ({err})") from None
+    state = {name.removeprefix("model."): tensor for name, tensor in raw["state_dict"].items()
+             if name.startswith("model.")}
+    return config, state, int(raw.get("global_step", 0))
+
+
 def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gatelab",
               run_name: str | None = None, parent_run_id: str | None = None,
               run_id: str | None = None, extra_tags: dict | None = None, quiet: bool = False,
