@@ -47,6 +47,7 @@ from pathlib import Path
 
 
 from lab.config import RunConfig, from_dict, read_yaml, resolve, yaml_number
+from lab import tracking
 from lab.errors import LabError
 
 GRID_FIELDS = ("name", "preset", "data", "tokens", "variants", "seeds", "lrs", "overrides")
@@ -423,43 +424,19 @@ def owner_alive(owner: str | None, heartbeat: str | None, stale_after_s: float =
 
 # --- the store ------------------------------------------------------------------------
 
-def _search_all(client, experiment_id: str, filter_string: str) -> list:
-    from mlflow.entities import ViewType
-
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string, ViewType.ACTIVE_ONLY,
-                                  max_results=1000, page_token=token)
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def find_parent(client, experiment_id: str) -> str | None:
-    runs = _search_all(client, experiment_id, f"tags.`{PARENT_TAG}` = 'true'")
-    runs.sort(key=lambda r: (r.info.start_time, r.info.run_id))
-    return runs[0].info.run_id if runs else None
+    return tracking.find_run(client, experiment_id, {PARENT_TAG: "true"})
 
 
 def find_or_create_parent(client, experiment_id: str, name: str) -> str:
-    """One parent per grid. Two grid processes starting at once may both create one; the
-    earliest wins and the other deletes its own."""
-    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
-
-    found = find_parent(client, experiment_id)
-    if found:
-        return found
-    mine = client.create_run(experiment_id, tags={MLFLOW_RUN_NAME: name, PARENT_TAG: "true",
-                                                  GRID_TAG: name}).info.run_id
-    winner = find_parent(client, experiment_id)
-    if winner != mine:
-        client.delete_run(mine)
-    return winner
+    """One parent per grid (lab.tracking.find_or_create_run settles a race between two
+    grid processes)."""
+    return tracking.find_or_create_run(client, experiment_id, {PARENT_TAG: "true", GRID_TAG: name},
+                                       name)[0]
 
 
 def child_runs(client, experiment_id: str, parent_run_id: str) -> list:
-    return _search_all(client, experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return tracking.search_all(client, experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
 @dataclass

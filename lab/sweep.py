@@ -377,23 +377,20 @@ class OptunaPruning(L.Callback):
 
 def parent_run(sweep: Sweep, variant: str, uri: str, storage: str) -> str:
     """Find or create the study's parent run (tags sweep, study, sweep_role=parent), and mark
-    it RUNNING: a resumed sweep reuses the parent it had."""
+    it RUNNING: a resumed sweep reuses the parent it had; two machines starting the same new
+    sweep end up with one parent (lab.tracking.find_or_create_run)."""
     from lab import tracking
-    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
     mlflow_client = tracking.client(uri)
     experiment = tracking.experiment_id(mlflow_client, sweep.name, uri)
     study = sweep.study_name(variant)
-    found = mlflow_client.search_runs(
-        [experiment], filter_string=f"tags.study = '{study}' and tags.sweep_role = 'parent'",
-        max_results=1, order_by=["attributes.start_time ASC"])
-    if found:
-        run_id = found[0].info.run_id
+    run_id, created = tracking.find_or_create_run(
+        mlflow_client, experiment, {"study": study, "sweep_role": "parent"}, study,
+        extra_tags={"sweep": sweep.name, "variant": variant, "preset": sweep.preset,
+                    "git_commit": tracking.git_commit()})
+    if not created:
         mlflow_client.update_run(run_id, status="RUNNING")
         return run_id
-    run = mlflow_client.create_run(experiment, tags={
-        MLFLOW_RUN_NAME: study, "sweep": sweep.name, "study": study, "variant": variant,
-        "sweep_role": "parent", "preset": sweep.preset, "git_commit": tracking.git_commit()})
     low, high = sweep.lr_bounds()
     params = {"sweep.preset": sweep.preset, "sweep.data": sweep.data, "sweep.tokens": sweep.tokens,
               "sweep.sampler": sweep.sampler, "sweep.pruner": sweep.pruner,
@@ -401,9 +398,9 @@ def parent_run(sweep: Sweep, variant: str, uri: str, storage: str) -> str:
               "sweep.lr_low": low, "sweep.lr_high": high,
               "sweep.lr_ladder": list(sweep.lr_ladder) or None,
               "sweep.overrides": list(sweep.overrides), "sweep.storage": _redact(storage)}
-    tracking.log_params(mlflow_client, run.info.run_id, params)
-    tracking.log_dict_artifact(mlflow_client, run.info.run_id, sweep.to_dict(), "sweep.yaml")
-    return run.info.run_id
+    tracking.log_params(mlflow_client, run_id, params)
+    tracking.log_dict_artifact(mlflow_client, run_id, sweep.to_dict(), "sweep.yaml")
+    return run_id
 
 
 # --- the objective: one trial = one training run --------------------------------------

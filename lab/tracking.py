@@ -54,6 +54,47 @@ def experiment_id(mlflow_client, name: str, uri: str) -> str:
         return mlflow_client.get_experiment_by_name(name).experiment_id
 
 
+def search_all(mlflow_client, experiment_id: str, filter_string: str) -> list:
+    """Every active run of the experiment matching the filter, over all result pages."""
+    from mlflow.entities import ViewType
+
+    runs, token = [], None
+    while True:
+        page = mlflow_client.search_runs([experiment_id], filter_string, ViewType.ACTIVE_ONLY,
+                                         max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_run(mlflow_client, experiment_id: str, match_tags: dict[str, str]) -> str | None:
+    """The earliest active run carrying every tag of `match_tags`, or None."""
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in match_tags.items())
+    runs = search_all(mlflow_client, experiment_id, query)
+    runs.sort(key=lambda r: (r.info.start_time, r.info.run_id))
+    return runs[0].info.run_id if runs else None
+
+
+def find_or_create_run(mlflow_client, experiment_id: str, match_tags: dict[str, str],
+                       run_name: str, extra_tags: dict[str, str] | None = None) -> tuple[str, bool]:
+    """The earliest run carrying `match_tags` (a grid's or a study's parent), else a new one
+    with them and `extra_tags`. Two processes creating it at once both look again: the
+    earliest run wins and the other deletes its own. Returns (run id, created by this call)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+    found = find_run(mlflow_client, experiment_id, match_tags)
+    if found:
+        return found, False
+    mine = mlflow_client.create_run(experiment_id,
+                                    tags={MLFLOW_RUN_NAME: run_name, **match_tags,
+                                          **(extra_tags or {})}).info.run_id
+    winner = find_run(mlflow_client, experiment_id, match_tags)
+    if winner != mine:
+        mlflow_client.delete_run(mine)
+    return winner, winner == mine
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
