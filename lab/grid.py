@@ -34,7 +34,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from pathlib import Path
 
 from lab.config import RunConfig, from_dict, read_yaml, resolve, yaml_number
 from lab import tracking
+from lab.owners import STALE_AFTER_S, owner_alive, owner_identity
 from lab.errors import LabError
 
 GRID_FIELDS = ("name", "preset", "data", "tokens", "variants", "seeds", "lrs", "overrides")
@@ -62,7 +62,6 @@ HEARTBEAT_TAG = "gatelab.heartbeat"
 FAILURE_TAG = "gatelab.failure"
 FAILURE_KIND_TAG = "gatelab.failure_kind"
 HEARTBEAT_S = 60.0
-STALE_AFTER_S = 600.0
 
 # Time estimate without measurements: 6 N FLOPs per token (Kaplan et al., 2020) at a rate
 # we assume per worker, plus a fixed cost per run (process, store, validation and test).
@@ -385,42 +384,6 @@ def print_dry_run(spec: GridSpec, cells: list[Cell], uri: str, workers: int, dev
 
 
 # --- who owns a run -------------------------------------------------------------------
-
-def _process_start(pid: int) -> str:
-    """The process's start time in clock ticks since boot (Linux), '' where unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def owner_identity(pid: int | None = None) -> str:
-    pid = pid or os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
-
-
-def owner_alive(owner: str | None, heartbeat: str | None, stale_after_s: float = STALE_AFTER_S,
-                now: float | None = None) -> bool:
-    if not owner:
-        return False
-    parts = owner.rsplit(":", 2)
-    if len(parts) != 3 or not parts[1].isdigit():
-        return False
-    host, pid, start = parts[0], int(parts[1]), parts[2]
-    if host == socket.gethostname():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass  # exists, owned by someone else
-        return not start or _process_start(pid) == start
-    try:
-        return (now or time.time()) - float(heartbeat) < stale_after_s
-    except (TypeError, ValueError):
-        return False
-
 
 # --- the store ------------------------------------------------------------------------
 

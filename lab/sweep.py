@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ import lightning as L
 import yaml
 
 from lab.config import read_yaml, yaml_number
+from lab.owners import is_local, owner_alive, owner_identity
 from lab.errors import LabError, check_choice
 
 SAMPLERS = ("tpe", "random", "grid")
@@ -424,7 +424,7 @@ def run_trial(trial, sweep: Sweep, variant: str, uri: str, parent_run_id: str,
     seed = _seed_for(sweep, trial)
     trial.set_user_attr("seed", seed)
     trial.set_user_attr("variant", variant)
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    trial.set_user_attr("worker", owner_identity())
     config = sweep.config(variant, lr, seed)
     pruning = OptunaPruning(trial)
     mlflow_client = tracking.client(uri)
@@ -511,16 +511,6 @@ def split_trials(remaining: int, workers: int) -> list[int]:
     return [remaining // workers + (1 if i < remaining % workers else 0) for i in range(workers)]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def fail_stale_trials(study, uri: str) -> int:
     """RUNNING trials whose worker process on this host is gone (a killed sweep) become FAIL,
     and their MLflow runs KILLED; the sweep then runs their points again. Trials of live
@@ -528,11 +518,10 @@ def fail_stale_trials(study, uri: str) -> int:
     import optuna
     from lab import tracking
 
-    host = socket.gethostname()
     failed = 0
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        if worker_host != host or not pid.isdigit() or _pid_alive(int(pid)):
+        worker = trial.user_attrs.get("worker")
+        if not is_local(worker) or owner_alive(worker, None):
             continue
         study._storage.set_trial_user_attr(trial._trial_id, "state", "failed")
         study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)

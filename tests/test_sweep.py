@@ -318,14 +318,14 @@ def test_postgres_storage_with_two_workers(postgres_url, workspace):
 
 
 def test_stale_trials_of_dead_local_workers_fail_and_others_stay(tmp_path):
+    from lab.owners import owner_identity
     from lab.sweep import fail_stale_trials, open_storage, storage_url
 
     study = optuna.create_study(study_name="s/baseline",
                                 storage=open_storage(str(tmp_path / "s.journal")))
     dead = subprocess.Popen(["true"])
     dead.wait()
-    for worker in (f"{socket.gethostname()}:{dead.pid}", f"{socket.gethostname()}:{os.getpid()}",
-                   f"elsewhere:{dead.pid}"):
+    for worker in (owner_identity(dead.pid), owner_identity(), f"elsewhere:{dead.pid}:"):
         study.ask().set_user_attr("worker", worker)
     assert fail_stale_trials(study, uri=f"sqlite:///{tmp_path / 'unused.db'}") == 1
     states = [t.state for t in study.trials]
