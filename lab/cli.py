@@ -46,6 +46,12 @@ def _add_tracking(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars (CI, scripts)")
 
 
+def _add_overrides(parser: argparse.ArgumentParser, scope: str = "") -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (model.*, train.*, data.* or gate.*)"
+                        + (f" {scope}" if scope else "") + "; repeatable")
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", help="model preset (see `gatelab variants`)")
     parser.add_argument("--data", default=None,
@@ -54,8 +60,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=float, default=None, help="training token budget, e.g. 2e5")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field: model.*, train.*, data.* or gate.*")
+    _add_overrides(parser)
 
 
 # --- commands ----------------------------------------------------------------------
@@ -299,8 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="replace the file's seeds, e.g. 0,1,2")
     p.add_argument("--lrs", help="replace the file's learning rates, e.g. 1e-3,3e-3")
     p.add_argument("--variants", help="replace the file's variants: slugs, comma-separated, or all")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="add a config override for every cell")
+    _add_overrides(p, "for every cell")
     p.add_argument("--gpus", help="all (default) or CUDA indices, e.g. 0,1: one worker per GPU")
     p.add_argument("--cpu-workers", type=int, default=1,
                    help="cells trained at once without GPUs (default 1)")
@@ -338,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")
     p.add_argument("--devices", type=int, default=1, help="GPUs: >1 times the lab path under DDP")
     p.add_argument("--data", default="synthetic")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_overrides(p, "for every benchmarked model")
     p.add_argument("--out", help="JSON output (default benchmarks/<date>-<presets>-x<devices>.json)")
     p.add_argument("--tracking-uri", help="store for the lab-path runs (default: mlruns/bench.db)")
     p.set_defaults(func=cmd_bench)
