@@ -147,7 +147,8 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     module = LanguageModel(config)
     ckpt = checkpoint_dir(run_id) / "last.ckpt"
-    start_step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] \
+    # Only the step is needed here (the data order resumes there); mmap reads no tensors.
+    start_step = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["global_step"] \
         if ckpt.exists() else 0
     data = TokenDataModule(store, config, start_step=start_step)
     steps = total_steps(config)
