@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU reproduction (docs/results.md), as run on a 4 x H200 machine.
-#   bash docs/reproduce_gpu.sh [all|reproduce|stability|report]
+#   bash docs/reproduce_gpu.sh [all|reproduce|stability|init-control|lr-control|report]
 # Phases, so that each fits one call of a time-limited machine; the grids resume from the
 # MLflow store, so a phase cut short by its time limit is finished by running it again.
 # DATA: the Gutenberg folder (../shared/data/gutenberg-en in a checkout beside shared/).
@@ -14,7 +14,7 @@ WORK=${WORK:-reports}              # where `gatelab report` writes its tables an
 mkdir -p "$OUT" "$WORK"
 gatelab() { python3 -m lab "$@"; }
 
-if [ "$phase" = all ] || [ "$phase" = reproduce ]; then
+if [ "$phase" != report ]; then
   tokenizer=()
   [ -n "${TOKENIZER:-}" ] && tokenizer=(--tokenizer "$TOKENIZER")
   # (reuses cache/gutenberg-en when it is already prepared from the same files)
@@ -22,20 +22,29 @@ if [ "$phase" = all ] || [ "$phase" = reproduce ]; then
     --valid "$DATA/valid.txt.xz" --test "$DATA/test.txt.xz" "${tokenizer[@]}" \
     --out cache/gutenberg-en --quiet
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+fi
+if [ "$phase" = all ] || [ "$phase" = reproduce ]; then
   time timeout "${REPRODUCE_LIMIT_S:-600}" python3 -m lab grid ablations/reproduce.yaml --gpus all --quiet
 fi
 if [ "$phase" = all ] || [ "$phase" = stability ]; then
   time timeout "${STABILITY_LIMIT_S:-300}" python3 -m lab grid ablations/stability.yaml --gpus all --quiet
 fi
+if [ "$phase" = all ] || [ "$phase" = init-control ]; then
+  time timeout "${CONTROL_LIMIT_S:-300}" python3 -m lab grid ablations/reproduce-init.yaml --gpus all --quiet
+fi
+if [ "$phase" = all ] || [ "$phase" = lr-control ]; then
+  time timeout "${LR_CONTROL_LIMIT_S:-300}" python3 -m lab grid ablations/reproduce-lr.yaml --gpus all --quiet
+fi
 if [ "$phase" = all ] || [ "$phase" = report ]; then
-  gatelab report reproduce --out "$WORK/reproduce" > "$OUT/report-reproduce.md" 2>&1
-  gatelab report stability --out "$WORK/stability" > "$OUT/report-stability.md" 2>&1
-  tail -40 "$OUT/report-reproduce.md"; tail -12 "$OUT/report-stability.md"
+  for grid in reproduce stability reproduce-init reproduce-lr; do
+    gatelab report "$grid" --out "$WORK/$grid" > "$OUT/report-$grid.md" 2>&1
+    tail -20 "$OUT/report-$grid.md"
+  done
   tar czf "$OUT/reports.tgz" "$WORK"
 fi
 # The MLflow store: the SQLite file alone (metrics, params, tags) and the run artifacts
 # without checkpoints (those stay on the machine), apart so that each stays small.
-tar czf "$OUT/mlflow-db.tgz" mlruns/mlflow.db
-tar czf "$OUT/mlruns-artifacts.tgz" --exclude=mlruns/checkpoints --exclude=mlruns/mlflow.db \
-  --exclude='mlruns/*.db' mlruns
+store=${GATELAB_STORE:-mlruns}
+tar czf "$OUT/mlflow-db.tgz" "$store/mlflow.db"
+tar czf "$OUT/mlruns-artifacts.tgz" --exclude="$store/checkpoints" --exclude="$store/*.db" "$store"
 ls -la "$OUT"

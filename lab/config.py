@@ -25,7 +25,11 @@ class ModelConfig:
     """A Qwen3-style decoder (spec section 1.6, Table 7): pre-RMSNorm, RoPE, SwiGLU, GQA, QK-norm.
 
     Init: every Linear and the embedding draw from normal(0, init_std) with zero biases,
-    the reference implementation's `_init_weights` (0.02); norms start at 1. No depth scaling.
+    the reference implementation's `_init_weights` (0.02); norms start at 1. No depth scaling
+    by default; `residual_init_scale` multiplies the std of the projections that write into
+    the residual stream (attention o_proj, FFN down), e.g. 1/sqrt(2 n_layers) for GPT-2's
+    depth scaling. It is the control for gains that only come from a smaller attention output
+    early in training (docs/results.md).
     """
 
     vocab_size: int = 16384
@@ -41,6 +45,7 @@ class ModelConfig:
     qk_norm: bool = True
     tie_embeddings: bool = True
     init_std: float = 0.02
+    residual_init_scale: float = 1.0     # std multiplier for o_proj and FFN down projections
     gate: GateSpec | None = None
     # The paper's controls (spec 1.5).
     sdpa_transform: str = "none"         # "rmsnorm" (per-head "GroupNorm") or "silu" at G1
@@ -72,6 +77,7 @@ class ModelConfig:
             raise LabError(f"model.head_dim: RoPE needs an even head_dim, got {self.head_dim}")
         check_positive("model.rope_base", self.rope_base)
         check_positive("model.init_std", self.init_std)
+        check_positive("model.residual_init_scale", self.residual_init_scale)
         check_choice("model.sdpa_transform", self.sdpa_transform, SDPA_TRANSFORMS)
         check_choice("model.ffn", self.ffn, FFN_KINDS)
         if self.residual_clip is not None:
@@ -197,6 +203,9 @@ class TrainConfig:
 
 
 ANALYSIS_FIELDS = ("analysis_windows", "analysis_every", "long_context_factors")
+# Fields added after stores already held runs: left out of a cell's identity while at their
+# default, so that a grid recorded before they existed still resumes instead of rerunning.
+LATER_FIELDS = {("model", "residual_init_scale"): 1.0}
 
 
 @dataclass(frozen=True)
@@ -235,6 +244,9 @@ class RunConfig:
         raw = self.to_dict()
         for name in ANALYSIS_FIELDS:
             raw["train"].pop(name, None)
+        for (section, name), default in LATER_FIELDS.items():
+            if raw[section].get(name) == default:
+                raw[section].pop(name)
         blob = json.dumps(raw, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -278,6 +278,7 @@ class Decoder(nn.Module):
             self.apply(self._init_weights)
             for block in self.blocks:
                 block.attn.init_gate()
+                self._scale_residual_writes(block)
 
     def _init_weights(self, module: nn.Module) -> None:
         # The reference `_init_weights`: normal(0, 0.02) for Linear and Embedding, zero bias.
@@ -285,6 +286,19 @@ class Decoder(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+
+    def _scale_residual_writes(self, block: "Block") -> None:
+        scale = self.cfg.residual_init_scale
+        if scale == 1.0:
+            return
+        ffn = block.ffn
+        writers = [block.attn.o_proj.weight]
+        writers.append(ffn.down if isinstance(ffn.down, nn.Parameter) else ffn.down.weight)
+        if getattr(ffn, "shared", None) is not None:  # the MoE shared expert
+            writers.append(ffn.shared.down.weight)
+        with torch.no_grad():
+            for weight in writers:
+                weight.mul_(scale)
 
     def set_yarn(self, factor: float) -> None:
         """Long-context evaluation: swap the rotary embedding (no parameters change)."""

@@ -13,7 +13,8 @@ validation perplexity over seeds, diverged runs counting as worse than any); eve
 (variant, LR) pair is in `all_lrs.csv` and the LR plot.
 
 Outputs go to `reports/<grid>/` (report.md, report.csv, all_lrs.csv, loss_curves.png,
-delta_ppl.png, lr_vs_loss.png) and are logged to the grid's parent run under `report/`.
+delta_ppl.png, per_layer.png, lr_vs_loss.png) and are logged to the grid's parent run under
+`report/`. With several learning rates report.md also holds the table of every (variant, LR).
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ import numpy as np
 
 from lab.errors import LabError
 
-ANALYSIS_PREFIXES = ("gate/mean", "sink/first_token_attn", "act/max_mean", "long/ppl@")
+# Columns beside the perplexity, where runs carry them (lab/analysis.py, lab/callbacks.py);
+# the long-context names are `long/ppl_<k>x[_yarn]` (MLflow rejects '@').
+ANALYSIS_PREFIXES = ("gate/mean", "sink/first_token_attn", "act/max_mean", "long/ppl_",
+                     "train/grad_norm_max")
+# Per-layer curves of the paper's Fig. 2 and 6: first-token attention and the largest hidden
+# activation after each layer, logged as `<prefix>/layer_<i>`.
+LAYER_METRICS = (("layers/sink/first_token_attn", "attention to the first token (BOS)"),
+                 ("layers/act/max", "max |hidden activation|"))
 BASELINE = "baseline"
 CONFIDENCE = 0.95
 
@@ -334,6 +342,43 @@ def plot_deltas(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
+def layer_profile(runs: list[RunRecord], prefix: str) -> list[float]:
+    """Mean over seeds of `<prefix>/layer_<i>` for i = 0, 1, ... while every layer is present."""
+    profile = []
+    while True:
+        values = [r.metrics.get(f"{prefix}/layer_{len(profile)}") for r in runs]
+        values = [v for v in values if v is not None and math.isfinite(v)]
+        if not values:
+            return profile
+        profile.append(float(np.mean(values)))
+
+
+def plot_per_layer(rows: list[Row], path: Path) -> bool:
+    """One panel per LAYER_METRICS entry, one line per variant (mean over seeds); False when
+    no run carries per-layer metrics (nothing is written)."""
+    import matplotlib.pyplot as plt
+
+    profiles = [[(row, layer_profile(row.runs, prefix)) for row in rows]
+                for prefix, _ in LAYER_METRICS]
+    if not any(values for panel in profiles for _, values in panel):
+        return False
+    fig, axes = plt.subplots(1, len(LAYER_METRICS), figsize=(13, 5))
+    colours = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
+    for ax, (_, title), panel in zip(axes, LAYER_METRICS, profiles):
+        for index, (row, values) in enumerate(panel):
+            if values:
+                ax.plot(range(len(values)), values, marker="o", markersize=3,
+                        color=colours(index % colours.N), label=row.variant)
+        ax.set_xlabel("layer")
+        ax.set_title(title)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def plot_lr(all_rows: list[Row], path: Path) -> None:
     """Final validation loss against learning rate, one line per variant (mean over seeds)."""
     import matplotlib.pyplot as plt
@@ -378,6 +423,9 @@ def build_report(grid: str, uri: str | None = None, out: str | Path | None = Non
     markdown = (f"## Grid {grid}\n\n{note}. PPL: validation perplexity; CIs: 95%, t-distribution "
                 "over seeds; Δ paired by seed; paper Δ: MoE-15A2B (Tables 1, 3, 4, 6).\n\n"
                 f"{table}\n")
+    if n_lrs > 1:
+        markdown += ("\n### Every learning rate\n\nΔ against the baseline at its best LR.\n\n"
+                     f"{markdown_table(all_rows)}\n")
     files = [out_dir / "report.md", out_dir / "report.csv", out_dir / "all_lrs.csv",
              out_dir / "loss_curves.png", out_dir / "delta_ppl.png"]
     files[0].write_text(markdown)
@@ -385,6 +433,8 @@ def build_report(grid: str, uri: str | None = None, out: str | Path | None = Non
     write_csv(all_rows, files[2])
     plot_loss_curves(client, rows, files[3])
     plot_deltas(rows, files[4])
+    if plot_per_layer(rows, out_dir / "per_layer.png"):
+        files.append(out_dir / "per_layer.png")
     if n_lrs > 1:
         files.append(out_dir / "lr_vs_loss.png")
         plot_lr(all_rows, files[-1])

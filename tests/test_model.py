@@ -448,3 +448,18 @@ def test_loss_falls_over_20_training_steps(slug, synthetic_stream):
     with torch.no_grad():
         after = loss_on(starts[20]).item()
     assert after < before - 0.5, (before, after)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "moe-tiny"])
+def test_residual_init_scale_shrinks_only_the_projections_into_the_residual_stream(preset):
+    def model(scale):
+        torch.manual_seed(0)
+        return Decoder(resolve("baseline", preset, [f"model.residual_init_scale={scale}"]).model)
+
+    plain, scaled = model(1.0).state_dict(), model(0.25).state_dict()
+    residual_writers = [n for n in plain if n.endswith(("o_proj.weight", "ffn.down.weight",
+                                                       "ffn.down"))]
+    assert len(residual_writers) == 2 * _TINY["n_layers"]
+    for name, weight in plain.items():
+        expected = weight * 0.25 if name in residual_writers else weight
+        torch.testing.assert_close(scaled[name], expected, rtol=0, atol=0)
