@@ -358,6 +358,8 @@ def long_context_perplexity(model, store: TokenStore, context: int, factors: Seq
             length = factor * context
             data = torch.cat([spans[:, start:start + length + 1]
                               for start in range(0, longest - length + 1, length)])
+            if bos_prefix and not bos_aligned:
+                data[:, 0] = store.eos_id
             batch = max(1, LONG_CONTEXT_TOKENS_PER_FORWARD * context // length)
             for yarn in ((False, True) if factor > 1 else (False,)):
                 model.set_yarn(float(factor) if yarn else 1.0)

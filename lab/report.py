@@ -289,8 +289,11 @@ def loss_history(client, run_id: str) -> tuple[list[int], list[float]]:
 
 
 def plot_loss_curves(client, rows: list[Row], path: Path) -> None:
-    """Every run's training loss, one colour per variant, spike peaks marked with x."""
+    """Every run's training loss, one colour per row (variant, or variant and LR when the
+    rows hold several LRs of a variant), spike peaks marked with x."""
     import matplotlib.pyplot as plt
+
+    several_lrs = len({(r.variant, r.lr) for r in rows}) > len({r.variant for r in rows})
 
     fig, ax = plt.subplots(figsize=(10, 6))
     colours = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
@@ -300,8 +303,9 @@ def plot_loss_curves(client, rows: list[Row], path: Path) -> None:
             steps, losses = loss_history(client, run.run_id)
             if not steps:
                 continue
+            label = f"{row.variant} lr={row.lr:g}" if several_lrs else row.variant
             ax.plot(steps, losses, color=colour, linewidth=0.8, alpha=0.8,
-                    label=row.variant if k == 0 else None)
+                    label=label if k == 0 else None)
             by_step = dict(zip(steps, losses))
             peaks = [s["peak_step"] for s in _artifact_json(client, run.run_id, "spikes.json") or []]
             peaks = [p for p in peaks if p in by_step and math.isfinite(by_step[p])]
@@ -343,14 +347,15 @@ def plot_deltas(rows: list[Row], path: Path) -> None:
 
 
 def layer_profile(runs: list[RunRecord], prefix: str) -> list[float]:
-    """Mean over seeds of `<prefix>/layer_<i>` for i = 0, 1, ... while every layer is present."""
-    profile = []
-    while True:
-        values = [r.metrics.get(f"{prefix}/layer_{len(profile)}") for r in runs]
-        values = [v for v in values if v is not None and math.isfinite(v)]
-        if not values:
-            return profile
-        profile.append(float(np.mean(values)))
+    """Mean over seeds of `<prefix>/layer_<i>`, by layer (lab/analysis.py zero-pads i in
+    models of 10 or more layers: layer_07)."""
+    by_layer: dict[int, list[float]] = {}
+    for run in runs:
+        for name, value in run.metrics.items():
+            head, _, index = name.rpartition("/layer_")
+            if head == prefix and index.isdigit() and math.isfinite(value):
+                by_layer.setdefault(int(index), []).append(value)
+    return [float(np.mean(by_layer[i])) for i in sorted(by_layer)]
 
 
 def plot_per_layer(rows: list[Row], path: Path) -> bool:
@@ -431,7 +436,7 @@ def build_report(grid: str, uri: str | None = None, out: str | Path | None = Non
     files[0].write_text(markdown)
     write_csv(rows, files[1])
     write_csv(all_rows, files[2])
-    plot_loss_curves(client, rows, files[3])
+    plot_loss_curves(client, all_rows if n_lrs > 1 else rows, files[3])
     plot_deltas(rows, files[4])
     if plot_per_layer(rows, out_dir / "per_layer.png"):
         files.append(out_dir / "per_layer.png")

@@ -228,3 +228,35 @@ def test_training_run_records_the_metrics_and_analyze_writes_the_plots(tmp_path,
     assert {"analysis/first_token_attn.png", "analysis/max_activation.png",
             "analysis/gate_scores.png", "analysis/attention_maps.png"} <= logged
     assert main(["analyze", "no-such-run"]) == 2
+
+
+@pytest.mark.parametrize("bos_prefix", [True, False])
+def test_long_context_windows_open_with_bos_at_every_factor_when_training_did(tmp_path,
+                                                                              monkeypatch,
+                                                                              bos_prefix):
+    from lab import analysis
+
+    store = tiny_store(tmp_path / "store")
+    seen = {}
+
+    def record_windows(model, data, batch, device, autocast_dtype):
+        seen[data.shape[1] - 1] = data.clone()
+        return 1.0
+
+    monkeypatch.setattr(analysis, "_mean_loss", record_windows)
+    model = Decoder(ModelConfig(**TINY))
+    result = analysis.long_context_perplexity(model, store, 16, [1, 2, 4], windows=8,
+                                              bos_prefix=bos_prefix)
+    assert set(result) == {"long/ppl_1x", "long/ppl_2x", "long/ppl_2x_yarn", "long/ppl_4x",
+                           "long/ppl_4x_yarn"}
+    assert sorted(seen) == [16, 32, 64]
+    # The same tokens at every factor: 4 x 2 windows of 16, 2 x 2 of 32, 2 of 64.
+    assert [len(seen[n]) for n in (16, 32, 64)] == [8, 4, 2]
+    first_tokens = torch.cat([seen[n][:, 0] for n in seen])
+    if bos_prefix:
+        assert (first_tokens == store.eos_id).all()
+        # Rows are cut-major (span 0 and 1 at offset 0, then at offset 16, ...); only the
+        # first token changes.
+        torch.testing.assert_close(seen[16][2, 1:], seen[64][0, 17:33])
+    else:
+        assert (seen[16][:, 0] != store.eos_id).any()

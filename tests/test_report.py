@@ -44,6 +44,10 @@ def write_grid(uri: str, name: str = "fake") -> str:
             metrics.update({"val/ppl": ppl, "val/final_loss": math.log(ppl)})
         if variant.startswith("sdpa"):
             metrics["gate/mean"] = 0.1 + seed / 100
+            metrics["long/ppl_4x_yarn"] = 20.0 + seed
+            for layer in range(3):  # zero-padded as in a model of 10 or more layers
+                metrics[f"layers/sink/first_token_attn/layer_{layer:02d}"] = 0.1 * layer + seed / 100
+                metrics[f"layers/act/max/layer_{layer}"] = 10.0 ** layer
         for key, value in metrics.items():
             client.log_metric(run_id, key, value)
         tracking.log_dict_artifact(client, run_id, {"step": [1, 2, 3], "loss": [6.0, 5.0 + seed,
@@ -85,7 +89,7 @@ def test_report_statistics_deltas_and_the_papers_direction(store, tmp_path):
     assert (gate.delta.low, gate.delta.high) == pytest.approx((-1.4 / 3 - half, -1.4 / 3 + half),
                                                               rel=1e-6)
     assert gate.paper_delta == pytest.approx(-0.265) and gate.direction == "yes"
-    assert gate.extra == {"gate/mean": pytest.approx(0.11)}
+    assert gate.extra == {"gate/mean": pytest.approx(0.11), "long/ppl_4x_yarn": pytest.approx(21.0)}
 
     # (+0.1, -0.1, +0.1): the paper's sign is negative; our interval spans zero.
     assert rows["key_elementwise_sigmoid_mul"].direction == "no (CI spans 0)"
@@ -96,7 +100,10 @@ def test_report_statistics_deltas_and_the_papers_direction(store, tmp_path):
     text = report.markdown
     for variant in rows:
         assert f"| {variant} |" in text
-    assert "| 1/3 |" in text and "gate/mean" in text
+    assert "| 1/3 |" in text and "gate/mean" in text and "long/ppl_4x_yarn" in text
+    # Two LRs of the baseline: the table of every (variant, LR) follows the best-LR table.
+    every_lr = text.split("### Every learning rate")[1]
+    assert "| baseline | 0.001 |" in every_lr and "| baseline | 0.001 |" not in text.split("###")[0]
 
     with open(tmp_path / "out" / "report.csv") as handle:
         table = {r["variant"]: r for r in csv.DictReader(handle)}
@@ -105,7 +112,11 @@ def test_report_statistics_deltas_and_the_papers_direction(store, tmp_path):
     with open(tmp_path / "out" / "all_lrs.csv") as handle:
         assert len(list(csv.DictReader(handle))) == len(PPL)
 
-    for name in ("loss_curves.png", "delta_ppl.png", "lr_vs_loss.png"):
+    from lab.report import layer_profile
+
+    assert layer_profile(gate.runs, "layers/sink/first_token_attn") == pytest.approx([0.01, 0.11, 0.21])
+    assert layer_profile(rows["baseline"].runs, "layers/act/max") == []
+    for name in ("loss_curves.png", "delta_ppl.png", "lr_vs_loss.png", "per_layer.png"):
         assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
     from mlflow.tracking import MlflowClient
 
