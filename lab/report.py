@@ -369,11 +369,13 @@ def plot_per_layer(rows: list[Row], path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, len(LAYER_METRICS), figsize=(13, 5))
     colours = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
+    several_lrs = len({r.lr for r in rows}) > 1  # best-LR rows: say which LR each line is
     for ax, (_, title), panel in zip(axes, LAYER_METRICS, profiles):
         for index, (row, values) in enumerate(panel):
             if values:
                 ax.plot(range(len(values)), values, marker="o", markersize=3,
-                        color=colours(index % colours.N), label=row.variant)
+                        color=colours(index % colours.N),
+                        label=f"{row.variant} lr={row.lr:g}" if several_lrs else row.variant)
         ax.set_xlabel("layer")
         ax.set_title(title)
     axes[1].set_yscale("log")
