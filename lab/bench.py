@@ -54,7 +54,7 @@ def bare_loop(config: RunConfig, steps: int, warmup: int) -> dict:
     torch.manual_seed(t.seed)
     model = Decoder(config.model).to(device)
     if t.compile:
-        model.compile()
+        model.compile(mode=t.compile_mode)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},

@@ -140,6 +140,9 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"            # auto: bf16-mixed on GPU, 32-true on CPU
     compile: bool = False
+    # torch.compile mode when `compile` is on: "reduce-overhead" adds CUDA graphs (launch-bound
+    # small models), "max-autotune" searches matmul kernels; speed only, same model.
+    compile_mode: str = "default"
     val_every: int = 50                # steps between validations
     val_batches: int = 8               # batches of the fixed validation set
     log_every: int = 5                 # steps between logged training metrics
@@ -175,6 +178,7 @@ class TrainConfig:
         if not isinstance(self.seed, int) or self.seed < 0:
             raise LabError(f"train.seed: must be a non-negative integer, got {self.seed!r}")
         check_choice("train.precision", self.precision, ("auto", "32-true", "bf16-mixed", "16-mixed"))
+        check_choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
         for name in ("val_every", "val_batches", "log_every", "devices", "divergence_patience"):
             check_positive(f"train.{name}", getattr(self, name))
         for name in ("analysis_windows", "analysis_every"):
@@ -202,10 +206,11 @@ class TrainConfig:
         return self.micro_batch_size or self.batch_size // self.devices
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ANALYSIS_FIELDS = ("analysis_windows", "analysis_every", "long_context_factors")
 # Fields added after stores already held runs: left out of a cell's identity while at their
 # default, so that a grid recorded before they existed still resumes instead of rerunning.
-LATER_FIELDS = {("model", "residual_init_scale"): 1.0}
+LATER_FIELDS = {("model", "residual_init_scale"): 1.0, ("train", "compile_mode"): "default"}
 
 
 @dataclass(frozen=True)

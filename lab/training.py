@@ -46,7 +46,8 @@ class LanguageModel(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.config.train.compile and not getattr(self, "_compiled", False):
-            self.model.compile()  # in place: state-dict keys stay unprefixed
+            # In place: state-dict keys stay unprefixed.
+            self.model.compile(mode=self.config.train.compile_mode)
             self._compiled = True
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -3,19 +3,24 @@
 import hashlib
 import json
 
-from lab.config import ANALYSIS_FIELDS, resolve
+import pytest
+
+from lab.config import ANALYSIS_FIELDS, LATER_FIELDS, resolve
 
 
 def test_fields_added_later_keep_old_cell_identities_at_their_default():
     plain = resolve("baseline", "tiny")
-    assert "residual_init_scale" in plain.to_dict()["model"]
-    # The identity a store recorded before the field existed: the same dict without it.
+    assert ("model", "residual_init_scale") in LATER_FIELDS
+    # The identity a store recorded before the fields existed: the same dict without them.
     raw = plain.to_dict()
     raw["train"] = {k: v for k, v in raw["train"].items() if k not in ANALYSIS_FIELDS}
-    del raw["model"]["residual_init_scale"]
+    for section, name in LATER_FIELDS:
+        del raw[section][name]
     old = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert plain.hash() == old
     assert resolve("baseline", "tiny", ["model.residual_init_scale=0.5"]).hash() != old
+    # The reproduction's stores: this cell's identity as recorded on the GPUs (docs/results.md).
+    assert resolve("baseline", "small", ["data.bos_prefix=true"]).hash() == "6e04235c3185cb35"
 
 
 def test_analysis_fields_do_not_change_the_identity():
@@ -23,3 +28,12 @@ def test_analysis_fields_do_not_change_the_identity():
     more = resolve("baseline", "tiny", ["train.analysis_windows=3"])
     assert plain.hash() == more.hash()
     assert resolve("baseline", "tiny", ["train.lr=1e-3"]).hash() != plain.hash()
+
+
+def test_compile_mode_is_checked_before_training():
+    from lab.errors import LabError
+
+    assert resolve("baseline", "tiny", ["train.compile_mode=reduce-overhead"]).train.compile_mode \
+        == "reduce-overhead"
+    with pytest.raises(LabError, match="train.compile_mode"):
+        resolve("baseline", "tiny", ["train.compile_mode=fast"]).validate()
