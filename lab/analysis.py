@@ -36,10 +36,12 @@ Metric names (what `gatelab report` reads): `sink/first_token_attn`,
 `sink/first_token_attn_random`, `sink/eos_attn`, `sink/eos_attn_random`, `act/max_mean`,
 `act/attn_output_max_mean`, `act/attn_residual_max_mean`, `act/ffn_output_max_mean`,
 `gate/mean|std|min|max`, `sdpa/abs_mean`, `sdpa/abs_mean_gated`, `sdpa/sparsity_1e-2`,
-`sdpa/sparsity_1e-2_gated`, `sdpa/sparsity_1e-2_average_gate` (and 1e-3), and
-`long/ppl_<k>x`, `long/ppl_<k>x_yarn`. MLflow rejects '@' in metric names, so the
-long-context names use '_' (`long_context_metric`). Per-layer values go under `layers/`
-(`layers/sink/first_token_attn/layer_03`, ...) and, in full, into `analysis/analysis.json`.
+`sdpa/sparsity_1e-2_gated`, `sdpa/sparsity_1e-2_average_gate` (and 1e-3),
+`long/ppl_<k>x`, `long/ppl_<k>x_yarn`, and for models trained with BOS at position 0
+`sink/ppl_with_bos`, `sink/ppl_without_bos`, `sink/bos_reliance` (`bos_reliance`).
+MLflow rejects '@' in metric names, so the long-context names use '_' (`long_context_metric`).
+Per-layer values go under `layers/` (`layers/sink/first_token_attn/layer_03`, ...) and, in
+full, into `analysis/analysis.json`.
 """
 
 from __future__ import annotations
@@ -376,17 +378,42 @@ def long_context_perplexity(model, store: TokenStore, context: int, factors: Seq
     return results
 
 
-def _mean_loss(model, data: torch.Tensor, batch: int, device, autocast_dtype) -> float:
+def _mean_loss(model, data: torch.Tensor, batch: int, device, autocast_dtype,
+               skip_first: int = 0) -> float:
+    """Mean next-token loss over `data` windows (n, T + 1), leaving out the first
+    `skip_first` predictions of each window."""
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for start in range(0, len(data), batch):
         windows = data[start:start + batch].to(device)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
-            logits = model.forward(windows[:, :-1])
-        total += F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten(),
+            logits = model.forward(windows[:, :-1])[:, skip_first:]
+        targets = windows[:, 1 + skip_first:]
+        total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                  reduction="sum").double()
-        count += windows[:, 1:].numel()
+        count += targets.numel()
     return float(total) / count
+
+
+@torch.no_grad()
+def bos_reliance(model, store: TokenStore, context: int, windows: int,
+                 autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """How much a model trained with BOS at position 0 needs it there (a lab addition; the
+    paper does not measure it). The same validation text twice: after BOS, and with position
+    0 holding the text token before it. Perplexity over the same targets, every prediction
+    but the first (whose context differs): `sink/ppl_with_bos`, `sink/ppl_without_bos` and
+    their ratio `sink/bos_reliance`. A model that parks attention on BOS, as on a sink, loses
+    more than one that does not; 1.0 means it does not care."""
+    device = next(model.parameters()).device
+    without_bos = eval_windows(store, "valid", context, windows)  # (n, context + 1), plain text
+    with_bos = without_bos.clone()
+    with_bos[:, 0] = store.eos_id
+    batch = LONG_CONTEXT_TOKENS_PER_FORWARD
+    loss_with = _mean_loss(model, with_bos, batch, device, autocast_dtype, skip_first=1)
+    loss_without = _mean_loss(model, without_bos, batch, device, autocast_dtype, skip_first=1)
+    return {"sink/ppl_with_bos": math.exp(min(loss_with, 80.0)),
+            "sink/ppl_without_bos": math.exp(min(loss_without, 80.0)),
+            "sink/bos_reliance": math.exp(min(loss_without - loss_with, 80.0))}
 
 
 def analysis_device() -> torch.device:
@@ -405,13 +432,16 @@ def analyze(model, store: TokenStore, config: RunConfig, windows: int | None = N
     try:
         layers = _attention_layers(config.model.n_layers) if maps else ()
         result = probe_metrics(model, store, windows, layers) if windows else Analysis()
+        device = next(model.parameters()).device
+        bf16 = device.type == "cuda" and config.train.precision in ("auto", "bf16-mixed")
+        autocast_dtype = torch.bfloat16 if bf16 else None
         if factors:
-            device = next(model.parameters()).device
-            bf16 = device.type == "cuda" and config.train.precision in ("auto", "bf16-mixed")
             result.metrics.update(long_context_perplexity(
                 model, store, config.model.context, factors, max(windows, 1),
-                config.data.bos_aligned, config.data.bos_prefix,
-                torch.bfloat16 if bf16 else None))
+                config.data.bos_aligned, config.data.bos_prefix, autocast_dtype))
+        if windows and (config.data.bos_prefix or config.data.bos_aligned):
+            result.metrics.update(bos_reliance(model, store, config.model.context, windows,
+                                               autocast_dtype))
     finally:
         model.train(was_training)
     return result

@@ -32,8 +32,8 @@ from lab.errors import LabError
 
 # Columns beside the perplexity, where runs carry them (lab/analysis.py, lab/callbacks.py);
 # the long-context names are `long/ppl_<k>x[_yarn]` (MLflow rejects '@').
-ANALYSIS_PREFIXES = ("gate/mean", "sink/first_token_attn", "act/max_mean", "long/ppl_",
-                     "train/grad_norm_max")
+ANALYSIS_PREFIXES = ("gate/mean", "sink/first_token_attn", "sink/bos_reliance", "act/max_mean",
+                     "long/ppl_", "train/grad_norm_max")
 # Per-layer curves of the paper's Fig. 2 and 6: first-token attention and the largest hidden
 # activation after each layer, logged as `<prefix>/layer_<i>`.
 LAYER_METRICS = (("layers/sink/first_token_attn", "attention to the first token (BOS)"),

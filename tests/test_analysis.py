@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lab.analysis import (ProbeRecorder, analyze, long_context_metric, record, write_outputs)
 from lab.config import ModelConfig, resolve
@@ -260,3 +261,51 @@ def test_long_context_windows_open_with_bos_at_every_factor_when_training_did(tm
         torch.testing.assert_close(seen[16][2, 1:], seen[64][0, 17:33])
     else:
         assert (seen[16][:, 0] != store.eos_id).any()
+
+
+def test_bos_reliance_compares_the_same_targets_with_and_without_bos(tmp_path, monkeypatch):
+    from lab import analysis
+
+    store = tiny_store(tmp_path / "store")
+    seen = []
+
+    def fake_loss(model, data, batch, device, autocast_dtype, skip_first=0):
+        seen.append((data.clone(), skip_first))
+        return 2.0 if len(seen) == 1 else 2.5  # with BOS first, then without
+
+    monkeypatch.setattr(analysis, "_mean_loss", fake_loss)
+    metrics = analysis.bos_reliance(Decoder(ModelConfig(**TINY)), store, 16, windows=5)
+    (with_bos, skip_with), (without_bos, skip_without) = seen
+    assert skip_with == skip_without == 1
+    assert with_bos.shape == without_bos.shape == (5, 17)
+    assert (with_bos[:, 0] == store.eos_id).all()
+    torch.testing.assert_close(with_bos[:, 1:], without_bos[:, 1:])
+    assert metrics == pytest.approx({"sink/ppl_with_bos": math.exp(2.0),
+                                     "sink/ppl_without_bos": math.exp(2.5),
+                                     "sink/bos_reliance": math.exp(0.5)})
+
+
+def test_mean_loss_can_leave_out_the_first_predictions():
+    from lab import analysis
+
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig(**TINY)).eval()
+    data = torch.randint(0, 32, (3, 17))
+    with torch.no_grad():
+        logits = model(data[:, :-1])
+        expected = F.cross_entropy(logits[:, 2:].flatten(0, 1), data[:, 3:].flatten()).item()
+        got = analysis._mean_loss(model, data, 2, torch.device("cpu"), None, skip_first=2)
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("bos_prefix", [True, False])
+def test_analyze_measures_bos_reliance_only_for_models_trained_with_bos(tmp_path, bos_prefix):
+    store = tiny_store(tmp_path / "store")
+    config = resolve("baseline", "tiny", {"model.vocab_size": "32", "model.context": "16",
+                                          "data.bos_prefix": str(bos_prefix).lower(),
+                                          "train.long_context_factors": ""})
+    metrics = analyze(Decoder(config.model), store, config, windows=2, maps=False).metrics
+    assert ("sink/bos_reliance" in metrics) is bos_prefix
+    if bos_prefix:
+        assert metrics["sink/bos_reliance"] == pytest.approx(
+            metrics["sink/ppl_without_bos"] / metrics["sink/ppl_with_bos"], rel=1e-6)
