@@ -119,7 +119,8 @@ def cmd_grid(args) -> int:
     spec = with_cli(load_grid(args.file), preset=args.preset, data=args.data, tokens=args.tokens,
                     seeds=args.seeds, lrs=args.lrs, variants=args.variants,
                     overrides=args.overrides)
-    options = GridOptions(gpus=args.gpus, cpu_workers=args.cpu_workers,
+    options = GridOptions(gpus=args.gpus, runs_per_gpu=args.runs_per_gpu,
+                          cpu_workers=args.cpu_workers,
                           cpu_threads=args.cpu_threads, dry_run=args.dry_run,
                           tracking_uri=args.tracking_uri, shard=args.shard, quiet=args.quiet,
                           stale_after_s=args.stale_after)
@@ -306,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", help="replace the file's variants: slugs, comma-separated, or all")
     _add_overrides(p, "for every cell")
     p.add_argument("--gpus", help="all (default) or CUDA indices, e.g. 0,1: one worker per GPU")
+    p.add_argument("--runs-per-gpu", type=int, default=1,
+                   help="cells trained at once on each GPU (default 1; small models leave a "
+                   "large GPU mostly idle)")
     p.add_argument("--cpu-workers", type=int, default=1,
                    help="cells trained at once without GPUs (default 1)")
     p.add_argument("--cpu-threads", type=int,

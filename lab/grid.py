@@ -770,6 +770,9 @@ def _run_cell_main(argv: list[str]) -> int:
 @dataclass
 class GridOptions:
     gpus: str | None = None
+    # Cells trained at once on each GPU: a small model leaves most of a large GPU idle, so
+    # two or more processes per GPU can raise a grid's throughput (memory permitting).
+    runs_per_gpu: int = 1
     cpu_workers: int = 1
     cpu_threads: int | None = None   # torch threads per CPU worker; None: cores / workers
     dry_run: bool = False
@@ -804,6 +807,8 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
         raise LabError(f"--cpu-workers: must be at least 1, got {options.cpu_workers}")
     if options.cpu_threads is not None and options.cpu_threads < 1:
         raise LabError(f"--cpu-threads: must be at least 1, got {options.cpu_threads}")
+    if options.runs_per_gpu < 1:
+        raise LabError(f"--runs-per-gpu: must be at least 1, got {options.runs_per_gpu}")
     # Small models gain little from intra-op threads and lose much when threads outnumber
     # free cores, so CPU workers split the cores between them.
     cpu_threads = options.cpu_threads or max(1, (os.cpu_count() or 1) // options.cpu_workers)
@@ -813,9 +818,13 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
     if gpus and devices > len(gpus):
         raise LabError(f"train.devices: {devices} GPUs per run but only {len(gpus)} given "
                        f"({','.join(gpus)})")
+    if devices > 1 and options.runs_per_gpu > 1:
+        raise LabError("--runs-per-gpu: a DDP cell (train.devices > 1) takes its GPUs whole; "
+                       "leave --runs-per-gpu at 1")
     uri = tracking.tracking_uri(options.tracking_uri)
     device = "cuda" if gpus else "cpu"
-    workers = (1 if devices > 1 else len(gpus)) if gpus else options.cpu_workers
+    gpu_slots = [gpu for gpu in gpus for _ in range(options.runs_per_gpu)]
+    workers = (1 if devices > 1 else len(gpu_slots)) if gpus else options.cpu_workers
     if options.dry_run:
         print_dry_run(spec, cells, uri, workers, device)
         return GridSummary(spec.name, len(cells), 0, [])
@@ -853,8 +862,8 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
                 dispatched(task, None)
                 finished(execute_cell(task, ctx))
         else:
-            slots = [{"CUDA_VISIBLE_DEVICES": g} for g in gpus] or [{}] * options.cpu_workers
-            threads = max(1, (os.cpu_count() or 1) // len(gpus)) if gpus else cpu_threads
+            slots = [{"CUDA_VISIBLE_DEVICES": g} for g in gpu_slots] or [{}] * options.cpu_workers
+            threads = max(1, (os.cpu_count() or 1) // len(gpu_slots)) if gpus else cpu_threads
             pool = WorkerPool(slots, threads, ctx)
             try:
                 pool.run(work.tasks, finished, lambda task, slot: dispatched(

@@ -189,3 +189,45 @@ def test_owner_liveness():
     assert owner_alive(other, str(int(now - 30)), stale_after_s=600, now=now)
     assert not owner_alive(other, str(int(now - 900)), stale_after_s=600, now=now)
     assert not owner_alive(None, None)
+
+
+def test_runs_per_gpu_gives_each_gpu_that_many_worker_slots(store, monkeypatch):
+    """Two GPUs x three runs each: six workers, each pinned to one GPU, the host's cores split
+    between them. (No GPU here: the device list and the pool are stand-ins.)"""
+    from lab import grid
+
+    pools = []
+
+    class RecordingPool:
+        def __init__(self, slots, threads, ctx):
+            pools.append((slots, threads))
+
+        def run(self, tasks, finished, dispatched):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(grid, "parse_gpus", lambda text: ["0", "1"])
+    monkeypatch.setattr(grid, "WorkerPool", RecordingPool)
+    monkeypatch.setattr(os, "cpu_count", lambda: 12)
+    run_grid(grid_from_dict(tiny_grid("packed", ["baseline"], seeds=(0, 1))),
+             GridOptions(gpus="all", runs_per_gpu=3, quiet=True))
+    (slots, threads), = pools
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "0", "0", "1", "1", "1"]
+    assert threads == 2
+
+
+@pytest.mark.parametrize("overrides, runs_per_gpu, message", [
+    ({}, 0, "--runs-per-gpu: must be at least 1"),
+    ({"train.devices": 2}, 2, "--runs-per-gpu: a DDP cell"),
+])
+def test_runs_per_gpu_refuses_nonsense_before_training(store, monkeypatch, overrides,
+                                                       runs_per_gpu, message):
+    from lab import grid
+
+    monkeypatch.setattr(grid, "parse_gpus", lambda text: ["0", "1"])
+    with pytest.raises(LabError, match=message):
+        run_grid(grid_from_dict(tiny_grid("refused", ["baseline"], **overrides)),
+                 GridOptions(gpus="all", runs_per_gpu=runs_per_gpu, quiet=True))
+    assert run_statuses(store, "refused") == {}
