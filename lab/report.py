@@ -288,12 +288,15 @@ def loss_history(client, run_id: str) -> tuple[list[int], list[float]]:
     return [m.step for m in history], [m.value for m in history]
 
 
-def plot_loss_curves(client, rows: list[Row], path: Path) -> None:
-    """Every run's training loss, one colour per row (variant, or variant and LR when the
-    rows hold several LRs of a variant), spike peaks marked with x."""
-    import matplotlib.pyplot as plt
+def _row_label(row: Row, rows: list[Row]) -> str:
+    """The variant, with the LR when `rows` hold more than one LR."""
+    return f"{row.variant} lr={row.lr:g}" if len({r.lr for r in rows}) > 1 else row.variant
 
-    several_lrs = len({(r.variant, r.lr) for r in rows}) > len({r.variant for r in rows})
+
+def plot_loss_curves(client, rows: list[Row], path: Path) -> None:
+    """Every run's training loss, one colour per row (labelled with its LR when the rows
+    hold several), spike peaks marked with x."""
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 6))
     colours = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
@@ -303,9 +306,8 @@ def plot_loss_curves(client, rows: list[Row], path: Path) -> None:
             steps, losses = loss_history(client, run.run_id)
             if not steps:
                 continue
-            label = f"{row.variant} lr={row.lr:g}" if several_lrs else row.variant
             ax.plot(steps, losses, color=colour, linewidth=0.8, alpha=0.8,
-                    label=label if k == 0 else None)
+                    label=_row_label(row, rows) if k == 0 else None)
             by_step = dict(zip(steps, losses))
             peaks = [s["peak_step"] for s in _artifact_json(client, run.run_id, "spikes.json") or []]
             peaks = [p for p in peaks if p in by_step and math.isfinite(by_step[p])]
@@ -369,13 +371,12 @@ def plot_per_layer(rows: list[Row], path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, len(LAYER_METRICS), figsize=(13, 5))
     colours = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
-    several_lrs = len({r.lr for r in rows}) > 1  # best-LR rows: say which LR each line is
     for ax, (_, title), panel in zip(axes, LAYER_METRICS, profiles):
         for index, (row, values) in enumerate(panel):
             if values:
                 ax.plot(range(len(values)), values, marker="o", markersize=3,
                         color=colours(index % colours.N),
-                        label=f"{row.variant} lr={row.lr:g}" if several_lrs else row.variant)
+                        label=_row_label(row, rows))
         ax.set_xlabel("layer")
         ax.set_title(title)
     axes[1].set_yscale("log")
