@@ -90,6 +90,23 @@ class Row:
     delta: Interval | None = None
     paper_delta: float | None = None
     extra: dict = field(default_factory=dict)
+    baseline_ppl: float | None = None   # the mean the Δ is taken against
+
+    @property
+    def delta_percent(self) -> float | None:
+        """Δ over the baseline's mean PPL: the form that compares across scales (ours ~60,
+        the paper's 6.026)."""
+        if self.delta is None or not self.baseline_ppl:
+            return None
+        return 100 * self.delta.mean / self.baseline_ppl
+
+    @property
+    def paper_delta_percent(self) -> float | None:
+        from lab.gates import VARIANTS
+
+        if self.paper_delta is None or self.variant not in VARIANTS:
+            return None
+        return 100 * self.paper_delta / VARIANTS[self.variant].paper_baseline_ppl
 
     @property
     def diverged(self) -> int:
@@ -193,6 +210,7 @@ def build_rows(records: list[RunRecord]) -> tuple[list[Row], list[Row]]:
     for row in all_rows:
         if baseline is not None:
             row.delta = paired_delta(row, baseline)
+            row.baseline_ppl = baseline.ppl.mean if baseline.ppl else None
         row.extra = analysis_metrics(row.runs)
     all_rows.sort(key=lambda r: (_variant_order(r.variant), r.lr))
     rows = sorted(best.values(), key=lambda r: _variant_order(r.variant))
@@ -230,19 +248,24 @@ def _fmt_interval(interval: Interval | None, signed: bool = False) -> tuple[str,
     return centre, ci
 
 
+def _percent(value: float | None, pattern: str, missing: str = "") -> str:
+    return missing if value is None else pattern.format(value)
+
+
 def markdown_table(rows: list[Row]) -> str:
     extras = sorted({k for r in rows for k in r.extra})
     header = ["variant", "lr", "seeds", "val PPL (mean ± std)", "95% CI", "Δ PPL vs baseline",
-              "Δ 95% CI", "paper Δ PPL", "same sign", "spikes", "diverged", *extras]
+              "Δ 95% CI", "Δ %", "paper Δ PPL (%)", "same sign", "spikes", "diverged", *extras]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         ppl, ppl_ci = _fmt_interval(row.ppl)
         delta, delta_ci = ("0 (reference)", "-") if row.variant == BASELINE else \
             _fmt_interval(row.delta, signed=True)
         paper = "-" if row.paper_delta is None else "0 (reference)" if row.variant == BASELINE \
-            else f"{row.paper_delta:+.3f}"
+            else f"{row.paper_delta:+.3f}" + _percent(row.paper_delta_percent, " ({:+.1f}%)")
+        percent = "-" if row.variant == BASELINE else _percent(row.delta_percent, "{:+.1f}%", "-")
         cells = [row.variant, f"{row.lr:g}", str(len(row.runs)), ppl, ppl_ci, delta, delta_ci,
-                 paper, row.direction, str(row.spikes), f"{row.diverged}/{len(row.runs)}",
+                 percent, paper, row.direction, str(row.spikes), f"{row.diverged}/{len(row.runs)}",
                  *[_fmt(row.extra.get(k), 4) for k in extras]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -252,7 +275,8 @@ def write_csv(rows: list[Row], path: Path) -> None:
     extras = sorted({k for r in rows for k in r.extra})
     columns = ["variant", "lr", "n_runs", "n_ppl", "val_ppl_mean", "val_ppl_std", "val_ppl_ci_low",
                "val_ppl_ci_high", "delta_ppl_mean", "delta_ppl_std", "delta_ppl_ci_low",
-               "delta_ppl_ci_high", "n_paired", "paper_delta_ppl", "same_sign", "spikes",
+               "delta_ppl_ci_high", "n_paired", "delta_percent", "paper_delta_ppl",
+               "paper_delta_percent", "same_sign", "spikes",
                "max_spike_excess", "diverged", *extras]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -262,7 +286,8 @@ def write_csv(rows: list[Row], path: Path) -> None:
             writer.writerow([row.variant, row.lr, len(row.runs), p.n if p else 0,
                              p and p.mean, p and p.std, p and p.low, p and p.high,
                              d and d.mean, d and d.std, d and d.low, d and d.high,
-                             d.n if d else 0, row.paper_delta, row.direction, row.spikes,
+                             d.n if d else 0, row.delta_percent, row.paper_delta,
+                             row.paper_delta_percent, row.direction, row.spikes,
                              row.max_spike_excess, row.diverged,
                              *[row.extra.get(k) for k in extras]])
 

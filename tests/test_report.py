@@ -89,6 +89,9 @@ def test_report_statistics_deltas_and_the_papers_direction(store, tmp_path):
     assert (gate.delta.low, gate.delta.high) == pytest.approx((-1.4 / 3 - half, -1.4 / 3 + half),
                                                               rel=1e-6)
     assert gate.paper_delta == pytest.approx(-0.265) and gate.direction == "yes"
+    # Relative to each side's baseline: ours 10.2, the paper's 6.026.
+    assert gate.delta_percent == pytest.approx(100 * (-1.4 / 3) / 10.2)
+    assert gate.paper_delta_percent == pytest.approx(100 * -0.265 / 6.026)
     assert gate.extra == {"gate/mean": pytest.approx(0.11), "long/ppl_4x_yarn": pytest.approx(21.0)}
 
     # (+0.1, -0.1, +0.1): the paper's sign is negative; our interval spans zero.
@@ -101,6 +104,7 @@ def test_report_statistics_deltas_and_the_papers_direction(store, tmp_path):
     for variant in rows:
         assert f"| {variant} |" in text
     assert "| 1/3 |" in text and "gate/mean" in text and "long/ppl_4x_yarn" in text
+    assert "| -4.6% | -0.265 (-4.4%) | yes |" in text
     # Two LRs of the baseline: the table of every (variant, LR) follows the best-LR table.
     every_lr = text.split("### Every learning rate")[1]
     assert "| baseline | 0.001 |" in every_lr and "| baseline | 0.001 |" not in text.split("###")[0]
