@@ -433,7 +433,8 @@ def analyze(model, store: TokenStore, config: RunConfig, windows: int | None = N
         layers = _attention_layers(config.model.n_layers) if maps else ()
         result = probe_metrics(model, store, windows, layers) if windows else Analysis()
         device = next(model.parameters()).device
-        bf16 = device.type == "cuda" and config.train.precision in ("auto", "bf16-mixed")
+        # Evaluate in the precision the run trained in (bf16 autocast), else in float32.
+        bf16 = config.train.precision_on(device.type == "cuda") == "bf16-mixed"
         autocast_dtype = torch.bfloat16 if bf16 else None
         if factors:
             result.metrics.update(long_context_perplexity(

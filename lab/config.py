@@ -205,6 +205,13 @@ class TrainConfig:
     def micro_batch(self) -> int:
         return self.micro_batch_size or self.batch_size // self.devices
 
+    def precision_on(self, cuda: bool) -> str:
+        """The Lightning precision this run trains in: `auto` is bf16-mixed on GPU, 32-true
+        on CPU."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16-mixed" if cuda else "32-true"
+
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ANALYSIS_FIELDS = ("analysis_windows", "analysis_every", "long_context_factors")

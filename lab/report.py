@@ -89,6 +89,7 @@ class Row:
     ppl: Interval | None
     delta: Interval | None = None
     paper_delta: float | None = None
+    paper_baseline_ppl: float | None = None  # the paper's row its Δ is taken against
     extra: dict = field(default_factory=dict)
     baseline_ppl: float | None = None   # the mean the Δ is taken against
 
@@ -102,11 +103,9 @@ class Row:
 
     @property
     def paper_delta_percent(self) -> float | None:
-        from lab.gates import VARIANTS
-
-        if self.paper_delta is None or self.variant not in VARIANTS:
+        if self.paper_delta is None or not self.paper_baseline_ppl:
             return None
-        return 100 * self.paper_delta / VARIANTS[self.variant].paper_baseline_ppl
+        return 100 * self.paper_delta / self.paper_baseline_ppl
 
     @property
     def diverged(self) -> int:
@@ -200,7 +199,9 @@ def build_rows(records: list[RunRecord]) -> tuple[list[Row], list[Row]]:
     for (variant, lr), runs in groups.items():
         runs.sort(key=lambda r: r.seed)
         row = Row(variant, lr, runs, t_interval([r.val_ppl for r in runs if r.val_ppl is not None]))
-        row.paper_delta = VARIANTS[variant].paper_delta_ppl if variant in VARIANTS else None
+        if variant in VARIANTS:
+            row.paper_delta = VARIANTS[variant].paper_delta_ppl
+            row.paper_baseline_ppl = VARIANTS[variant].paper_baseline_ppl
         all_rows.append(row)
     best: dict[str, Row] = {}
     for row in all_rows:

@@ -163,9 +163,7 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
     if config.train.analysis_every and config.train.analysis_windows:
         all_callbacks.append(AnalysisMonitor(store, config))
     cuda = torch.cuda.is_available()
-    precision = config.train.precision
-    if precision == "auto":
-        precision = "bf16-mixed" if cuda else "32-true"
+    precision = config.train.precision_on(cuda)
     trainer = L.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=config.train.devices if cuda else 1,
         strategy="ddp" if cuda and config.train.devices > 1 else "auto",

@@ -37,3 +37,10 @@ def test_compile_mode_is_checked_before_training():
         == "reduce-overhead"
     with pytest.raises(LabError, match="train.compile_mode"):
         resolve("baseline", "tiny", ["train.compile_mode=fast"]).validate()
+
+
+def test_auto_precision_is_bf16_on_gpu_and_float32_on_cpu():
+    auto = resolve("baseline", "tiny").train
+    assert (auto.precision_on(True), auto.precision_on(False)) == ("bf16-mixed", "32-true")
+    fixed = resolve("baseline", "tiny", ["train.precision=32-true"]).train
+    assert fixed.precision_on(True) == "32-true"
