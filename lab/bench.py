@@ -46,8 +46,10 @@ def bench_config(variant: str, preset: str, steps: int, warmup: int, data: str,
     return dataclasses.replace(config, train=train)
 
 
-def bare_loop(config: RunConfig, steps: int, warmup: int) -> dict:
-    """The reference: the same work as a lab training step, with nothing around it."""
+def bare_loop(config: RunConfig, steps: int, warmup: int, profile_to: Path | None = None) -> dict:
+    """The reference: the same work as a lab training step, with nothing around it.
+    `profile_to`: after the timed steps, profile a few more and write the kernels that take
+    the most GPU (or CPU) time there, to see where a step goes."""
     store, config = open_data(config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t = config.train
@@ -90,10 +92,29 @@ def bare_loop(config: RunConfig, steps: int, warmup: int) -> dict:
     _sync()
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
+    if profile_to is not None:
+        _profile(step, profile_to, device)
     del model, optimizer
     if device == "cuda":
         torch.cuda.empty_cache()
     return _rates(config, steps, elapsed, peak)
+
+
+PROFILED_STEPS = 3
+
+
+def _profile(step, path: Path, device: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(PROFILED_STEPS):
+            step()
+        _sync()
+    sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{PROFILED_STEPS} steps, sorted by {sort_by}\n"
+                    + prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=90))
 
 
 def _rates(config: RunConfig, steps: int, elapsed: float, peak_gib: float | None) -> dict:
@@ -143,7 +164,7 @@ def lab_loop(config: RunConfig, steps: int, warmup: int, uri: str) -> dict:
 
 def run_bench(presets: list[str], variants: list[str], steps: int, warmup: int, data: str,
               overrides: list[str], devices: int, lab_variants: list[str], out: Path,
-              uri: str | None = None) -> dict:
+              uri: str | None = None, profile: bool = False) -> dict:
     # Validate every configuration before any GPU work.
     plan = [(p, v, bench_config(v, p, steps, warmup, data, overrides, devices))
             for p in presets for v in variants]
@@ -166,7 +187,8 @@ def run_bench(presets: list[str], variants: list[str], steps: int, warmup: int, 
                "micro_batch": config.train.micro_batch, "batch": config.train.batch_size}
         report["results"].append(row)
         if devices == 1:
-            row["bare"] = bare_loop(config, steps, warmup)
+            profile_to = out.with_name(f"{out.stem}-profile-{preset}-{variant}.txt") if profile else None
+            row["bare"] = bare_loop(config, steps, warmup, profile_to)
             print(format_row(row), flush=True)
         if variant in lab_variants or devices > 1:
             row["lab"] = lab_loop(config, steps, warmup, uri)

@@ -171,7 +171,7 @@ def cmd_bench(args) -> int:
         f"{datetime.date.today().isoformat()}-{args.preset.replace(',', '_')}-x{args.devices}.json")
     run_bench(args.preset.split(","), args.variants.split(","), args.steps, args.warmup, args.data,
               args.overrides, args.devices, [v for v in args.lab_variants.split(",") if v], out,
-              args.tracking_uri)
+              args.tracking_uri, args.profile)
     return 0
 
 
@@ -349,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p, "for every benchmarked model")
     p.add_argument("--out", help="JSON output (default benchmarks/<date>-<presets>-x<devices>.json)")
     p.add_argument("--tracking-uri", help="store for the lab-path runs (default: mlruns/bench.db)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the bare loop: <out>-profile-<preset>-<variant>.txt, top kernels")
     p.set_defaults(func=cmd_bench)
 
     p = _parser(sub, "export", "write a run's checkpoint as a Hugging Face Qwen3 model "

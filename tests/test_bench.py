@@ -39,3 +39,14 @@ def test_bench_times_the_bare_loop_and_the_lab_path_and_writes_json(tmp_path, mo
     assert "lab" not in gated and gated["bare"]["step_ms"] > 0
     table = format_table(saved)
     assert "| tiny | sdpa_headwise_sigmoid_mul |" in table and "+0.0%" in table
+
+
+def test_bench_profile_writes_the_top_operators_of_the_bare_loop(tmp_path, monkeypatch):
+    monkeypatch.setenv("GATELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "bench.json"
+    run_bench(["tiny"], ["baseline"], steps=1, warmup=1, data="synthetic",
+              overrides=["train.batch_size=2"], devices=1, lab_variants=[], out=out, profile=True)
+    table = (tmp_path / "bench-profile-tiny-baseline.txt").read_text()
+    assert table.startswith("3 steps, sorted by self_")
+    assert "aten::mm" in table  # the matmuls of forward and backward are there by name
