@@ -24,6 +24,7 @@ from lab.config import ModelConfig, parse_switch_head
 from lab.gates import apply_gate, gate_logit_width, gate_score_shape, gate_scores, gated_heads_and_width
 
 Probe = Callable[[int, str, torch.Tensor], None]
+PROJECTION_ALIGNMENT = 8  # output columns; 8 bf16 values = 16 bytes
 
 
 class RotaryEmbedding(nn.Module):
@@ -130,6 +131,11 @@ class Attention(nn.Module):
         # One matmul from X: [q | k | v | gate logits].
         self.split = [q_width, k_in_proj, v_in_proj, gate_width]
         self.in_proj = nn.Linear(cfg.d_model, sum(self.split), bias=False)
+        # Zero columns that round the matmul's output up to a multiple of 8, so its bf16 rows
+        # are 16-byte aligned: cuBLAS's fastest kernels need that, and a headwise gate's few
+        # columns (e.g. 768+384+384+12 at `medium`) break it. Not a parameter; the padded
+        # outputs are dropped, so the math and the state dict are unchanged.
+        self.in_proj_pad = -sum(self.split) % PROJECTION_ALIGNMENT
         self.o_proj = nn.Linear(q_width, cfg.d_model, bias=False)
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.rms_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.rms_eps) if cfg.qk_norm else nn.Identity()
@@ -160,7 +166,10 @@ class Attention(nn.Module):
                 attention_scale: float = 1.0, probe: Optional[Probe] = None) -> torch.Tensor:
         B, T, C = x.shape
         H, G, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v, gate_logits = self.in_proj(x).split(self.split, dim=-1)
+        weight = self.in_proj.weight
+        if self.in_proj_pad:
+            weight = F.pad(weight, (0, 0, 0, self.in_proj_pad))
+        q, k, v, gate_logits, _ = F.linear(x, weight).split(self.split + [self.in_proj_pad], dim=-1)
         q = q.view(B, T, H, D)
         k = self.k_experts(x) if self.switch == "kv" else k.view(B, T, G, D)
         v = self.v_experts(x) if self.switch else v.view(B, T, G, D)

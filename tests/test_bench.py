@@ -50,3 +50,14 @@ def test_bench_profile_writes_the_top_operators_of_the_bare_loop(tmp_path, monke
     table = (tmp_path / "bench-profile-tiny-baseline.txt").read_text()
     assert table.startswith("3 steps, sorted by self_")
     assert "aten::mm" in table  # the matmuls of forward and backward are there by name
+
+
+def test_table_splits_gate_overhead_into_tokens_and_beyond_its_flops():
+    def row(variant, tokens_per_s, mfu):
+        return {"preset": "medium", "variant": variant, "params": 1e8,
+                "bare": {"tokens_per_s": tokens_per_s, "step_ms": 1.0, "mfu": mfu, "peak_mem_gib": 1.0}}
+
+    report = {"results": [row("baseline", 400_000, 0.40), row("gated", 380_000, 0.396)]}
+    gated_line = format_table(report).splitlines()[-1]
+    # 5% fewer tokens/s, but only 1% of it beyond the FLOPs the gate adds
+    assert "| +5.0% | +1.0% |" in gated_line

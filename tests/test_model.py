@@ -463,3 +463,12 @@ def test_residual_init_scale_shrinks_only_the_projections_into_the_residual_stre
     for name, weight in plain.items():
         expected = weight * 0.25 if name in residual_writers else weight
         torch.testing.assert_close(scaled[name], expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("slug", ["baseline", "sdpa_headwise_sigmoid_mul", "value_headwise_sigmoid_mul"])
+def test_fused_projection_is_padded_to_aligned_rows_without_new_parameters(slug):
+    attn = build(slug, seed=1).blocks[0].attn
+    width = sum(attn.split)
+    assert attn.in_proj.weight.shape[0] == width  # the parameter keeps its unpadded shape
+    assert (width + attn.in_proj_pad) % 8 == 0 and 0 <= attn.in_proj_pad < 8
+    assert (attn.in_proj_pad > 0) == (slug != "baseline")  # tiny: 128 columns, + 4 or 2 gate logits
