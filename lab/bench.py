@@ -46,58 +46,106 @@ def bench_config(variant: str, preset: str, steps: int, warmup: int, data: str,
     return dataclasses.replace(config, train=train)
 
 
-def bare_loop(config: RunConfig, steps: int, warmup: int, profile_to: Path | None = None) -> dict:
+class BareLoop:
     """The reference: the same work as a lab training step, with nothing around it.
-    `profile_to`: after the timed steps, profile a few more and write the kernels that take
-    the most GPU (or CPU) time there, to see where a step goes."""
-    store, config = open_data(config)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    t = config.train
-    torch.manual_seed(t.seed)
-    model = Decoder(config.model).to(device)
-    if t.compile:
-        model.compile(mode=t.compile_mode)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=t.lr,
-                                  betas=(t.beta1, t.beta2), fused=device == "cuda" or None)
-    sampler = WindowSampler(store, config.model.context, t.micro_batch, t.seed)
-    accumulate = accumulation(config)
-    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda")
-    index = 0
 
-    def step():
-        nonlocal index
-        for _ in range(accumulate):
-            inputs, targets = sampler.batch(index)
-            index += 1
-            inputs = inputs.pin_memory().to(device, non_blocking=True) if device == "cuda" else inputs
-            targets = targets.pin_memory().to(device, non_blocking=True) if device == "cuda" else targets
-            with autocast:
-                loss = model(inputs, targets=targets) / accumulate
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    Built and warmed up once; `time(steps)` can then be called again and again, so that the
+    models of one preset can be timed in interleaved rounds (drift of the GPU's clocks over a
+    run then falls on every model alike, not on whichever ran last)."""
 
-    for _ in range(warmup):
-        step()
-    _sync()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync()
-    elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
-    if profile_to is not None:
-        _profile(step, profile_to, device)
-    del model, optimizer
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return _rates(config, steps, elapsed, peak)
+    def __init__(self, config: RunConfig, warmup: int):
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        held_before = _allocated()
+        store, config = open_data(config)
+        self.config = config
+        t = config.train
+        torch.manual_seed(t.seed)
+        self.model = Decoder(config.model).to(self.device)
+        if t.compile:
+            self.model.compile(mode=t.compile_mode)
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr, betas=(t.beta1, t.beta2), fused=self.device == "cuda" or None)
+        self.sampler = WindowSampler(store, config.model.context, t.micro_batch, t.seed)
+        self.accumulate = accumulation(config)
+        self.autocast = torch.autocast(device_type=self.device, dtype=torch.bfloat16,
+                                       enabled=self.device == "cuda")
+        self.index = 0
+        for _ in range(warmup):
+            self.step()
+        _sync()
+        # Weights, gradients' absence (set_to_none) and optimizer state: what this model
+        # holds between steps, to tell its own peak from the other models' resident memory.
+        self.resident = _allocated() - held_before
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def step(self) -> None:
+        for _ in range(self.accumulate):
+            inputs, targets = self.sampler.batch(self.index)
+            self.index += 1
+            with self.autocast:
+                loss = self.model(self._to_device(inputs), targets=self._to_device(targets))
+            (loss / self.accumulate).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def time(self, steps: int) -> dict:
+        """Tokens/s, step time, MFU and this model's own peak memory over `steps` steps."""
+        _sync()
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        others = _allocated() - self.resident
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        _sync()
+        elapsed = time.perf_counter() - start
+        peak = ((torch.cuda.max_memory_allocated() - others) / 2 ** 30
+                if self.device == "cuda" else None)
+        return _rates(self.config, steps, elapsed, peak)
+
+    def close(self) -> None:
+        del self.model, self.optimizer
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _allocated() -> int:
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+
+
+def time_bare_loops(configs: list[RunConfig], steps: int, warmup: int, rounds: int,
+                    profile_to: list[Path | None]) -> list[dict]:
+    """Build and warm every loop, then time `rounds` rounds of `steps` steps, the loops in
+    turn each round. Each loop's result is its median round (by tokens/s), with every
+    round's tokens/s beside it when there is more than one."""
+    torch._dynamo.reset()  # these models compile afresh (no recompile-limit fallbacks)
+    # Every model compiles the same Decoder.forward; one cache entry each must fit.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(configs))
+    loops = [BareLoop(config, warmup) for config in configs]
+    per_loop: list[list[dict]] = [[] for _ in loops]
+    for _ in range(rounds):
+        for loop, timings in zip(loops, per_loop):
+            timings.append(loop.time(steps))
+    results = []
+    for loop, timings, path in zip(loops, per_loop, profile_to):
+        result = sorted(timings, key=lambda r: r["tokens_per_s"])[(len(timings) - 1) // 2]
+        if rounds > 1:
+            result = dict(result, rounds_tokens_per_s=[r["tokens_per_s"] for r in timings])
+        if path is not None:
+            _profile(loop.step, path, loop.device)
+        results.append(result)
+    for loop in loops:
+        loop.close()
+    return results
 
 
 PROFILED_STEPS = 3
@@ -164,7 +212,13 @@ def lab_loop(config: RunConfig, steps: int, warmup: int, uri: str) -> dict:
 
 def run_bench(presets: list[str], variants: list[str], steps: int, warmup: int, data: str,
               overrides: list[str], devices: int, lab_variants: list[str], out: Path,
-              uri: str | None = None, profile: bool = False) -> dict:
+              uri: str | None = None, profile: bool = False, rounds: int = 1) -> dict:
+    """rounds > 1: a preset's variants are built together and timed in `rounds` interleaved
+    rounds (median reported), which makes small overheads measurable; they then share the
+    GPU's memory, so each model's peak is counted without the others' resident memory.
+    rounds = 1: one model at a time, compiled and timed alone."""
+    if rounds < 1:
+        raise LabError(f"bench: --rounds must be at least 1, got {rounds}")
     # Validate every configuration before any GPU work.
     plan = [(p, v, bench_config(v, p, steps, warmup, data, overrides, devices))
             for p in presets for v in variants]
@@ -172,7 +226,7 @@ def run_bench(presets: list[str], variants: list[str], steps: int, warmup: int, 
     report = {"date": datetime.date.today().isoformat(), "device": device_name,
               "peak_bf16_tflops": peak_tflops(device_name) if torch.cuda.is_available() else None,
               "torch": torch.__version__, "steps": steps, "warmup": warmup, "data": data,
-              "devices": devices, "overrides": overrides, "results": []}
+              "devices": devices, "overrides": overrides, "rounds": rounds, "results": []}
     print(f"device: {device_name}; dense bf16 peak used for MFU: {report['peak_bf16_tflops']} TFLOP/s",
           flush=True)
     # The lab-path runs go to their own store beside the main one (mlruns/bench.db), not a
@@ -180,20 +234,32 @@ def run_bench(presets: list[str], variants: list[str], steps: int, warmup: int, 
     if uri is None:
         tracking.store_dir().mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{tracking.store_dir() / 'bench.db'}"
-    for preset, variant, config in plan:
-        torch._dynamo.reset()  # each model compiles afresh (no recompile-limit fallbacks)
-        counts = count_params(config)
-        row = {"preset": preset, "variant": variant, "params": counts["total"],
-               "micro_batch": config.train.micro_batch, "batch": config.train.batch_size}
-        report["results"].append(row)
+    for preset in presets:
+        plan_of_preset = [(v, c) for p, v, c in plan if p == preset]
+        rows = []
+        for variant, config in plan_of_preset:
+            counts = count_params(config)
+            rows.append({"preset": preset, "variant": variant, "params": counts["total"],
+                         "micro_batch": config.train.micro_batch, "batch": config.train.batch_size})
+        report["results"].extend(rows)
         if devices == 1:
-            profile_to = out.with_name(f"{out.stem}-profile-{preset}-{variant}.txt") if profile else None
-            row["bare"] = bare_loop(config, steps, warmup, profile_to)
-            print(format_row(row), flush=True)
-        if variant in lab_variants or devices > 1:
-            row["lab"] = lab_loop(config, steps, warmup, uri)
-            print(format_row(row), flush=True)
-        _write(report, out)
+            # Interleaved rounds need the preset's models together; one round needs one at a time.
+            groups = [list(range(len(rows)))] if rounds > 1 else [[i] for i in range(len(rows))]
+            for group in groups:
+                profile_to = [out.with_name(f"{out.stem}-profile-{preset}-{rows[i]['variant']}.txt")
+                              if profile else None for i in group]
+                timed = time_bare_loops([plan_of_preset[i][1] for i in group], steps, warmup,
+                                        rounds, profile_to)
+                for i, result in zip(group, timed):
+                    rows[i]["bare"] = result
+                    print(format_row(rows[i]), flush=True)
+                _write(report, out)
+        for row, (variant, config) in zip(rows, plan_of_preset):
+            if variant in lab_variants or devices > 1:
+                torch._dynamo.reset()
+                row["lab"] = lab_loop(config, steps, warmup, uri)
+                print(format_row(row), flush=True)
+                _write(report, out)
     if _write(report, out):
         print(format_table(report))
         print(f"wrote {out}")

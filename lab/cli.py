@@ -171,7 +171,7 @@ def cmd_bench(args) -> int:
         f"{datetime.date.today().isoformat()}-{args.preset.replace(',', '_')}-x{args.devices}.json")
     run_bench(args.preset.split(","), args.variants.split(","), args.steps, args.warmup, args.data,
               args.overrides, args.devices, [v for v in args.lab_variants.split(",") if v], out,
-              args.tracking_uri, args.profile)
+              args.tracking_uri, args.profile, args.rounds)
     return 0
 
 
@@ -349,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p, "for every benchmarked model")
     p.add_argument("--out", help="JSON output (default benchmarks/<date>-<presets>-x<devices>.json)")
     p.add_argument("--tracking-uri", help="store for the lab-path runs (default: mlruns/bench.db)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time a preset's variants together in this many interleaved rounds "
+                        "(median reported); 1 = one model at a time")
     p.add_argument("--profile", action="store_true",
                    help="also profile the bare loop: <out>-profile-<preset>-<variant>.txt, top kernels")
     p.set_defaults(func=cmd_bench)

@@ -1,7 +1,10 @@
 import json
 
+import pytest
+
 from lab.bench import format_table, run_bench
 from lab.config import resolve
+from lab.errors import LabError
 from lab.flops import flops_per_token, model_flops_per_token, peak_tflops
 
 
@@ -61,3 +64,23 @@ def test_table_splits_gate_overhead_into_tokens_and_beyond_its_flops():
     gated_line = format_table(report).splitlines()[-1]
     # 5% fewer tokens/s, but only 1% of it beyond the FLOPs the gate adds
     assert "| +5.0% | +1.0% |" in gated_line
+
+
+def test_interleaved_rounds_report_each_models_median_round(tmp_path, monkeypatch):
+    monkeypatch.setenv("GATELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    report = run_bench(["tiny"], ["baseline", "sdpa_elementwise_sigmoid_mul"], steps=1, warmup=1,
+                       data="synthetic", overrides=["train.batch_size=2"], devices=1,
+                       lab_variants=[], out=tmp_path / "bench.json", rounds=3)
+    assert report["rounds"] == 3
+    for row in report["results"]:
+        rounds = row["bare"]["rounds_tokens_per_s"]
+        assert len(rounds) == 3
+        assert row["bare"]["tokens_per_s"] == sorted(rounds)[1]
+
+
+def test_rounds_below_one_is_refused_before_any_timing(tmp_path):
+    with pytest.raises(LabError, match="--rounds must be at least 1"):
+        run_bench(["tiny"], ["baseline"], steps=1, warmup=1, data="synthetic", overrides=[],
+                  devices=1, lab_variants=[], out=tmp_path / "bench.json", rounds=0)
+    assert not (tmp_path / "bench.json").exists()
