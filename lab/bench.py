@@ -178,7 +178,9 @@ def _rates(config: RunConfig, steps: int, elapsed: float, peak_gib: float | None
 
 
 class SteadyStateTimer(L.Callback):
-    """Times the lab path from the end of warm-up to the end of training."""
+    """Times the lab path's steps, from the end of warm-up to the end of the last step. The
+    end-of-run work (final checkpoint, evaluation, analysis) is a one-off cost outside the
+    window, as it is outside the bare loop's."""
 
     def __init__(self, warmup: int):
         self.warmup = warmup
@@ -191,8 +193,14 @@ class SteadyStateTimer(L.Callback):
             self.start, self.start_step = time.perf_counter(), trainer.global_step
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
+        elif self.start is not None and self.end is None and trainer.global_step >= trainer.max_steps:
+            self._stop(trainer)
 
     def on_train_end(self, trainer, pl_module):
+        if self.end is None:  # stopped before max_steps (divergence)
+            self._stop(trainer)
+
+    def _stop(self, trainer) -> None:
         _sync()
         self.end, self.end_step = time.perf_counter(), trainer.global_step
 

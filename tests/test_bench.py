@@ -84,3 +84,20 @@ def test_rounds_below_one_is_refused_before_any_timing(tmp_path):
         run_bench(["tiny"], ["baseline"], steps=1, warmup=1, data="synthetic", overrides=[],
                   devices=1, lab_variants=[], out=tmp_path / "bench.json", rounds=0)
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_lab_path_window_ends_with_the_last_step_not_the_end_of_run_work(tmp_path, monkeypatch):
+    """The final checkpoint (written in on_train_end) is a one-off, outside the timed steps."""
+    import time
+
+    from lab.callbacks import AtomicCheckpoint
+
+    monkeypatch.setenv("GATELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
+    monkeypatch.chdir(tmp_path)
+    save = AtomicCheckpoint.save
+    monkeypatch.setattr(AtomicCheckpoint, "save", lambda self, trainer: (time.sleep(2.0), save(self, trainer)))
+    report = run_bench(["tiny"], ["baseline"], steps=2, warmup=1, data="synthetic",
+                       overrides=["train.batch_size=2"], devices=1, lab_variants=["baseline"],
+                       out=tmp_path / "bench.json")
+    assert report["results"][0]["lab"]["step_ms"] < 1000  # 2 steps; the 2 s save is not in them
