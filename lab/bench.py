@@ -294,6 +294,18 @@ def format_row(row: dict) -> str:
     return " | ".join(parts)
 
 
+def tokens_ratio(row: dict, base: dict) -> float:
+    """A variant's tokens/s over its baseline's: the median of the per-round ratios when both
+    were timed in the same interleaved rounds (pairing cancels drift common to a round),
+    else the ratio of the two results."""
+    rounds, base_rounds = row.get("rounds_tokens_per_s"), base.get("rounds_tokens_per_s")
+    if rounds and base_rounds and len(rounds) == len(base_rounds):
+        ratios = sorted(a / b for a, b in zip(rounds, base_rounds))
+        middle = len(ratios) // 2
+        return ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+    return row["tokens_per_s"] / base["tokens_per_s"]
+
+
 def format_table(report: dict) -> str:
     """Markdown: one row per preset x variant, overhead against the preset's baseline. The
     overhead is split: "vs baseline" in tokens/s, and "beyond FLOPs" as the loss in MFU (each
@@ -305,10 +317,14 @@ def format_table(report: dict) -> str:
     for r in report["results"]:
         bare, lab = r.get("bare", {}), r.get("lab", {})
         base = baseline.get(r["preset"], {}).get("bare")
-        overhead = (f"{100 * (1 - bare['tokens_per_s'] / base['tokens_per_s']):+.1f}%"
-                    if bare and base else "-")
-        beyond = (f"{100 * (1 - bare['mfu'] / base['mfu']):+.1f}%"
-                  if bare.get("mfu") and base and base.get("mfu") else "-")
+        overhead = beyond = "-"
+        if bare and base:
+            ratio_tokens = tokens_ratio(bare, base)
+            overhead = f"{100 * (1 - ratio_tokens):+.1f}%"
+            if bare.get("mfu") and base.get("mfu"):
+                # MFU per token/s is the model's FLOPs per token over the peak
+                flops_ratio = (bare["mfu"] / bare["tokens_per_s"]) / (base["mfu"] / base["tokens_per_s"])
+                beyond = f"{100 * (1 - ratio_tokens * flops_ratio):+.1f}%"
         ratio = f"{lab['tokens_per_s'] / bare['tokens_per_s']:.3f}" if bare and lab else "-"
         mfu = f"{100 * bare['mfu']:.1f}%" if bare.get("mfu") is not None else (
             f"{100 * lab['mfu']:.1f}%" if lab.get("mfu") is not None else "-")
