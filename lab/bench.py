@@ -28,7 +28,7 @@ from lab.flops import model_flops_per_token, peak_tflops
 from lab.model import Decoder
 from lab import tracking
 from lab.run import count_params, open_data
-from lab.training import accumulation
+from lab.training import accumulation, adamw
 
 
 def _sync():
@@ -63,12 +63,7 @@ class BareLoop:
         self.model = Decoder(config.model).to(self.device)
         if t.compile:
             self.model.compile(mode=t.compile_mode)
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.lr, betas=(t.beta1, t.beta2), fused=self.device == "cuda" or None)
+        self.optimizer = adamw(self.model.parameters(), config, fused=self.device == "cuda")
         self.sampler = WindowSampler(store, config.model.context, t.micro_batch, t.seed)
         self.accumulate = accumulation(config)
         self.autocast = torch.autocast(device_type=self.device, dtype=torch.bfloat16,

@@ -35,6 +35,17 @@ def accumulation(config: RunConfig) -> int:
     return config.train.batch_size // (config.train.micro_batch * config.train.devices)
 
 
+def adamw(parameters, config: RunConfig, fused: bool) -> torch.optim.AdamW:
+    """The lab's optimizer (also the bench's bare loop's). Weight decay on matrices only
+    (embeddings included), not on norms, biases or gate vectors."""
+    t = config.train
+    params = [p for p in parameters if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                             fused=fused or None)
+
+
 class LanguageModel(L.LightningModule):
     def __init__(self, config: RunConfig):
         super().__init__()
@@ -105,15 +116,8 @@ class LanguageModel(L.LightningModule):
 
     def configure_optimizers(self):
         t = self.config.train
-        # Weight decay on matrices only (embeddings included), not on norms, biases or gate vectors.
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": t.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
         fused = torch.cuda.is_available() and self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-                                      fused=fused or None)
+        optimizer = adamw(self.parameters(), self.config, fused)
         warmup = int(t.warmup_fraction * self.max_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_lambda(step, self.max_steps, warmup, t.min_lr_ratio))
