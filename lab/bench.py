@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -22,13 +23,12 @@ import lightning as L
 import torch
 
 from lab.config import RunConfig, resolve
-from lab.data import WindowSampler
 from lab.errors import LabError
 from lab.flops import model_flops_per_token, peak_tflops
 from lab.model import Decoder
 from lab import tracking
 from lab.run import count_params, open_data
-from lab.training import accumulation, adamw
+from lab.training import accumulation, adamw, step_loss, train_sampler
 
 
 def _sync():
@@ -40,9 +40,11 @@ def bench_config(variant: str, preset: str, steps: int, warmup: int, data: str,
                  overrides: list[str], devices: int = 1) -> RunConfig:
     config = resolve(variant, preset, overrides, data=data)
     tokens_per_step = config.train.batch_size * config.model.context
+    # No end-of-run probe analysis or long-context evaluation: minutes that time nothing.
     train = dataclasses.replace(config.train, tokens=(steps + warmup) * tokens_per_step,
                                 compile=torch.cuda.is_available(), devices=devices,
-                                val_every=10 ** 9, log_every=10)
+                                val_every=10 ** 9, log_every=10, analysis_windows=0,
+                                long_context_factors="")
     return dataclasses.replace(config, train=train)
 
 
@@ -64,10 +66,11 @@ class BareLoop:
         if t.compile:
             self.model.compile(mode=t.compile_mode)
         self.optimizer = adamw(self.model.parameters(), config, fused=self.device == "cuda")
-        self.sampler = WindowSampler(store, config.model.context, t.micro_batch, t.seed)
+        self.sampler = train_sampler(store, config)
         self.accumulate = accumulation(config)
-        self.autocast = torch.autocast(device_type=self.device, dtype=torch.bfloat16,
-                                       enabled=self.device == "cuda")
+        bf16 = t.precision_on(self.device == "cuda") == "bf16-mixed"  # as the lab path trains
+        self.autocast = torch.autocast(device_type=self.device, dtype=torch.bfloat16, enabled=bf16)
+        self.flops_per_token = model_flops_per_token(config)
         self.index = 0
         for _ in range(warmup):
             self.step()
@@ -86,7 +89,7 @@ class BareLoop:
             inputs, targets = self.sampler.batch(self.index)
             self.index += 1
             with self.autocast:
-                loss = self.model(self._to_device(inputs), targets=self._to_device(targets))
+                loss, _, _ = step_loss(self.model, self._to_device(inputs), self._to_device(targets))
             (loss / self.accumulate).backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
         self.optimizer.step()
@@ -105,7 +108,7 @@ class BareLoop:
         elapsed = time.perf_counter() - start
         peak = ((torch.cuda.max_memory_allocated() - others) / 2 ** 30
                 if self.device == "cuda" else None)
-        return _rates(self.config, steps, elapsed, peak)
+        return _rates(self.config, steps, elapsed, peak, self.flops_per_token)
 
     def close(self) -> None:
         del self.model, self.optimizer
@@ -160,15 +163,18 @@ def _profile(step, path: Path, device: str) -> None:
                     + prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=90))
 
 
-def _rates(config: RunConfig, steps: int, elapsed: float, peak_gib: float | None) -> dict:
+def _device_peak_tflops() -> float | None:
+    return peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+
+
+def _rates(config: RunConfig, steps: int, elapsed: float, peak_gib: float | None,
+           flops_per_token: float) -> dict:
     tokens = steps * config.train.batch_size * config.model.context
     tokens_per_s = tokens / elapsed
     out = {"tokens_per_s": tokens_per_s, "step_ms": 1000 * elapsed / steps, "peak_mem_gib": peak_gib}
-    if torch.cuda.is_available():
-        peak = peak_tflops(torch.cuda.get_device_name())
-        devices = config.train.devices
-        if peak:
-            out["mfu"] = model_flops_per_token(config) * tokens_per_s / (peak * 1e12 * devices)
+    peak = _device_peak_tflops()
+    if peak:
+        out["mfu"] = flops_per_token * tokens_per_s / (peak * 1e12 * config.train.devices)
     return out
 
 
@@ -179,7 +185,7 @@ class SteadyStateTimer(L.Callback):
 
     def __init__(self, warmup: int):
         self.warmup = warmup
-        self.start = self.end = None
+        self.start = self.end = self.peak_gib = None
         self.start_step = self.end_step = warmup
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -198,6 +204,8 @@ class SteadyStateTimer(L.Callback):
     def _stop(self, trainer) -> None:
         _sync()
         self.end, self.end_step = time.perf_counter(), trainer.global_step
+        if torch.cuda.is_available():  # the steps' peak, before any end-of-run work
+            self.peak_gib = torch.cuda.max_memory_allocated() / 2 ** 30
 
 
 def lab_loop(config: RunConfig, steps: int, warmup: int, uri: str) -> dict:
@@ -207,8 +215,8 @@ def lab_loop(config: RunConfig, steps: int, warmup: int, uri: str) -> dict:
     result = train_run(config, uri, experiment="bench", quiet=True, callbacks=[timer])
     if timer.start is None or timer.end_step <= timer.start_step:
         raise LabError("bench: the lab path finished before warm-up ended; raise --steps")
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
-    out = _rates(config, timer.end_step - timer.start_step, timer.end - timer.start, peak)
+    out = _rates(config, timer.end_step - timer.start_step, timer.end - timer.start,
+                 timer.peak_gib, model_flops_per_token(config))
     out["run_id"] = result.run_id
     return out
 
@@ -227,7 +235,7 @@ def run_bench(presets: list[str], variants: list[str], steps: int, warmup: int, 
             for p in presets for v in variants]
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     report = {"date": datetime.date.today().isoformat(), "device": device_name,
-              "peak_bf16_tflops": peak_tflops(device_name) if torch.cuda.is_available() else None,
+              "peak_bf16_tflops": _device_peak_tflops(),
               "torch": torch.__version__, "steps": steps, "warmup": warmup, "data": data,
               "devices": devices, "overrides": overrides, "rounds": rounds, "results": []}
     print(f"device: {device_name}; dense bf16 peak used for MFU: {report['peak_bf16_tflops']} TFLOP/s",
@@ -295,9 +303,7 @@ def tokens_ratio(row: dict, base: dict) -> float:
     else the ratio of the two results."""
     rounds, base_rounds = row.get("rounds_tokens_per_s"), base.get("rounds_tokens_per_s")
     if rounds and base_rounds and len(rounds) == len(base_rounds):
-        ratios = sorted(a / b for a, b in zip(rounds, base_rounds))
-        middle = len(ratios) // 2
-        return ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+        return statistics.median(a / b for a, b in zip(rounds, base_rounds))
     return row["tokens_per_s"] / base["tokens_per_s"]
 
 

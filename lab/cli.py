@@ -169,9 +169,10 @@ def cmd_bench(args) -> int:
 
     out = Path(args.out) if args.out else Path("benchmarks") / (
         f"{datetime.date.today().isoformat()}-{args.preset.replace(',', '_')}-x{args.devices}.json")
-    run_bench(args.preset.split(","), args.variants.split(","), args.steps, args.warmup, args.data,
-              args.overrides, args.devices, [v for v in args.lab_variants.split(",") if v], out,
-              args.tracking_uri, args.profile, args.rounds)
+    run_bench(args.preset.split(","), args.variants.split(","), steps=args.steps,
+              warmup=args.warmup, data=args.data, overrides=args.overrides, devices=args.devices,
+              lab_variants=[v for v in args.lab_variants.split(",") if v], out=out,
+              uri=args.tracking_uri, profile=args.profile, rounds=args.rounds)
     return 0
 
 

@@ -196,14 +196,17 @@ def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
     return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
 
 
-def active_parameters(config: RunConfig | ModelConfig) -> int:
+def active_parameters(config: RunConfig | ModelConfig | torch.nn.Module) -> int:
     """Parameters one token uses: all of them except the experts it does not select
-    (k of E experts per layer). Dense models: the total. For MFU (6 x active x tokens)."""
+    (k of E experts per layer). Dense models: the total. For MFU (6 x active x tokens).
+    Given a built Decoder (e.g. on the meta device), counts that one instead of building one."""
     from lab.model import Decoder, count_parameters
 
-    cfg = config.model if isinstance(config, RunConfig) else config
-    with torch.device("meta"):
-        model = Decoder(cfg)
+    if isinstance(config, torch.nn.Module):
+        model = config
+    else:
+        with torch.device("meta"):
+            model = Decoder(config.model if isinstance(config, RunConfig) else config)
     inactive = sum(layer.expert_parameters() * (layer.num_experts - layer.top_k)
                    // layer.num_experts for layer in moe_layers(model))
     return count_parameters(model)["total"] - inactive

@@ -42,9 +42,10 @@ def count_params(config: RunConfig) -> dict[str, int]:
     from lab.moe import active_parameters
 
     with torch.device("meta"):
-        counts = count_parameters(Decoder(config.model))
+        model = Decoder(config.model)
+        counts = count_parameters(model)
         counts["added"] = counts["total"] - count_parameters(Decoder(baseline_model(config)))["total"]
-    counts["active"] = active_parameters(config)
+    counts["active"] = active_parameters(model)
     return counts
 
 

@@ -46,6 +46,22 @@ def adamw(parameters, config: RunConfig, fused: bool) -> torch.optim.AdamW:
                              fused=fused or None)
 
 
+def train_sampler(store: TokenStore, config: RunConfig) -> WindowSampler:
+    """The training windows of a run (the bench's bare loop draws the same ones)."""
+    t = config.train
+    return WindowSampler(store, config.model.context, t.micro_batch, t.seed,
+                         config.data.bos_aligned, bos_prefix=config.data.bos_prefix)
+
+
+def step_loss(model: Decoder, inputs: torch.Tensor, targets: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """What a training step minimises: the LM loss plus the model's auxiliary losses (the
+    MoE router's). Returns that sum, the LM loss and the auxiliary losses by name."""
+    lm_loss = model(inputs, targets=targets)
+    aux_losses = model.aux_losses()
+    return lm_loss + sum(aux_losses.values()), lm_loss, aux_losses
+
+
 class LanguageModel(L.LightningModule):
     def __init__(self, config: RunConfig):
         super().__init__()
@@ -69,10 +85,8 @@ class LanguageModel(L.LightningModule):
         return self.model(inputs, targets=targets, reduction=reduction)
 
     def training_step(self, batch, batch_idx):
-        lm_loss = self._lm_loss(batch)
-        loss = lm_loss
-        for name, value in self.model.aux_losses().items():
-            loss = loss + value
+        loss, lm_loss, aux_losses = step_loss(self.model, *batch)
+        for name, value in aux_losses.items():
             self.log(f"train/{name}", value)
         self.log("train/loss", lm_loss)
         self.log("lr", self.lr_schedulers().get_last_lr()[0])
@@ -148,10 +162,7 @@ class TokenDataModule(L.LightningDataModule):
         self.start_step, self.num_workers = start_step, num_workers
 
     def train_dataloader(self):
-        t = self.config.train
-        sampler = WindowSampler(self.store, self.config.model.context, t.micro_batch, t.seed,
-                                self.config.data.bos_aligned,
-                                bos_prefix=self.config.data.bos_prefix)
+        sampler = train_sampler(self.store, self.config)
         rank = self.trainer.global_rank if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1
         start = self.start_step * accumulation(self.config)
