@@ -38,11 +38,12 @@ def flops_per_token(n_params: int, n_layers: int, attn_width: int, context: int)
     return 6.0 * n_params + 12.0 * n_layers * attn_width * context
 
 
-def model_flops_per_token(config) -> float:
-    """For a RunConfig: active parameters, counted without allocating weights."""
+def model_flops_per_token(config, counts: dict | None = None) -> float:
+    """For a RunConfig: active parameters, counted without allocating weights (or taken
+    from `counts`, lab.run.count_params's result, where the caller has it)."""
     from lab.run import count_params
 
-    counts = count_params(config)
+    counts = counts or count_params(config)
     n_params = counts.get("active", counts["total"])
     m = config.model
     return flops_per_token(n_params, m.n_layers, m.n_heads * m.head_dim, m.context)

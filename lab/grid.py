@@ -45,9 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from lab.config import RunConfig, from_dict, read_yaml, resolve, yaml_number
+from lab.config import RunConfig, from_dict, read_yaml, resolve, with_vocab, yaml_number
+from lab.flops import model_flops_per_token
 from lab import tracking
-from lab.owners import STALE_AFTER_S, owner_alive, owner_identity
+from lab.owners import STALE_AFTER_S, owner_alive, owner_identity, threads_per_worker
 from lab.errors import LabError
 
 GRID_FIELDS = ("name", "preset", "data", "tokens", "variants", "seeds", "lrs", "overrides")
@@ -82,8 +83,6 @@ class GridSpec:
     lrs: tuple[float, ...] | None = None     # None: the preset's LR
     lr_sweep: str | None = None              # lrs: {from_sweep: <name>}
     overrides: dict = field(default_factory=dict)
-
-
 
 
 def _seed(where: str, value) -> int:
@@ -217,15 +216,11 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return cell_name(self.variant, self.lr, self.seed)
+        return tracking.cell_name(self.variant, self.lr, self.seed)
 
     @property
     def config_hash(self) -> str:
         return self.config.hash()
-
-
-def cell_name(variant: str, lr: float, seed: int) -> str:
-    return f"{variant}/lr={lr:g}/seed={seed}"
 
 
 def _variants(spec: GridSpec) -> list[str]:
@@ -248,11 +243,8 @@ def _variants(spec: GridSpec) -> list[str]:
 def _learning_rates(spec: GridSpec, variants: list[str]) -> dict[str, tuple[float, ...] | None]:
     if spec.lr_sweep is None:
         return {v: spec.lrs for v in variants}
-    try:
-        from lab.sweep import best_lrs
-    except ImportError:
-        raise LabError("lrs.from_sweep: sweeps are not available in this installation "
-                       "(no lab.sweep); list learning rates instead") from None
+    from lab.sweep import best_lrs
+
     best = best_lrs(spec.lr_sweep)
     missing = [v for v in variants if v not in best]
     if missing:
@@ -284,8 +276,7 @@ def plan(spec: GridSpec) -> list[Cell]:
         key = dataclasses.astuple(config.data)
         if key not in opened:
             opened[key] = open_data(config)[0].vocab_size
-        config = dataclasses.replace(config, model=dataclasses.replace(
-            config.model, vocab_size=opened[key]))
+        config = with_vocab(config, opened[key])
         cells.append(Cell(config.variant, config.train.lr, config.train.seed, config))
     return cells
 
@@ -329,8 +320,6 @@ def parse_gpus(text: str | None) -> list[str]:
 def measured_tokens_per_s(uri: str, preset: str, data: str) -> tuple[float, int] | None:
     """Median end-to-end tokens/s (tokens seen / wall time, overheads included) of FINISHED
     runs of this preset and data already in the store; None without any."""
-    from lab import tracking
-
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         return None
     try:
@@ -358,9 +347,9 @@ def estimate(cells: list[Cell], counts: list[dict], uri: str, workers: int,
                  "end to end")
     else:
         flops = ASSUMED_FLOPS[device]
-        seconds = [6 * n["total"] * c.config.train.tokens / flops + ASSUMED_RUN_OVERHEAD_S
-                   for c, n in zip(cells, counts)]
-        basis = (f"6 x params x tokens FLOPs at an assumed {flops:.1e} FLOP/s per {device} "
+        seconds = [model_flops_per_token(c.config, n) * c.config.train.tokens / flops
+                   + ASSUMED_RUN_OVERHEAD_S for c, n in zip(cells, counts)]
+        basis = (f"model FLOPs x tokens at an assumed {flops:.1e} FLOP/s per {device} "
                  f"worker + {ASSUMED_RUN_OVERHEAD_S:.0f} s per run (no finished runs of this "
                  "preset in the store to measure)")
     return seconds, basis
@@ -382,8 +371,6 @@ def print_dry_run(spec: GridSpec, cells: list[Cell], uri: str, workers: int, dev
     total = sum(seconds) / max(1, min(workers, len(cells)))
     print(f"estimated time: {duration(total)} on {workers} {device} worker(s); basis: {basis}")
 
-
-# --- who owns a run -------------------------------------------------------------------
 
 # --- the store ------------------------------------------------------------------------
 
@@ -463,12 +450,11 @@ def reconcile(client, cells: list[Cell], runs: list, stale_after_s: float = STAL
             client.set_terminated(run.info.run_id, "KILLED")
             client.set_tag(run.info.run_id, "gatelab.killed_reason",
                            f"owner {run.data.tags.get(OWNER_TAG)} was gone when the grid resumed")
-            run.info._status = "KILLED"
             killed.append(run.info.run_id)
         if live:
             busy.append(cell)
             continue
-        resumable = [r for r in mine if r.info.status == "KILLED"
+        resumable = [r for r in mine if (r.info.status == "KILLED" or r.info.run_id in killed)
                      and (checkpoint_dir(r.info.run_id) / "last.ckpt").exists()]
         if resumable:
             tasks.append(Task(index, cell.name, cell.config, resumable[-1].info.run_id, True))
@@ -553,7 +539,6 @@ def create_cell_run(task: Task, ctx: GridContext, owner: str) -> str:
 def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = True) -> Outcome:
     """Run one cell in this process: create (or take over) its run and train it. Any failure
     is recorded on the run and returned; an interrupt propagates (the run ends KILLED)."""
-    from lab import tracking
     from lab.progress import RunProgress
     from lab.run import train_run
     from lab.training import total_steps
@@ -582,11 +567,9 @@ def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = 
                        result.diverged_step, time.time() - started)
     except Exception as err:
         kind, message = describe_failure(err, task.config)
-        if run_id is not None and lead_rank:
+        if lead_rank:
             try:  # best effort: on a full disk the store may refuse this too
-                client.set_tag(run_id, FAILURE_KIND_TAG, kind)
-                client.set_tag(run_id, FAILURE_TAG, message[:4000])
-                client.set_terminated(run_id, "FAILED")
+                _fail_run(ctx, run_id, kind, message)
             except Exception:
                 pass
         _release_memory()
@@ -715,13 +698,12 @@ class WorkerPool:
 
 
 def _fail_run(ctx: GridContext, run_id: str | None, kind: str, reason: str) -> None:
+    """Tag a cell's run FAILED with why (the reason cut to fit an MLflow tag)."""
     if run_id is None:
         return
-    from lab import tracking
-
     client = tracking.client(ctx.uri)
     client.set_tag(run_id, FAILURE_KIND_TAG, kind)
-    client.set_tag(run_id, FAILURE_TAG, reason)
+    client.set_tag(run_id, FAILURE_TAG, reason[:4000])
     client.set_terminated(run_id, "FAILED")
 
 
@@ -799,7 +781,6 @@ class GridSummary:
 
 def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
     """Validate every cell, then run the ones the store does not already hold."""
-    from lab import tracking
 
     shard = parse_shard(options.shard)
     gpus = parse_gpus(options.gpus)
@@ -811,7 +792,7 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
         raise LabError(f"--runs-per-gpu: must be at least 1, got {options.runs_per_gpu}")
     # Small models gain little from intra-op threads and lose much when threads outnumber
     # free cores, so CPU workers split the cores between them.
-    cpu_threads = options.cpu_threads or max(1, (os.cpu_count() or 1) // options.cpu_workers)
+    cpu_threads = options.cpu_threads or threads_per_worker(options.cpu_workers)
     all_cells = plan(spec)
     cells = shard_cells(all_cells, shard)
     devices = cells[0].config.train.devices
@@ -863,7 +844,7 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
                 finished(execute_cell(task, ctx))
         else:
             slots = [{"CUDA_VISIBLE_DEVICES": g} for g in gpu_slots] or [{}] * options.cpu_workers
-            threads = max(1, (os.cpu_count() or 1) // len(gpu_slots)) if gpus else cpu_threads
+            threads = threads_per_worker(len(gpu_slots)) if gpus else cpu_threads
             pool = WorkerPool(slots, threads, ctx)
             try:
                 pool.run(work.tasks, finished, lambda task, slot: dispatched(

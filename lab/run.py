@@ -72,7 +72,7 @@ def start_run(config: RunConfig, uri: str, experiment: str, run_name: str | None
 
     mlflow_client = tracking.client(uri)
     tags = run_tags(config)
-    tags[MLFLOW_RUN_NAME] = run_name or f"{config.variant}/lr={config.train.lr:g}/seed={config.train.seed}"
+    tags[MLFLOW_RUN_NAME] = run_name or tracking.cell_name(config.variant, config.train.lr, config.train.seed)
     if parent_run_id:
         tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     tags.update(extra_tags or {})

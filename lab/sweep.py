@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ import lightning as L
 import yaml
 
 from lab.config import read_yaml, yaml_number
-from lab.owners import is_local, owner_alive, owner_identity
+from lab.owners import is_local, owner_alive, owner_identity, threads_per_worker
 from lab.errors import LabError, check_choice
 
 SAMPLERS = ("tpe", "random", "grid")
@@ -110,8 +109,6 @@ class Sweep:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
 
 
 def _positive_int(field_name: str, value) -> int:
@@ -582,7 +579,7 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
 
     workers = max(1, min(workers, max(remaining.values(), default=0)))
     shares = {v: split_trials(n, workers) for v, n in remaining.items()}
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = threads_per_worker(workers)
     plans = [WorkerPlan(sweep, url, uri, parents, {v: shares[v][i] for v in sweep.variants},
                         threads, quiet) for i in range(workers)]
     status = "FAILED"
@@ -720,24 +717,6 @@ def best_lrs(sweep_name: str, storage: str | None = None) -> dict[str, float]:
 
 # --- the report ---------------------------------------------------------------------
 
-def spikes_from_mlflow(uri: str, sweep_name: str) -> dict[tuple[str, int], int]:
-    """(study, trial number) -> spikes/count of the trial's child run."""
-    from lab import tracking
-
-    mlflow_client = tracking.client(uri)
-    experiment = mlflow_client.get_experiment_by_name(sweep_name)
-    if experiment is None:
-        return {}
-    out = {}
-    for run in mlflow_client.search_runs([experiment.experiment_id],
-                                         filter_string="tags.sweep_role != 'parent'",
-                                         max_results=50000):
-        tags, metrics = run.data.tags, run.data.metrics
-        if "trial" in tags and "study" in tags and "spikes/count" in metrics:
-            out[(tags["study"], int(tags["trial"]))] = int(metrics["spikes/count"])
-    return out
-
-
 def format_summary(summaries: dict[str, VariantSummary]) -> str:
     def lr(value):
         return f"{value:.3g}" if value is not None else "-"
@@ -812,20 +791,6 @@ def sweep_report(sweep_name: str, storage: str | None = None, out: str | Path | 
         raise LabError(f"--tolerance: must lie in [0, 1), got {tolerance!r}")
     summaries = summarize_sweep(sweep_name, storage, tolerance=tolerance)
     uri = tracking.tracking_uri(tracking_uri)
-    spikes = spikes_from_mlflow(uri, sweep_name)
-    if spikes:  # the child runs' spikes/count, where MLflow has them
-        import optuna
-
-        optuna_storage = open_storage(storage_url(sweep_name, storage), create=False)
-        for variant, summary in summaries.items():
-            trials = optuna.load_study(study_name=summary.study, storage=optuna_storage).get_trials(
-                deepcopy=False)
-            by_lr: dict[float, list[int]] = {}
-            for t in trials:
-                if (summary.study, t.number) in spikes and "lr" in t.params:
-                    by_lr.setdefault(float(t.params["lr"]), []).append(spikes[(summary.study, t.number)])
-            for point in summary.points:
-                point.spikes = by_lr.get(point.lr, point.spikes)
     directory = Path(out) if out else Path("reports") / "sweeps" / sweep_name
     directory.mkdir(parents=True, exist_ok=True)
     plot = plot_summary(summaries, directory / "val_loss_vs_lr.png", f"sweep {sweep_name}")

@@ -17,6 +17,11 @@ import yaml
 STORE_DIR = "mlruns"
 
 
+def cell_name(variant: str, lr: float, seed: int) -> str:
+    """A run's name in the store: a grid cell's, and the default for a single run."""
+    return f"{variant}/lr={lr:g}/seed={seed}"
+
+
 def store_dir() -> Path:
     return Path(os.environ.get("GATELAB_STORE", STORE_DIR)).resolve()
 

@@ -27,7 +27,8 @@ def write_grid(uri: str, name: str = "fake") -> str:
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
     from lab import tracking
-    from lab.grid import cell_name, find_or_create_parent
+    from lab.grid import find_or_create_parent
+    from lab.tracking import cell_name
 
     client = MlflowClient(uri)
     experiment = tracking.experiment_id(client, name, uri)
