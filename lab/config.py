@@ -344,6 +344,58 @@ def yaml_number(where: str, value, positive: bool = True) -> float:
     return number
 
 
+def check_name(name) -> str:
+    """A grid's or sweep's name: it names the MLflow experiment and the report folder."""
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise LabError(f"name: {name!r} must be letters, digits, '_', '.' or '-' "
+                       "(it names the MLflow experiment and the report folder)")
+    return name
+
+
+# Lists of a grid or sweep file (or a command-line flag): a YAML list, one value, or "a,b".
+def _seed(where: str, value) -> int:
+    number = yaml_number(where, value, positive=False)
+    if number != int(number) or number < 0:
+        raise LabError(f"{where}: seeds are non-negative integers, got {value!r}")
+    return int(number)
+
+
+def _unique(where: str, values: list) -> tuple:
+    if not values:
+        raise LabError(f"{where}: must list at least one value")
+    if len(set(values)) != len(values):
+        raise LabError(f"{where}: lists a value twice: {values}")
+    return tuple(values)
+
+
+def _list(where: str, value) -> list:
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [value]
+
+
+def parse_seeds(value, where: str = "seeds") -> tuple[int, ...]:
+    return _unique(where, [_seed(where, v) for v in _list(where, value)])
+
+
+def parse_lrs(value, where: str = "lrs") -> tuple[float, ...]:
+    return _unique(where, [yaml_number(where, v) for v in _list(where, value)])
+
+
+def parse_variants(value, where: str = "variants") -> tuple[str, ...] | str:
+    if value == "all" or value == ["all"]:
+        return "all"
+    names = _list(where, value)
+    for name in names:
+        if not isinstance(name, str):
+            raise LabError(f"{where}: variant names are strings, got {name!r}")
+    return _unique(where, names)
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     out.update(extra)

@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from lab.config import RunConfig, from_dict, read_yaml, resolve, with_vocab, yaml_number
+from lab.config import (RunConfig, check_name, from_dict, parse_lrs, parse_seeds, parse_variants,
+                        read_yaml, resolve, with_vocab, yaml_number)
 from lab.flops import model_flops_per_token
 from lab import tracking
 from lab.owners import STALE_AFTER_S, owner_alive, owner_identity, threads_per_worker
@@ -85,47 +86,6 @@ class GridSpec:
     overrides: dict = field(default_factory=dict)
 
 
-def _seed(where: str, value) -> int:
-    number = yaml_number(where, value, positive=False)
-    if number != int(number) or number < 0:
-        raise LabError(f"{where}: seeds are non-negative integers, got {value!r}")
-    return int(number)
-
-
-def _unique(where: str, values: list) -> tuple:
-    if not values:
-        raise LabError(f"{where}: must list at least one value")
-    if len(set(values)) != len(values):
-        raise LabError(f"{where}: lists a value twice: {values}")
-    return tuple(values)
-
-
-def _list(where: str, value) -> list:
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return [value]
-
-
-def parse_seeds(value, where: str = "seeds") -> tuple[int, ...]:
-    return _unique(where, [_seed(where, v) for v in _list(where, value)])
-
-
-def parse_lrs(value, where: str = "lrs") -> tuple[float, ...]:
-    return _unique(where, [yaml_number(where, v) for v in _list(where, value)])
-
-
-def parse_variants(value, where: str = "variants") -> tuple[str, ...] | str:
-    if value == "all" or value == ["all"]:
-        return "all"
-    names = _list(where, value)
-    for name in names:
-        if not isinstance(name, str):
-            raise LabError(f"{where}: variant names are strings, got {name!r}")
-    return _unique(where, names)
-
-
 def _overrides(where: str, value) -> dict:
     if value is None:
         return {}
@@ -152,10 +112,7 @@ def grid_from_dict(raw, source: str = "grid file") -> GridSpec:
     missing = [k for k in REQUIRED_FIELDS if raw.get(k) in (None, "", [])]
     if missing:
         raise LabError(f"{source}: missing field {missing[0]!r}")
-    name = raw["name"]
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise LabError(f"name: {name!r} must be letters, digits, '_', '.' or '-' "
-                       "(it names the MLflow experiment and the report folder)")
+    name = check_name(raw["name"])
     for key in ("preset", "data"):
         if key in raw and not isinstance(raw[key], str):
             raise LabError(f"{key}: expected a string, got {raw[key]!r}")

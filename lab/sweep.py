@@ -41,7 +41,7 @@ from typing import Any
 import lightning as L
 import yaml
 
-from lab.config import read_yaml, yaml_number
+from lab.config import check_name, parse_seeds, parse_variants, read_yaml, yaml_number
 from lab.owners import is_local, owner_alive, owner_identity, threads_per_worker
 from lab.errors import LabError, check_choice
 
@@ -175,10 +175,10 @@ def _parse_overrides(raw) -> tuple[str, ...]:
         raise LabError(f"overrides: expected a mapping of dotted keys (train.val_every: 25) or a "
                        f"list of 'key=value', got {raw!r}")
     parsed = parse_overrides(list(pairs))
-    for key in ("lr", "seed"):
+    for key, sweep_field in (("lr", "lr"), ("seed", "seeds"), ("tokens", "tokens")):
         if key in parsed.get("train", {}):
-            raise LabError(f"overrides: train.{key} is what the sweep sets per trial; use the "
-                           f"sweep's {'lr' if key == 'lr' else 'seeds'} field")
+            raise LabError(f"overrides: train.{key} is what the sweep sets; use the "
+                           f"sweep's {sweep_field} field")
     return pairs
 
 
@@ -193,20 +193,11 @@ def parse_sweep(raw: Any, source: str = "sweep") -> Sweep:
     for required in ("name", "preset", "variants", "lr"):
         if required not in raw:
             raise LabError(f"{source}: missing field {required!r}")
-    name = raw["name"]
-    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name):
-        raise LabError(f"name: expected letters, digits, '-', '_' or '.', got {name!r}")
-    variants = raw["variants"]
-    if isinstance(variants, str):
-        variants = [v.strip() for v in variants.split(",") if v.strip()]
-    if not isinstance(variants, list) or not variants or len(set(variants)) != len(variants):
-        raise LabError(f"variants: expected a non-empty list of distinct variant slugs, got {variants!r}")
-    seeds = raw.get("seeds", [0])
-    if isinstance(seeds, int):
-        seeds = [seeds]
-    if not isinstance(seeds, list) or not seeds or any(
-            isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-        raise LabError(f"seeds: expected a non-empty list of non-negative integers, got {seeds!r}")
+    name = check_name(raw["name"])
+    variants = parse_variants(raw["variants"])
+    if variants == "all":
+        raise LabError("variants: a sweep lists its variants by name ('all' is for grids)")
+    seeds = parse_seeds(raw.get("seeds", [0]))
     lr = _parse_lr(raw["lr"])
     ladder = "lr_ladder" in lr
     sampler = raw.get("sampler", "grid" if ladder else "tpe")

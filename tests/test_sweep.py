@@ -332,3 +332,13 @@ def test_stale_trials_of_dead_local_workers_fail_and_others_stay(tmp_path):
     assert states == [optuna.trial.TrialState.FAIL] + [optuna.trial.TrialState.RUNNING] * 2
     assert storage_url("s", str(tmp_path / "x.journal")) == str(tmp_path / "x.journal")
     assert storage_url("nosuch") == str(Path("sweeps") / "nosuch.journal")
+
+
+def test_sweep_reads_its_lists_and_name_as_a_grid_does():
+    sweep = parse_sweep(sweep_dict(seeds="0,1", variants="baseline"))
+    assert sweep.seeds == (0, 1) and sweep.variants == ("baseline",)
+    for bad, field in ((dict(name="-x"), "name"), (dict(seeds=[0, 0]), "seeds: lists a value twice"),
+                       (dict(variants="all"), "variants"),
+                       (dict(overrides={"train.tokens": 1e5}), "sweep's tokens field")):
+        with pytest.raises(LabError, match=field):
+            parse_sweep(sweep_dict(**bad))
