@@ -61,6 +61,7 @@ from lab.config import RunConfig
 from lab.data import TokenStore, eval_windows
 from lab.errors import LabError
 from lab.gates import GateSpec, apply_gate
+from lab import tracking
 
 SPARSITY_THRESHOLDS = (1e-2, 1e-3)  # App. A.3, Fig. 5
 ACTIVATION_CURVES = ("attn_output", "attn_residual", "ffn_output", "ffn_residual")  # Fig. 6
@@ -450,28 +451,13 @@ def analyze(model, store: TokenStore, config: RunConfig, windows: int | None = N
 
 # --- MLflow ---------------------------------------------------------------------------
 
-def finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-
-
-def log_metrics(mlflow_client, run_id: str, metrics: dict[str, float], step: int) -> None:
-    import time
-
-    from mlflow.entities import Metric
-
-    stamp = int(time.time() * 1000)
-    items = [Metric(k, v, stamp, step) for k, v in finite_metrics(metrics).items()]
-    for start in range(0, len(items), 1000):  # MLflow takes at most 1000 metrics a batch
-        mlflow_client.log_batch(run_id, metrics=items[start:start + 1000])
-
-
 def log_analysis(mlflow_client, run_id: str, analysis: Analysis, step: int,
                  plots: bool = True) -> list[str]:
     """Metrics at `step`, `analysis/analysis.json` and the plots; returns the files logged."""
     if analysis.skipped:
         mlflow_client.set_tag(run_id, "analysis", f"skipped: {analysis.skipped}")
         return []
-    log_metrics(mlflow_client, run_id, analysis.metrics, step)
+    tracking.log_metrics(mlflow_client, run_id, analysis.metrics, step)
     with tempfile.TemporaryDirectory() as tmp:
         names = [path.name for path in write_outputs(analysis, Path(tmp), plots)]
         mlflow_client.log_artifacts(run_id, tmp, artifact_path="analysis")
@@ -610,7 +596,6 @@ def analyze_target(target: str, uri: str | None = None, windows: int | None = No
     Returns (run id or None, the analysis, the files written)."""
     import dataclasses
 
-    from lab import tracking
     from lab.run import checkpoint_dir, open_data
 
     uri = tracking.tracking_uri(uri)

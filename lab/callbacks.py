@@ -18,7 +18,7 @@ import torch
 from lab.config import RunConfig
 from lab.moe import moe_layers, routing_summary
 from lab.spikes import detect_spikes
-from lab.tracking import log_dict_artifact
+from lab.tracking import finite_metrics, log_dict_artifact
 
 
 class LossMonitor(L.Callback):
@@ -241,7 +241,7 @@ class AnalysisMonitor(L.Callback):
         self._done_step = step
         if not trainer.is_global_zero or trainer.logger is None:
             return
-        from lab.analysis import analyze, finite_metrics
+        from lab.analysis import analyze
 
         result = analyze(pl_module.model, self.store, self.config, factors=(), maps=False)
         if result.skipped is None:

@@ -217,9 +217,7 @@ def _finish(trainer, module, data, monitor, config, mlflow_client, run_id, start
     if mlflow_client is None:
         return metrics
     mlflow_client.set_tag(run_id, "diverged", str(monitor.diverged_step is not None).lower())
-    for name, value in metrics.items():
-        if value is not None and math.isfinite(float(value)):
-            mlflow_client.log_metric(run_id, name, float(value), step=steps_done)
+    tracking.log_metrics(mlflow_client, run_id, metrics, steps_done)
     tracking.log_dict_artifact(mlflow_client, run_id, [dataclasses.asdict(s) for s in spikes],
                                "spikes.json")
     tracking.log_dict_artifact(mlflow_client, run_id,
@@ -233,7 +231,7 @@ def _finish(trainer, module, data, monitor, config, mlflow_client, run_id, start
 def _analyze(module, store, config, mlflow_client, run_id, step) -> dict:
     """The paper's analyses on the final weights (lab/analysis.py), also for a diverged run
     whose weights are still finite; timed as `time/analysis_s`."""
-    from lab.analysis import analysis_device, analyze, log_analysis, log_metrics
+    from lab.analysis import analysis_device, analyze, log_analysis
 
     started = time.time()
     device = next(module.model.parameters()).device
@@ -250,7 +248,7 @@ def _analyze(module, store, config, mlflow_client, run_id, step) -> dict:
     finally:
         module.model.to(device)
     seconds = time.time() - started
-    log_metrics(mlflow_client, run_id, {"time/analysis_s": seconds}, step)
+    tracking.log_metrics(mlflow_client, run_id, {"time/analysis_s": seconds}, step)
     return {**result.metrics, "time/analysis_s": seconds}
 
 

@@ -22,6 +22,24 @@ def cell_name(variant: str, lr: float, seed: int) -> str:
     return f"{variant}/lr={lr:g}/seed={seed}"
 
 
+
+def finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics MLflow can store: NaN, infinities and None left out."""
+    import math
+
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+
+
+def log_metrics(mlflow_client, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """The finite ones in one log_batch call (MLflow splits it into batches it accepts)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    mlflow_client.log_batch(run_id, metrics=[Metric(k, v, stamp, step)
+                                             for k, v in finite_metrics(metrics).items()])
+
 def store_dir() -> Path:
     return Path(os.environ.get("GATELAB_STORE", STORE_DIR)).resolve()
 
