@@ -577,17 +577,6 @@ def write_plots(analysis: Analysis, folder: Path) -> list[Path]:
 
 # --- `gatelab analyze`: recompute from a checkpoint ----------------------------------------
 
-def load_checkpoint(path: Path):
-    """(Decoder with the checkpoint's weights, its RunConfig, its global step)."""
-    from lab.model import Decoder
-    from lab.run import read_checkpoint
-
-    config, state, step = read_checkpoint(path, "analyze")
-    model = Decoder(config.model)
-    model.load_state_dict(state)
-    return model, config, step
-
-
 def analyze_target(target: str, uri: str | None = None, windows: int | None = None,
                    long_context: str | None = None, out: str | None = None,
                    ) -> tuple[str | None, Analysis, list[str]]:
@@ -596,29 +585,26 @@ def analyze_target(target: str, uri: str | None = None, windows: int | None = No
     Returns (run id or None, the analysis, the files written)."""
     import dataclasses
 
-    from lab.run import checkpoint_dir, open_data
+    from lab.model import Decoder
+    from lab.run import checkpoint_path, open_data, read_checkpoint
 
     uri = tracking.tracking_uri(uri)
     mlflow_client = tracking.client(uri)
-    path = Path(target)
-    if path.is_file():
-        run_id = path.parent.name if path.parent.parent.name == "checkpoints" else None
-        if run_id is not None and not _run_exists(mlflow_client, run_id):
-            run_id = None  # a checkpoint of a run this tracking store does not hold
-    else:
-        run_id, path = target, checkpoint_dir(target) / "last.ckpt"
-        if not path.is_file():
-            raise LabError(f"analyze: {target!r} is neither a checkpoint file nor a run with a "
-                           f"checkpoint ({path} does not exist)")
-        if not _run_exists(mlflow_client, run_id):
+    path = checkpoint_path(target, "analyze")
+    run_id = path.parent.name if path.parent.parent.name == "checkpoints" else None
+    if run_id is not None and not _run_exists(mlflow_client, run_id):
+        if not Path(target).exists():  # named by its run id: it must be in this store
             raise LabError(f"analyze: run {run_id} is not in the tracking store {uri} "
                            "(pass --tracking-uri, or the checkpoint path with --out)")
+        run_id = None  # a checkpoint of a run this tracking store does not hold
     if run_id is None and out is None:
         out = f"analysis-{path.stem}"
     if windows is not None and windows < 0:
         raise LabError(f"analyze --windows: must be a non-negative integer, got {windows}")
 
-    model, config, step = load_checkpoint(path)
+    config, state, step = read_checkpoint(path, "analyze")
+    model = Decoder(config.model)
+    model.load_state_dict(state)
     train = config.train
     if windows is not None:
         train = dataclasses.replace(train, analysis_windows=windows)

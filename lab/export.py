@@ -235,28 +235,11 @@ class Checkpoint:
         return self.step >= self.planned_steps
 
 
-def checkpoint_path(run_or_path: str) -> Path:
-    """A checkpoint file, a directory holding last.ckpt, or an MLflow run id (its last.ckpt)."""
-    from lab.run import checkpoint_dir
-
-    path = Path(run_or_path)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        path = path / "last.ckpt"
-    else:
-        path = checkpoint_dir(run_or_path) / "last.ckpt"
-    if not path.exists():
-        raise LabError(f"export: no checkpoint at {path} (pass a run id with a checkpoint under "
-                       "<store>/checkpoints/<run id>/, or a .ckpt file)")
-    return path
-
-
 def load_checkpoint(run_or_path: str) -> Checkpoint:
-    from lab.run import read_checkpoint
+    from lab.run import checkpoint_path, read_checkpoint
     from lab.training import total_steps
 
-    path = checkpoint_path(run_or_path)
+    path = checkpoint_path(run_or_path, "export")
     config, state, step = read_checkpoint(path, "export")
     return Checkpoint(path, config, state, step, total_steps(config))
 

@@ -87,6 +87,21 @@ def checkpoint_dir(run_id: str) -> Path:
     return tracking.store_dir() / "checkpoints" / run_id
 
 
+def checkpoint_path(run_or_path: str, command: str) -> Path:
+    """A checkpoint file, a directory holding last.ckpt, or an MLflow run id (its last.ckpt);
+    `command` names the caller in the one-line error when there is none."""
+    from lab.errors import LabError
+
+    path = Path(run_or_path)
+    if path.is_file():
+        return path
+    path = path / "last.ckpt" if path.is_dir() else checkpoint_dir(run_or_path) / "last.ckpt"
+    if not path.exists():
+        raise LabError(f"{command}: no checkpoint at {path} (pass a run id with a checkpoint "
+                       "under <store>/checkpoints/<run id>/, or a .ckpt file)")
+    return path
+
+
 def read_checkpoint(path: Path, command: str) -> tuple[RunConfig, dict, int]:
     """A training checkpoint -> (its RunConfig, the Decoder's state dict without the
     LightningModule's `model.` prefix, its global step). `command` names the caller in the

@@ -242,3 +242,18 @@ def test_cli_exports_a_trained_run_and_names_the_step(tmp_path, monkeypatch, cap
     assert loaded.cfg.gate is not None and loaded.cfg.gate.granularity == "elementwise"
     assert main(["export", result.run_id, "--out", str(out)]) == 2  # not empty, no --force
     assert main(["export", result.run_id, "--out", str(out), "--force"]) == 0
+
+
+def test_checkpoint_path_takes_a_file_a_folder_or_a_run_id_and_names_the_command(tmp_path, monkeypatch):
+    from lab.errors import LabError
+    from lab.run import checkpoint_dir, checkpoint_path
+
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
+    run_folder = checkpoint_dir("abc123")
+    run_folder.mkdir(parents=True)
+    (run_folder / "last.ckpt").write_bytes(b"")
+    assert checkpoint_path(str(run_folder / "last.ckpt"), "export") == run_folder / "last.ckpt"
+    assert checkpoint_path(str(run_folder), "export") == run_folder / "last.ckpt"
+    assert checkpoint_path("abc123", "analyze") == run_folder / "last.ckpt"
+    with pytest.raises(LabError, match="^analyze: no checkpoint at"):
+        checkpoint_path("nope", "analyze")
