@@ -55,7 +55,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lab.config import RunConfig
 from lab.data import TokenStore, eval_windows
@@ -69,6 +68,7 @@ GATE_SAMPLES_PER_BATCH = 20_000     # gate scores kept per layer and batch for t
 PROBE_BATCH = 4                     # windows per exact-attention forward
 LONG_CONTEXT_TOKENS_PER_FORWARD = 8  # x context: tokens per long-context forward
 ATTENTION_MAP_LAYERS = 4            # layers drawn in attention_maps.png
+IGNORED_TARGET = -100               # cross-entropy's ignore_index: predictions left out
 
 
 def threshold_name(threshold: float) -> str:
@@ -386,13 +386,12 @@ def _mean_loss(model, data: torch.Tensor, batch: int, device, autocast_dtype,
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for start in range(0, len(data), batch):
         windows = data[start:start + batch].to(device)
+        targets = windows[:, 1:].clone()
+        targets[:, :skip_first] = IGNORED_TARGET
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
-            logits = model.forward(windows[:, :-1])[:, skip_first:]
-        targets = windows[:, 1 + skip_first:]
-        total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                 reduction="sum").double()
-        count += targets.numel()
+            total += model(windows[:, :-1], targets=targets, reduction="sum").double()
+        count += targets[:, skip_first:].numel()
     return float(total) / count
 
 

@@ -309,3 +309,18 @@ def test_analyze_measures_bos_reliance_only_for_models_trained_with_bos(tmp_path
     if bos_prefix:
         assert metrics["sink/bos_reliance"] == pytest.approx(
             metrics["sink/ppl_without_bos"] / metrics["sink/ppl_with_bos"], rel=1e-6)
+
+
+def test_mean_loss_leaves_out_the_first_predictions_of_each_window():
+    from lab.analysis import _mean_loss
+    from lab.model import Decoder
+
+    torch.manual_seed(0)
+    model = Decoder(resolve("baseline", "tiny").model).eval()
+    data = torch.randint(0, model.cfg.vocab_size, (3, 9))
+    with torch.no_grad():
+        logits = model(data[:, :-1])[:, 2:]
+        expected = F.cross_entropy(logits.flatten(0, 1), data[:, 3:].flatten()).item()
+        got = _mean_loss(model, data, batch=2, device=torch.device("cpu"), autocast_dtype=None,
+                         skip_first=2)
+    assert abs(got - expected) < 1e-5
