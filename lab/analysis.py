@@ -80,7 +80,14 @@ def long_context_metric(factor: int, yarn: bool) -> str:
 
 
 def layer_metric(name: str, layer: int, n_layers: int) -> str:
+    """`layers/<name>/layer_<i>`, i zero-padded in models of 10 or more layers (layer_07)."""
     return f"layers/{name}/layer_{layer:0{len(str(max(n_layers - 1, 1)))}d}"
+
+
+def split_layer_metric(metric: str) -> tuple[str, int] | None:
+    """`layers/<name>/layer_<i>` -> ("layers/<name>", i); None for any other metric."""
+    head, _, index = metric.rpartition("/layer_")
+    return (head, int(index)) if head.startswith("layers/") and index.isdigit() else None
 
 
 class ProbeRecorder:

@@ -375,14 +375,15 @@ def plot_deltas(rows: list[Row], path: Path) -> None:
 
 
 def layer_profile(runs: list[RunRecord], prefix: str) -> list[float]:
-    """Mean over seeds of `<prefix>/layer_<i>`, by layer (lab/analysis.py zero-pads i in
-    models of 10 or more layers: layer_07)."""
+    """Mean over seeds of `<prefix>/layer_<i>` (lab.analysis.layer_metric), by layer."""
+    from lab.analysis import split_layer_metric
+
     by_layer: dict[int, list[float]] = {}
     for run in runs:
         for name, value in run.metrics.items():
-            head, _, index = name.rpartition("/layer_")
-            if head == prefix and index.isdigit() and math.isfinite(value):
-                by_layer.setdefault(int(index), []).append(value)
+            parts = split_layer_metric(name)
+            if parts is not None and parts[0] == prefix and math.isfinite(value):
+                by_layer.setdefault(parts[1], []).append(value)
     return [float(np.mean(by_layer[i])) for i in sorted(by_layer)]
 
 

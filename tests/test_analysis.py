@@ -324,3 +324,12 @@ def test_mean_loss_leaves_out_the_first_predictions_of_each_window():
         got = _mean_loss(model, data, batch=2, device=torch.device("cpu"), autocast_dtype=None,
                          skip_first=2)
     assert abs(got - expected) < 1e-5
+
+
+def test_layer_metric_names_split_back_into_prefix_and_layer():
+    from lab.analysis import layer_metric, split_layer_metric
+
+    name = layer_metric("sink/first_token_attn", 7, 12)
+    assert name == "layers/sink/first_token_attn/layer_07"
+    assert split_layer_metric(name) == ("layers/sink/first_token_attn", 7)
+    assert split_layer_metric("val/ppl") is None and split_layer_metric("gate/layer_x") is None
