@@ -95,11 +95,15 @@ class ProbeRecorder:
 
     Sums stay on the device as tensors (no synchronisation per layer); `finish` turns them
     into per-layer lists. Set `tokens` to the batch before each forward (delimiter masks).
+    `sink_only` keeps the attention probabilities alone (the sink metrics) and skips the
+    rest, with its per-layer copies to the host.
     """
 
     def __init__(self, n_layers: int, gate: GateSpec | None, eos_id: int | None = None,
-                 map_layers: Sequence[int] = (), gate_samples: int = GATE_SAMPLES_PER_BATCH):
+                 map_layers: Sequence[int] = (), gate_samples: int = GATE_SAMPLES_PER_BATCH,
+                 sink_only: bool = False):
         self.n_layers, self.gate, self.eos_id = n_layers, gate, eos_id
+        self.sink_only = sink_only
         self.map_layers, self.gate_samples_per_batch = set(map_layers), gate_samples
         self.tokens: torch.Tensor | None = None
         self.sums: dict[tuple[str, int], torch.Tensor] = {}
@@ -115,6 +119,8 @@ class ProbeRecorder:
         self._scores: dict[int, torch.Tensor] = {}
 
     def __call__(self, layer: int, name: str, tensor: torch.Tensor) -> None:
+        if self.sink_only and name != "attn_probs":
+            return
         tensor = tensor.detach()
         if name == "attn_probs":
             self._attention(layer, tensor.float())
@@ -265,7 +271,8 @@ def probe_metrics(model, store: TokenStore, windows: int,
     result = Analysis()
     for suffix, aligned in (("", True), ("_random", False)):
         data = eval_windows(store, "valid", cfg.context, windows, bos_prefix=aligned)
-        recorder = ProbeRecorder(cfg.n_layers, gate, store.eos_id, map_layers if aligned else ())
+        recorder = ProbeRecorder(cfg.n_layers, gate, store.eos_id, map_layers if aligned else (),
+                                 sink_only=not aligned)  # random windows: only their sink
         record(model, data, recorder)
         _sink_metrics(recorder, suffix, result)
         if aligned:

@@ -333,3 +333,15 @@ def test_layer_metric_names_split_back_into_prefix_and_layer():
     assert name == "layers/sink/first_token_attn/layer_07"
     assert split_layer_metric(name) == ("layers/sink/first_token_attn", 7)
     assert split_layer_metric("val/ppl") is None and split_layer_metric("gate/layer_x") is None
+
+
+def test_sink_only_recorder_keeps_the_same_sink_sums_and_nothing_else():
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig(**{**TINY, "gate": GateSpec()})).eval()
+    tokens = torch.randint(0, 32, (3, 16))
+    full = record(model, tokens, ProbeRecorder(2, GateSpec()))
+    sink = record(model, tokens, ProbeRecorder(2, GateSpec(), sink_only=True))
+    assert set(sink.sums) == {key for key in full.sums if key[0] == "first_token_attn"}
+    for key, total in sink.sums.items():
+        torch.testing.assert_close(total, full.sums[key])
+    assert not sink.gate_samples and not sink.position_max and full.gate_samples
