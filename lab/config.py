@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from lab.errors import LabError, check_choice, check_positive
+from lab.errors import LabError, check_choice, check_nonnegative_int, check_positive
 from lab.gates import GateSpec, Variant, get_variant
 
 SDPA_TRANSFORMS = ("none", "rmsnorm", "silu")
@@ -95,9 +95,7 @@ class ModelConfig:
         if self.ffn == "moe":
             for name in ("moe_experts", "moe_top_k", "moe_expert_hidden"):
                 check_positive(f"model.{name}", getattr(self, name))
-            if not isinstance(self.moe_extra_experts, int) or self.moe_extra_experts < 0:
-                raise LabError("model.moe_extra_experts: must be a non-negative integer, got "
-                               f"{self.moe_extra_experts!r}")
+            check_nonnegative_int("model.moe_extra_experts", self.moe_extra_experts)
             if self.moe_top_k > self.moe_experts:
                 raise LabError(f"model.moe_top_k: {self.moe_top_k} exceeds the "
                                f"{self.moe_experts} experts")
@@ -175,16 +173,13 @@ class TrainConfig:
             raise LabError(f"train.min_lr_ratio: must lie in [0, 1], got {self.min_lr_ratio!r}")
         if not 0 <= self.warmup_fraction < 1:
             raise LabError(f"train.warmup_fraction: must lie in [0, 1), got {self.warmup_fraction!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise LabError(f"train.seed: must be a non-negative integer, got {self.seed!r}")
+        check_nonnegative_int("train.seed", self.seed)
         check_choice("train.precision", self.precision, ("auto", "32-true", "bf16-mixed", "16-mixed"))
         check_choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
         for name in ("val_every", "val_batches", "log_every", "devices", "divergence_patience"):
             check_positive(f"train.{name}", getattr(self, name))
         for name in ("analysis_windows", "analysis_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise LabError(f"train.{name}: must be a non-negative integer, got {value!r}")
+            check_nonnegative_int(f"train.{name}", getattr(self, name))
         self.context_factors()
 
     def context_factors(self) -> list[int]:

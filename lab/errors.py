@@ -17,3 +17,8 @@ def check_choice(field: str, value, allowed) -> None:
 def check_positive(field: str, value) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
         raise LabError(f"{field}: must be a positive number, got {value!r}")
+
+
+def check_nonnegative_int(field: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise LabError(f"{field}: must be a non-negative integer, got {value!r}")

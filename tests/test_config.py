@@ -1,4 +1,4 @@
-"""lab/config.py: what makes a grid cell's identity."""
+"""lab/config.py: what makes a grid cell's identity, and how fields are checked."""
 
 import hashlib
 import json
@@ -6,6 +6,7 @@ import json
 import pytest
 
 from lab.config import ANALYSIS_FIELDS, LATER_FIELDS, resolve
+from lab.errors import LabError
 
 
 def test_fields_added_later_keep_old_cell_identities_at_their_default():
@@ -44,3 +45,11 @@ def test_auto_precision_is_bf16_on_gpu_and_float32_on_cpu():
     assert (auto.precision_on(True), auto.precision_on(False)) == ("bf16-mixed", "32-true")
     fixed = resolve("baseline", "tiny", ["train.precision=32-true"]).train
     assert fixed.precision_on(True) == "32-true"
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.seed=-1", "train.seed"), ("train.analysis_windows=-2", "train.analysis_windows"),
+    ("train.analysis_every=-1", "train.analysis_every")])
+def test_non_negative_integer_fields_refuse_negatives_with_one_message(override, field):
+    with pytest.raises(LabError, match=f"^{field}: must be a non-negative integer, got -"):
+        resolve("baseline", "tiny", [override])
