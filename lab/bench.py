@@ -24,11 +24,11 @@ import torch
 
 from lab.config import RunConfig, resolve
 from lab.errors import LabError
-from lab.flops import model_flops_per_token, peak_tflops
+from lab.flops import device_peak_tflops, model_flops_per_token
 from lab.model import Decoder
 from lab import tracking
 from lab.run import count_params, open_data
-from lab.training import accumulation, adamw, step_loss, train_sampler
+from lab.training import accumulation, adamw, compile_model, step_loss, train_sampler
 
 
 def _sync():
@@ -63,8 +63,8 @@ class BareLoop:
         t = config.train
         torch.manual_seed(t.seed)
         self.model = Decoder(config.model).to(self.device)
-        if t.compile:
-            self.model.compile(mode=t.compile_mode)
+        if t.compile_on(self.device == "cuda"):
+            compile_model(self.model, t.compile_mode)
         self.optimizer = adamw(self.model.parameters(), config, fused=self.device == "cuda")
         self.sampler = train_sampler(store, config)
         self.accumulate = accumulation(config)
@@ -163,16 +163,12 @@ def _profile(step, path: Path, device: str) -> None:
                     + prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=90))
 
 
-def _device_peak_tflops() -> float | None:
-    return peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
-
-
 def _rates(config: RunConfig, steps: int, elapsed: float, peak_gib: float | None,
            flops_per_token: float) -> dict:
     tokens = steps * config.train.batch_size * config.model.context
     tokens_per_s = tokens / elapsed
     out = {"tokens_per_s": tokens_per_s, "step_ms": 1000 * elapsed / steps, "peak_mem_gib": peak_gib}
-    peak = _device_peak_tflops()
+    peak = device_peak_tflops()
     if peak:
         out["mfu"] = flops_per_token * tokens_per_s / (peak * 1e12 * config.train.devices)
     return out
@@ -235,7 +231,7 @@ def run_bench(presets: list[str], variants: list[str], steps: int, warmup: int, 
             for p in presets for v in variants]
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     report = {"date": datetime.date.today().isoformat(), "device": device_name,
-              "peak_bf16_tflops": _device_peak_tflops(),
+              "peak_bf16_tflops": device_peak_tflops(),
               "torch": torch.__version__, "steps": steps, "warmup": warmup, "data": data,
               "devices": devices, "overrides": overrides, "rounds": rounds, "results": []}
     print(f"device: {device_name}; dense bf16 peak used for MFU: {report['peak_bf16_tflops']} TFLOP/s",

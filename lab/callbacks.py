@@ -21,8 +21,21 @@ from lab.spikes import detect_spikes
 from lab.tracking import finite_metrics, log_dict_artifact
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class LossMonitor(L.Callback):
-    def __init__(self, config: RunConfig, accumulate: int = 1):
+    """Also the run's throughput, measured as torchtitan logs it: `throughput/tokens_per_s`
+    per logging interval over training steps only. The clock starts at the end of the
+    first optimizer step (compilation and warm-up fall in `time/first_step_s`), and the time
+    spent in validation and in checkpoint writes (`exclude`) is taken out of the interval.
+    The intervals end at the flush's own synchronisation, so the clock reads finished GPU
+    work; validation is bracketed by two more (once per validation, not per step)."""
+
+    def __init__(self, config: RunConfig, accumulate: int = 1, flops_per_token: float | None = None,
+                 peak_tflops: float | None = None):
         t = config.train
         self.config = config
         self.flush_every = t.log_every
@@ -33,16 +46,41 @@ class LossMonitor(L.Callback):
         self.grad_norms: list[float] = []
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
         self.diverged_step: int | None = None
-        self._last_time: float | None = None
-        self._last_step = 0
         self.tokens_per_s: list[float] = []
         self.accumulate = accumulate
         self.val_losses: list[float] = []
         self._micro = 0
+        self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
+        # Steady-state clock: seconds and steps of training counted so far.
+        self.train_seconds, self.train_steps = 0.0, 0
+        self.first_step_s: float | None = None
+        self._started: float | None = None
+        self._interval: tuple[float, int] | None = None   # (clock, step) the interval began at
+        self._excluded = 0.0
+        self._validation_started: float | None = None
 
     def on_train_start(self, trainer, pl_module):
-        self._last_time = time.perf_counter()
-        self._last_step = trainer.global_step
+        self._started = time.perf_counter()
+        self._interval = None
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def exclude(self, seconds: float) -> None:
+        """Time inside the training loop that is not training (a checkpoint write)."""
+        self._excluded += seconds
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.state.fn == "fit" and self._interval is not None:
+            _sync()
+            self._validation_started = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module):
+        if self._validation_started is not None:
+            _sync()
+            self.exclude(time.perf_counter() - self._validation_started)
+            self._validation_started = None
+        if "val/loss" in trainer.callback_metrics and not trainer.sanity_checking:
+            self.val_losses.append(float(trainer.callback_metrics["val/loss"]))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # Called per micro-batch: the step's loss is the mean over its micro-batches.
@@ -54,6 +92,11 @@ class LossMonitor(L.Callback):
         self._pending.append((trainer.global_step, self._step_loss / self._micro,
                               getattr(pl_module, "grad_norm", None)))
         self._micro = 0
+        if self._interval is None:  # the first step of this fit: compile and warm-up
+            _sync()
+            now = time.perf_counter()
+            self.first_step_s = now - self._started
+            self._interval, self._excluded = (now, trainer.global_step), 0.0
         if len(self._pending) >= self.flush_every:
             self._flush(trainer, pl_module)
 
@@ -68,13 +111,32 @@ class LossMonitor(L.Callback):
         self.losses += losses
         self.grad_norms += norms
         now = time.perf_counter()
-        if self._last_time is not None and steps[-1] > self._last_step:
-            rate = (steps[-1] - self._last_step) * self.tokens_per_step / (now - self._last_time)
-            self.tokens_per_s.append(rate)
-            if trainer.is_global_zero and trainer.logger is not None:
-                trainer.logger.log_metrics({"throughput/tokens_per_s": rate}, step=steps[-1])
-        self._last_time, self._last_step = now, steps[-1]
+        metrics = {"lr": trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0]} \
+            if trainer.lr_scheduler_configs else {}
+        if self._interval is not None and steps[-1] > self._interval[1]:
+            seconds = now - self._interval[0] - self._excluded
+            done = steps[-1] - self._interval[1]
+            if seconds > 0:
+                rate = done * self.tokens_per_step / seconds
+                self.tokens_per_s.append(rate)
+                self.train_seconds += seconds
+                self.train_steps += done
+                metrics["throughput/tokens_per_s"] = rate
+                if self.flops_per_token and self.peak_tflops:
+                    metrics["throughput/mfu"] = self.mfu(rate)
+            self._interval, self._excluded = (now, steps[-1]), 0.0
+        if trainer.is_global_zero and trainer.logger is not None and metrics:
+            trainer.logger.log_metrics(metrics, step=steps[-1])
         self._check_divergence(trainer, steps, losses)
+
+    def mfu(self, tokens_per_s: float) -> float:
+        return self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * self.config.train.devices)
+
+    def steady_tokens_per_s(self) -> float | None:
+        """Tokens/s over every steady-state interval of the run (training time only)."""
+        if not self.train_seconds:
+            return None
+        return self.train_steps * self.tokens_per_step / self.train_seconds
 
     def _check_divergence(self, trainer, steps, losses):
         if self.diverged_step is not None:
@@ -93,9 +155,6 @@ class LossMonitor(L.Callback):
     def on_train_end(self, trainer, pl_module):
         self._flush(trainer, pl_module)
 
-    def on_validation_end(self, trainer, pl_module):
-        if "val/loss" in trainer.callback_metrics and not trainer.sanity_checking:
-            self.val_losses.append(float(trainer.callback_metrics["val/loss"]))
     def state_dict(self) -> dict:
         # The history travels in the checkpoint, so a run resumed after a crash reports
         # spikes and loss_history.json over the whole run, not only after the resume.
@@ -159,11 +218,14 @@ class AtomicCheckpoint(L.Callback):
             return
         if not all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters()):
             return
+        _sync()  # the steps queued before the write count as training, not as the write
+        started = time.perf_counter()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         trainer.save_checkpoint(tmp)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
+        self.loss_monitor.exclude(time.perf_counter() - started)  # not training time
 
 
 class RoutingStats(L.Callback):

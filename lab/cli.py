@@ -31,6 +31,7 @@ EXAMPLES = {
     "analyze": "gatelab analyze 3f2c9a... --windows 16 --long-context 1,2,4",
     "sweep": "gatelab sweep sweeps/lr.yaml --variants baseline --n-trials 4 --workers 2",
     "sweep-report": "gatelab sweep-report lr --out reports/sweeps/lr",
+    "check": "gatelab check --preset small --variants all",
 }
 
 
@@ -44,6 +45,11 @@ def _add_tracking(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
                         "else sqlite:///mlruns/mlflow.db)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (CI, scripts)")
+
+
+def _add_no_check(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-check", action="store_true",
+                        help="on a GPU, skip `gatelab check` of the variants before the first run")
 
 
 def _add_overrides(parser: argparse.ArgumentParser, scope: str = "") -> None:
@@ -123,7 +129,7 @@ def cmd_grid(args) -> int:
                           cpu_workers=args.cpu_workers,
                           cpu_threads=args.cpu_threads, dry_run=args.dry_run,
                           tracking_uri=args.tracking_uri, shard=args.shard, quiet=args.quiet,
-                          stale_after_s=args.stale_after)
+                          stale_after_s=args.stale_after, check=not args.no_check)
     try:
         summary = run_grid(spec, options)
     except KeyboardInterrupt:
@@ -176,6 +182,21 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from lab.check import describe, run_check
+
+    report = run_check(args.preset, args.variants, args.precision, args.overrides, args.modes,
+                       args.layers, args.batch, args.seed, args.tolerance,
+                       log=lambda line: print(line, flush=True))
+    print(describe(report))
+    if report.failures:
+        for failure in report.failures:
+            print(f"check failed: {failure}", file=sys.stderr)
+        return 1
+    print("check passed: every variant's fast path is within tolerance of the reference")
+    return 0
+
+
 def cmd_export(args) -> int:
     from lab.export import export
 
@@ -203,7 +224,8 @@ def cmd_sweep(args) -> int:
     if args.variants:
         sweep = sweep.with_variants([v.strip() for v in args.variants.split(",") if v.strip()])
     summaries = run_sweep(sweep, n_trials=args.n_trials, workers=args.workers,
-                          storage=args.storage, tracking_uri=args.tracking_uri, quiet=args.quiet)
+                          storage=args.storage, tracking_uri=args.tracking_uri, quiet=args.quiet,
+                          check=not args.no_check)
     print(format_summary(summaries))
     return 0
 
@@ -286,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
     p.add_argument("--storage", help="Optuna storage: a journal file path (default "
                    "sweeps/<name>.journal) or postgresql://user@host/db for several machines")
+    _add_no_check(p)
     _add_tracking(p)
     p.set_defaults(func=cmd_sweep)
 
@@ -321,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "dead (default 600)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the cells, parameter counts and a time estimate; run nothing")
+    _add_no_check(p)
     _add_tracking(p)
     p.set_defaults(func=cmd_grid)
 
@@ -356,6 +380,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="also profile the bare loop: <out>-profile-<preset>-<variant>.txt, top kernels")
     p.set_defaults(func=cmd_bench)
+
+    p = _parser(sub, "check", "compare each variant's fast path (precision, eager and compiled, "
+                "the SDPA backend PyTorch picks) with a float32 explicit-softmax reference")
+    p.add_argument("--preset", default="small", help="model preset (default small)")
+    p.add_argument("--variants", default="all", help="all, or comma-separated variant slugs")
+    p.add_argument("--precision", help="bf16-mixed, 16-mixed or 32-true (default: what a run "
+                   "trains in here: bf16-mixed on GPU, 32-true on CPU)")
+    p.add_argument("--modes", help="eager, compiled or eager,compiled (default: eager, and "
+                   "compiled where a run compiles: on GPU)")
+    p.add_argument("--layers", type=int, default=2, help="layers of the checked model (default "
+                   "2; 0 = the preset's depth): every layer runs the same code and shapes")
+    p.add_argument("--batch", type=int, default=2, help="sequences in the checked batch (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
+    p.add_argument("--tolerance", type=float, help="one relative-error tolerance for logits, "
+                   "loss and gradients (default: per precision, lab/check.py TOLERANCES)")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_check)
 
     p = _parser(sub, "export", "write a run's checkpoint as a Hugging Face Qwen3 model "
                 "(baseline, sdpa headwise / elementwise gates)")

@@ -137,7 +137,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     precision: str = "auto"            # auto: bf16-mixed on GPU, 32-true on CPU
-    compile: bool = False
+    # torch.compile the model: "auto" compiles where CUDA is present (the GPU's speed needs
+    # it: an eager `small` cell ran at 0.3 of a compiled loop) and not on the CPU, where
+    # compiling costs more than short runs gain; true or false forces it.
+    compile: bool | str = "auto"
     # torch.compile mode when `compile` is on: "reduce-overhead" adds CUDA graphs (launch-bound
     # small models), "max-autotune" searches matmul kernels; speed only, same model.
     compile_mode: str = "default"
@@ -161,7 +164,15 @@ class TrainConfig:
     analysis_every: int = 0            # ... also every N steps as a time series (0 = end only)
     long_context_factors: str = "1,2,4,8"  # validation ppl at these multiples of context ("" = off)
 
+    def __post_init__(self):
+        # `--set train.compile=true` arrives as text (the default, "auto", is a string).
+        text = str(self.compile).lower()
+        if text in ("true", "false"):
+            object.__setattr__(self, "compile", text == "true")
+
     def validate(self) -> None:
+        if self.compile not in (True, False, "auto"):
+            raise LabError(f"train.compile: {self.compile!r} is not one of auto, true, false")
         check_positive("train.tokens", self.tokens)
         check_positive("train.lr", self.lr)
         check_positive("train.batch_size", self.batch_size)
@@ -199,6 +210,10 @@ class TrainConfig:
     @property
     def micro_batch(self) -> int:
         return self.micro_batch_size or self.batch_size // self.devices
+
+    def compile_on(self, cuda: bool) -> bool:
+        """Whether this run compiles the model: `auto` compiles on GPU only."""
+        return cuda if self.compile == "auto" else bool(self.compile)
 
     def precision_on(self, cuda: bool) -> str:
         """The Lightning precision this run trains in: `auto` is bf16-mixed on GPU, 32-true
@@ -254,6 +269,10 @@ class RunConfig:
         for (section, name), default in LATER_FIELDS.items():
             if raw[section].get(name) == default:
                 raw[section].pop(name)
+        # Compiling changes speed, not what is trained; "auto" (the default since it replaced
+        # false) hashes as false did, so grids recorded before it resume instead of rerunning.
+        if raw["train"].get("compile") == "auto":
+            raw["train"]["compile"] = False
         blob = json.dumps(raw, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -34,6 +34,13 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
+def device_peak_tflops() -> float | None:
+    """This machine's GPU peak, or None (no GPU, or one the table does not know)."""
+    import torch
+
+    return peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+
+
 def flops_per_token(n_params: int, n_layers: int, attn_width: int, context: int) -> float:
     return 6.0 * n_params + 12.0 * n_layers * attn_width * context
 

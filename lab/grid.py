@@ -719,6 +719,8 @@ class GridOptions:
     shard: str | None = None
     quiet: bool = False
     stale_after_s: float = STALE_AFTER_S
+    # `gatelab check` of the grid's variants before the first cell on a GPU (lab/check.py).
+    check: bool = True
 
 
 @dataclass
@@ -767,6 +769,12 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
         print_dry_run(spec, cells, uri, workers, device)
         return GridSummary(spec.name, len(cells), 0, [])
 
+    if gpus and options.check:
+        from lab.check import check_before_training
+
+        check_before_training(spec.preset, list(dict.fromkeys(c.variant for c in cells)),
+                              [f"{k}={v}" for k, v in spec.overrides.items()], options.quiet,
+                              log=lambda line: print(f"grid {spec.name}: {line}", flush=True))
     client = tracking.client(uri)
     experiment = tracking.experiment_id(client, spec.name, uri)
     parent = find_or_create_parent(client, experiment, spec.name)

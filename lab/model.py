@@ -25,6 +25,44 @@ from lab.gates import apply_gate, gate_logit_width, gate_score_shape, gate_score
 
 Probe = Callable[[int, str, torch.Tensor], None]
 PROJECTION_ALIGNMENT = 8  # output columns; 8 bf16 values = 16 bytes
+# Elements every SDPA operand's strides, storage offset and head_dim are made a multiple of:
+# 8 bf16/fp16 values are 16 bytes (32 for fp32), the alignment the fused kernels assume.
+SDPA_ALIGNMENT = 8
+
+
+def sdpa_operand(x: torch.Tensor) -> torch.Tensor:
+    """An SDPA operand (B, heads, T, D) in a layout every backend handles correctly.
+
+    Why: the fused kernels read q, k and v through their strides and assume 16-byte
+    alignment without checking it. With torch 2.11 and cuDNN 9.19 on an H200, a V that was a
+    view into the fused projection's output with a row stride of 774 bf16 values (1,548
+    bytes) made cuDNN attention return wrong outputs and gradients with no error raised, and
+    the flash kernel fail with "misaligned address" (docs/results.md, the withdrawn headwise
+    section; benchmarks/sdpa_layout_check.py reproduces it). That broke the published headwise
+    result. Padding the projection (PROJECTION_ALIGNMENT) is not enough on its own: an odd
+    head_dim or KV width can break alignment again, so every operand is checked here.
+
+    A head_dim that is not a multiple of SDPA_ALIGNMENT is zero-padded: zeros added to q and
+    k leave q.k unchanged, zeros added to v add output columns that `Attention` drops (the
+    softmax scale is passed explicitly, so it still uses the true head_dim). A misaligned
+    view is copied to a contiguous tensor. An aligned operand passes through untouched, so
+    the presets' layouts cost nothing. Under torch.compile the strides are static, so this
+    check is resolved while tracing."""
+    pad = -x.shape[-1] % SDPA_ALIGNMENT
+    if pad:
+        x = F.pad(x, (0, pad))
+    if not sdpa_aligned(x):
+        x = x.contiguous()
+    return x
+
+
+def sdpa_aligned(x: torch.Tensor) -> bool:
+    """Last dimension contiguous; storage offset and every other stride (of dimensions longer
+    than 1, the only ones ever stepped) a multiple of SDPA_ALIGNMENT elements; head_dim too."""
+    strides = [s for s, n in zip(x.stride()[:-1], x.shape[:-1]) if n > 1]
+    return (x.stride(-1) == 1 and x.shape[-1] % SDPA_ALIGNMENT == 0
+            and x.storage_offset() % SDPA_ALIGNMENT == 0
+            and all(s % SDPA_ALIGNMENT == 0 for s in strides))
 
 
 class RotaryEmbedding(nn.Module):
@@ -140,6 +178,9 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.rms_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.rms_eps) if cfg.qk_norm else nn.Identity()
         self.sdpa_transform = cfg.sdpa_transform
+        # True: attention by the explicit softmax (_exact_attention) instead of SDPA, the
+        # reference `gatelab check` compares the fast path with (lab/check.py).
+        self.reference_attention = False
         if cfg.sdpa_transform == "rmsnorm":
             self.sdpa_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.rms_eps)  # per head ("GroupNorm")
 
@@ -195,9 +236,10 @@ class Attention(nn.Module):
 
         scale = attention_scale / math.sqrt(D)
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
-        if probe is None:
-            y = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
-                                               enable_gqa=H != G)
+        if probe is None and not self.reference_attention:
+            y = F.scaled_dot_product_attention(sdpa_operand(qh), sdpa_operand(kh),
+                                               sdpa_operand(vh), is_causal=True, scale=scale,
+                                               enable_gqa=H != G)[..., :D]
         else:
             y = self._exact_attention(qh, kh, vh, scale, probe)
         y = y.transpose(1, 2)  # (B, T, H, D): per-head SDPA output before concatenation
@@ -221,15 +263,17 @@ class Attention(nn.Module):
             out = apply_gate(spec, out.view(B, T, 1, C), scores).view(B, T, C)  # G5
         return out
 
-    def _exact_attention(self, q, k, v, scale, probe: Probe) -> torch.Tensor:
-        """Softmax attention with the probabilities in hand (SDPA returns none)."""
+    def _exact_attention(self, q, k, v, scale, probe: Optional[Probe]) -> torch.Tensor:
+        """Softmax attention with the probabilities in hand (SDPA returns none); in float32,
+        through no fused kernel, so it is also the reference of `gatelab check`."""
         groups = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         T = q.shape[-2]
         logits = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, T, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         probs = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-        probe(self.layer, "attn_probs", probs)
+        if probe is not None:
+            probe(self.layer, "attn_probs", probs)
         return (probs @ v.float()).to(v.dtype)
 
 
@@ -314,6 +358,11 @@ class Decoder(nn.Module):
         device = self.embed.weight.device
         self.rope = RotaryEmbedding(self.cfg.head_dim, self.cfg.rope_base, self.cfg.context,
                                     factor).to(device)
+
+    def set_reference_attention(self, on: bool) -> None:
+        """Attention by the explicit float32 softmax in every layer (on) or by SDPA (off)."""
+        for block in self.blocks:
+            block.attn.reference_attention = on
 
     def set_gate_active(self, active: bool) -> None:
         for block in self.blocks:

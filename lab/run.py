@@ -21,6 +21,7 @@ import torch
 
 from lab.config import RunConfig, baseline_model, flatten, with_vocab
 from lab.data import TokenStore, check_batch_fits, open_source
+from lab.flops import device_peak_tflops, model_flops_per_token
 from lab.model import Decoder, count_parameters
 from lab import tracking
 
@@ -168,7 +169,9 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
         if ckpt.exists() else 0
     data = TokenDataModule(store, config, start_step=start_step)
     steps = total_steps(config)
-    monitor = LossMonitor(config, accumulate=accumulation(config))
+    monitor = LossMonitor(config, accumulate=accumulation(config),
+                          flops_per_token=model_flops_per_token(config, counts),
+                          peak_tflops=device_peak_tflops())
     checkpoints = AtomicCheckpoint(checkpoint_dir(run_id),
                                    config.train.checkpoint_every or config.train.val_every, monitor)
     all_callbacks = [monitor, checkpoints, *(callbacks or [])]
@@ -224,8 +227,7 @@ def _finish(trainer, module, data, monitor, config, mlflow_client, run_id, start
     metrics["spikes/max_excess"] = max((s.max_excess for s in spikes), default=0.0)
     metrics["tokens/seen"] = steps_done * tokens_per_step
     metrics["time/wall_s"] = time.time() - started
-    if monitor.tokens_per_s:
-        metrics["throughput/tokens_per_s_mean"] = sum(monitor.tokens_per_s) / len(monitor.tokens_per_s)
+    metrics.update(throughput_summary(monitor, config))
     if monitor.grad_norms:
         finite = [n for n in monitor.grad_norms if math.isfinite(n)]
         metrics["train/grad_norm_max"] = max(finite, default=float("nan"))
@@ -241,6 +243,26 @@ def _finish(trainer, module, data, monitor, config, mlflow_client, run_id, start
     if trainer.is_global_zero and (config.train.analysis_windows or config.train.context_factors()):
         metrics.update(_analyze(module, data.store, config, mlflow_client, run_id, steps_done))
     return metrics
+
+
+def throughput_summary(monitor, config: RunConfig) -> dict[str, float]:
+    """The run's speed as torchtitan reports it: steady-state tokens/s (training steps only:
+    no validation, checkpoint or compile time), MFU against the device's looked-up peak,
+    peak memory, and the first step's time; with compilation, its cost over a steady step."""
+    out: dict[str, float] = {}
+    rate = monitor.steady_tokens_per_s()
+    if rate:
+        out["throughput/tokens_per_s_mean"] = rate
+        if monitor.flops_per_token and monitor.peak_tflops:
+            out["throughput/mfu"] = monitor.mfu(rate)
+    if monitor.first_step_s is not None:
+        out["time/first_step_s"] = monitor.first_step_s
+        if rate and config.train.compile_on(torch.cuda.is_available()):
+            steady_step_s = monitor.tokens_per_step / rate
+            out["time/compile_s"] = max(0.0, monitor.first_step_s - steady_step_s)
+    if torch.cuda.is_available():
+        out["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return out
 
 
 def _analyze(module, store, config, mlflow_client, run_id, step) -> dict:

@@ -532,9 +532,10 @@ def _done(study) -> int:
 
 def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
               storage: str | None = None, tracking_uri: str | None = None,
-              quiet: bool = False) -> dict[str, "VariantSummary"]:
+              quiet: bool = False, check: bool = True) -> dict[str, "VariantSummary"]:
     """Run (or resume) the sweep: each study gets up to `n_trials` trials that completed or
-    were pruned; crashed trials are run again. Returns the per-variant summary."""
+    were pruned; crashed trials are run again. Returns the per-variant summary. `check`: on
+    a GPU, `gatelab check` of the sweep's variants first (lab/check.py)."""
     import multiprocessing
 
     import optuna
@@ -552,6 +553,10 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
     uri = tracking.tracking_uri(tracking_uri)
     # Prepare the data once, here: workers would otherwise race to build the same cache.
     open_data(sweep.config(sweep.variants[0], sweep.lr_bounds()[0], sweep.seeds[0]))
+    if check:
+        from lab.check import check_before_training
+
+        check_before_training(sweep.preset, list(sweep.variants), list(sweep.overrides), quiet)
 
     remaining, parents = {}, {}
     for variant in sweep.variants:

@@ -46,6 +46,14 @@ def adamw(parameters, config: RunConfig, fused: bool) -> torch.optim.AdamW:
                              fused=fused or None)
 
 
+def compile_model(model: Decoder, mode: str) -> Decoder:
+    """torch.compile in place, as every compiled path of the lab does it (training, the
+    bench's bare loop, `gatelab check`): state-dict keys stay unprefixed, and `forward`
+    called directly stays eager (lab/analysis.py's probes rely on that)."""
+    model.compile(mode=mode)
+    return model
+
+
 def train_sampler(store: TokenStore, config: RunConfig) -> WindowSampler:
     """The training windows of a run (the bench's bare loop draws the same ones)."""
     t = config.train
@@ -72,9 +80,11 @@ class LanguageModel(L.LightningModule):
         self._eval_sums: dict[str, list[torch.Tensor]] = {}
 
     def setup(self, stage: str) -> None:
-        if self.config.train.compile and not getattr(self, "_compiled", False):
-            # In place: state-dict keys stay unprefixed.
-            self.model.compile(mode=self.config.train.compile_mode)
+        # Before the Trainer moves the module, so the device is read from the machine, as
+        # lab/run.py chooses the accelerator.
+        if self.config.train.compile_on(torch.cuda.is_available()) and \
+                not getattr(self, "_compiled", False):
+            compile_model(self.model, self.config.train.compile_mode)
             self._compiled = True
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -89,7 +99,8 @@ class LanguageModel(L.LightningModule):
         for name, value in aux_losses.items():
             self.log(f"train/{name}", value)
         self.log("train/loss", lm_loss)
-        self.log("lr", self.lr_schedulers().get_last_lr()[0])
+        # No self.log of the learning rate: Lightning turns a Python float into a CUDA tensor
+        # with a blocking copy, a host-device sync every step; LossMonitor logs `lr` instead.
         return {"loss": loss, "lm_loss": lm_loss.detach()}
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -17,11 +17,26 @@ def test_fields_added_later_keep_old_cell_identities_at_their_default():
     raw["train"] = {k: v for k, v in raw["train"].items() if k not in ANALYSIS_FIELDS}
     for section, name in LATER_FIELDS:
         del raw[section][name]
+    assert raw["train"]["compile"] == "auto"
+    raw["train"]["compile"] = False  # the default those stores were recorded with
     old = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert plain.hash() == old
     assert resolve("baseline", "tiny", ["model.residual_init_scale=0.5"]).hash() != old
     # The reproduction's stores: this cell's identity as recorded on the GPUs (docs/results.md).
     assert resolve("baseline", "small", ["data.bos_prefix=true"]).hash() == "6e04235c3185cb35"
+
+
+def test_compile_auto_keeps_the_identity_of_compile_false():
+    """compile is speed, not the model: the new default ("auto") resumes old grids, whose
+    cells were recorded with compile false; forcing it on is another cell, as before."""
+    auto = resolve("baseline", "tiny")
+    assert auto.train.compile == "auto"
+    assert auto.hash() == resolve("baseline", "tiny", ["train.compile=false"]).hash()
+    forced = resolve("baseline", "tiny", ["train.compile=true"])
+    assert forced.train.compile is True and forced.hash() != auto.hash()
+    assert auto.train.compile_on(cuda=True) and not auto.train.compile_on(cuda=False)
+    with pytest.raises(LabError, match="train.compile"):
+        resolve("baseline", "tiny", ["train.compile=sometimes"])
 
 
 def test_analysis_fields_do_not_change_the_identity():

@@ -472,3 +472,59 @@ def test_fused_projection_is_padded_to_aligned_rows_without_new_parameters(slug)
     assert attn.in_proj.weight.shape[0] == width  # the parameter keeps its unpadded shape
     assert (width + attn.in_proj_pad) % 8 == 0 and 0 <= attn.in_proj_pad < 8
     assert (attn.in_proj_pad > 0) == (slug != "baseline")  # tiny: 128 columns, + 4 or 2 gate logits
+
+
+# --- SDPA operands: aligned for every layout the lab accepts (lab/model.py sdpa_operand) -----
+
+# Widths that break 16-byte alignment of a fused-projection view: odd d_model, head_dim not a
+# multiple of 8, KV widths such as 3 x 20, headwise gates adding a few columns.
+ODD_LAYOUTS = [dict(head_dim=20, n_heads=3, n_kv_heads=1, d_model=60),
+               dict(head_dim=12, n_heads=5, n_kv_heads=5, d_model=77),
+               dict(head_dim=36, n_heads=6, n_kv_heads=3, d_model=50),
+               dict(head_dim=16, n_heads=6, n_kv_heads=3, d_model=64)]
+LAYOUT_VARIANTS = ["baseline", "sdpa_headwise_sigmoid_mul", "sdpa_elementwise_sigmoid_mul",
+                   "value_headwise_sigmoid_mul", "key_elementwise_sigmoid_mul",
+                   "query_elementwise_sigmoid_mul", "denseout_elementwise_sigmoid_mul", "baseline_kv8",
+                   "switchhead_kv_4top4", "switchhead_v_1top1", "sdpa_input_independent_sigmoid_mul"]
+
+
+@pytest.mark.parametrize("layout", ODD_LAYOUTS, ids=lambda d: "-".join(f"{k}{v}" for k, v in d.items()))
+@pytest.mark.parametrize("slug", LAYOUT_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_sdpa_operand_is_aligned_and_the_result_exact(monkeypatch, slug, layout, dtype):
+    from lab.model import sdpa_aligned
+
+    overrides = [f"model.{k}={v}" for k, v in layout.items()]
+    model = build(slug, overrides=overrides).to(dtype)
+    real_sdpa = F.scaled_dot_product_attention
+    seen = []
+
+    def recording_sdpa(q, k, v, *args, **kwargs):
+        seen.append([(t.shape, t.stride(), t.storage_offset(), sdpa_aligned(t)) for t in (q, k, v)])
+        return real_sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    x = tokens()
+    with torch.no_grad():
+        fast = model(x).float()
+        model.set_reference_attention(True)  # the explicit softmax: no SDPA, no padding
+        reference = model(x).float()
+    assert len(seen) == model.cfg.n_layers
+    for operands in seen:
+        for shape, stride, offset, aligned in operands:
+            assert aligned, f"misaligned SDPA operand: shape {tuple(shape)} stride {stride} offset {offset}"
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    assert (fast - reference).norm() / reference.norm() < tolerance
+
+
+def test_sdpa_aligned_rejects_the_layout_that_broke_cudnn():
+    from lab.model import sdpa_aligned, sdpa_operand
+
+    # The headwise gate's fused output at `small`: 384 + 192 + 192 + 6 = 774 columns, V a view.
+    fused = torch.randn(2, 16, 774)
+    v = fused[..., 576:768].view(2, 16, 3, 64).transpose(1, 2)
+    assert not sdpa_aligned(v)
+    fixed = sdpa_operand(v)
+    assert sdpa_aligned(fixed) and torch.equal(fixed, v)
+    padded = sdpa_operand(torch.randn(2, 3, 16, 20))  # head_dim 20 -> 24, zeros appended
+    assert padded.shape[-1] == 24 and sdpa_aligned(padded) and not padded[..., 20:].any()

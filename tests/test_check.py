@@ -1,0 +1,111 @@
+"""lab/check.py: `gatelab check` passes on the lab's fast path, catches a planted wrong
+kernel, and guards the grid; on a GPU, every variant at `small`."""
+
+import math
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lab.check import check_before_training, relative_error
+from lab.cli import main
+from lab.errors import LabError
+
+
+def test_relative_error_is_normwise_and_refuses_non_finite():
+    reference = torch.tensor([3.0, 4.0])
+    assert relative_error(reference, reference) == 0
+    assert relative_error(torch.tensor([3.0, 4.5]), reference) == pytest.approx(0.1)
+    assert relative_error(torch.tensor([math.nan, 4.0]), reference) == math.inf
+
+
+def test_check_passes_on_the_cpu_fast_path_and_says_no_accelerator(capsys):
+    assert main(["check", "--preset", "tiny", "--variants", "baseline,sdpa_headwise_sigmoid_mul"]) == 0
+    out = capsys.readouterr().out
+    assert "no accelerator was checked" in out and "check passed" in out
+    assert "sdpa_headwise_sigmoid_mul" in out and "flash-cpu" in out
+
+
+@pytest.mark.parametrize("planted", ["scaled", "noisy", "nan"])
+def test_a_planted_wrong_kernel_fails_the_check(monkeypatch, capsys, planted):
+    real_sdpa = F.scaled_dot_product_attention
+
+    def wrong_sdpa(*args, **kwargs):
+        out = real_sdpa(*args, **kwargs)
+        if planted == "scaled":
+            return out * 1.05
+        if planted == "noisy":
+            return out + 0.02 * torch.randn_like(out)
+        return out.masked_fill(torch.rand_like(out) < 0.01, math.nan)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", wrong_sdpa)
+    assert main(["check", "--preset", "tiny", "--variants", "sdpa_headwise_sigmoid_mul"]) == 1
+    captured = capsys.readouterr()
+    failure = [line for line in captured.err.splitlines() if line.startswith("check failed: ")]
+    assert failure, captured.err
+    # names the variant, the mode, the backend and the tensor
+    assert "sdpa_headwise_sigmoid_mul eager (SDPA backend flash-cpu): logits relative error" in failure[0]
+    assert "FAIL" in captured.out
+
+
+def test_the_reference_never_calls_sdpa(monkeypatch):
+    """The reference side must not go through F.scaled_dot_product_attention at all, or a
+    wrong fused kernel could hide on both sides."""
+    from lab.check import _reference
+    from lab.config import resolve
+    from lab.model import Decoder
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference called SDPA")
+
+    model = Decoder(resolve("baseline", "tiny").model)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", refuse)
+    windows = torch.randint(0, 512, (2, 17))
+    _reference(model, windows[:, :-1], windows[:, 1:])  # raises if SDPA is reached
+
+
+def test_bad_check_options_are_one_line_errors(capsys):
+    assert main(["check", "--preset", "tiny", "--variants", "no_such_variant"]) == 2
+    assert main(["check", "--preset", "tiny", "--modes", "fast"]) == 2
+    assert main(["check", "--preset", "tiny", "--precision", "fp8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+
+
+def test_grid_guard_refuses_to_start_when_the_check_fails(monkeypatch):
+    """On a GPU machine the grid and the sweep run `gatelab check` in a child process first;
+    its failure becomes one LabError line naming what failed."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        return SimpleNamespace(returncode=1, stdout="", stderr=(
+            "check failed: sdpa_headwise_sigmoid_mul eager (SDPA backend cudnn): gradient of "
+            "blocks.0.attn.in_proj.weight relative error 0.83 > tolerance 0.1\n"))
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    with pytest.raises(LabError, match=r"check failed, nothing started: sdpa_headwise_sigmoid_mul "
+                                       r"eager \(SDPA backend cudnn\).*--no-check"):
+        check_before_training("small", ["baseline", "sdpa_headwise_sigmoid_mul"],
+                              ["train.compile_mode=default"], quiet=True)
+    assert calls[0][1:] == ["-m", "lab", "check", "--preset", "small", "--variants",
+                            "baseline,sdpa_headwise_sigmoid_mul", "--set", "train.compile_mode=default"]
+
+
+def test_grid_guard_does_nothing_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("no check without CUDA"))
+    check_before_training("small", ["baseline"], [], quiet=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: checks the GPU fast path")
+def test_every_variant_passes_on_the_gpu_at_small():
+    result = subprocess.run([sys.executable, "-m", "lab", "check", "--preset", "small",
+                             "--variants", "all"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "check passed" in result.stdout and "no accelerator" not in result.stdout
