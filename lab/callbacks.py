@@ -193,17 +193,22 @@ class GateInsertion(L.Callback):
 
 
 class AtomicCheckpoint(L.Callback):
-    """`last.ckpt` every `every` steps, written to a temporary file and renamed, so a kill
+    """`last.ckpt` every `every` steps (no sooner than `min_interval_s` after the last one),
+    and at the end; written to a temporary file and renamed, so a kill
     mid-write leaves the previous checkpoint intact; never written once the loss is
     non-finite (a diverged run keeps its last good weights)."""
 
-    def __init__(self, directory: Path, every: int, loss_monitor: LossMonitor):
+    def __init__(self, directory: Path, every: int, loss_monitor: LossMonitor,
+                 min_interval_s: float = 0.0):
         self.path = Path(directory) / "last.ckpt"
         self.every, self.loss_monitor = every, loss_monitor
+        self.min_interval_s = min_interval_s
+        self._saved_at = time.monotonic()  # the run's start counts as the last save
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if step and step % self.every == 0 and getattr(self, "_saved_step", None) != step:
+        due = time.monotonic() - self._saved_at >= self.min_interval_s
+        if step and step % self.every == 0 and due and getattr(self, "_saved_step", None) != step:
             self._saved_step = step
             self.save(trainer)
 
@@ -225,6 +230,7 @@ class AtomicCheckpoint(L.Callback):
         trainer.save_checkpoint(tmp)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
+        self._saved_at = time.monotonic()
         self.loss_monitor.exclude(time.perf_counter() - started)  # not training time
 
 

@@ -186,7 +186,7 @@ def cmd_check(args) -> int:
     from lab.check import describe, run_check
 
     report = run_check(args.preset, args.variants, args.precision, args.overrides, args.modes,
-                       args.layers, args.batch, args.seed, args.tolerance,
+                       args.layers, args.batch, args.seed, args.tolerance, args.jobs,
                        log=lambda line: print(line, flush=True))
     print(describe(report))
     if report.failures:
@@ -393,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "2; 0 = the preset's depth): every layer runs the same code and shapes")
     p.add_argument("--batch", type=int, default=2, help="sequences in the checked batch (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
+    p.add_argument("--jobs", type=int, help="variants checked side by side, one process each "
+                   "(default: 4 on a GPU, 1 on the CPU)")
     p.add_argument("--tolerance", type=float, help="one relative-error tolerance for logits, "
                    "loss and gradients (default: per precision, lab/check.py TOLERANCES)")
     _add_overrides(p)

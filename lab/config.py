@@ -158,6 +158,11 @@ class TrainConfig:
     spike_floor: float = 0.1
     spike_merge: int = 20
     checkpoint_every: int = 0          # steps between resumable checkpoints; 0 = at validations
+    # With checkpoint_every 0, at most one such checkpoint per this many seconds (0: at every
+    # validation): a `small`
+    # checkpoint (weights and AdamW state, ~200 MB) at each validation cost several percent
+    # of the run; a crash now loses at most this much training.
+    checkpoint_min_interval_s: float = 300.0
     # End-of-run analyses (lab/analysis.py): attention sink, massive activations, gate
     # statistics on this many held-out windows of `context` tokens (0 = no analysis) ...
     analysis_windows: int = 8
@@ -191,6 +196,10 @@ class TrainConfig:
             check_positive(f"train.{name}", getattr(self, name))
         for name in ("analysis_windows", "analysis_every"):
             check_nonnegative_int(f"train.{name}", getattr(self, name))
+        if not isinstance(self.checkpoint_min_interval_s, (int, float)) or \
+                not 0 <= self.checkpoint_min_interval_s < float("inf"):
+            raise LabError("train.checkpoint_min_interval_s: must be a finite number >= 0, got "
+                           f"{self.checkpoint_min_interval_s!r}")
         self.context_factors()
 
     def context_factors(self) -> list[int]:
@@ -227,7 +236,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 ANALYSIS_FIELDS = ("analysis_windows", "analysis_every", "long_context_factors")
 # Fields added after stores already held runs: left out of a cell's identity while at their
 # default, so that a grid recorded before they existed still resumes instead of rerunning.
-LATER_FIELDS = {("model", "residual_init_scale"): 1.0, ("train", "compile_mode"): "default"}
+LATER_FIELDS = {("model", "residual_init_scale"): 1.0, ("train", "compile_mode"): "default",
+                ("train", "checkpoint_min_interval_s"): 300.0}
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,10 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
                           flops_per_token=model_flops_per_token(config, counts),
                           peak_tflops=device_peak_tflops())
     checkpoints = AtomicCheckpoint(checkpoint_dir(run_id),
-                                   config.train.checkpoint_every or config.train.val_every, monitor)
+                                   config.train.checkpoint_every or config.train.val_every, monitor,
+                                   # an explicit step cadence is kept as asked
+                                   0.0 if config.train.checkpoint_every else
+                                   config.train.checkpoint_min_interval_s)
     all_callbacks = [monitor, checkpoints, *(callbacks or [])]
     if config.model.gate_insert_fraction is not None:
         all_callbacks.append(GateInsertion(int(config.model.gate_insert_fraction * steps)))
