@@ -76,6 +76,7 @@ def identity_before_issue_24(config) -> str:
     raw["train"] = {k: v for k, v in raw["train"].items() if k not in ANALYSIS_FIELDS}
     for section, name in LATER_FIELDS:
         raw[section].pop(name)
+    raw["train"]["compile"] = False  # what "auto" was recorded as
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
