@@ -65,7 +65,7 @@ class BareLoop:
         self.model = Decoder(config.model).to(self.device)
         if t.compile_on(self.device == "cuda"):
             compile_model(self.model, t.compile_mode)
-        self.optimizer = adamw(self.model.parameters(), config, fused=self.device == "cuda")
+        self.optimizer = adamw(self.model.named_parameters(), config, fused=self.device == "cuda")
         self.sampler = train_sampler(store, config)
         self.accumulate = accumulation(config)
         bf16 = t.precision_on(self.device == "cuda") == "bf16-mixed"  # as the lab path trains

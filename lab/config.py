@@ -52,6 +52,12 @@ class ModelConfig:
     sandwich_norm: bool = False
     residual_clip: float | None = None
     switch_head: str | None = None       # "kv:E:K" or "v:E:K": experts, top-k
+    # Low-rank Switch Head experts sized so the experts and router add this fraction of the
+    # projections they replace (K+V or V; `switch_expert_rank`); None: full-rank experts.
+    switch_head_added_fraction: float | None = None
+    # Extra dense-FFN hidden units adding this fraction of the G1 elementwise gate's
+    # parameters (L d q d_k): the FFN-widened parameter-matched baselines (`ffn_width`).
+    ffn_widen_g1_fraction: float = 0.0
     gate_insert_fraction: float | None = None  # gate off until this fraction of training
     # Feed-forward: dense SwiGLU or a mixture of experts (lab/moe.py).
     ffn: str = "dense"
@@ -92,6 +98,18 @@ class ModelConfig:
                                f"{self.gate_insert_fraction!r}")
         if self.switch_head is not None:
             parse_switch_head(self.switch_head)
+        if self.switch_head_added_fraction is not None:
+            check_positive("model.switch_head_added_fraction", self.switch_head_added_fraction)
+            if self.switch_head is None:
+                raise LabError("model.switch_head_added_fraction: needs Switch Head experts "
+                               "(model.switch_head)")
+            switch_expert_rank(self)
+        if self.ffn_widen_g1_fraction != 0.0:
+            check_positive("model.ffn_widen_g1_fraction", self.ffn_widen_g1_fraction)
+        if self.ffn_widen_g1_fraction and self.ffn != "dense":
+            raise LabError("model.ffn_widen_g1_fraction: widens the dense FFN and needs a dense "
+                           "preset (model.ffn=dense); at MoE presets baseline_add4experts adds "
+                           "FFN capacity")
         if self.ffn == "moe":
             for name in ("moe_experts", "moe_top_k", "moe_expert_hidden"):
                 check_positive(f"model.{name}", getattr(self, name))
@@ -102,6 +120,15 @@ class ModelConfig:
         elif self.moe_extra_experts:
             raise LabError("model.moe_extra_experts: needs an MoE preset (model.ffn=moe); "
                            "baseline_add4experts is defined on MoE models only")
+
+    @property
+    def ffn_width(self) -> int:
+        """The dense FFN's hidden width: `ffn_hidden`, widened by `ffn_widen_g1_fraction`.
+        A SwiGLU unit costs 3 d_model parameters (gate, up, down) and the G1 elementwise gate
+        d_model x (q heads x head_dim) per layer, so f x G1 is f q d_k / 3 more units (spec 1.4:
+        the paper matches its dense models' parameters through the FFN width)."""
+        extra = self.ffn_widen_g1_fraction * self.n_heads * self.head_dim / 3
+        return self.ffn_hidden + round(extra)
 
 
 def parse_switch_head(text: str) -> tuple[str, int, int]:
@@ -117,12 +144,37 @@ def parse_switch_head(text: str) -> tuple[str, int, int]:
     return target, experts, top_k
 
 
+def switch_expert_rank(model: ModelConfig) -> int | None:
+    """Rank r of each low-rank Switch Head expert (d_model -> r -> head_dim), or None for
+    full-rank experts (no `switch_head_added_fraction`).
+
+    The rule: per replaced projection and KV head, E experts of rank r and a router column
+    per expert cost E r (d + D) + E d parameters where the projection cost d D, and r is the
+    whole number that brings the difference closest to f d D, f the variant's fraction of the
+    paper (Table 6 over the MoE's K+V or V projections; lab/gates.py). The experts' output
+    stays head_dim wide, so attention is unchanged; only the budget of the map shrinks.
+    """
+    if model.switch_head_added_fraction is None:
+        return None
+    _, experts, _ = parse_switch_head(model.switch_head)
+    d, D, f = model.d_model, model.head_dim, model.switch_head_added_fraction
+    rank = round((d * D * (1 + f) - d * experts) / (experts * (d + D)))
+    if not 1 <= rank <= D:
+        raise LabError(f"model.switch_head_added_fraction: {f!r} gives {experts} experts a rank "
+                       f"of {rank} at d_model {d}, head_dim {D}; the rank must lie in 1..{D} "
+                       "(use none for full-rank experts)")
+    return rank
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation. The paper states AdamW with "default" settings and no more (spec 4.1);
     betas 0.9/0.95, weight decay 0.1 on matrices only and clipping at 1.0 are the common
     LLM choices we adopt. Schedule: linear warmup, cosine decay to min_lr_ratio of the peak
-    (the MoE recipe: warmup then cosine; spec 4.2)."""
+    (the MoE recipe: warmup then cosine; spec 4.2). `gate_constant_decay`: whether the
+    input-independent gate's tensor b (Table 4 row 6) is decayed too; off, because decay pulls
+    b to 0 and the gate to 0.5, a pull that control's gate-mean and sink measurements would
+    carry (docs/paper-notes.md)."""
 
     tokens: float = 2e5
     batch_size: int = 16               # sequences per optimizer step (all devices)
@@ -131,6 +183,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_fraction: float = 0.05
     weight_decay: float = 0.1
+    gate_constant_decay: bool = False
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -190,6 +243,9 @@ class TrainConfig:
         if not 0 <= self.warmup_fraction < 1:
             raise LabError(f"train.warmup_fraction: must lie in [0, 1), got {self.warmup_fraction!r}")
         check_nonnegative_int("train.seed", self.seed)
+        if not isinstance(self.gate_constant_decay, bool):
+            raise LabError("train.gate_constant_decay: expected true or false, got "
+                           f"{self.gate_constant_decay!r}")
         check_choice("train.precision", self.precision, ("auto", "32-true", "bf16-mixed", "16-mixed"))
         check_choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
         for name in ("val_every", "val_batches", "log_every", "devices", "divergence_patience"):
@@ -237,7 +293,18 @@ ANALYSIS_FIELDS = ("analysis_windows", "analysis_every", "long_context_factors")
 # Fields added after stores already held runs: left out of a cell's identity while at their
 # default, so that a grid recorded before they existed still resumes instead of rerunning.
 LATER_FIELDS = {("model", "residual_init_scale"): 1.0, ("train", "compile_mode"): "default",
-                ("train", "checkpoint_min_interval_s"): 300.0}
+                ("train", "checkpoint_min_interval_s"): 300.0,
+                ("model", "switch_head_added_fraction"): None,
+                ("model", "ffn_widen_g1_fraction"): 0.0, ("train", "gate_constant_decay"): False}
+
+
+def _default_changed_training(raw: dict, section: str, name: str) -> bool:
+    """A later field whose default changed what some models train: it stays in their identity
+    even at its default, so their cells recorded before are not taken as done. Before
+    `gate_constant_decay` the input-independent gate's b was decayed (issue 24)."""
+    gate = raw["model"].get("gate")
+    return ((section, name) == ("train", "gate_constant_decay") and gate is not None
+            and not gate["input_dependent"])
 
 
 @dataclass(frozen=True)
@@ -277,7 +344,8 @@ class RunConfig:
         for name in ANALYSIS_FIELDS:
             raw["train"].pop(name, None)
         for (section, name), default in LATER_FIELDS.items():
-            if raw[section].get(name) == default:
+            if raw[section].get(name) == default and \
+                    not _default_changed_training(raw, section, name):
                 raw[section].pop(name)
         # Compiling changes speed, not what is trained; "auto" (the default since it replaced
         # false) hashes as false did, so grids recorded before it resume instead of rerunning.
@@ -536,8 +604,9 @@ def resolve(variant: str | Variant, preset: str, overrides: list[str] | dict | N
     data_cfg = _apply(data_cfg, "data", parsed.get("data", {}))
 
     config = RunConfig(variant=spec.slug, preset=preset, model=model, train=train, data=data_cfg)
-    if spec.needs == "moe" and model.ffn != "moe":
-        raise LabError(f"variant {spec.slug}: needs an MoE preset (model.ffn=moe)")
+    if spec.needs is not None and model.ffn != spec.needs:
+        kind = "an MoE" if spec.needs == "moe" else "a dense"
+        raise LabError(f"variant {spec.slug}: needs {kind} preset (model.ffn={spec.needs})")
     config.validate()
     return config
 

@@ -98,7 +98,7 @@ def hf_config(model: ModelConfig, dtype: str = "float32", eos_id: int | None = N
         "model_type": "qwen3",
         "vocab_size": model.vocab_size,
         "hidden_size": model.d_model,
-        "intermediate_size": model.ffn_hidden,
+        "intermediate_size": model.ffn_width,
         "num_hidden_layers": model.n_layers,
         "num_attention_heads": model.n_heads,
         "num_key_value_heads": model.n_kv_heads,

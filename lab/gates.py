@@ -63,6 +63,7 @@ class GateSpec:
     - init: "normal" or "zeros" (gate logit weights start at 0, scores at activation(0)).
     The input-independent gate (`input_dependent=False`) is a learnable tensor b of the
     score shape, always zero-initialised (Table 4 row 6); `bias` and `init` do not apply to it.
+    It is not weight-decayed unless `train.gate_constant_decay` says so (docs/paper-notes.md).
     """
 
     position: str = "sdpa"
@@ -183,6 +184,24 @@ def apply_gate(spec: GateSpec, y: torch.Tensor, scores: torch.Tensor) -> torch.T
 # --- the variant registry -------------------------------------------------------
 
 PAPER_BASELINE_PPL = 6.026  # Table 1 row 1, MoE-15A2B
+# MoE-15A2B's attention (spec 1.4, Table 7): what the paper's "Added Param" is counted on.
+PAPER_MOE = {"d_model": 2048, "n_heads": 32, "n_kv_heads": 4, "head_dim": 128, "n_layers": 24}
+
+
+def projection_params(target: str, d_model: int, n_kv_heads: int, head_dim: int,
+                      n_layers: int) -> int:
+    """Parameters of the projections Switch Head experts replace: K and V ("kv") or V ("v")."""
+    one = n_layers * d_model * n_kv_heads * head_dim
+    return one * (2 if target == "kv" else 1)
+
+
+def paper_switch_fraction(target: str, paper_added_m: float) -> float:
+    """Table 6's added parameters over the MoE's replaced projections (K+V 50.3M, V 25.2M):
+    kv 8top8 38/50.3 = 0.755, kv 4top4 13/50.3 = 0.258, v 4top4 13/25.2 = 0.517,
+    v 8top2 25/25.2 = 0.993."""
+    p = PAPER_MOE
+    replaced = projection_params(target, p["d_model"], p["n_kv_heads"], p["head_dim"], p["n_layers"])
+    return round(paper_added_m * 1e6 / replaced, 3)
 
 
 @dataclass(frozen=True)
@@ -195,6 +214,10 @@ class Variant:
     where it reports them, for the report to set beside ours. `paper_baseline_ppl` is the
     row the paper's delta is taken against: the MoE baseline (T1-1), except for the dense-only
     sandwich norm, which Table 2 sets beside the baseline at the same LR (T2-6).
+    `paper_added_m` is the paper's "Added Param" in millions (Tables 1 and 6). `budget_of`
+    marks a parameter-matched baseline: the slug of the paper's control whose added
+    parameters (as a multiple of the G1 gates') it matches, itself for the paper's own.
+    `needs` is the FFN kind a variant is defined on ("moe" or "dense"), None for either.
     """
 
     slug: str
@@ -208,6 +231,8 @@ class Variant:
     paper_gate_mean: float | None = None
     paper_first_token_attn: float | None = None
     paper_max_activation: float | None = None
+    paper_added_m: float | None = None
+    budget_of: str | None = None
     needs: str | None = None
     description: str = ""
 
@@ -222,47 +247,90 @@ class Variant:
 
     @property
     def paper_row(self) -> int | None:
-        return int(self.paper.split("-")[1]) if self.paper.startswith("T") else None
+        """'T1-5' -> 5; a whole table ('T2') or an appendix has none."""
+        whole_row = self.paper.startswith("T") and "-" in self.paper
+        return int(self.paper.split("-")[1]) if whole_row else None
 
 
 _G = GateSpec  # short alias: the table below reads as one line per variant
 _SWITCH = "switch_head"
+_WIDEN = "ffn_widen_g1_fraction"
+
+
+def _switch_head(target: str, experts: int, top_k: int, paper_added_m: float) -> dict:
+    """A Table 6 row: low-rank experts sized to add the paper's share of the replaced
+    projections (lab/config.py `switch_expert_rank`; docs/paper-notes.md)."""
+    fraction = paper_switch_fraction(target, paper_added_m)
+    which, replaced = ("K and V", "K+V") if target == "kv" else ("V", "V")
+    return {"model": {_SWITCH: f"{target}:{experts}:{top_k}",
+                      "switch_head_added_fraction": fraction},
+            "paper_added_m": paper_added_m,
+            "description": f"sigmoid-routed {which} projection experts, {experts} experts, "
+                           f"top-{top_k}, low-rank to add the paper's {fraction}x of {replaced}"}
+
+
+# The paper's kv=8 control adds K and V for k more KV heads, 2 k d_k d per layer; G1
+# elementwise adds q d_k d: 2k/q = 1/4 of G1 at the paper's sizes (T1-2: 50M vs 201M).
+_KV8_OVER_G1 = 2 * PAPER_MOE["n_kv_heads"] / PAPER_MOE["n_heads"]
 
 _VARIANT_LIST = [
-    Variant("baseline", paper="T1-1", paper_ppl=6.026, paper_first_token_attn=0.467,
-            paper_max_activation=1053, description="GQA softmax attention, no gate"),
+    Variant("baseline", paper="T1-1", paper_ppl=6.026, paper_added_m=0,
+            paper_first_token_attn=0.467, paper_max_activation=1053,
+            description="GQA softmax attention, no gate"),
     Variant("baseline_kv8", kv_heads_factor=2.0, paper="T1-2", paper_ppl=5.979,
-            description="parameter-matched: twice the KV heads (paper: k=4 -> 8)"),
+            paper_added_m=50, budget_of="baseline_kv8",
+            description="parameter-matched: twice the KV heads (paper: k=4 -> 8, 1/4 of G1's "
+                        "added parameters; with 2:1 GQA this is full multi-head attention and "
+                        "adds as much as G1: baseline_ffn_kv8params keeps the paper's 1/4)"),
     Variant("baseline_q48", q_heads_factor=1.5, paper="T1-3", paper_ppl=5.953,
-            description="parameter-matched: 1.5x the query heads (paper: q=32 -> 48)"),
-    Variant("baseline_add4experts", model={"moe_extra_experts": 4}, paper="T1-4", paper_ppl=5.964,
-            needs="moe", description="parameter-matched: 4 more total and activated experts"),
+            paper_added_m=201, budget_of="baseline_q48",
+            description="parameter-matched: 1.5x the query heads, Q and O grow (paper: q=32 -> 48, "
+                        "as many added parameters as G1 elementwise, at every preset too)"),
+    Variant("baseline_add4experts", model={"moe_extra_experts": 4}, paper="T1-4",
+            paper_ppl=5.964, paper_added_m=400, budget_of="baseline_add4experts", needs="moe",
+            description="parameter-matched: 4 more total and activated experts"),
+    Variant("baseline_ffn_g1params", model={_WIDEN: 1.0}, paper="T2", budget_of="baseline_q48",
+            needs="dense",
+            description="parameter-matched: the FFN widened by G1 elementwise's added parameters "
+                        "(the paper matches its dense models through the FFN width, Table 2; "
+                        "q=48's budget, T1-3)"),
+    Variant("baseline_ffn_kv8params", model={_WIDEN: _KV8_OVER_G1}, paper="T2",
+            budget_of="baseline_kv8", needs="dense",
+            description="parameter-matched: the FFN widened by 1/4 of G1 elementwise's added "
+                        "parameters, the paper's kv=8 budget (T1-2), which no KV head count "
+                        "reaches with 2:1 GQA"),
     Variant("sdpa_elementwise_sigmoid_mul", _G(), paper="T1-5", paper_ppl=5.761,
-            paper_gate_mean=0.116, paper_first_token_attn=0.048, paper_max_activation=94,
+            paper_added_m=201, paper_gate_mean=0.116, paper_first_token_attn=0.048,
+            paper_max_activation=94,
             description="G1: Y' = Y * sigmoid(X W), one score per head and element"),
     Variant("value_elementwise_sigmoid_mul", _G(position="value"), paper="T1-6", paper_ppl=5.820,
-            paper_gate_mean=0.221, paper_first_token_attn=0.297, paper_max_activation=125,
-            description="G2: gate on V after its projection"),
+            paper_added_m=25, paper_gate_mean=0.221, paper_first_token_attn=0.297,
+            paper_max_activation=125, description="G2: gate on V after its projection"),
     Variant("key_elementwise_sigmoid_mul", _G(position="key"), paper="T1-7", paper_ppl=6.016,
-            description="G3: gate on K after its projection"),
+            paper_added_m=25, description="G3: gate on K after its projection"),
     Variant("query_elementwise_sigmoid_mul", _G(position="query"), paper="T1-8", paper_ppl=5.981,
-            description="G4: gate on Q after its projection"),
+            paper_added_m=201, description="G4: gate on Q after its projection"),
     Variant("denseout_elementwise_sigmoid_mul", _G(position="dense_out"), paper="T1-9",
-            paper_ppl=6.017, description="G5: gate on the W_o output, before the residual add"),
+            paper_ppl=6.017, paper_added_m=100,
+            description="G5: gate on the W_o output, before the residual add"),
     Variant("sdpa_headwise_sigmoid_mul", _G(granularity="headwise"), paper="T1-10",
-            paper_ppl=5.792, paper_gate_mean=0.172, paper_first_token_attn=0.073,
-            paper_max_activation=98, description="G1: one scalar per query head"),
+            paper_ppl=5.792, paper_added_m=1.6, paper_gate_mean=0.172,
+            paper_first_token_attn=0.073, paper_max_activation=98,
+            description="G1: one scalar per query head"),
     Variant("value_headwise_sigmoid_mul", _G(position="value", granularity="headwise"),
-            paper="T1-11", paper_ppl=5.808, description="G2: one scalar per KV head"),
+            paper="T1-11", paper_ppl=5.808, paper_added_m=0.2,
+            description="G2: one scalar per KV head"),
     Variant("sdpa_elementwise_headshared_sigmoid_mul", _G(sharing="head_shared"), paper="T1-12",
-            paper_ppl=5.801, paper_gate_mean=0.271, paper_first_token_attn=0.301,
-            paper_max_activation=286, description="G1: scores averaged over heads"),
+            paper_ppl=5.801, paper_added_m=201, paper_gate_mean=0.271,
+            paper_first_token_attn=0.301, paper_max_activation=286,
+            description="G1: scores averaged over heads"),
     Variant("value_elementwise_headshared_sigmoid_mul", _G(position="value", sharing="head_shared"),
-            paper="T1-13", paper_ppl=5.867, description="G2: scores averaged over KV heads"),
+            paper="T1-13", paper_ppl=5.867, paper_added_m=25,
+            description="G2: scores averaged over KV heads"),
     Variant("sdpa_elementwise_silu_add", _G(form="additive", activation="silu"), paper="T1-14",
-            paper_ppl=5.821, description="G1 additive: Y' = Y + SiLU(X W)"),
+            paper_ppl=5.821, paper_added_m=201, description="G1 additive: Y' = Y + SiLU(X W)"),
     Variant("sdpa_elementwise_silu_mul", _G(activation="silu"), paper="T1-15", paper_ppl=5.822,
-            description="G1: Y' = Y * SiLU(X W)"),
+            paper_added_m=201, description="G1: Y' = Y * SiLU(X W)"),
     Variant("sdpa_perhead_rmsnorm", model={"sdpa_transform": "rmsnorm"}, paper="T3-5",
             paper_ppl=5.847, description="control: RMSNorm on each head's SDPA output"),
     Variant("sdpa_silu_noparam", model={"sdpa_transform": "silu"}, paper="T3-6", paper_ppl=5.975,
@@ -271,20 +339,21 @@ _VARIANT_LIST = [
             paper="T3-7", paper_ppl=5.882, description="control: Y' = Y + X W at G1"),
     Variant("sdpa_input_independent_sigmoid_mul", _G(input_dependent=False), paper="T4-6",
             paper_ppl=5.917, paper_gate_mean=0.335, paper_first_token_attn=0.364,
-            paper_max_activation=471, description="G1: Y' = Y * sigmoid(b), b zero-initialised"),
+            paper_max_activation=471,
+            description="G1: Y' = Y * sigmoid(b), b zero-initialised and not weight-decayed "
+                        "(decay would pull the gate to 0.5; train.gate_constant_decay)"),
     Variant("sdpa_elementwise_nssigmoid_mul", _G(activation="ns_sigmoid"), paper="T4-7",
             paper_ppl=5.900, paper_gate_mean=0.653, paper_first_token_attn=0.451,
             paper_max_activation=892, description="G1: Y' = Y * (0.5 + 0.5 sigmoid(X W))"),
-    Variant("switchhead_kv_8top8", model={_SWITCH: "kv:8:8"}, paper="T6-2", paper_ppl=5.847,
-            description="sigmoid-routed K and V projection experts, 8 experts, top-8"),
-    Variant("switchhead_kv_4top4", model={_SWITCH: "kv:4:4"}, paper="T6-3", paper_ppl=5.935,
-            description="sigmoid-routed K and V projection experts, 4 experts, top-4"),
-    Variant("switchhead_v_4top4", model={_SWITCH: "v:4:4"}, paper="T6-4", paper_ppl=5.820,
-            description="sigmoid-routed V projection experts, 4 experts, top-4"),
-    Variant("switchhead_v_8top2", model={_SWITCH: "v:8:2"}, paper="T6-5", paper_ppl=5.870,
-            description="sigmoid-routed V projection experts, 8 experts, top-2"),
+    Variant("switchhead_kv_8top8", **_switch_head("kv", 8, 8, 38), paper="T6-2", paper_ppl=5.847),
+    Variant("switchhead_kv_4top4", **_switch_head("kv", 4, 4, 13), paper="T6-3", paper_ppl=5.935),
+    Variant("switchhead_v_4top4", **_switch_head("v", 4, 4, 13), paper="T6-4", paper_ppl=5.820),
+    Variant("switchhead_v_8top2", **_switch_head("v", 8, 2, 25), paper="T6-5", paper_ppl=5.870),
     Variant("switchhead_v_1top1", model={_SWITCH: "v:1:1"}, paper="T6-6", paper_ppl=5.808,
-            description="one V expert, top-1: the same function as value_headwise_sigmoid_mul"),
+            paper_added_m=3,
+            description="one full-rank V expert, top-1: the same function as "
+                        "value_headwise_sigmoid_mul (adds its router only, not Table 6's "
+                        "unexplained 3M)"),
     Variant("baseline_sandwich_norm", model={"sandwich_norm": True}, paper="T2-7",
             paper_ppl=7.407, paper_baseline_ppl=9.195,
             description="control: RMSNorm on attention and FFN outputs before the residual add"),

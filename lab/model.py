@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lab.config import ModelConfig, parse_switch_head
+from lab.config import ModelConfig, parse_switch_head, switch_expert_rank
 from lab.gates import apply_gate, gate_logit_width, gate_score_shape, gate_scores, gated_heads_and_width
 
 Probe = Callable[[int, str, torch.Tensor], None]
@@ -118,22 +118,48 @@ class SwitchProjection(nn.Module):
     scores them, each token keeps its top-k and sums the selected experts weighted by their
     scores. With E = 1 and k = 1 this is sigmoid(X w) * (X W_v): the value headwise gate.
     Experts are few (<= 8), so all are computed in one matmul and the unselected masked out.
+
+    `rank` r makes every expert low-rank, d_model -> r -> D (`experts_down`, `experts_up`),
+    so a variant adds the paper's share of the projection (lab/config.py
+    `switch_expert_rank`); None keeps full-rank experts (`experts_proj`).
     """
 
-    def __init__(self, d_model: int, kv_heads: int, head_dim: int, experts: int, top_k: int):
+    def __init__(self, d_model: int, kv_heads: int, head_dim: int, experts: int, top_k: int,
+                 rank: int | None = None, init_std: float = 0.02):
         super().__init__()
         self.kv_heads, self.head_dim, self.experts, self.top_k = kv_heads, head_dim, experts, top_k
-        self.experts_proj = nn.Linear(d_model, kv_heads * experts * head_dim, bias=False)
+        self.rank = rank
+        if rank is None:
+            self.experts_proj = nn.Linear(d_model, kv_heads * experts * head_dim, bias=False)
+        else:
+            self.experts_down = nn.Linear(d_model, kv_heads * experts * rank, bias=False)
+            self.experts_up = nn.Parameter(torch.empty(kv_heads, experts, rank, head_dim))
+            self.init_factors(init_std)
         self.router = nn.Linear(d_model, kv_heads * experts, bias=False)
+
+    def init_factors(self, init_std: float) -> None:
+        """Both low-rank factors from normal(0, s), s = (init_std^2 / r)^(1/4): the product
+        A B then starts with a full-rank projection's entry scale (r s^4 = init_std^2), and
+        neither factor is far smaller than the other (drawing A like every Linear, at
+        init_std, and B at 1/sqrt(r) learned markedly slower at `tiny`'s rank 2)."""
+        if self.rank is None or self.experts_up.is_meta:
+            return
+        std = (init_std ** 2 / self.rank) ** 0.25
+        nn.init.normal_(self.experts_down.weight, std=std)
+        nn.init.normal_(self.experts_up, std=std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        values = self.experts_proj(x).view(B, T, self.kv_heads, self.experts, self.head_dim)
         scores = torch.sigmoid(self.router(x)).view(B, T, self.kv_heads, self.experts)
         if self.top_k < self.experts:
             kept = scores.topk(self.top_k, dim=-1).indices
             scores = scores * torch.zeros_like(scores).scatter_(-1, kept, 1.0)
-        return (values * scores[..., None]).sum(dim=-2)  # (B, T, G, D)
+        if self.rank is None:
+            values = self.experts_proj(x).view(B, T, self.kv_heads, self.experts, self.head_dim)
+            return (values * scores[..., None]).sum(dim=-2)  # (B, T, G, D)
+        # Weight the rank-r codes before the up-projection: one einsum sums the experts.
+        codes = self.experts_down(x).view(B, T, self.kv_heads, self.experts, self.rank)
+        return torch.einsum("btger,gerd->btgd", codes * scores[..., None], self.experts_up)
 
 
 class Attention(nn.Module):
@@ -149,9 +175,11 @@ class Attention(nn.Module):
         if cfg.switch_head is not None:
             target, experts, top_k = parse_switch_head(cfg.switch_head)
             self.switch = target
-            self.v_experts = SwitchProjection(cfg.d_model, cfg.n_kv_heads, cfg.head_dim, experts, top_k)
+            sizes = (cfg.d_model, cfg.n_kv_heads, cfg.head_dim, experts, top_k,
+                     switch_expert_rank(cfg), cfg.init_std)
+            self.v_experts = SwitchProjection(*sizes)
             if target == "kv":
-                self.k_experts = SwitchProjection(cfg.d_model, cfg.n_kv_heads, cfg.head_dim, experts, top_k)
+                self.k_experts = SwitchProjection(*sizes)
         k_in_proj = 0 if self.switch == "kv" else kv_width
         v_in_proj = 0 if self.switch else kv_width
 
@@ -288,7 +316,7 @@ class Block(nn.Module):
             from lab.moe import MoEFeedForward  # only MoE presets need it
             self.ffn = MoEFeedForward(cfg)
         else:
-            self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+            self.ffn = SwiGLU(cfg.d_model, cfg.ffn_width)
         self.sandwich = cfg.sandwich_norm
         if cfg.sandwich_norm:  # Ding et al. 2021; dense Table 2 row 7
             self.attn_out_norm = nn.RMSNorm(cfg.d_model, eps=cfg.rms_eps)
@@ -339,6 +367,8 @@ class Decoder(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, SwitchProjection):  # after its Linears (apply visits them first)
+            module.init_factors(self.cfg.init_std)
 
     def _scale_residual_writes(self, block: "Block") -> None:
         scale = self.cfg.residual_init_scale

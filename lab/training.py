@@ -8,12 +8,13 @@ live in callbacks (lab/callbacks.py); the Trainer runs the loop.
 from __future__ import annotations
 
 import math
+import re
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lab.config import RunConfig
+from lab.config import RunConfig, TrainConfig
 from lab.data import TokenStore, WindowSampler, eval_windows
 from lab.model import Decoder
 
@@ -35,13 +36,30 @@ def accumulation(config: RunConfig) -> int:
     return config.train.batch_size // (config.train.micro_batch * config.train.devices)
 
 
-def adamw(parameters, config: RunConfig, fused: bool) -> torch.optim.AdamW:
-    """The lab's optimizer (also the bench's bare loop's). Weight decay on matrices only
-    (embeddings included), not on norms, biases or gate vectors."""
+# Parameters kept out of weight decay, by name: norm gains and biases (nanoGPT's
+# `configure_optimizers` rule, written by name so a 2-D tensor that is not a matrix, such as
+# the input-independent gate's b, is not decayed for its rank alone).
+_NO_DECAY = re.compile(r"(^|\.)\w*norm\.weight$|\.(\w+_)?bias$")  # `.bias`, `.gate_bias`
+GATE_CONSTANT = re.compile(r"(^|\.)gate_constant$")  # Table 4 row 6's b (lab/model.py)
+
+
+def decays(name: str, train: TrainConfig) -> bool:
+    """Whether the parameter called `name` (as `named_parameters` spells it) is weight-decayed:
+    matrices and embeddings are (gate logit weights too: they are rows of the fused input
+    projection), norm gains and biases (the gate bias included) are not, and the
+    input-independent gate's b is as `train.gate_constant_decay` says (default: not)."""
+    if GATE_CONSTANT.search(name):
+        return train.gate_constant_decay
+    return not _NO_DECAY.search(name)
+
+
+def adamw(named_parameters, config: RunConfig, fused: bool) -> torch.optim.AdamW:
+    """The lab's optimizer (also the bench's bare loop's), from `named_parameters()`: two
+    groups, decayed and not (`decays`), frozen parameters left out."""
     t = config.train
-    params = [p for p in parameters if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    params = [(name, p) for name, p in named_parameters if p.requires_grad]
+    groups = [{"params": [p for name, p in params if decays(name, t)], "weight_decay": t.weight_decay},
+              {"params": [p for name, p in params if not decays(name, t)], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
                              fused=fused or None)
 
@@ -142,7 +160,7 @@ class LanguageModel(L.LightningModule):
     def configure_optimizers(self):
         t = self.config.train
         fused = torch.cuda.is_available() and self.device.type == "cuda"
-        optimizer = adamw(self.parameters(), self.config, fused)
+        optimizer = adamw(self.named_parameters(), self.config, fused)
         warmup = int(t.warmup_fraction * self.max_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_lambda(step, self.max_steps, warmup, t.min_lr_ratio))

@@ -5,18 +5,56 @@ parameters it adds over the baseline at the chosen preset (counted on the meta d
 so even `xl` costs no memory), the paper's table and row, and the paper's delta-PPL
 where it reports one. A variant that cannot be built at the preset (the MoE-only
 `baseline_add4experts` at a dense preset) is listed as unavailable with the reason.
+
+Two kinds of row also carry a `budget`, their added parameters set beside the paper's on a
+scale both share (absolute counts are 1000x apart): a Switch Head variant as a multiple of
+the projections its experts replace (K+V or V), a parameter-matched baseline as a multiple
+of what the G1 elementwise and headwise gates add; `ratio_to_paper` is ours over the paper's
+(1.0: the paper's budget at our size). docs/paper-notes.md states the rules.
 """
 
 from __future__ import annotations
 
 import json
 
-from lab.config import PRESETS, resolve
+from lab.config import PRESETS, RunConfig, parse_switch_head, resolve, switch_expert_rank
 from lab.errors import LabError, check_choice
-from lab.gates import PAPER_POSITION_NAMES, VARIANTS, Variant, custom_variant, parse_gate
+from lab.gates import (PAPER_POSITION_NAMES, VARIANTS, Variant, custom_variant, parse_gate,
+                       paper_switch_fraction, projection_params)
+
+# What the parameter-matched baselines are measured against (Table 1 rows 5 and 10).
+G1_REFERENCES = {"g1_elementwise": "sdpa_elementwise_sigmoid_mul",
+                 "g1_headwise": "sdpa_headwise_sigmoid_mul"}
 
 
-def describe_variant(variant: Variant, preset: str) -> dict:
+def switch_budget(variant: Variant, config: RunConfig, added: int) -> dict:
+    """Added parameters over the projections the experts replace, ours and Table 6's."""
+    m = config.model
+    target, _, _ = parse_switch_head(m.switch_head)
+    replaced = projection_params(target, m.d_model, m.n_kv_heads, m.head_dim, m.n_layers)
+    paper = paper_switch_fraction(target, variant.paper_added_m)
+    return {"replaced": "K+V" if target == "kv" else "V", "replaced_params": replaced,
+            "expert_rank": switch_expert_rank(m), "added_over_replaced": round(added / replaced, 4),
+            "paper_added_over_replaced": paper, "ratio_to_paper": round(added / replaced / paper, 3)}
+
+
+def matched_budget(variant: Variant, added: int, g1_added: dict[str, int]) -> dict:
+    """Added parameters over the G1 gates', ours and the paper's (of the control it matches)."""
+    paper_of = VARIANTS[variant.budget_of]
+    budget = {"matches_paper": variant.budget_of}
+    for name, slug in G1_REFERENCES.items():
+        ours = added / g1_added[name]
+        paper = paper_of.paper_added_m / VARIANTS[slug].paper_added_m
+        budget.update({f"{name}_added": g1_added[name], f"added_over_{name}": round(ours, 4),
+                       f"paper_added_over_{name}": round(paper, 4),
+                       f"ratio_to_paper_{name}": round(ours / paper, 3)})
+    budget["ratio_to_paper"] = budget["ratio_to_paper_g1_elementwise"]
+    return budget
+
+
+def describe_variant(variant: Variant, preset: str, g1_added: dict[str, int] | None = None) -> dict:
+    """One row; `g1_added` (G1 references' added parameters at the preset) for matched
+    baselines' budgets."""
     from lab.run import count_params
 
     row = {"slug": variant.slug, "axes": variant.gate.axes() if variant.gate else None,
@@ -28,20 +66,32 @@ def describe_variant(variant: Variant, preset: str) -> dict:
            "paper_first_token_attn": variant.paper_first_token_attn,
            "paper_max_activation": variant.paper_max_activation,
            "description": variant.description, "needs": variant.needs, "preset": preset,
+           "paper_added_m": variant.paper_added_m, "budget_of": variant.budget_of,
            "available": True, "unavailable_reason": None,
-           "params_total": None, "params_added": None}
+           "params_total": None, "params_added": None, "budget": None}
     try:
-        counts = count_params(resolve(variant, preset))
-        row["params_total"], row["params_added"] = counts["total"], counts["added"]
+        config = resolve(variant, preset)
     except LabError as err:  # e.g. the MoE-only variant at a dense preset
         row["available"], row["unavailable_reason"] = False, str(err)
+        return row
+    counts = count_params(config)
+    row["params_total"], row["params_added"] = counts["total"], counts["added"]
+    if config.model.switch_head is not None and variant.paper_added_m is not None:
+        row["budget"] = switch_budget(variant, config, counts["added"])
+    elif variant.budget_of is not None:
+        row["budget"] = matched_budget(variant, counts["added"], g1_added)
     return row
 
 
 def describe_variants(preset: str, gate: str | None = None) -> list[dict]:
+    from lab.run import count_params
+
     check_choice("preset", preset, tuple(PRESETS))
-    variants = [custom_variant(parse_gate(gate))] if gate else list(VARIANTS.values())
-    return [describe_variant(variant, preset) for variant in variants]
+    if gate:
+        return [describe_variant(custom_variant(parse_gate(gate)), preset)]
+    g1_added = {name: count_params(resolve(slug, preset))["added"]
+                for name, slug in G1_REFERENCES.items()}
+    return [describe_variant(variant, preset, g1_added) for variant in VARIANTS.values()]
 
 
 def _what(row: dict) -> str:
@@ -59,14 +109,29 @@ def _what(row: dict) -> str:
     return " + ".join(parts) or "-"
 
 
+def _budget(row: dict) -> str:
+    """'K+V 0.729x (paper 0.755x) r11' or 'G1 1.00x (0.25x) G1hw 64x (31x)': ours (paper's)."""
+    b = row["budget"]
+    if b is None:
+        return ""
+    if "replaced" in b:
+        return (f"{b['replaced']} {b['added_over_replaced']:.3f}x ({b['paper_added_over_replaced']:.3f}x)"
+                + (f" r{b['expert_rank']}" if b["expert_rank"] else ""))
+    return (f"G1 {b['added_over_g1_elementwise']:.2f}x ({b['paper_added_over_g1_elementwise']:.2f}x) "
+            f"G1hw {b['added_over_g1_headwise']:.0f}x ({b['paper_added_over_g1_headwise']:.0f}x)")
+
+
 def format_table(rows: list[dict]) -> str:
     preset = rows[0]["preset"] if rows else ""
-    lines = [f"{'slug':44} {'paper':9} {'paper dPPL':>10} {'added @' + preset:>14}  axes / changes"]
+    lines = [f"{'slug':44} {'paper':9} {'paper dPPL':>10} {'added @' + preset:>14} "
+             f"{'paper':>6}  {'budget: ours (paper)':36}  axes / changes"]
     for r in rows:
         added = f"{r['params_added']:,}" if r["available"] else "n/a"
         delta = "" if r["paper_delta_ppl"] is None else f"{r['paper_delta_ppl']:+.3f}"
+        paper_added = "" if r["paper_added_m"] is None else f"{r['paper_added_m']:g}M"
         note = "" if r["available"] else f"  [{r['unavailable_reason']}]"
-        lines.append(f"{r['slug']:44} {r['paper']:9} {delta:>10} {added:>14}  {_what(r)}{note}")
+        lines.append(f"{r['slug']:44} {r['paper']:9} {delta:>10} {added:>14} {paper_added:>6}  "
+                     f"{_budget(r):36}  {_what(r)}{note}")
     return "\n".join(lines)
 
 

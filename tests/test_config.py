@@ -68,3 +68,27 @@ def test_auto_precision_is_bf16_on_gpu_and_float32_on_cpu():
 def test_non_negative_integer_fields_refuse_negatives_with_one_message(override, field):
     with pytest.raises(LabError, match=f"^{field}: must be a non-negative integer, got -"):
         resolve("baseline", "tiny", [override])
+
+
+def identity_before_issue_24(config) -> str:
+    """The identity a store recorded before issue 24's fields existed."""
+    raw = config.to_dict()
+    raw["train"] = {k: v for k, v in raw["train"].items() if k not in ANALYSIS_FIELDS}
+    for section, name in LATER_FIELDS:
+        raw[section].pop(name)
+    raw["train"]["compile"] = False  # what "auto" was recorded as
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def test_issue_24_changes_the_identity_of_exactly_the_cells_it_retrains():
+    unchanged = ["baseline", "sdpa_elementwise_sigmoid_mul", "baseline_kv8", "switchhead_v_1top1"]
+    for slug in unchanged:
+        config = resolve(slug, "small")
+        assert config.hash() == identity_before_issue_24(config), slug
+    # b is no longer decayed, the Switch Head experts are low-rank: stored cells are stale.
+    for slug in ["sdpa_input_independent_sigmoid_mul", "switchhead_kv_8top8", "switchhead_v_8top2"]:
+        config = resolve(slug, "small")
+        assert config.hash() != identity_before_issue_24(config), slug
+    constant = "sdpa_input_independent_sigmoid_mul"
+    assert resolve(constant, "small").hash() != \
+        resolve(constant, "small", ["train.gate_constant_decay=true"]).hash()

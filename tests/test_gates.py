@@ -30,7 +30,9 @@ PAPER_MOE = dict(d_model=2048, n_heads=32, n_kv_heads=4, head_dim=128, layers=24
 def test_registry_has_every_spec_slug():
     assert len(SPEC_SLUGS) == 27 == len(set(SPEC_SLUGS))
     assert set(SPEC_SLUGS) <= set(VARIANTS)
-    assert set(VARIANTS) - set(SPEC_SLUGS) == {"switchhead_v_1top1"}  # Table 6 row 6
+    # Table 6 row 6, and the FFN-widened parameter-matched baselines (issue 24)
+    assert set(VARIANTS) - set(SPEC_SLUGS) == {"switchhead_v_1top1", "baseline_ffn_g1params",
+                                               "baseline_ffn_kv8params"}
 
 
 @pytest.mark.parametrize("slug", list(VARIANTS))
@@ -184,3 +186,37 @@ def test_gate_parameter_formulas_at_paper_sizes_exactly():
     assert per_layer(position="dense_out") == d * d
     assert per_layer(input_dependent=False) == q * dk  # Table 4 row 6: b in R^{q x d_k}
     assert per_layer(bias=True) == d * q * dk + q * dk
+
+
+# --- the budgets of Switch Head and the parameter-matched baselines (issue 24) -----------------
+
+def test_paper_switch_fractions_are_table_6_over_the_replaced_projections():
+    from lab.gates import paper_switch_fraction, projection_params
+
+    p = PAPER_MOE
+    kv = projection_params("kv", p["d_model"], p["n_kv_heads"], p["head_dim"], p["layers"])
+    assert kv == 2 * 2048 * 4 * 128 * 24 == 2 * projection_params("v", 2048, 4, 128, 24)
+    assert paper_switch_fraction("kv", 38) == pytest.approx(38e6 / 50_331_648, abs=1e-3)  # 0.755
+    assert paper_switch_fraction("kv", 13) == pytest.approx(0.258, abs=1e-3)
+    assert paper_switch_fraction("v", 13) == pytest.approx(0.517, abs=1e-3)
+    assert paper_switch_fraction("v", 25) == pytest.approx(0.993, abs=1e-3)
+    for slug, added in [("switchhead_kv_8top8", 38), ("switchhead_kv_4top4", 13),
+                        ("switchhead_v_4top4", 13), ("switchhead_v_8top2", 25)]:
+        variant = get_variant(slug)
+        target = variant.model["switch_head"].split(":")[0]
+        assert variant.paper_added_m == added
+        assert variant.model["switch_head_added_fraction"] == paper_switch_fraction(target, added)
+    # The value headwise gate's twin keeps full-rank experts: no budget fraction.
+    assert "switch_head_added_fraction" not in get_variant("switchhead_v_1top1").model
+
+
+def test_matched_baselines_name_the_paper_control_whose_budget_they_keep():
+    matched = {slug: v.budget_of for slug, v in VARIANTS.items() if v.budget_of}
+    assert matched == {"baseline_kv8": "baseline_kv8", "baseline_q48": "baseline_q48",
+                       "baseline_add4experts": "baseline_add4experts",
+                       "baseline_ffn_g1params": "baseline_q48",
+                       "baseline_ffn_kv8params": "baseline_kv8"}
+    # kv=8 adds 2 k d_k d per layer, 1/4 of G1's q d_k d at the paper's sizes (50M vs 201M).
+    assert get_variant("baseline_ffn_kv8params").model["ffn_widen_g1_fraction"] == 0.25
+    assert get_variant("baseline_ffn_g1params").model["ffn_widen_g1_fraction"] == 1.0
+    assert get_variant("baseline_ffn_g1params").paper_row is None  # Table 2's method, no row

@@ -8,14 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from lab.callbacks import GateInsertion
-from lab.config import PRESETS, ModelConfig, parse_switch_head, resolve
+from lab.config import PRESETS, ModelConfig, parse_switch_head, resolve, switch_expert_rank
 from lab.data import generate_synthetic
+from lab.errors import LabError
 from lab.gates import VARIANTS, GateSpec, custom_variant
 from lab.model import (Decoder, RotaryEmbedding, SwitchProjection, apply_rotary,
                        count_parameters)
 from lab.run import count_params
 
-DENSE_VARIANTS = [slug for slug, v in VARIANTS.items() if v.needs is None]
+DENSE_VARIANTS = [slug for slug, v in VARIANTS.items() if v.needs != "moe"]
 G1_TO_G5 = ["sdpa", "value", "key", "query", "dense_out"]
 _TINY = PRESETS["tiny"]["model"]
 H, G, D, C = _TINY["n_heads"], _TINY["n_kv_heads"], _TINY["head_dim"], _TINY["d_model"]
@@ -87,9 +88,16 @@ def paper_added(slug: str, m: ModelConfig) -> int:
     variant = VARIANTS[slug]
     if "switch_head" in variant.model:
         target, experts, _ = parse_switch_head(variant.model["switch_head"])
-        # Per projection: E experts of d -> kv*hd and a router d -> kv*E, replacing d -> kv*hd.
-        per_projection = d * kv * experts * hd + d * kv * experts - d * kv * hd
+        rank = switch_expert_rank(resolve(slug, m_preset(m)).model)
+        # Per projection: E experts of d -> kv*hd (or d -> r -> hd per KV head when low-rank)
+        # and a router d -> kv*E, replacing d -> kv*hd.
+        experts_params = d * kv * experts * hd if rank is None else kv * experts * rank * (d + hd)
+        per_projection = experts_params + d * kv * experts - d * kv * hd
         return L * per_projection * (2 if target == "kv" else 1)
+    if "ffn_widen_g1_fraction" in variant.model:
+        # SwiGLU: 3 d parameters per hidden unit; f x G1 (L d q hd) in whole units.
+        units = round(variant.model["ffn_widen_g1_fraction"] * q * hd / 3)
+        return L * 3 * d * units
     formulas = {
         "baseline": 0,
         "baseline_kv8": L * 2 * d * (kv * hd),               # K and V of kv extra heads (T1-2)
@@ -115,6 +123,11 @@ def paper_added(slug: str, m: ModelConfig) -> int:
         "sdpa_gate_added_in_continued_training": L * d * (q * hd),
     }
     return formulas[slug]
+
+
+def m_preset(m: ModelConfig) -> str:
+    """The dense preset whose baseline has these sizes."""
+    return next(name for name in DENSE_PRESETS if resolve("baseline", name).model == m)
 
 
 DENSE_PRESETS = [name for name, p in PRESETS.items() if p["model"].get("ffn", "dense") == "dense"]
@@ -158,6 +171,53 @@ def test_parameter_matched_baselines_scale_heads_in_the_paper_ratios():
     base = model_config("baseline", "small")
     assert model_config("baseline_kv8", "small").n_kv_heads == 2 * base.n_kv_heads  # k 4 -> 8
     assert model_config("baseline_q48", "small").n_heads * 2 == 3 * base.n_heads    # q 32 -> 48
+
+
+@pytest.mark.parametrize("preset", DENSE_PRESETS)
+def test_ffn_widened_baselines_add_their_share_of_g1_in_whole_units(preset):
+    m = model_config("baseline", preset)
+    g1 = count_params(resolve("sdpa_elementwise_sigmoid_mul", preset))["added"]
+    for slug, fraction in [("baseline_ffn_g1params", 1.0), ("baseline_ffn_kv8params", 0.25)]:
+        widened = model_config(slug, preset)
+        assert widened.ffn_hidden == m.ffn_hidden  # the preset's field; the width grows
+        added = count_params(resolve(slug, preset))["added"]
+        # Within half a hidden unit (3 d parameters per layer) of f x G1.
+        assert abs(added - fraction * g1) <= m.n_layers * 3 * m.d_model / 2, slug
+    with pytest.raises(LabError, match="needs a dense preset"):
+        resolve("baseline_ffn_g1params", "moe-tiny")
+
+
+@pytest.mark.parametrize("preset", DENSE_PRESETS)
+def test_switch_head_experts_add_the_papers_share_of_their_projections(preset):
+    """Issue 24: within one rank step of Table 6's fraction of the replaced K+V or V."""
+    from lab.gates import paper_switch_fraction, projection_params
+
+    for slug, variant in VARIANTS.items():
+        if "switch_head_added_fraction" not in variant.model:
+            continue
+        config = resolve(slug, preset)
+        m = config.model
+        target, experts, _ = parse_switch_head(m.switch_head)
+        replaced = projection_params(target, m.d_model, m.n_kv_heads, m.head_dim, m.n_layers)
+        rank = switch_expert_rank(m)
+        step = (2 if target == "kv" else 1) * m.n_layers * m.n_kv_heads * experts * (m.d_model + m.head_dim)
+        added = count_params(config)["added"]
+        assert 1 <= rank <= m.head_dim
+        assert abs(added - paper_switch_fraction(target, variant.paper_added_m) * replaced) <= step / 2, slug
+    # switchhead_v_1top1 keeps full-rank experts: the value headwise gate's parameters.
+    assert count_params(resolve("switchhead_v_1top1", preset))["added"] == \
+        count_params(resolve("value_headwise_sigmoid_mul", preset))["added"]
+
+
+def test_switch_head_added_fraction_is_checked_before_training():
+    with pytest.raises(LabError, match="needs Switch Head experts"):
+        resolve("baseline", "tiny", ["model.switch_head_added_fraction=0.5"])
+    with pytest.raises(LabError, match="the rank must lie in 1..16"):
+        resolve("switchhead_kv_8top8", "tiny", ["model.switch_head_added_fraction=20"])
+    with pytest.raises(LabError, match="switch_head_added_fraction: must be a positive number"):
+        resolve("switchhead_kv_8top8", "tiny", ["model.switch_head_added_fraction=-1"])
+    with pytest.raises(LabError, match="ffn_widen_g1_fraction: must be a positive number"):
+        resolve("baseline", "tiny", ["model.ffn_widen_g1_fraction=-0.5"])
 
 
 # --- a gate of 1 equals no gate (G1..G5) -------------------------------------------------------
@@ -341,19 +401,48 @@ def test_switch_v_1top1_equals_the_value_headwise_gate_with_mapped_weights():
         torch.testing.assert_close(switch(tokens()), headwise(tokens()), rtol=1e-5, atol=1e-5)
 
 
+def top_k_sum(switch: SwitchProjection, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Every expert's output `values` (B, T, G, E, D), summed the long way over each token's
+    top-k experts, weighted by their sigmoid router scores."""
+    B, T, G, E, D = values.shape
+    scores = torch.sigmoid(switch.router(x)).view(B, T, G, E)
+    top = scores.topk(switch.top_k, dim=-1)
+    expected = torch.zeros(B, T, G, D)
+    for slot in range(switch.top_k):
+        index = top.indices[..., slot]
+        chosen = values.gather(3, index[..., None, None].expand(B, T, G, 1, D)).squeeze(3)
+        expected += top.values[..., slot, None] * chosen
+    return expected
+
+
 def test_switch_projection_sums_the_top_k_experts_weighted_by_sigmoid_scores():
     torch.manual_seed(0)
     switch = SwitchProjection(d_model=8, kv_heads=2, head_dim=4, experts=4, top_k=2)
     x = torch.randn(3, 5, 8)
     values = switch.experts_proj(x).view(3, 5, 2, 4, 4)
-    scores = torch.sigmoid(switch.router(x)).view(3, 5, 2, 4)
-    top = scores.topk(2, dim=-1)
-    expected = torch.zeros(3, 5, 2, 4)
-    for slot in range(2):
-        index = top.indices[..., slot]
-        chosen = values.gather(3, index[..., None, None].expand(3, 5, 2, 1, 4)).squeeze(3)
-        expected += top.values[..., slot, None] * chosen
-    torch.testing.assert_close(switch(x), expected)
+    torch.testing.assert_close(switch(x), top_k_sum(switch, x, values))
+
+
+def test_low_rank_switch_projection_sums_the_top_k_low_rank_experts():
+    torch.manual_seed(0)
+    switch = SwitchProjection(d_model=8, kv_heads=2, head_dim=4, experts=4, top_k=2, rank=3)
+    assert not hasattr(switch, "experts_proj")
+    x = torch.randn(3, 5, 8)
+    # Each expert's full d_model x head_dim map, A_e B_e, applied the long way.
+    down = switch.experts_down.weight.view(2, 4, 3, 8)  # (G, E, r, d)
+    full = torch.einsum("gerc,gerd->gecd", down, switch.experts_up)  # (G, E, d, D)
+    values = torch.einsum("btc,gecd->btged", x, full)
+    torch.testing.assert_close(switch(x), top_k_sum(switch, x, values))
+
+
+def test_low_rank_experts_start_at_the_scale_of_a_full_rank_projection():
+    torch.manual_seed(0)
+    model = Decoder(model_config("switchhead_v_4top4", "small"))
+    switch = model.blocks[0].attn.v_experts
+    full = torch.einsum("gerc,gerd->gecd",
+                        switch.experts_down.weight.view(switch.kv_heads, switch.experts, switch.rank, -1),
+                        switch.experts_up)
+    assert full.std().item() == pytest.approx(model.cfg.init_std, rel=0.1)
 
 
 # --- sandwich norm, residual clip, gate insertion -----------------------------------------------

@@ -154,7 +154,74 @@ def test_core_grid_is_the_issue_list_and_resolves():
 def test_paper_grid_has_every_dense_paper_variant_and_resolves():
     grid = load_grid("paper")
     assert len(grid["variants"]) == len(set(grid["variants"]))
-    dense = {slug for slug, v in VARIANTS.items() if v.needs is None}
+    dense = {slug for slug, v in VARIANTS.items() if v.needs != "moe"}
     assert set(grid["variants"]) == dense  # the MoE-only baseline_add4experts is left out
     assert set(SPEC_SLUGS) - set(grid["variants"]) == {"baseline_add4experts"}
+    _resolves(grid)
+
+
+# --- budgets: Switch Head and the parameter-matched baselines against the paper (issue 24) ----
+
+SWITCH_HEADS = [slug for slug, v in VARIANTS.items() if "switch_head" in v.model]
+MATCHED = [slug for slug, v in VARIANTS.items() if v.budget_of]
+
+
+def test_variants_json_gives_every_budget_row_its_added_parameters_and_ratio_to_the_paper(capsys):
+    rows = {r["slug"]: r for r in json.loads(run_cli(capsys, "variants", "--preset", "small",
+                                                     "--json"))}
+    assert len(SWITCH_HEADS) == 5 and len(MATCHED) == 5
+    for slug in SWITCH_HEADS + MATCHED:
+        row = rows[slug]
+        if not row["available"]:  # baseline_add4experts at a dense preset
+            assert slug == "baseline_add4experts" and row["budget"] is None
+            continue
+        assert row["params_added"] > 0 and row["budget"]["ratio_to_paper"] > 0, slug
+    # Switch Head: added over the replaced projections (small: K+V = 6 x 2 x 384 x 192).
+    kv8top8 = rows["switchhead_kv_8top8"]["budget"]
+    assert kv8top8["replaced"] == "K+V" and kv8top8["replaced_params"] == 6 * 2 * 384 * 192
+    assert kv8top8["added_over_replaced"] == pytest.approx(
+        rows["switchhead_kv_8top8"]["params_added"] / kv8top8["replaced_params"], abs=1e-4)
+    assert kv8top8["paper_added_over_replaced"] == pytest.approx(38 / 50.33, abs=1e-3)
+    for slug in SWITCH_HEADS:
+        if slug != "switchhead_v_1top1":  # one rank step of the paper's share at small
+            assert 0.85 < rows[slug]["budget"]["ratio_to_paper"] < 1.15, slug
+    # v 1top1 stays the value headwise gate: its router only, not Table 6's unexplained 3M.
+    assert rows["switchhead_v_1top1"]["params_added"] == rows["value_headwise_sigmoid_mul"]["params_added"]
+    # Matched baselines: against G1 elementwise's and headwise's added parameters.
+    g1 = rows["sdpa_elementwise_sigmoid_mul"]["params_added"]
+    budgets = {slug: rows[slug]["budget"] for slug in MATCHED if rows[slug]["available"]}
+    assert all(b["g1_elementwise_added"] == g1 for b in budgets.values())
+    assert all(b["g1_headwise_added"] == rows["sdpa_headwise_sigmoid_mul"]["params_added"]
+               for b in budgets.values())
+    assert budgets["baseline_q48"]["ratio_to_paper"] == pytest.approx(1.0)       # Q+O = G1
+    assert budgets["baseline_kv8"]["added_over_g1_elementwise"] == 1.0           # 2:1 GQA -> MHA
+    assert budgets["baseline_kv8"]["paper_added_over_g1_elementwise"] == pytest.approx(50 / 201, abs=1e-4)
+    assert budgets["baseline_kv8"]["ratio_to_paper"] > 3.9                       # the mismatch
+    assert budgets["baseline_ffn_kv8params"]["ratio_to_paper"] == pytest.approx(1.0, abs=0.01)
+    assert budgets["baseline_ffn_g1params"]["ratio_to_paper"] == pytest.approx(1.0, abs=0.01)
+
+
+def test_add4experts_budget_is_given_at_an_moe_preset():
+    rows = {r["slug"]: r for r in describe_variants("moe-tiny")}
+    budget = rows["baseline_add4experts"]["budget"]
+    assert budget["matches_paper"] == "baseline_add4experts"
+    assert budget["paper_added_over_g1_elementwise"] == pytest.approx(400 / 201, abs=1e-3)
+    assert budget["added_over_g1_elementwise"] == pytest.approx(
+        rows["baseline_add4experts"]["params_added"] / rows["sdpa_elementwise_sigmoid_mul"]["params_added"],
+        abs=1e-4)
+
+
+def test_variants_table_shows_the_papers_added_parameters_and_the_budgets(capsys):
+    text = run_cli(capsys, "variants", "--preset", "small")
+    assert "budget: ours (paper)" in text.splitlines()[0]
+    lines = {line.split()[0]: line for line in text.splitlines()[1:]}
+    assert "38M" in lines["switchhead_kv_8top8"].split()
+    assert "K+V 0.729x (0.755x) r11" in lines["switchhead_kv_8top8"]
+    assert "G1 1.00x (0.25x) G1hw 64x (31x)" in lines["baseline_kv8"]
+    assert "G1 0.25x (0.25x)" in lines["baseline_ffn_kv8params"]
+
+
+def test_reproduction_grid_uses_the_matched_baselines_that_keep_the_papers_budget():
+    grid = load_grid("reproduce")
+    assert {"baseline_q48", "baseline_ffn_kv8params"} <= set(grid["variants"])
     _resolves(grid)
