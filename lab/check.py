@@ -189,7 +189,6 @@ def check_variant(variant: str, preset: str, overrides: list[str], device: str, 
     windows = torch.randint(model_config.vocab_size, (batch, model_config.context + 1),
                             generator=generator).to(device)
     inputs, targets = windows[:, :-1], windows[:, 1:]
-    ref_logits, ref_loss, ref_grads = _reference(reference, inputs, targets)
 
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     autocast = (lambda: torch.autocast(device_type=device, dtype=dtype)) if dtype else _no_autocast
@@ -202,7 +201,16 @@ def check_variant(variant: str, preset: str, overrides: list[str], device: str, 
             compile_model(fast, config.train.compile_mode)  # as training compiles it
         _step(fast, inputs, targets, autocast)  # compiles, when compiled
         backend = sdpa_backend_of(lambda: _step(fast, inputs, targets, autocast))
+        routers = _routing_modules(fast)
+        for module in routers:
+            module.routing_record = []
         logits, loss, grads = _step(fast, inputs, targets, autocast)
+        # The reference routes every token as the fast pass did (lab.model.top_k_indices).
+        for module, ref_module in zip(routers, _routing_modules(reference)):
+            ref_module.routing_replay, module.routing_record = module.routing_record, None
+        ref_logits, ref_loss, ref_grads = _reference(reference, inputs, targets)
+        for ref_module in _routing_modules(reference):
+            ref_module.routing_replay = None
         grad_errors = {name: relative_error(grads[name], ref) if name in grads else math.inf
                        for name, ref in ref_grads.items()}
         worst = max(grad_errors, key=grad_errors.get) if grad_errors else "-"
@@ -218,6 +226,14 @@ def check_variant(variant: str, preset: str, overrides: list[str], device: str, 
         rows.append(row)
         del fast
     return rows
+
+
+def _routing_modules(model: nn.Module) -> list[nn.Module]:
+    """The layers that pick experts by top-k (Switch Head projections, MoE FFNs), in order."""
+    from lab.model import SwitchProjection
+    from lab.moe import MoEFeedForward
+
+    return [m for m in model.modules() if isinstance(m, (SwitchProjection, MoEFeedForward))]
 
 
 def select_variants(text: str) -> list[str]:

@@ -111,6 +111,22 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+def top_k_indices(module: nn.Module, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k best entries of `scores` along the last dimension, for a routing module.
+
+    `gatelab check` compares a bf16 pass with a float32 reference, and a near-tie between the
+    k-th and (k+1)-th score can fall either way between them: the outputs then differ for a
+    reason that is no kernel's fault. So the check records the fast pass's picks
+    (`module.routing_record`, a list) and the reference replays them (`module.routing_replay`,
+    popped in call order); in training both are None and this is plain topk."""
+    replay = getattr(module, "routing_replay", None)
+    kept = replay.pop(0) if replay else scores.topk(k, dim=-1).indices
+    record = getattr(module, "routing_record", None)
+    if record is not None:
+        record.append(kept.detach())
+    return kept
+
+
 class SwitchProjection(nn.Module):
     """Switch Head projection experts (Csordas et al.; paper App. A.1, Table 6).
 
@@ -152,7 +168,7 @@ class SwitchProjection(nn.Module):
         B, T, _ = x.shape
         scores = torch.sigmoid(self.router(x)).view(B, T, self.kv_heads, self.experts)
         if self.top_k < self.experts:
-            kept = scores.topk(self.top_k, dim=-1).indices
+            kept = top_k_indices(self, scores, self.top_k)
             scores = scores * torch.zeros_like(scores).scatter_(-1, kept, 1.0)
         if self.rank is None:
             values = self.experts_proj(x).view(B, T, self.kv_heads, self.experts, self.head_dim)

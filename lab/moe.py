@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lab.config import ModelConfig, RunConfig
-from lab.model import SwiGLU
+from lab.model import SwiGLU, top_k_indices
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -53,11 +53,17 @@ def experts_and_top_k(cfg: ModelConfig) -> tuple[int, int]:
     return cfg.moe_experts + cfg.moe_extra_experts, cfg.moe_top_k + cfg.moe_extra_experts
 
 
-def route(logits: torch.Tensor, top_k: int, normalize: bool):
+def route(logits: torch.Tensor, top_k: int, normalize: bool, module: nn.Module | None = None):
     """Softmax over all experts, then top-k. logits: (N, E) -> probs (N, E), weights and
-    expert indices (N, k). Weights are renormalised over the k kept experts when asked."""
+    expert indices (N, k). Weights are renormalised over the k kept experts when asked.
+    `module`: the routing layer, whose picks `gatelab check` records or replays
+    (lab.model.top_k_indices)."""
     probs = logits.float().softmax(dim=-1)
-    weights, experts = probs.topk(top_k, dim=-1)
+    if module is None:
+        weights, experts = probs.topk(top_k, dim=-1)
+    else:
+        experts = top_k_indices(module, probs, top_k)
+        weights = probs.gather(-1, experts)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return probs, weights, experts
@@ -159,7 +165,7 @@ class MoEFeedForward(nn.Module):
         # Router in fp32 (autocast off): small logits differences decide the top-k.
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(tokens.float(), self.router.weight.float())  # (N, E)
-        probs, weights, experts = route(logits, self.top_k, self.normalize)  # (N, E), (N, k)
+        probs, weights, experts = route(logits, self.top_k, self.normalize, self)  # (N, E), (N, k)
 
         # Sort the N*k assignments by expert: rows of one expert become contiguous.
         flat_experts = experts.flatten()  # (N*k,)
