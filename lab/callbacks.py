@@ -104,8 +104,11 @@ class LossMonitor(L.Callback):
         if not self._pending:
             return
         steps = [s for s, _, _ in self._pending]
-        losses = torch.stack([l.float() for _, l, _ in self._pending]).tolist()  # one sync
-        norms = [float(n) if n is not None else math.nan for _, _, n in self._pending]
+        # One copy to the host for the interval: the losses and grad norms stacked together.
+        nan = torch.full((), math.nan, device=self._pending[0][1].device)
+        values = torch.stack([torch.stack([l.float(), nan if n is None else n.float()])
+                              for _, l, n in self._pending]).tolist()
+        losses, norms = [v[0] for v in values], [v[1] for v in values]
         self._pending.clear()
         self.steps += steps
         self.losses += losses
