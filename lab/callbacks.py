@@ -114,8 +114,9 @@ class LossMonitor(L.Callback):
         self.losses += losses
         self.grad_norms += norms
         now = time.perf_counter()
-        metrics = {"lr": trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0]} \
-            if trainer.lr_scheduler_configs else {}
+        metrics = {"train/loss": losses[-1], "train/grad_norm": norms[-1]}
+        if trainer.lr_scheduler_configs:
+            metrics["lr"] = trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0]
         if self._interval is not None and steps[-1] > self._interval[1]:
             seconds = now - self._interval[0] - self._excluded
             done = steps[-1] - self._interval[1]
@@ -128,8 +129,9 @@ class LossMonitor(L.Callback):
                 if self.flops_per_token and self.peak_tflops:
                     metrics["throughput/mfu"] = self.mfu(rate)
             self._interval, self._excluded = (now, steps[-1]), 0.0
-        if trainer.is_global_zero and trainer.logger is not None and metrics:
-            trainer.logger.log_metrics(metrics, step=steps[-1])
+        if trainer.is_global_zero and trainer.logger is not None:
+            trainer.logger.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)},
+                                       step=steps[-1])
         self._check_divergence(trainer, steps, losses)
 
     def mfu(self, tokens_per_s: float) -> float:

@@ -10,6 +10,8 @@ import time
 
 import lightning as L
 
+from lab.callbacks import LossMonitor
+
 
 def duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
@@ -74,7 +76,8 @@ class RunProgress(L.Callback):
         now = time.perf_counter()
         tokens_per_s = (step - self._last[1]) * self.tokens_per_step / max(now - self._last[0], 1e-9)
         self._last = (now, step)
-        loss = trainer.callback_metrics.get("train/loss")
-        loss_text = f"{float(loss):.4f}" if loss is not None else "?"
+        monitors = [c for c in trainer.callbacks if isinstance(c, LossMonitor)]
+        losses = monitors[0].losses if monitors else []
+        loss_text = f"{losses[-1]:.4f}" if losses else "?"
         print(f"    [{self.label}] step {step}/{self.total_steps}  loss {loss_text}  "
               f"{tokens_per_s:,.0f} tokens/s", flush=True)

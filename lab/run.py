@@ -194,7 +194,9 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
         accumulate_grad_batches=accumulation(config), log_every_n_steps=config.train.log_every,
         logger=tracking.lightning_logger(uri, run_id), callbacks=all_callbacks,
         enable_checkpointing=False, enable_progress_bar=not quiet, enable_model_summary=False,
-        deterministic=config.train.deterministic, default_root_dir=str(checkpoint_dir(run_id)))
+        deterministic=config.train.deterministic, default_root_dir=str(checkpoint_dir(run_id)),
+        # a compiled run evaluates through its training graph (lab/training.py _eval_step)
+        inference_mode=not config.train.compile_on(cuda))
     status = "FAILED"
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt.exists() else None)

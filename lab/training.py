@@ -116,20 +116,29 @@ class LanguageModel(L.LightningModule):
         loss, lm_loss, aux_losses = step_loss(self.model, *batch)
         for name, value in aux_losses.items():
             self.log(f"train/{name}", value)
-        self.log("train/loss", lm_loss)
-        # No self.log of the learning rate: Lightning turns a Python float into a CUDA tensor
-        # with a blocking copy, a host-device sync every step; LossMonitor logs `lr` instead.
+        # train/loss, train/grad_norm and lr are logged by LossMonitor once per interval, not
+        # here: Lightning's self.log costs host time every step (a small model's step is a
+        # few milliseconds of GPU work), and a float (the learning rate) becomes a CUDA
+        # tensor through a blocking copy, a host-device sync every step.
         return {"loss": loss, "lm_loss": lm_loss.detach()}
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Clipping here rather than through the Trainer, so the pre-clip norm is logged.
         norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.config.train.grad_clip)
         self.grad_norm = norm.detach()
-        self.log("train/grad_norm", norm)
 
     def _eval_step(self, batch, split: str):
         windows = batch[0] if isinstance(batch, (list, tuple)) else batch
-        losses = self._lm_loss((windows[:, :-1], windows[:, 1:]), reduction="sum")
+        inputs, targets = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        if getattr(self, "_compiled", False):
+            # The training step's own compiled graph (same call, grad mode and layouts), not
+            # a second compilation for evaluation: that took ~10 s at `small`, as long as a
+            # short run's training (benchmarks/README.md). The activations it saves are freed
+            # at once; the Trainer runs evaluation under no_grad, not inference_mode, for this.
+            with torch.enable_grad():
+                losses = self.model(inputs, targets=targets).detach() * targets.numel()
+        else:
+            losses = self._lm_loss((inputs, targets), reduction="sum")
         sums = self._eval_sums.setdefault(split, [torch.zeros((), device=self.device),
                                                   torch.zeros((), device=self.device)])
         sums[0] += losses.float()

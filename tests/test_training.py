@@ -170,3 +170,25 @@ def test_train_sampler_draws_the_runs_windows_with_bos_prefix(tmp_path, monkeypa
     inputs, _ = train_sampler(store, config).batch(0)
     assert inputs.shape == (config.train.micro_batch, config.model.context)
     assert (inputs[:, 0] == store.eos_id).all()  # end-of-text serves as BOS
+
+
+def test_compiled_runs_evaluate_through_the_training_call_with_the_same_loss():
+    """A compiled run evaluates with the training step's call (mean loss, grad mode on) so
+    that it reuses that graph; the summed loss it records must equal the plain sum."""
+    import torch
+
+    from lab.training import LanguageModel
+
+    config = resolve("baseline", "tiny")
+    module = LanguageModel(config)
+    windows = torch.randint(0, config.model.vocab_size, (4, config.model.context + 1),
+                            generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        module._eval_step(windows, "val")
+        plain = module._eval_sums.pop("val")
+        module._compiled = True  # the path only; no compilation needed to check the numbers
+        module._eval_step(windows, "val")
+        via_training = module._eval_sums.pop("val")
+    assert via_training[1] == plain[1] == 4 * config.model.context
+    assert torch.allclose(via_training[0], plain[0], rtol=1e-5)
+    assert not via_training[0].requires_grad
