@@ -135,8 +135,15 @@ class LanguageModel(L.LightningModule):
             # a second compilation for evaluation: that took ~10 s at `small`, as long as a
             # short run's training (benchmarks/README.md). The activations it saves are freed
             # at once; the Trainer runs evaluation under no_grad, not inference_mode, for this.
-            with torch.enable_grad():
-                losses = self.model(inputs, targets=targets).detach() * targets.numel()
+            # Train mode too, which torch.compile guards on: the decoder has no dropout, and
+            # what MoE layers record in train mode (router losses, counts) is not read here.
+            was_training = self.model.training
+            self.model.train()
+            try:
+                with torch.enable_grad():
+                    losses = self.model(inputs, targets=targets).detach() * targets.numel()
+            finally:
+                self.model.train(was_training)
         else:
             losses = self._lm_loss((inputs, targets), reduction="sum")
         sums = self._eval_sums.setdefault(split, [torch.zeros((), device=self.device),
