@@ -162,8 +162,8 @@ def check_store_file(path: Path, source: str) -> None:
 
 def _recovery(path: Path) -> str:
     """What to do with a store the lab refuses: the backups beside it, or a new store."""
-    backups = sorted(path.parent.glob(f"{path.name}.bak-*"))
-    restore = (f"restore a backup (cp {backups[-1]} {path}; all: "
+    backups = sorted(path.parent.glob(f"{path.name}.bak-*"), key=lambda b: b.stat().st_mtime)
+    restore = (f"restore a backup (the newest: cp {backups[-1]} {path}; all: "
                f"{', '.join(b.name for b in backups)}) or " if backups else "")
     return f"{restore}move it aside (mv {path} {path}.broken) to start a new, empty store"
 
@@ -188,7 +188,7 @@ def _mlflow_tables() -> frozenset[str]:
 
 
 def store_revision(path: Path) -> str:
-    """The alembic revision of a whole MLflow store file (read only); LabError for an empty
+    """The alembic revision of a whole MLflow store file (nothing written); LabError for an empty
     or non-SQLite file, a store left half-made, or one made by a newer MLflow."""
     import sqlite3
 
