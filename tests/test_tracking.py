@@ -230,7 +230,8 @@ def old_store(tmp_path_factory) -> tuple[Path, str]:
                        f"lifecycle_stage, artifact_uri, experiment_id, source_type, user_id) "
                        f"VALUES ('{name}', '{name}', 'FINISHED', 1, 2, 'active', 'file:///a', 1, "
                        f"'LOCAL', 'lab')",
-                       f"INSERT INTO params (key, value, run_uuid) VALUES ('lr', '0.003', '{name}')",
+                       f"INSERT INTO params (key, value, run_uuid) VALUES ('lr', '0.003', "
+                       f"'{name}')",
                        f"INSERT INTO tags (key, value, run_uuid) VALUES ('variant', 'baseline', "
                        f"'{name}')"]
         for key, value in metrics.items():
