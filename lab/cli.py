@@ -98,6 +98,7 @@ def cmd_ui(args) -> int:
     from lab import tracking
 
     uri = tracking.tracking_uri(args.tracking_uri)
+    tracking.open_store(uri)  # created or upgraded whole here, not by the server in place
     artifacts = (tracking.store_dir() / "artifacts").as_uri()
     url = f"http://{args.host}:{args.port}"
     print(f"MLflow UI on {url} (store: {uri}); Ctrl-C stops it", flush=True)

@@ -87,7 +87,8 @@ def write_store(path: Path, splits: dict[str, np.ndarray | Iterable[np.ndarray]]
     dtype = np.uint16 if vocab_size <= 2 ** 16 else np.uint32
     counts = {}
     for split, chunks in splits.items():
-        tmp = path / f"{split}.bin.tmp"
+        # One temporary name per process: several runs may prepare the same cache at once.
+        tmp = path / f"{split}.bin.tmp-{os.getpid()}"
         counts[split] = 0
         with open(tmp, "wb") as handle:
             for chunk in ([chunks] if isinstance(chunks, np.ndarray) else chunks):
@@ -97,7 +98,7 @@ def write_store(path: Path, splits: dict[str, np.ndarray | Iterable[np.ndarray]]
     manifest = dict(format_version=FORMAT_VERSION, source=source, tokenizer_hash=tokenizer_hash,
                     vocab_size=int(vocab_size), dtype=np.dtype(dtype).name, eos_id=int(eos_id),
                     bos_id=int(eos_id), splits=counts, **(extra or {}))
-    tmp = path / (MANIFEST + ".tmp")
+    tmp = path / f"{MANIFEST}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, path / MANIFEST)
     return TokenStore(path, manifest)

@@ -89,6 +89,24 @@ def run_grid_process(raw: dict, env: dict) -> None:
     run_grid(grid_from_dict(raw), GridOptions(quiet=True, cpu_threads=1))
 
 
+def cli_process(argv: list[str], env: dict) -> None:
+    """Target of a forked `gatelab` command: its exit code is the process's."""
+    os.environ.update(env)
+    import torch
+
+    from lab.cli import main
+
+    torch.set_num_threads(1)
+    sys.exit(main(argv))
+
+
+def create_store_process(uri: str) -> None:
+    """Target that opens a fresh store the lab's way and records an experiment in it."""
+    from lab import tracking
+
+    tracking.client(uri).create_experiment("kept")
+
+
 def nothing() -> None:
     """Target that only makes the fork server start."""
 
