@@ -332,9 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", help="replace the file's variants: slugs, comma-separated, or all")
     _add_overrides(p, "for every cell")
     p.add_argument("--gpus", help="all (default) or CUDA indices, e.g. 0,1: one worker per GPU")
-    p.add_argument("--runs-per-gpu", type=int, default=1,
-                   help="cells trained at once on each GPU (default 1; small models leave a "
-                   "large GPU mostly idle)")
+    p.add_argument("--runs-per-gpu", default="auto",
+                   help="cells trained at once on each GPU, or auto (default): from the measured "
+                   "packing gain of the preset (small models leave a large GPU mostly idle)")
     p.add_argument("--cpu-workers", type=int, default=1,
                    help="cells trained at once without GPUs (default 1)")
     p.add_argument("--cpu-threads", type=int,

@@ -272,6 +272,59 @@ def parse_gpus(text: str | None) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
+# --- packing cells onto a GPU -------------------------------------------------------------
+
+# Aggregate tokens/s of N cells trained at once on one GPU, over one cell's, and each cell's
+# peak memory: measured with benchmarks/packing.py on an H200 (torch 2.11, compiled, bf16,
+# the preset's defaults; benchmarks/README.md, "Packing"). Presets not measured run alone.
+MEASURED_PACKING = {"small": {"speedup": {1: 1.0, 2: 1.48, 3: 1.69, 4: 1.83}, "peak_gib": 8.8}}
+# Another cell per GPU must add at least this fraction of one cell's tokens/s to be worth it
+# (each cell then takes N / speed-up times longer).
+PACKING_MIN_GAIN = 0.1
+GPU_MEMORY_HEADROOM = 0.8   # of the device's memory, for the packed cells' peaks together
+
+
+def auto_runs_per_gpu(preset: str, gpu_memory_gib: float | None) -> tuple[int, str]:
+    """Cells per GPU for `--runs-per-gpu auto`, and the sentence saying why."""
+    measured = MEASURED_PACKING.get(preset)
+    if measured is None:
+        return 1, f"one cell per GPU (no packing measurement for preset {preset!r})"
+    speedup = measured["speedup"]
+    n = 1
+    while n + 1 in speedup and speedup[n + 1] - speedup[n] >= PACKING_MIN_GAIN:
+        n += 1
+    if gpu_memory_gib:
+        n = max(1, min(n, int(GPU_MEMORY_HEADROOM * gpu_memory_gib // measured["peak_gib"])))
+    return n, (f"{n} cells per GPU: measured {speedup[n]:.2f}x one cell's tokens/s at "
+               f"{preset} (benchmarks/packing.py), {measured['peak_gib']:.1f} GiB each")
+
+
+def parse_runs_per_gpu(value) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1 or str(value).strip() != str(number):
+        raise LabError(f"--runs-per-gpu: must be at least 1, or auto, got {value!r}")
+    return number
+
+
+def packing_speedup(preset: str, runs_per_gpu: int) -> float:
+    """Measured aggregate speed-up of `runs_per_gpu` cells on a GPU (1 where not measured)."""
+    return MEASURED_PACKING.get(preset, {}).get("speedup", {}).get(runs_per_gpu, 1.0) \
+        if runs_per_gpu > 1 else 1.0
+
+
+def _gpu_memory_gib() -> float | None:
+    import torch
+
+    # Device properties need no CUDA context on the device (GPU workers are spawned anyway).
+    return torch.cuda.get_device_properties(0).total_memory / 2 ** 30 \
+        if torch.cuda.is_available() else None
+
+
 # --- time estimate ---------------------------------------------------------------------
 
 def measured_tokens_per_s(uri: str, preset: str, data: str) -> tuple[float, int] | None:
@@ -312,12 +365,19 @@ def estimate(cells: list[Cell], counts: list[dict], uri: str, workers: int,
     return seconds, basis
 
 
-def print_dry_run(spec: GridSpec, cells: list[Cell], uri: str, workers: int, device: str) -> None:
+def print_dry_run(spec: GridSpec, cells: list[Cell], uri: str, workers: int, device: str,
+                  per_gpu: int = 1) -> None:
+    """`per_gpu` cells sharing a GPU each run slower by per_gpu / (their measured aggregate
+    gain, packing_speedup), which the estimate includes."""
     from lab.progress import duration
     from lab.run import count_params
 
     counts = [count_params(c.config) for c in cells]
     seconds, basis = estimate(cells, counts, uri, workers, device)
+    packed_speedup = packing_speedup(spec.preset, per_gpu)
+    if per_gpu > 1:
+        seconds = [s * per_gpu / packed_speedup for s in seconds]
+        basis += f"; {per_gpu:.0f} cells per GPU at {packed_speedup:.2f}x one cell's tokens/s"
     width = max(len(c.name) for c in cells)
     print(f"grid {spec.name}: {len(cells)} cells, preset {spec.preset}, data {spec.data}, "
           f"{cells[0].config.train.tokens:,.0f} tokens per run")
@@ -711,7 +771,8 @@ class GridOptions:
     gpus: str | None = None
     # Cells trained at once on each GPU: a small model leaves most of a large GPU idle, so
     # two or more processes per GPU can raise a grid's throughput (memory permitting).
-    runs_per_gpu: int = 1
+    # "auto": from the measured packing gains (auto_runs_per_gpu).
+    runs_per_gpu: int | str = "auto"
     cpu_workers: int = 1
     cpu_threads: int | None = None   # torch threads per CPU worker; None: cores / workers
     dry_run: bool = False
@@ -747,8 +808,7 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
         raise LabError(f"--cpu-workers: must be at least 1, got {options.cpu_workers}")
     if options.cpu_threads is not None and options.cpu_threads < 1:
         raise LabError(f"--cpu-threads: must be at least 1, got {options.cpu_threads}")
-    if options.runs_per_gpu < 1:
-        raise LabError(f"--runs-per-gpu: must be at least 1, got {options.runs_per_gpu}")
+    runs_per_gpu = parse_runs_per_gpu(options.runs_per_gpu)
     # Small models gain little from intra-op threads and lose much when threads outnumber
     # free cores, so CPU workers split the cores between them.
     cpu_threads = options.cpu_threads or threads_per_worker(options.cpu_workers)
@@ -758,15 +818,21 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
     if gpus and devices > len(gpus):
         raise LabError(f"train.devices: {devices} GPUs per run but only {len(gpus)} given "
                        f"({','.join(gpus)})")
-    if devices > 1 and options.runs_per_gpu > 1:
+    packing_basis = None
+    if runs_per_gpu == "auto":
+        runs_per_gpu, packing_basis = (1, None) if devices > 1 or not gpus else \
+            auto_runs_per_gpu(spec.preset, _gpu_memory_gib())
+    if devices > 1 and runs_per_gpu > 1:
         raise LabError("--runs-per-gpu: a DDP cell (train.devices > 1) takes its GPUs whole; "
                        "leave --runs-per-gpu at 1")
     uri = tracking.tracking_uri(options.tracking_uri)
     device = "cuda" if gpus else "cpu"
-    gpu_slots = [gpu for gpu in gpus for _ in range(options.runs_per_gpu)]
+    gpu_slots = [gpu for gpu in gpus for _ in range(runs_per_gpu)]
     workers = (1 if devices > 1 else len(gpu_slots)) if gpus else options.cpu_workers
+    if packing_basis and not options.quiet:
+        print(f"grid {spec.name}: --runs-per-gpu auto: {packing_basis}", flush=True)
     if options.dry_run:
-        print_dry_run(spec, cells, uri, workers, device)
+        print_dry_run(spec, cells, uri, workers, device, runs_per_gpu if gpus else 1)
         return GridSummary(spec.name, len(cells), 0, [])
 
     if gpus and options.check:

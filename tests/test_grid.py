@@ -231,3 +231,23 @@ def test_runs_per_gpu_refuses_nonsense_before_training(store, monkeypatch, overr
         run_grid(grid_from_dict(tiny_grid("refused", ["baseline"], **overrides)),
                  GridOptions(gpus="all", runs_per_gpu=runs_per_gpu, quiet=True))
     assert run_statuses(store, "refused") == {}
+
+
+def test_runs_per_gpu_auto_packs_from_the_measured_gain(store, monkeypatch):
+    """auto (the default): as many cells per GPU as each still adds a tenth of one cell's
+    tokens/s in the committed measurement, within the GPU's memory; unmeasured presets alone."""
+    from lab import grid
+
+    speedup = grid.MEASURED_PACKING["small"]["speedup"]
+    n, basis = grid.auto_runs_per_gpu("small", gpu_memory_gib=139.8)
+    assert n == max(k for k in speedup if all(speedup[j + 1] - speedup[j] >= grid.PACKING_MIN_GAIN
+                                                for j in range(1, k)))
+    assert n >= 2 and "measured" in basis
+    assert grid.auto_runs_per_gpu("small", gpu_memory_gib=12.0)[0] == 1   # 8.8 GiB per cell
+    assert grid.auto_runs_per_gpu("medium", gpu_memory_gib=139.8)[0] == 1
+    assert grid.parse_runs_per_gpu("3") == 3 and grid.parse_runs_per_gpu("auto") == "auto"
+    for bad in ("0", "x", "1.5", -2):
+        with pytest.raises(LabError, match="--runs-per-gpu"):
+            grid.parse_runs_per_gpu(bad)
+    # The time estimate slows each packed cell by N / gain.
+    assert grid.packing_speedup("small", n) == speedup[n] and grid.packing_speedup("tiny", 3) == 1.0
