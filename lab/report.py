@@ -12,9 +12,11 @@ With several learning rates in a grid, each variant's row is at its best LR (low
 validation perplexity over seeds, diverged runs counting as worse than any); every
 (variant, LR) pair is in `all_lrs.csv` and the LR plot.
 
-Outputs go to `reports/<grid>/` (report.md, report.csv, all_lrs.csv, loss_curves.png,
-delta_ppl.png, per_layer.png, lr_vs_loss.png) and are logged to the grid's parent run under
-`report/`. With several learning rates report.md also holds the table of every (variant, LR).
+Outputs go to `reports/<grid>/` (report.md, report.csv, loss_curves.png, delta_ppl.png,
+per_layer.png; with several learning rates also all_lrs.csv and lr_vs_loss.png) and are
+logged to the grid's parent run under `report/`, with the summary table as the parent's
+description and per-variant summary metrics (`log_summary`). With several learning rates
+report.md also holds the table of every (variant, LR).
 """
 
 from __future__ import annotations
@@ -319,21 +321,37 @@ def _row_label(row: Row, rows: list[Row]) -> str:
     return f"{row.variant} lr={row.lr:g}" if len({r.lr for r in rows}) > 1 else row.variant
 
 
+# Well-separated colours, one per variant (matplotlib's tab10, then the darker half of tab20
+# and its lighter half), and one line style per learning rate.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+           "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896",
+           "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5")
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def row_styles(rows: list[Row]) -> tuple[dict[str, str], dict[float, str]]:
+    """(colour by variant, line style by LR) for the plots and the MLflow runs' colours."""
+    variants = sorted({r.variant for r in rows}, key=_variant_order)
+    lrs = sorted({r.lr for r in rows})
+    return ({v: PALETTE[i % len(PALETTE)] for i, v in enumerate(variants)},
+            {lr: LINE_STYLES[i % len(LINE_STYLES)] for i, lr in enumerate(lrs)})
+
+
 def plot_loss_curves(client, rows: list[Row], path: Path) -> None:
-    """Every run's training loss, one colour per row (labelled with its LR when the rows
-    hold several), spike peaks marked with x."""
+    """Every run's training loss, one colour per variant and one line style per LR
+    (labelled with its LR when the rows hold several), spike peaks marked with x."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 6))
-    colours = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
-    for index, row in enumerate(rows):
-        colour = colours(index % colours.N)
+    colours, styles = row_styles(rows)
+    for row in rows:
+        colour = colours[row.variant]
         for k, run in enumerate(row.runs):
             steps, losses = loss_history(client, run.run_id)
             if not steps:
                 continue
-            ax.plot(steps, losses, color=colour, linewidth=0.8, alpha=0.8,
-                    label=_row_label(row, rows) if k == 0 else None)
+            ax.plot(steps, losses, color=colour, linestyle=styles[row.lr], linewidth=1.0,
+                    alpha=0.85, label=_row_label(row, rows) if k == 0 else None)
             by_step = dict(zip(steps, losses))
             peaks = [s["peak_step"] for s in _artifact_json(client, run.run_id, "spikes.json") or []]
             peaks = [p for p in peaks if p in by_step and math.isfinite(by_step[p])]
@@ -343,7 +361,9 @@ def plot_loss_curves(client, rows: list[Row], path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats)")
     ax.set_title("training loss per run (x: detected loss spikes)")
-    ax.legend(fontsize=7, ncol=2)
+    legend = ax.legend(fontsize=8, ncol=2)
+    for line in legend.get_lines():  # legend swatches thick enough to tell the colours apart
+        line.set_linewidth(3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -396,15 +416,19 @@ def plot_per_layer(rows: list[Row], path: Path) -> bool:
                 for prefix, _ in LAYER_METRICS]
     if not any(values for panel in profiles for _, values in panel):
         return False
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, len(LAYER_METRICS), figsize=(13, 5))
-    colours = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
+    colours, styles = row_styles(rows)
     for ax, (_, title), panel in zip(axes, LAYER_METRICS, profiles):
-        for index, (row, values) in enumerate(panel):
+        for row, values in panel:
             if values:
                 ax.plot(range(len(values)), values, marker="o", markersize=3,
-                        color=colours(index % colours.N),
+                        color=colours[row.variant], linestyle=styles[row.lr],
                         label=_row_label(row, rows))
-        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
+        ax.set_xlabel("layer (0 = first)")
+        ax.set_ylabel(title + " (mean over seeds)")
         ax.set_title(title)
     axes[1].set_yscale("log")
     axes[0].legend(fontsize=7)
@@ -461,19 +485,75 @@ def build_report(grid: str, uri: str | None = None, out: str | Path | None = Non
     if n_lrs > 1:
         markdown += ("\n### Every learning rate\n\nΔ against the baseline at its best LR.\n\n"
                      f"{markdown_table(all_rows)}\n")
-    files = [out_dir / "report.md", out_dir / "report.csv", out_dir / "all_lrs.csv",
-             out_dir / "loss_curves.png", out_dir / "delta_ppl.png"]
+    files = [out_dir / "report.md", out_dir / "report.csv", out_dir / "loss_curves.png",
+             out_dir / "delta_ppl.png"]
     files[0].write_text(markdown)
     write_csv(rows, files[1])
-    write_csv(all_rows, files[2])
-    plot_loss_curves(client, all_rows if n_lrs > 1 else rows, files[3])
-    plot_deltas(rows, files[4])
+    plot_loss_curves(client, all_rows if n_lrs > 1 else rows, files[2])
+    plot_deltas(rows, files[3])
     if plot_per_layer(rows, out_dir / "per_layer.png"):
         files.append(out_dir / "per_layer.png")
+    # With one LR every (variant, LR) is a row of report.csv already: no copy of it.
+    (out_dir / "all_lrs.csv").unlink(missing_ok=True)
     if n_lrs > 1:
-        files.append(out_dir / "lr_vs_loss.png")
+        files += [out_dir / "all_lrs.csv", out_dir / "lr_vs_loss.png"]
+        write_csv(all_rows, files[-2])
         plot_lr(all_rows, files[-1])
     if log_to_parent:
         for file in files:
             client.log_artifact(parent, str(file), artifact_path="report")
+        log_summary(client, parent, rows, all_rows)
     return Report(grid, rows, all_rows, markdown, out_dir, files)
+
+
+def summary_rows(rows: list[Row]) -> list[list[str]]:
+    """The short table: variant (with its LR when the grid has several), seeds, val PPL
+    (mean ± std), Δ vs the baseline and its 95% CI."""
+    table = [["variant", "seeds", "val PPL", "Δ vs baseline", "Δ 95% CI"]]
+    for row in rows:
+        ppl = "-" if row.ppl is None else f"{row.ppl.mean:.3f}" + (
+            "" if row.ppl.std is None else f" ± {row.ppl.std:.3f}")
+        if row.variant == BASELINE:
+            delta, ci = "(reference)", ""
+        else:
+            delta, ci = _fmt_interval(row.delta, signed=True)
+            delta = delta.split(" ± ")[0]
+        name = f"{row.variant} lr={row.lr:g}" if len({r.lr for r in rows}) > 1 else row.variant
+        table.append([name, str(len(row.runs)), ppl, delta, ci])
+    return table
+
+
+def terminal_summary(report: Report) -> str:
+    """`summary_rows` in aligned columns, for a terminal."""
+    table = summary_rows(report.rows)
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+                     for line in table)
+
+
+def log_summary(client, parent: str, rows: list[Row], all_rows: list[Row]) -> None:
+    """The report's summary on the grid's parent run, where its MLflow page shows it: the
+    short table as the run's description, and per variant `report/<variant>/val_ppl_mean`,
+    `.../delta_ppl_mean`, `.../delta_ppl_ci_low` and `.../delta_ppl_ci_high` as metrics.
+    The cell runs get one colour per variant (`mlflow.runColor`), those of the loss plot."""
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+    from lab import tracking
+
+    table = summary_rows(rows)
+    lines = ["| " + " | ".join(line) + " |" for line in table]
+    lines.insert(1, "|" + "---|" * len(table[0]))
+    client.set_tag(parent, MLFLOW_RUN_NOTE, "gatelab report (full tables and plots: the "
+                   "report/ artifacts)\n\n" + "\n".join(lines))
+    metrics = {}
+    for row in rows:
+        values = {"val_ppl_mean": row.ppl and row.ppl.mean}
+        if row.variant != BASELINE and row.delta is not None:
+            values.update(delta_ppl_mean=row.delta.mean, delta_ppl_ci_low=row.delta.low,
+                          delta_ppl_ci_high=row.delta.high)
+        metrics.update({f"report/{row.variant}/{name}": v for name, v in values.items()})
+    tracking.log_metrics(client, parent, metrics, 0)  # None (no value) is left out
+    colours, _ = row_styles(all_rows)
+    for row in all_rows:
+        for run in row.runs:
+            client.set_tag(run.run_id, "mlflow.runColor", colours[row.variant])
