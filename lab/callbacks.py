@@ -232,7 +232,7 @@ class AtomicCheckpoint(L.Callback):
         started = time.perf_counter()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # the whole state, for resuming
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
         self._saved_at = time.monotonic()

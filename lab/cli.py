@@ -7,11 +7,8 @@ and exit code 2, before any MLflow run is created.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import subprocess
 import sys
-import warnings
 
 from lab.errors import LabError
 
@@ -44,7 +41,16 @@ def _parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
 def _add_tracking(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
                         "else sqlite:///mlruns/mlflow.db)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars (CI, scripts)")
+
+
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    """--quiet and --verbose, the same on every command (lab/progress.py)."""
+    levels = parser.add_mutually_exclusive_group()
+    levels.add_argument("--quiet", action="store_true",
+                        help="results only, no progress lines (CI, scripts)")
+    levels.add_argument("--verbose", action="store_true",
+                        help="also the libraries' own messages (Lightning, MLflow, Optuna) and "
+                        "a progress line at every tenth of each run")
 
 
 def _add_no_check(parser: argparse.ArgumentParser) -> None:
@@ -59,12 +65,15 @@ def _add_overrides(parser: argparse.ArgumentParser, scope: str = "") -> None:
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tiny", help="model preset (see `gatelab variants`)")
+    parser.add_argument("--preset", default="tiny", help="model preset: tiny (CPU), small, base, "
+                        "medium, large, xl, deep-narrow, moe-* (default tiny; sizes: "
+                        "`gatelab variants --preset NAME`)")
     parser.add_argument("--data", default=None,
                         help="synthetic, a prepared corpus directory (`gatelab prepare`), or "
                         "text files/globs (comma-separated)")
     parser.add_argument("--tokens", type=float, default=None, help="training token budget, e.g. 2e5")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the initial weights and the data order (default 0)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
     _add_overrides(parser)
 
@@ -95,22 +104,9 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from lab import tracking
+    from lab.ui import serve
 
-    uri = tracking.tracking_uri(args.tracking_uri)
-    tracking.open_store(uri)  # created or upgraded whole here, not by the server in place
-    artifacts = (tracking.store_dir() / "artifacts").as_uri()
-    url = f"http://{args.host}:{args.port}"
-    print(f"MLflow UI on {url} (store: {uri}); Ctrl-C stops it", flush=True)
-    # A light server: one worker, and MLflow's background job runner off.
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-               "--default-artifact-root", artifacts, "--host", args.host, "--port", str(args.port),
-               "--workers", "1"]
-    try:
-        return subprocess.call(command, env=env)
-    except KeyboardInterrupt:
-        return 0
+    return serve(args.host, args.port, args.tracking_uri)
 
 
 def cmd_variants(args) -> int:
@@ -152,19 +148,31 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import time
     from pathlib import Path
 
+    from lab import tracking
     from lab.grid import GridOptions, describe_summary, load_grid, run_grid
-    from lab.report import build_report
+    from lab.progress import duration
+    from lab.report import build_report, terminal_summary
 
+    started = time.time()
     spec = load_grid(Path(__file__).resolve().parents[1] / "ablations" / "smoke.yaml")
     # Two one-thread workers: a tiny model gains nothing from a second intra-op thread.
     workers = args.cpu_workers or min(2, os.cpu_count() or 1)
     summary = run_grid(spec, GridOptions(tracking_uri=args.tracking_uri, quiet=args.quiet,
                                          cpu_workers=workers, cpu_threads=1))
     print(describe_summary(summary))
-    print(build_report(spec.name, args.tracking_uri).markdown)
-    print("Browse it: gatelab ui   (then open http://127.0.0.1:5000)")
+    if len(summary.failed) == len(summary.outcomes) and not summary.already_done:
+        return 1
+    report = build_report(spec.name, args.tracking_uri)
+    uri = tracking.tracking_uri(args.tracking_uri)
+    experiment = tracking.client(uri).get_experiment_by_name(spec.name).experiment_id
+    print(f"\n{terminal_summary(report)}\n\n"
+          f"demo done in {duration(time.time() - started)}. Full report: "
+          f"{report.out_dir}/report.md (tables, CSV, plots; also on the grid's parent run).\n"
+          "Open the UI: make ui   (or .venv/bin/gatelab ui), then the smoke grid's runs:\n"
+          f"  {tracking.runs_page_url('http://127.0.0.1:5000', experiment)}")
     return 1 if summary.failed else 0
 
 
@@ -273,12 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout-every", type=int, default=None,
                    help="without --valid/--test: document i goes to valid when i %% N == 0, "
                    "to test when i %% N == 1 (default 50)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_prepare)
 
     p = _parser(sub, "ui", "serve the MLflow UI on the local store")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=int, default=5000, help="port, 1-65535 (default 5000)")
     p.add_argument("--tracking-uri")
     p.set_defaults(func=cmd_ui)
 
@@ -412,26 +419,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer.json to ship (default: the run's corpus tokenizer)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     p.set_defaults(func=cmd_export)
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command in action.choices.values():
+        _add_verbosity(command)
     return parser
-
-
-def quiet_libraries() -> None:
-    """--quiet: the libraries' INFO chatter off (device banners, tips, schema creation);
-    their warnings and errors stay. Lightning sets its loggers to INFO when imported, so
-    it is imported first; MLflow reads its level from the environment when imported."""
-    import lightning  # noqa: F401
-
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    for name in ("lightning.pytorch", "lightning.fabric", "mlflow"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    for category in (DeprecationWarning, FutureWarning):  # library internals, nothing to act on
-        warnings.filterwarnings("ignore", category=category, module="lightning")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "quiet", False):
-        quiet_libraries()
+    from lab.progress import set_verbosity
+
+    set_verbosity("quiet" if args.quiet else "verbose" if args.verbose else "normal")
     try:
         return args.func(args)
     except LabError as err:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,6 +323,9 @@ def export(run_or_path: str, out: str | Path, fmt: str = "hf", dtype: str = "flo
     eos_id = write_tokenizer(tokenizer_json, out, model) if tokenizer_json else None
     tensors = {name: t.to(DTYPES[dtype]) for name, t in to_hf_state_dict(ckpt.state, model).items()}
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})  # transformers checks "pt"
+    # safetensors writes through a private temporary file (mode 0600); the weights get the
+    # mode of the other files written here (0666 less the umask, 0644 usually).
+    os.chmod(out / WEIGHTS_FILE, 0o666 & ~_umask())
     _write_json(out / "config.json", hf_config(model, dtype, eos_id))
     if eos_id is not None:
         _write_json(out / "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id})
@@ -329,6 +333,12 @@ def export(run_or_path: str, out: str | Path, fmt: str = "hf", dtype: str = "flo
                           tokenizer_json is not None)
     (out / "README.md").write_text(model_card(ckpt, result))
     return result
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def model_card(ckpt: Checkpoint, result: ExportResult) -> str:

@@ -575,8 +575,7 @@ def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = 
             on_start(run_id)
         config = task.config
         callbacks = [] if ctx.quiet else [RunProgress(
-            task.name, total_steps(config), config.train.log_every,
-            config.train.batch_size * config.model.context)]
+            task.name, total_steps(config), config.train.batch_size * config.model.context)]
         with heartbeat(client, run_id) if lead_rank else _nothing():
             result = train_run(config, ctx.uri, ctx.experiment, run_id=run_id, quiet=True,
                                callbacks=callbacks)
@@ -626,7 +625,10 @@ def die_with_grid(grid_owner: str, every_s: float = 0.5) -> None:
 
 
 def _worker_main(env: dict, threads: int, grid_owner: str, ctx: GridContext, tasks, results):
+    from lab.progress import configure_output
+
     os.environ.update(env)
+    configure_output()  # the forkserver imported Lightning, which set its loggers to INFO
     die_with_grid(grid_owner)
     _set_threads(threads)
     try:
@@ -752,6 +754,9 @@ def _run_cell_main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[argv.index("--run-cell") + 1]).read_text())
     outcome_file = Path(argv[argv.index("--outcome") + 1])
     lead = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    from lab.progress import configure_output
+
+    configure_output()
     if os.environ.get("GATELAB_GRID_OWNER"):
         die_with_grid(os.environ["GATELAB_GRID_OWNER"])
     raw = spec["task"]
@@ -857,7 +862,7 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
 
     def dispatched(task: Task, where) -> None:
         resumed = " (resuming from its checkpoint)" if task.resumed else ""
-        progress.say(f"start {task.name}{resumed}" + (f" on {where}" if where else ""))
+        progress.started_cell(f"{task.name}{resumed}" + (f" on {where}" if where else ""))
 
     previous_term = _sigterm_as_interrupt()
     try:

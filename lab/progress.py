@@ -1,16 +1,65 @@
-"""Terminal progress for grids: a grid-level bar (cells done, ETA) and per-run lines.
+"""Terminal output of every command: three levels, one progress style.
 
-Lines, not redrawn bars: several worker processes print to one terminal, and a log file
-of a grid should read the same as the terminal did. Quiet mode prints neither.
+- quiet (`--quiet`): results only, no progress lines;
+- normal: the lab's progress lines, and none of the libraries' chatter (Lightning's device
+  banners, tips and progress bars, MLflow's schema messages, Optuna's trial log, warnings
+  about library internals the user cannot act on);
+- verbose (`--verbose`): the lab's lines and everything the libraries say.
+
+The level travels to worker processes in the environment (VERBOSITY_ENV), so a grid's or a
+sweep's workers print as the command does.
+
+Progress is lines, not redrawn bars: several worker processes print to one terminal, and
+a log file of a grid should read the same as the terminal did. A run prints `RunProgress`
+lines (step, loss, tokens/s, ETA); a grid prints one line per finished cell with its ETA
+(`GridProgress`); a sweep one line per finished trial.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
+import warnings
 
 import lightning as L
 
-from lab.callbacks import LossMonitor
+VERBOSITY_ENV = "GATELAB_VERBOSITY"
+LEVELS = ("quiet", "normal", "verbose")
+LIBRARY_LOGGERS = ("lightning.pytorch", "lightning.fabric", "mlflow", "optuna", "alembic")
+# Warnings raised inside the libraries about their own internals (torch's LeafSpec
+# deprecation seen from Lightning's _pytree, Lightning's DataLoader worker advice for a data
+# path that reads a memmap in the main process): nothing for a lab user to change.
+LIBRARY_WARNINGS = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    (UserWarning, r".*does not have many workers"),
+)
+
+
+def verbosity() -> str:
+    level = os.environ.get(VERBOSITY_ENV, "normal")
+    return level if level in LEVELS else "normal"
+
+
+def set_verbosity(level: str) -> None:
+    """Set the level for this process and the workers it starts, and apply it."""
+    os.environ[VERBOSITY_ENV] = level
+    configure_output()
+
+
+def configure_output() -> None:
+    """Apply `verbosity()` to the libraries' loggers and warnings. Lightning sets its loggers
+    to INFO when imported, so it is imported first (at module import); MLflow reads its
+    level from the environment when imported, so that is set too."""
+    if verbosity() == "verbose":
+        return
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for category, message in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module="lightning")
 
 
 def duration(seconds: float) -> str:
@@ -30,54 +79,68 @@ class GridProgress:
         self.done = self.failed = 0
         self.started = time.time()
 
-    def bar(self, width: int = 24) -> str:
-        finished = self.already_done + self.done
-        all_cells = self.already_done + self.total
-        filled = int(width * finished / max(1, all_cells))
+    def eta(self) -> str:
+        if not self.done:
+            return "?"
+        remaining = self.total - self.done
         elapsed = time.time() - self.started
-        eta = "?"
-        if self.done:
-            remaining = self.total - self.done
-            eta = duration(elapsed / self.done * remaining / min(self.workers, max(1, remaining))
-                           if remaining else 0)
-        failed = f", {self.failed} failed" if self.failed else ""
-        return (f"[{'#' * filled}{'-' * (width - filled)}] {finished}/{all_cells} cells"
-                f"{failed} | {duration(elapsed)} elapsed | ETA {eta}")
+        return duration(elapsed / self.done * remaining / min(self.workers, max(1, remaining))
+                        if remaining else 0)
 
     def say(self, text: str) -> None:
         if not self.quiet:
             print(f"grid {self.name}: {text}", flush=True)
 
+    def started_cell(self, text: str) -> None:
+        """A cell's start: a line only at --verbose (its RunProgress lines name it)."""
+        if verbosity() == "verbose":
+            self.say(f"start {text}")
+
     def cell_done(self, name: str, outcome_text: str, failed: bool) -> None:
         self.done += 1
         self.failed += failed
-        self.say(f"{self.bar()}\n    {name}: {outcome_text}")
+        if self.quiet:
+            return
+        finished = self.already_done + self.done
+        width = len(str(self.already_done + self.total))
+        failed_text = f", {self.failed} failed" if self.failed else ""
+        print(f"  [{finished:>{width}}/{self.already_done + self.total}] {name}: {outcome_text}"
+              f"  ({duration(time.time() - self.started)} elapsed{failed_text}, "
+              f"ETA {self.eta()})", flush=True)
 
 
 class RunProgress(L.Callback):
-    """One line per reporting interval: step, training loss and tokens/s of the run.
+    """Lines of one run: `[label] step 40/97  loss 3.2100  12,345 tokens/s  ETA 20s`.
 
-    The interval is the larger of train.log_every and a tenth of the run, so a run prints
-    about ten lines whatever its length."""
+    A line when the run crosses each tenth of its steps, at most one every
+    `min_interval_s` (every tenth at --verbose), so a short run prints nothing until it
+    ends and a long one about ten lines."""
 
-    def __init__(self, label: str, total_steps: int, log_every: int, tokens_per_step: int):
+    def __init__(self, label: str, total_steps: int, tokens_per_step: int,
+                 min_interval_s: float = 30.0):
         self.label, self.total_steps = label, total_steps
-        self.every = max(log_every, total_steps // 10, 1)
+        self.every = max(total_steps // 10, 1)
         self.tokens_per_step = tokens_per_step
-        self._last = None
+        self.min_interval_s = 0.0 if verbosity() == "verbose" else min_interval_s
+        self._start = self._printed = None
 
     def on_train_start(self, trainer, pl_module):
-        self._last = (time.perf_counter(), trainer.global_step)
+        self._start = self._printed = (time.perf_counter(), trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if step % self.every or self._last is None or step == self._last[1]:
+        if self._start is None or step % self.every or step == self._printed[1]:
             return
         now = time.perf_counter()
-        tokens_per_s = (step - self._last[1]) * self.tokens_per_step / max(now - self._last[0], 1e-9)
-        self._last = (now, step)
+        if now - self._printed[0] < self.min_interval_s:
+            return
+        rate = (step - self._start[1]) / max(now - self._start[0], 1e-9)  # steps/s since start
+        self._printed = (now, step)
+        from lab.callbacks import LossMonitor  # the losses it copied to the host last
+
         monitors = [c for c in trainer.callbacks if isinstance(c, LossMonitor)]
         losses = monitors[0].losses if monitors else []
         loss_text = f"{losses[-1]:.4f}" if losses else "?"
         print(f"    [{self.label}] step {step}/{self.total_steps}  loss {loss_text}  "
-              f"{tokens_per_s:,.0f} tokens/s", flush=True)
+              f"{rate * self.tokens_per_step:,.0f} tokens/s  "
+              f"ETA {duration((self.total_steps - step) / max(rate, 1e-9))}", flush=True)

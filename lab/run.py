@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,18 +90,42 @@ def checkpoint_dir(run_id: str) -> Path:
 
 
 def checkpoint_path(run_or_path: str, command: str) -> Path:
-    """A checkpoint file, a directory holding last.ckpt, or an MLflow run id (its last.ckpt);
-    `command` names the caller in the one-line error when there is none."""
+    """A checkpoint file, a directory holding last.ckpt, or an MLflow run id or a unique
+    prefix of one (its last.ckpt); `command` names the caller in the one-line error when
+    there is none."""
     from lab.errors import LabError
 
     path = Path(run_or_path)
     if path.is_file():
         return path
-    path = path / "last.ckpt" if path.is_dir() else checkpoint_dir(run_or_path) / "last.ckpt"
+    if path.is_dir():
+        path = path / "last.ckpt"
+    else:
+        path = checkpoint_dir(run_id_from_prefix(run_or_path, command)) / "last.ckpt"
     if not path.exists():
         raise LabError(f"{command}: no checkpoint at {path} (pass a run id with a checkpoint "
                        "under <store>/checkpoints/<run id>/, or a .ckpt file)")
     return path
+
+
+def run_id_from_prefix(text: str, command: str) -> str:
+    """The run id of the store's checkpoints that starts with `text` (MLflow's ids are 32 hex
+    digits; as with git, a unique prefix names one); `text` itself when none does. Several
+    matches are a LabError that lists them."""
+    from lab.errors import LabError
+
+    text = text.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{1,31}", text):
+        return text
+    root = tracking.store_dir() / "checkpoints"  # checkpoint_dir's parent
+    matches = sorted(p.name for p in root.glob(f"{text}*") if (p / "last.ckpt").exists()) \
+        if root.is_dir() else []
+    if len(matches) > 1:
+        shown = ", ".join(matches[:10]) + (f" and {len(matches) - 10} more" if len(matches) > 10
+                                           else "")
+        raise LabError(f"{command}: run id prefix {text!r} matches {len(matches)} runs with a "
+                       f"checkpoint: {shown}; give more characters")
+    return matches[0] if matches else text
 
 
 def read_checkpoint(path: Path, command: str) -> tuple[RunConfig, dict, int]:
@@ -113,7 +138,7 @@ def read_checkpoint(path: Path, command: str) -> tuple[RunConfig, dict, int]:
     from lab.errors import LabError
 
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=False)
+        raw = torch.load(path, map_location="cpu", weights_only=True)
         config = from_dict(raw["hyper_parameters"]["config"])
     except (KeyError, TypeError, RuntimeError, OSError, pickle.UnpicklingError) as err:
         raise LabError(f"{command}: {path} is not a gatelab training checkpoint ({err})") from None
@@ -165,7 +190,7 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
     module = LanguageModel(config)
     ckpt = checkpoint_dir(run_id) / "last.ckpt"
     # Only the step is needed here (the data order resumes there); mmap reads no tensors.
-    start_step = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["global_step"] \
+    start_step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"] \
         if ckpt.exists() else 0
     data = TokenDataModule(store, config, start_step=start_step)
     steps = total_steps(config)
@@ -178,6 +203,12 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
                                    0.0 if config.train.checkpoint_every else
                                    config.train.checkpoint_min_interval_s)
     all_callbacks = [monitor, checkpoints, *(callbacks or [])]
+    if not quiet and primary:
+        from lab.progress import RunProgress
+
+        all_callbacks.append(RunProgress(config.variant, steps,
+                                         config.train.batch_size * config.model.context,
+                                         min_interval_s=10.0))
     if config.model.gate_insert_fraction is not None:
         all_callbacks.append(GateInsertion(int(config.model.gate_insert_fraction * steps)))
     if config.model.ffn == "moe":
@@ -193,13 +224,16 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
         check_val_every_n_epoch=None, num_sanity_val_steps=0,
         accumulate_grad_batches=accumulation(config), log_every_n_steps=config.train.log_every,
         logger=tracking.lightning_logger(uri, run_id), callbacks=all_callbacks,
-        enable_checkpointing=False, enable_progress_bar=not quiet, enable_model_summary=False,
+        # Progress is the lab's RunProgress lines (lab/progress.py), not Lightning's bar.
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         deterministic=config.train.deterministic, default_root_dir=str(checkpoint_dir(run_id)),
         # a compiled run evaluates through its training graph (lab/training.py _eval_step)
         inference_mode=not config.train.compile_on(cuda))
     status = "FAILED"
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt.exists() else None)
+        # The lab wrote the checkpoint, of tensors and plain containers: weights_only loads it.
+        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt.exists() else None,
+                    weights_only=True)
         metrics = _finish(trainer, module, data, monitor, config,
                           mlflow_client if primary else None, run_id, started)
         status = "FINISHED"

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,7 +291,10 @@ def open_storage(url: str, create: bool = True):
 
 
 def _redact(url: str) -> str:
-    """postgresql://user:secret@host/db -> postgresql://user:***@host/db"""
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db (a journal file's
+    path as it is)"""
+    if "://" not in url:
+        return url
     scheme, _, rest = url.partition("://")
     credentials, at, host = rest.rpartition("@")
     if at and ":" in credentials:
@@ -405,7 +409,9 @@ def run_trial(trial, sweep: Sweep, variant: str, uri: str, parent_run_id: str,
     for pruned and diverged runs (user attribute `state` tells which)."""
     import optuna
     from lab import tracking
+    from lab.progress import RunProgress, duration
     from lab.run import train_run
+    from lab.training import total_steps
 
     low, high = sweep.lr_bounds()
     lr = trial.suggest_float("lr", low, high, log=True)
@@ -431,24 +437,38 @@ def run_trial(trial, sweep: Sweep, variant: str, uri: str, parent_run_id: str,
 
     tags = {"sweep": sweep.name, "study": sweep.study_name(variant), "trial": str(trial.number),
             "state": "running"}
+    label = f"{variant}/trial-{trial.number}"
+    callbacks = [pruning] if quiet else [pruning, RunProgress(
+        label, total_steps(config), config.train.batch_size * config.model.context)]
+    started = time.time()
+
+    def say(outcome: str) -> None:  # one line per finished trial, whichever worker ran it
+        if not quiet:
+            print(f"  [{sweep.study_name(variant)}] trial {trial.number}  lr={lr:.3g}  "
+                  f"seed={seed}: {outcome} in {duration(time.time() - started)}", flush=True)
+
     try:
         result = train_run(config, uri, experiment=sweep.name, parent_run_id=parent_run_id,
-                           run_name=f"{variant}/trial-{trial.number}/lr={lr:.3g}",
-                           extra_tags=tags, quiet=quiet, callbacks=[pruning], on_start=on_start)
+                           run_name=f"{label}/lr={lr:.3g}", extra_tags=tags, quiet=True,
+                           callbacks=callbacks, on_start=on_start)
     except optuna.TrialPruned:
         finish("pruned", pruned_step=pruning.pruned_step)
+        say(f"pruned at step {pruning.pruned_step}")
         if run_ids:
             mlflow_client.set_terminated(run_ids[0], "KILLED")
         raise
     except Exception as err:
         finish("failed", error=f"{type(err).__name__}: {err}"[:500])
+        say(f"failed ({type(err).__name__}: {err})"[:300])
         raise
     spikes = int(result.metrics.get("spikes/count", 0))
     if result.diverged_step is not None:
         finish("diverged", diverged_step=result.diverged_step, spikes=spikes)
+        say(f"diverged at step {result.diverged_step}")
         raise optuna.TrialPruned(f"diverged at step {result.diverged_step}")
     loss = float(result.metrics["val/final_loss"])
     finish("complete", spikes=spikes)
+    say(f"val loss {loss:.4f}, {spikes} spike(s)")
     return loss
 
 
@@ -472,12 +492,9 @@ def run_worker(plan: WorkerPlan) -> None:
     import torch
 
     torch.set_num_threads(plan.threads)
-    if plan.quiet:
-        import logging
+    from lab.progress import configure_output
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        for name in ("lightning.pytorch", "lightning.fabric"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    configure_output()  # a spawned worker: the command's level, from the environment
     storage = open_storage(plan.storage)
     for variant, n_trials in plan.quota.items():
         if n_trials <= 0:

@@ -15,3 +15,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def normal_verbosity(monkeypatch):
+    """Each test starts at the normal output level: `main([... "--quiet"])` sets the level in
+    the environment (for worker processes), where it would outlast the test."""
+    from lab.progress import VERBOSITY_ENV
+
+    monkeypatch.delenv(VERBOSITY_ENV, raising=False)

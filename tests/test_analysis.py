@@ -229,6 +229,8 @@ def test_training_run_records_the_metrics_and_analyze_writes_the_plots(tmp_path,
     assert {"analysis/first_token_attn.png", "analysis/max_activation.png",
             "analysis/gate_scores.png", "analysis/attention_maps.png"} <= logged
     assert main(["analyze", "no-such-run"]) == 2
+    # An 8-character prefix of the run id, as MLflow's UI and git users type it.
+    assert main(["analyze", result.run_id[:8], "--windows", "1", "--long-context", ""]) == 0
 
 
 @pytest.mark.parametrize("bos_prefix", [True, False])

@@ -1,9 +1,11 @@
-"""lab/cli.py in a terminal: --help with an example for every command, --quiet, progress bars."""
+"""lab/cli.py in a terminal: --help with an example for every command, --quiet and --verbose,
+the lab's progress lines, `gatelab ui`'s checks of its port."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -56,11 +58,75 @@ def test_quiet_train_prints_only_its_result(store):
     assert len(lines) == 1 and lines[0].startswith("run ") and "val/ppl" in lines[0]
 
 
-def test_train_shows_lightning_progress_bar(store, monkeypatch, capsys):
-    for name, value in store.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert main(["train", *TINY_RUN]) == 0
-    out = capsys.readouterr().out
-    assert "parameters:" in out
-    assert "Epoch 0: 100%" in out and "3/3" in out  # Lightning's tqdm bar
+# What Lightning, torch and MLflow print on their own (issue: the demo log was full of it).
+LIBRARY_NOISE = ("GPU available", "TPU available", "Tip:", "litlogger", "LeafSpec", "weights_only",
+                 "num_workers", "does not have many workers", "Epoch 0", "v_num",
+                 "Creating initial MLflow database tables", "it/s]")
+
+
+def run_cli(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **env)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("GATELAB_VERBOSITY", None)
+    return subprocess.run([sys.executable, "-m", "lab", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_prints_the_labs_lines_and_none_of_the_libraries(store):
+    """Normal level, a fresh process: the parameter line and the result, nothing else."""
+    done = run_cli(["train", *TINY_RUN], store)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert not [noise for noise in LIBRARY_NOISE if noise in done.stdout]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("[baseline] parameters: ") and lines[-1].startswith("run ")
+
+
+def test_verbose_train_prints_a_progress_line_per_tenth_and_the_libraries(store):
+    done = run_cli(["train", *TINY_RUN, "--verbose"], store)
+    assert done.returncode == 0, done.stderr
+    steps = [line.strip() for line in done.stdout.splitlines() if " step " in line]
+    # 3 steps: a line at each (a tenth of 3 rounds up to one step), in the one lab format.
+    assert [line.split("  ")[0] for line in steps] == [f"[baseline] step {i}/3" for i in (1, 2, 3)]
+    assert all(re.search(r"  loss \d+\.\d{4}  [\d,]+ tokens/s  ETA \d+s$", line) for line in steps)
+    assert "GPU available" in done.stdout + done.stderr  # Lightning's own messages are back
+
+
+@pytest.mark.parametrize("command", sorted(commands()))
+def test_every_command_takes_quiet_and_verbose_but_not_both(command, capsys):
+    parser = commands()[command]
+    flags = {option for action in parser._actions for option in action.option_strings}
+    assert {"--quiet", "--verbose"} <= flags
+    required = [a for a in parser._actions if a.required or (not a.option_strings
+                                                             and a.nargs is None)]
+    words = ["x"] * len(required)  # positional arguments, if any
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args([command, *words, "--quiet", "--verbose"])
+    assert done.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("port", ["-1", "0", "99999", "65536"])
+def test_ui_refuses_a_port_out_of_range_in_one_line(port, capsys):
+    assert main(["ui", "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --port: must be between 1 and 65535, got {port}\n"
+
+
+def test_ui_refuses_a_port_in_use_before_starting_a_server(capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["ui", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --port: 127.0.0.1:{port} is not free")
+
+
+def test_run_options_have_help(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--seed SEED seed of the initial weights and the data order" in text
+    assert "--preset PRESET model preset: tiny (CPU)" in text

@@ -242,6 +242,40 @@ def test_cli_exports_a_trained_run_and_names_the_step(tmp_path, monkeypatch, cap
     assert loaded.cfg.gate is not None and loaded.cfg.gate.granularity == "elementwise"
     assert main(["export", result.run_id, "--out", str(out)]) == 2  # not empty, no --force
     assert main(["export", result.run_id, "--out", str(out), "--force"]) == 0
+    # The weights are readable as the other files are (safetensors alone leaves them 0600).
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == \
+        (out / "config.json").stat().st_mode & 0o777 == 0o666 & ~current_umask()
+    prefixed = tmp_path / "by-prefix"
+    assert main(["export", result.run_id[:8], "--out", str(prefixed)]) == 0
+    assert (prefixed / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_unique_prefix_names_a_run_and_an_ambiguous_one_lists_the_matches(tmp_path,
+                                                                              monkeypatch):
+    from lab.errors import LabError
+    from lab.run import checkpoint_dir, checkpoint_path
+
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
+    ids = ["2e5652dd" + "0" * 24, "2e56ffff" + "1" * 24, "9a" + "2" * 30]
+    for run_id in ids:
+        checkpoint_dir(run_id).mkdir(parents=True)
+        (checkpoint_dir(run_id) / "last.ckpt").write_bytes(b"")
+    checkpoint_dir("2e5600000000").mkdir()  # a run without a checkpoint is no match
+    assert checkpoint_path("2e5652dd", "analyze") == checkpoint_dir(ids[0]) / "last.ckpt"
+    assert checkpoint_path("9A", "export") == checkpoint_dir(ids[2]) / "last.ckpt"
+    with pytest.raises(LabError, match=f"^export: run id prefix '2e56' matches 2 runs with a "
+                                       f"checkpoint: {ids[0]}, {ids[1]}; give more characters$"):
+        checkpoint_path("2e56", "export")
+    with pytest.raises(LabError, match="^analyze: no checkpoint at .*/ffff/last.ckpt"):
+        checkpoint_path("ffff", "analyze")
 
 
 def test_checkpoint_path_takes_a_file_a_folder_or_a_run_id_and_names_the_command(tmp_path, monkeypatch):
