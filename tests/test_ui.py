@@ -1,16 +1,24 @@
-"""`gatelab ui` (lab/cli.py cmd_ui), looked at as a person does: in headless Chromium.
+"""`gatelab ui` (lab/ui.py) as a researcher meets it after `make demo`: in headless Chromium.
 
-A small grid is trained into a temporary store (a parent run with two child runs, each
-with val/ppl, one with a PNG plot), `python -m lab ui` serves it, and Playwright drives
-Debian's Chromium (`executable_path`; no browser download) through the experiment list,
-the runs table, a child run's metrics and its plot. The runs table's screenshot is kept
-in test-artifacts/. Skips with its reason where Playwright or Chromium is missing
-(.ci/run installs Chromium with apt-get where it can).
+The fixture runs what `gatelab demo` runs, smaller: `gatelab grid ablations/smoke.yaml`
+with two of its variants and one seed, then `gatelab report smoke`, in fresh processes on
+a temporary store. `gatelab ui` serves it, and Playwright drives Debian's Chromium
+(`executable_path`; no browser download) to the link the command prints: the model-training
+layout, the cells side by side with val/ppl, the loss-curve charts of every run, and the
+report's summary on the grid's parent run. Screenshots are kept in test-artifacts/.
+
+On the demo's own store, after `make demo`:
+    GATELAB_UI_STORE=mlruns .venv/bin/python -m pytest tests/test_ui.py
+(GATELAB_UI_SCREENSHOTS=docs/img also writes the README's pictures there).
+
+The browser test skips with its reason where Playwright or Chromium is missing (.ci/run
+installs Chromium with apt-get where it can); the SIGINT/SIGTERM tests need neither.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,12 +32,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
-EXPERIMENT = "grid-smoke-ui"
-CHILD_VARIANTS = ("baseline", "sdpa_elementwise_sigmoid_mul")
+GRID = "smoke"
+CELLS = ("baseline", "sdpa_elementwise_sigmoid_mul")
 SERVER_START_TIMEOUT_S = 150  # mlflow server imports and checks the schema: slow on a busy CPU
 BROWSER_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--disable-background-networking", "--disable-extensions", "--no-first-run",
                 "--disable-sync", "--metrics-recording-only", "--mute-audio"]
+# What the GenAI layout shows and the model-training layout does not, and the reverse.
+GENAI_ONLY = ("Judges", "Training runs", "Evaluation runs")
+TRAINING_ONLY = "Model registry"
 
 
 def chromium_path() -> str | None:
@@ -57,159 +68,222 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until_serving(url: str, server: subprocess.Popen, log: Path) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < SERVER_START_TIMEOUT_S:
-        if server.poll() is not None:
-            pytest.fail(f"gatelab ui exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return time.monotonic() - started
+            sock.bind(("127.0.0.1", port))
         except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"gatelab ui not serving after {SERVER_START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+            return False
+    return True
 
 
-def plot_loss_curve(mlflow_client, run_id: str, directory: Path) -> Path:
-    """A real plot of the run's training loss (matplotlib, headless)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    history = mlflow_client.get_metric_history(run_id, "train/loss")
-    fig, ax = plt.subplots(figsize=(4, 2.5), dpi=80)
-    ax.plot([m.step for m in history], [m.value for m in history], marker="o")
-    ax.set_xlabel("step")
-    ax.set_ylabel("train/loss")
-    fig.tight_layout()
-    path = directory / "loss_curve.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+def lab(args: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lab", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
-def served_grid(tmp_path_factory):
-    """A finished smoke grid in a temporary store, and `python -m lab ui` serving it."""
+def store(tmp_path_factory) -> dict:
+    """The environment of a store holding the smoke grid and its report (GATELAB_UI_STORE:
+    an existing one, e.g. the demo's), and the grid's and the report's terminal output."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI",
+                                                           "GATELAB_VERBOSITY")}
+    if os.environ.get("GATELAB_UI_STORE"):
+        env["GATELAB_STORE"] = str(Path(os.environ["GATELAB_UI_STORE"]).resolve())
+        return dict(env=env, grid=None, report=None)
+    root = tmp_path_factory.mktemp("ui")
+    env.update(GATELAB_STORE=str(root / "mlruns"), GATELAB_CACHE=str(root / "cache"))
+    grid = lab(["grid", "ablations/smoke.yaml", "--variants", ",".join(CELLS), "--seeds", "0",
+                "--tokens", "3e4", "--cpu-workers", "2", "--cpu-threads", "1"], env)
+    assert grid.returncode == 0, grid.stdout + grid.stderr
+    report = lab(["report", GRID, "--out", str(root / "reports" / GRID)], env)
+    assert report.returncode == 0, report.stdout + report.stderr
+    return dict(env=env, grid=grid, report=report)
+
+
+class UI:
+    """`python -m lab ui` on a free port, in its own session (so a stray server could still
+    be ended as a group), its stdout read until it prints its links."""
+
+    def __init__(self, env: dict):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "lab", "ui", "--port",
+                                         str(self.port)], cwd=REPO, env=env, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        self.lines: list[str] = []
+        started = time.monotonic()
+        # Up to the note that follows the links (lab/ui.py serve).
+        while not (self.lines and self.lines[-1].startswith("(MLflow opens")):
+            line = self.process.stdout.readline()
+            if not line and self.process.poll() is not None:
+                self.close()
+                pytest.fail(f"gatelab ui exited with {self.process.returncode}:\n"
+                            + "".join(self.lines))
+            self.lines.append(line)
+            assert time.monotonic() - started < SERVER_START_TIMEOUT_S, "".join(self.lines)
+
+    def link(self, experiment: str) -> str:
+        for line in self.lines:
+            if line.strip().startswith(f"{experiment}: "):
+                return line.strip().split(": ", 1)[1]
+        pytest.fail(f"gatelab ui printed no link for {experiment}:\n" + "".join(self.lines))
+
+    def descendants(self) -> set[int]:
+        """Every process below `gatelab ui` (the mlflow server and its uvicorn), from /proc."""
+        children: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        found, todo = set(), [self.process.pid]
+        while todo:
+            for child in children.get(todo.pop(), []):
+                found.add(child)
+                todo.append(child)
+        return found
+
+    def close(self) -> None:
+        """Stop it as a user does (SIGTERM); whatever outlives that is killed."""
+        left = self.descendants()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        for pid in left:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait()
+        self.process.stdout.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_gatelab_ui_ends_its_server_and_frees_the_port(store, sig):
+    ui = UI(store["env"])
+    try:
+        with urllib.request.urlopen(f"{ui.url}/health", timeout=10) as response:
+            assert response.status == 200
+        server = ui.descendants()
+        assert len(server) >= 2, "expected mlflow server and its uvicorn"
+        os.kill(ui.process.pid, sig)  # the command's own PID, as a user or a scheduler does
+        assert ui.process.wait(timeout=30) == 0
+        deadline = time.monotonic() + 5
+        while any(alive(pid) for pid in server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in server if alive(pid)]
+        assert port_is_free(ui.port)
+    finally:
+        ui.close()
+
+
+def test_grid_and_report_print_the_labs_lines_only(store):
+    if store["grid"] is None:
+        pytest.skip("GATELAB_UI_STORE: the grid ran elsewhere")
+    grid = store["grid"]
+    assert grid.stderr == ""  # no banners, tips, deprecation or weights_only notices
+    patterns = (rf"grid {GRID}: 2 cell\(s\) to run",
+                r"  \[[12]/2\] [a-z_]+/lr=0\.003/seed=0: val/ppl \d+\.\d{3} in \d+ s  "
+                r"\(\d+s elapsed, ETA \d+s\)",
+                r"    \[[a-z_]+/lr=0\.003/seed=0\] step \d+/\d+  loss .*",
+                rf"grid {GRID}: 2/2 cells FINISHED \(2 run now, 0 already finished\)")
+    lines = grid.stdout.splitlines()
+    assert all(any(re.fullmatch(p, line) for p in patterns) for line in lines), lines
+    assert len([line for line in lines if line.startswith("  [")]) == 2
+    assert all(f"| {variant} |" in store["report"].stdout for variant in CELLS)
+
+
+def test_the_printed_link_opens_the_cells_side_by_side_in_the_model_training_layout(store):
     if reason := skip_reason():
         print(f"\nSKIP test_ui: {reason}", file=sys.stderr)
         pytest.skip(reason)
-    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
-
-    from lab import tracking
-    from lab.config import resolve
-    from lab.run import train_run
-
-    root = tmp_path_factory.mktemp("ui")
-    timings: dict[str, float] = {}
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("GATELAB_STORE", str(root / "mlruns"))
-        env.setenv("GATELAB_CACHE", str(root / "cache"))
-        env.delenv("MLFLOW_TRACKING_URI", raising=False)
-        uri = tracking.tracking_uri()
-        mlflow_client = tracking.client(uri)
-        # The schema exists before the server starts, so the two never both create it.
-        experiment_id = tracking.experiment_id(mlflow_client, EXPERIMENT, uri)
-
-        port, log = free_port(), root / "ui.log"
-        url = f"http://127.0.0.1:{port}"
-        with log.open("w") as out:
-            server = subprocess.Popen([sys.executable, "-m", "lab", "ui", "--port", str(port)],
-                                      cwd=REPO, env=dict(os.environ), stdout=out,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            started = time.monotonic()  # the runs train while the server starts
-            parent = mlflow_client.create_run(experiment_id, tags={MLFLOW_RUN_NAME: "smoke grid"})
-            parent_id = parent.info.run_id
-            children = {}
-            for variant in CHILD_VARIANTS:
-                config = resolve(variant, "tiny", data="synthetic", tokens=6 * 4 * 128,
-                                 overrides=["train.batch_size=4", "train.val_every=3",
-                                            "train.val_batches=1", "train.log_every=1"])
-                result = train_run(config, uri, experiment=EXPERIMENT, parent_run_id=parent_id,
-                                   quiet=True)
-                children[variant] = result.run_id
-            mlflow_client.set_terminated(parent_id)
-            gated = children["sdpa_elementwise_sigmoid_mul"]
-            mlflow_client.log_artifact(gated, str(plot_loss_curve(mlflow_client, gated, root)), "plots")
-            timings["train_s"] = time.monotonic() - started
-            timings["server_s"] = wait_until_serving(url, server, log)
-            yield dict(url=url, experiment_id=experiment_id, children=children, parent=parent_id,
-                       client=mlflow_client, timings=timings)
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)  # the ui and the mlflow server it started
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
-
-
-def test_runs_table_child_metrics_and_plot_are_visible(served_grid):
     from playwright.sync_api import sync_playwright
 
-    grid = served_grid
-    url, experiment_id = grid["url"], grid["experiment_id"]
-    gated = grid["children"]["sdpa_elementwise_sigmoid_mul"]
-    gated_run = grid["client"].get_run(gated)
-    val_ppl = gated_run.data.metrics["val/ppl"]
-    gated_name = gated_run.data.tags["mlflow.runName"]
-    ARTIFACTS.mkdir(exist_ok=True)
+    from lab import tracking
+    from lab.grid import child_runs, find_parent
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GATELAB_STORE", store["env"]["GATELAB_STORE"])
+        mlflow_client = tracking.client(tracking.tracking_uri())
+    experiment = mlflow_client.get_experiment_by_name(GRID).experiment_id
+    parent = find_parent(mlflow_client, experiment)
+    cells = {r.data.tags["mlflow.runName"]: r for r in child_runs(mlflow_client, experiment, parent)
+             if r.info.status == "FINISHED"}
+    gated = next(r for name, r in cells.items() if name.startswith(CELLS[1]))
+    val_ppl = gated.data.metrics["val/ppl"]
+    shots = Path(os.environ.get("GATELAB_UI_SCREENSHOTS") or ARTIFACTS)
+    shots.mkdir(parents=True, exist_ok=True)
+    ui = UI(store["env"])
     started = time.monotonic()
+    try:
+        link = ui.link(GRID)
+        assert link == tracking.runs_page_url(ui.url, experiment)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium_path(),
+                                                 args=BROWSER_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 760})
+                page.set_default_timeout(60_000)
+                page.goto(link, wait_until="domcontentloaded")
+                table = page.locator("div[role=grid]")
+                table.get_by_text(str(val_ppl)[:5]).first.wait_for()
+                close_assistant(page)
+                # The model-training layout, not the GenAI one MLflow 3.17 opens by default.
+                assert page.get_by_text(TRAINING_ONLY, exact=True).first.is_visible()
+                assert not [t for t in GENAI_ONLY if page.get_by_text(t, exact=True).count()]
+                # Every cell is a row (no parent folding them away), val/ppl a column.
+                for name in cells:
+                    assert table.get_by_text(name, exact=True).first.is_visible(), name
+                for column in tracking.COMPARISON_COLUMNS:
+                    assert table.get_by_text(column, exact=True).first.is_visible(), column
+                page.wait_for_timeout(500)  # let the table settle before the picture
+                page.screenshot(path=str(shots / "mlflow-runs.png"))
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_path(), args=BROWSER_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 560})
-            page.set_default_timeout(60_000)
+                # The chart view: the lab's section first, every run's train/loss in one chart.
+                page.goto(tracking.runs_page_url(ui.url, experiment, charts=True),
+                          wait_until="domcontentloaded")
+                page.get_by_text(tracking.COMPARISON_SECTION["name"]).first.wait_for()
+                close_assistant(page)
+                page.get_by_text("train/loss", exact=True).first.wait_for()
+                page.wait_for_timeout(1500)  # the charts draw their lines
+                page.screenshot(path=str(shots / "mlflow-charts.png"))
 
-            # The experiment list shows the grid's experiment.
-            page.goto(f"{url}/#/experiments", wait_until="domcontentloaded")
-            page.get_by_text(EXPERIMENT, exact=True).first.wait_for()
+                # The grid's parent run: the report's summary as its description, its plots.
+                page.goto(f"{ui.url}/#/experiments/{experiment}/runs/{parent}",
+                          wait_until="domcontentloaded")
+                page.get_by_text("Δ vs baseline").first.wait_for()
+                page.get_by_text(CELLS[1], exact=True).first.wait_for()
+                page.goto(f"{ui.url}/#/experiments/{experiment}/runs/{parent}/artifacts",
+                          wait_until="domcontentloaded")
+                page.get_by_text("report", exact=True).first.click()
+                page.get_by_text("loss_curves.png", exact=True).first.click()
+                image = page.locator('img[alt="report/loss_curves.png"]')
+                image.wait_for()
+                page.wait_for_function("img => img.complete && img.naturalWidth > 0",
+                                       arg=image.element_handle())
+                assert image.evaluate("img => img.naturalWidth") == 1200  # 10 in x 120 dpi
+            finally:
+                browser.close()
+    finally:
+        ui.close()
+    print(f"\nui test: browser checks {time.monotonic() - started:.1f} s")
 
-            # Its runs table: the parent, expanded to its children, with a val/ppl column.
-            page.goto(f"{url}/#/experiments/{experiment_id}/runs", wait_until="domcontentloaded")
-            page.get_by_text("smoke grid", exact=True).first.wait_for()
-            training_mode = page.get_by_role("button", name="Model training")
-            if training_mode.count():  # MLflow 3 opens in its GenAI layout
-                training_mode.first.click()
-            assistant_close = page.get_by_label("Close")
-            if assistant_close.count():
-                assistant_close.first.click()
-            page.locator('button[data-component-id*="runnamecellrenderer"]').first.click()
-            page.get_by_text(gated_name, exact=True).first.wait_for()
-            page.get_by_role("button", name="Columns").click()
-            columns = page.get_by_test_id("column-selector-tree")
-            # Off: three empty attribute columns, to make room; on: the two metrics.
-            for column in ("Dataset", "Source", "Models", "val/ppl", "test/ppl"):
-                columns.get_by_text(column, exact=True).first.click()
-            page.keyboard.press("Escape")
-            grid_cells = page.locator("div[role=grid]")
-            grid_cells.get_by_text(str(val_ppl)[:5]).first.wait_for()
-            assert grid_cells.get_by_text("val/ppl", exact=True).first.is_visible()
-            page.wait_for_timeout(500)  # let the table settle before the picture
-            page.screenshot(path=str(ARTIFACTS / "mlflow-runs.png"))
 
-            # A child run's page lists val/ppl with its value.
-            page.goto(f"{url}/#/experiments/{experiment_id}/runs/{gated}", wait_until="domcontentloaded")
-            page.get_by_text("val/ppl", exact=True).first.wait_for()
-            page.get_by_text(str(val_ppl)[:5]).first.wait_for()
-
-            # Its plot artifact renders as an image.
-            page.goto(f"{url}/#/experiments/{experiment_id}/runs/{gated}/artifacts",
-                      wait_until="domcontentloaded")
-            page.get_by_text("plots", exact=True).first.click()
-            page.get_by_text("loss_curve.png", exact=True).first.click()
-            image = page.locator('img[alt="plots/loss_curve.png"]')
-            image.wait_for()
-            page.wait_for_function("img => img.complete && img.naturalWidth > 0",
-                                   arg=image.element_handle())
-            assert image.evaluate("img => img.naturalWidth") == 320  # 4 in x 80 dpi
-            page.screenshot(path=str(ARTIFACTS / "mlflow-artifact.png"))
-        finally:
-            browser.close()
-    timings = grid["timings"]
-    print(f"\nui test: training {timings['train_s']:.1f} s, server ready after "
-          f"{timings['server_s']:.1f} s more, browser checks {time.monotonic() - started:.1f} s")
+def close_assistant(page) -> None:
+    """MLflow opens its Assistant panel on a browser's first visit from this host."""
+    close = page.get_by_role("button", name="Close", exact=True)
+    if close.count():
+        close.first.click()
