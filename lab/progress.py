@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import warnings
 
@@ -50,12 +51,15 @@ def set_verbosity(level: str) -> None:
 def configure_output() -> None:
     """Apply `verbosity()` to the libraries' loggers and warnings. Lightning sets its loggers
     to INFO when imported, so it is imported first (at module import); MLflow reads its
-    level from the environment when imported, so that is set too."""
+    level from the environment when imported, so that is set too; Optuna's is set when
+    Optuna is loaded (lab/sweep.py calls this again once it has imported it)."""
     if verbosity() == "verbose":
         return
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    if "optuna" in sys.modules:  # Optuna sets its level when it first logs: set it its way
+        sys.modules["optuna"].logging.set_verbosity(logging.WARNING)
     for category, message in LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     for category in (DeprecationWarning, FutureWarning):

@@ -564,8 +564,9 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
     _positive_int("--workers", workers)
     n_trials = n_trials or sweep.trials
     url = storage_url(sweep.name, storage or sweep.storage)
-    if quiet:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from lab.progress import configure_output
+
+    configure_output()  # Optuna is imported now: its trial log follows the command's level
     optuna_storage = open_storage(url)  # a bad URL fails here, before any MLflow run
     uri = tracking.tracking_uri(tracking_uri)
     # Prepare the data once, here: workers would otherwise race to build the same cache.

@@ -130,3 +130,25 @@ def test_run_options_have_help(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--seed SEED seed of the initial weights and the data order" in text
     assert "--preset PRESET model preset: tiny (CPU)" in text
+
+
+def test_sweep_workers_print_one_line_per_trial_and_nothing_else(store, tmp_path):
+    """Two worker processes on one terminal: whole lines, one per finished trial, no bars,
+    no Optuna or Lightning log; the journal path shown as a path."""
+    import yaml
+
+    sweep_file = tmp_path / "two.yaml"
+    sweep_file.write_text(yaml.safe_dump(dict(
+        name="two", preset="tiny", data="synthetic", tokens=2.5e4, variants=["baseline"],
+        lr={"ladder": [3e-3, 3e-2]}, pruner="none", overrides={"train.val_every": 4})))
+    done = run_cli(["sweep", str(sweep_file), "--workers", "2", "--storage",
+                    str(tmp_path / "two.journal")], store)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"[two/baseline] 2 trial(s) to run; storage {tmp_path}/two.journal;")
+    trials = [line for line in lines if line.startswith("  [two/baseline] trial ")]
+    assert len(trials) == 2 and {t.split()[2] for t in trials} == {"0", "1"}
+    assert all(re.fullmatch(r"  \[two/baseline\] trial [01]  lr=0\.0\d+  seed=0: val loss "
+                            r"\d+\.\d{4}, 0 spike\(s\) in \d+s", t) for t in trials), trials
+    assert not [noise for noise in LIBRARY_NOISE + ("Trial 0", "A new study") if noise in done.stdout]
