@@ -152,3 +152,38 @@ def test_sweep_workers_print_one_line_per_trial_and_nothing_else(store, tmp_path
     assert all(re.fullmatch(r"  \[two/baseline\] trial [01]  lr=0\.0\d+  seed=0: val loss "
                             r"\d+\.\d{4}, 0 spike\(s\) in \d+s", t) for t in trials), trials
     assert not [noise for noise in LIBRARY_NOISE + ("Trial 0", "A new study") if noise in done.stdout]
+
+
+def readme_commands() -> list[list[str]]:
+    """Each command line of README.md's bash blocks, as words, comments dropped."""
+    text = (REPO / "README.md").read_text()
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+             for line in block.splitlines()]
+    return [shlex.split(line, comments=True) for line in lines
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_readme_commands_parse_and_need_only_the_clone_or_say_whose_data():
+    """Every `gatelab` line parses; the files it names are in the repository, made by an
+    earlier line, or marked as the reader's own (path/to/...); every `make` target exists."""
+    targets = set(re.findall(r"^([a-z][\w-]*):", (REPO / "Makefile").read_text(), re.M))
+    made: set[str] = set()
+    commands = readme_commands()
+    assert len(commands) >= 10
+    for words in commands:
+        if words[0] == "make":
+            assert words[1] in targets, words
+            continue
+        if "=" in words[0]:  # a shell variable for the lines below
+            assert "path/to/" in words[0], words
+            continue
+        assert words[0] == "gatelab", words
+        args = build_parser().parse_args(words[1:])
+        for name in ("file", "sweep_file"):
+            if getattr(args, name, None):
+                assert (REPO / getattr(args, name)).is_file(), words
+        data = getattr(args, "data", None)
+        if data and data != "synthetic":
+            assert "path/to/" in data or "$" in data or data in made, words
+        if words[1] == "prepare" and args.out:
+            made.add(args.out)
