@@ -26,6 +26,12 @@ from lab.progress import verbosity
 STOP_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 300.0   # the server imports MLflow and checks the schema: slow on a busy CPU
 LINKS = 10                # experiments listed with their link, newest first
+# MLflow 3.17 starts a browser in its GenAI layout and keeps the layout chosen in its switch
+# (in the browser's storage); a page's `workflowType` URL parameter overrides it for that
+# page only. It opens its Assistant panel on a first visit from the server's host, and no
+# server setting turns that off (mlflow/server/assistant).
+FIRST_VISIT = ("First visit from a browser: pick \"Model training\" at the top left once (the "
+               "browser keeps it for every page), and close the Assistant panel with its X.")
 
 
 def check_port(host: str, port: int) -> None:
@@ -153,8 +159,7 @@ def serve(host: str, port: int, uri: str | None = None) -> int:
               flush=True)
         print("\n".join(experiment_links(uri, base_url)) or "  (no runs yet)", flush=True)
         if verbosity() != "quiet":
-            print("(MLflow opens its Assistant panel on a first visit; its X closes it.)",
-                  flush=True)
+            print(FIRST_VISIT, flush=True)
         server.wait()
         return 0 if server.returncode in (0, -signal.SIGTERM) else 1
     except KeyboardInterrupt:

@@ -145,3 +145,52 @@ def test_report_command_prints_every_variant(store, capsys, tmp_path):
     assert main(["report", "printed", "--out", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     assert all(f"| {variant} |" in out for variant, _ in PPL)
+
+
+def test_the_parent_run_carries_the_summary_and_the_cells_their_variants_colour(store, tmp_path):
+    from lab import tracking
+    from lab.report import build_report, terminal_summary
+
+    parent = write_grid(store, "summary")
+    report = build_report("summary", store, tmp_path / "out")
+    client = tracking.client(store)
+    run = client.get_run(parent)
+    note = run.data.tags["mlflow.note.content"]
+    assert "| variant | seeds | val PPL | Δ vs baseline | Δ 95% CI |" in note
+    gate = next(r for r in report.rows if r.variant == "sdpa_elementwise_sigmoid_mul")
+    assert f"| sdpa_elementwise_sigmoid_mul | 3 | {gate.ppl.mean:.3f} ± {gate.ppl.std:.3f} | " \
+           f"{gate.delta.mean:+.3f} | [{gate.delta.low:+.3f}, {gate.delta.high:+.3f}] |" in note
+    metrics = run.data.metrics
+    assert metrics["report/sdpa_elementwise_sigmoid_mul/delta_ppl_mean"] == pytest.approx(-1.4 / 3)
+    assert metrics["report/sdpa_elementwise_sigmoid_mul/delta_ppl_ci_low"] == pytest.approx(gate.delta.low)
+    assert metrics["report/baseline/val_ppl_mean"] == pytest.approx(10.2)
+    assert "report/baseline/delta_ppl_mean" not in metrics  # the reference has no Δ
+    colours = {}
+    for row in report.all_rows:
+        for record in row.runs:
+            colours.setdefault(row.variant, set()).add(
+                client.get_run(record.run_id).data.tags["mlflow.runColor"])
+    assert all(len(c) == 1 for c in colours.values())  # one colour per variant, both LRs
+    assert len({c.pop() for c in colours.values()}) == len(colours)  # and distinct ones
+    lines = terminal_summary(report).splitlines()
+    assert lines[0].split() == ["variant", "seeds", "val", "PPL", "Δ", "vs", "baseline", "Δ",
+                                "95%", "CI"]
+    assert len(lines) == 1 + len(report.rows) and "(reference)" in lines[1]
+
+
+def test_with_one_learning_rate_there_is_no_copy_of_report_csv(store, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "PPL", {("baseline", 3e-3): [10.0, 10.4],
+                                                       ("sdpa_elementwise_sigmoid_mul", 3e-3):
+                                                       [9.5, 9.8]})
+    from lab.report import build_report
+
+    write_grid(store, "one-lr")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "all_lrs.csv").write_text("stale, from a report with several LRs")
+    report = build_report("one-lr", store, out)
+    assert {f.name for f in report.files} == {"report.md", "report.csv", "loss_curves.png",
+                                              "delta_ppl.png", "per_layer.png"}
+    assert not (out / "all_lrs.csv").exists() and not (out / "lr_vs_loss.png").exists()

@@ -116,7 +116,7 @@ class UI:
         self.lines: list[str] = []
         started = time.monotonic()
         # Up to the note that follows the links (lab/ui.py serve).
-        while not (self.lines and self.lines[-1].startswith("(MLflow opens")):
+        while not (self.lines and self.lines[-1].startswith("First visit")):
             line = self.process.stdout.readline()
             if not line and self.process.poll() is not None:
                 self.close()
@@ -261,11 +261,20 @@ def test_the_printed_link_opens_the_cells_side_by_side_in_the_model_training_lay
                 page.wait_for_timeout(1500)  # the charts draw their lines
                 page.screenshot(path=str(shots / "mlflow-charts.png"))
 
+                # As `gatelab ui` says: "Model training" picked once on the home page holds
+                # for pages without the link's parameter, such as a run's page.
+                page.goto(f"{ui.url}/#/experiments", wait_until="domcontentloaded")
+                page.get_by_text(GRID, exact=True).first.wait_for()
+                page.get_by_role("button", name="Model training", exact=True).first.click()
+                page.wait_for_function("() => localStorage.getItem('mlflow.workflowType_v1')"
+                                       " === '\"machine_learning\"'")
                 # The grid's parent run: the report's summary as its description, its plots.
                 page.goto(f"{ui.url}/#/experiments/{experiment}/runs/{parent}",
                           wait_until="domcontentloaded")
                 page.get_by_text("Δ vs baseline").first.wait_for()
                 page.get_by_text(CELLS[1], exact=True).first.wait_for()
+                assert page.get_by_text(TRAINING_ONLY, exact=True).first.is_visible()
+                assert not [t for t in GENAI_ONLY if page.get_by_text(t, exact=True).count()]
                 page.goto(f"{ui.url}/#/experiments/{experiment}/runs/{parent}/artifacts",
                           wait_until="domcontentloaded")
                 page.get_by_text("report", exact=True).first.click()
