@@ -140,11 +140,9 @@ class RunProgress(L.Callback):
             return
         rate = (step - self._start[1]) / max(now - self._start[0], 1e-9)  # steps/s since start
         self._printed = (now, step)
-        from lab.callbacks import LossMonitor  # the losses it copied to the host last
-
-        monitors = [c for c in trainer.callbacks if isinstance(c, LossMonitor)]
-        losses = monitors[0].losses if monitors else []
-        loss_text = f"{losses[-1]:.4f}" if losses else "?"
+        # The loss of this batch (the step's last micro-batch): one host copy per line.
+        loss = outputs.get("lm_loss") if isinstance(outputs, dict) else None
+        loss_text = f"{float(loss):.4f}" if loss is not None else "?"
         print(f"    [{self.label}] step {step}/{self.total_steps}  loss {loss_text}  "
               f"{rate * self.tokens_per_step:,.0f} tokens/s  "
               f"ETA {duration((self.total_steps - step) / max(rate, 1e-9))}", flush=True)
