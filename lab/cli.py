@@ -85,6 +85,8 @@ def cmd_train(args) -> int:
     from lab.gates import custom_variant, parse_gate
     from lab.run import describe, train_run
 
+    if not args.experiment.strip():
+        raise LabError(f"--experiment: expected an MLflow experiment name, got {args.experiment!r}")
     variant = custom_variant(parse_gate(args.gate)) if args.gate else args.variant
     config = resolve(variant, args.preset, args.overrides, data=args.data, tokens=args.tokens,
                      seed=args.seed, lr=args.lr)

@@ -8,16 +8,68 @@ the trainer and the tracker. Nothing downstream mutates it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from lab.errors import LabError, check_choice, check_nonnegative_int, check_positive
+from lab.errors import (LabError, check_choice, check_fraction, check_int_range,
+                        check_nonnegative, check_nonnegative_int, check_positive,
+                        check_positive_int)
 from lab.gates import GateSpec, Variant, get_variant
 
 SDPA_TRANSFORMS = ("none", "rmsnorm", "silu")
 FFN_KINDS = ("dense", "moe")
+# Vocabulary bounds. Below 16 tokens the synthetic language (4 likely successors per token,
+# lab/data.py) degenerates to near-deterministic text; 2^24 is over 100x the 151,936 of the
+# paper's Qwen models, and its embedding alone is 2^24 x d_model weights.
+MIN_VOCAB, MAX_VOCAB = 16, 2 ** 24
+# numpy's legacy seeding and Lightning's seed_everything accept seeds in [0, 2^32 - 1].
+MAX_SEED = 2 ** 32 - 1
+# A token budget whose training would take longer than this even at the fastest GPU's bf16
+# peak (lab/flops.py) on every device of the run is a typo, not a plan (`--tokens 1e30`).
+MAX_RUN_DAYS = 30
+
+
+@functools.cache
+def _field_types(cls) -> dict[str, tuple]:
+    """Each field's allowed types, from its annotation: `float | None` -> (float, None)."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        parts = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        out[name] = tuple(None if part is type(None) else part for part in parts)
+    return out
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+
+
+def check_field_types(section: str, obj) -> None:
+    """Every field of a config section holds its declared type, floats finite: a YAML file
+    or a `--set` value can carry anything (`train.lr: inf`, `train.batch_size: 2.5`), and
+    nothing downstream should meet it. A bool is not a number; an int is a float."""
+    for name, allowed in _field_types(type(obj)).items():
+        value = getattr(obj, name)
+        if value is None and None in allowed:
+            continue
+        kinds = [t for t in allowed if t is not None]
+        ok = any(_has_type(value, t) for t in kinds)
+        if not ok:
+            words = " or ".join(_TYPE_WORDS.get(t, t.__name__) for t in kinds)
+            words += " or none" if None in allowed else ""
+            raise LabError(f"{section}.{name}: expected {words}, got {value!r}")
+
+
+def _has_type(value, kind) -> bool:
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, kind)
 
 
 @dataclass(frozen=True)
@@ -71,11 +123,11 @@ class ModelConfig:
     moe_z_loss_coef: float = 0.001
 
     def validate(self) -> None:
+        check_field_types("model", self)
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim",
                      "ffn_hidden", "context"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise LabError(f"model.{name}: must be a positive integer, got {value!r}")
+            check_positive_int(f"model.{name}", getattr(self, name))
+        check_vocab("model.vocab_size", self.vocab_size)
         if self.n_heads % self.n_kv_heads:
             raise LabError(f"model.n_heads: {self.n_heads} query heads are not divisible by "
                            f"{self.n_kv_heads} KV heads (GQA needs whole groups)")
@@ -84,11 +136,13 @@ class ModelConfig:
         check_positive("model.rope_base", self.rope_base)
         check_positive("model.init_std", self.init_std)
         check_positive("model.residual_init_scale", self.residual_init_scale)
+        check_positive("model.rms_eps", self.rms_eps)
         check_choice("model.sdpa_transform", self.sdpa_transform, SDPA_TRANSFORMS)
         check_choice("model.ffn", self.ffn, FFN_KINDS)
         if self.residual_clip is not None:
             check_positive("model.residual_clip", self.residual_clip)
         if self.gate is not None:
+            check_field_types("gate", self.gate)
             self.gate.validate()
         if self.gate_insert_fraction is not None:
             if self.gate is None:
@@ -112,8 +166,10 @@ class ModelConfig:
                            "FFN capacity")
         if self.ffn == "moe":
             for name in ("moe_experts", "moe_top_k", "moe_expert_hidden"):
-                check_positive(f"model.{name}", getattr(self, name))
+                check_positive_int(f"model.{name}", getattr(self, name))
             check_nonnegative_int("model.moe_extra_experts", self.moe_extra_experts)
+            check_nonnegative("model.moe_aux_loss_coef", self.moe_aux_loss_coef)
+            check_nonnegative("model.moe_z_loss_coef", self.moe_z_loss_coef)
             if self.moe_top_k > self.moe_experts:
                 raise LabError(f"model.moe_top_k: {self.moe_top_k} exceeds the "
                                f"{self.moe_experts} experts")
@@ -129,6 +185,11 @@ class ModelConfig:
         the paper matches its dense models' parameters through the FFN width)."""
         extra = self.ffn_widen_g1_fraction * self.n_heads * self.head_dim / 3
         return self.ffn_hidden + round(extra)
+
+
+def check_vocab(field_name: str, vocab_size) -> None:
+    check_int_range(field_name, vocab_size, MIN_VOCAB, MAX_VOCAB,
+                    "see MIN_VOCAB and MAX_VOCAB in lab/config.py")
 
 
 def parse_switch_head(text: str) -> tuple[str, int, int]:
@@ -231,26 +292,37 @@ class TrainConfig:
     def validate(self) -> None:
         if self.compile not in (True, False, "auto"):
             raise LabError(f"train.compile: {self.compile!r} is not one of auto, true, false")
+        check_field_types("train", self)
         check_positive("train.tokens", self.tokens)
         check_positive("train.lr", self.lr)
-        check_positive("train.batch_size", self.batch_size)
+        check_positive_int("train.batch_size", self.batch_size)
+        check_positive_int("train.devices", self.devices)
         if self.micro_batch_size < 0 or (self.micro_batch_size and
                                          self.batch_size % (self.micro_batch_size * self.devices)):
             raise LabError(f"train.micro_batch_size: batch_size {self.batch_size} must be a multiple "
                            f"of micro_batch_size x devices ({self.micro_batch_size} x {self.devices})")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise LabError(f"train.min_lr_ratio: must lie in [0, 1], got {self.min_lr_ratio!r}")
-        if not 0 <= self.warmup_fraction < 1:
-            raise LabError(f"train.warmup_fraction: must lie in [0, 1), got {self.warmup_fraction!r}")
+        check_fraction("train.min_lr_ratio", self.min_lr_ratio, closed_high=True)
+        check_fraction("train.warmup_fraction", self.warmup_fraction)
+        # torch.optim.AdamW's own bounds, checked here so that they fail before the run exists.
+        check_nonnegative("train.weight_decay", self.weight_decay)
+        check_fraction("train.beta1", self.beta1)
+        check_fraction("train.beta2", self.beta2)
+        check_positive("train.eps", self.eps)
+        check_positive("train.grad_clip", self.grad_clip)
         check_nonnegative_int("train.seed", self.seed)
+        check_int_range("train.seed", self.seed, 0, MAX_SEED, "the seeds numpy and Lightning accept")
         if not isinstance(self.gate_constant_decay, bool):
             raise LabError("train.gate_constant_decay: expected true or false, got "
                            f"{self.gate_constant_decay!r}")
         check_choice("train.precision", self.precision, ("auto", "32-true", "bf16-mixed", "16-mixed"))
         check_choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
-        for name in ("val_every", "val_batches", "log_every", "devices", "divergence_patience"):
-            check_positive(f"train.{name}", getattr(self, name))
-        for name in ("analysis_windows", "analysis_every"):
+        for name in ("val_every", "val_batches", "log_every", "divergence_patience",
+                     "spike_window"):
+            check_positive_int(f"train.{name}", getattr(self, name))
+        check_positive("train.divergence_loss_ceiling", self.divergence_loss_ceiling)
+        check_nonnegative("train.spike_k", self.spike_k)
+        check_nonnegative("train.spike_floor", self.spike_floor)
+        for name in ("spike_merge", "checkpoint_every", "analysis_windows", "analysis_every"):
             check_nonnegative_int(f"train.{name}", getattr(self, name))
         if not isinstance(self.checkpoint_min_interval_s, (int, float)) or \
                 not 0 <= self.checkpoint_min_interval_s < float("inf"):
@@ -318,6 +390,13 @@ class DataConfig:
     valid: str | None = None           # explicit valid/test files for text sources
     test: str | None = None
 
+    def validate(self) -> None:
+        check_field_types("data", self)
+        if not self.source.strip():
+            raise LabError("data.source: expected synthetic, a prepared corpus directory or text "
+                           "files, got ''")
+        check_vocab("data.vocab_size", self.vocab_size)
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -330,9 +409,33 @@ class RunConfig:
     def validate(self) -> None:
         self.model.validate()
         self.train.validate()
+        self.data.validate()
         if self.train.micro_batch_size == 0 and self.train.batch_size % self.train.devices:
             raise LabError(f"train.batch_size: {self.train.batch_size} is not divisible by "
                            f"{self.train.devices} devices")
+        self.check_token_budget()
+
+    def check_token_budget(self) -> None:
+        """At least one optimizer step, and no more than MAX_RUN_DAYS of training at the
+        fastest GPU's peak on every device: the arithmetic goes into the message."""
+        from lab.flops import PEAK_BF16_TFLOPS, flops_per_token_lower_bound
+
+        t, m = self.train, self.model
+        tokens_per_step = t.batch_size * m.context
+        if t.tokens < tokens_per_step:
+            raise LabError(f"train.tokens: {t.tokens:g} is less than one optimizer step of "
+                           f"{t.batch_size} sequences x {m.context} tokens = {tokens_per_step:,} "
+                           "tokens; give at least that many")
+        flops = flops_per_token_lower_bound(m)
+        peak_tflops = max(value for _, value in PEAK_BF16_TFLOPS)
+        days = t.tokens * flops / (peak_tflops * 1e12 * t.devices) / 86400
+        if days > MAX_RUN_DAYS:
+            most = MAX_RUN_DAYS * 86400 * peak_tflops * 1e12 * t.devices / flops
+            raise LabError(f"train.tokens: {t.tokens:.3g} tokens x {flops:.3g} FLOPs per token "
+                           f"(at least, lab/flops.py) = {t.tokens * flops:.3g} FLOPs take at least "
+                           f"{days:.3g} days on {t.devices} device(s) at {peak_tflops:g} TFLOP/s "
+                           f"(the fastest bf16 peak known); at most {most:.3g} tokens fit in "
+                           f"{MAX_RUN_DAYS} days")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -413,7 +516,12 @@ def read_yaml(path, kind: str):
     if not path.is_file():
         raise LabError(f"{kind} file: {path} not found")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:  # a binary file, or text in another encoding
+        raise LabError(f"{kind} file {path}: not UTF-8 text (byte {err.object[err.start]:#04x} "
+                       f"at offset {err.start}); a {kind} file is YAML") from None
+    except OSError as err:
+        raise LabError(f"{kind} file {path}: cannot read it: {err.strerror or err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -512,7 +620,7 @@ def _coerce(field_name: str, current: Any, text: str) -> Any:
             return int(number)
         if isinstance(current, float) or current is None and _looks_numeric(text):
             return float(text)
-    except ValueError:
+    except (ValueError, OverflowError):  # int("inf") overflows
         raise LabError(f"{field_name}: expected a {type(current).__name__}, got {text!r}") from None
     return text
 

@@ -49,16 +49,38 @@ class TokenStore:
             raise LabError(f"data: {path} is not a prepared corpus (no {MANIFEST})")
         try:
             manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as err:
+        except (ValueError, OSError) as err:  # bad JSON, not UTF-8, unreadable
             raise LabError(f"data: corrupt manifest {manifest_path}: {err}") from None
         store = cls(path, manifest)
+        try:
+            dtype = np.dtype(manifest["dtype"])
+            counts = {split: int(manifest["splits"][split]) for split in SPLITS}
+            vocab_size, eos_id = int(manifest["vocab_size"]), int(manifest["eos_id"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise LabError(f"data: corrupt manifest {manifest_path}: bad or missing field "
+                           f"({type(err).__name__}: {err}); prepare the corpus again") from None
         for split in SPLITS:
             file = path / f"{split}.bin"
-            expected = manifest["splits"][split] * np.dtype(manifest["dtype"]).itemsize
+            expected = counts[split] * dtype.itemsize
             if not file.exists() or file.stat().st_size != expected:
                 raise LabError(f"data: {file} is missing or truncated (expected {expected} bytes); "
                                "prepare the corpus again")
+        # The model's vocabulary is the manifest's (lab.config.with_vocab): an id at or past
+        # it would index past the embedding in the middle of a recorded run.
+        largest = max(eos_id, store.max_token_id())
+        if largest >= vocab_size:
+            raise LabError(f"data: {path} holds token id {largest}, outside its vocabulary of "
+                           f"{vocab_size} (manifest vocab_size: ids must lie in [0, "
+                           f"{vocab_size - 1}]); prepare the corpus again with its tokenizer")
         return store
+
+    def max_token_id(self) -> int:
+        """The largest id in any split: from the manifest (written since it records
+        `max_token_id`), else read once from the token files."""
+        if "max_token_id" in self.manifest:
+            return int(self.manifest["max_token_id"])
+        return max((int(self.tokens(split).max()) for split in SPLITS
+                    if int(self.manifest["splits"][split])), default=0)
 
     @property
     def vocab_size(self) -> int:
@@ -85,19 +107,22 @@ def write_store(path: Path, splits: dict[str, np.ndarray | Iterable[np.ndarray]]
     sits in memory) and then the manifest; a store without its manifest is never opened."""
     path.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if vocab_size <= 2 ** 16 else np.uint32
-    counts = {}
+    counts, max_id = {}, 0
     for split, chunks in splits.items():
         # One temporary name per process: several runs may prepare the same cache at once.
         tmp = path / f"{split}.bin.tmp-{os.getpid()}"
         counts[split] = 0
         with open(tmp, "wb") as handle:
             for chunk in ([chunks] if isinstance(chunks, np.ndarray) else chunks):
-                np.asarray(chunk, dtype=dtype).tofile(handle)
-                counts[split] += len(chunk)
+                raw = np.asarray(chunk)
+                # The id as given: one past uint16 would wrap around in the file.
+                max_id = max(max_id, int(raw.max())) if len(raw) else max_id
+                raw.astype(dtype, copy=False).tofile(handle)
+                counts[split] += len(raw)
         os.replace(tmp, path / f"{split}.bin")
     manifest = dict(format_version=FORMAT_VERSION, source=source, tokenizer_hash=tokenizer_hash,
                     vocab_size=int(vocab_size), dtype=np.dtype(dtype).name, eos_id=int(eos_id),
-                    bos_id=int(eos_id), splits=counts, **(extra or {}))
+                    bos_id=int(eos_id), splits=counts, max_token_id=max_id, **(extra or {}))
     tmp = path / f"{MANIFEST}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, path / MANIFEST)

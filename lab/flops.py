@@ -54,3 +54,20 @@ def model_flops_per_token(config, counts: dict | None = None) -> float:
     n_params = counts.get("active", counts["total"])
     m = config.model
     return flops_per_token(n_params, m.n_layers, m.n_heads * m.head_dim, m.context)
+
+
+def flops_per_token_lower_bound(m) -> float:
+    """Model FLOPs per token of a ModelConfig from its shapes alone, before any model exists
+    (config validation: the token budget's wall-time bound). The matrices only: embedding
+    (and untied LM head), Q/K/V/O, the dense FFN or the experts a token uses; gates, norms
+    and routers are left out, so this never exceeds model_flops_per_token."""
+    attn_width = m.n_heads * m.head_dim
+    attention = m.d_model * (attn_width + 2 * m.n_kv_heads * m.head_dim) + attn_width * m.d_model
+    if m.ffn == "moe":  # the experts a token uses (lab.moe.experts_and_top_k), shared included
+        active = m.moe_top_k + m.moe_extra_experts + int(m.moe_shared_expert)
+        ffn = active * 3 * m.d_model * m.moe_expert_hidden
+    else:
+        ffn = 3 * m.d_model * m.ffn_hidden
+    embeddings = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+    n_params = embeddings + m.n_layers * (attention + ffn)
+    return flops_per_token(n_params, m.n_layers, attn_width, m.context)

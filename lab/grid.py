@@ -50,7 +50,7 @@ from lab.config import (RunConfig, check_name, from_dict, parse_lrs, parse_seeds
 from lab.flops import model_flops_per_token
 from lab import tracking
 from lab.owners import STALE_AFTER_S, owner_alive, owner_identity, threads_per_worker
-from lab.errors import LabError
+from lab.errors import LabError, check_positive
 
 GRID_FIELDS = ("name", "preset", "data", "tokens", "variants", "seeds", "lrs", "overrides")
 REQUIRED_FIELDS = ("name", "variants")
@@ -814,6 +814,7 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
     if options.cpu_threads is not None and options.cpu_threads < 1:
         raise LabError(f"--cpu-threads: must be at least 1, got {options.cpu_threads}")
     runs_per_gpu = parse_runs_per_gpu(options.runs_per_gpu)
+    check_positive("--stale-after", options.stale_after_s)
     # Small models gain little from intra-op threads and lose much when threads outnumber
     # free cores, so CPU workers split the cores between them.
     cpu_threads = options.cpu_threads or threads_per_worker(options.cpu_workers)

@@ -51,7 +51,21 @@ def count_params(config: RunConfig) -> dict[str, int]:
     return counts
 
 
+def check_devices(devices: int) -> None:
+    """train.devices GPUs must be visible here: without CUDA the Trainer would quietly train
+    on one CPU process instead (lab.run.train_run)."""
+    from lab.errors import LabError
+
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if devices > max(1, available):
+        where = f"{available} CUDA device(s) are visible" if available else \
+            "no CUDA device is visible (a CPU run uses 1)"
+        raise LabError(f"train.devices: {devices} devices per run, but {where}; allowed: "
+                       f"1..{max(1, available)}")
+
+
 def open_data(config: RunConfig) -> tuple[TokenStore, RunConfig]:
+    check_devices(config.train.devices)
     d = config.data
     store = open_source(d.source, d.vocab_size, d.valid, d.test)
     from lab.training import total_steps

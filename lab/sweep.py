@@ -33,7 +33,9 @@ Choices the paper leaves to us, all documented here and in docs/sweeps.md:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +197,8 @@ def parse_sweep(raw: Any, source: str = "sweep") -> Sweep:
         if required not in raw:
             raise LabError(f"{source}: missing field {required!r}")
     name = check_name(raw["name"])
+    if not isinstance(raw["preset"], str):
+        raise LabError(f"preset: expected a preset name, got {raw['preset']!r}")
     variants = parse_variants(raw["variants"])
     if variants == "all":
         raise LabError("variants: a sweep lists its variants by name ('all' is for grids)")
@@ -284,10 +288,22 @@ def open_storage(url: str, create: bool = True):
     if not create and not path.is_file():
         raise LabError(f"--storage: no sweep storage at {path} (run `gatelab sweep` first, or "
                        "pass --storage)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Default lock (a symlink lock file beside the journal): atomic on local and NFS file
-    # systems, and the lock optuna-dashboard takes when it opens the same file.
-    return JournalStorage(JournalFileBackend(str(path)))
+    if path.is_dir():
+        raise LabError(f"--storage: {path} is a directory; pass a journal file path in it, "
+                       f"e.g. {path / 'sweep.journal'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Every trial appends to the journal and takes a lock file beside it: both must be
+        # writable now, not when the first trial has trained.
+        for place in (path.parent, path) if path.exists() else (path.parent,):
+            if not os.access(place, os.W_OK):
+                raise PermissionError(errno.EACCES, f"{place} is not writable")
+        # Default lock (a symlink lock file beside the journal): atomic on local and NFS file
+        # systems, and the lock optuna-dashboard takes when it opens the same file.
+        return JournalStorage(JournalFileBackend(str(path)))
+    except OSError as err:  # read-only place, a parent that is a file, a full disk
+        raise LabError(f"--storage: cannot write the journal file {path}: "
+                       f"{err.strerror or err}; pass a writable path") from None
 
 
 def _redact(url: str) -> str:

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 
 import pytest
 
@@ -92,3 +93,42 @@ def test_issue_24_changes_the_identity_of_exactly_the_cells_it_retrains():
     constant = "sdpa_input_independent_sigmoid_mul"
     assert resolve(constant, "small").hash() != \
         resolve(constant, "small", ["train.gate_constant_decay=true"]).hash()
+
+
+def test_the_token_budget_is_at_least_one_step_and_at_most_the_wall_time_bound():
+    from lab.config import MAX_RUN_DAYS
+    from lab.flops import PEAK_BF16_TFLOPS, flops_per_token_lower_bound
+
+    one_step = 16 * 128  # tiny: batch_size x context
+    assert resolve("baseline", "tiny", tokens=one_step).train.tokens == one_step
+    with pytest.raises(LabError, match=f"less than one optimizer step .* = {one_step:,} tokens"):
+        resolve("baseline", "tiny", tokens=one_step - 1)
+    peak = max(value for _, value in PEAK_BF16_TFLOPS) * 1e12
+    most = MAX_RUN_DAYS * 86400 * peak / flops_per_token_lower_bound(resolve("baseline", "tiny").model)
+    resolve("baseline", "tiny", tokens=most * 0.99)
+    with pytest.raises(LabError, match=r"take at least 30\.3 days on 1 device.* at most "
+                                       + re.escape(f"{most:.3g} tokens fit in {MAX_RUN_DAYS} days")):
+        resolve("baseline", "tiny", tokens=most * 1.01)
+    # Two devices double what fits.
+    resolve("baseline", "tiny", ["train.devices=2"], tokens=most * 1.9)
+
+
+@pytest.mark.parametrize("value, message", [
+    (2.5, "train.batch_size: expected an integer, got 2.5"),
+    (True, "train.batch_size: expected an integer, got True"),
+    ("16", "train.batch_size: expected an integer, got '16'"),
+])
+def test_every_field_holds_its_declared_type(value, message):
+    import dataclasses
+
+    config = resolve("baseline", "tiny")
+    bad = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=value))
+    with pytest.raises(LabError, match=f"^{message}$"):
+        bad.validate()
+
+
+def test_yaml_numbers_keep_their_type_and_so_the_cell_identity():
+    """An int from a grid file in a float field stays an int: converting it would change
+    the config hash of every stored cell that was written with it."""
+    config = resolve("baseline", "tiny", {"train.weight_decay": 0, "model.qk_norm": False})
+    assert config.train.weight_decay == 0 and isinstance(config.train.weight_decay, int)

@@ -1,0 +1,296 @@
+"""Issue 20: the bad-input fuzz suite. Every case is a command a user could type; each must
+end with exit code 2, exactly one stderr line starting with `error:`, no traceback, and no
+MLflow run in a fresh store. Resolve-time checks need no training, so the cases run
+in-process through `lab.cli.main` (one case also as a real process, to show it is the same).
+
+A case is (id, argv, expected text in the message); `{tmp}` in argv is the test's folder,
+`{grid}` / `{sweep}` a valid grid / sweep file there, and `{corpus:<kind>}` a prepared
+corpus made broken in the way `kind` names (see `_corpus`).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gridkit import store  # noqa: F401
+
+TRAIN = ["train", "--quiet", "--preset", "tiny", "--data", "synthetic", "--tokens", "4096"]
+GRID_FILE = "name: fuzz\npreset: tiny\ntokens: 4096\nvariants: [baseline]\n"
+SWEEP_FILE = ("name: fuzz\npreset: tiny\ntokens: 4096\nvariants: [baseline]\n"
+              "lr: {low: 1.0e-3, high: 1.0e-2}\ntrials: 2\n")
+GATED = "sdpa_elementwise_sigmoid_mul"
+
+
+def train(*args: str) -> list[str]:
+    return [*TRAIN, *args]
+
+
+def sets(*pairs: str) -> list[str]:
+    return train(*[part for pair in pairs for part in ("--set", pair)])
+
+
+def grid(*args: str) -> list[str]:
+    return ["grid", "{grid}", "--quiet", *args]
+
+
+def grid_file(text: str) -> list[str]:
+    return ["grid", "{tmp}/written.yaml", "--quiet", f"@write:{text}"]
+
+
+def sweep(*args: str) -> list[str]:
+    return ["sweep", "{sweep}", "--quiet", *args]
+
+
+def sweep_file(text: str) -> list[str]:
+    return ["sweep", "{tmp}/written.yaml", "--quiet", f"@write:{text}"]
+
+
+CASES = [
+    # --- train: flags ---------------------------------------------------------------------
+    ("tokens-1e30", train("--tokens", "1e30"), "train.tokens: 1e+30 tokens x"),
+    ("tokens-inf", train("--tokens", "inf"), "train.tokens: expected a finite number, got inf"),
+    ("tokens-nan", train("--tokens", "nan"), "train.tokens: expected a finite number, got nan"),
+    ("tokens-zero", train("--tokens", "0"), "train.tokens: must be a positive number, got 0"),
+    ("tokens-negative", train("--tokens", "-5"), "train.tokens: must be a positive number"),
+    ("tokens-below-one-step", train("--tokens", "100"),
+     "train.tokens: 100 is less than one optimizer step of 16 sequences x 128 tokens = 2,048"),
+    ("lr-inf", train("--lr", "inf"), "train.lr: expected a finite number, got inf"),
+    ("lr-nan", train("--lr", "nan"), "train.lr: expected a finite number, got nan"),
+    ("lr-zero", train("--lr", "0"), "train.lr: must be a positive number, got 0"),
+    ("lr-negative", train("--lr=-1e-3"), "train.lr: must be a positive number"),
+    ("seed-too-large", train("--seed", "99999999999"),
+     "train.seed: must be an integer in [0, 4294967295]"),
+    ("seed-negative", train("--seed", "-1"), "train.seed: must be a non-negative integer"),
+    ("experiment-empty", train("--experiment", ""), "--experiment: expected an MLflow experiment"),
+    ("experiment-blank", train("--experiment", "  "), "--experiment: expected an MLflow experiment"),
+    ("preset-unknown", train("--preset", "huge"), "preset: unknown preset 'huge'"),
+    ("variant-unknown", train("--variant", "baselin"), "unknown variant 'baselin'"),
+    ("gate-axis-unknown", train("--gate", "position=nowhere"), "position"),
+    ("set-without-equals", train("--set", "train.lr"), "--set: expected key=value"),
+    ("set-unknown-section", sets("optim.lr=1"), "keys look like section.field"),
+    ("set-unknown-field", sets("train.nope=1"), "unknown field 'nope' of train"),
+    # --- train: model.* -------------------------------------------------------------------
+    ("vocab-2", sets("model.vocab_size=2"), "model.vocab_size: must be an integer in [16, 16777216]"),
+    ("vocab-0", sets("model.vocab_size=0"), "model.vocab_size: must be a positive integer, got 0"),
+    ("vocab-huge", sets("model.vocab_size=99999999999"), "model.vocab_size: must be an integer in"),
+    ("vocab-text", sets("model.vocab_size=abc"), "model.vocab_size: expected a int, got 'abc'"),
+    ("rms-eps-negative", sets("model.rms_eps=-1"), "model.rms_eps: must be a positive number"),
+    ("rms-eps-zero", sets("model.rms_eps=0"), "model.rms_eps: must be a positive number, got 0.0"),
+    ("rms-eps-nan", sets("model.rms_eps=nan"), "model.rms_eps: expected a finite number, got nan"),
+    ("layers-zero", sets("model.n_layers=0"), "model.n_layers: must be a positive integer"),
+    ("d-model-fraction", sets("model.d_model=2.5"), "model.d_model: expected a int, got '2.5'"),
+    ("kv-heads-indivisible", sets("model.n_kv_heads=3"), "model.n_heads: 4 query heads are not"),
+    ("head-dim-odd", sets("model.head_dim=15"), "model.head_dim: RoPE needs an even head_dim"),
+    ("context-zero", sets("model.context=0"), "model.context: must be a positive integer"),
+    ("rope-base-negative", sets("model.rope_base=-1"), "model.rope_base: must be a positive number"),
+    ("rope-base-inf", sets("model.rope_base=inf"), "model.rope_base: expected a finite number"),
+    ("init-std-zero", sets("model.init_std=0"), "model.init_std: must be a positive number"),
+    ("residual-clip-negative", sets("model.residual_clip=-1"), "model.residual_clip: must be a"),
+    ("residual-clip-text", sets("model.residual_clip=big"),
+     "model.residual_clip: expected a finite number or none, got 'big'"),
+    ("sdpa-transform", sets("model.sdpa_transform=foo"), "model.sdpa_transform: 'foo' is not one"),
+    ("ffn-kind", sets("model.ffn=sparse"), "model.ffn: 'sparse' is not one of dense, moe"),
+    ("qk-norm-not-bool", sets("model.qk_norm=maybe"), "model.qk_norm: expected true or false"),
+    ("switch-head-malformed", sets("model.switch_head=kv:x"), "model.switch_head: expected 'kv:E:K'"),
+    ("gate-insert-no-gate", sets("model.gate_insert_fraction=0.5"), "needs a gate to insert"),
+    ("gate-insert-above-one", train("--variant", GATED, "--set", "model.gate_insert_fraction=1.5"),
+     "model.gate_insert_fraction: must lie in (0, 1)"),
+    ("gate-activation", train("--variant", GATED, "--set", "gate.activation=tanh"),
+     "gate.activation: 'tanh' is not one of"),
+    ("gate-bias-not-bool", train("--variant", GATED, "--set", "gate.bias=2"),
+     "gate.bias: expected true or false"),
+    ("gate-on-baseline", sets("gate.activation=silu"), "variant baseline has no gate to change"),
+    # --- train: train.* -------------------------------------------------------------------
+    ("weight-decay-negative", sets("train.weight_decay=-1"),
+     "train.weight_decay: must be a non-negative number, got -1.0"),
+    ("grad-clip-negative", sets("train.grad_clip=-1"), "train.grad_clip: must be a positive number"),
+    ("grad-clip-zero", sets("train.grad_clip=0"), "train.grad_clip: must be a positive number"),
+    ("spike-window-zero", sets("train.spike_window=0"), "train.spike_window: must be a positive int"),
+    ("checkpoint-every-negative", sets("train.checkpoint_every=-1"),
+     "train.checkpoint_every: must be a non-negative integer, got -1"),
+    ("beta1-two", sets("train.beta1=2"), "train.beta1: must lie in [0, 1), got 2.0"),
+    ("beta1-one", sets("train.beta1=1"), "train.beta1: must lie in [0, 1), got 1.0"),
+    ("beta2-negative", sets("train.beta2=-0.1"), "train.beta2: must lie in [0, 1), got -0.1"),
+    ("eps-negative", sets("train.eps=-1"), "train.eps: must be a positive number, got -1.0"),
+    ("eps-zero", sets("train.eps=0"), "train.eps: must be a positive number, got 0.0"),
+    ("devices-absent", [*sets("train.devices=1024", "train.batch_size=1024"), "--tokens", "2e5"],
+     "train.devices: 1024 devices per run, but"),
+    ("devices-zero", sets("train.devices=0"), "train.devices: must be a positive integer, got 0"),
+    ("batch-zero", sets("train.batch_size=0"), "train.batch_size: must be a positive integer"),
+    ("micro-batch-indivisible", sets("train.batch_size=3", "train.micro_batch_size=2"),
+     "train.micro_batch_size: batch_size 3 must be a multiple"),
+    ("micro-batch-negative", sets("train.micro_batch_size=-1"), "train.micro_batch_size:"),
+    ("min-lr-ratio", sets("train.min_lr_ratio=2"), "train.min_lr_ratio: must lie in [0, 1]"),
+    ("warmup-one", sets("train.warmup_fraction=1"), "train.warmup_fraction: must lie in [0, 1)"),
+    ("val-every-zero", sets("train.val_every=0"), "train.val_every: must be a positive integer"),
+    ("log-every-negative", sets("train.log_every=-3"), "train.log_every: must be a positive int"),
+    ("patience-zero", sets("train.divergence_patience=0"), "train.divergence_patience: must be"),
+    ("ceiling-inf", sets("train.divergence_loss_ceiling=inf"),
+     "train.divergence_loss_ceiling: expected a finite number"),
+    ("spike-k-negative", sets("train.spike_k=-1"), "train.spike_k: must be a non-negative"),
+    ("spike-floor-negative", sets("train.spike_floor=-1"), "train.spike_floor: must be a non-neg"),
+    ("spike-merge-negative", sets("train.spike_merge=-1"), "train.spike_merge: must be a non-neg"),
+    ("precision", sets("train.precision=fp8"), "train.precision: 'fp8' is not one of"),
+    ("compile-mode", sets("train.compile_mode=fast"), "train.compile_mode: 'fast' is not one of"),
+    ("analysis-windows-negative", sets("train.analysis_windows=-1"), "train.analysis_windows:"),
+    ("context-factors", sets("train.long_context_factors=1,x"), "train.long_context_factors:"),
+    ("seed-inf-by-set", sets("train.seed=inf"), "train.seed: expected a int, got 'inf'"),
+    ("seed-fraction-by-set", sets("train.seed=1.5"), "train.seed: expected a int, got '1.5'"),
+    ("deterministic-not-bool", sets("train.deterministic=sometimes"), "train.deterministic:"),
+    # --- train: data ----------------------------------------------------------------------
+    ("data-vocab-1", sets("data.vocab_size=1"), "data.vocab_size: must be an integer in [16,"),
+    ("data-empty", train("--data", ""), "data.source: expected synthetic"),
+    ("data-bos-not-bool", sets("data.bos_aligned=maybe"), "data.bos_aligned: expected true or"),
+    ("data-missing-file", train("--data", "{tmp}/nope.txt"), "file not found"),
+    ("corpus-ids-past-vocab", train("--data", "{corpus:ids-past-vocab}"),
+     "holds token id 600, outside its vocabulary of 512"),
+    ("corpus-manifest-vocab-shrunk", train("--data", "{corpus:old-manifest-shrunk}"),
+     "outside its vocabulary of 100"),
+    ("corpus-manifest-not-json", train("--data", "{corpus:not-json}"), "corrupt manifest"),
+    ("corpus-manifest-no-dtype", train("--data", "{corpus:no-dtype}"),
+     "corrupt manifest"),
+    ("corpus-truncated", train("--data", "{corpus:truncated}"), "is missing or truncated"),
+    # --- grid: flags and files ------------------------------------------------------------
+    ("grid-binary-file", ["grid", "{tmp}/binary.yaml", "--quiet", "@binary"],
+     "not UTF-8 text (byte 0x89 at offset 0)"),
+    ("grid-missing-file", ["grid", "{tmp}/absent.yaml", "--quiet"], "not found"),
+    ("grid-stale-after-negative", grid("--stale-after", "-1"),
+     "--stale-after: must be a positive number, got -1.0"),
+    ("grid-stale-after-nan", grid("--stale-after", "nan"), "--stale-after: must be a positive"),
+    ("grid-tokens-inf", grid("--tokens", "inf"), "--tokens: must be a positive number, got 'inf'"),
+    ("grid-tokens-1e30", grid("--tokens", "1e30"), "train.tokens: 1e+30 tokens x"),
+    ("grid-seed-too-large", grid("--seeds", "99999999999"), "train.seed: must be an integer in"),
+    ("grid-lrs-nan", grid("--lrs", "nan"), "--lrs: must be a positive number"),
+    ("grid-runs-per-gpu-zero", grid("--runs-per-gpu", "0"), "--runs-per-gpu: must be at least 1"),
+    ("grid-cpu-threads-zero", grid("--cpu-threads", "0"), "--cpu-threads: must be at least 1"),
+    ("grid-set-beta", grid("--set", "train.beta1=2"), "train.beta1: must lie in [0, 1)"),
+    ("grid-file-tokens-1e30", grid_file(GRID_FILE.replace("4096", "1e30")), "train.tokens: 1e+30"),
+    ("grid-file-bool-for-int", grid_file(GRID_FILE + "overrides: {model.n_layers: true}\n"),
+     "model.n_layers: expected an integer, got True"),
+    ("grid-file-float-for-int", grid_file(GRID_FILE + "overrides: {train.batch_size: 2.5}\n"),
+     "train.batch_size: expected an integer, got 2.5"),
+    ("grid-file-int-for-bool", grid_file(GRID_FILE + "overrides: {model.qk_norm: 3}\n"),
+     "model.qk_norm: expected true or false, got 3"),
+    ("grid-file-inf-eps", grid_file(GRID_FILE + "overrides: {model.rms_eps: .inf}\n"),
+     "model.rms_eps: expected a finite number, got inf"),
+    ("grid-file-weight-decay", grid_file(GRID_FILE + "overrides: {train.weight_decay: -1}\n"),
+     "train.weight_decay: must be a non-negative number, got -1"),
+    # --- sweep: flags and files -----------------------------------------------------------
+    ("sweep-storage-directory", sweep("--storage", "{tmp}"), "is a directory"),
+    ("sweep-storage-under-a-file", sweep("--storage", "{sweep}/x.journal"),
+     "--storage: cannot write the journal file"),
+    ("sweep-n-trials-zero", sweep("--n-trials", "0"), "--n-trials: must be a positive integer"),
+    ("sweep-workers-zero", sweep("--workers", "0"), "--workers: must be a positive integer"),
+    ("sweep-variants-unknown", sweep("--variants", "nosuch"), "--variants: nosuch not in sweep"),
+    ("sweep-binary-file", ["sweep", "{tmp}/binary.yaml", "--quiet", "@binary"], "not UTF-8 text"),
+    ("sweep-preset-list", sweep_file(SWEEP_FILE.replace("preset: tiny", "preset: [tiny]")),
+     "preset: expected a preset name, got ['tiny']"),
+    ("sweep-lr-inverted", sweep_file(SWEEP_FILE.replace("low: 1.0e-3, high: 1.0e-2",
+                                                        "low: 1.0e-2, high: 1.0e-3")),
+     "lr: low (0.01) must be below high (0.001)"),
+    ("sweep-lr-zero", sweep_file(SWEEP_FILE.replace("low: 1.0e-3", "low: 0")),
+     "lr.low: must be a positive number"),
+    ("sweep-tokens-inf", sweep_file(SWEEP_FILE.replace("4096", ".inf")),
+     "tokens: must be a positive number"),
+    ("sweep-trials-zero", sweep_file(SWEEP_FILE.replace("trials: 2", "trials: 0")),
+     "trials: must be a positive integer"),
+    ("sweep-override-eps", sweep_file(SWEEP_FILE + "overrides: {train.eps: -1}\n"),
+     "train.eps: must be a positive number"),
+    ("sweep-report-tolerance", ["sweep-report", "fuzz", "--tolerance", "2"],
+     "--tolerance: must lie in [0, 1)"),
+]
+
+
+def _corpus(tmp: Path, kind: str) -> Path:
+    """A small prepared corpus under tmp, broken as `kind` says."""
+    from lab.data import MANIFEST, write_store
+
+    path = tmp / f"corpus-{kind}"
+    tokens = np.arange(20_000) % 500
+    if kind == "ids-past-vocab":  # what a tokenizer larger than the manifest says gives
+        tokens = tokens.copy()
+        tokens[123] = 600
+    write_store(path, {s: tokens for s in ("train", "valid", "test")}, vocab_size=512,
+                eos_id=0, source="fuzz", tokenizer_hash="fuzz")
+    manifest = json.loads((path / MANIFEST).read_text())
+    if kind == "old-manifest-shrunk":  # written before max_token_id, then edited by hand
+        del manifest["max_token_id"]
+        manifest["vocab_size"] = 100
+    elif kind == "no-dtype":
+        del manifest["dtype"]
+    elif kind == "truncated":
+        (path / "valid.bin").write_bytes(b"\0" * 10)
+    if kind == "not-json":
+        (path / MANIFEST).write_bytes(b"\x89PNG not json")
+    else:
+        (path / MANIFEST).write_text(json.dumps(manifest))
+    return path
+
+
+def _argv(template: list[str], tmp: Path) -> list[str]:
+    (tmp / "grid.yaml").write_text(GRID_FILE)
+    (tmp / "sweep.yaml").write_text(SWEEP_FILE)
+    argv = []
+    for part in template:
+        if part.startswith("@write:"):
+            (tmp / "written.yaml").write_text(part[len("@write:"):])
+        elif part == "@binary":
+            (tmp / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary")
+        elif part.startswith("{corpus:"):
+            argv.append(str(_corpus(tmp, part[len("{corpus:"):-1])))
+        else:
+            argv.append(part.format(tmp=tmp, grid=tmp / "grid.yaml", sweep=tmp / "sweep.yaml"))
+    return argv
+
+
+def _run_count(uri: str) -> int:
+    with sqlite3.connect(uri[len("sqlite:///"):]) as db:
+        runs = db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+        experiments = db.execute("SELECT COUNT(*) FROM experiments").fetchone()[0]
+    return runs + experiments - 1  # the Default experiment is always there
+
+
+def test_the_suite_is_the_size_the_issue_asks_for():
+    assert len(CASES) >= 60
+    assert len({case[0] for case in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("template, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_error_line_exit_2_and_no_run(store, tmp_path, capsys, template,
+                                                       expected):
+    from lab.cli import main
+
+    assert main(_argv(template, tmp_path)) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in captured.err + captured.out
+    assert _run_count(store) == 0
+
+
+def test_a_real_process_refuses_the_same_way(store, tmp_path):
+    """The in-process cases stand for the command: one, run as `python -m lab`."""
+    done = subprocess.run([sys.executable, "-m", "lab", *train("--tokens", "inf")],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == ["error: train.tokens: expected a finite number, got inf"]
+    assert _run_count(store) == 0
+
+
+def test_a_corpus_written_in_range_opens_and_records_its_largest_id(tmp_path):
+    from lab.data import TokenStore, write_store
+
+    tokens = np.arange(5000) % 300
+    written = write_store(tmp_path / "ok", {s: tokens for s in ("train", "valid", "test")},
+                          vocab_size=512, eos_id=0, source="fuzz", tokenizer_hash="fuzz")
+    assert written.manifest["max_token_id"] == 299
+    assert TokenStore.open(tmp_path / "ok").max_token_id() == 299
