@@ -90,7 +90,10 @@ def run_grid_process(raw: dict, env: dict) -> None:
 
 
 def cli_process(argv: list[str], env: dict) -> None:
-    """Target of a forked `gatelab` command: its exit code is the process's."""
+    """Target of a forked `gatelab` command: its exit code is the process's. The fork server
+    keeps the environment of the moment it started, and MLflow exports the tracking URI of
+    any earlier in-process run to MLFLOW_TRACKING_URI: only `env` may name a store here."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.update(env)
     import torch
 
