@@ -217,6 +217,8 @@ def test_the_printed_link_opens_the_cells_side_by_side_in_the_model_training_lay
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("GATELAB_STORE", store["env"]["GATELAB_STORE"])
+        # MLflow exports an earlier in-process run's tracking URI to the environment
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
         mlflow_client = tracking.client(tracking.tracking_uri())
     experiment = mlflow_client.get_experiment_by_name(GRID).experiment_id
     parent = find_parent(mlflow_client, experiment)
