@@ -47,7 +47,7 @@ def sdpa_operand(x: torch.Tensor) -> torch.Tensor:
     softmax scale is passed explicitly, so it still uses the true head_dim). A misaligned
     view is copied to a contiguous tensor. An aligned operand passes through untouched, so
     the presets' layouts cost nothing. Under torch.compile the strides are static, so this
-    check is resolved while tracing."""
+    check is resolved while tracing (see `sdpa_aligned` for the storage offset)."""
     pad = -x.shape[-1] % SDPA_ALIGNMENT
     if pad:
         x = F.pad(x, (0, pad))
@@ -60,9 +60,20 @@ def sdpa_aligned(x: torch.Tensor) -> bool:
     """Last dimension contiguous; storage offset and every other stride (of dimensions longer
     than 1, the only ones ever stepped) a multiple of SDPA_ALIGNMENT elements; head_dim too."""
     strides = [s for s, n in zip(x.stride()[:-1], x.shape[:-1]) if n > 1]
-    return (x.stride(-1) == 1 and x.shape[-1] % SDPA_ALIGNMENT == 0
-            and x.storage_offset() % SDPA_ALIGNMENT == 0
-            and all(s % SDPA_ALIGNMENT == 0 for s in strides))
+    layout_aligned = (x.stride(-1) == 1 and x.shape[-1] % SDPA_ALIGNMENT == 0
+                      and all(s % SDPA_ALIGNMENT == 0 for s in strides))
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace `storage_offset()` (torch 2.11: "torch.* op returned
+        # non-Tensor"): the call broke the graph inside every layer, so the decoder's layer
+        # loop ran eagerly between small compiled pieces, 0.55 of the GPU busy at `small`
+        # (benchmarks/README.md, "Graph breaks"). Inside `Attention` the offset is aligned by
+        # construction: q and k are fresh tensors (norm and RoPE), and v is either fresh or a
+        # column slice of the fused projection starting at (n_heads + k columns) x head_dim,
+        # a multiple of SDPA_ALIGNMENT whenever head_dim is; any other head_dim is padded
+        # above, which makes a fresh tensor. tests/test_model.py checks that argument for
+        # odd layouts with the offset read in eager mode.
+        return layout_aligned
+    return layout_aligned and x.storage_offset() % SDPA_ALIGNMENT == 0
 
 
 class RotaryEmbedding(nn.Module):

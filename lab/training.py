@@ -220,7 +220,14 @@ class TokenDataModule(L.LightningDataModule):
         windows = eval_windows(self.store, split, self.config.model.context,
                                t.val_batches * t.micro_batch, self.config.data.bos_aligned,
                                self.config.data.bos_prefix)
-        return DataLoader(windows, batch_size=t.micro_batch, shuffle=False)
+        # Whole micro-batches only (when there is one): a last, shorter batch has another
+        # shape, which a compiled model recompiles for, dynamic in the batch dimension; at
+        # `small` that cost 10-14 s inside the first validation (a 2-window remainder of the
+        # synthetic split; benchmarks/README.md, "Graph breaks and recompiles"), and the
+        # training steps after it could run the dynamic graph. Eager runs evaluate the same
+        # windows, so compiled and eager runs report comparable losses.
+        return DataLoader(windows, batch_size=t.micro_batch, shuffle=False,
+                          drop_last=len(windows) >= t.micro_batch)
 
     def val_dataloader(self):
         return self._eval_loader("valid")

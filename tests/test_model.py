@@ -606,6 +606,52 @@ def test_every_sdpa_operand_is_aligned_and_the_result_exact(monkeypatch, slug, l
     assert (fast - reference).norm() / reference.norm() < tolerance
 
 
+@pytest.mark.parametrize("layout", ODD_LAYOUTS, ids=lambda d: "-".join(f"{k}{v}" for k, v in d.items()))
+@pytest.mark.parametrize("slug", LAYOUT_VARIANTS)
+def test_operands_stay_aligned_when_the_offset_is_not_read(monkeypatch, slug, layout):
+    """Under torch.compile `sdpa_aligned` cannot read the storage offset and relies on the
+    fused projection's column order (lab/model.py): run the model as if compiling, and read
+    the real offsets of what reaches SDPA."""
+    overrides = [f"model.{k}={v}" for k, v in layout.items()]
+    model = build(slug, overrides=overrides)
+    real_sdpa = F.scaled_dot_product_attention
+    offsets = []
+
+    def recording_sdpa(q, k, v, *args, **kwargs):
+        offsets.extend((t.storage_offset(), t.stride()) for t in (q, k, v))
+        return real_sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():
+        model(tokens())
+    assert len(offsets) == 3 * model.cfg.n_layers
+    for offset, stride in offsets:
+        assert offset % 8 == 0, f"SDPA operand at storage offset {offset} (stride {stride})"
+
+
+DENSE_AND_MOE = ([("tiny", slug, torch.float32) for slug, v in VARIANTS.items() if v.needs != "moe"]
+                 # the MoE layer's grouped GEMM path (bf16 weights); its fp32 fallback loops
+                 # over experts with data-dependent sizes and is not one graph
+                 + [("moe-tiny", slug, torch.bfloat16) for slug, v in VARIANTS.items()
+                    if v.needs != "dense"][:3])
+
+
+@pytest.mark.parametrize("preset,slug,dtype", DENSE_AND_MOE, ids=str)
+def test_the_decoder_compiles_to_one_graph(preset, slug, dtype):
+    """No graph break in a training forward: one broke every layer's attention (a
+    `storage_offset()` call), which left the layer loop eager and the GPU idle half of a
+    `small` step (benchmarks/README.md, "Graph breaks")."""
+    torch._dynamo.reset()
+    config = resolve(slug, preset, [])
+    torch.manual_seed(0)
+    model = Decoder(config.model).to(dtype)
+    x = tokens(length=config.model.context // 4, vocab=config.model.vocab_size)
+    explanation = torch._dynamo.explain(model)(x, targets=x)
+    assert explanation.graph_break_count == 0, [str(r.reason)[:200] for r in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
 def test_sdpa_aligned_rejects_the_layout_that_broke_cudnn():
     from lab.model import sdpa_aligned, sdpa_operand
 

@@ -192,3 +192,23 @@ def test_compiled_runs_evaluate_through_the_training_call_with_the_same_loss():
     assert via_training[1] == plain[1] == 4 * config.model.context
     assert torch.allclose(via_training[0], plain[0], rtol=1e-5)
     assert not via_training[0].requires_grad
+
+
+def test_evaluation_batches_are_whole_micro_batches(tmp_path, monkeypatch):
+    """A shorter last batch would make a compiled model recompile inside validation (10-14 s
+    at `small`, benchmarks/README.md); the remainder is left out when a whole batch exists."""
+    from lab.data import eval_windows
+    from lab.run import open_data
+    from lab.training import TokenDataModule
+
+    monkeypatch.setenv("GATELAB_CACHE", str(tmp_path / "cache"))
+    store, config = open_data(resolve("baseline", "tiny", ["train.micro_batch_size=4",
+                                                           "train.batch_size=4"]))
+    context = config.model.context
+    available = len(eval_windows(store, "valid", context, 10 ** 6))
+    wanted = 4 * (available // 4) + 4  # more windows than the split has: a remainder is left
+    config = resolve("baseline", "tiny", ["train.micro_batch_size=4", "train.batch_size=4",
+                                          f"train.val_batches={wanted // 4}"])
+    sizes = [len(b) for b in TokenDataModule(store, config).val_dataloader()]
+    assert available % 4, "the split should leave a remainder for this test to mean anything"
+    assert sizes and set(sizes) == {4} and sum(sizes) == 4 * (available // 4)
