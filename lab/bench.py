@@ -64,7 +64,7 @@ class BareLoop:
         torch.manual_seed(t.seed)
         self.model = Decoder(config.model).to(self.device)
         if t.compile_on(self.device == "cuda"):
-            compile_model(self.model, t)
+            compile_model(self.model, t.compile_mode)
         self.optimizer = adamw(self.model.named_parameters(), config, fused=self.device == "cuda")
         self.sampler = train_sampler(store, config)
         self.accumulate = accumulation(config)

@@ -198,7 +198,7 @@ def check_variant(variant: str, preset: str, overrides: list[str], device: str, 
         fast = copy.deepcopy(reference)
         if mode == "compiled":
             torch._dynamo.reset()  # each variant compiles afresh, within the recompile limit
-            compile_model(fast, config.train)  # as training compiles it
+            compile_model(fast, config.train.compile_mode)  # as training compiles it
         _step(fast, inputs, targets, autocast)  # compiles, when compiled
         backend = sdpa_backend_of(lambda: _step(fast, inputs, targets, autocast))
         routers = _routing_modules(fast)

@@ -256,11 +256,8 @@ class TrainConfig:
     # compiling costs more than short runs gain; true or false forces it.
     compile: bool | str = "auto"
     # torch.compile mode when `compile` is on: "reduce-overhead" adds CUDA graphs (launch-bound
-    # small models), "max-autotune" searches matmul kernels; speed only, same model. "auto":
-    # CUDA graphs for dense models on a GPU (the lab's host-side loop around a `small` step
-    # left the GPU idle 29% of the time; benchmarks/README.md), plain compile for MoE
-    # models, whose routing makes shapes vary (`compile_mode_for`).
-    compile_mode: str = "auto"
+    # small models), "max-autotune" searches matmul kernels; speed only, same model.
+    compile_mode: str = "default"
     val_every: int = 50                # steps between validations
     val_batches: int = 8               # batches of the fixed validation set
     log_every: int = 5                 # steps between logged training metrics
@@ -351,12 +348,6 @@ class TrainConfig:
     def micro_batch(self) -> int:
         return self.micro_batch_size or self.batch_size // self.devices
 
-    def compile_mode_for(self, model: "ModelConfig", cuda: bool) -> str:
-        """The torch.compile mode this run uses: `compile_mode`, with "auto" resolved."""
-        if self.compile_mode != "auto":
-            return self.compile_mode
-        return "reduce-overhead" if cuda and model.ffn != "moe" else "default"
-
     def compile_on(self, cuda: bool) -> bool:
         """Whether this run compiles the model: `auto` compiles on GPU only."""
         return cuda if self.compile == "auto" else bool(self.compile)
@@ -369,7 +360,7 @@ class TrainConfig:
         return "bf16-mixed" if cuda else "32-true"
 
 
-COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ANALYSIS_FIELDS = ("analysis_windows", "analysis_every", "long_context_factors")
 # Fields added after stores already held runs: left out of a cell's identity while at their
 # default, so that a grid recorded before they existed still resumes instead of rerunning.
@@ -453,10 +444,6 @@ class RunConfig:
         """Identity of a grid cell: every field that changes what is trained (the analysis
         fields only change what is measured afterwards, so they are left out)."""
         raw = self.to_dict()
-        # The compile mode changes speed, not what is trained: "auto" (the default since it
-        # replaced "default") hashes as "default" did, so earlier grids resume.
-        if raw["train"].get("compile_mode") == "auto":
-            raw["train"]["compile_mode"] = "default"
         for name in ANALYSIS_FIELDS:
             raw["train"].pop(name, None)
         for (section, name), default in LATER_FIELDS.items():

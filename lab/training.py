@@ -64,12 +64,11 @@ def adamw(named_parameters, config: RunConfig, fused: bool) -> torch.optim.AdamW
                              fused=fused or None)
 
 
-def compile_model(model: Decoder, train: TrainConfig) -> Decoder:
+def compile_model(model: Decoder, mode: str) -> Decoder:
     """torch.compile in place, as every compiled path of the lab does it (training, the
-    bench's bare loop, `gatelab check`), in the run's mode (`TrainConfig.compile_mode_for`):
-    state-dict keys stay unprefixed, and `forward` called directly stays eager
-    (lab/analysis.py's probes rely on that)."""
-    model.compile(mode=train.compile_mode_for(model.cfg, torch.cuda.is_available()))
+    bench's bare loop, `gatelab check`): state-dict keys stay unprefixed, and `forward`
+    called directly stays eager (lab/analysis.py's probes rely on that)."""
+    model.compile(mode=mode)
     return model
 
 
@@ -103,7 +102,7 @@ class LanguageModel(L.LightningModule):
         # lab/run.py chooses the accelerator.
         if self.config.train.compile_on(torch.cuda.is_available()) and \
                 not getattr(self, "_compiled", False):
-            compile_model(self.model, self.config.train)
+            compile_model(self.model, self.config.train.compile_mode)
             self._compiled = True
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -132,22 +132,3 @@ def test_yaml_numbers_keep_their_type_and_so_the_cell_identity():
     the config hash of every stored cell that was written with it."""
     config = resolve("baseline", "tiny", {"train.weight_decay": 0, "model.qk_norm": False})
     assert config.train.weight_decay == 0 and isinstance(config.train.weight_decay, int)
-
-
-def test_compile_mode_auto_graphs_dense_models_on_a_gpu_only():
-    dense = resolve("baseline", "small", [])
-    moe = resolve("baseline", "moe-small", [])
-    assert dense.train.compile_mode == "auto"
-    assert dense.train.compile_mode_for(dense.model, cuda=True) == "reduce-overhead"
-    assert dense.train.compile_mode_for(dense.model, cuda=False) == "default"
-    assert moe.train.compile_mode_for(moe.model, cuda=True) == "default"
-    chosen = resolve("baseline", "small", ["train.compile_mode=max-autotune"])
-    assert chosen.train.compile_mode_for(chosen.model, cuda=True) == "max-autotune"
-
-
-def test_compile_mode_auto_keeps_the_cells_identity():
-    """Speed only: a grid recorded with the earlier default ("default") resumes."""
-    assert resolve("baseline", "small", []).hash() == \
-        resolve("baseline", "small", ["train.compile_mode=default"]).hash()
-    assert resolve("baseline", "small", []).hash() != \
-        resolve("baseline", "small", ["train.lr=1e-3"]).hash()
