@@ -244,7 +244,8 @@ def test_runs_per_gpu_auto_packs_from_the_measured_gain(store, monkeypatch):
     assert n == max(k for k in speedup if all(speedup[j + 1] - speedup[j] >= grid.PACKING_MIN_GAIN
                                                 for j in range(1, k)))
     assert n >= 2 and "measured" in basis
-    assert grid.auto_runs_per_gpu("small", gpu_memory_gib=12.0)[0] == 1   # 8.8 GiB per cell
+    peak = grid.MEASURED_PACKING["small"]["peak_gib"]
+    assert grid.auto_runs_per_gpu("small", gpu_memory_gib=1.5 * peak)[0] == 1  # one fits
     assert grid.auto_runs_per_gpu("medium", gpu_memory_gib=139.8)[0] == 1
     assert grid.parse_runs_per_gpu("3") == 3 and grid.parse_runs_per_gpu("auto") == "auto"
     for bad in ("0", "x", "1.5", -2):
