@@ -1,0 +1,276 @@
+"""lab/run.py: one run end to end. What other tests leave out: the device and data checks
+before a run is recorded, the run's record (tags, params, config artifact), checkpoint reading,
+the run summary and its final status, and the one-line result.
+
+Parameter counts (`count_params`) are checked against the paper's formulas in
+tests/test_model.py and tests/test_moe.py; checkpoint paths by run id in tests/test_export.py."""
+
+import json
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import mlflow
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from gridkit import store  # noqa: F401  (fixture)
+from lab.config import flatten, from_dict, resolve
+from lab.errors import LabError
+from lab.run import (RunResult, check_devices, count_params, describe, open_data,
+                     read_checkpoint, run_id_from_prefix, run_tags, start_run, throughput_summary,
+                     to_json, train_run)
+
+# 16 optimizer steps of 8 windows of 32 tokens, validation every 4; no end-of-run analysis,
+# which tests/test_analysis.py covers and which would triple the run's time.
+FAST = {"model.context": 32, "train.batch_size": 8, "train.val_every": 4, "train.val_batches": 2,
+        "train.log_every": 2, "train.analysis_windows": 0, "train.long_context_factors": ""}
+STEPS, TOKENS_PER_STEP = 16, 8 * 32
+
+
+def fast_config(variant="baseline", seed=0, **overrides):
+    return resolve(variant, "tiny", {**FAST, **overrides}, data="synthetic",
+                   tokens=STEPS * TOKENS_PER_STEP, seed=seed)
+
+
+def visible_gpus(monkeypatch, visible: int):
+    """torch sees `visible` CUDA devices (none: a CPU machine), whatever this machine has."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: visible > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+
+
+def artifact(run, name: str):
+    """A run's YAML or JSON artifact, read back through MLflow (YAML reads both)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = mlflow.artifacts.download_artifacts(f"{run.info.artifact_uri}/{name}",
+                                                   dst_path=folder)
+        return yaml.safe_load(Path(path).read_text())
+
+
+# --- before anything is recorded -------------------------------------------------------
+
+def test_devices_beyond_the_visible_gpus_are_refused_with_the_allowed_range(monkeypatch):
+    visible_gpus(monkeypatch, 0)
+    check_devices(1)  # a CPU run is one process
+    with pytest.raises(LabError, match=r"^train\.devices: 2 devices per run, but no CUDA device "
+                                       r"is visible \(a CPU run uses 1\); allowed: 1\.\.1$"):
+        check_devices(2)
+    visible_gpus(monkeypatch, 2)
+    check_devices(2)
+    with pytest.raises(LabError, match=r"^train\.devices: 3 devices per run, but 2 CUDA "
+                                       r"device\(s\) are visible; allowed: 1\.\.2$"):
+        check_devices(3)
+
+
+def test_open_data_checks_the_devices_before_it_opens_any_data(monkeypatch):
+    visible_gpus(monkeypatch, 0)
+    config = resolve("baseline", "tiny", {"train.devices": 2}, data="no/such/corpus")
+    with pytest.raises(LabError, match=r"^train\.devices: 2 devices"):
+        open_data(config)
+
+
+def test_open_data_gives_the_model_the_vocabulary_of_the_tokens(store):  # noqa: F811
+    config = resolve("baseline", "tiny", {"data.vocab_size": 600}, data="synthetic")
+    assert config.model.vocab_size == 512  # the preset's, until the tokens are known
+    token_store, opened = open_data(config)
+    assert token_store.vocab_size == 600 == opened.model.vocab_size
+    assert opened.data == config.data and opened.train == config.train
+
+
+def test_open_data_refuses_a_split_shorter_than_one_micro_batch(store):  # noqa: F811
+    # The synthetic corpus's valid split has 100,000 tokens; 16 windows of 8,193 need more.
+    config = resolve("baseline", "tiny", {"model.context": 8192}, data="synthetic",
+                     tokens=16 * 8192)
+    with pytest.raises(LabError, match=r"^data: the valid split of .* has 100,000 tokens, fewer "
+                                       r"than one micro-batch \(16 windows of 8193 = 131,088\)"):
+        open_data(config)
+
+
+# --- the run's record ------------------------------------------------------------------
+
+def test_run_tags_name_the_cell_and_its_identity():
+    config = resolve("sdpa_headwise_sigmoid_mul", "tiny", data="synthetic", seed=3, lr=2.5e-3)
+    tags = run_tags(config)
+    assert tags == {"variant": "sdpa_headwise_sigmoid_mul", "seed": "3", "preset": "tiny",
+                    "lr": "0.0025", "config_hash": config.hash(), "git_commit": tags["git_commit"],
+                    "data": "synthetic"}
+    assert tags["git_commit"]
+
+
+def test_start_run_records_a_running_run_with_its_config(store):  # noqa: F811
+    config = fast_config("sdpa_elementwise_sigmoid_mul", seed=2)
+    client = MlflowClient(store)
+    parent = client.create_run(client.create_experiment("parents")).info.run_id
+    run_id = start_run(config, store, "start-run", parent_run_id=parent,
+                       extra_tags={"gatelab.grid": "g"})
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING"
+    assert client.get_experiment(run.info.experiment_id).name == "start-run"
+    assert run.data.tags["mlflow.runName"] == "sdpa_elementwise_sigmoid_mul/lr=0.003/seed=2"
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.tags["gatelab.grid"] == "g"
+    assert {k: run.data.tags[k] for k in run_tags(config)} == run_tags(config)
+    # Every config field is a param, flattened; MLflow stores them as strings.
+    assert run.data.params == {k: str(v) for k, v in flatten(config.to_dict()).items()}
+    assert run.data.params["model.gate.position"] == "sdpa"
+    # The config artifact reads back into the same config.
+    assert from_dict(artifact(run, "config.yaml")) == config
+
+    named = start_run(config, store, "start-run", run_name="mine")
+    assert client.get_run(named).data.tags["mlflow.runName"] == "mine"
+    assert "mlflow.parentRunId" not in client.get_run(named).data.tags
+
+
+# --- checkpoints -----------------------------------------------------------------------
+
+def test_read_checkpoint_gives_the_config_the_decoder_state_and_the_step(tmp_path):
+    config = fast_config("sdpa_headwise_sigmoid_mul")
+    weight = torch.arange(6.0).view(2, 3)
+    path = tmp_path / "last.ckpt"
+    torch.save({"hyper_parameters": {"config": config.to_dict()}, "global_step": 7,
+                "state_dict": {"model.embed.weight": weight, "model.blocks.0.attn.in_proj.weight":
+                               weight + 1, "monitor.something": weight}}, path)
+    read_config, state, step = read_checkpoint(path, "export")
+    assert read_config == config and step == 7
+    assert set(state) == {"embed.weight", "blocks.0.attn.in_proj.weight"}  # the Decoder's only
+    assert torch.equal(state["blocks.0.attn.in_proj.weight"], weight + 1)
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", None])
+def test_a_file_that_is_no_lab_checkpoint_is_one_error_naming_the_command(tmp_path, content):
+    path = tmp_path / "other.ckpt"
+    if content is None:  # a real torch file, without the lab's keys
+        torch.save({"state_dict": {}}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(LabError, match=rf"^analyze: {path} is not a gatelab training checkpoint"):
+        read_checkpoint(path, "analyze")
+
+
+def test_a_run_id_prefix_is_normalised_and_what_is_no_prefix_passes_through(tmp_path, monkeypatch):
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
+    assert run_id_from_prefix("abc", "export") == "abc"  # no checkpoints at all yet
+    full = "ab" * 16
+    (tmp_path / "mlruns" / "checkpoints" / full).mkdir(parents=True)
+    (tmp_path / "mlruns" / "checkpoints" / full / "last.ckpt").write_bytes(b"")
+    assert run_id_from_prefix("  ABAB ", "export") == full  # case and spaces do not matter
+    assert run_id_from_prefix(full, "export") == full     # 32 digits are an id already
+    assert run_id_from_prefix("my-run", "export") == "my-run"  # not hex: not a prefix
+
+
+def test_an_ambiguous_prefix_lists_ten_matches_and_counts_the_rest(tmp_path, monkeypatch):
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
+    ids = [f"c{i:031x}" for i in range(12)]
+    for run_id in ids:
+        (tmp_path / "mlruns" / "checkpoints" / run_id).mkdir(parents=True)
+        (tmp_path / "mlruns" / "checkpoints" / run_id / "last.ckpt").write_bytes(b"")
+    with pytest.raises(LabError) as error:
+        run_id_from_prefix("c", "export")
+    assert str(error.value) == (f"export: run id prefix 'c' matches 12 runs with a checkpoint: "
+                                f"{', '.join(ids[:10])} and 2 more; give more characters")
+
+
+# --- the run summary -------------------------------------------------------------------
+
+def monitor(rate=None, first_step_s=None, flops_per_token=None, peak_tflops=None):
+    return SimpleNamespace(steady_tokens_per_s=lambda: rate, first_step_s=first_step_s,
+                           flops_per_token=flops_per_token, peak_tflops=peak_tflops,
+                           tokens_per_step=1000, mfu=lambda r: r * flops_per_token / 1e12 / peak_tflops)
+
+
+def test_throughput_summary_reports_only_what_was_measured(monkeypatch):
+    visible_gpus(monkeypatch, 0)
+    plain = fast_config()
+    assert throughput_summary(monitor(), plain) == {}
+    assert throughput_summary(monitor(first_step_s=2.0), plain) == {"time/first_step_s": 2.0}
+    assert throughput_summary(monitor(rate=500.0), plain) == \
+        {"throughput/tokens_per_s_mean": 500.0}  # no peak known: no MFU
+    measured = throughput_summary(monitor(rate=500.0, first_step_s=2.0, flops_per_token=6e9,
+                                          peak_tflops=10.0), plain)
+    assert measured == {"throughput/tokens_per_s_mean": 500.0, "throughput/mfu": 0.3,
+                        "time/first_step_s": 2.0}
+    # With compilation, the first step's excess over a steady one (1000 tokens at 500/s) is
+    # the compile time, and never negative.
+    compiled = fast_config(**{"train.compile": True})
+    assert throughput_summary(monitor(rate=500.0, first_step_s=2.5), compiled)["time/compile_s"] \
+        == pytest.approx(0.5)
+    assert throughput_summary(monitor(rate=500.0, first_step_s=1.0), compiled)["time/compile_s"] == 0
+
+
+def test_a_finished_run_records_its_summary_parameters_and_histories(store):  # noqa: F811
+    config = fast_config("sdpa_elementwise_sigmoid_mul")
+    result = train_run(config, store, "summary", quiet=True)
+    assert result.status == "FINISHED" and result.diverged_step is None
+    m = result.metrics
+    assert m["tokens/seen"] == STEPS * TOKENS_PER_STEP
+    assert m["val/best_loss"] <= m["val/final_loss"]
+    assert m["val/ppl"] == pytest.approx(torch.tensor(m["val/final_loss"]).exp().item(), rel=1e-4)
+    assert m["time/wall_s"] > 0
+
+    run = MlflowClient(store).get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["diverged"] == "false"
+    counts = count_params(config)
+    assert {k: run.data.metrics[f"params/{k}"] for k in counts} == counts
+    for name in ("tokens/seen", "val/ppl", "test/ppl", "spikes/count", "train/grad_norm_max"):
+        assert run.data.metrics[name] == pytest.approx(m[name])
+    spikes = artifact(run, "spikes.json")
+    assert m["spikes/count"] == len(spikes)
+    assert m["spikes/max_excess"] == max((s["max_excess"] for s in spikes), default=0.0)
+    history = artifact(run, "loss_history.json")
+    assert history["step"] == list(range(1, STEPS + 1))  # one loss per optimizer step
+    assert len(history["loss"]) == len(history["grad_norm"]) == STEPS
+    assert m["train/grad_norm_max"] == max(history["grad_norm"])
+    assert describe(result) == (f"run {result.run_id}: val/ppl {m['val/ppl']:.3f}, test/ppl "
+                                f"{m['test/ppl']:.3f}, 4,096 tokens in {m['time/wall_s']:.0f} s")
+
+
+class StopAt(L.Callback):
+    """Raises `error` after optimizer step `step`, as Ctrl-C or a crash would there."""
+
+    def __init__(self, step: int, error: BaseException):
+        self.step, self.error = step, error
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise self.error
+
+
+def test_a_crash_marks_the_run_failed_and_passes_the_error_on(store):  # noqa: F811
+    with pytest.raises(RuntimeError, match="boom"):
+        train_run(fast_config(), store, "crash", quiet=True,
+                  callbacks=[StopAt(3, RuntimeError("boom"))])
+    (run,) = MlflowClient(store).search_runs(
+        [MlflowClient(store).get_experiment_by_name("crash").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_an_interrupted_run_is_killed_and_continues_from_its_checkpoint(store):  # noqa: F811
+    config = fast_config(**{"train.checkpoint_every": 2})
+    started = []
+    with pytest.raises((KeyboardInterrupt, SystemExit)):  # Lightning makes Ctrl-C an exit
+        train_run(config, store, "interrupted", quiet=True, on_start=started.append,
+                  callbacks=[StopAt(5, KeyboardInterrupt())])
+    client = MlflowClient(store)
+    assert client.get_run(started[0]).info.status == "KILLED"
+
+    result = train_run(config, store, "interrupted", run_id=started[0], quiet=True)
+    assert result.run_id == started[0] and result.status == "FINISHED"
+    experiment = client.get_experiment_by_name("interrupted").experiment_id
+    assert [r.info.run_id for r in client.search_runs([experiment])] == [started[0]]
+    # The loss history is whole: the steps before the checkpoint come back with it, the
+    # steps after it were trained again, none twice.
+    history = artifact(client.get_run(started[0]), "loss_history.json")
+    assert history["step"] == list(range(1, STEPS + 1))
+    assert result.metrics["tokens/seen"] == STEPS * TOKENS_PER_STEP
+
+
+# --- the one-line result ---------------------------------------------------------------
+
+def test_describe_and_to_json_of_a_diverged_run():
+    result = RunResult("abc123", "FINISHED", {"diverged/step": 6.0}, diverged_step=6)
+    assert describe(result) == "run abc123: diverged at step 6"
+    assert json.loads(to_json(result)) == {"run_id": "abc123", "status": "FINISHED",
+                                           "metrics": {"diverged/step": 6.0}, "diverged_step": 6}
