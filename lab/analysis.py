@@ -32,8 +32,19 @@ Choices where the paper is silent (spec section 5 and "Not found"):
   number of tokens at every factor; perplexity over all positions of the window. YaRN's
   factor is the multiple (128k/32k = 4 in the paper; its setting is not stated).
 
+- Sink head share (Gu et al., ICLR 2025, "When attention sink emerges in language models"):
+  the share of all heads whose mean attention on position 0 (over windows and queries >= 1)
+  exceeds `train.sink_head_threshold` (0.3, their threshold), on the BOS windows (suffix
+  none), the random ones (`_random`) and the BOS windows cut to their first
+  `train.sink_short_window` tokens (64; `_short`), where a sink shows soonest. They find no
+  sink below about 100M unique training tokens: a share near 0 at our scale is a finding.
+- Largest attention logit per layer (pre-softmax, scale applied; Wortsman et al. 2023, whose
+  early warning of divergence it is), on the BOS windows.
+
 Metric names (what `gatelab report` reads): `sink/first_token_attn`,
-`sink/first_token_attn_random`, `sink/eos_attn`, `sink/eos_attn_random`, `act/max_mean`,
+`sink/first_token_attn_random`, `sink/first_token_attn_short`, `sink/head_share`,
+`sink/head_share_random`, `sink/head_share_short`, `attn/logit_max` (and per layer),
+`sink/eos_attn`, `sink/eos_attn_random`, `act/max_mean`,
 `act/attn_output_max_mean`, `act/attn_residual_max_mean`, `act/ffn_output_max_mean`,
 `gate/mean|std|min|max`, `sdpa/abs_mean`, `sdpa/abs_mean_gated`, `sdpa/sparsity_1e-2`,
 `sdpa/sparsity_1e-2_gated`, `sdpa/sparsity_1e-2_average_gate` (and 1e-3),
@@ -111,6 +122,9 @@ class ProbeRecorder:
         self.received: dict[int, torch.Tensor] = {}          # layer -> (T,) attention received
         self.received_rows: dict[int, int] = {}              # layer -> (window, head, query) rows
         self.position_max: dict[tuple[str, int], torch.Tensor] = {}  # (curve, layer) -> (T,)
+        self.logit_max: dict[int, torch.Tensor] = {}          # layer -> largest attention logit
+        self.head_first: dict[int, torch.Tensor] = {}         # layer -> (H,) position-0 mass
+        self.head_rows: dict[int, int] = {}                   # layer -> (window, query) rows
         self.gate_min: dict[int, torch.Tensor] = {}
         self.gate_max: dict[int, torch.Tensor] = {}
         self.gate_samples: dict[int, list[np.ndarray]] = {}
@@ -119,6 +133,13 @@ class ProbeRecorder:
         self._scores: dict[int, torch.Tensor] = {}
 
     def __call__(self, layer: int, name: str, tensor: torch.Tensor) -> None:
+        if name == "attn_logits":
+            # The largest pre-softmax logit (Wortsman et al. 2023: its growth precedes
+            # divergence at small scale, notably without QK-norm).
+            top = tensor.detach().amax()
+            previous = self.logit_max.get(layer)
+            self.logit_max[layer] = top if previous is None else torch.maximum(previous, top)
+            return
         if self.sink_only and name != "attn_probs":
             return
         tensor = tensor.detach()
@@ -151,6 +172,9 @@ class ProbeRecorder:
         B, H, T, _ = probs.shape
         rows = probs[:, :, 1:, :]  # query 0 attends only to itself: excluded (module docstring)
         self._add("first_token_attn", layer, rows[..., 0].sum(), rows[..., 0].numel())
+        per_head = rows[..., 0].sum(dim=(0, 2), dtype=torch.float64)  # (H,)
+        self.head_first[layer] = self.head_first.get(layer, 0) + per_head
+        self.head_rows[layer] = self.head_rows.get(layer, 0) + B * (T - 1)
         received = rows.sum(dim=(0, 1, 2), dtype=torch.float64)  # (T,) over all (head, query) rows
         self.received[layer] = self.received.get(layer, 0) + received
         self.received_rows[layer] = self.received_rows.get(layer, 0) + B * H * (T - 1)
@@ -205,6 +229,14 @@ class ProbeRecorder:
             values.append(float(value))
         return positions, values
 
+    def head_first_token_attn(self) -> list[list[float]]:
+        """Per layer, per head: the mean attention on position 0 over (window, query >= 1)."""
+        return [(self.head_first[layer] / self.head_rows[layer]).tolist()
+                for layer in range(self.n_layers)]
+
+    def logit_maxima(self) -> list[float]:
+        return [float(self.logit_max[layer]) for layer in range(self.n_layers)]
+
     def activation_maxima(self, curve: str) -> tuple[list[float], list[int]]:
         values, positions = [], []
         for layer in range(self.n_layers):
@@ -238,10 +270,11 @@ class Analysis:
 
 @torch.no_grad()
 def record(model, windows: torch.Tensor, recorder: ProbeRecorder,
-           batch_size: int = PROBE_BATCH) -> ProbeRecorder:
-    """Exact-attention forwards over `windows` (n, >= T) feeding `recorder`."""
+           batch_size: int = PROBE_BATCH, length: int | None = None) -> ProbeRecorder:
+    """Exact-attention forwards over the first `length` (default: context) tokens of
+    `windows` (n, >= length) feeding `recorder`."""
     device = next(model.parameters()).device
-    T = model.cfg.context
+    T = length or model.cfg.context
     for start in range(0, len(windows), batch_size):
         tokens = windows[start:start + batch_size, :T].to(device)
         recorder.tokens = tokens
@@ -260,32 +293,43 @@ def _attention_layers(n_layers: int) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, count)})
 
 
-def probe_metrics(model, store: TokenStore, windows: int,
-                  map_layers: Sequence[int] = ()) -> Analysis:
+def probe_metrics(model, store: TokenStore, windows: int, map_layers: Sequence[int] = (),
+                  sink_head_threshold: float = 0.3, sink_short_window: int = 64) -> Analysis:
     """F-Attn and the most-attended key on windows that open with BOS and on random windows;
     M-Act, gate statistics and SDPA sparsity on the BOS ones. The BOS windows are spread over
     the whole split with BOS at position 0 (bos_prefix), so there are as many distinct ones
-    as asked for even when the split holds a few long documents."""
+    as asked for even when the split holds a few long documents. The sink's head share
+    (`_sink_metrics`) also on the first `sink_short_window` tokens of the BOS windows, as Gu
+    et al. (ICLR 2025) measure it."""
     cfg = model.cfg
     gate = cfg.gate if any(b.attn.gate_active for b in model.blocks) else None
     result = Analysis()
-    for suffix, aligned in (("", True), ("_random", False)):
+    short = min(sink_short_window, cfg.context)
+    for suffix, aligned, length in (("", True, cfg.context), ("_random", False, cfg.context),
+                                    ("_short", True, short)):
         data = eval_windows(store, "valid", cfg.context, windows, bos_prefix=aligned)
-        recorder = ProbeRecorder(cfg.n_layers, gate, store.eos_id, map_layers if aligned else (),
-                                 sink_only=not aligned)  # random windows: only their sink
-        record(model, data, recorder)
-        _sink_metrics(recorder, suffix, result)
-        if aligned:
+        recorder = ProbeRecorder(cfg.n_layers, gate, store.eos_id,
+                                 map_layers if suffix == "" else (),
+                                 sink_only=suffix != "")  # other windows: only their sink
+        record(model, data, recorder, length=length)
+        _sink_metrics(recorder, suffix, result, sink_head_threshold)
+        if suffix == "":
             result.attention_maps = recorder.attention_maps
+            _logit_metrics(recorder, result)
             _activation_metrics(recorder, result)
             _sparsity_metrics(recorder, result)
             _gate_metrics(recorder, result)
     return result
 
 
-def _sink_metrics(recorder: ProbeRecorder, suffix: str, result: Analysis) -> None:
+def _sink_metrics(recorder: ProbeRecorder, suffix: str, result: Analysis,
+                  head_threshold: float = 0.3) -> None:
     L, m = recorder.n_layers, result.metrics
     first = recorder.mean("first_token_attn")
+    heads = recorder.head_first_token_attn()
+    result.per_layer[f"head_first_token_attn{suffix}"] = heads
+    over = [sum(value > head_threshold for value in layer) for layer in heads]
+    m[f"sink/head_share{suffix}"] = sum(over) / sum(len(layer) for layer in heads)
     positions, values = recorder.top_key()
     eos = recorder.mean("eos_attn")
     result.per_layer.update({f"first_token_attn{suffix}": first,
@@ -296,6 +340,14 @@ def _sink_metrics(recorder: ProbeRecorder, suffix: str, result: Analysis) -> Non
     for layer in range(L):
         m[layer_metric(f"sink/first_token_attn{suffix}", layer, L)] = first[layer]
         m[layer_metric(f"sink/top_key_position{suffix}", layer, L)] = positions[layer]
+
+
+def _logit_metrics(recorder: ProbeRecorder, result: Analysis) -> None:
+    L, maxima = recorder.n_layers, recorder.logit_maxima()
+    result.per_layer["attn_logit_max"] = maxima
+    result.metrics["attn/logit_max"] = max(maxima)
+    for layer in range(L):
+        result.metrics[layer_metric("attn/logit_max", layer, L)] = maxima[layer]
 
 
 def _activation_metrics(recorder: ProbeRecorder, result: Analysis) -> None:
@@ -445,7 +497,8 @@ def analyze(model, store: TokenStore, config: RunConfig, windows: int | None = N
     model.eval()
     try:
         layers = _attention_layers(config.model.n_layers) if maps else ()
-        result = probe_metrics(model, store, windows, layers) if windows else Analysis()
+        result = probe_metrics(model, store, windows, layers, config.train.sink_head_threshold,
+                               config.train.sink_short_window) if windows else Analysis()
         device = next(model.parameters()).device
         # Evaluate in the precision the run trained in (bf16 autocast), else in float32.
         bf16 = config.train.precision_on(device.type == "cuda") == "bf16-mixed"

@@ -282,6 +282,11 @@ class TrainConfig:
     analysis_windows: int = 8
     analysis_every: int = 0            # ... also every N steps as a time series (0 = end only)
     long_context_factors: str = "1,2,4,8"  # validation ppl at these multiples of context ("" = off)
+    # The sink as small-scale studies measure it (Gu et al., ICLR 2025, "When attention sink
+    # emerges"): the share of heads whose mean attention on position 0 exceeds this threshold,
+    # on windows of the first `sink_short_window` tokens as well as on whole windows.
+    sink_head_threshold: float = 0.3
+    sink_short_window: int = 64
 
     def __post_init__(self):
         # `--set train.compile=true` arrives as text (the default, "auto", is a string).
@@ -322,6 +327,9 @@ class TrainConfig:
         check_positive("train.divergence_loss_ceiling", self.divergence_loss_ceiling)
         check_nonnegative("train.spike_k", self.spike_k)
         check_nonnegative("train.spike_floor", self.spike_floor)
+        check_fraction("train.sink_head_threshold", self.sink_head_threshold)
+        check_int_range("train.sink_short_window", self.sink_short_window, 2, 1 << 20,
+                        "(tokens of the short sink windows)")
         for name in ("spike_merge", "checkpoint_every", "analysis_windows", "analysis_every"):
             check_nonnegative_int(f"train.{name}", getattr(self, name))
         if not isinstance(self.checkpoint_min_interval_s, (int, float)) or \
@@ -361,7 +369,8 @@ class TrainConfig:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-ANALYSIS_FIELDS = ("analysis_windows", "analysis_every", "long_context_factors")
+ANALYSIS_FIELDS = ("analysis_windows", "analysis_every", "long_context_factors",
+                   "sink_head_threshold", "sink_short_window")
 # Fields added after stores already held runs: left out of a cell's identity while at their
 # default, so that a grid recorded before they existed still resumes instead of rerunning.
 LATER_FIELDS = {("model", "residual_init_scale"): 1.0, ("train", "compile_mode"): "default",

@@ -326,8 +326,10 @@ class Attention(nn.Module):
         T = q.shape[-2]
         logits = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, T, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        probs = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        logits = logits.masked_fill(~causal, float("-inf"))
+        probs = logits.softmax(dim=-1)
         if probe is not None:
+            probe(self.layer, "attn_logits", logits)  # masked positions are -inf
             probe(self.layer, "attn_probs", probs)
         return (probs @ v.float()).to(v.dtype)
 

@@ -63,6 +63,10 @@ def test_first_token_attention_equals_hand_computation():
     assert recorder.mean("first_token_attn")[0] == pytest.approx(expected, rel=1e-5)
     received = probs[:, :, 1:, :].mean(dim=(0, 1, 2))
     assert recorder.top_key()[0][0] == int(received.argmax())
+    # Per head (the sink's head share) and the largest logit (Wortsman et al.), by hand too.
+    per_head = probs[:, :, 1:, 0].mean(dim=(0, 2))
+    assert recorder.head_first_token_attn()[0] == pytest.approx(per_head.tolist(), rel=1e-5)
+    assert recorder.logit_maxima()[0] == pytest.approx(logits.max().item(), rel=1e-5)
 
 
 def forced_sink_model(layers=2) -> Decoder:
@@ -94,6 +98,26 @@ def test_attention_forced_onto_position_zero_gives_first_token_attention_near_on
     recorder = record(model, tokens, ProbeRecorder(2, None))
     assert all(value > 0.99 for value in recorder.mean("first_token_attn"))
     assert recorder.top_key()[0] == [0, 0]
+    assert all(value > 0.99 for layer in recorder.head_first_token_attn() for value in layer)
+    # the BOS logit (~70, the docstring's), the same in both layers (same residual stream)
+    first, second = recorder.logit_maxima()
+    assert 60 < first < 80 and second == pytest.approx(first, rel=1e-5)
+
+
+def test_sink_head_share_counts_heads_over_the_threshold(tmp_path):
+    """All heads of the forced-sink model exceed any threshold below 1, none exceed 1; the
+    short windows (the first 64 tokens, or fewer) give the same verdict."""
+    store = tiny_store(tmp_path / "store")
+    model = forced_sink_model()
+    for threshold, share in ((0.3, 1.0), (0.999999, 0.0)):
+        config = resolve("baseline", "tiny", {"model.vocab_size": "32", "model.context": "16",
+                                              "model.qk_norm": "false",
+                                              "train.sink_head_threshold": str(threshold),
+                                              "train.sink_short_window": "8"})
+        m = analyze(model, store, config, windows=4, factors=()).metrics
+        assert m["sink/head_share"] == m["sink/head_share_short"] == share
+        assert 0.3 < m["sink/first_token_attn_short"] <= 1  # other end-of-text tokens share it
+        assert m["attn/logit_max"] == max(m[f"layers/attn/logit_max/layer_{i}"] for i in (0, 1))
 
 
 def test_yarn_factor_one_equals_plain_rope():
@@ -159,6 +183,8 @@ def test_metrics_of_gated_and_ungated_models_are_present_and_finite(tmp_path, va
     assert model.training and model.rope is rope  # left as it came
     m = result.metrics
     expected = ["sink/first_token_attn", "sink/first_token_attn_random", "sink/eos_attn_random",
+                "sink/head_share", "sink/head_share_random", "sink/head_share_short",
+                "sink/first_token_attn_short", "attn/logit_max", "layers/attn/logit_max/layer_1",
                 "act/max_mean", "act/ffn_output_max_mean", "sdpa/sparsity_1e-2",
                 "layers/sink/first_token_attn/layer_1", "layers/act/max/layer_0"]
     expected += [long_context_metric(f, yarn) for f, yarn in
