@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The whole GPU reproduction (docs/results.md), as run on a 4 x H200 machine.
-#   bash docs/reproduce_gpu.sh [all|reproduce|stability|init-control|lr-control|report]
+# The whole GPU reproduction (docs/results.md), phase by phase on one or more GPUs.
+#   bash docs/reproduce_gpu.sh [all|reproduce|base|base-init|stability|stability-noqk|init-control|lr-control|report]
 # Phases, so that each fits one call of a time-limited machine; the grids resume from the
 # MLflow store, so a phase cut short by its time limit is finished by running it again.
-# DATA: the Gutenberg folder (../shared/data/gutenberg-en in a checkout beside shared/).
+# DATA: the Gutenberg folder (../shared/data/gutenberg-en in a checkout beside shared/, or a
+# git-ignored copy at .data/gutenberg-en carried to a machine that cannot see shared/).
+# To continue on another machine, bring back the store (mlflow-db.tgz) and unpack it into
+# the checkout there: the grids skip finished cells.
 # TOKENIZER: optional tokenizer.json to reuse (the one `gatelab prepare` trains on the first
 # 32 MB of train-00 is deterministic, so training it again gives the same file).
 set -uo pipefail
 phase=${1:-all}
-DATA=${DATA:-../shared/data/gutenberg-en}
+if [ -d .data/gutenberg-en ]; then DATA=${DATA:-.data/gutenberg-en}; else DATA=${DATA:-../shared/data/gutenberg-en}; fi
 OUT=${OUT:-reproduction-out}      # where the tarballs and report tables land
 WORK=${WORK:-reports}              # where `gatelab report` writes its tables and plots
 mkdir -p "$OUT" "$WORK"
@@ -18,7 +21,7 @@ if [ "$phase" != report ]; then
   tokenizer=()
   [ -n "${TOKENIZER:-}" ] && tokenizer=(--tokenizer "$TOKENIZER")
   # (reuses cache/gutenberg-en when it is already prepared from the same files)
-  time gatelab prepare --data "$DATA/train-0[01].txt.xz" \
+  time gatelab prepare --data "$DATA/train-0*.txt.xz" \
     --valid "$DATA/valid.txt.xz" --test "$DATA/test.txt.xz" "${tokenizer[@]}" \
     --out cache/gutenberg-en --quiet
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -26,8 +29,19 @@ fi
 if [ "$phase" = all ] || [ "$phase" = reproduce ]; then
   time timeout "${REPRODUCE_LIMIT_S:-600}" python3 -m lab grid ablations/reproduce.yaml --gpus all --quiet
 fi
+if [ "$phase" = all ] || [ "$phase" = base ]; then
+  time timeout "${BASE_LIMIT_S:-600}" python3 -m lab grid ablations/reproduce-base.yaml --gpus all --quiet
+fi
+if [ "$phase" = all ] || [ "$phase" = base-init ]; then
+  time timeout "${BASE_LIMIT_S:-600}" python3 -m lab grid ablations/reproduce-base.yaml --gpus all \
+    --variants baseline --set model.residual_init_scale=0.2041 --quiet
+fi
 if [ "$phase" = all ] || [ "$phase" = stability ]; then
-  time timeout "${STABILITY_LIMIT_S:-300}" python3 -m lab grid ablations/stability.yaml --gpus all --quiet
+  time timeout "${STABILITY_LIMIT_S:-600}" python3 -m lab grid ablations/stability.yaml --gpus all --quiet
+fi
+if [ "$phase" = all ] || [ "$phase" = stability-noqk ]; then
+  time timeout "${STABILITY_LIMIT_S:-600}" python3 -m lab grid ablations/stability.yaml --gpus all \
+    --set model.qk_norm=false --quiet
 fi
 if [ "$phase" = all ] || [ "$phase" = init-control ]; then
   time timeout "${CONTROL_LIMIT_S:-300}" python3 -m lab grid ablations/reproduce-init.yaml --gpus all --quiet
