@@ -34,8 +34,9 @@ from lab.errors import LabError
 
 # Columns beside the perplexity, where runs carry them (lab/analysis.py, lab/callbacks.py);
 # the long-context names are `long/ppl_<k>x[_yarn]` (MLflow rejects '@').
-ANALYSIS_PREFIXES = ("gate/mean", "sink/first_token_attn", "sink/bos_reliance", "act/max_mean",
-                     "long/ppl_", "train/grad_norm_max")
+ANALYSIS_PREFIXES = ("gate/mean", "sink/first_token_attn", "sink/head_share",
+                     "sink/bos_reliance", "act/max_mean", "attn/logit_max", "long/ppl_",
+                     "train/grad_norm_max")
 # Per-layer curves of the paper's Fig. 2 and 6: first-token attention and the largest hidden
 # activation after each layer, logged as `<prefix>/layer_<i>`.
 LAYER_METRICS = (("layers/sink/first_token_attn", "attention to the first token (BOS)"),
@@ -274,6 +275,26 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def stability_table(all_rows: list[Row]) -> str:
+    """Per variant over a learning-rate ladder: the largest LR at which no seed diverged, the
+    largest at which no seed diverged or spiked, and the smallest that diverged (the paper's
+    claim 4: the gate trains at LRs where the baseline breaks)."""
+    header = ["variant", "LRs tried", "max LR, no divergence", "max LR, no divergence or spike",
+              "first LR that diverged", "largest attention logit (at max stable LR)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant in sorted({r.variant for r in all_rows}, key=_variant_order):
+        ladder = sorted((r for r in all_rows if r.variant == variant), key=lambda r: r.lr)
+        stable = [r for r in ladder if r.diverged == 0]
+        calm = [r for r in stable if r.spikes == 0]
+        broke = [r for r in ladder if r.diverged > 0]
+        logit = stable[-1].extra.get("attn/logit_max") if stable else None
+        lines.append("| " + " | ".join([
+            variant, str(len(ladder)), f"{stable[-1].lr:g}" if stable else "none",
+            f"{calm[-1].lr:g}" if calm else "none", f"{broke[0].lr:g}" if broke else "none",
+            _fmt(logit, 1)]) + " |")
+    return "\n".join(lines)
+
+
 def write_csv(rows: list[Row], path: Path) -> None:
     extras = sorted({k for r in rows for k in r.extra})
     columns = ["variant", "lr", "n_runs", "n_ppl", "val_ppl_mean", "val_ppl_std", "val_ppl_ci_low",
@@ -484,7 +505,9 @@ def build_report(grid: str, uri: str | None = None, out: str | Path | None = Non
                 f"{table}\n")
     if n_lrs > 1:
         markdown += ("\n### Every learning rate\n\nΔ against the baseline at its best LR.\n\n"
-                     f"{markdown_table(all_rows)}\n")
+                     f"{markdown_table(all_rows)}\n"
+                     "\n### Stability over the learning-rate ladder\n\n"
+                     f"{stability_table(all_rows)}\n")
     files = [out_dir / "report.md", out_dir / "report.csv", out_dir / "loss_curves.png",
              out_dir / "delta_ppl.png"]
     files[0].write_text(markdown)

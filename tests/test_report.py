@@ -194,3 +194,22 @@ def test_with_one_learning_rate_there_is_no_copy_of_report_csv(store, tmp_path, 
     assert {f.name for f in report.files} == {"report.md", "report.csv", "loss_curves.png",
                                               "delta_ppl.png", "per_layer.png"}
     assert not (out / "all_lrs.csv").exists() and not (out / "lr_vs_loss.png").exists()
+
+
+def test_stability_table_reads_the_largest_stable_lr_per_variant():
+    from lab.report import Row, RunRecord, stability_table
+
+    def row(variant, lr, diverged=(False, False), spikes=(0, 0), logit=None):
+        runs = [RunRecord(f"{variant}{lr}{seed}", variant, lr, seed,
+                          {"spikes/count": spikes[seed], "val/ppl": 10.0}, diverged[seed])
+                for seed in (0, 1)]
+        return Row(variant, lr, runs, None, extra={} if logit is None else {"attn/logit_max": logit})
+
+    rows = [row("baseline", 1e-2, logit=12.0), row("baseline", 3e-2, spikes=(0, 2), logit=30.0),
+            row("baseline", 1e-1, diverged=(False, True)), row("baseline", 3e-1, diverged=(True, True)),
+            row("sdpa_elementwise_sigmoid_mul", 1e-2), row("sdpa_elementwise_sigmoid_mul", 3e-1, logit=8.0)]
+    lines = {line.split(" | ")[0].strip("| "): line for line in stability_table(rows).splitlines()[2:]}
+    # one diverged seed of two makes an LR unstable; a spike makes it stable but not calm
+    assert lines["baseline"] == "| baseline | 4 | 0.03 | 0.01 | 0.1 | 30.0 |"
+    assert lines["sdpa_elementwise_sigmoid_mul"] == \
+        "| sdpa_elementwise_sigmoid_mul | 2 | 0.3 | 0.3 | none | 8.0 |"
