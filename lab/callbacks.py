@@ -201,7 +201,9 @@ class AtomicCheckpoint(L.Callback):
     """`last.ckpt` every `every` steps (no sooner than `min_interval_s` after the last one),
     and at the end; written to a temporary file and renamed, so a kill
     mid-write leaves the previous checkpoint intact; never written once the loss is
-    non-finite (a diverged run keeps its last good weights)."""
+    non-finite (a diverged run keeps its last good weights). A temporary file that a failed
+    write leaves (a full disk) is removed at once, one that a kill left when the run
+    starts again."""
 
     def __init__(self, directory: Path, every: int, loss_monitor: LossMonitor,
                  min_interval_s: float = 0.0):
@@ -209,6 +211,14 @@ class AtomicCheckpoint(L.Callback):
         self.every, self.loss_monitor = every, loss_monitor
         self.min_interval_s = min_interval_s
         self._saved_at = time.monotonic()  # the run's start counts as the last save
+
+    @property
+    def partial_path(self) -> Path:
+        return self.path.with_suffix(".tmp")
+
+    def on_fit_start(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            self.partial_path.unlink(missing_ok=True)  # a killed attempt's unfinished write
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -231,10 +241,17 @@ class AtomicCheckpoint(L.Callback):
         _sync()  # the steps queued before the write count as training, not as the write
         started = time.perf_counter()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        trainer.save_checkpoint(tmp, weights_only=False)  # the whole state, for resuming
-        if trainer.is_global_zero:
-            os.replace(tmp, self.path)
+        tmp = self.partial_path
+        try:
+            # weights_only=False here means the whole training state (optimizer, loops,
+            # callbacks), for resuming; it is still only tensors and plain data.
+            trainer.save_checkpoint(tmp, weights_only=False)
+            if trainer.is_global_zero:
+                os.replace(tmp, self.path)
+        except BaseException:
+            if trainer.is_global_zero:
+                tmp.unlink(missing_ok=True)
+            raise
         self._saved_at = time.monotonic()
         self.loss_monitor.exclude(time.perf_counter() - started)  # not training time
 

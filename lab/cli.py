@@ -1,7 +1,8 @@
 """`gatelab`: argument parsing and dispatch only; the work is in the modules it calls.
 
 Every bad input a user can fix raises LabError, which ends here as one line on stderr
-and exit code 2, before any MLflow run is created.
+and exit code 2, before any MLflow run is created. SIGINT and SIGTERM end `train`, `grid`,
+`sweep` and `demo` with 130 and 143, their runs KILLED (lab/interrupts.py).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import nullcontext
 
 from lab.errors import LabError
 
@@ -129,11 +131,7 @@ def cmd_grid(args) -> int:
                           cpu_threads=args.cpu_threads, dry_run=args.dry_run,
                           tracking_uri=args.tracking_uri, shard=args.shard, quiet=args.quiet,
                           stale_after_s=args.stale_after, check=not args.no_check)
-    try:
-        summary = run_grid(spec, options)
-    except KeyboardInterrupt:
-        print(f"grid {spec.name}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    summary = run_grid(spec, options)
     if args.dry_run:
         return 0
     print(describe_summary(summary))
@@ -427,16 +425,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that train: a stop signal ends their runs KILLED and them with 128 + its number.
+STOPPABLE = {"train": "its run is KILLED",
+             "grid": "runs in progress are KILLED; rerun the same command to resume",
+             "sweep": "trials in progress are KILLED; rerun the same command to resume",
+             "demo": "runs in progress are KILLED; rerun it to resume"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from lab.interrupts import interruption, stop_on_signals
     from lab.progress import set_verbosity
 
     set_verbosity("quiet" if args.quiet else "verbose" if args.verbose else "normal")
     try:
-        return args.func(args)
+        with stop_on_signals() if args.command in STOPPABLE else nullcontext():
+            return args.func(args)
     except LabError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        stop = interruption(err)
+        print(f"gatelab {args.command}: stopped by {stop.name}"
+              + (f"; {STOPPABLE[args.command]}" if args.command in STOPPABLE else ""),
+              file=sys.stderr)
+        return stop.exit_code
 
 
 if __name__ == "__main__":

@@ -20,6 +20,17 @@ so a cell ends with exactly one FINISHED run; a killed run without a checkpoint 
 KILLED and the cell starts a fresh run. Worker processes watch the grid process's identity
 and end within a second of it, so a SIGKILLed grid leaves no orphan writing to the store.
 
+One claim per cell. Any number of grid processes (shards, a second invocation) may work on
+one store, so before a cell trains it is claimed: the parameter
+`gatelab.claim/<config_hash>/<attempt>` = `<owner>@<unix time>` logged on the grid's parent
+run. MLflow refuses to change a logged parameter (in one database transaction), so of two
+processes claiming the same attempt exactly one succeeds; the other reads the holder and
+leaves the cell to it while the holder lives (owner_alive; for another host the newer of the
+claim's time and its run's heartbeat counts), or claims the next attempt once the holder is
+dead. The winner then reads the store again, so a cell FINISHED in the meantime is not
+trained twice. The parent itself is one per grid name: created under a lock beside a SQLite
+store, and settled by lab.tracking.find_or_create_run on other stores.
+
 Failures are per cell: a run that fails (CUDA out of memory, a full disk, any error) is
 marked FAILED with the tag `gatelab.failure` saying why, and the grid moves on. A diverged
 run is FINISHED with the tag `diverged=true` (lab/run.py) and is not rerun.
@@ -28,12 +39,10 @@ run is FINISHED with the tag `diverged=true` (lab/run.py) and is not rerun.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import queue
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -61,8 +70,9 @@ PARENT_TAG = "gatelab.grid_parent"
 GRID_TAG = "gatelab.grid"
 OWNER_TAG = "gatelab.owner"
 HEARTBEAT_TAG = "gatelab.heartbeat"
-FAILURE_TAG = "gatelab.failure"
-FAILURE_KIND_TAG = "gatelab.failure_kind"
+FAILURE_TAG, FAILURE_KIND_TAG = tracking.FAILURE_TAG, tracking.FAILURE_KIND_TAG
+CLAIM_PARAM = "gatelab.claim"  # on the parent: gatelab.claim/<config_hash>/<attempt> = owner@time
+CLAIM_TAG = "gatelab.claim"    # on a cell's run: the <config_hash>/<attempt> it trains under
 HEARTBEAT_S = 60.0
 
 # Time estimate without measurements: 6 N FLOPs per token (Kaplan et al., 2020) at a rate
@@ -398,8 +408,8 @@ def find_parent(client, experiment_id: str) -> str | None:
 
 
 def find_or_create_parent(client, experiment_id: str, name: str) -> str:
-    """One parent per grid (lab.tracking.find_or_create_run settles a race between two
-    grid processes)."""
+    """One parent per grid name (lab.tracking.find_or_create_run: under a lock beside a
+    SQLite store, so two grids started together find one), which holds the cells' claims."""
     return tracking.find_or_create_run(client, experiment_id, {PARENT_TAG: "true", GRID_TAG: name},
                                        name)[0]
 
@@ -415,13 +425,14 @@ class Task:
     config: RunConfig
     run_id: str | None = None      # an existing run to continue (resume, or pre-created)
     resumed: bool = False
+    claim: str | None = None       # <config_hash>/<attempt> this process holds (claim_cell)
 
 
 @dataclass
 class Outcome:
     index: int
     name: str
-    status: str                    # FINISHED or FAILED
+    status: str                    # FINISHED, FAILED, or SKIPPED (left to another process)
     run_id: str | None = None
     val_ppl: float | None = None
     diverged_step: int | None = None
@@ -429,6 +440,8 @@ class Outcome:
     failure: str | None = None
 
     def text(self) -> str:
+        if self.status == "SKIPPED":
+            return f"left to another process ({self.failure})"
         if self.status != "FINISHED":
             return f"FAILED: {self.failure}"
         if self.diverged_step is not None:
@@ -446,8 +459,10 @@ class Plan:
 
 def reconcile(client, cells: list[Cell], runs: list, stale_after_s: float = STALE_AFTER_S) -> Plan:
     """What each cell needs: nothing (a FINISHED run), nothing now (a live RUNNING run), a
-    resume (a dead run with a checkpoint), or a fresh run. Dead RUNNING runs become KILLED."""
-    from lab.run import checkpoint_dir
+    resume (a dead run with a checkpoint), or a fresh run. Dead RUNNING runs become KILLED.
+    A checkpoint to resume from is read here (its plain data only, lab.run.load_checkpoint):
+    one that is refused stops the grid with one line before anything trains."""
+    from lab.run import checkpoint_dir, load_checkpoint
 
     by_hash: dict[str, list] = {}
     for run in runs:
@@ -467,7 +482,7 @@ def reconcile(client, cells: list[Cell], runs: list, stale_after_s: float = STAL
                 live = True
                 continue
             client.set_terminated(run.info.run_id, "KILLED")
-            client.set_tag(run.info.run_id, "gatelab.killed_reason",
+            client.set_tag(run.info.run_id, tracking.KILLED_REASON_TAG,
                            f"owner {run.data.tags.get(OWNER_TAG)} was gone when the grid resumed")
             killed.append(run.info.run_id)
         if live:
@@ -476,7 +491,14 @@ def reconcile(client, cells: list[Cell], runs: list, stale_after_s: float = STAL
         resumable = [r for r in mine if (r.info.status == "KILLED" or r.info.run_id in killed)
                      and (checkpoint_dir(r.info.run_id) / "last.ckpt").exists()]
         if resumable:
-            tasks.append(Task(index, cell.name, cell.config, resumable[-1].info.run_id, True))
+            run_id = resumable[-1].info.run_id
+            path = checkpoint_dir(run_id) / "last.ckpt"
+            try:
+                load_checkpoint(path, "grid", mmap=True)
+            except LabError as err:
+                raise LabError(f"{err}; remove it (rm {path}) to run {cell.name} from the "
+                               "start") from None
+            tasks.append(Task(index, cell.name, cell.config, run_id, True))
         else:
             tasks.append(Task(index, cell.name, cell.config))
     return Plan(tasks, done, busy, killed)
@@ -491,41 +513,7 @@ class GridContext:
     parent_run_id: str
     grid: str
     quiet: bool
-
-
-def _caused_by(err: BaseException):
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
-
-
-def describe_failure(err: BaseException, config: RunConfig) -> tuple[str, str]:
-    """(kind, one-line message) for a failed cell: out of memory, disk full, bad input, error."""
-    import torch
-
-    from lab.data import cache_root
-    from lab.tracking import store_dir
-
-    chain = list(_caused_by(err))
-    text = " ".join(str(e) for e in chain)
-    if any(isinstance(e, torch.OutOfMemoryError) for e in chain) or "out of memory" in text.lower():
-        t = config.train
-        smaller = max(1, t.micro_batch // 2)
-        return "oom", (f"CUDA out of memory with {t.micro_batch} sequences x {config.model.context} "
-                       f"tokens per micro-batch: use a smaller micro-batch with gradient "
-                       f"accumulation, e.g. --set train.micro_batch_size={smaller} (the batch of "
-                       f"{t.batch_size} sequences and the results stay the same)")
-    if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain) or \
-            "no space left on device" in text.lower() or "database or disk is full" in text:
-        where = next((e.filename for e in chain if isinstance(e, OSError) and e.filename), None)
-        return "disk_full", (f"disk full{f' writing {where}' if where else ''}: free space for "
-                             f"the store ({store_dir()}) and the cache ({cache_root()}), then "
-                             "rerun the grid; finished cells are kept")
-    if isinstance(err, LabError):
-        return "config", str(err)
-    return "error", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    stale_after_s: float = STALE_AFTER_S
 
 
 @contextmanager
@@ -552,25 +540,104 @@ def create_cell_run(task: Task, ctx: GridContext, owner: str) -> str:
     from lab.run import start_run
 
     tags = {GRID_TAG: ctx.grid, OWNER_TAG: owner, HEARTBEAT_TAG: str(int(time.time()))}
+    if task.claim:
+        tags[CLAIM_TAG] = task.claim
     return start_run(task.config, ctx.uri, ctx.experiment, task.name, ctx.parent_run_id, tags)
+
+
+def cell_runs(client, ctx: GridContext, config_hash: str) -> list:
+    experiment_id = client.get_run(ctx.parent_run_id).info.experiment_id
+    return tracking.search_all(client, experiment_id,
+                               f"tags.mlflow.parentRunId = '{ctx.parent_run_id}' and "
+                               f"tags.config_hash = '{config_hash}'")
+
+
+def _claim_alive(holder: str, runs: list, stale_after_s: float) -> bool:
+    """Whether the process that holds a claim (`owner@time`) may still be training the cell:
+    on this host, whether it exists; from another host, whether the claim or the cell's
+    running run has been refreshed within stale_after_s (lab.owners.owner_alive)."""
+    owner, _, claimed_at = holder.rpartition("@")
+    beats = [claimed_at] + [r.data.tags.get(HEARTBEAT_TAG) for r in runs
+                            if r.info.status == "RUNNING"]
+    times = []
+    for beat in beats:
+        try:
+            times.append(float(beat))
+        except (TypeError, ValueError):
+            continue
+    return owner_alive(owner, str(max(times)) if times else None, stale_after_s)
+
+
+def claim_cell(task: Task, ctx: GridContext, owner: str) -> tuple[Task | None, str]:
+    """Claim the task's cell for `owner` (see the module's docstring) -> (the task to run, as
+    the store now says: fresh, or resuming a dead run, with its claim; "") or (None, why the
+    cell is left to another process)."""
+    from mlflow.exceptions import MlflowException
+
+    client = tracking.client(ctx.uri)
+    config_hash = task.config.hash()
+    prefix = f"{CLAIM_PARAM}/{config_hash}/"
+    while True:
+        params = client.get_run(ctx.parent_run_id).data.params
+        attempts = sorted(int(key[len(prefix):]) for key in params
+                          if key.startswith(prefix) and key[len(prefix):].isdigit())
+        runs = cell_runs(client, ctx, config_hash)
+        if any(r.info.status == "FINISHED" for r in runs):
+            return None, "FINISHED by another process"
+        if attempts:
+            holder = params[f"{prefix}{attempts[-1]}"]
+            if holder.rpartition("@")[0] == owner:  # an earlier call of this same process
+                claim = f"{config_hash}/{attempts[-1]}"
+                break
+            if _claim_alive(holder, runs, ctx.stale_after_s):
+                return None, f"claimed by {holder.rpartition('@')[0]}, which is alive"
+        attempt = (attempts[-1] if attempts else 0) + 1
+        key = f"{prefix}{attempt}"
+        try:
+            client.log_param(ctx.parent_run_id, key, f"{owner}@{int(time.time())}")
+        except MlflowException:
+            if key not in client.get_run(ctx.parent_run_id).data.params:
+                raise  # not a lost race: the store refused the write
+            continue  # another process claimed this attempt first: look again
+        claim = f"{config_hash}/{attempt}"
+        break
+    # Held: what the cell needs is read again, after the claim (a run may have FINISHED or
+    # died since this grid planned).
+    cell = Cell(task.config.variant, task.config.train.lr, task.config.train.seed, task.config)
+    now = reconcile(client, [cell], cell_runs(client, ctx, config_hash), ctx.stale_after_s)
+    if now.done:
+        return None, "FINISHED by another process"
+    if now.busy:
+        return None, "running in another live process"
+    fresh = now.tasks[0]
+    return dataclasses.replace(task, run_id=fresh.run_id, resumed=fresh.resumed,
+                               claim=claim), ""
 
 
 def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = True) -> Outcome:
     """Run one cell in this process: create (or take over) its run and train it. Any failure
     is recorded on the run and returned; an interrupt propagates (the run ends KILLED)."""
     from lab.progress import RunProgress
-    from lab.run import train_run
+    from lab.run import describe_failure, end_run, train_run
     from lab.training import total_steps
 
     client = tracking.client(ctx.uri)
-    run_id = task.run_id
+    run_id, holding = task.run_id, False   # holding: the run is this process's to close
     started = time.time()
     try:
+        if lead_rank and task.claim is None:
+            claimed, why = claim_cell(task, ctx, owner_identity())
+            if claimed is None:
+                return Outcome(task.index, task.name, "SKIPPED", failure=why)
+            task, run_id = claimed, claimed.run_id
+        holding = lead_rank
         if run_id is None:
             run_id = create_cell_run(task, ctx, owner_identity())
         elif lead_rank:
             client.set_tag(run_id, OWNER_TAG, owner_identity())
             client.set_tag(run_id, HEARTBEAT_TAG, str(int(time.time())))
+            if task.claim:
+                client.set_tag(run_id, CLAIM_TAG, task.claim)
             if task.resumed:
                 client.set_tag(run_id, "gatelab.resumed", "true")
         if on_start:
@@ -583,6 +650,10 @@ def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = 
                                callbacks=callbacks)
         return Outcome(task.index, task.name, "FINISHED", run_id, result.metrics.get("val/ppl"),
                        result.diverged_step, time.time() - started)
+    except KeyboardInterrupt as err:  # a stop signal before train_run took the run over
+        if holding and run_id is not None:
+            end_run(client, run_id, task.config, err)
+        raise
     except Exception as err:
         kind, message = describe_failure(err, task.config)
         if lead_rank:
@@ -627,6 +698,7 @@ def die_with_grid(grid_owner: str, every_s: float = 0.5) -> None:
 
 
 def _worker_main(env: dict, threads: int, grid_owner: str, ctx: GridContext, tasks, results):
+    from lab.interrupts import stop_on_signals
     from lab.progress import configure_output
 
     os.environ.update(env)
@@ -634,12 +706,15 @@ def _worker_main(env: dict, threads: int, grid_owner: str, ctx: GridContext, tas
     die_with_grid(grid_owner)
     _set_threads(threads)
     try:
-        while True:
-            task = tasks.get()
-            if task is None:
-                return
-            notify = lambda run_id, index=task.index: results.put(("started", index, run_id))  # noqa: E731
-            results.put(("outcome", task.index, execute_cell(task, ctx, on_start=notify)))
+        # SIGINT (Ctrl-C reaches the whole process group) and SIGTERM (forwarded by the
+        # grid, WorkerPool.close) end the cell's run KILLED, as in the grid process.
+        with stop_on_signals():
+            while True:
+                task = tasks.get()
+                if task is None:
+                    return
+                notify = lambda run_id, index=task.index: results.put(("started", index, run_id))  # noqa: E731
+                results.put(("outcome", task.index, execute_cell(task, ctx, on_start=notify)))
     except (KeyboardInterrupt, SystemExit):
         return
 
@@ -708,10 +783,17 @@ class WorkerPool:
                 on_outcome(Outcome(task.index, task.name, "FAILED", run_ids.get(task.index),
                                    failure=reason))
 
-    def close(self) -> None:
+    def close(self, signum: int | None = None) -> None:
+        """Stop the workers: each ends after its cell; with `signum` (the grid was stopped by
+        that signal) each gets the signal now, so its run ends KILLED with that reason."""
         for process, tasks in self.workers:
             if process.is_alive():
                 tasks.put(None)
+                if signum is not None:
+                    try:
+                        os.kill(process.pid, signum)
+                    except ProcessLookupError:
+                        pass
         for process, _ in self.workers:
             process.join(timeout=10)
             if process.is_alive():
@@ -733,6 +815,10 @@ def run_ddp_cell(task: Task, ctx: GridContext, gpus: list[str]) -> Outcome:
     process (Lightning starts the other ranks by re-running that process's command line, so
     it must be a command that runs just this cell). The run is created here so every rank
     logs to the same one."""
+    claimed, why = claim_cell(task, ctx, owner_identity())
+    if claimed is None:
+        return Outcome(task.index, task.name, "SKIPPED", failure=why)
+    task = claimed
     if task.run_id is None:
         task = dataclasses.replace(task, run_id=create_cell_run(task, ctx, owner_identity()))
     with tempfile.TemporaryDirectory() as tmp:
@@ -742,8 +828,17 @@ def run_ddp_cell(task: Task, ctx: GridContext, gpus: list[str]) -> Outcome:
                                          "ctx": dataclasses.asdict(ctx)}, default=str))
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(gpus),
                    GATELAB_GRID_OWNER=owner_identity())
-        code = subprocess.call([sys.executable, "-m", "lab.grid", "--run-cell", str(spec_file),
+        job = subprocess.Popen([sys.executable, "-m", "lab.grid", "--run-cell", str(spec_file),
                                 "--outcome", str(outcome_file)], env=env)
+        try:
+            code = job.wait()
+        except KeyboardInterrupt as err:
+            from lab.interrupts import interruption
+
+            # The job's lead rank ends the run KILLED for the same signal (its stop_on_signals).
+            job.send_signal(interruption(err).signum)
+            job.wait()
+            raise
         if outcome_file.exists():
             return Outcome(**json.loads(outcome_file.read_text()))
     reason = f"DDP job exited with code {code} before recording an outcome"
@@ -762,8 +857,12 @@ def _run_cell_main(argv: list[str]) -> int:
     if os.environ.get("GATELAB_GRID_OWNER"):
         die_with_grid(os.environ["GATELAB_GRID_OWNER"])
     raw = spec["task"]
-    task = Task(raw["index"], raw["name"], from_dict(raw["config"]), raw["run_id"], raw["resumed"])
-    outcome = execute_cell(task, GridContext(**spec["ctx"]), lead_rank=lead)
+    task = Task(raw["index"], raw["name"], from_dict(raw["config"]), raw["run_id"], raw["resumed"],
+                raw["claim"])
+    from lab.interrupts import stop_on_signals
+
+    with stop_on_signals():
+        outcome = execute_cell(task, GridContext(**spec["ctx"]), lead_rank=lead)
     if lead:
         tmp = outcome_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(dataclasses.asdict(outcome)))
@@ -803,7 +902,12 @@ class GridSummary:
 
     @property
     def failed(self) -> list[Outcome]:
-        return [o for o in self.outcomes if o.status != "FINISHED"]
+        return [o for o in self.outcomes if o.status == "FAILED"]
+
+    @property
+    def skipped(self) -> list[Outcome]:
+        """Cells another process claimed after this one planned them (claim_cell)."""
+        return [o for o in self.outcomes if o.status == "SKIPPED"]
 
 
 def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
@@ -852,49 +956,55 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
     client = tracking.client(uri)
     experiment = tracking.experiment_id(client, spec.name, uri)
     parent = find_or_create_parent(client, experiment, spec.name)
+    # Before the parent is RUNNING: a refused checkpoint ends the grid here (LabError).
+    work = reconcile(client, cells, child_runs(client, experiment, parent), options.stale_after_s)
     client.update_run(parent, status="RUNNING")
     tracking.log_dict_artifact(client, parent, _spec_dict(spec), "grid.yaml")
-    work = reconcile(client, cells, child_runs(client, experiment, parent), options.stale_after_s)
-    ctx = GridContext(uri, spec.name, parent, spec.name, options.quiet)
+    ctx = GridContext(uri, spec.name, parent, spec.name, options.quiet, options.stale_after_s)
     progress = _progress(spec.name, work, workers, options.quiet)
     outcomes: list[Outcome] = []
 
     def finished(outcome: Outcome) -> None:
         outcomes.append(outcome)
-        progress.cell_done(outcome.name, outcome.text(), outcome.status != "FINISHED")
+        progress.cell_done(outcome.name, outcome.text(), outcome.status == "FAILED")
 
     def dispatched(task: Task, where) -> None:
         resumed = " (resuming from its checkpoint)" if task.resumed else ""
         progress.started_cell(f"{task.name}{resumed}" + (f" on {where}" if where else ""))
 
-    previous_term = _sigterm_as_interrupt()
-    try:
-        if not work.tasks:
-            pass
-        elif devices > 1 and gpus:
-            for task in work.tasks:
-                dispatched(task, f"GPUs {','.join(gpus)} (DDP)")
-                finished(run_ddp_cell(task, ctx, gpus))
-        elif workers == 1 and not (gpus and options.gpus not in (None, "all")):
-            if not gpus:
-                _set_threads(cpu_threads)
-            for task in work.tasks:
-                dispatched(task, None)
-                finished(execute_cell(task, ctx))
-        else:
-            slots = [{"CUDA_VISIBLE_DEVICES": g} for g in gpu_slots] or [{}] * options.cpu_workers
-            threads = threads_per_worker(len(gpu_slots)) if gpus else cpu_threads
-            pool = WorkerPool(slots, threads, ctx)
-            try:
-                pool.run(work.tasks, finished, lambda task, slot: dispatched(
-                    task, f"GPU {slot['CUDA_VISIBLE_DEVICES']}" if slot else "a CPU worker"))
-            finally:
+    from lab.interrupts import interruption, stop_on_signals
+
+    with stop_on_signals():  # SIGINT and SIGTERM: the runs in progress end KILLED
+        try:
+            if not work.tasks:
+                pass
+            elif devices > 1 and gpus:
+                for task in work.tasks:
+                    dispatched(task, f"GPUs {','.join(gpus)} (DDP)")
+                    finished(run_ddp_cell(task, ctx, gpus))
+            elif workers == 1 and not (gpus and options.gpus not in (None, "all")):
+                if not gpus:
+                    _set_threads(cpu_threads)
+                for task in work.tasks:
+                    dispatched(task, None)
+                    finished(execute_cell(task, ctx))
+            else:
+                slots = [{"CUDA_VISIBLE_DEVICES": g} for g in gpu_slots] or [{}] * options.cpu_workers
+                threads = threads_per_worker(len(gpu_slots)) if gpus else cpu_threads
+                pool = WorkerPool(slots, threads, ctx)
+                try:
+                    pool.run(work.tasks, finished, lambda task, slot: dispatched(
+                        task, f"GPU {slot['CUDA_VISIBLE_DEVICES']}" if slot else "a CPU worker"))
+                except BaseException as err:
+                    stop = interruption(err)
+                    pool.close(stop.signum if stop is not None else None)
+                    raise
                 pool.close()
-    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into sys.exit(1)
-        client.set_terminated(parent, "KILLED")
-        raise KeyboardInterrupt from None
-    finally:
-        signal.signal(signal.SIGTERM, previous_term) if previous_term is not None else None
+        except KeyboardInterrupt as err:
+            stop = interruption(err)
+            client.set_terminated(parent, "KILLED")
+            client.set_tag(parent, tracking.KILLED_REASON_TAG, f"stopped by {stop.name}")
+            raise stop from None
     summary = GridSummary(spec.name, len(cells), len(work.done), outcomes, len(work.busy),
                           work.killed, parent)
     _close_parent(client, experiment, parent, {c.config_hash for c in all_cells}, summary)
@@ -939,23 +1049,13 @@ def _close_parent(client, experiment: str, parent: str, wanted: set[str],
         client.set_terminated(parent, "FAILED")
 
 
-def _sigterm_as_interrupt():
-    """SIGTERM (a scheduler stopping the job) ends runs as KILLED, like Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, handler)
-
-
 def describe_summary(summary: GridSummary) -> str:
-    ran = len(summary.outcomes)
+    ran = len(summary.outcomes) - len(summary.skipped)
     finished = summary.already_done + ran - len(summary.failed)
+    elsewhere = summary.busy + len(summary.skipped)
     lines = [f"grid {summary.name}: {finished}/{summary.cells} cells FINISHED "
              f"({ran} run now, {summary.already_done} already finished"
-             + (f", {summary.busy} running elsewhere" if summary.busy else "") + ")"]
+             + (f", {elsewhere} left to other processes" if elsewhere else "") + ")"]
     for outcome in summary.failed:
         lines.append(f"  FAILED {outcome.name}: {outcome.failure}")
     if summary.failed:

@@ -3,7 +3,12 @@
 `train_run` is what `gatelab train`, the grid and the sweep all call. The config arrives
 validated; the run's MLflow record is created before training and closed after the test
 evaluation, as FINISHED (a diverged run is FINISHED with the tag `diverged`), FAILED or
-KILLED.
+KILLED. Once the run exists, every way out of `train_run` closes it (end_run): FAILED with
+`gatelab.failure_kind` and `gatelab.failure` for any error, KILLED with
+`gatelab.killed_reason` for a stop signal, so no run is left RUNNING by a live process.
+
+Checkpoints hold tensors and plain data only, and every load of one (resume, `analyze`,
+`export`, Lightning's own) goes through torch's restricted unpickler (load_checkpoint).
 """
 
 from __future__ import annotations
@@ -94,9 +99,84 @@ def start_run(config: RunConfig, uri: str, experiment: str, run_name: str | None
     tags.update(extra_tags or {})
     run = mlflow_client.create_run(tracking.experiment_id(mlflow_client, experiment, uri), tags=tags)
     run_id = run.info.run_id
-    tracking.log_params(mlflow_client, run_id, flatten(config.to_dict()))
-    tracking.log_dict_artifact(mlflow_client, run_id, config.to_dict(), "config.yaml")
+    try:
+        tracking.log_params(mlflow_client, run_id, flatten(config.to_dict()))
+        tracking.log_dict_artifact(mlflow_client, run_id, config.to_dict(), "config.yaml")
+    except BaseException as err:  # e.g. a full disk: the run exists, so it is closed FAILED
+        end_run(mlflow_client, run_id, config, err)
+        raise
     return run_id
+
+
+def describe_failure(err: BaseException, config: RunConfig) -> tuple[str, str]:
+    """(kind, one-line message) for a failed run: out of memory, disk full, bad input, error."""
+    import errno
+
+    from lab.data import cache_root
+    from lab.errors import LabError
+
+    chain = list(_caused_by(err))
+    text = " ".join(str(e) for e in chain)
+    if any(isinstance(e, torch.OutOfMemoryError) for e in chain) or "out of memory" in text.lower():
+        t = config.train
+        smaller = max(1, t.micro_batch // 2)
+        return "oom", (f"CUDA out of memory with {t.micro_batch} sequences x {config.model.context} "
+                       f"tokens per micro-batch: use a smaller micro-batch with gradient "
+                       f"accumulation, e.g. --set train.micro_batch_size={smaller} (the batch of "
+                       f"{t.batch_size} sequences and the results stay the same)")
+    if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain) or \
+            "no space left on device" in text.lower() or "database or disk is full" in text:
+        where = next((e.filename for e in chain if isinstance(e, OSError) and e.filename), None)
+        return "disk_full", (f"disk full{f' writing {where}' if where else ''}: free space for "
+                             f"the store ({tracking.store_dir()}) and the cache ({cache_root()}), "
+                             "then rerun; finished runs are kept")
+    if isinstance(err, LabError):
+        return "config", str(err)
+    message = str(err).splitlines()[0] if str(err) else ""
+    return "error", f"{type(err).__name__}: {message}"
+
+
+def _caused_by(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def end_run(mlflow_client, run_id: str, config: RunConfig, err: BaseException | None,
+            stopped_by: tuple[type[BaseException], ...] = ()) -> str:
+    """Close the run and say why: FINISHED without `err`; KILLED for a stop signal (its name
+    as `gatelab.killed_reason`) or an exception of `stopped_by` (its message); FAILED for
+    anything else, with `gatelab.failure_kind` and `gatelab.failure` (describe_failure).
+    With `err`, nothing here raises: on a full disk the store may refuse these writes too,
+    and the run is then left to the next grid's reconcile (its owner is gone). Returns the
+    status."""
+    import sys
+
+    from lab.interrupts import interruption
+
+    if err is None:
+        mlflow_client.set_terminated(run_id, "FINISHED")
+        return "FINISHED"
+    interrupt = interruption(err)
+    status = "KILLED" if interrupt is not None or isinstance(err, stopped_by) else "FAILED"
+    try:
+        if interrupt is not None:
+            mlflow_client.set_tag(run_id, tracking.KILLED_REASON_TAG,
+                                  f"stopped by {interrupt.name}")
+        elif status == "KILLED":
+            mlflow_client.set_tag(run_id, tracking.KILLED_REASON_TAG,
+                                  f"{type(err).__name__}: {err}"[:4000])
+        else:
+            kind, message = describe_failure(err, config)
+            mlflow_client.set_tag(run_id, tracking.FAILURE_KIND_TAG, kind)
+            mlflow_client.set_tag(run_id, tracking.FAILURE_TAG, message[:4000])
+        mlflow_client.set_terminated(run_id, status)
+    except Exception as store_err:
+        print(f"warning: could not record run {run_id} as {status} "
+              f"({type(store_err).__name__}: {store_err})"[:500], file=sys.stderr)
+    return status
 
 
 def checkpoint_dir(run_id: str) -> Path:
@@ -142,37 +222,81 @@ def run_id_from_prefix(text: str, command: str) -> str:
     return matches[0] if matches else text
 
 
+def load_checkpoint(path: Path, command: str, mmap: bool = False) -> dict:
+    """A checkpoint file read with torch's restricted unpickler (`weights_only=True`): it
+    rebuilds tensors and plain data (dicts, lists, tuples, strings, numbers, booleans, None)
+    and refuses every other object before creating it, so loading runs no code from the file.
+    The lab writes nothing else into a checkpoint (the config is a plain dict; the callbacks'
+    states are lists of numbers), so it allow-lists no further type. A file that needs more,
+    or is no checkpoint at all, is one LabError line naming `command`. `mmap`: tensors are
+    mapped, not read (for a caller that needs only the plain data)."""
+    from lab.errors import LabError
+
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # nothing was created from the file but plain data
+        needed = _unsafe_globals(path, err)
+        if needed:
+            raise LabError(f"{command}: {path} refused: loading it would create "
+                           f"{', '.join(needed[:5])}, not only tensors and plain data (a gatelab "
+                           "checkpoint holds nothing else; such a file can run code when "
+                           "loaded)") from None
+        raise LabError(f"{command}: {path} is not a gatelab training checkpoint "
+                       f"({type(err).__name__}: {_first_line(err)})") from None
+    if not isinstance(raw, dict):
+        raise LabError(f"{command}: {path} is not a gatelab training checkpoint "
+                       f"(it holds a {type(raw).__name__}, not a dict)")
+    return raw
+
+
+def _unsafe_globals(path: Path, err: Exception) -> list[str]:
+    """The objects beyond plain data that a refused file asks for (`posix.system`), read
+    from its pickle without creating them; for a file in torch's older, non-zip format,
+    from the restricted unpickler's message."""
+    import pickle
+
+    if not isinstance(err, pickle.UnpicklingError):
+        return []
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:
+        return re.findall(r"GLOBAL (\S+)", str(err))[:1]
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 def read_checkpoint(path: Path, command: str) -> tuple[RunConfig, dict, int]:
     """A training checkpoint -> (its RunConfig, the Decoder's state dict without the
     LightningModule's `model.` prefix, its global step). `command` names the caller in the
     one-line error a file that is not a gatelab checkpoint gives."""
-    import pickle
-
     from lab.config import from_dict
     from lab.errors import LabError
 
+    raw = load_checkpoint(path, command)
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
         config = from_dict(raw["hyper_parameters"]["config"])
-    except (KeyError, TypeError, RuntimeError, OSError, pickle.UnpicklingError) as err:
-        raise LabError(f"{command}: {path} is not a gatelab training checkpoint ({err})") from None
-    state = {name.removeprefix("model."): tensor for name, tensor in raw["state_dict"].items()
-             if name.startswith("model.")}
-    return config, state, int(raw.get("global_step", 0))
+        state = {name.removeprefix("model."): tensor
+                 for name, tensor in raw["state_dict"].items() if name.startswith("model.")}
+        step = int(raw.get("global_step", 0))
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise LabError(f"{command}: {path} is not a gatelab training checkpoint "
+                       f"({type(err).__name__}: {_first_line(err)})") from None
+    return config, state, step
 
 
 def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gatelab",
               run_name: str | None = None, parent_run_id: str | None = None,
               run_id: str | None = None, extra_tags: dict | None = None, quiet: bool = False,
               callbacks: list | None = None,
-              on_start: Callable[[str], None] | None = None) -> RunResult:
+              on_start: Callable[[str], None] | None = None,
+              stopped_by: tuple[type[BaseException], ...] = ()) -> RunResult:
     """Train, evaluate and record one run. `run_id` continues an existing (killed) run from
-    its last checkpoint; otherwise a new run is created."""
-    import lightning as L
-
-    from lab.callbacks import (AnalysisMonitor, AtomicCheckpoint, GateInsertion, LossMonitor,
-                               RoutingStats)
-    from lab.training import LanguageModel, TokenDataModule, accumulation, total_steps
+    its last checkpoint; otherwise a new run is created. An exception of `stopped_by` (the
+    sweep's pruning) ends the run KILLED rather than FAILED (end_run)."""
+    from lab.interrupts import interruption
 
     uri = tracking.tracking_uri(uri)
     store, config = open_data(config)
@@ -182,10 +306,38 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
     primary = int(os.environ.get("LOCAL_RANK", "0")) == 0
     if not primary:
         run_id = os.environ[DDP_RUN_ID]
-    elif run_id is None:
-        run_id = start_run(config, uri, experiment, run_name, parent_run_id, extra_tags)
-    else:
-        mlflow_client.update_run(run_id, status="RUNNING")
+    start_step = 0
+    if run_id is not None:
+        # A checkpoint that is refused is refused here, before the run is RUNNING again.
+        # Only the step is needed (the data order resumes there); mmap reads no tensors.
+        ckpt = checkpoint_dir(run_id) / "last.ckpt"
+        if ckpt.exists():
+            start_step = int(load_checkpoint(ckpt, "resume", mmap=True)["global_step"])
+    try:
+        if primary and run_id is None:
+            run_id = start_run(config, uri, experiment, run_name, parent_run_id, extra_tags)
+        elif primary:
+            mlflow_client.update_run(run_id, status="RUNNING")
+        return _train(config, store, run_id, uri, mlflow_client, primary, start_step, quiet,
+                      callbacks, on_start)
+    except BaseException as err:
+        if primary and run_id is not None:  # (start_run closes a run it could not finish)
+            end_run(mlflow_client, run_id, config, err, stopped_by)
+        interrupt = interruption(err)
+        if interrupt is not None and interrupt is not err:
+            raise interrupt from None  # the stop signal, not Lightning's sys.exit(1) for it
+        raise
+
+
+def _train(config: RunConfig, store, run_id: str, uri: str, mlflow_client, primary: bool,
+           start_step: int, quiet: bool, callbacks, on_start) -> RunResult:
+    """train_run once its run exists: whatever this raises, train_run closes the run."""
+    import lightning as L
+
+    from lab.callbacks import (AnalysisMonitor, AtomicCheckpoint, GateInsertion, LossMonitor,
+                               RoutingStats)
+    from lab.training import LanguageModel, TokenDataModule, accumulation, total_steps
+
     os.environ[DDP_RUN_ID] = run_id
     if on_start and primary:
         on_start(run_id)
@@ -203,9 +355,6 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     module = LanguageModel(config)
     ckpt = checkpoint_dir(run_id) / "last.ckpt"
-    # Only the step is needed here (the data order resumes there); mmap reads no tensors.
-    start_step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"] \
-        if ckpt.exists() else 0
     data = TokenDataModule(store, config, start_step=start_step)
     steps = total_steps(config)
     monitor = LossMonitor(config, accumulate=accumulation(config),
@@ -243,21 +392,14 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
         deterministic=config.train.deterministic, default_root_dir=str(checkpoint_dir(run_id)),
         # a compiled run evaluates through its training graph (lab/training.py _eval_step)
         inference_mode=not config.train.compile_on(cuda))
-    status = "FAILED"
-    try:
-        # The lab wrote the checkpoint, of tensors and plain containers: weights_only loads it.
-        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt.exists() else None,
-                    weights_only=True)
-        metrics = _finish(trainer, module, data, monitor, config,
-                          mlflow_client if primary else None, run_id, started)
-        status = "FINISHED"
-        return RunResult(run_id, status, metrics, monitor.diverged_step)
-    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into sys.exit(1)
-        status = "KILLED"
-        raise
-    finally:
-        if primary:
-            mlflow_client.set_terminated(run_id, status)
+    # Lightning's own load of the checkpoint, restricted the same way as load_checkpoint.
+    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt.exists() else None,
+                weights_only=True)
+    metrics = _finish(trainer, module, data, monitor, config,
+                      mlflow_client if primary else None, run_id, started)
+    if primary:
+        end_run(mlflow_client, run_id, config, None)
+    return RunResult(run_id, "FINISHED", metrics, monitor.diverged_step)
 
 
 def _finish(trainer, module, data, monitor, config, mlflow_client, run_id, started) -> dict:

@@ -464,14 +464,14 @@ def run_trial(trial, sweep: Sweep, variant: str, uri: str, parent_run_id: str,
                   f"seed={seed}: {outcome} in {duration(time.time() - started)}", flush=True)
 
     try:
+        # A pruned trial's run ends KILLED, its reason the pruning message.
         result = train_run(config, uri, experiment=sweep.name, parent_run_id=parent_run_id,
                            run_name=f"{label}/lr={lr:.3g}", extra_tags=tags, quiet=True,
-                           callbacks=callbacks, on_start=on_start)
+                           callbacks=callbacks, on_start=on_start,
+                           stopped_by=(optuna.TrialPruned,))
     except optuna.TrialPruned:
         finish("pruned", pruned_step=pruning.pruned_step)
         say(f"pruned at step {pruning.pruned_step}")
-        if run_ids:
-            mlflow_client.set_terminated(run_ids[0], "KILLED")
         raise
     except Exception as err:
         finish("failed", error=f"{type(err).__name__}: {err}"[:500])
@@ -523,8 +523,15 @@ def run_worker(plan: WorkerPlan) -> None:
 
 
 def _worker_main(plan: WorkerPlan) -> None:
-    """Entry point of a spawned worker process."""
-    run_worker(plan)
+    """Entry point of a spawned worker process. SIGINT (Ctrl-C reaches the process group) and
+    SIGTERM (forwarded by run_sweep) end its trial's run KILLED and the trial FAIL."""
+    from lab.interrupts import stop_on_signals
+
+    try:
+        with stop_on_signals():
+            run_worker(plan)
+    except KeyboardInterrupt:
+        return
 
 
 def split_trials(remaining: int, workers: int) -> list[int]:
@@ -612,29 +619,42 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
     threads = threads_per_worker(workers)
     plans = [WorkerPlan(sweep, url, uri, parents, {v: shares[v][i] for v in sweep.variants},
                         threads, quiet) for i in range(workers)]
-    status = "FAILED"
-    try:
-        if workers == 1:
-            run_worker(plans[0])
-        else:
-            context = multiprocessing.get_context("spawn")  # no forked torch/thread state
-            processes = [context.Process(target=_worker_main, args=(plan,), name=f"sweep-worker-{i}")
-                         for i, plan in enumerate(plans)]
-            for process in processes:
-                process.start()
+    from lab.interrupts import interruption, stop_on_signals
+
+    status, processes = "FAILED", []
+    with stop_on_signals():  # SIGINT and SIGTERM: the trials' runs end KILLED
+        try:
+            if workers == 1:
+                run_worker(plans[0])
+            else:
+                context = multiprocessing.get_context("spawn")  # no forked torch/thread state
+                processes = [context.Process(target=_worker_main, args=(plan,),
+                                             name=f"sweep-worker-{i}")
+                             for i, plan in enumerate(plans)]
+                for process in processes:
+                    process.start()
+                for process in processes:
+                    process.join()
+                bad = [p.name for p in processes if p.exitcode != 0]
+                if bad:
+                    raise RuntimeError(f"sweep worker(s) {', '.join(bad)} exited with an error")
+            status = "FINISHED"
+        except KeyboardInterrupt as err:
+            status = "KILLED"
+            stop = interruption(err)
+            for process in processes:  # each ends its trial's run KILLED for the same signal
+                if process.is_alive():
+                    os.kill(process.pid, stop.signum)
             for process in processes:
                 process.join()
-            bad = [p.name for p in processes if p.exitcode != 0]
-            if bad:
-                raise RuntimeError(f"sweep worker(s) {', '.join(bad)} exited with an error")
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        mlflow_client = tracking.client(uri)
-        for run_id in parents.values():
-            mlflow_client.set_terminated(run_id, status)
+            for run_id in parents.values():
+                tracking.client(uri).set_tag(run_id, tracking.KILLED_REASON_TAG,
+                                             f"stopped by {stop.name}")
+            raise stop from None
+        finally:
+            mlflow_client = tracking.client(uri)
+            for run_id in parents.values():
+                mlflow_client.set_terminated(run_id, status)
     summaries = summarize_sweep(sweep.name, url, variants=list(sweep.variants))
     for variant, summary in summaries.items():
         for name, value in (("best/lr", summary.best_lr), ("best/val_loss", summary.best_loss),

@@ -16,6 +16,10 @@ from pathlib import Path
 import yaml
 
 STORE_DIR = "mlruns"
+# Why a run ended other than FINISHED (lab/run.py end_run; the grid's reconcile and workers).
+FAILURE_KIND_TAG = "gatelab.failure_kind"   # oom, disk_full, config, error, worker_died
+FAILURE_TAG = "gatelab.failure"             # the one-line message
+KILLED_REASON_TAG = "gatelab.killed_reason"
 
 
 def cell_name(variant: str, lr: float, seed: int) -> str:
@@ -478,17 +482,27 @@ def find_run(mlflow_client, experiment_id: str, match_tags: dict[str, str]) -> s
 def find_or_create_run(mlflow_client, experiment_id: str, match_tags: dict[str, str],
                        run_name: str, extra_tags: dict[str, str] | None = None) -> tuple[str, bool]:
     """The earliest run carrying `match_tags` (a grid's or a study's parent), else a new one
-    with them and `extra_tags`. Two processes creating it at once both look again: the
-    earliest run wins and the other deletes its own. Returns (run id, created by this call)."""
+    with them and `extra_tags`. Returns (run id, created by this call).
+
+    On a SQLite store, processes look and create under a lock beside the file, so two
+    started together find one run. Elsewhere (a tracking server, another database) two
+    processes creating it at once both look again: the earliest run wins and the other
+    deletes its own."""
+    from contextlib import nullcontext
+
+    from filelock import FileLock
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
-    found = find_run(mlflow_client, experiment_id, match_tags)
-    if found:
-        return found, False
-    mine = mlflow_client.create_run(experiment_id,
-                                    tags={MLFLOW_RUN_NAME: run_name, **match_tags,
-                                          **(extra_tags or {})}).info.run_id
-    winner = find_run(mlflow_client, experiment_id, match_tags)
+    uri = str(mlflow_client.tracking_uri)
+    path = sqlite_path(uri) if uri.startswith("sqlite:") else None
+    with FileLock(f"{path}.parent.lock", timeout=LOCK_TIMEOUT_S) if path else nullcontext():
+        found = find_run(mlflow_client, experiment_id, match_tags)
+        if found:
+            return found, False
+        mine = mlflow_client.create_run(experiment_id,
+                                        tags={MLFLOW_RUN_NAME: run_name, **match_tags,
+                                              **(extra_tags or {})}).info.run_id
+        winner = find_run(mlflow_client, experiment_id, match_tags)
     if winner != mine:
         mlflow_client.delete_run(mine)
     return winner, winner == mine

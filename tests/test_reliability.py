@@ -231,3 +231,79 @@ def test_the_ui_binds_to_loopback_unless_asked():
     from lab.cli import build_parser
 
     assert build_parser().parse_args(["ui"]).host == "127.0.0.1"
+
+
+# --- issue 26: checkpoints run no code ----------------------------------------------------------
+
+class Payload:
+    """What a malicious checkpoint carries: unpickling it runs a shell command (here one that
+    leaves a marker file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _poisoned_checkpoint(path: Path, marker: Path, like: dict | None = None) -> Path:
+    """A file shaped like a lab checkpoint (or a copy of `like`) with the payload inside."""
+    content = dict(like or {"state_dict": {}, "global_step": 1,
+                            "hyper_parameters": {"config": {}}})
+    content["loops"] = {"payload": Payload(marker)}
+    torch.save(content, path)
+    return path
+
+
+@pytest.mark.parametrize("command", [["analyze"], ["export", "--out", "exported"]])
+def test_a_checkpoint_carrying_code_is_refused_by_analyze_and_export(store, tmp_path, capsys,
+                                                                    command):
+    from lab.cli import main
+
+    marker = tmp_path / "payload-ran"
+    evil = _poisoned_checkpoint(tmp_path / "evil.ckpt", marker)
+    assert main([command[0], str(evil), *command[1:], "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {command[0]}: {evil} refused: loading it would create "
+                          "posix.system") and err.count("\n") == 1, err
+    assert not marker.exists()
+    assert not (tmp_path / "exported").exists()
+
+
+def test_the_labs_checkpoint_holds_only_tensors_and_plain_data_and_a_poisoned_one_is_not_resumed(
+        store, tmp_path, capsys):
+    """A real checkpoint needs no type beyond torch's weights_only set. Replaced by one
+    carrying code, a grid resuming that run refuses it in one line before anything trains,
+    and so does train_run itself: the payload never runs and no run is left RUNNING."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from lab.cli import main
+    from lab.errors import LabError
+    from lab.grid import grid_from_dict, plan
+    from lab.run import checkpoint_dir, train_run
+
+    raw = tiny_grid("poisoned", ["baseline"])
+    grid_file = tmp_path / "poisoned.yaml"
+    grid_file.write_text(yaml.safe_dump(raw))
+    assert main(["grid", str(grid_file), "--quiet", "--cpu-threads", "1"]) == 0
+    client = MlflowClient(store)
+    run = next(r for r in client.search_runs(
+        [client.get_experiment_by_name("poisoned").experiment_id], "")
+        if r.data.tags.get("mlflow.parentRunId"))
+    ckpt = checkpoint_dir(run.info.run_id) / "last.ckpt"
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(ckpt) == []
+
+    # As if the run had been killed and someone swapped its checkpoint.
+    client.set_terminated(run.info.run_id, "KILLED")
+    marker = tmp_path / "payload-ran"
+    _poisoned_checkpoint(ckpt, marker, like=torch.load(ckpt, weights_only=True))
+    assert main(["grid", str(grid_file), "--quiet", "--cpu-threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: grid: {ckpt} refused: loading it would create posix.system")
+    assert err.count("\n") == 1 and f"rm {ckpt}" in err, err
+    with pytest.raises(LabError, match="resume: .* refused: loading it would create posix.system"):
+        train_run(plan(grid_from_dict(raw))[0].config, store, "poisoned",
+                  run_id=run.info.run_id, quiet=True)
+    assert not marker.exists()
+    assert run_statuses(store, "poisoned") == {"baseline/lr=0.003/seed=0": ["KILLED"]}
