@@ -8,17 +8,30 @@ command exits with 128 + the signal's number: 130 for SIGINT (Ctrl-C), 143 for S
 (docs/reliability.md). A second signal while the runs are being closed is ignored, so an
 impatient second Ctrl-C cannot leave a run RUNNING; SIGKILL still ends the process at once
 (a rerun then marks its runs KILLED).
+
+Not inside a database call, though: raised between an INSERT and its COMMIT, the exception
+leaves that SQLite write transaction open (its connection held by the traceback), and every
+later write of the process, the one that marks the run KILLED included, waits out the busy
+timeout and fails. So while the main thread holds a pooled SQLAlchemy connection (MLflow's
+and Optuna's SQL stores), a signal is deferred until the connection is back in the pool,
+after its transaction was committed or rolled back; at most DEFER_AT_MOST_S.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from contextlib import contextmanager
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+DEFER_AT_MOST_S = 5.0  # a database call longer than this is interrupted anyway
 _installed = False   # one set of handlers per process: nested uses share it
 _stopping = False    # a signal has been turned into Interrupted; later ones are ignored
+_connections = 0     # pooled database connections the main thread has checked out
+_deferred: int | None = None  # a signal that arrived while one was
+_deadline: threading.Timer | None = None
+_forced = False      # the database call outlasted DEFER_AT_MOST_S
 
 
 class Interrupted(KeyboardInterrupt):
@@ -39,47 +52,107 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
-def _raise_interrupted(signum, frame) -> None:
-    global _stopping
+def _interrupt(signum: int) -> None:
+    global _stopping, _deferred
+    _stopping, _deferred = True, None
+    if _deadline is not None:
+        _deadline.cancel()
+    raise Interrupted(signum)
+
+
+def _on_signal(signum, frame) -> None:
+    global _deferred, _deadline
     if _stopping:
         return
-    _stopping = True
-    raise Interrupted(signum)
+    if _forced:
+        _interrupt(signum)
+    if _deferred is not None:
+        return  # already waiting for the database call to end
+    if _connections:  # in a database call: raised when it ends (_on_checkin)
+        _deferred = signum
+        _deadline = threading.Timer(DEFER_AT_MOST_S, _give_up_waiting, (signum,))
+        _deadline.daemon = True
+        _deadline.start()
+        return
+    _interrupt(signum)
+
+
+def _give_up_waiting(signum: int) -> None:
+    global _forced
+    _forced = True  # the signal sent again raises wherever the main thread is
+    os.kill(os.getpid(), signum)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _on_checkout(dbapi_connection, connection_record, connection_proxy) -> None:
+    global _connections
+    if _in_main_thread():
+        _connections += 1
+
+
+def _on_checkin(dbapi_connection, connection_record) -> None:
+    """A connection back in the pool (SQLAlchemy resets, i.e. rolls back, before this): a
+    deferred signal is raised now, with no transaction left open."""
+    global _connections
+    if _in_main_thread():
+        _connections = max(0, _connections - 1)
+        if not _connections and _deferred is not None and not _stopping:
+            _interrupt(_deferred)
 
 
 @contextmanager
 def stop_on_signals():
     """SIGINT and SIGTERM raise Interrupted inside this block (main thread only: Python
     runs signal handlers there); the previous handlers come back after it."""
-    global _installed, _stopping
-    if _installed or threading.current_thread() is not threading.main_thread():
+    global _installed, _stopping, _connections, _deferred, _deadline, _forced
+    if _installed or not _in_main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in STOP_SIGNALS}
-    _installed, _stopping = True, False
+    from sqlalchemy import event
+    from sqlalchemy.pool import Pool
+
+    # Pool-class listeners reach every pool, also those made before (SQLAlchemy's events).
+    event.listen(Pool, "checkout", _on_checkout)
+    event.listen(Pool, "checkin", _on_checkin)
+    previous = {signum: signal.signal(signum, _on_signal) for signum in STOP_SIGNALS}
+    _installed, _stopping, _connections, _deferred, _deadline, _forced = \
+        True, False, 0, None, None, False
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        _installed, _stopping = False, False
+        event.remove(Pool, "checkout", _on_checkout)
+        event.remove(Pool, "checkin", _on_checkin)
+        if _deadline is not None:
+            _deadline.cancel()
+        _installed, _stopping, _connections, _deferred, _deadline, _forced = \
+            False, False, 0, None, None, False
 
 
 def interruption(err: BaseException) -> Interrupted | None:
     """The stop signal behind `err`, if any: Interrupted itself; a plain KeyboardInterrupt
     (SIGINT outside stop_on_signals); Lightning's SIGTERMException (SIGTERM under Lightning's
     own handler); or a SystemExit raised while handling one of those (Lightning's
-    `_call_and_handle_interrupt` turns an interrupt during `Trainer.fit` into sys.exit(1))."""
+    `_call_and_handle_interrupt` turns an interrupt during `Trainer.fit` into sys.exit(1)).
+    Once one is found, the process is stopping: a signal still deferred, or sent again, is
+    not raised a second time into the code that closes the runs."""
+    global _stopping, _deferred
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    seen = set()
-    while err is not None and id(err) not in seen:
+    seen, found = set(), None
+    while err is not None and id(err) not in seen and found is None:
         seen.add(id(err))
         if isinstance(err, Interrupted):
-            return err
-        if isinstance(err, SIGTERMException):
-            return Interrupted(signal.SIGTERM)
-        if isinstance(err, KeyboardInterrupt):
-            return Interrupted(signal.SIGINT)
+            found = err
+        elif isinstance(err, SIGTERMException):
+            found = Interrupted(signal.SIGTERM)
+        elif isinstance(err, KeyboardInterrupt):
+            found = Interrupted(signal.SIGINT)
         err = err.__cause__ or err.__context__
-    return None
+    if found is not None and _installed:
+        _stopping, _deferred = True, None
+    return found

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -307,3 +308,126 @@ def test_the_labs_checkpoint_holds_only_tensors_and_plain_data_and_a_poisoned_on
                   run_id=run.info.run_id, quiet=True)
     assert not marker.exists()
     assert run_statuses(store, "poisoned") == {"baseline/lr=0.003/seed=0": ["KILLED"]}
+
+
+# --- issue 26: a stop signal ends the command with 128 + its number, its runs KILLED -------------
+
+def _runs_of(uri: str, experiment: str) -> list[tuple[str, str, dict]]:
+    """(name, status, tags) of the experiment's active runs, read with sqlite3."""
+    import sqlite3
+
+    with sqlite3.connect(uri[len("sqlite:///"):], timeout=30) as db:
+        runs = db.execute("SELECT r.run_uuid, r.name, r.status FROM runs r JOIN experiments e ON "
+                          "r.experiment_id = e.experiment_id WHERE e.name = ? AND "
+                          "r.lifecycle_stage = 'active'", (experiment,)).fetchall()
+        return [(name, status, dict(db.execute("SELECT key, value FROM tags WHERE run_uuid = ?",
+                                                (run_id,)).fetchall()))
+                for run_id, name, status in runs]
+
+
+def _wait_until_training(uri: str, experiment: str, process, runs: int = 1,
+                         timeout_s: float = 120.0) -> None:
+    """Until `runs` RUNNING runs of the experiment have logged a training loss (their fits
+    are under way)."""
+    import sqlite3
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.is_alive(), f"exited with {process.exitcode} before training"
+        try:
+            with sqlite3.connect(uri[len("sqlite:///"):], timeout=30) as db:
+                if db.execute("SELECT count(DISTINCT r.run_uuid) FROM runs r JOIN experiments e "
+                              "ON r.experiment_id = e.experiment_id JOIN metrics m ON "
+                              "m.run_uuid = r.run_uuid WHERE e.name = ? AND r.status = "
+                              "'RUNNING' AND m.key = 'train/loss'",
+                              (experiment,)).fetchone()[0] >= runs:
+                    return
+        except sqlite3.OperationalError:
+            pass  # the store is being written
+        time.sleep(0.1)
+    raise AssertionError(f"no run of {experiment} trained within {timeout_s} s")
+
+
+def _long_command(command: str, tmp_path: Path) -> list[str]:
+    """`command` on the tiny model with a budget far beyond the test's patience."""
+    import yaml
+
+    tokens, small = 5e6, {"model.context": 32, "train.batch_size": 8, "train.log_every": 1}
+    if command == "train":
+        sets = [item for key, value in small.items() for item in ("--set", f"{key}={value}")]
+        return ["train", "--data", "synthetic", "--tokens", str(tokens), "--experiment",
+                "stopped", *sets]
+    if command.startswith("grid"):
+        workers = 2 if command == "grid-2-workers" else 1
+        path = tmp_path / "stopped.yaml"
+        path.write_text(yaml.safe_dump({**tiny_grid("stopped", ["baseline"], seeds=range(workers)),
+                                        "tokens": tokens}))
+        return ["grid", str(path), "--cpu-threads", "1", "--cpu-workers", str(workers)]
+    path = tmp_path / "stopped-sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "stopped", "preset": "tiny", "data": "synthetic",
+                                    "tokens": tokens, "variants": ["baseline"],
+                                    "lr": {"ladder": [3e-3]}, "overrides": small}))
+    return ["sweep", str(path), "--storage", str(tmp_path / "stopped.journal")]
+
+
+@pytest.mark.parametrize("command, signum", [
+    (command, signum) for command in ("train", "grid", "sweep")
+    for signum in (signal.SIGTERM, signal.SIGINT)] + [("grid-2-workers", signal.SIGTERM)])
+def test_a_stop_signal_ends_the_command_with_128_plus_its_number_and_every_run_killed(
+        store, tmp_path, command, signum):
+    """What a scheduler (SIGTERM) or Ctrl-C (SIGINT) gets: exit code 143 or 130, the runs in
+    training KILLED with the signal as their reason (in worker processes too: the grid
+    passes the signal on), the grid's or sweep's parent KILLED too, nothing left RUNNING."""
+    from gridkit import cli_process
+
+    env = {k: os.environ[k] for k in ("GATELAB_STORE", "GATELAB_CACHE")}
+    process = grid_processes().Process(target=cli_process,
+                                       args=(_long_command(command, tmp_path) + ["--quiet"], env))
+    process.start()
+    try:
+        _wait_until_training(store, "stopped", process, runs=2 if "workers" in command else 1)
+        os.kill(process.pid, signum)
+        process.join(timeout=60)
+    finally:
+        if process.is_alive():
+            process.kill()
+    assert process.exitcode == 128 + signum
+    runs = _runs_of(store, "stopped")
+    assert {status for _, status, _ in runs} == {"KILLED"}, runs
+    trained = [tags for _, _, tags in runs if "config_hash" in tags]
+    assert len(runs) == len(trained) + (command != "train"), runs
+    assert len(trained) == (2 if command == "grid-2-workers" else 1), runs
+    assert {tags["gatelab.killed_reason"] for tags in trained} == \
+        {f"stopped by {signal.Signals(signum).name}"}
+
+
+def test_a_signal_inside_a_store_write_waits_for_its_commit_and_the_run_still_ends_killed(store):
+    """Raised between an INSERT and its COMMIT, the interrupt would leave that SQLite write
+    transaction open, and marking the run KILLED would wait out the 20 s busy timeout and
+    fail, leaving it RUNNING. The signal is held until the connection is back in the pool."""
+    from mlflow.tracking import MlflowClient
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from lab.config import resolve
+    from lab.interrupts import Interrupted, stop_on_signals
+    from lab.run import train_run
+
+    def signal_inside_the_write(conn, cursor, statement, parameters, context, executemany):
+        if statement.startswith("INSERT INTO metrics") and "train/loss" in str(parameters):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    config = resolve("baseline", "tiny", {"model.context": 32, "train.batch_size": 8,
+                     "train.log_every": 1}, data="synthetic", tokens=4096)
+    event.listen(Engine, "after_cursor_execute", signal_inside_the_write)
+    started = time.monotonic()
+    try:
+        with stop_on_signals(), pytest.raises(Interrupted, match="SIGTERM"):
+            train_run(config, store, "in-a-write", quiet=True)
+    finally:
+        event.remove(Engine, "after_cursor_execute", signal_inside_the_write)
+    assert time.monotonic() - started < 15
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("in-a-write").experiment_id])
+    assert run.info.status == "KILLED"
+    assert run.data.tags["gatelab.killed_reason"] == "stopped by SIGTERM"
