@@ -253,3 +253,72 @@ def test_runs_per_gpu_auto_packs_from_the_measured_gain(store, monkeypatch):
             grid.parse_runs_per_gpu(bad)
     # The time estimate slows each packed cell by N / gain.
     assert grid.packing_speedup("small", n) == speedup[n] and grid.packing_speedup("tiny", 3) == 1.0
+
+
+# --- one claim per cell (issue 26) ----------------------------------------------------------
+
+def test_a_cell_is_claimed_once_and_taken_over_only_from_a_dead_holder(store):
+    """claim_cell on the store alone (no training): the first claimant of an attempt holds
+    it; another process is turned away while the holder lives, takes the next attempt once
+    it is dead, and nobody claims a cell that has a FINISHED run."""
+    from lab import tracking
+    from lab.grid import GridContext, Task, claim_cell, find_or_create_parent
+
+    raw = tiny_grid("claims", ["baseline"])
+    [cell] = plan(grid_from_dict(raw))
+    client = tracking.client(store)
+    experiment = tracking.experiment_id(client, "claims", store)
+    ctx = GridContext(store, "claims", find_or_create_parent(client, experiment, "claims"),
+                      "claims", True)
+    task = Task(0, cell.name, cell.config)
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    dead, alive = owner_identity(exited.pid), owner_identity()
+
+    claimed, _ = claim_cell(task, ctx, dead)
+    assert claimed.claim == f"{cell.config_hash}/1" and claimed.run_id is None
+    mine, _ = claim_cell(task, ctx, alive)               # the holder is gone: attempt 2
+    assert mine.claim == f"{cell.config_hash}/2"
+    other, why = claim_cell(task, ctx, "elsewhere.invalid:1:1")  # fresh claim time: alive
+    assert other is None and f"claimed by {alive}" in why
+    assert claim_cell(task, ctx, alive)[0].claim == mine.claim   # one process, one claim
+    params = client.get_run(ctx.parent_run_id).data.params
+    assert {k: v.rpartition("@")[0] for k, v in params.items()} == {
+        f"gatelab.claim/{cell.config_hash}/1": dead, f"gatelab.claim/{cell.config_hash}/2": alive}
+
+    from lab.grid import create_cell_run
+
+    run_id = create_cell_run(mine, ctx, alive)
+    assert client.get_run(run_id).data.tags["gatelab.claim"] == mine.claim
+    client.set_terminated(run_id, "FINISHED")
+    assert claim_cell(task, ctx, "elsewhere.invalid:1:1") == (None, "FINISHED by another process")
+
+
+def test_two_grids_started_together_on_one_store_train_each_cell_once(store, tmp_path):
+    """Two `gatelab grid` processes on one store with nothing in it yet (no experiment, no
+    parent): every cell ends with exactly one run, FINISHED, under one parent."""
+    import yaml
+
+    from gridkit import cli_process, grid_processes
+
+    path = tmp_path / "twice.yaml"
+    path.write_text(yaml.safe_dump(tiny_grid("twice", ["baseline", "sdpa_headwise_sigmoid_mul"],
+                                             seeds=(0, 1))))
+    env = {k: os.environ[k] for k in ("GATELAB_STORE", "GATELAB_CACHE")}
+    context = grid_processes()
+    grids = [context.Process(target=cli_process,
+                             args=(["grid", str(path), "--quiet", "--cpu-threads", "1"], env))
+             for _ in range(2)]
+    for process in grids:
+        process.start()
+    for process in grids:
+        process.join(timeout=300)
+    assert [p.exitcode for p in grids] == [0, 0]
+    assert run_statuses(store, "twice") == {
+        f"{v}/lr=0.003/seed={s}": ["FINISHED"] for v in ("baseline", "sdpa_headwise_sigmoid_mul")
+        for s in (0, 1)}
+    client, runs = _runs(store, "twice")
+    [parent] = [r for r in runs if r.data.tags.get("gatelab.grid_parent") == "true"]
+    assert parent.info.status == "FINISHED"
+    claims = [k for k in parent.data.params if k.startswith("gatelab.claim/")]
+    assert len(claims) >= 4

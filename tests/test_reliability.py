@@ -4,6 +4,7 @@ nothing. The grid mechanics themselves are in test_grid.py."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import random
 import signal
@@ -431,3 +432,92 @@ def test_a_signal_inside_a_store_write_waits_for_its_commit_and_the_run_still_en
     [run] = client.search_runs([client.get_experiment_by_name("in-a-write").experiment_id])
     assert run.info.status == "KILLED"
     assert run.data.tags["gatelab.killed_reason"] == "stopped by SIGTERM"
+
+
+# --- issue 26: every failure after a run exists ends it FAILED, with the reason ---------------
+
+def _tiny_config(tokens: int = 2048):
+    from lab.config import resolve
+
+    return resolve("baseline", "tiny", {"model.context": 32, "train.batch_size": 8,
+                   "train.val_every": 4}, data="synthetic", tokens=tokens)
+
+
+def _only_run(uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return run
+
+
+def test_an_error_after_the_run_exists_ends_it_failed_with_the_reason(store, monkeypatch):
+    """Anything that raises once the run is RUNNING (here seeding, which the config check
+    now keeps from seeing a bad seed) closes it FAILED, saying why."""
+    from lab.run import train_run
+
+    def broken_seeding(seed, workers=False, verbose=True):
+        raise ValueError(f"Seed must be between 0 and 2**32 - 1, got {seed}")
+
+    monkeypatch.setattr(L, "seed_everything", broken_seeding)
+    with pytest.raises(ValueError):
+        train_run(_tiny_config(), store, "seeding", quiet=True)
+    run = _only_run(store, "seeding")
+    assert run.info.status == "FAILED" and run.data.tags["gatelab.failure_kind"] == "error"
+    assert run.data.tags["gatelab.failure"] == "ValueError: Seed must be between 0 and " \
+        "2**32 - 1, got 0"
+
+
+def test_a_full_disk_while_the_cell_run_is_created_ends_it_failed_not_running(store, monkeypatch):
+    from lab import tracking
+    from lab.grid import GridOptions, grid_from_dict, run_grid
+
+    original = tracking.log_dict_artifact
+
+    def full_disk(client, run_id, data, filename):
+        if filename == "config.yaml":  # the cell's run exists, its record is half written
+            raise OSError(errno.ENOSPC, "No space left on device", "mlruns/artifacts")
+        return original(client, run_id, data, filename)
+
+    monkeypatch.setattr(tracking, "log_dict_artifact", full_disk)
+    summary = run_grid(grid_from_dict(tiny_grid("full", ["baseline"])),
+                       GridOptions(quiet=True, cpu_threads=1))
+    assert [o.status for o in summary.outcomes] == ["FAILED"]
+    assert summary.outcomes[0].failure.startswith("disk full writing mlruns/artifacts")
+    assert run_statuses(store, "full") == {"baseline/lr=0.003/seed=0": ["FAILED"]}
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    cells = [r for r in client.search_runs([client.get_experiment_by_name("full").experiment_id])
+             if r.data.tags.get("mlflow.parentRunId")]
+    assert [r.data.tags["gatelab.failure_kind"] for r in cells] == ["disk_full"]
+
+
+def test_a_partial_checkpoint_is_removed_after_a_failed_write_and_before_a_resume(store,
+                                                                                monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from lab.run import checkpoint_dir, train_run
+
+    original = L.Trainer.save_checkpoint
+
+    def full_disk(self, filepath, weights_only=None, storage_options=None):
+        Path(filepath).write_bytes(b"the first bytes of a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device", str(filepath))
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", full_disk)
+    with pytest.raises(OSError):
+        train_run(_tiny_config(), store, "partial", quiet=True)
+    run = _only_run(store, "partial")
+    assert run.info.status == "FAILED" and run.data.tags["gatelab.failure_kind"] == "disk_full"
+    assert list(checkpoint_dir(run.info.run_id).iterdir()) == []
+
+    # A kill mid-write leaves last.tmp beside the checkpoint; the resumed run removes it.
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", original)
+    done = train_run(_tiny_config(), store, "resumed", quiet=True)
+    partial = checkpoint_dir(done.run_id) / "last.tmp"
+    partial.write_bytes(b"the first bytes of a checkpoint")
+    MlflowClient(store).set_terminated(done.run_id, "KILLED")
+    again = train_run(_tiny_config(), store, "resumed", run_id=done.run_id, quiet=True)
+    assert again.status == "FINISHED" and not partial.exists()
+    assert (checkpoint_dir(done.run_id) / "last.ckpt").exists()

@@ -88,6 +88,31 @@ def test_a_store_file_that_is_not_a_whole_store_is_refused_and_left_as_it_is(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]  # no run, no lock
 
 
+def test_an_empty_default_store_is_refused_by_a_grid_not_taken_as_a_new_one(tmp_path,
+                                                                           monkeypatch, capsys):
+    """Issue 26: a 0-byte mlruns/mlflow.db (a full disk, a bad copy) held a store's runs;
+    taken as a new store, the grid would silently train every cell again."""
+    import yaml
+
+    from gridkit import _shared_dir, tiny_grid
+    from lab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
+    monkeypatch.setenv("GATELAB_CACHE", str(_shared_dir() / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlruns").mkdir()
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.write_bytes(b"")
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(tiny_grid("empty-store", ["baseline"])))
+    assert main(["grid", "g.yaml", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: MLflow store {db}: an empty file, not a store; the lab does not open "
+                   f"or migrate it: move it aside (mv {db} {db}.broken) to start a new, empty "
+                   "store\n")
+    assert db.read_bytes() == b"" and sorted(p.name for p in db.parent.iterdir()) == ["mlflow.db"]
+
+
 @pytest.mark.parametrize("uri, expected", [
     ("http://127.0.0.1:{port}", "no MLflow server at 127.0.0.1:{port}"),
     ("sqlite:///{tmp}/missing/x.db", "the folder {tmp}/missing of x.db does not exist"),
