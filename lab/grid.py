@@ -958,8 +958,6 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
     parent = find_or_create_parent(client, experiment, spec.name)
     # Before the parent is RUNNING: a refused checkpoint ends the grid here (LabError).
     work = reconcile(client, cells, child_runs(client, experiment, parent), options.stale_after_s)
-    client.update_run(parent, status="RUNNING")
-    tracking.log_dict_artifact(client, parent, _spec_dict(spec), "grid.yaml")
     ctx = GridContext(uri, spec.name, parent, spec.name, options.quiet, options.stale_after_s)
     progress = _progress(spec.name, work, workers, options.quiet)
     outcomes: list[Outcome] = []
@@ -976,6 +974,8 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
 
     with stop_on_signals():  # SIGINT and SIGTERM: the runs in progress end KILLED
         try:
+            client.update_run(parent, status="RUNNING")
+            tracking.log_dict_artifact(client, parent, _spec_dict(spec), "grid.yaml")
             if not work.tasks:
                 pass
             elif devices > 1 and gpus:

@@ -599,31 +599,33 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
 
         check_before_training(sweep.preset, list(sweep.variants), list(sweep.overrides), quiet)
 
-    remaining, parents = {}, {}
-    for variant in sweep.variants:
-        study = open_study(sweep, variant, optuna_storage)
-        for key, value in (("sweep", sweep.name), ("variant", variant), ("preset", sweep.preset)):
-            study.set_user_attr(key, value)
-        stale = fail_stale_trials(study, uri)
-        if stale and not quiet:
-            print(f"[{study.study_name}] {stale} trial(s) of a killed worker marked failed")
-        remaining[variant] = max(0, n_trials - _done(study))
-        parents[variant] = parent_run(sweep, variant, uri, url)
-    if not quiet:
-        for variant in sweep.variants:
-            print(f"[{sweep.study_name(variant)}] {remaining[variant]} trial(s) to run; "
-                  f"storage {_redact(url)}; MLflow parent run {parents[variant]}", flush=True)
-
-    workers = max(1, min(workers, max(remaining.values(), default=0)))
-    shares = {v: split_trials(n, workers) for v, n in remaining.items()}
-    threads = threads_per_worker(workers)
-    plans = [WorkerPlan(sweep, url, uri, parents, {v: shares[v][i] for v in sweep.variants},
-                        threads, quiet) for i in range(workers)]
     from lab.interrupts import interruption, stop_on_signals
 
+    remaining, parents = {}, {}
     status, processes = "FAILED", []
     with stop_on_signals():  # SIGINT and SIGTERM: the trials' runs end KILLED
         try:
+            for variant in sweep.variants:
+                study = open_study(sweep, variant, optuna_storage)
+                for key, value in (("sweep", sweep.name), ("variant", variant),
+                                   ("preset", sweep.preset)):
+                    study.set_user_attr(key, value)
+                stale = fail_stale_trials(study, uri)
+                if stale and not quiet:
+                    print(f"[{study.study_name}] {stale} trial(s) of a killed worker marked failed")
+                remaining[variant] = max(0, n_trials - _done(study))
+                parents[variant] = parent_run(sweep, variant, uri, url)  # RUNNING from here
+            if not quiet:
+                for variant in sweep.variants:
+                    print(f"[{sweep.study_name(variant)}] {remaining[variant]} trial(s) to run; "
+                          f"storage {_redact(url)}; MLflow parent run {parents[variant]}",
+                          flush=True)
+            workers = max(1, min(workers, max(remaining.values(), default=0)))
+            shares = {v: split_trials(n, workers) for v, n in remaining.items()}
+            threads = threads_per_worker(workers)
+            plans = [WorkerPlan(sweep, url, uri, parents,
+                                {v: shares[v][i] for v in sweep.variants}, threads, quiet)
+                     for i in range(workers)]
             if workers == 1:
                 run_worker(plans[0])
             else:
