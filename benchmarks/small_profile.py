@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lab.bench import BareLoop, SteadyStateTimer, bench_config  # noqa: E402
-from lab.flops import device_peak_tflops, model_flops_per_token  # noqa: E402
+from lab.model.flops import device_peak_tflops  # noqa: E402
+from lab.model.params import model_flops_per_token  # noqa: E402
 
 
 def gpu_ms_per_step(step, steps: int = 8) -> float:

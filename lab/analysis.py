@@ -70,7 +70,7 @@ import torch
 from lab.config import RunConfig
 from lab.data import TokenStore, eval_windows
 from lab.errors import LabError
-from lab.gates import GateSpec, apply_gate
+from lab.model.gates import GateSpec, apply_gate
 from lab import tracking
 
 SPARSITY_THRESHOLDS = (1e-2, 1e-3)  # App. A.3, Fig. 5
@@ -651,7 +651,7 @@ def analyze_target(target: str, uri: str | None = None, windows: int | None = No
     Returns (run id or None, the analysis, the files written)."""
     import dataclasses
 
-    from lab.model import Decoder
+    from lab.model.decoder import Decoder
     from lab.run import checkpoint_path, open_data, read_checkpoint
 
     uri = tracking.tracking_uri(uri)

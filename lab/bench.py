@@ -24,10 +24,12 @@ import torch
 
 from lab.config import RunConfig, resolve
 from lab.errors import LabError
-from lab.flops import device_peak_tflops, model_flops_per_token
-from lab.model import Decoder
+from lab.model.flops import device_peak_tflops
+from lab.model.params import model_flops_per_token
+from lab.model.decoder import Decoder
 from lab import tracking
-from lab.run import count_params, open_data
+from lab.model.params import count_params
+from lab.run import open_data
 from lab.training import accumulation, adamw, compile_model, step_loss, train_sampler
 
 

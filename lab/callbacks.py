@@ -16,7 +16,7 @@ import lightning as L
 import torch
 
 from lab.config import RunConfig
-from lab.moe import moe_layers, routing_summary
+from lab.model.moe import moe_layers, routing_summary
 from lab.spikes import detect_spikes
 from lab.tracking import finite_metrics, log_dict_artifact
 

@@ -6,7 +6,7 @@ section); nothing compared the fast GPU path with a reference. For each variant 
 forward and backward of the production path (the configured precision, eager and, where the
 run would compile, compiled, with whatever SDPA backend PyTorch picks) and the same step of
 a float32 eager reference with the same weights and batch whose attention is the explicit
-softmax of lab/model.py (`Decoder.set_reference_attention`), so a wrong fused kernel cannot
+softmax of lab/model/decoder.py (`Decoder.set_reference_attention`), so a wrong fused kernel cannot
 hide on both sides. Matmuls of the reference run in full float32 (TF32 off).
 
 What is compared, each as ||fast - reference|| / ||reference|| (a norm-wise relative error,
@@ -41,8 +41,8 @@ import torch.nn as nn
 
 from lab.config import resolve
 from lab.errors import LabError
-from lab.gates import VARIANTS
-from lab.model import Decoder
+from lab.model.gates import VARIANTS
+from lab.model.decoder import Decoder
 from lab.training import compile_model
 
 # Allowed relative error per training precision: (logits, loss, gradients).
@@ -205,7 +205,7 @@ def check_variant(variant: str, preset: str, overrides: list[str], device: str, 
         for module in routers:
             module.routing_record = []
         logits, loss, grads = _step(fast, inputs, targets, autocast)
-        # The reference routes every token as the fast pass did (lab.model.top_k_indices).
+        # The reference routes every token as the fast pass did (lab.model.layers.top_k_indices).
         for module, ref_module in zip(routers, _routing_modules(reference)):
             ref_module.routing_replay, module.routing_record = module.routing_record, None
         ref_logits, ref_loss, ref_grads = _reference(reference, inputs, targets)
@@ -230,8 +230,8 @@ def check_variant(variant: str, preset: str, overrides: list[str], device: str, 
 
 def _routing_modules(model: nn.Module) -> list[nn.Module]:
     """The layers that pick experts by top-k (Switch Head projections, MoE FFNs), in order."""
-    from lab.model import SwitchProjection
-    from lab.moe import MoEFeedForward
+    from lab.model.decoder import SwitchProjection
+    from lab.model.moe import MoEFeedForward
 
     return [m for m in model.modules() if isinstance(m, (SwitchProjection, MoEFeedForward))]
 

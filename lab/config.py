@@ -8,231 +8,36 @@ the trainer and the tracker. Nothing downstream mutates it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
-import types
-import typing
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from lab.errors import (LabError, check_choice, check_fraction, check_int_range,
+import yaml
+
+from lab.errors import (LabError, check_choice, check_field_types, check_fraction, check_int_range,
                         check_nonnegative, check_nonnegative_int, check_positive,
                         check_positive_int)
-from lab.gates import GateSpec, Variant, get_variant
+from lab.model.config import ModelConfig, check_vocab
+from lab.model.flops import PEAK_BF16_TFLOPS, flops_per_token_lower_bound
+from lab.model.gates import GateSpec, Variant, get_variant
 
-SDPA_TRANSFORMS = ("none", "rmsnorm", "silu")
-FFN_KINDS = ("dense", "moe")
-# Vocabulary bounds. Below 16 tokens the synthetic language (4 likely successors per token,
-# lab/data.py) degenerates to near-deterministic text; 2^24 is over 100x the 151,936 of the
-# paper's Qwen models, and its embedding alone is 2^24 x d_model weights.
-MIN_VOCAB, MAX_VOCAB = 16, 2 ** 24
 # numpy's legacy seeding and Lightning's seed_everything accept seeds in [0, 2^32 - 1].
 MAX_SEED = 2 ** 32 - 1
 # A token budget whose training would take longer than this even at the fastest GPU's bf16
-# peak (lab/flops.py) on every device of the run is a typo, not a plan (`--tokens 1e30`).
+# peak (lab/model/flops.py) on every device of the run is a typo, not a plan (`--tokens 1e30`).
 MAX_RUN_DAYS = 30
-
-
-@functools.cache
-def _field_types(cls) -> dict[str, tuple]:
-    """Each field's allowed types, from its annotation: `float | None` -> (float, None)."""
-    out = {}
-    for name, hint in typing.get_type_hints(cls).items():
-        parts = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-        out[name] = tuple(None if part is type(None) else part for part in parts)
-    return out
-
-
-_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
-
-
-def check_field_types(section: str, obj) -> None:
-    """Every field of a config section holds its declared type, floats finite: a YAML file
-    or a `--set` value can carry anything (`train.lr: inf`, `train.batch_size: 2.5`), and
-    nothing downstream should meet it. A bool is not a number; an int is a float."""
-    for name, allowed in _field_types(type(obj)).items():
-        value = getattr(obj, name)
-        if value is None and None in allowed:
-            continue
-        kinds = [t for t in allowed if t is not None]
-        ok = any(_has_type(value, t) for t in kinds)
-        if not ok:
-            words = " or ".join(_TYPE_WORDS.get(t, t.__name__) for t in kinds)
-            words += " or none" if None in allowed else ""
-            raise LabError(f"{section}.{name}: expected {words}, got {value!r}")
-
-
-def _has_type(value, kind) -> bool:
-    if kind is bool or isinstance(value, bool):
-        return kind is bool and isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, (int, float)) and math.isfinite(value)
-    return isinstance(value, kind)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """A Qwen3-style decoder (spec section 1.6, Table 7): pre-RMSNorm, RoPE, SwiGLU, GQA, QK-norm.
-
-    Init: every Linear and the embedding draw from normal(0, init_std) with zero biases,
-    the reference implementation's `_init_weights` (0.02); norms start at 1. No depth scaling
-    by default; `residual_init_scale` multiplies the std of the projections that write into
-    the residual stream (attention o_proj, FFN down), e.g. 1/sqrt(2 n_layers) for GPT-2's
-    depth scaling. It is the control for gains that only come from a smaller attention output
-    early in training (docs/results.md).
-    """
-
-    vocab_size: int = 16384
-    n_layers: int = 2
-    d_model: int = 64
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    head_dim: int = 16
-    ffn_hidden: int = 192
-    context: int = 128
-    rope_base: float = 10000.0
-    rms_eps: float = 1e-6
-    qk_norm: bool = True
-    tie_embeddings: bool = True
-    init_std: float = 0.02
-    residual_init_scale: float = 1.0     # std multiplier for o_proj and FFN down projections
-    gate: GateSpec | None = None
-    # The paper's controls (spec 1.5).
-    sdpa_transform: str = "none"         # "rmsnorm" (per-head "GroupNorm") or "silu" at G1
-    sandwich_norm: bool = False
-    residual_clip: float | None = None
-    switch_head: str | None = None       # "kv:E:K" or "v:E:K": experts, top-k
-    # Low-rank Switch Head experts sized so the experts and router add this fraction of the
-    # projections they replace (K+V or V; `switch_expert_rank`); None: full-rank experts.
-    switch_head_added_fraction: float | None = None
-    # Extra dense-FFN hidden units adding this fraction of the G1 elementwise gate's
-    # parameters (L d q d_k): the FFN-widened parameter-matched baselines (`ffn_width`).
-    ffn_widen_g1_fraction: float = 0.0
-    gate_insert_fraction: float | None = None  # gate off until this fraction of training
-    # Feed-forward: dense SwiGLU or a mixture of experts (lab/moe.py).
-    ffn: str = "dense"
-    moe_experts: int = 8
-    moe_top_k: int = 2
-    moe_expert_hidden: int = 128
-    moe_shared_expert: bool = False
-    moe_extra_experts: int = 0           # baseline_add4experts: more total and activated experts
-    moe_normalize_top_k: bool = True     # renormalise the k kept router probabilities (Qwen3-MoE)
-    moe_aux_loss_coef: float = 0.01
-    moe_z_loss_coef: float = 0.001
-
-    def validate(self) -> None:
-        check_field_types("model", self)
-        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim",
-                     "ffn_hidden", "context"):
-            check_positive_int(f"model.{name}", getattr(self, name))
-        check_vocab("model.vocab_size", self.vocab_size)
-        if self.n_heads % self.n_kv_heads:
-            raise LabError(f"model.n_heads: {self.n_heads} query heads are not divisible by "
-                           f"{self.n_kv_heads} KV heads (GQA needs whole groups)")
-        if self.head_dim % 2:
-            raise LabError(f"model.head_dim: RoPE needs an even head_dim, got {self.head_dim}")
-        check_positive("model.rope_base", self.rope_base)
-        check_positive("model.init_std", self.init_std)
-        check_positive("model.residual_init_scale", self.residual_init_scale)
-        check_positive("model.rms_eps", self.rms_eps)
-        check_choice("model.sdpa_transform", self.sdpa_transform, SDPA_TRANSFORMS)
-        check_choice("model.ffn", self.ffn, FFN_KINDS)
-        if self.residual_clip is not None:
-            check_positive("model.residual_clip", self.residual_clip)
-        if self.gate is not None:
-            check_field_types("gate", self.gate)
-            self.gate.validate()
-        if self.gate_insert_fraction is not None:
-            if self.gate is None:
-                raise LabError("model.gate_insert_fraction: needs a gate to insert")
-            if not 0 < self.gate_insert_fraction < 1:
-                raise LabError("model.gate_insert_fraction: must lie in (0, 1), got "
-                               f"{self.gate_insert_fraction!r}")
-        if self.switch_head is not None:
-            parse_switch_head(self.switch_head)
-        if self.switch_head_added_fraction is not None:
-            check_positive("model.switch_head_added_fraction", self.switch_head_added_fraction)
-            if self.switch_head is None:
-                raise LabError("model.switch_head_added_fraction: needs Switch Head experts "
-                               "(model.switch_head)")
-            switch_expert_rank(self)
-        if self.ffn_widen_g1_fraction != 0.0:
-            check_positive("model.ffn_widen_g1_fraction", self.ffn_widen_g1_fraction)
-        if self.ffn_widen_g1_fraction and self.ffn != "dense":
-            raise LabError("model.ffn_widen_g1_fraction: widens the dense FFN and needs a dense "
-                           "preset (model.ffn=dense); at MoE presets baseline_add4experts adds "
-                           "FFN capacity")
-        if self.ffn == "moe":
-            for name in ("moe_experts", "moe_top_k", "moe_expert_hidden"):
-                check_positive_int(f"model.{name}", getattr(self, name))
-            check_nonnegative_int("model.moe_extra_experts", self.moe_extra_experts)
-            check_nonnegative("model.moe_aux_loss_coef", self.moe_aux_loss_coef)
-            check_nonnegative("model.moe_z_loss_coef", self.moe_z_loss_coef)
-            if self.moe_top_k > self.moe_experts:
-                raise LabError(f"model.moe_top_k: {self.moe_top_k} exceeds the "
-                               f"{self.moe_experts} experts")
-        elif self.moe_extra_experts:
-            raise LabError("model.moe_extra_experts: needs an MoE preset (model.ffn=moe); "
-                           "baseline_add4experts is defined on MoE models only")
-
-    @property
-    def ffn_width(self) -> int:
-        """The dense FFN's hidden width: `ffn_hidden`, widened by `ffn_widen_g1_fraction`.
-        A SwiGLU unit costs 3 d_model parameters (gate, up, down) and the G1 elementwise gate
-        d_model x (q heads x head_dim) per layer, so f x G1 is f q d_k / 3 more units (spec 1.4:
-        the paper matches its dense models' parameters through the FFN width)."""
-        extra = self.ffn_widen_g1_fraction * self.n_heads * self.head_dim / 3
-        return self.ffn_hidden + round(extra)
-
-
-def check_vocab(field_name: str, vocab_size) -> None:
-    check_int_range(field_name, vocab_size, MIN_VOCAB, MAX_VOCAB,
-                    "see MIN_VOCAB and MAX_VOCAB in lab/config.py")
-
-
-def parse_switch_head(text: str) -> tuple[str, int, int]:
-    """'kv:8:8' -> ('kv', 8, 8): which projections get experts, how many, and top-k."""
-    parts = text.split(":")
-    try:
-        target, experts, top_k = parts[0], int(parts[1]), int(parts[2])
-    except (IndexError, ValueError):
-        raise LabError(f"model.switch_head: expected 'kv:E:K' or 'v:E:K', got {text!r}") from None
-    check_choice("model.switch_head target", target, ("kv", "v"))
-    if not 1 <= top_k <= experts:
-        raise LabError(f"model.switch_head: top-k {top_k} must lie in 1..{experts}")
-    return target, experts, top_k
-
-
-def switch_expert_rank(model: ModelConfig) -> int | None:
-    """Rank r of each low-rank Switch Head expert (d_model -> r -> head_dim), or None for
-    full-rank experts (no `switch_head_added_fraction`).
-
-    The rule: per replaced projection and KV head, E experts of rank r and a router column
-    per expert cost E r (d + D) + E d parameters where the projection cost d D, and r is the
-    whole number that brings the difference closest to f d D, f the variant's fraction of the
-    paper (Table 6 over the MoE's K+V or V projections; lab/gates.py). The experts' output
-    stays head_dim wide, so attention is unchanged; only the budget of the map shrinks.
-    """
-    if model.switch_head_added_fraction is None:
-        return None
-    _, experts, _ = parse_switch_head(model.switch_head)
-    d, D, f = model.d_model, model.head_dim, model.switch_head_added_fraction
-    rank = round((d * D * (1 + f) - d * experts) / (experts * (d + D)))
-    if not 1 <= rank <= D:
-        raise LabError(f"model.switch_head_added_fraction: {f!r} gives {experts} experts a rank "
-                       f"of {rank} at d_model {d}, head_dim {D}; the rank must lie in 1..{D} "
-                       "(use none for full-rank experts)")
-    return rank
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation. The paper states AdamW with "default" settings and no more (spec 4.1);
+    """Optimisation. The paper states AdamW with "default" settings and no more (docs/paper.md §7.1);
     betas 0.9/0.95, weight decay 0.1 on matrices only and clipping at 1.0 are the common
     LLM choices we adopt. Schedule: linear warmup, cosine decay to min_lr_ratio of the peak
-    (the MoE recipe: warmup then cosine; spec 4.2). `gate_constant_decay`: whether the
+    (the MoE recipe: warmup then cosine; docs/paper.md §7.2). `gate_constant_decay`: whether the
     input-independent gate's tensor b (Table 4 row 6) is decayed too; off, because decay pulls
     b to 0 and the gate to 0.5, a pull that control's gate-mean and sink measurements would
     carry (docs/paper-notes.md)."""
@@ -427,8 +232,6 @@ class RunConfig:
     def check_token_budget(self) -> None:
         """At least one optimizer step, and no more than MAX_RUN_DAYS of training at the
         fastest GPU's peak on every device: the arithmetic goes into the message."""
-        from lab.flops import PEAK_BF16_TFLOPS, flops_per_token_lower_bound
-
         t, m = self.train, self.model
         tokens_per_step = t.batch_size * m.context
         if t.tokens < tokens_per_step:
@@ -441,7 +244,7 @@ class RunConfig:
         if days > MAX_RUN_DAYS:
             most = MAX_RUN_DAYS * 86400 * peak_tflops * 1e12 * t.devices / flops
             raise LabError(f"train.tokens: {t.tokens:.3g} tokens x {flops:.3g} FLOPs per token "
-                           f"(at least, lab/flops.py) = {t.tokens * flops:.3g} FLOPs take at least "
+                           f"(at least, lab/model/flops.py) = {t.tokens * flops:.3g} FLOPs take at least "
                            f"{days:.3g} days on {t.devices} device(s) at {peak_tflops:g} TFLOP/s "
                            f"(the fastest bf16 peak known); at most {most:.3g} tokens fit in "
                            f"{MAX_RUN_DAYS} days")
@@ -496,7 +299,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "deep-narrow": dict(model=dict(n_layers=32, d_model=256, n_heads=4, n_kv_heads=2,
                                    head_dim=64, ffn_hidden=768, context=1024),
                         train=dict(batch_size=32, lr=1e-2, val_every=250, val_batches=16)),
-    # Mixture-of-experts FFN (lab/moe.py), the paper's main model family (spec 4.2) at small
+    # Mixture-of-experts FFN (lab/model/moe.py), the paper's main model family (docs/paper.md §7.2) at small
     # scale: fine-grained experts (expert FFN ~0.375 d_model, as 768 / 2048), top-k of the pool
     # so that the activated FFN width equals the dense preset's, untied embeddings as the paper.
     "moe-tiny": dict(model=dict(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
@@ -517,10 +320,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 def read_yaml(path, kind: str):
     """A grid or sweep file -> its parsed YAML; a missing file or bad YAML is a LabError that
     names the file and, for bad YAML, the line and column."""
-    from pathlib import Path
-
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise LabError(f"{kind} file: {path} not found")
@@ -540,8 +339,6 @@ def read_yaml(path, kind: str):
 
 def yaml_number(where: str, value, positive: bool = True) -> float:
     """A number from a grid or sweep file: YAML 1.1 reads `2e5` as a string, so both come."""
-    import math
-
     if isinstance(value, bool):
         raise LabError(f"{where}: expected a number, got {value!r}")
     try:
@@ -555,8 +352,6 @@ def yaml_number(where: str, value, positive: bool = True) -> float:
 
 def check_name(name) -> str:
     """A grid's or sweep's name: it names the MLflow experiment and the report folder."""
-    import re
-
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise LabError(f"name: {name!r} must be letters, digits, '_', '.' or '-' "
                        "(it names the MLflow experiment and the report folder)")
@@ -726,21 +521,6 @@ def resolve(variant: str | Variant, preset: str, overrides: list[str] | dict | N
         raise LabError(f"variant {spec.slug}: needs {kind} preset (model.ffn={spec.needs})")
     config.validate()
     return config
-
-
-def baseline_model(config: RunConfig) -> ModelConfig:
-    """The same architecture with the variant taken out: what `params/added` is counted against."""
-    from lab.gates import VARIANTS
-
-    variant = VARIANTS.get(config.variant)
-    model = config.model
-    if variant is None:
-        return dataclasses.replace(model, gate=None, gate_insert_fraction=None)
-    defaults = ModelConfig()
-    reset = {name: getattr(defaults, name) for name in variant.model}
-    return dataclasses.replace(model, gate=None, **reset,
-                               n_heads=round(model.n_heads / variant.q_heads_factor),
-                               n_kv_heads=round(model.n_kv_heads / variant.kv_heads_factor))
 
 
 def with_vocab(config: RunConfig, vocab_size: int) -> RunConfig:

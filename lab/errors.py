@@ -1,7 +1,10 @@
 """The one error type the CLI turns into a one-line message and exit code 2, and the checks
 that raise it in one message style: `<field>: <what is allowed>, got <value>`."""
 
+import functools
 import math
+import types
+import typing
 
 
 class LabError(Exception):
@@ -54,3 +57,41 @@ def check_fraction(field: str, value, closed_high: bool = False) -> None:
     """A probability-like number in [0, 1), or [0, 1] with closed_high."""
     if not _is_number(value) or not (0 <= value <= 1 if closed_high else 0 <= value < 1):
         raise LabError(f"{field}: must lie in [0, 1{']' if closed_high else ')'}, got {value!r}")
+
+
+@functools.cache
+def _field_types(cls) -> dict[str, tuple]:
+    """Each field's allowed types, from its annotation: `float | None` -> (float, None)."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        parts = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        out[name] = tuple(None if part is type(None) else part for part in parts)
+    return out
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+
+
+def check_field_types(section: str, obj) -> None:
+    """Every field of a config section holds its declared type, floats finite: a YAML file
+    or a `--set` value can carry anything (`train.lr: inf`, `train.batch_size: 2.5`), and
+    nothing downstream should meet it. A bool is not a number; an int is a float."""
+    for name, allowed in _field_types(type(obj)).items():
+        value = getattr(obj, name)
+        if value is None and None in allowed:
+            continue
+        kinds = [t for t in allowed if t is not None]
+        ok = any(_has_type(value, t) for t in kinds)
+        if not ok:
+            words = " or ".join(_TYPE_WORDS.get(t, t.__name__) for t in kinds)
+            words += " or none" if None in allowed else ""
+            raise LabError(f"{section}.{name}: expected {words}, got {value!r}")
+
+
+def _has_type(value, kind) -> bool:
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, kind)
+

@@ -1,6 +1,6 @@
 """Hugging Face export: a run's checkpoint -> a transformers Qwen3 directory, and back.
 
-The layout is the one of the paper's released models (spec section 1.6, the reference
+The layout is the one of the paper's released models (docs/paper.md §6, the reference
 `modeling_qwen3.py`): `model_type` qwen3 with the flags `headwise_attn_output_gate` /
 `elementwise_attn_output_gate`, separate q/k/v/o projections, and the G1 gate logits
 fused into `q_proj`, grouped per KV head: the output of `q_proj` is read as
@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from lab.config import ModelConfig, RunConfig
+from lab.config import RunConfig
+from lab.model.config import ModelConfig
 from lab.errors import LabError, check_choice
-from lab.gates import GateSpec
+from lab.model.gates import GateSpec
 
 FORMATS = ("hf",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -117,7 +118,7 @@ def hf_config(model: ModelConfig, dtype: str = "float32", eos_id: int | None = N
         "use_sliding_window": False,
         "sliding_window": None,
         "max_window_layers": model.n_layers,
-        # Read by the reference modeling code (spec 1.6): qk-norm switch, q/k/v/o bias, gates.
+        # Read by the reference modeling code (docs/paper.md §6): qk-norm switch, q/k/v/o bias, gates.
         "use_qk_norm": True,
         "qkv_bias": False,
         **gate_flags(model),
@@ -154,7 +155,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
 def q_proj_rows(model: ModelConfig) -> torch.Tensor:
     """Row order of the reference `q_proj` as indices into our `[q | gate]` rows.
 
-    Per KV group g (spec 1.6): the query rows of its `groups` heads, then their gate rows.
+    Per KV group g (docs/paper.md §6): the query rows of its `groups` heads, then their gate rows.
     Our q rows are head by head (h*D + d) and the gate rows after them (h or h*D + d), so
     the query heads of group g are g*groups .. g*groups+groups-1 in both layouts.
     """
@@ -364,7 +365,7 @@ def load_hf(directory: str | Path):
     """An exported directory -> our `Decoder` with its weights (the import direction)."""
     from safetensors.torch import load_file
 
-    from lab.model import Decoder
+    from lab.model.decoder import Decoder
 
     directory = Path(directory)
     config_path, weights_path = directory / "config.json", directory / WEIGHTS_FILE

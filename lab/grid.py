@@ -56,7 +56,7 @@ from pathlib import Path
 
 from lab.config import (RunConfig, check_name, from_dict, parse_lrs, parse_seeds, parse_variants,
                         read_yaml, resolve, with_vocab, yaml_number)
-from lab.flops import model_flops_per_token
+from lab.model.params import model_flops_per_token
 from lab import tracking
 from lab.owners import STALE_AFTER_S, owner_alive, owner_identity, threads_per_worker
 from lab.errors import LabError, check_positive
@@ -193,7 +193,7 @@ class Cell:
 def _variants(spec: GridSpec) -> list[str]:
     """`all`: every registered variant that resolves at the grid's preset (MoE-only variants
     drop out of a dense preset); an explicit list must resolve entirely."""
-    from lab.gates import VARIANTS
+    from lab.model.gates import VARIANTS
 
     if spec.variants != "all":
         return list(spec.variants)
@@ -382,7 +382,7 @@ def print_dry_run(spec: GridSpec, cells: list[Cell], uri: str, workers: int, dev
     """`per_gpu` cells sharing a GPU each run slower by per_gpu / (their measured aggregate
     gain, packing_speedup), which the estimate includes."""
     from lab.progress import duration
-    from lab.run import count_params
+    from lab.model.params import count_params
 
     counts = [count_params(c.config) for c in cells]
     seconds, basis = estimate(cells, counts, uri, workers, device)

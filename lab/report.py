@@ -5,7 +5,7 @@ confidence interval from the t-distribution with n-1 degrees of freedom), the di
 to the baseline paired by seed (the same seed gives every variant the same data order and
 the same initial draw of the shared weights, so differences are far less noisy than the
 spread of either), with its own t interval; loss spikes; divergences; the analysis metrics
-where runs carry them; and the paper's delta-PPL (MoE-15A2B, lab.gates) beside ours with
+where runs carry them; and the paper's delta-PPL (MoE-15A2B, lab.model.gates) beside ours with
 whether the sign agrees.
 
 With several learning rates in a grid, each variant's row is at its best LR (lowest mean
@@ -178,7 +178,7 @@ def load_runs(grid: str, uri: str | None = None) -> tuple[object, str, list[RunR
 
 
 def _variant_order(variant: str) -> tuple:
-    from lab.gates import VARIANTS
+    from lab.model.gates import VARIANTS
 
     order = list(VARIANTS)
     return (variant != BASELINE, order.index(variant) if variant in order else len(order), variant)
@@ -193,7 +193,7 @@ def _rank(row: Row) -> tuple:
 
 def build_rows(records: list[RunRecord]) -> tuple[list[Row], list[Row]]:
     """(one row per variant at its best LR, one row per variant and LR)."""
-    from lab.gates import VARIANTS
+    from lab.model.gates import VARIANTS
 
     groups: dict[tuple[str, float], list[RunRecord]] = {}
     for record in records:

@@ -25,10 +25,11 @@ from typing import Callable
 
 import torch
 
-from lab.config import RunConfig, baseline_model, flatten, with_vocab
+from lab.config import RunConfig, flatten, with_vocab
 from lab.data import TokenStore, check_batch_fits, open_source
-from lab.flops import device_peak_tflops, model_flops_per_token
-from lab.model import Decoder, count_parameters
+from lab.model.decoder import Decoder
+from lab.model.flops import device_peak_tflops
+from lab.model.params import count_params, model_flops_per_token
 from lab import tracking
 
 
@@ -41,19 +42,6 @@ class RunResult:
     status: str
     metrics: dict = field(default_factory=dict)
     diverged_step: int | None = None
-
-
-def count_params(config: RunConfig) -> dict[str, int]:
-    """Total, non-embedding, added-over-baseline and active (used per token: MoE experts
-    not selected excluded; lab/moe.py) parameters, without allocating weights."""
-    from lab.moe import active_parameters
-
-    with torch.device("meta"):
-        model = Decoder(config.model)
-        counts = count_parameters(model)
-        counts["added"] = counts["total"] - count_parameters(Decoder(baseline_model(config)))["total"]
-    counts["active"] = active_parameters(model)
-    return counts
 
 
 def check_devices(devices: int) -> None:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lab.config import RunConfig, TrainConfig
 from lab.data import TokenStore, WindowSampler, eval_windows
-from lab.model import Decoder
+from lab.model.decoder import Decoder
 
 
 def lr_lambda(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -40,7 +40,7 @@ def accumulation(config: RunConfig) -> int:
 # `configure_optimizers` rule, written by name so a 2-D tensor that is not a matrix, such as
 # the input-independent gate's b, is not decayed for its rank alone).
 _NO_DECAY = re.compile(r"(^|\.)\w*norm\.weight$|\.(\w+_)?bias$")  # `.bias`, `.gate_bias`
-GATE_CONSTANT = re.compile(r"(^|\.)gate_constant$")  # Table 4 row 6's b (lab/model.py)
+GATE_CONSTANT = re.compile(r"(^|\.)gate_constant$")  # Table 4 row 6's b (lab/model/decoder.py)
 
 
 def decays(name: str, train: TrainConfig) -> bool:

@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lab.analysis import (ProbeRecorder, analyze, long_context_metric, record, write_outputs)
-from lab.config import ModelConfig, resolve
+from lab.analysis import ProbeRecorder, analyze, long_context_metric, record, write_outputs
+from lab.config import resolve
+from lab.model.config import ModelConfig
 from lab.data import write_store
 from lab.errors import LabError
-from lab.gates import GateSpec
-from lab.model import Decoder, RotaryEmbedding
+from lab.model.gates import GateSpec
+from lab.model.decoder import Decoder, RotaryEmbedding
 
 TINY = dict(vocab_size=32, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8,
             ffn_hidden=64, context=16)
@@ -341,7 +342,7 @@ def test_analyze_measures_bos_reliance_only_for_models_trained_with_bos(tmp_path
 
 def test_mean_loss_leaves_out_the_first_predictions_of_each_window():
     from lab.analysis import _mean_loss
-    from lab.model import Decoder
+    from lab.model.decoder import Decoder
 
     torch.manual_seed(0)
     model = Decoder(resolve("baseline", "tiny").model).eval()

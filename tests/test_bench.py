@@ -5,7 +5,8 @@ import pytest
 from lab.bench import format_table, run_bench
 from lab.config import resolve
 from lab.errors import LabError
-from lab.flops import flops_per_token, model_flops_per_token, peak_tflops
+from lab.model.flops import flops_per_token, peak_tflops
+from lab.model.params import model_flops_per_token
 
 
 def test_peak_lookup_by_device_name():
@@ -19,7 +20,7 @@ def test_peak_lookup_by_device_name():
 def test_model_flops_follow_the_palm_formula():
     config = resolve("baseline", "tiny")
     m = config.model
-    from lab.run import count_params
+    from lab.model.params import count_params
 
     n = count_params(config)["total"]
     expected = 6 * n + 12 * m.n_layers * m.n_heads * m.head_dim * m.context

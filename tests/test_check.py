@@ -56,7 +56,7 @@ def test_the_reference_never_calls_sdpa(monkeypatch):
     wrong fused kernel could hide on both sides."""
     from lab.check import _reference
     from lab.config import resolve
-    from lab.model import Decoder
+    from lab.model.decoder import Decoder
 
     def refuse(*args, **kwargs):
         raise AssertionError("the reference called SDPA")

@@ -97,7 +97,7 @@ def test_issue_24_changes_the_identity_of_exactly_the_cells_it_retrains():
 
 def test_the_token_budget_is_at_least_one_step_and_at_most_the_wall_time_bound():
     from lab.config import MAX_RUN_DAYS
-    from lab.flops import PEAK_BF16_TFLOPS, flops_per_token_lower_bound
+    from lab.model.flops import PEAK_BF16_TFLOPS, flops_per_token_lower_bound
 
     one_step = 16 * 128  # tiny: batch_size x context
     assert resolve("baseline", "tiny", tokens=one_step).train.tokens == one_step

@@ -13,7 +13,7 @@ from lab.cli import main
 from lab.config import resolve
 from lab.errors import LabError
 from lab.export import export, load_hf, model_config_from_hf, q_proj_rows
-from lab.model import Decoder
+from lab.model.decoder import Decoder
 
 EXPORTED = ["baseline", "sdpa_headwise_sigmoid_mul", "sdpa_elementwise_sigmoid_mul"]
 UNTIED = ["model.tie_embeddings=false"]

@@ -1,9 +1,10 @@
-"""lab/flops.py: the shape-only FLOPs bound that config validation uses."""
+"""lab/model/flops.py: the shape-only FLOPs bound that config validation uses."""
 
 import pytest
 
 from lab.config import PRESETS, resolve
-from lab.flops import flops_per_token_lower_bound, model_flops_per_token
+from lab.model.flops import flops_per_token_lower_bound
+from lab.model.params import model_flops_per_token
 
 VARIANTS = ("baseline", "sdpa_elementwise_sigmoid_mul", "sdpa_headwise_sigmoid_mul",
             "value_elementwise_sigmoid_mul", "baseline_add4experts")

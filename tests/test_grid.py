@@ -81,7 +81,7 @@ def test_dry_run_prints_cells_counts_and_estimate_and_writes_nothing(store, caps
     spec = grid_from_dict(tiny_grid("dry", ["baseline", "sdpa_elementwise_sigmoid_mul"]))
     run_grid(spec, GridOptions(dry_run=True))
     out = capsys.readouterr().out
-    from lab.run import count_params
+    from lab.model.params import count_params
 
     for cell in plan(spec):
         counts = count_params(cell.config)

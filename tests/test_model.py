@@ -1,4 +1,4 @@
-"""lab/model.py: shapes, causality, parameter counts against the paper's formulas, every gate
+"""lab/model/decoder.py: shapes, causality, parameter counts against the paper's formulas, every gate
 position against a slow reference, the controls, and that every variant learns."""
 
 from types import SimpleNamespace
@@ -8,13 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from lab.callbacks import GateInsertion
-from lab.config import PRESETS, ModelConfig, parse_switch_head, resolve, switch_expert_rank
+from lab.config import PRESETS, resolve
+from lab.model.config import ModelConfig, parse_switch_head, switch_expert_rank
 from lab.data import generate_synthetic
 from lab.errors import LabError
-from lab.gates import VARIANTS, GateSpec, custom_variant
-from lab.model import (Decoder, RotaryEmbedding, SwitchProjection, apply_rotary,
-                       count_parameters)
-from lab.run import count_params
+from lab.model.gates import VARIANTS, GateSpec, custom_variant
+from lab.model.decoder import Decoder, RotaryEmbedding, SwitchProjection, apply_rotary
+from lab.model.params import count_parameters
+from lab.model.params import count_params
 
 DENSE_VARIANTS = [slug for slug, v in VARIANTS.items() if v.needs != "moe"]
 G1_TO_G5 = ["sdpa", "value", "key", "query", "dense_out"]
@@ -190,7 +191,7 @@ def test_ffn_widened_baselines_add_their_share_of_g1_in_whole_units(preset):
 @pytest.mark.parametrize("preset", DENSE_PRESETS)
 def test_switch_head_experts_add_the_papers_share_of_their_projections(preset):
     """Issue 24: within one rank step of Table 6's fraction of the replaced K+V or V."""
-    from lab.gates import paper_switch_fraction, projection_params
+    from lab.model.gates import paper_switch_fraction, projection_params
 
     for slug, variant in VARIANTS.items():
         if "switch_head_added_fraction" not in variant.model:
@@ -563,7 +564,7 @@ def test_fused_projection_is_padded_to_aligned_rows_without_new_parameters(slug)
     assert (attn.in_proj_pad > 0) == (slug != "baseline")  # tiny: 128 columns, + 4 or 2 gate logits
 
 
-# --- SDPA operands: aligned for every layout the lab accepts (lab/model.py sdpa_operand) -----
+# --- SDPA operands: aligned for every layout the lab accepts (lab/model/decoder.py sdpa_operand) -----
 
 # Widths that break 16-byte alignment of a fused-projection view: odd d_model, head_dim not a
 # multiple of 8, KV widths such as 3 x 20, headwise gates adding a few columns.
@@ -581,7 +582,7 @@ LAYOUT_VARIANTS = ["baseline", "sdpa_headwise_sigmoid_mul", "sdpa_elementwise_si
 @pytest.mark.parametrize("slug", LAYOUT_VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_sdpa_operand_is_aligned_and_the_result_exact(monkeypatch, slug, layout, dtype):
-    from lab.model import sdpa_aligned
+    from lab.model.decoder import sdpa_aligned
 
     overrides = [f"model.{k}={v}" for k, v in layout.items()]
     model = build(slug, overrides=overrides).to(dtype)
@@ -610,7 +611,7 @@ def test_every_sdpa_operand_is_aligned_and_the_result_exact(monkeypatch, slug, l
 @pytest.mark.parametrize("slug", LAYOUT_VARIANTS)
 def test_operands_stay_aligned_when_the_offset_is_not_read(monkeypatch, slug, layout):
     """Under torch.compile `sdpa_aligned` cannot read the storage offset and relies on the
-    fused projection's column order (lab/model.py): run the model as if compiling, and read
+    fused projection's column order (lab/model/decoder.py): run the model as if compiling, and read
     the real offsets of what reaches SDPA."""
     overrides = [f"model.{k}={v}" for k, v in layout.items()]
     model = build(slug, overrides=overrides)
@@ -653,7 +654,7 @@ def test_the_decoder_compiles_to_one_graph(preset, slug, dtype):
 
 
 def test_sdpa_aligned_rejects_the_layout_that_broke_cudnn():
-    from lab.model import sdpa_aligned, sdpa_operand
+    from lab.model.decoder import sdpa_aligned, sdpa_operand
 
     # The headwise gate's fused output at `small`: 384 + 192 + 192 + 6 = 774 columns, V a view.
     fused = torch.randn(2, 16, 774)

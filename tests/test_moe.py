@@ -1,4 +1,4 @@
-"""lab/moe.py: routing, router losses, the grouped expert computation against a slow
+"""lab/model/moe.py: routing, router losses, the grouped expert computation against a slow
 per-token reference, parameter counts, and MoE runs end to end on CPU."""
 
 from __future__ import annotations
@@ -10,13 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lab.moe as moe
-from lab.config import ModelConfig, resolve
+import lab.model.moe as moe
+from lab.config import resolve
+from lab.model.config import ModelConfig
 from lab.errors import LabError
-from lab.gates import VARIANTS
-from lab.model import Decoder, SwiGLU
-from lab.moe import (MoEFeedForward, active_parameters, expert_counts, grouped_matmul,
-                     load_balancing_loss, route, router_z_loss)
+from lab.model.gates import VARIANTS
+from lab.model.decoder import Decoder
+from lab.model.layers import SwiGLU
+from lab.model.moe import (MoEFeedForward, expert_counts, grouped_matmul, load_balancing_loss,
+                           route, router_z_loss)
+from lab.model.params import active_parameters
 
 
 def moe_config(**changes) -> ModelConfig:
@@ -167,7 +170,7 @@ def test_active_parameters_count_k_of_e_experts():
 
 
 def test_add4experts_adds_four_experts_to_pool_and_top_k():
-    from lab.run import count_params
+    from lab.model.params import count_params
 
     config = resolve("baseline_add4experts", "moe-tiny")
     layer = MoEFeedForward(config.model)

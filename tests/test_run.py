@@ -20,9 +20,10 @@ from mlflow.tracking import MlflowClient
 from gridkit import store  # noqa: F401  (fixture)
 from lab.config import flatten, from_dict, resolve
 from lab.errors import LabError
-from lab.run import (RunResult, check_devices, count_params, describe, open_data,
-                     read_checkpoint, run_id_from_prefix, run_tags, start_run, throughput_summary,
-                     to_json, train_run)
+from lab.model.params import count_params
+from lab.run import (RunResult, check_devices, describe, open_data, read_checkpoint,
+                     run_id_from_prefix, run_tags, start_run, throughput_summary, to_json,
+                     train_run)
 
 # 16 optimizer steps of 8 windows of 32 tokens, validation every 4; no end-of-run analysis,
 # which tests/test_analysis.py covers and which would triple the run's time.

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lab.config import resolve
-from lab.gates import VARIANTS, GateSpec, custom_variant
-from lab.model import Decoder
+from lab.model.gates import VARIANTS, GateSpec, custom_variant
+from lab.model.decoder import Decoder
 from lab.training import LanguageModel
 
 

@@ -14,8 +14,8 @@ import yaml
 from lab.cli import main
 from lab.config import resolve
 from lab.errors import LabError
-from lab.gates import VARIANTS
-from lab.run import count_params
+from lab.model.gates import VARIANTS
+from lab.model.params import count_params
 from lab.variants import describe_variants
 from test_gates import SPEC_SLUGS  # pytest puts tests/ on sys.path
 

@@ -1,6 +1,6 @@
 """A fine-grained mixture-of-experts SwiGLU FFN: the paper's MoE-15A2B block at small scale.
 
-Spec section 4.2: 128 fine-grained experts (DeepSeekMoE style), top-8 softmax routing, a
+docs/paper.md §7.2: 128 fine-grained experts (DeepSeekMoE style), top-8 softmax routing, a
 global-batch load-balancing loss and a router z-loss. What the paper leaves open, and what
 we chose (every choice is a ModelConfig field):
 
@@ -42,8 +42,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lab.config import ModelConfig, RunConfig
-from lab.model import SwiGLU, top_k_indices
+from lab.model.config import ModelConfig
+from lab.model.layers import SwiGLU, top_k_indices
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -57,7 +57,7 @@ def route(logits: torch.Tensor, top_k: int, normalize: bool, module: nn.Module |
     """Softmax over all experts, then top-k. logits: (N, E) -> probs (N, E), weights and
     expert indices (N, k). Weights are renormalised over the k kept experts when asked.
     `module`: the routing layer, whose picks `gatelab check` records or replays
-    (lab.model.top_k_indices)."""
+    (lab.model.layers.top_k_indices)."""
     probs = logits.float().softmax(dim=-1)
     if module is None:
         weights, experts = probs.topk(top_k, dim=-1)
@@ -200,22 +200,6 @@ class MoEFeedForward(nn.Module):
 
 def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
     return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
-
-
-def active_parameters(config: RunConfig | ModelConfig | torch.nn.Module) -> int:
-    """Parameters one token uses: all of them except the experts it does not select
-    (k of E experts per layer). Dense models: the total. For MFU (6 x active x tokens).
-    Given a built Decoder (e.g. on the meta device), counts that one instead of building one."""
-    from lab.model import Decoder, count_parameters
-
-    if isinstance(config, torch.nn.Module):
-        model = config
-    else:
-        with torch.device("meta"):
-            model = Decoder(config.model if isinstance(config, RunConfig) else config)
-    inactive = sum(layer.expert_parameters() * (layer.num_experts - layer.top_k)
-                   // layer.num_experts for layer in moe_layers(model))
-    return count_parameters(model)["total"] - inactive
 
 
 def routing_summary(counts: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -4,10 +4,12 @@ MFU = (6 N + 12 L d T) x tokens/s / peak (PaLM, App. B): 6N for the matmuls of f
 backward over N parameters, 12 L d T for attention scores and values (d = query heads x
 head_dim). N counts every parameter once, the tied embedding included, because the LM head
 is a d_model x vocab matmul even though the embedding lookup is not. For MoE models N is
-the active parameter count (lab/moe.py).
+the active parameter count (lab/model/moe.py).
 """
 
 from __future__ import annotations
+
+import torch
 
 # Dense bf16 tensor-core peaks, TFLOP/s, from the vendors' datasheets (no sparsity).
 # Matched by substring of torch.cuda.get_device_name(), first match wins.
@@ -36,24 +38,11 @@ def peak_tflops(device_name: str) -> float | None:
 
 def device_peak_tflops() -> float | None:
     """This machine's GPU peak, or None (no GPU, or one the table does not know)."""
-    import torch
-
     return peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
 
 
 def flops_per_token(n_params: int, n_layers: int, attn_width: int, context: int) -> float:
     return 6.0 * n_params + 12.0 * n_layers * attn_width * context
-
-
-def model_flops_per_token(config, counts: dict | None = None) -> float:
-    """For a RunConfig: active parameters, counted without allocating weights (or taken
-    from `counts`, lab.run.count_params's result, where the caller has it)."""
-    from lab.run import count_params
-
-    counts = counts or count_params(config)
-    n_params = counts.get("active", counts["total"])
-    m = config.model
-    return flops_per_token(n_params, m.n_layers, m.n_heads * m.head_dim, m.context)
 
 
 def flops_per_token_lower_bound(m) -> float:
@@ -63,7 +52,7 @@ def flops_per_token_lower_bound(m) -> float:
     and routers are left out, so this never exceeds model_flops_per_token."""
     attn_width = m.n_heads * m.head_dim
     attention = m.d_model * (attn_width + 2 * m.n_kv_heads * m.head_dim) + attn_width * m.d_model
-    if m.ffn == "moe":  # the experts a token uses (lab.moe.experts_and_top_k), shared included
+    if m.ffn == "moe":  # the experts a token uses (lab.model.moe.experts_and_top_k), shared included
         active = m.moe_top_k + m.moe_extra_experts + int(m.moe_shared_expert)
         ffn = active * 3 * m.d_model * m.moe_expert_hidden
     else:

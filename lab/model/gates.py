@@ -1,14 +1,14 @@
 """The gate math of the paper, and every variant it tests, as data.
 
-A gate is a point in five axes (spec section 1.3): position (G1-G5), granularity,
+A gate is a point in five axes (docs/paper.md §3): position (G1-G5), granularity,
 head sharing, form and activation, plus whether it depends on the input at all.
 `GateSpec` holds that point; `gate_logit_width`, `gate_scores` and `apply_gate`
-are the whole of the math. The attention module (lab/model.py) computes the gate
+are the whole of the math. The attention module (lab/model/decoder.py) computes the gate
 logits from the pre-norm hidden state X in the same matmul as Q, K and V
-(the reference code fuses the G1 gate into q_proj; spec section 1.6) and calls
-these functions at the position the spec names.
+(the reference code fuses the G1 gate into q_proj; docs/paper.md §6) and calls
+these functions at the position docs/paper.md §3.2 names.
 
-Each of the paper's variants is one `Variant` entry in `VARIANTS` (spec section 3):
+Each of the paper's variants is one `Variant` entry in `VARIANTS` (docs/paper.md §5):
 a gate spec, or a few architecture changes for the paper's controls.
 """
 
@@ -52,7 +52,7 @@ class GateSpec:
 
     Defaults are the paper's default gate (Eq. 5): head-specific, multiplicative,
     sigmoid, on the SDPA output, computed from the pre-norm hidden state.
-    Choices the paper leaves open (spec 'Not found') are fields with documented defaults:
+    Choices the paper leaves open (docs/paper.md §11, docs/paper.md §3.7) are fields with documented defaults:
     - bias: False, as the reference code (bias only with qkv_bias, which its configs leave off).
     - init: "normal", the reference init (normal(0, init_std), so scores start near sigmoid(0)=0.5).
     - shared_average: "post_activation": the paper averages "gating scores", i.e. after the activation.
@@ -144,7 +144,7 @@ def gate_logit_width(spec: GateSpec, heads: int, width: int) -> int:
     """Columns the gate adds to the fused input projection (0 for the input-independent gate).
 
     Head-shared keeps the full head-specific projection and averages afterwards, as the
-    paper's parameter counts show (201M / 25M, the same as head-specific; spec 1.3.3).
+    paper's parameter counts show (201M / 25M, the same as head-specific; docs/paper.md §3.4).
     """
     if not spec.input_dependent:
         return 0
@@ -153,7 +153,7 @@ def gate_logit_width(spec: GateSpec, heads: int, width: int) -> int:
 
 
 def gate_param_count(spec: GateSpec, heads: int, width: int, d_model: int) -> int:
-    """Parameters one layer's gate adds (spec section 1.4)."""
+    """Parameters one layer's gate adds (docs/paper.md §4.2)."""
     score_heads, score_width = gate_score_shape(spec, heads, width)
     if not spec.input_dependent:
         return score_heads * score_width  # the learnable tensor b
@@ -184,7 +184,7 @@ def apply_gate(spec: GateSpec, y: torch.Tensor, scores: torch.Tensor) -> torch.T
 # --- the variant registry -------------------------------------------------------
 
 PAPER_BASELINE_PPL = 6.026  # Table 1 row 1, MoE-15A2B
-# MoE-15A2B's attention (spec 1.4, Table 7): what the paper's "Added Param" is counted on.
+# MoE-15A2B's attention (docs/paper.md §4.1, Table 7): what the paper's "Added Param" is counted on.
 PAPER_MOE = {"d_model": 2048, "n_heads": 32, "n_kv_heads": 4, "head_dim": 128, "n_layers": 24}
 
 

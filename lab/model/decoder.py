@@ -6,7 +6,7 @@ G KV heads, D head_dim, C d_model.
 
 The attention computes Q, K, V and every input-dependent gate's logits from the same
 pre-norm hidden state X in one fused matmul (the reference code fuses the G1 gate into
-q_proj; spec 1.6). The gate math itself is lab/gates.py. A `probe` callable, when given,
+q_proj; docs/paper.md §6). The gate math itself is lab/model/gates.py. A `probe` callable, when given,
 receives the tensors at each gate position and the exact attention probabilities
 (lab/analysis.py turns them into the paper's metrics); without one the fast SDPA path runs.
 """
@@ -20,8 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lab.config import ModelConfig, parse_switch_head, switch_expert_rank
-from lab.gates import apply_gate, gate_logit_width, gate_score_shape, gate_scores, gated_heads_and_width
+from lab.model.config import ModelConfig, parse_switch_head, switch_expert_rank
+from lab.model.gates import (apply_gate, gate_logit_width, gate_score_shape, gate_scores,
+                             gated_heads_and_width)
+from lab.model.layers import SwiGLU, top_k_indices
+from lab.model.moe import MoEFeedForward
 
 Probe = Callable[[int, str, torch.Tensor], None]
 PROJECTION_ALIGNMENT = 8  # output columns; 8 bf16 values = 16 bytes
@@ -77,7 +80,7 @@ def sdpa_aligned(x: torch.Tensor) -> bool:
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE (base 10k, spec 4.1), rotate-half layout as Qwen3. `yarn_factor` > 1 applies YaRN
+    """RoPE (base 10k, docs/paper.md §7.1), rotate-half layout as Qwen3. `yarn_factor` > 1 applies YaRN
     (Peng et al., 2023): frequencies interpolated by a ramp between wavelengths that fit
     beta_slow and beta_fast times in the trained context, and attention logits scaled by
     (0.1 ln s + 1)^2. Factor 1 is plain RoPE."""
@@ -109,33 +112,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
     return x * cos + rotated * sin
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, hidden: int):
-        super().__init__()
-        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)  # [gate | up], one matmul
-        self.down = nn.Linear(hidden, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
-
-
-def top_k_indices(module: nn.Module, scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The k best entries of `scores` along the last dimension, for a routing module.
-
-    `gatelab check` compares a bf16 pass with a float32 reference, and a near-tie between the
-    k-th and (k+1)-th score can fall either way between them: the outputs then differ for a
-    reason that is no kernel's fault. So the check records the fast pass's picks
-    (`module.routing_record`, a list) and the reference replays them (`module.routing_replay`,
-    popped in call order); in training both are None and this is plain topk."""
-    replay = getattr(module, "routing_replay", None)
-    kept = replay.pop(0) if replay else scores.topk(k, dim=-1).indices
-    record = getattr(module, "routing_record", None)
-    if record is not None:
-        record.append(kept.detach())
-    return kept
 
 
 class SwitchProjection(nn.Module):
@@ -342,7 +318,6 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.rms_eps)
         if cfg.ffn == "moe":
-            from lab.moe import MoEFeedForward  # only MoE presets need it
             self.ffn = MoEFeedForward(cfg)
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.ffn_width)
@@ -451,10 +426,3 @@ class Decoder(nn.Module):
         return losses
 
 
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Total and non-embedding parameters (tied weights counted once)."""
-    total = sum(p.numel() for p in model.parameters())
-    embedding = model.embed.weight.numel()
-    if not model.cfg.tie_embeddings:
-        embedding += model.lm_head.weight.numel()
-    return {"total": total, "non_embedding": total - embedding}
