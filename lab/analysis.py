@@ -68,7 +68,8 @@ import numpy as np
 import torch
 
 from lab.config import RunConfig
-from lab.data import TokenStore, eval_windows
+from lab.data.store import TokenStore
+from lab.data.windows import eval_windows
 from lab.errors import LabError
 from lab.model.gates import GateSpec, apply_gate
 from lab import tracking

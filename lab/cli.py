@@ -98,7 +98,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from lab.corpus import describe, prepare
+    from lab.data.corpus import describe, prepare
 
     log = None if args.quiet else (lambda message: print(message, flush=True))
     prepared = prepare(args.data, args.vocab_size, args.valid, args.test, args.tokenizer, args.out,

@@ -195,7 +195,7 @@ def _default_changed_training(raw: dict, section: str, name: str) -> bool:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where tokens come from: `synthetic`, a prepared token directory, or text files (lab/data.py)."""
+    """Where tokens come from: `synthetic`, a prepared token directory, or text files (lab/data/sources.py)."""
 
     source: str = "synthetic"
     vocab_size: int = 16384            # BPE vocabulary for text sources

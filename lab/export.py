@@ -250,7 +250,7 @@ def load_checkpoint(run_or_path: str) -> Checkpoint:
 
 def tokenizer_file(config: RunConfig) -> Path | None:
     """The run's tokenizer.json: none for the synthetic corpus (its ids are not text)."""
-    from lab.data import open_source
+    from lab.data.sources import open_source
 
     source = config.data.source
     if source == "synthetic":
@@ -277,7 +277,7 @@ def write_tokenizer(tokenizer_json: Path, out: Path, model: ModelConfig) -> int:
     if eos_id is None:
         raise LabError(f"export: tokenizer {tokenizer_json} has no {END_OF_TEXT} token")
     shutil.copyfile(tokenizer_json, out / "tokenizer.json")
-    # Training puts end-of-text before every document (lab/data.py), so it is also the BOS.
+    # Training puts end-of-text before every document (lab/data/store.py), so it is also the BOS.
     special = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT}
     _write_json(out / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
                                                 "model_max_length": model.context, **special})

@@ -26,7 +26,9 @@ from typing import Callable
 import torch
 
 from lab.config import RunConfig, flatten, with_vocab
-from lab.data import TokenStore, check_batch_fits, open_source
+from lab.data.sources import open_source
+from lab.data.store import TokenStore
+from lab.data.windows import check_batch_fits
 from lab.model.decoder import Decoder
 from lab.model.flops import device_peak_tflops
 from lab.model.params import count_params, model_flops_per_token
@@ -100,7 +102,7 @@ def describe_failure(err: BaseException, config: RunConfig) -> tuple[str, str]:
     """(kind, one-line message) for a failed run: out of memory, disk full, bad input, error."""
     import errno
 
-    from lab.data import cache_root
+    from lab.data.store import cache_root
     from lab.errors import LabError
 
     chain = list(_caused_by(err))

@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lab.config import RunConfig, TrainConfig
-from lab.data import TokenStore, WindowSampler, eval_windows
+from lab.data.store import TokenStore
+from lab.data.windows import WindowSampler, eval_windows
 from lab.model.decoder import Decoder
 
 

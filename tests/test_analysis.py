@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lab.analysis import ProbeRecorder, analyze, long_context_metric, record, write_outputs
 from lab.config import resolve
 from lab.model.config import ModelConfig
-from lab.data import write_store
+from lab.data.store import write_store
 from lab.errors import LabError
 from lab.model.gates import GateSpec
 from lab.model.decoder import Decoder, RotaryEmbedding

@@ -212,7 +212,7 @@ CASES = [
 
 def _corpus(tmp: Path, kind: str) -> Path:
     """A small prepared corpus under tmp, broken as `kind` says."""
-    from lab.data import MANIFEST, write_store
+    from lab.data.store import MANIFEST, write_store
 
     path = tmp / f"corpus-{kind}"
     tokens = np.arange(20_000) % 500
@@ -289,7 +289,7 @@ def test_a_real_process_refuses_the_same_way(store, tmp_path):
 
 
 def test_a_corpus_written_in_range_opens_and_records_its_largest_id(tmp_path):
-    from lab.data import TokenStore, write_store
+    from lab.data.store import TokenStore, write_store
 
     tokens = np.arange(5000) % 300
     written = write_store(tmp_path / "ok", {s: tokens for s in ("train", "valid", "test")},

@@ -1,4 +1,4 @@
-"""lab/data.py and lab/corpus.py: text -> tokens -> windows, on small files written here."""
+"""lab/data/ (store, windows, corpus, sources): text -> tokens -> windows, on small files written here."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from lab import corpus
+from lab.data import corpus
 from lab.cli import main
-from lab.data import (END_OF_TEXT, TokenStore, WindowSampler, check_batch_fits, eval_windows,
-                      open_source, write_store)
+from lab.data.sources import open_source
+from lab.data.store import END_OF_TEXT, TokenStore, write_store
+from lab.data.windows import WindowSampler, check_batch_fits, eval_windows
 from lab.errors import LabError
 
 # CI keeps the shared corpora in ../shared beside the clone; GATELAB_SHARED points elsewhere.

@@ -198,7 +198,7 @@ def test_missing_checkpoint_and_bad_format(tmp_path, monkeypatch, capsys):
 def test_text_corpus_ships_its_tokenizer(tmp_path):
     from tokenizers import Tokenizer
 
-    from lab.corpus import prepare
+    from lab.data.corpus import prepare
 
     text = tmp_path / "corpus.txt"
     text.write_text("<|endoftext|>".join(f"document {i}: the gate opens and the sink drains {i % 7}."

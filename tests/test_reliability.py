@@ -219,7 +219,8 @@ def _loss_histories_of(uri, run_id):
 
 def test_the_data_order_is_a_function_of_seed_and_step_only(store):
     """What makes GPU runs see the same batches as CPU runs: no loader state."""
-    from lab.data import WindowSampler, prepare_synthetic
+    from lab.data.store import prepare_synthetic
+    from lab.data.windows import WindowSampler
 
     store_ = prepare_synthetic(512)
     a, b = WindowSampler(store_, 32, 4, seed=7), WindowSampler(store_, 32, 4, seed=7)

@@ -206,7 +206,7 @@ def test_six_runs_started_together_on_a_fresh_store_all_finish(tmp_path, monkeyp
     root = tmp_path / "mlruns"
     env = {"GATELAB_STORE": str(root), "GATELAB_CACHE": str(_shared_dir() / "cache")}
     monkeypatch.setenv("GATELAB_CACHE", env["GATELAB_CACHE"])
-    from lab.data import prepare_synthetic
+    from lab.data.store import prepare_synthetic
 
     prepare_synthetic(512)  # the shared corpus exists first: this test is about the store
     processes = [context.Process(target=cli_process, args=(TRAIN + ["--seed", str(seed)], env))

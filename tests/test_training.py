@@ -197,7 +197,7 @@ def test_compiled_runs_evaluate_through_the_training_call_with_the_same_loss():
 def test_evaluation_batches_are_whole_micro_batches(tmp_path, monkeypatch):
     """A shorter last batch would make a compiled model recompile inside validation (10-14 s
     at `small`, benchmarks/README.md); the remainder is left out when a whole batch exists."""
-    from lab.data import eval_windows
+    from lab.data.windows import eval_windows
     from lab.run import open_data
     from lab.training import TokenDataModule
 

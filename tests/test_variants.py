@@ -105,7 +105,7 @@ def test_python_m_lab_bad_variant_exits_2_without_traceback_or_store(tmp_path):
 def test_train_reports_g1_adds_layers_x_dmodel_x_query_width(tmp_path, monkeypatch, capsys):
     """Issue 2's acceptance, through `gatelab train` itself (one step on a small prepared
     synthetic corpus in a temporary store)."""
-    from lab.data import prepare_synthetic
+    from lab.data.store import prepare_synthetic
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))

@@ -13,7 +13,7 @@ from lab.model.gates import GateSpec
 SDPA_TRANSFORMS = ("none", "rmsnorm", "silu")
 FFN_KINDS = ("dense", "moe")
 # Vocabulary bounds. Below 16 tokens the synthetic language (4 likely successors per token,
-# lab/data.py) degenerates to near-deterministic text; 2^24 is over 100x the 151,936 of the
+# lab/data/store.py) degenerates to near-deterministic text; 2^24 is over 100x the 151,936 of the
 # paper's Qwen models, and its embedding alone is 2^24 x d_model weights.
 MIN_VOCAB, MAX_VOCAB = 16, 2 ** 24
 

@@ -7,7 +7,7 @@ jsonl record or parquet row is one document. Every document lands in the token f
 by the end-of-text id, so the token before a document is its BOS.
 
 The prepared store lives in a directory keyed by the content of the source files and the
-tokenizer (lab/data.py writes it), so preparing the same corpus twice reuses it, and the same
+tokenizer (lab/data/store.py writes it), so preparing the same corpus twice reuses it, and the same
 files give the same tokens on any machine.
 
 Speed: the tokenizer is trained on a deterministic sample (the first `tokenizer_sample_mb`
@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lab.data import (END_OF_TEXT, FORMAT_VERSION, MANIFEST, SPLITS, TokenStore, cache_root,
-                      prepare_synthetic, write_store)
+from lab.data.store import (END_OF_TEXT, FORMAT_VERSION, MANIFEST, SPLITS, TokenStore, cache_root,
+                            prepare_synthetic, write_store)
 from lab.errors import LabError
 
 DEFAULT_VOCAB_SIZE = 16384
@@ -139,7 +140,7 @@ def _jsonl_documents(path: Path, opener, text_field: str) -> Iterator[str]:
 
 
 def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
-    try:
+    try:  # an optional dependency, needed only for .parquet sources
         import pyarrow.parquet as pq
     except ImportError:
         raise LabError("data: .parquet files need pyarrow (pip install pyarrow)") from None
@@ -245,7 +246,7 @@ def hf_splits(source: str, text_field: str, holdout_every: int) -> dict[str, Doc
     name, _, config = spec.partition(":")
     if not name:
         raise LabError("data: hf: give a dataset, e.g. hf:roneneldan/TinyStories or hf:<dir>")
-    try:
+    try:  # an optional dependency (the `hf` extra), needed only for hf: sources
         import datasets
     except ImportError:
         raise LabError("data: hf: sources need the `datasets` package: "
@@ -300,8 +301,6 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def load_tokenizer(path: str | Path):
-    from tokenizers import Tokenizer
-
     path = Path(path)
     if not path.is_file():
         raise LabError(f"data: --tokenizer: file not found: {path}")
@@ -328,8 +327,6 @@ def sample_documents(documents: Iterable[str], max_chars: int) -> Iterator[str]:
 def train_tokenizer(documents: Iterable[str], vocab_size: int):
     """Byte-level BPE (GPT-2 pre-tokenisation, no prefix space) with <|endoftext|> as its
     only special token; every byte is in the alphabet, so any text round-trips."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
