@@ -30,7 +30,8 @@ from lab.model.decoder import Decoder
 from lab import tracking
 from lab.model.params import count_params
 from lab.run import open_data
-from lab.training import accumulation, adamw, compile_model, step_loss, train_sampler
+from lab.training.module import adamw, compile_model, step_loss, train_sampler
+from lab.training.schedule import accumulation
 
 
 def _sync():

@@ -17,7 +17,7 @@ import torch
 
 from lab.config import RunConfig
 from lab.model.moe import moe_layers, routing_summary
-from lab.spikes import detect_spikes
+from lab.training.spikes import detect_spikes
 from lab.tracking import finite_metrics, log_dict_artifact
 
 

@@ -43,7 +43,7 @@ from lab.config import resolve
 from lab.errors import LabError
 from lab.model.gates import VARIANTS
 from lab.model.decoder import Decoder
-from lab.training import compile_model
+from lab.training.module import compile_model
 
 # Allowed relative error per training precision: (logits, loss, gradients).
 TOLERANCES = {"bf16-mixed": (3e-2, 2e-2, 1e-1), "16-mixed": (3e-2, 2e-2, 1e-1),

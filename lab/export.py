@@ -28,11 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from lab.config import RunConfig
-from lab.model.config import ModelConfig
+from lab.data.sources import open_source
 from lab.errors import LabError, check_choice
+from lab.model.config import ModelConfig
+from lab.model.decoder import Decoder
 from lab.model.gates import GateSpec
+from lab.training.schedule import total_steps
 
 FORMATS = ("hf",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -239,7 +244,6 @@ class Checkpoint:
 
 def load_checkpoint(run_or_path: str) -> Checkpoint:
     from lab.run import checkpoint_path, read_checkpoint
-    from lab.training import total_steps
 
     path = checkpoint_path(run_or_path, "export")
     config, state, step = read_checkpoint(path, "export")
@@ -250,8 +254,6 @@ def load_checkpoint(run_or_path: str) -> Checkpoint:
 
 def tokenizer_file(config: RunConfig) -> Path | None:
     """The run's tokenizer.json: none for the synthetic corpus (its ids are not text)."""
-    from lab.data.sources import open_source
-
     source = config.data.source
     if source == "synthetic":
         return None
@@ -267,8 +269,6 @@ def tokenizer_file(config: RunConfig) -> Path | None:
 
 def write_tokenizer(tokenizer_json: Path, out: Path, model: ModelConfig) -> int:
     """tokenizer.json plus the small files `AutoTokenizer` reads; returns the end-of-text id."""
-    from tokenizers import Tokenizer
-
     tokenizer = Tokenizer.from_file(str(tokenizer_json))
     if tokenizer.get_vocab_size() != model.vocab_size:
         raise LabError(f"export: tokenizer {tokenizer_json} has {tokenizer.get_vocab_size()} tokens, "
@@ -306,8 +306,6 @@ class ExportResult:
 def export(run_or_path: str, out: str | Path, fmt: str = "hf", dtype: str = "float32",
            tokenizer: str | None = None, force: bool = False) -> ExportResult:
     """Write a Hugging Face Qwen3 directory for a run (see the module docstring for the layout)."""
-    from safetensors.torch import save_file
-
     check_choice("--format", fmt, FORMATS)
     check_choice("--dtype", dtype, tuple(DTYPES))
     ckpt = load_checkpoint(run_or_path)
@@ -363,10 +361,6 @@ def model_card(ckpt: Checkpoint, result: ExportResult) -> str:
 
 def load_hf(directory: str | Path):
     """An exported directory -> our `Decoder` with its weights (the import direction)."""
-    from safetensors.torch import load_file
-
-    from lab.model.decoder import Decoder
-
     directory = Path(directory)
     config_path, weights_path = directory / "config.json", directory / WEIGHTS_FILE
     for path in (config_path, weights_path):

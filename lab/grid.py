@@ -619,7 +619,7 @@ def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = 
     is recorded on the run and returned; an interrupt propagates (the run ends KILLED)."""
     from lab.progress import RunProgress
     from lab.run import describe_failure, end_run, train_run
-    from lab.training import total_steps
+    from lab.training.schedule import total_steps
 
     client = tracking.client(ctx.uri)
     run_id, holding = task.run_id, False   # holding: the run is this process's to close

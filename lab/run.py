@@ -63,7 +63,7 @@ def open_data(config: RunConfig) -> tuple[TokenStore, RunConfig]:
     check_devices(config.train.devices)
     d = config.data
     store = open_source(d.source, d.vocab_size, d.valid, d.test)
-    from lab.training import total_steps
+    from lab.training.schedule import total_steps
 
     check_batch_fits(store, config.model.context, config.train.micro_batch, d.bos_aligned,
                      total_steps(config) * config.train.batch_size)
@@ -326,7 +326,8 @@ def _train(config: RunConfig, store, run_id: str, uri: str, mlflow_client, prima
 
     from lab.callbacks import (AnalysisMonitor, AtomicCheckpoint, GateInsertion, LossMonitor,
                                RoutingStats)
-    from lab.training import LanguageModel, TokenDataModule, accumulation, total_steps
+    from lab.training.module import LanguageModel, TokenDataModule
+    from lab.training.schedule import accumulation, total_steps
 
     os.environ[DDP_RUN_ID] = run_id
     if on_start and primary:
@@ -380,7 +381,7 @@ def _train(config: RunConfig, store, run_id: str, uri: str, mlflow_client, prima
         # Progress is the lab's RunProgress lines (lab/progress.py), not Lightning's bar.
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         deterministic=config.train.deterministic, default_root_dir=str(checkpoint_dir(run_id)),
-        # a compiled run evaluates through its training graph (lab/training.py _eval_step)
+        # a compiled run evaluates through its training graph (lab/training/module.py _eval_step)
         inference_mode=not config.train.compile_on(cuda))
     # Lightning's own load of the checkpoint, restricted the same way as load_checkpoint.
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt.exists() else None,

@@ -94,7 +94,7 @@ class Sweep:
 
     def steps(self) -> int:
         """Optimizer steps of one trial (the pruners' unit)."""
-        from lab.training import total_steps
+        from lab.training.schedule import total_steps
 
         return total_steps(self.config(self.variants[0], self.lr_bounds()[0], self.seeds[0]))
 
@@ -427,7 +427,7 @@ def run_trial(trial, sweep: Sweep, variant: str, uri: str, parent_run_id: str,
     from lab import tracking
     from lab.progress import RunProgress, duration
     from lab.run import train_run
-    from lab.training import total_steps
+    from lab.training.schedule import total_steps
 
     low, high = sweep.lr_bounds()
     lr = trial.suggest_float("lr", low, high, log=True)

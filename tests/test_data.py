@@ -237,7 +237,7 @@ def test_windows_are_a_pure_function_of_seed_and_index(prepared):
 
 
 def test_training_resumes_at_a_micro_batch_index(prepared):
-    from lab.training import _TrainBatches
+    from lab.training.module import _TrainBatches
 
     sampler = WindowSampler(prepared.store, seq_len=16, micro_batch=2, seed=3)
     from_start = iter(_TrainBatches(sampler, start=0, rank=0, world=1))

@@ -31,7 +31,7 @@ def trained_like_decoder(config, seed: int = 0) -> Decoder:
 
 
 def write_checkpoint(path, config, decoder: Decoder, step: int) -> None:
-    """What AtomicCheckpoint leaves: a Lightning checkpoint of LanguageModel (lab/training.py)."""
+    """What AtomicCheckpoint leaves: a Lightning checkpoint of LanguageModel (lab/training/module.py)."""
     state = {f"model.{name}": tensor for name, tensor in decoder.state_dict().items()}
     torch.save({"state_dict": state, "global_step": step,
                 "hyper_parameters": {"config": config.to_dict()}}, path)

@@ -147,7 +147,7 @@ def test_four_cpu_workers_write_one_sqlite_store(store):
 def test_a_failing_cell_is_marked_failed_and_the_grid_moves_on(store, monkeypatch):
     """CUDA OOM and a full disk, injected into two cells' training steps: each ends FAILED
     with a tag saying why (OOM: a smaller micro-batch), and the other cells finish."""
-    from lab.training import LanguageModel
+    from lab.training.module import LanguageModel
 
     original = LanguageModel.training_step
 

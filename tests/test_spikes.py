@@ -1,4 +1,4 @@
-"""lab/spikes.py: the loss-spike detector against a curve with planted spikes, and the
+"""lab/training/spikes.py: the loss-spike detector against a curve with planted spikes, and the
 spike metrics and artifact a run logs."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gridkit import store  # noqa: F401 (fixture)
-from lab.spikes import detect_spikes
+from lab.training.spikes import detect_spikes
 
 
 def planted_curve() -> np.ndarray:

@@ -1,4 +1,4 @@
-"""lab/training.py: the LightningModule's own choices."""
+"""lab/training/module.py: the LightningModule's own choices."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from lab.config import resolve
 from lab.model.gates import VARIANTS, GateSpec, custom_variant
 from lab.model.decoder import Decoder
-from lab.training import LanguageModel
+from lab.training.module import LanguageModel
 
 
 def test_setup_compiles_the_model_once_in_the_configured_mode(monkeypatch):
@@ -20,7 +20,7 @@ def test_setup_compiles_the_model_once_in_the_configured_mode(monkeypatch):
 
 
 def test_adamw_decays_matrices_only_and_skips_frozen_parameters():
-    from lab.training import adamw
+    from lab.training.module import adamw
 
     config = resolve("sdpa_elementwise_sigmoid_mul", "tiny", ["train.weight_decay=0.1", "train.lr=0.01"])
     model = Decoder(config.model)
@@ -36,7 +36,7 @@ def test_adamw_decays_matrices_only_and_skips_frozen_parameters():
 
 def decay_by_name(config) -> dict[str, bool]:
     """Every trainable parameter's name -> whether `adamw` put it in the decayed group."""
-    from lab.training import adamw
+    from lab.training.module import adamw
 
     model = Decoder(config.model)
     decayed, undecayed = adamw(model.named_parameters(), config, fused=False).param_groups
@@ -123,7 +123,7 @@ def test_lightning_module_groups_by_its_prefixed_names_too():
 
 def test_decay_of_b_actually_moves_it_towards_zero():
     """AdamW with lr x wd on b alone (no gradient): decayed b shrinks, undecayed b stays."""
-    from lab.training import adamw
+    from lab.training.module import adamw
 
     for decay, shrinks in [("false", False), ("true", True)]:
         config = resolve("sdpa_input_independent_sigmoid_mul", "tiny",
@@ -150,7 +150,7 @@ def test_gate_constant_decay_is_checked_before_training():
 
 
 def test_step_loss_adds_the_moe_router_losses_to_the_lm_loss():
-    from lab.training import step_loss
+    from lab.training.module import step_loss
 
     config = resolve("baseline", "moe-tiny")
     model = Decoder(config.model)
@@ -163,7 +163,7 @@ def test_step_loss_adds_the_moe_router_losses_to_the_lm_loss():
 
 def test_train_sampler_draws_the_runs_windows_with_bos_prefix(tmp_path, monkeypatch):
     from lab.run import open_data
-    from lab.training import train_sampler
+    from lab.training.module import train_sampler
 
     monkeypatch.setenv("GATELAB_CACHE", str(tmp_path / "cache"))
     store, config = open_data(resolve("baseline", "tiny", ["data.bos_prefix=true"]))
@@ -177,7 +177,7 @@ def test_compiled_runs_evaluate_through_the_training_call_with_the_same_loss():
     that it reuses that graph; the summed loss it records must equal the plain sum."""
     import torch
 
-    from lab.training import LanguageModel
+    from lab.training.module import LanguageModel
 
     config = resolve("baseline", "tiny")
     module = LanguageModel(config)
@@ -199,7 +199,7 @@ def test_evaluation_batches_are_whole_micro_batches(tmp_path, monkeypatch):
     at `small`, benchmarks/README.md); the remainder is left out when a whole batch exists."""
     from lab.data.windows import eval_windows
     from lab.run import open_data
-    from lab.training import TokenDataModule
+    from lab.training.module import TokenDataModule
 
     monkeypatch.setenv("GATELAB_CACHE", str(tmp_path / "cache"))
     store, config = open_data(resolve("baseline", "tiny", ["train.micro_batch_size=4",

@@ -7,7 +7,6 @@ live in callbacks (lab/callbacks.py); the Trainer runs the loop.
 
 from __future__ import annotations
 
-import math
 import re
 
 import lightning as L
@@ -18,23 +17,7 @@ from lab.config import RunConfig, TrainConfig
 from lab.data.store import TokenStore
 from lab.data.windows import WindowSampler, eval_windows
 from lab.model.decoder import Decoder
-
-
-def lr_lambda(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
-    """Linear warmup to the peak, then cosine decay to min_ratio x peak at total_steps."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def total_steps(config: RunConfig) -> int:
-    tokens_per_step = config.train.batch_size * config.model.context
-    return max(1, int(config.train.tokens // tokens_per_step))
-
-
-def accumulation(config: RunConfig) -> int:
-    return config.train.batch_size // (config.train.micro_batch * config.train.devices)
+from lab.training.schedule import accumulation, lr_lambda, total_steps
 
 
 # Parameters kept out of weight decay, by name: norm gains and biases (nanoGPT's

@@ -1,11 +1,11 @@
-"""The loss-spike detector (the paper gives no threshold; spec 4.5).
+"""The loss-spike detector (the paper gives no threshold; docs/paper.md §8.5).
 
 A step is spiky when its loss exceeds the median of the preceding `window` steps by more
 than max(k x robust std, floor), the robust std being 1.4826 x the median absolute
 deviation of that window. Spiky steps closer than `merge` steps form one event; an event's
 excess is its largest. The defaults (window 50, k 6, floor 0.1 nats, merge 20) are our
-choice, in the spirit of the spec's own analysis of the released curves (a rolling median
-and excursions above 0.1 nats; spec 4.5); all four are TrainConfig fields.
+choice, in the spirit of an analysis of the paper's released curves (a rolling median and
+excursions above 0.1 nats; docs/paper.md §7.5); all four are TrainConfig fields.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Training: the Lightning module and data module, and the loss-spike detector its callbacks use."""
