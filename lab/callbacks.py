@@ -331,7 +331,7 @@ class AnalysisMonitor(L.Callback):
         self._done_step = step
         if not trainer.is_global_zero or trainer.logger is None:
             return
-        from lab.analysis import analyze
+        from lab.analysis.metrics import analyze
 
         result = analyze(pl_module.model, self.store, self.config, factors=(), maps=False)
         if result.skipped is None:

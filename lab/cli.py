@@ -216,7 +216,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from lab.analysis import analyze_target, summary
+    from lab.analysis.command import analyze_target, summary
 
     run_id, result, files = analyze_target(args.target, args.tracking_uri, args.windows,
                                            args.long_context, args.out)

@@ -82,7 +82,7 @@ class TrainConfig:
     # checkpoint (weights and AdamW state, ~200 MB) at each validation cost several percent
     # of the run; a crash now loses at most this much training.
     checkpoint_min_interval_s: float = 300.0
-    # End-of-run analyses (lab/analysis.py): attention sink, massive activations, gate
+    # End-of-run analyses (lab/analysis/metrics.py): attention sink, massive activations, gate
     # statistics on this many held-out windows of `context` tokens (0 = no analysis) ...
     analysis_windows: int = 8
     analysis_every: int = 0            # ... also every N steps as a time series (0 = end only)

@@ -32,7 +32,7 @@ import numpy as np
 
 from lab.errors import LabError
 
-# Columns beside the perplexity, where runs carry them (lab/analysis.py, lab/callbacks.py);
+# Columns beside the perplexity, where runs carry them (lab/analysis/metrics.py, lab/callbacks.py);
 # the long-context names are `long/ppl_<k>x[_yarn]` (MLflow rejects '@').
 ANALYSIS_PREFIXES = ("gate/mean", "sink/first_token_attn", "sink/head_share",
                      "sink/bos_reliance", "act/max_mean", "attn/logit_max", "long/ppl_",
@@ -417,7 +417,7 @@ def plot_deltas(rows: list[Row], path: Path) -> None:
 
 def layer_profile(runs: list[RunRecord], prefix: str) -> list[float]:
     """Mean over seeds of `<prefix>/layer_<i>` (lab.analysis.layer_metric), by layer."""
-    from lab.analysis import split_layer_metric
+    from lab.analysis.metrics import split_layer_metric
 
     by_layer: dict[int, list[float]] = {}
     for run in runs:

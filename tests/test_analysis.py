@@ -1,4 +1,4 @@
-"""lab/analysis.py: the paper's metrics (spec section 5) against hand computations."""
+"""lab/analysis/metrics.py: the paper's metrics (docs/paper.md §8) against hand computations."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lab.analysis import ProbeRecorder, analyze, long_context_metric, record, write_outputs
+from lab.analysis.metrics import ProbeRecorder, analyze, long_context_metric, record
+from lab.analysis.outputs import write_outputs
 from lab.config import resolve
 from lab.model.config import ModelConfig
 from lab.data.store import write_store
@@ -60,7 +61,7 @@ def test_first_token_attention_equals_hand_computation():
         logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)
         logits = logits.masked_fill(~torch.ones(16, 16, dtype=torch.bool).tril(), -math.inf)
         probs = logits.softmax(dim=-1)
-    expected = probs[:, :, 1:, 0].mean().item()  # query 0 excluded (lab/analysis.py)
+    expected = probs[:, :, 1:, 0].mean().item()  # query 0 excluded (lab/analysis/metrics.py)
     assert recorder.mean("first_token_attn")[0] == pytest.approx(expected, rel=1e-5)
     received = probs[:, :, 1:, :].mean(dim=(0, 1, 2))
     assert recorder.top_key()[0][0] == int(received.argmax())
@@ -264,7 +265,7 @@ def test_training_run_records_the_metrics_and_analyze_writes_the_plots(tmp_path,
 def test_long_context_windows_open_with_bos_at_every_factor_when_training_did(tmp_path,
                                                                               monkeypatch,
                                                                               bos_prefix):
-    from lab import analysis
+    from lab.analysis import metrics as analysis
 
     store = tiny_store(tmp_path / "store")
     seen = {}
@@ -293,7 +294,7 @@ def test_long_context_windows_open_with_bos_at_every_factor_when_training_did(tm
 
 
 def test_bos_reliance_compares_the_same_targets_with_and_without_bos(tmp_path, monkeypatch):
-    from lab import analysis
+    from lab.analysis import metrics as analysis
 
     store = tiny_store(tmp_path / "store")
     seen = []
@@ -315,7 +316,7 @@ def test_bos_reliance_compares_the_same_targets_with_and_without_bos(tmp_path, m
 
 
 def test_mean_loss_can_leave_out_the_first_predictions():
-    from lab import analysis
+    from lab.analysis import metrics as analysis
 
     torch.manual_seed(0)
     model = Decoder(ModelConfig(**TINY)).eval()
@@ -341,7 +342,7 @@ def test_analyze_measures_bos_reliance_only_for_models_trained_with_bos(tmp_path
 
 
 def test_mean_loss_leaves_out_the_first_predictions_of_each_window():
-    from lab.analysis import _mean_loss
+    from lab.analysis.metrics import _mean_loss
     from lab.model.decoder import Decoder
 
     torch.manual_seed(0)
@@ -356,7 +357,7 @@ def test_mean_loss_leaves_out_the_first_predictions_of_each_window():
 
 
 def test_layer_metric_names_split_back_into_prefix_and_layer():
-    from lab.analysis import layer_metric, split_layer_metric
+    from lab.analysis.metrics import layer_metric, split_layer_metric
 
     name = layer_metric("sink/first_token_attn", 7, 12)
     assert name == "layers/sink/first_token_attn/layer_07"

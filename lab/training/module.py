@@ -51,7 +51,7 @@ def adamw(named_parameters, config: RunConfig, fused: bool) -> torch.optim.AdamW
 def compile_model(model: Decoder, mode: str) -> Decoder:
     """torch.compile in place, as every compiled path of the lab does it (training, the
     bench's bare loop, `gatelab check`): state-dict keys stay unprefixed, and `forward`
-    called directly stays eager (lab/analysis.py's probes rely on that)."""
+    called directly stays eager (lab/analysis/metrics.py's probes rely on that)."""
     model.compile(mode=mode)
     return model
 

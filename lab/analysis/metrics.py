@@ -1,19 +1,24 @@
-"""The paper's analyses as metrics every run records (spec sections 5 and 4.6; claims 6-9, 12).
+"""The paper's analyses as metrics every run records (docs/paper.md §8 and §7.6; claims 6-9
+and 12 of docs/paper.md §10).
 
-- Attention sink, F-Attn (Fig. 2, Table 4): the attention probability queries put on key
-  position 0, averaged over heads and query positions, per layer and over layers.
-- Massive activations, M-Act (Fig. 6, Table 4): per layer the max |x| of the residual stream
-  after the layer, and of the attention and FFN outputs, with the token position of the max.
-- Gate statistics (Fig. 3, Fig. 7, Table 4) and the sparsity of the SDPA output before and
-  after the G1 gate, with the "average gate" control (App. A.3, Figs. 4-5).
-- Long-context extrapolation (section 4.4, Table 5, at our scale): validation perplexity at
-  multiples of the trained context, with RoPE as trained and with YaRN.
+- Attention sink, F-Attn (Fig. 2, Table 4; docs/paper.md §8.1): the attention probability
+  queries put on key position 0, averaged over heads and query positions, per layer and
+  over layers.
+- Massive activations, M-Act (Fig. 6, Table 4; docs/paper.md §8.2): per layer the max |x| of
+  the residual stream after the layer, and of the attention and FFN outputs, with the token
+  position of the max.
+- Gate statistics (Fig. 3, Fig. 7, Table 4; docs/paper.md §8.3) and the sparsity of the SDPA
+  output before and after the G1 gate, with the "average gate" control (App. A.3,
+  Figs. 4-5; docs/paper.md §8.4).
+- Long-context extrapolation (the paper's section 4.4, Table 5, at our scale;
+  docs/paper.md §7.6 and §9.5): validation perplexity at multiples of the trained context,
+  with RoPE as trained and with YaRN.
 
 The first three run one exact-attention forward (`Decoder.forward(tokens, probe=...)`; SDPA
 returns no probabilities) over held-out validation windows; `ProbeRecorder` reduces every
 probed tensor to per-layer sums as it arrives, so memory holds one layer's attention at a time.
 
-Choices where the paper is silent (spec section 5 and "Not found"):
+Choices where the paper is silent (docs/paper.md §8, docs/paper.md §11):
 - Windows: the paper's models read documents that start with BOS, so F-Attn is measured on
   validation windows that start at a document boundary (position 0 is the end-of-text token,
   which doubles as BOS here). The same metrics on evenly spread unaligned windows carry the
@@ -57,11 +62,8 @@ full, into `analysis/analysis.json`.
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -72,7 +74,6 @@ from lab.data.store import TokenStore
 from lab.data.windows import eval_windows
 from lab.errors import LabError
 from lab.model.gates import GateSpec, apply_gate
-from lab import tracking
 
 SPARSITY_THRESHOLDS = (1e-2, 1e-3)  # App. A.3, Fig. 5
 ACTIVATION_CURVES = ("attn_output", "attn_residual", "ffn_output", "ffn_residual")  # Fig. 6
@@ -514,197 +515,3 @@ def analyze(model, store: TokenStore, config: RunConfig, windows: int | None = N
     finally:
         model.train(was_training)
     return result
-
-
-# --- MLflow ---------------------------------------------------------------------------
-
-def log_analysis(mlflow_client, run_id: str, analysis: Analysis, step: int,
-                 plots: bool = True) -> list[str]:
-    """Metrics at `step`, `analysis/analysis.json` and the plots; returns the files logged."""
-    if analysis.skipped:
-        mlflow_client.set_tag(run_id, "analysis", f"skipped: {analysis.skipped}")
-        return []
-    tracking.log_metrics(mlflow_client, run_id, analysis.metrics, step)
-    with tempfile.TemporaryDirectory() as tmp:
-        names = [path.name for path in write_outputs(analysis, Path(tmp), plots)]
-        mlflow_client.log_artifacts(run_id, tmp, artifact_path="analysis")
-    return names
-
-
-def write_outputs(analysis: Analysis, folder: Path, plots: bool = True) -> list[Path]:
-    """`analysis.json` (every metric and per-layer value) and the plots, into `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "analysis.json"
-    path.write_text(json.dumps(analysis.to_json(), indent=1, default=_json_number))
-    return [path] + (write_plots(analysis, folder) if plots and not analysis.skipped else [])
-
-
-def _json_number(value):
-    return float(value) if isinstance(value, (np.floating, np.integer)) else str(value)
-
-
-# --- plots ------------------------------------------------------------------------------
-
-def write_plots(analysis: Analysis, folder: Path) -> list[Path]:
-    """The per-layer figures of the paper's Figs. 2, 3, 6 and 7, the demo's attention maps
-    and the long-context curve, as PNGs in `folder`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-
-    written: list[Path] = []
-    per_layer, m = analysis.per_layer, analysis.metrics
-
-    def save(fig, name: str) -> None:
-        path = folder / name
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-
-    if "first_token_attn" in per_layer:  # Fig. 2 / Fig. 6 right panel
-        layers = np.arange(len(per_layer["first_token_attn"]))
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(layers, per_layer["first_token_attn"], "o-",
-                label=f"BOS windows (mean {m['sink/first_token_attn']:.3f})")
-        ax.plot(layers, per_layer["first_token_attn_random"], "s--",
-                label=f"random windows (mean {m['sink/first_token_attn_random']:.3f})")
-        for layer, position in zip(layers, per_layer["top_key_position"]):
-            if position != 0:
-                ax.annotate(f"top key {position}", (layer, per_layer["first_token_attn"][layer]),
-                            fontsize=7, textcoords="offset points", xytext=(2, 6))
-        ax.set(xlabel="layer", ylabel="attention on position 0", ylim=(0, 1.02),
-               title="First-token attention per layer", xticks=layers)
-        ax.legend(fontsize=8)
-        save(fig, "first_token_attn.png")
-
-    if "max_ffn_residual" in per_layer:  # Fig. 6 left panel
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for curve in ACTIVATION_CURVES:
-            ax.plot(per_layer[f"max_{curve}"], "o-", label=curve, markersize=3)
-        ax.set(xlabel="layer", ylabel="max |activation|", yscale="log",
-               xticks=range(len(per_layer["max_ffn_residual"])),
-               title=f"Max activation per layer (M-Act {m['act/max_mean']:.3g})")
-        ax.legend(fontsize=8)
-        save(fig, "max_activation.png")
-
-    if analysis.gate_samples is not None:  # Fig. 3 histogram, Fig. 7 per-layer statistics
-        fig, (hist, stats) = plt.subplots(1, 2, figsize=(10, 3.5))
-        hist.hist(analysis.gate_samples, bins=50, density=True)
-        hist.set(xlabel="gate score", ylabel="density",
-                 title=f"Gate scores, all layers (mean {m['gate/mean']:.3f})")
-        layers = np.arange(len(per_layer["gate_mean"]))
-        mean, std = np.array(per_layer["gate_mean"]), np.array(per_layer["gate_std"])
-        stats.plot(layers, mean, "o-", label="mean")
-        stats.fill_between(layers, mean - std, mean + std, alpha=0.3, label="mean ± std")
-        stats.plot(layers, per_layer["gate_min"], "v:", label="min")
-        stats.plot(layers, per_layer["gate_max"], "^:", label="max")
-        stats.set(xlabel="layer", ylabel="gate score", title="Gate scores per layer",
-                  xticks=layers)
-        stats.legend(fontsize=8)
-        save(fig, "gate_scores.png")
-
-    if analysis.attention_maps:  # the paper's demo: head-averaged maps of a few layers
-        layers = sorted(analysis.attention_maps)
-        fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers) + 1, 3.6),
-                                 squeeze=False, layout="constrained")
-        for ax, layer in zip(axes[0], layers):
-            attention = np.asarray(analysis.attention_maps[layer])
-            causal = np.tril(np.ones_like(attention, dtype=bool))
-            shown = np.ma.masked_where(~causal, np.clip(attention, 1e-4, 1))  # future: blank
-            image = ax.imshow(shown, norm=LogNorm(1e-4, 1), cmap="viridis")
-            ax.set(title=f"layer {layer}: F-Attn {per_layer['first_token_attn'][layer]:.2f}",
-                   xlabel="key position", ylabel="query position")
-        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="attention (log)")
-        fig.savefig(folder / "attention_maps.png", dpi=110)
-        plt.close(fig)
-        written.append(folder / "attention_maps.png")
-
-    long = {k: v for k, v in m.items() if k.startswith("long/")}
-    if long:  # Table 5 at our scale
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for yarn, style in ((False, "o-"), (True, "s--")):
-            points = sorted((int(k.split("_")[1][:-1]), v) for k, v in long.items()
-                            if k.endswith("_yarn") == yarn)
-            if yarn and "long/ppl_1x" in long:
-                points = [(1, long["long/ppl_1x"])] + points
-            if points:
-                ax.plot(*zip(*points), style, label="YaRN" if yarn else "RoPE as trained")
-        factors = sorted({int(k.split("_")[1][:-1]) for k in long})
-        ax.set(xscale="log", xlabel="context, multiple of the training length",
-               ylabel="validation perplexity", title="Long-context extrapolation")
-        ax.set_xticks(factors, [f"{f}x" for f in factors])
-        ax.minorticks_off()
-        ax.legend(fontsize=8)
-        save(fig, "long_context.png")
-    return written
-
-
-# --- `gatelab analyze`: recompute from a checkpoint ----------------------------------------
-
-def analyze_target(target: str, uri: str | None = None, windows: int | None = None,
-                   long_context: str | None = None, out: str | None = None,
-                   ) -> tuple[str | None, Analysis, list[str]]:
-    """`target` is an MLflow run id (its `checkpoints/<run id>/last.ckpt`) or a checkpoint
-    file. Metrics and plots go to the run when there is one, and to `out` when given.
-    Returns (run id or None, the analysis, the files written)."""
-    import dataclasses
-
-    from lab.model.decoder import Decoder
-    from lab.run import checkpoint_path, open_data, read_checkpoint
-
-    uri = tracking.tracking_uri(uri)
-    mlflow_client = tracking.client(uri)
-    path = checkpoint_path(target, "analyze")
-    run_id = path.parent.name if path.parent.parent.name == "checkpoints" else None
-    if run_id is not None and not _run_exists(mlflow_client, run_id):
-        if not Path(target).exists():  # named by its run id: it must be in this store
-            raise LabError(f"analyze: run {run_id} is not in the tracking store {uri} "
-                           "(pass --tracking-uri, or the checkpoint path with --out)")
-        run_id = None  # a checkpoint of a run this tracking store does not hold
-    if run_id is None and out is None:
-        out = f"analysis-{path.stem}"
-    if windows is not None and windows < 0:
-        raise LabError(f"analyze --windows: must be a non-negative integer, got {windows}")
-
-    config, state, step = read_checkpoint(path, "analyze")
-    model = Decoder(config.model)
-    model.load_state_dict(state)
-    train = config.train
-    if windows is not None:
-        train = dataclasses.replace(train, analysis_windows=windows)
-    if long_context is not None:
-        train = dataclasses.replace(train, long_context_factors=long_context)
-    train.validate()
-    config = dataclasses.replace(config, train=train)
-    store, _ = open_data(config)
-    if store.vocab_size != config.model.vocab_size:
-        raise LabError(f"analyze: the data {config.data.source!r} has vocabulary "
-                       f"{store.vocab_size}, the checkpoint {config.model.vocab_size}")
-    result = analyze(model.to(analysis_device()), store, config)
-    files: list[str] = []
-    if run_id is not None:
-        files += [f"analysis/{name}" for name in log_analysis(mlflow_client, run_id, result, step)]
-    if out is not None:
-        files += [str(path) for path in write_outputs(result, Path(out))]
-    return run_id, result, files
-
-
-def _run_exists(mlflow_client, run_id: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mlflow_client.get_run(run_id)
-        return True
-    except MlflowException:
-        return False
-
-
-def summary(result: Analysis) -> str:
-    """The headline numbers, one per line (per-layer values are in analysis.json)."""
-    if result.skipped:
-        return f"analysis skipped: {result.skipped}"
-    return "\n".join(f"{name:36s} {value:.4g}" for name, value in sorted(result.metrics.items())
-                     if not name.startswith("layers/"))
