@@ -22,12 +22,12 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from lab import tracking
 from lab.config import RunConfig, resolve
 from lab.errors import LabError
+from lab.model.decoder import Decoder
 from lab.model.flops import device_peak_tflops
 from lab.model.params import model_flops_per_token
-from lab.model.decoder import Decoder
-from lab import tracking
 from lab.model.params import count_params
 from lab.run import open_data
 from lab.training.module import adamw, compile_model, step_loss, train_sampler

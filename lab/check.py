@@ -41,8 +41,8 @@ import torch.nn as nn
 
 from lab.config import resolve
 from lab.errors import LabError
-from lab.model.gates import VARIANTS
 from lab.model.decoder import Decoder
+from lab.model.gates import VARIANTS
 from lab.training.module import compile_model
 
 # Allowed relative error per training precision: (logits, loss, gradients).

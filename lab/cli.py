@@ -114,7 +114,7 @@ def cmd_ui(args) -> int:
 
 
 def cmd_variants(args) -> int:
-    from lab.variants import print_variants
+    from lab.reports.variants import print_variants
 
     print_variants(args.preset, as_json=args.json, gate=args.gate)
     return 0
@@ -139,7 +139,7 @@ def cmd_grid(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from lab.report import build_report
+    from lab.reports.grid_report import build_report
 
     report = build_report(args.grid, args.tracking_uri, args.out)
     print(report.markdown)
@@ -154,7 +154,7 @@ def cmd_demo(args) -> int:
     from lab import tracking
     from lab.grid import GridOptions, describe_summary, load_grid, run_grid
     from lab.progress import duration
-    from lab.report import build_report, terminal_summary
+    from lab.reports.grid_report import build_report, terminal_summary
 
     started = time.time()
     spec = load_grid(Path(__file__).resolve().parents[1] / "ablations" / "smoke.yaml")
@@ -216,7 +216,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from lab.analysis.command import analyze_target, summary
+    from lab.reports.analyze import analyze_target, summary
 
     run_id, result, files = analyze_target(args.target, args.tracking_uri, args.windows,
                                            args.long_context, args.out)

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from lab.analysis.metrics import ProbeRecorder, analyze, long_context_metric, record
 from lab.analysis.outputs import write_outputs
 from lab.config import resolve
-from lab.model.config import ModelConfig
 from lab.data.store import write_store
 from lab.errors import LabError
-from lab.model.gates import GateSpec
+from lab.model.config import ModelConfig
 from lab.model.decoder import Decoder, RotaryEmbedding
+from lab.model.gates import GateSpec
 
 TINY = dict(vocab_size=32, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8,
             ffn_hidden=64, context=16)

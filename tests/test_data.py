@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from lab.data import corpus
 from lab.cli import main
+from lab.data import corpus
 from lab.data.sources import open_source
 from lab.data.store import END_OF_TEXT, TokenStore, write_store
 from lab.data.windows import WindowSampler, check_batch_fits, eval_windows

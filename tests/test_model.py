@@ -9,11 +9,11 @@ import torch.nn.functional as F
 
 from lab.callbacks import GateInsertion
 from lab.config import PRESETS, resolve
-from lab.model.config import ModelConfig, parse_switch_head, switch_expert_rank
 from lab.data.store import generate_synthetic
 from lab.errors import LabError
-from lab.model.gates import VARIANTS, GateSpec, custom_variant
+from lab.model.config import ModelConfig, parse_switch_head, switch_expert_rank
 from lab.model.decoder import Decoder, RotaryEmbedding, SwitchProjection, apply_rotary
+from lab.model.gates import VARIANTS, GateSpec, custom_variant
 from lab.model.params import count_parameters
 from lab.model.params import count_params
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lab.model.moe as moe
 from lab.config import resolve
-from lab.model.config import ModelConfig
 from lab.errors import LabError
-from lab.model.gates import VARIANTS
+from lab.model.config import ModelConfig
 from lab.model.decoder import Decoder
+from lab.model.gates import VARIANTS
 from lab.model.layers import SwiGLU
+import lab.model.moe as moe
 from lab.model.moe import (MoEFeedForward, expert_counts, grouped_matmul, load_balancing_loss,
                            route, router_z_loss)
 from lab.model.params import active_parameters
@@ -188,7 +188,7 @@ def test_every_variant_runs_forward_on_moe_tiny():
 
 
 def test_variants_listing_shows_add4experts_available_only_on_moe():
-    from lab.variants import describe_variants
+    from lab.reports.variants import describe_variants
 
     rows = {r["slug"]: r for r in describe_variants("moe-tiny")}
     assert rows["baseline_add4experts"]["available"] and rows["baseline_add4experts"]["params_added"] > 0

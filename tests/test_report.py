@@ -1,4 +1,4 @@
-"""lab/report.py: statistics over seeds, paired deltas, the paper's deltas, files and plots,
+"""lab/reports/grid_report.py: statistics over seeds, paired deltas, the paper's deltas, files and plots,
 on a grid written straight into MLflow (no training: the numbers are chosen)."""
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def write_grid(uri: str, name: str = "fake") -> str:
 
 
 def test_report_statistics_deltas_and_the_papers_direction(store, tmp_path):
-    from lab.report import build_report
+    from lab.reports.grid_report import build_report
 
     parent = write_grid(store)
     report = build_report("fake", store, tmp_path / "out")
@@ -117,7 +117,7 @@ def test_report_statistics_deltas_and_the_papers_direction(store, tmp_path):
     with open(tmp_path / "out" / "all_lrs.csv") as handle:
         assert len(list(csv.DictReader(handle))) == len(PPL)
 
-    from lab.report import layer_profile
+    from lab.reports.grid_report import layer_profile
 
     assert layer_profile(gate.runs, "layers/sink/first_token_attn") == pytest.approx([0.01, 0.11, 0.21])
     assert layer_profile(rows["baseline"].runs, "layers/act/max") == []
@@ -130,7 +130,7 @@ def test_report_statistics_deltas_and_the_papers_direction(store, tmp_path):
 
 
 def test_one_seed_has_no_interval_and_an_unknown_grid_is_a_lab_error(store, tmp_path):
-    from lab.report import build_report, t_interval
+    from lab.reports.grid_report import build_report, t_interval
 
     single = t_interval([3.0])
     assert single.mean == 3.0 and single.low is None and t_interval([]) is None
@@ -149,7 +149,7 @@ def test_report_command_prints_every_variant(store, capsys, tmp_path):
 
 def test_the_parent_run_carries_the_summary_and_the_cells_their_variants_colour(store, tmp_path):
     from lab import tracking
-    from lab.report import build_report, terminal_summary
+    from lab.reports.grid_report import build_report, terminal_summary
 
     parent = write_grid(store, "summary")
     report = build_report("summary", store, tmp_path / "out")
@@ -184,7 +184,7 @@ def test_with_one_learning_rate_there_is_no_copy_of_report_csv(store, tmp_path, 
     monkeypatch.setattr(sys.modules[__name__], "PPL", {("baseline", 3e-3): [10.0, 10.4],
                                                        ("sdpa_elementwise_sigmoid_mul", 3e-3):
                                                        [9.5, 9.8]})
-    from lab.report import build_report
+    from lab.reports.grid_report import build_report
 
     write_grid(store, "one-lr")
     out = tmp_path / "out"
@@ -197,7 +197,7 @@ def test_with_one_learning_rate_there_is_no_copy_of_report_csv(store, tmp_path, 
 
 
 def test_stability_table_reads_the_largest_stable_lr_per_variant():
-    from lab.report import Row, RunRecord, stability_table
+    from lab.reports.grid_report import Row, RunRecord, stability_table
 
     def row(variant, lr, diverged=(False, False), spikes=(0, 0), logit=None):
         runs = [RunRecord(f"{variant}{lr}{seed}", variant, lr, seed,

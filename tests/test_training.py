@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lab.config import resolve
-from lab.model.gates import VARIANTS, GateSpec, custom_variant
 from lab.model.decoder import Decoder
+from lab.model.gates import VARIANTS, GateSpec, custom_variant
 from lab.training.module import LanguageModel
 
 

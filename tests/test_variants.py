@@ -1,4 +1,4 @@
-"""lab/variants.py and the registry's user-facing side: `gatelab variants`, the grid files
+"""lab/reports/variants.py and the registry's user-facing side: `gatelab variants`, the grid files
 in ablations/, bad variant/preset/gate input at the CLI, and the G1 parameter report of
 `gatelab train`."""
 
@@ -16,7 +16,7 @@ from lab.config import resolve
 from lab.errors import LabError
 from lab.model.gates import VARIANTS
 from lab.model.params import count_params
-from lab.variants import describe_variants
+from lab.reports.variants import describe_variants
 from test_gates import SPEC_SLUGS  # pytest puts tests/ on sys.path
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,2 +1,2 @@
-"""The paper's analyses: the metrics every run records, their plots and files, and
-`gatelab analyze`."""
+"""The paper's analyses: the metrics every run records, their plots and their files (the
+`gatelab analyze` command: lab/reports/analyze.py)."""

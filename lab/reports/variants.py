@@ -18,10 +18,11 @@ from __future__ import annotations
 import json
 
 from lab.config import PRESETS, RunConfig, resolve
-from lab.model.config import parse_switch_head, switch_expert_rank
 from lab.errors import LabError, check_choice
+from lab.model.config import parse_switch_head, switch_expert_rank
 from lab.model.gates import (PAPER_POSITION_NAMES, VARIANTS, Variant, custom_variant, parse_gate,
                              paper_switch_fraction, projection_params)
+from lab.model.params import count_params
 
 # What the parameter-matched baselines are measured against (Table 1 rows 5 and 10).
 G1_REFERENCES = {"g1_elementwise": "sdpa_elementwise_sigmoid_mul",
@@ -56,8 +57,6 @@ def matched_budget(variant: Variant, added: int, g1_added: dict[str, int]) -> di
 def describe_variant(variant: Variant, preset: str, g1_added: dict[str, int] | None = None) -> dict:
     """One row; `g1_added` (G1 references' added parameters at the preset) for matched
     baselines' budgets."""
-    from lab.model.params import count_params
-
     row = {"slug": variant.slug, "axes": variant.gate.axes() if variant.gate else None,
            "model_changes": variant.model, "q_heads_factor": variant.q_heads_factor,
            "kv_heads_factor": variant.kv_heads_factor, "paper": variant.paper,
@@ -85,8 +84,6 @@ def describe_variant(variant: Variant, preset: str, g1_added: dict[str, int] | N
 
 
 def describe_variants(preset: str, gate: str | None = None) -> list[dict]:
-    from lab.model.params import count_params
-
     check_choice("preset", preset, tuple(PRESETS))
     if gate:
         return [describe_variant(custom_variant(parse_gate(gate)), preset)]

@@ -24,13 +24,23 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+from scipy import stats
 
+from lab import tracking
+from lab.analysis.metrics import split_layer_metric
 from lab.errors import LabError
+from lab.grid import child_runs, find_parent
+from lab.model.gates import VARIANTS
 
 # Columns beside the perplexity, where runs carry them (lab/analysis/metrics.py, lab/callbacks.py);
 # the long-context names are `long/ppl_<k>x[_yarn]` (MLflow rejects '@').
@@ -71,8 +81,6 @@ class Interval:
 
 def t_interval(values: list[float], confidence: float = CONFIDENCE) -> Interval | None:
     """Mean, sample std and the two-sided t confidence interval (None below two values)."""
-    from scipy import stats
-
     if not values:
         return None
     array = np.asarray(values, dtype=np.float64)
@@ -149,9 +157,6 @@ class Report:
 
 def load_runs(grid: str, uri: str | None = None) -> tuple[object, str, list[RunRecord]]:
     """The grid's FINISHED child runs (the latest per config hash)."""
-    from lab import tracking
-    from lab.grid import child_runs, find_parent
-
     uri = tracking.tracking_uri(uri)
     client = tracking.client(uri)
     experiment = client.get_experiment_by_name(grid)
@@ -178,8 +183,6 @@ def load_runs(grid: str, uri: str | None = None) -> tuple[object, str, list[RunR
 
 
 def _variant_order(variant: str) -> tuple:
-    from lab.model.gates import VARIANTS
-
     order = list(VARIANTS)
     return (variant != BASELINE, order.index(variant) if variant in order else len(order), variant)
 
@@ -193,8 +196,6 @@ def _rank(row: Row) -> tuple:
 
 def build_rows(records: list[RunRecord]) -> tuple[list[Row], list[Row]]:
     """(one row per variant at its best LR, one row per variant and LR)."""
-    from lab.model.gates import VARIANTS
-
     groups: dict[tuple[str, float], list[RunRecord]] = {}
     for record in records:
         groups.setdefault((record.variant, record.lr), []).append(record)
@@ -361,8 +362,6 @@ def row_styles(rows: list[Row]) -> tuple[dict[str, str], dict[float, str]]:
 def plot_loss_curves(client, rows: list[Row], path: Path) -> None:
     """Every run's training loss, one colour per variant and one line style per LR
     (labelled with its LR when the rows hold several), spike peaks marked with x."""
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(10, 6))
     colours, styles = row_styles(rows)
     for row in rows:
@@ -392,8 +391,6 @@ def plot_loss_curves(client, rows: list[Row], path: Path) -> None:
 
 def plot_deltas(rows: list[Row], path: Path) -> None:
     """Δ PPL vs baseline with 95% CIs (bars), and the paper's Δ (diamonds)."""
-    import matplotlib.pyplot as plt
-
     shown = [r for r in rows if r.variant != BASELINE and r.delta is not None]
     fig, ax = plt.subplots(figsize=(9, 0.4 * len(shown) + 1.5))
     y = np.arange(len(shown))
@@ -417,8 +414,6 @@ def plot_deltas(rows: list[Row], path: Path) -> None:
 
 def layer_profile(runs: list[RunRecord], prefix: str) -> list[float]:
     """Mean over seeds of `<prefix>/layer_<i>` (lab.analysis.layer_metric), by layer."""
-    from lab.analysis.metrics import split_layer_metric
-
     by_layer: dict[int, list[float]] = {}
     for run in runs:
         for name, value in run.metrics.items():
@@ -431,14 +426,11 @@ def layer_profile(runs: list[RunRecord], prefix: str) -> list[float]:
 def plot_per_layer(rows: list[Row], path: Path) -> bool:
     """One panel per LAYER_METRICS entry, one line per variant (mean over seeds); False when
     no run carries per-layer metrics (nothing is written)."""
-    import matplotlib.pyplot as plt
 
     profiles = [[(row, layer_profile(row.runs, prefix)) for row in rows]
                 for prefix, _ in LAYER_METRICS]
     if not any(values for panel in profiles for _, values in panel):
         return False
-    from matplotlib.ticker import MaxNLocator
-
     fig, axes = plt.subplots(1, len(LAYER_METRICS), figsize=(13, 5))
     colours, styles = row_styles(rows)
     for ax, (_, title), panel in zip(axes, LAYER_METRICS, profiles):
@@ -461,8 +453,6 @@ def plot_per_layer(rows: list[Row], path: Path) -> bool:
 
 def plot_lr(all_rows: list[Row], path: Path) -> None:
     """Final validation loss against learning rate, one line per variant (mean over seeds)."""
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(8, 5))
     variants = sorted({r.variant for r in all_rows}, key=_variant_order)
     for variant in variants:
@@ -485,10 +475,6 @@ def plot_lr(all_rows: list[Row], path: Path) -> None:
 
 def build_report(grid: str, uri: str | None = None, out: str | Path | None = None,
                  log_to_parent: bool = True) -> Report:
-    import os
-
-    import matplotlib
-
     matplotlib.use("Agg")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one per artifact
 
@@ -559,10 +545,6 @@ def log_summary(client, parent: str, rows: list[Row], all_rows: list[Row]) -> No
     short table as the run's description, and per variant `report/<variant>/val_ppl_mean`,
     `.../delta_ppl_mean`, `.../delta_ppl_ci_low` and `.../delta_ppl_ci_high` as metrics.
     The cell runs get one colour per variant (`mlflow.runColor`), those of the loss plot."""
-    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
-
-    from lab import tracking
-
     table = summary_rows(rows)
     lines = ["| " + " | ".join(line) + " |" for line in table]
     lines.insert(1, "|" + "---|" * len(table[0]))

@@ -1,5 +1,5 @@
-"""`gatelab analyze`: the analysis recomputed from a run's checkpoint, into its MLflow record
-or a folder."""
+"""`gatelab analyze`: the analysis (lab/analysis/) recomputed from a run's checkpoint, into
+its MLflow record or a folder."""
 
 from __future__ import annotations
 

@@ -1,0 +1,151 @@
+"""The import graph of lab/: no module imports itself through others, counting the imports
+written inside functions, and no package imports itself through others either (lab/model,
+lab/data, lab/training, ... each taken as one node; docs/architecture.md draws the order).
+Imports under `if TYPE_CHECKING:` are for annotations and never run, so they are not edges."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAB = ROOT / "lab"
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def is_type_checking_block(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and (
+        (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING")
+        or (isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING"))
+
+
+def imported_names(tree: ast.AST):
+    """(module, names) of every import statement that runs, at any depth."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if is_type_checking_block(node):
+            stack.extend(node.orelse)
+            continue
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, []
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module, [alias.name for alias in node.names]
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def import_graph(root: Path, package: str = "lab") -> dict[str, set[str]]:
+    """Module -> the modules of `package` it imports. `from a.b import c` is an edge to
+    a.b.c when that is a module, else to a.b."""
+    files = {module_name(p, root): p for p in (root / package).rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        for module, names in imported_names(ast.parse(path.read_text(encoding="utf-8"))):
+            if module != package and not module.startswith(package + "."):
+                continue
+            targets = [f"{module}.{n}" for n in names if f"{module}.{n}" in files]
+            if len(targets) < len(names) or not names:
+                targets.append(module)
+            graph[name].update(t for t in targets if t in files and t != name)
+    return graph
+
+
+def package_graph(graph: dict[str, set[str]], package: str = "lab") -> dict[str, set[str]]:
+    """The same edges between lab's top-level modules and subpackages (lab.model.gates and
+    lab.model.decoder are both lab.model); edges inside one package are dropped."""
+    def node(name: str) -> str:
+        return ".".join(name.split(".")[:2]) if name != package else name
+
+    out: dict[str, set[str]] = {}
+    for source, targets in graph.items():
+        out.setdefault(node(source), set()).update(node(t) for t in targets if node(t) != node(source))
+    return out
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one node (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_module_of_lab_imports_itself_through_others():
+    assert cycles(import_graph(ROOT)) == []
+
+
+def test_no_package_of_lab_imports_itself_through_others():
+    assert cycles(package_graph(import_graph(ROOT))) == []
+
+
+def test_the_graph_sees_function_local_and_from_package_imports():
+    """The scan reads what the cycle tests rely on: lab.run's imports of the model and of
+    tracking (`from lab import tracking`), and the CLI's imports inside its commands."""
+    graph = import_graph(ROOT)
+    assert {"lab.model.decoder", "lab.tracking"} <= graph["lab.run"]
+    assert "lab.run" in graph["lab.cli"] or "lab.grid" in graph["lab.cli"]
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_a_planted_cycle_is_found(tmp_path, local):
+    """A loop of three modules, one import written inside a function when `local`; an
+    import under TYPE_CHECKING closes no loop."""
+    pkg = tmp_path / "lab"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from lab.sub import b\n")
+    (pkg / "sub" / "b.py").write_text("from lab import c\n")
+    closing = "def f():\n    from lab.a import thing\n" if local else "import lab.a\n"
+    (pkg / "c.py").write_text(closing)
+    (pkg / "d.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                              "    from lab.a import thing\n")
+    graph = import_graph(tmp_path)
+    assert cycles(graph) == [["lab.a", "lab.c", "lab.sub.b"]]
+    assert cycles(package_graph(graph)) == [["lab.a", "lab.c", "lab.sub"]]
+    assert graph["lab.d"] == set()
+
+
+def test_architecture_page_names_every_module_and_only_modules_that_exist():
+    """docs/architecture.md gives every module of lab/ one line, and names none that is gone."""
+    page = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"^- `(lab/[\w/]+\.py)`:", page, re.MULTILINE))
+    modules = {str(p.relative_to(ROOT)) for p in LAB.rglob("*.py")
+               if p.name != "__init__.py"}
+    assert named == modules, (f"not on the page: {sorted(modules - named)}; "
+                              f"on the page but not in lab/: {sorted(named - modules)}")
