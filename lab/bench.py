@@ -21,15 +21,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from lab import tracking
 from lab.config import RunConfig, resolve
 from lab.errors import LabError
 from lab.model.decoder import Decoder
 from lab.model.flops import device_peak_tflops
-from lab.model.params import model_flops_per_token
-from lab.model.params import count_params
-from lab.run import open_data
+from lab.model.params import count_params, model_flops_per_token
+from lab.run import open_data, train_run
 from lab.training.module import adamw, compile_model, step_loss, train_sampler
 from lab.training.schedule import accumulation
 
@@ -153,8 +153,6 @@ PROFILED_STEPS = 3
 
 
 def _profile(step, path: Path, device: str) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(PROFILED_STEPS):
@@ -208,8 +206,6 @@ class SteadyStateTimer(L.Callback):
 
 
 def lab_loop(config: RunConfig, steps: int, warmup: int, uri: str) -> dict:
-    from lab.run import train_run
-
     timer = SteadyStateTimer(warmup)
     result = train_run(config, uri, experiment="bench", quiet=True, callbacks=[timer])
     if timer.start is None or timer.end_step <= timer.start_step:

@@ -32,17 +32,23 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import multiprocessing
 import os
+import subprocess
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile
 
 from lab.config import resolve
 from lab.errors import LabError
-from lab.model.decoder import Decoder
+from lab.model.decoder import Decoder, SwitchProjection
 from lab.model.gates import VARIANTS
+from lab.model.moe import MoEFeedForward
 from lab.training.module import compile_model
 
 # Allowed relative error per training precision: (logits, loss, gradients).
@@ -117,11 +123,6 @@ def draw_check_weights(model: nn.Module, seed: int) -> None:
 
 def sdpa_backend_of(step) -> str:
     """The SDPA backend that `step()` runs, read from the profiler's operator names."""
-    import os
-    import sys
-
-    from torch.profiler import ProfilerActivity, profile
-
     # The profiler's C++ side prints start/stop banners on file descriptor 2; the step ran
     # once already before this (any error of its own has shown), so that is all it hides.
     sys.stderr.flush()
@@ -230,9 +231,6 @@ def check_variant(variant: str, preset: str, overrides: list[str], device: str, 
 
 def _routing_modules(model: nn.Module) -> list[nn.Module]:
     """The layers that pick experts by top-k (Switch Head projections, MoE FFNs), in order."""
-    from lab.model.decoder import SwitchProjection
-    from lab.model.moe import MoEFeedForward
-
     return [m for m in model.modules() if isinstance(m, (SwitchProjection, MoEFeedForward))]
 
 
@@ -292,9 +290,6 @@ def run_check(preset: str = "small", variants: str = "all", precision: str | Non
     if jobs == 1 or len(checked) < 2:
         results = (check_variant(*args) for args in arguments)
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
         # spawn: each worker starts its own CUDA context (a forked one cannot)
         pool = ProcessPoolExecutor(min(jobs, len(checked)),
                                    mp_context=multiprocessing.get_context("spawn"))
@@ -341,9 +336,6 @@ def check_before_training(preset: str, variants: list[str], overrides: list[str]
     started) when it fails. It runs in a child process so that this process, which starts the
     GPU workers, never initialises CUDA itself. Without CUDA it does nothing: the CPU fast
     path is what the test suite checks."""
-    import subprocess
-    import sys
-
     if not torch.cuda.is_available():
         return
     command = [sys.executable, "-m", "lab", "check", "--preset", preset,

@@ -37,6 +37,7 @@ from lab.errors import LabError, check_choice
 from lab.model.config import ModelConfig
 from lab.model.decoder import Decoder
 from lab.model.gates import GateSpec
+from lab.run import checkpoint_path, read_checkpoint
 from lab.training.schedule import total_steps
 
 FORMATS = ("hf",)
@@ -243,7 +244,6 @@ class Checkpoint:
 
 
 def load_checkpoint(run_or_path: str) -> Checkpoint:
-    from lab.run import checkpoint_path, read_checkpoint
 
     path = checkpoint_path(run_or_path, "export")
     config, state, step = read_checkpoint(path, "export")
