@@ -316,7 +316,7 @@ class RoutingStats(L.Callback):
                            "token_fraction_per_layer": share.tolist(),
                            "assignments_per_layer": counts.tolist()}, "routing.json")
 class AnalysisMonitor(L.Callback):
-    """`train.analysis_every` > 0: the probe metrics of lab/analysis.py (attention sink,
+    """`train.analysis_every` > 0: the probe metrics of lab/analysis/metrics.py (attention sink,
     massive activations, gate statistics) every N steps, as time series on the run.
     Long-context perplexity and plots are left to the end of the run (lab/run.py)."""
 

@@ -452,7 +452,7 @@ def throughput_summary(monitor, config: RunConfig) -> dict[str, float]:
 
 
 def _analyze(module, store, config, mlflow_client, run_id, step) -> dict:
-    """The paper's analyses on the final weights (lab/analysis.py), also for a diverged run
+    """The paper's analyses on the final weights (lab/analysis/metrics.py), also for a diverged run
     whose weights are still finite; timed as `time/analysis_s`."""
     from lab.analysis.metrics import analysis_device, analyze
     from lab.analysis.outputs import log_analysis
