@@ -55,6 +55,11 @@ SWEEP_KEYS = ("name", "preset", "data", "tokens", "variants", "lr", "trials", "s
 SWEEP_DIR = "sweeps"
 STABLE_TOLERANCE = 0.02   # "max stable LR": within 2% of the best final validation loss
 STATES = ("complete", "pruned", "diverged", "failed")
+# How long a RUNNING trial may lack its `worker` attribute before a rerun takes it for one
+# whose worker was killed before recording itself: a live worker records itself with its
+# first storage write after creating the trial (run_trial), milliseconds later, or once
+# Optuna has broken a journal lock left by a killed process (its grace period: 30 s).
+UNOWNED_TRIAL_GRACE_S = 60.0
 
 
 # --- the sweep file -----------------------------------------------------------------
@@ -429,12 +434,14 @@ def run_trial(trial, sweep: Sweep, variant: str, uri: str, parent_run_id: str,
     from lab.run import train_run
     from lab.training.schedule import total_steps
 
+    # The owner first: until it is recorded, a rerun cannot tell a trial of a killed worker
+    # from one a live worker has just created (fail_stale_trials).
+    trial.set_user_attr("worker", owner_identity())
     low, high = sweep.lr_bounds()
     lr = trial.suggest_float("lr", low, high, log=True)
     seed = _seed_for(sweep, trial)
     trial.set_user_attr("seed", seed)
     trial.set_user_attr("variant", variant)
-    trial.set_user_attr("worker", owner_identity())
     config = sweep.config(variant, lr, seed)
     pruning = OptunaPruning(trial)
     mlflow_client = tracking.client(uri)
@@ -539,27 +546,80 @@ def split_trials(remaining: int, workers: int) -> list[int]:
     return [remaining // workers + (1 if i < remaining % workers else 0) for i in range(workers)]
 
 
-def fail_stale_trials(study, uri: str) -> int:
+def fail_stale_trials(study, uri: str, experiment: str | None = None) -> int:
     """RUNNING trials whose worker process on this host is gone (a killed sweep) become FAIL,
-    and their MLflow runs KILLED; the sweep then runs their points again. Trials of live
-    workers, and of other machines, are left alone."""
+    and their MLflow runs KILLED; retry_failed_trials then queues their points again.
+    Trials of live workers, and of other machines, are left alone. A trial that has no owner
+    yet is a killed one when it stays without one for UNOWNED_TRIAL_GRACE_S: a live worker
+    records itself first, within milliseconds. The MLflow runs are found by the trial's
+    `mlflow_run_id` and, since a kill can come before that is recorded, by the tags `study`
+    and `trial` the run is created with (`experiment`: the sweep's MLflow experiment)."""
     import optuna
     from lab import tracking
 
+    def running():
+        return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+
+    unowned = [t for t in running() if not t.user_attrs.get("worker")]
+    if unowned:
+        youngest = min(time.time() - t.datetime_start.timestamp() for t in unowned)
+        time.sleep(min(UNOWNED_TRIAL_GRACE_S, max(0.0, UNOWNED_TRIAL_GRACE_S - youngest)))
+    unowned_ids = {t._trial_id for t in unowned}
     failed = 0
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+    for trial in running():
         worker = trial.user_attrs.get("worker")
-        if not is_local(worker) or owner_alive(worker, None):
-            continue
+        if worker:
+            if not is_local(worker) or owner_alive(worker, None):
+                continue
+        elif trial._trial_id not in unowned_ids:
+            continue  # created after the first look: its worker may still record itself
         study._storage.set_trial_user_attr(trial._trial_id, "state", "failed")
         study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id:
-            mlflow_client = tracking.client(uri)
+        mlflow_client = tracking.client(uri)
+        run_ids = {trial.user_attrs.get("mlflow_run_id")} - {None}
+        found = mlflow_client.get_experiment_by_name(experiment) if experiment else None
+        if found is not None:
+            run_ids |= {r.info.run_id for r in tracking.search_all(
+                mlflow_client, found.experiment_id, f"tags.study = '{study.study_name}' and "
+                f"tags.trial = '{trial.number}' and attributes.status = 'RUNNING'")}
+        for run_id in run_ids:
             mlflow_client.set_tag(run_id, "state", "failed")
+            mlflow_client.set_tag(run_id, tracking.KILLED_REASON_TAG,
+                                  f"worker {worker or '(not recorded)'} was gone when the "
+                                  "sweep resumed")
             mlflow_client.set_terminated(run_id, "KILLED")
         failed += 1
     return failed
+
+
+def retry_failed_trials(study, limit: int) -> int:
+    """Queue FAIL trials (crashed, or killed: fail_stale_trials) again with their own
+    parameters, oldest first, each once, at most `limit` trials waiting in all; returns
+    how many were queued. Optuna's RetryHeartbeatStaleTrialCallback makes the copy (what
+    its heartbeat does for a stale trial): a WAITING trial with the parameters and the
+    sampler's attributes, which the next worker takes before sampling a new one.
+
+    A retry keeps the point: a ladder's GridSampler counts a FAIL trial's point as
+    visited, so without it the point would never run and the study would end short, or a
+    later rerun would run another point twice."""
+    import warnings
+
+    import optuna
+
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback
+    trials = study.get_trials(deepcopy=False)
+    room = limit - sum(t.state == optuna.trial.TrialState.WAITING for t in trials)
+    queued = 0
+    with warnings.catch_warnings():  # the callback is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retried = {number for t in trials for number in retry.retry_history(t)}
+        for trial in trials:
+            if queued >= room:
+                break
+            if trial.state == optuna.trial.TrialState.FAIL and trial.number not in retried:
+                retry()(study, trial)
+                queued += 1
+    return queued
 
 
 def _done(study) -> int:
@@ -574,7 +634,8 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
               storage: str | None = None, tracking_uri: str | None = None,
               quiet: bool = False, check: bool = True) -> dict[str, "VariantSummary"]:
     """Run (or resume) the sweep: each study gets up to `n_trials` trials that completed or
-    were pruned; crashed trials are run again. Returns the per-variant summary. `check`: on
+    were pruned; crashed and killed trials are run again at their own parameters
+    (retry_failed_trials). Returns the per-variant summary. `check`: on
     a GPU, `gatelab check` of the sweep's variants first (lab/check.py)."""
     import multiprocessing
 
@@ -610,10 +671,12 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
                 for key, value in (("sweep", sweep.name), ("variant", variant),
                                    ("preset", sweep.preset)):
                     study.set_user_attr(key, value)
-                stale = fail_stale_trials(study, uri)
-                if stale and not quiet:
-                    print(f"[{study.study_name}] {stale} trial(s) of a killed worker marked failed")
+                stale = fail_stale_trials(study, uri, sweep.name)
                 remaining[variant] = max(0, n_trials - _done(study))
+                queued = retry_failed_trials(study, remaining[variant])
+                if (stale or queued) and not quiet:
+                    print(f"[{study.study_name}] {stale} trial(s) of a killed worker marked "
+                          f"failed; {queued} failed trial(s) queued again with their parameters")
                 parents[variant] = parent_run(sweep, variant, uri, url)  # RUNNING from here
             if not quiet:
                 for variant in sweep.variants:

@@ -334,6 +334,88 @@ def test_stale_trials_of_dead_local_workers_fail_and_others_stay(tmp_path):
     assert storage_url("nosuch") == str(Path("sweeps") / "nosuch.journal")
 
 
+def test_a_killed_ladder_trial_runs_again_at_its_point_and_no_point_runs_twice(workspace):
+    """A SIGKILL leaves the trial RUNNING; the rerun marks it FAIL. The GridSampler counts a
+    FAIL trial's point as visited, so before retry_failed_trials the rerun ended one point
+    short (GridSampler stops the study once every point is visited) and the rerun after it
+    trained a random point a second time."""
+    from lab.owners import owner_identity
+    from lab.sweep import open_storage, open_study
+
+    sweep = parse_sweep(sweep_dict(name="killed", variants=["baseline"], tokens=2048,
+                                   lr={"ladder": [1e-3, 3e-3, 1e-2]}, pruner="none"))
+    run_sweep(sweep, n_trials=1, quiet=True)
+    study = open_study(sweep, "baseline", open_storage(str(workspace / "sweeps" / "killed.journal")))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    killed = study.ask()  # trial 1 of a worker killed mid-trial: the GridSampler gave it a point
+    killed.set_user_attr("worker", owner_identity(dead.pid))
+    killed_lr = killed.suggest_float("lr", 1e-3, 1e-2, log=True)
+
+    run_sweep(sweep, quiet=True)
+    trials = study.get_trials()
+    states = [t.state.name for t in trials]
+    assert states.count("FAIL") == 1 and states.count("COMPLETE") == 3
+    assert "RUNNING" not in states and "WAITING" not in states
+    done = [t for t in trials if t.state.name == "COMPLETE"]
+    assert sorted(t.params["lr"] for t in done) == [1e-3, 3e-3, 1e-2]
+    retry = next(t for t in done if "failed_trial" in t.system_attrs)
+    assert retry.system_attrs["failed_trial"] == 1 and retry.params["lr"] == killed_lr
+    run_sweep(sweep, quiet=True)  # complete: nothing runs again, nothing is queued
+    assert len(study.get_trials()) == len(trials)
+
+
+def test_retry_failed_trials_queues_each_failure_once_within_the_limit():
+    from lab.sweep import retry_failed_trials
+
+    study = optuna.create_study()
+    for lr in (1e-3, 1e-2):
+        study.tell(study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1)}),
+                   state=optuna.trial.TrialState.FAIL)
+    assert retry_failed_trials(study, limit=1) == 1     # one waiting now: the limit is reached
+    assert retry_failed_trials(study, limit=1) == 0
+    assert retry_failed_trials(study, limit=3) == 1     # the other failure, once
+    assert retry_failed_trials(study, limit=3) == 0
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert sorted(t.system_attrs["failed_trial"] for t in waiting) == [0, 1]
+    assert [t.params for t in waiting] == [study.trials[0].params, study.trials[1].params]
+
+
+def test_a_trial_killed_before_recording_its_worker_fails_after_the_grace(tmp_path, monkeypatch):
+    """A kill between the trial's creation and its `worker` attribute, or between the MLflow
+    run's creation and the trial's `mlflow_run_id`: the trial fails once it has stayed
+    without an owner for the grace, its MLflow run is found by its tags; a trial whose live
+    worker records itself within the grace is left to it."""
+    import threading
+
+    from lab import sweep as sweep_module
+    from lab import tracking
+    from lab.owners import owner_identity
+    from lab.sweep import fail_stale_trials, open_storage
+
+    monkeypatch.setattr(sweep_module, "UNOWNED_TRIAL_GRACE_S", 1.0)
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
+    uri = tracking.tracking_uri()
+    client = tracking.client(uri)
+    experiment = client.create_experiment("orphans")
+    study = optuna.create_study(study_name="orphans/baseline",
+                                storage=open_storage(str(tmp_path / "o.journal")))
+    orphan, claimed = study.ask(), study.ask()
+    run = client.create_run(experiment, tags={"study": "orphans/baseline", "trial": "0"})
+    other = client.create_run(experiment, tags={"study": "orphans/baseline", "trial": "1"})
+    late = threading.Timer(0.3, claimed.set_user_attr, ("worker", owner_identity()))
+    late.start()
+    started = time.monotonic()
+    assert fail_stale_trials(study, uri, "orphans") == 1
+    assert time.monotonic() - started >= 0.9
+    late.join()
+    assert [t.state.name for t in study.trials] == ["FAIL", "RUNNING"]
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    assert client.get_run(run.info.run_id).data.tags["state"] == "failed"
+    assert "was gone" in client.get_run(run.info.run_id).data.tags["gatelab.killed_reason"]
+    assert client.get_run(other.info.run_id).info.status == "RUNNING"
+
+
 def test_sweep_reads_its_lists_and_name_as_a_grid_does():
     sweep = parse_sweep(sweep_dict(seeds="0,1", variants="baseline"))
     assert sweep.seeds == (0, 1) and sweep.variants == ("baseline",)
