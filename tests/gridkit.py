@@ -124,3 +124,51 @@ def grid_processes():
     # so a preloaded `lab` could be another checkout's.
     context.set_forkserver_preload(["torch", "lightning", "mlflow", "mlflow.tracking", "yaml"])
     return context
+
+
+def cli_in_own_group(argv: list[str], env: dict, cwd: str, log: str) -> None:
+    """Target of a forked `gatelab` command that leads its own process group (the
+    kill-and-resume test SIGKILLs the group), run in `cwd`, its output appended to `log`,
+    on one core: a sweep sizes its workers' torch threads by the cores it may use, and the
+    tests train on one thread (conftest.py says why)."""
+    os.setsid()
+    os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:1]))
+    os.chdir(cwd)
+    with open(log, "ab") as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+    cli_process(argv, env)
+
+
+class ForkedCommand:
+    """A Popen-like handle (pid, wait, returncode) of cli_in_own_group forked from
+    `context`'s server: what benchmarks/kill_resume.py's measure() takes as `launch`, at the
+    cost of a fork instead of an interpreter start."""
+
+    def __init__(self, context, argv: list[str], workdir, log, env: dict):
+        import time
+
+        self.process = context.Process(target=cli_in_own_group,
+                                       args=(argv, env, str(workdir), log.name))
+        self.process.start()
+        self.pid = self.process.pid
+        # Returned only once the child leads its group, so that a kill at once finds it.
+        while self.process.is_alive():
+            try:
+                if os.getpgid(self.pid) == self.pid:
+                    break
+            except ProcessLookupError:
+                break
+            time.sleep(0.005)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        import subprocess
+
+        self.process.join(timeout)
+        if self.process.is_alive():
+            raise subprocess.TimeoutExpired("gatelab", timeout)
+        return self.returncode
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode

@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import os
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -15,7 +16,8 @@ import lightning as L
 import pytest
 import torch
 
-from gridkit import grid_processes, nothing, run_grid_process, run_statuses, store, tiny_grid  # noqa: F401
+from gridkit import (ForkedCommand, _template_db, grid_processes, nothing,  # noqa: F401
+                     run_grid_process, run_statuses, store, tiny_grid)
 
 CRASH_TRIALS = int(os.environ.get("GATELAB_CRASH_TRIALS", "10"))
 
@@ -84,6 +86,67 @@ def test_sigkill_at_random_moments_then_rerun_finishes_each_cell_exactly_once(st
         assert "RUNNING" not in statuses, (name, statuses)
     assert unfinished_seen  # the kills did interrupt runs, not only start-ups
     assert _loss_histories(store, "crashed") == _loss_histories(store, "reference")
+
+
+def _kill_resume_benchmark():
+    """benchmarks/kill_resume.py, the measurement of docs/reliability.md, as a module."""
+    import importlib.util
+    import sys
+
+    if "kill_resume" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / "kill_resume.py"
+        spec = importlib.util.spec_from_file_location("kill_resume", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kill_resume"] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["kill_resume"]
+
+
+@pytest.mark.parametrize("what", ["grid", "sweep"])
+def test_kill_resume_of_the_command_s_process_group(tmp_path, monkeypatch, what):
+    """The reduced measurement of benchmarks/kill_resume.py: `gatelab grid` / `gatelab
+    sweep` SIGKILLed as a whole process group at random moments (at least 2 kills), rerun
+    after each, ends as the uninterrupted command on a fresh store does: one FINISHED run
+    per cell (each ladder point finished once), nothing RUNNING or WAITING, the same final
+    metrics, loss histories and trial values. Commands are forked from a preloaded server
+    here (a fork, not an interpreter start) and use one worker."""
+    kill_resume = _kill_resume_benchmark()
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    context = grid_processes()
+    warm_up = context.Process(target=nothing)  # starts the fork server, outside any timing
+    warm_up.start()
+    warm_up.join()
+    overrides = {"model.context": 32, "train.batch_size": 8, "train.val_every": 4,
+                 "train.val_batches": 2, "train.log_every": 2, "train.checkpoint_every": 4,
+                 "train.analysis_windows": 0}
+    if what == "grid":
+        case = kill_resume.GridCase(workers=1, spec=tiny_grid(
+            "kill-resume-ci", ["baseline", "sdpa_elementwise_sigmoid_mul"], **overrides))
+    else:
+        case = kill_resume.SweepCase(workers=1, spec={
+            "name": "kill-resume-ci-sweep", "preset": "tiny", "data": "synthetic",
+            "tokens": 2048, "variants": ["baseline"], "lr": {"ladder": [3e-3, 30.0]},
+            "pruner": "none", "overrides": overrides})
+    prepare = case.prepare
+
+    def prepare_with_a_store(workdir):
+        # A migrated empty store, so that the kills reach training in a CI-sized run (the
+        # benchmark, and tests/test_tracking.py, kill the store's creation too).
+        prepare(workdir)
+        (workdir / "mlruns").mkdir()
+        shutil.copy(_template_db(), workdir / "mlruns" / "mlflow.db")
+
+    case.prepare = prepare_with_a_store
+
+    def launch(argv, workdir, log):
+        return ForkedCommand(context, argv, workdir, log, kill_resume.environment(workdir))
+
+    measurement = kill_resume.measure(case, tmp_path, kills=2, seed=int(
+        os.environ.get("GATELAB_CRASH_SEED", "9")), say=lambda line: None, launch=launch)
+    assert measurement.kills >= 2
+    for round_ in measurement.rounds:
+        assert round_.checks["passed"], round_.checks
+        assert round_.attempts[-1].exit_code == 0 and not round_.attempts[-1].killed
 
 
 # --- 1. validation up front ---------------------------------------------------------------
