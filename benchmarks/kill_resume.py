@@ -98,6 +98,7 @@ class Measurement:
     startup_s: float
     rounds: list[Round]
     total_wall_s: float
+    label: str = ""              # what tells it from another measurement of `what`
 
     @property
     def kills(self) -> int:
@@ -182,7 +183,7 @@ class GridCase:
     """`gatelab grid` of a grid file's fields (`spec`) with `workers` CPU workers of one
     torch thread each."""
 
-    what = "grid"
+    what, label = "grid", ""
 
     def __init__(self, workers: int = 2, spec: dict = GRID):
         self.workers, self.spec, self.experiment = workers, spec, spec["name"]
@@ -211,8 +212,8 @@ class GridCase:
         finished = sum(1 for r in children if r["status"] == "FINISHED")
         # progress: of whole cells (a cell's last steps are followed by its final evaluation
         # and analyses, which log no step); trained: of the training steps
-        return {"finished_cells": finished, "running_runs": sum(r["status"] == "RUNNING"
-                                                                for r in children),
+        running = sum(r["status"] == "RUNNING" for r in children)
+        return {"finished_cells": finished, "running_runs": running, "interrupted": running,
                 "runs": len(children), "progress": round(finished / cells, 3),
                 "trained": round(sum(trained.values()) / (steps * cells), 3)}
 
@@ -290,11 +291,12 @@ class SweepCase:
 
     def __init__(self, workers: int = 2, storage: str = "journal", spec: dict = SWEEP):
         self.workers, self.storage, self.spec, self.experiment = workers, storage, spec, spec["name"]
+        self.label = f"{storage} storage"
 
     def prepare(self, workdir: Path) -> None:
         import yaml
 
-        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "sweeps").mkdir(parents=True, exist_ok=True)  # SQLite makes no folder
         (workdir / "sweep.yaml").write_text(yaml.safe_dump(self.spec, sort_keys=False))
 
     def command(self) -> list[str]:
@@ -331,7 +333,7 @@ class SweepCase:
         # Optuna's journal lock is a symlink beside the file: a kill while it is held leaves
         # it, and the next writer breaks it after its grace period (30 s).
         lock = workdir / "sweeps" / f"{self.spec['name']}.journal.lock"
-        return {"trials": dict(sorted(states.items())),
+        return {"trials": dict(sorted(states.items())), "interrupted": states["RUNNING"],
                 **({"journal_lock_left": True} if lock.is_symlink() or lock.exists() else {}),
                 "running_runs": sum(r["status"] == "RUNNING" for r in children),
                 "progress": round((states["COMPLETE"] + states["PRUNED"]) / budget, 3)}
@@ -449,7 +451,8 @@ def measure(case, root: Path, kills: int, seed: int, window: float = 0.5,
     at a moment drawn uniformly from [0, s + window x (1 - p) x W] until `kills` SIGKILLs
     have landed, then one start left to run to its end, and the store compared with the
     uninterrupted run's. Should the work be done before the kills have landed (a start ran
-    to its end), the round is compared and another begins on a fresh store.
+    to its end, or was killed after the last cell or trial finished), the round ends the
+    same way and another begins on a fresh store.
 
     W is the uninterrupted run's training time (its wall time after its first training
     step), p the fraction of the work the store holds done (finished cells of the grid,
@@ -491,7 +494,8 @@ def measure(case, root: Path, kills: int, seed: int, window: float = 0.5,
                 f"{outcome}; then {attempt.after}")
 
         while sum(r.kills for r in rounds) + sum(a.killed for a in attempts) < kills and \
-                len(attempts) < most_starts and (not attempts or attempts[-1].killed):
+                len(attempts) < most_starts and progress < 1 and \
+                (not attempts or attempts[-1].killed):
             moment = rng.uniform(0.0, estimate + window * (1 - progress) * work_s)
             attempt = run_once(command, workdir, moment, f"start-{len(attempts) + 1:02d}.log",
                                launch)
@@ -511,7 +515,7 @@ def measure(case, root: Path, kills: int, seed: int, window: float = 0.5,
         say(f"{case.what}: round {len(rounds)}: {rounds[-1].kills} SIGKILLs; passed "
             f"{checks['passed']}")
     return Measurement(case.what, ["gatelab", *command], reference_run.wall_s, startup_s, rounds,
-                       time.monotonic() - began)
+                       time.monotonic() - began, case.label)
 
 
 def _first_step_s(workdir: Path, experiment: str, since: float) -> float | None:
@@ -548,20 +552,19 @@ def summary_table(measurements: list[Measurement]) -> str:
         ("SIGKILLs of the process group", lambda m: str(m.kills)),
         ("kill moments, s after the start", lambda m: ", ".join(
             f"{a.kill_at_s:.1f}" for a in killed(m))),
-        ("kills that left a run RUNNING", lambda m: str(sum(
-            1 for a in killed(m) if a.after.get("running_runs")))),
+        ("kills that left a cell's run / a trial RUNNING", lambda m: str(sum(
+            1 for a in killed(m) if a.after.get("interrupted")))),
         ("rounds (fresh stores), starts in all", lambda m: f"{len(m.rounds)}, "
          f"{sum(len(r.attempts) for r in m.rounds)}"),
         ("cells / trials per round", lambda m: grid_or_sweep(
             m, lambda m: f"{m.rounds[0].checks['cells']} cells",
             lambda m: f"{m.rounds[0].checks['budget']} trials "
                       f"({len(m.rounds[0].checks['studies'])} studies)")),
-        ("at the end, each round", lambda m: grid_or_sweep(
-            m, lambda m: "; ".join(
-                f"{n} FINISHED run(s) in {c} cell(s)" for n, c in sorted(Counter(
-                    n for r in m.rounds for n, c in r.checks["finished_per_cell"]
-                    for _ in range(c)).items())),
-            lambda m: "; ".join(f"{r.checks['trials']} finished, each point once: "
+        ("at the end of each round", lambda m: grid_or_sweep(
+            m, lambda m: "; ".join(", ".join(f"{c} cells with {n} FINISHED run"
+                                             for n, c in r.checks["finished_per_cell"])
+                                   for r in m.rounds),
+            lambda m: "; ".join(f"{r.checks['trials']} trials finished, each point once: "
                                 f"{r.checks['each_point_once']}" for r in m.rounds))),
         ("RUNNING (or WAITING) left", lambda m: str(total(
             m, "running_runs" if m.what == "grid" else "running"))),
@@ -581,7 +584,8 @@ def summary_table(measurements: list[Measurement]) -> str:
          f"{m.total_wall_s:.0f} s"),
         ("passed", lambda m: str(m.passed)),
     ]
-    lines = ["| | " + " | ".join(f"`gatelab {m.what}`" for m in measurements) + " |",
+    lines = ["| | " + " | ".join(f"`gatelab {m.what}`" + (f", {m.label}" if m.label else "")
+                                 for m in measurements) + " |",
              "|---|" + "---|" * len(measurements)]
     lines += [f"| {label} | " + " | ".join(cell(m) for m in measurements) + " |"
               for label, cell in rows]
