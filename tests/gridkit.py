@@ -128,11 +128,11 @@ def grid_processes():
 
 def cli_in_own_group(argv: list[str], env: dict, cwd: str, log: str) -> None:
     """Target of a forked `gatelab` command that leads its own process group (the
-    kill-and-resume test SIGKILLs the group), run in `cwd`, its output appended to `log`,
-    on one core: a sweep sizes its workers' torch threads by the cores it may use, and the
-    tests train on one thread (conftest.py says why)."""
+    kill-and-resume test SIGKILLs the group), run in `cwd`, its output appended to `log`.
+    It sees one core: a sweep gives its workers os.cpu_count() / workers torch threads
+    (lab.owners.threads_per_worker), and the tests train on one thread (conftest.py)."""
     os.setsid()
-    os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:1]))
+    os.cpu_count = lambda: 1
     os.chdir(cwd)
     with open(log, "ab") as out:
         os.dup2(out.fileno(), 1)

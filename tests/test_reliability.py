@@ -109,7 +109,7 @@ def test_kill_resume_of_the_command_s_process_group(tmp_path, monkeypatch, what)
     after each, ends as the uninterrupted command on a fresh store does: one FINISHED run
     per cell (each ladder point finished once), nothing RUNNING or WAITING, the same final
     metrics, loss histories and trial values. Commands are forked from a preloaded server
-    here (a fork, not an interpreter start) and use one worker."""
+    here (a fork, not an interpreter start) and use one worker on one torch thread."""
     kill_resume = _kill_resume_benchmark()
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     context = grid_processes()
