@@ -334,13 +334,17 @@ def test_stale_trials_of_dead_local_workers_fail_and_others_stay(tmp_path):
     assert storage_url("nosuch") == str(Path("sweeps") / "nosuch.journal")
 
 
-def test_a_killed_ladder_trial_runs_again_at_its_point_and_no_point_runs_twice(workspace):
+def test_a_killed_ladder_trial_runs_again_at_its_point_and_no_point_runs_twice(workspace,
+                                                                               monkeypatch):
     """A SIGKILL leaves the trial RUNNING; the rerun marks it FAIL. The GridSampler counts a
     FAIL trial's point as visited, so before retry_failed_trials the rerun ended one point
     short (GridSampler stops the study once every point is visited) and the rerun after it
     trained a random point a second time."""
+    from lab import sweep as sweep_module
     from lab.owners import owner_identity
     from lab.sweep import open_storage, open_study
+
+    monkeypatch.setattr(sweep_module, "threads_per_worker", lambda workers: 1)  # conftest.py
 
     sweep = parse_sweep(sweep_dict(name="killed", variants=["baseline"], tokens=2048,
                                    lr={"ladder": [1e-3, 3e-3, 1e-2]}, pruner="none"))
