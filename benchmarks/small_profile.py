@@ -24,8 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lab.bench import BareLoop, SteadyStateTimer, bench_config  # noqa: E402
-from lab.model.flops import device_peak_tflops  # noqa: E402
+from lab.bench import BareLoop, SteadyStateTimer, _rates, bench_config  # noqa: E402
 from lab.model.params import model_flops_per_token  # noqa: E402
 
 
@@ -46,9 +45,8 @@ def graph_breaks() -> int:
 
 
 def rates(config, steps: int, seconds: float) -> dict:
-    tokens_per_s = steps * config.train.batch_size * config.model.context / seconds
-    return {"tokens_per_s": tokens_per_s, "step_ms": 1000 * seconds / steps,
-            "mfu": model_flops_per_token(config) * tokens_per_s / (device_peak_tflops() * 1e12)}
+    """Tokens/s, step time and MFU as `gatelab bench` computes them."""
+    return _rates(config, steps, seconds, None, model_flops_per_token(config))
 
 
 def bare(preset: str, steps: int, warmup: int, overrides: list[str]) -> dict:
