@@ -141,7 +141,10 @@ def serve(host: str, port: int, uri: str | None = None) -> int:
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    # Both signals set here, SIGINT too: a process started in the background by a
+    # non-interactive shell (`gatelab ui &` in a script) inherits SIGINT ignored, and Python
+    # then keeps it ignored, so `kill -INT` would leave the server running.
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     server = None
     try:
         output = open(log, "w") if log else None
@@ -166,8 +169,8 @@ def serve(host: str, port: int, uri: str | None = None) -> int:
         return 0
     finally:
         if server is not None:  # a second Ctrl-C must not leave the group half stopped
-            previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            for sig in previous:
+                signal.signal(sig, signal.SIG_IGN)
             stop(server)
-            signal.signal(signal.SIGINT, previous_int)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
