@@ -7,6 +7,10 @@
 # git-ignored copy at .data/gutenberg-en carried to a machine that cannot see shared/).
 # To continue on another machine, bring back the store (mlflow-db.tgz) and unpack it into
 # the checkout there: the grids skip finished cells.
+# GATELAB_GIT_COMMIT: the commit of the checkout that was sent, for the runs' `git_commit`
+# tag, when the machine's copy has no .git or a stale one (send a clean checkout).
+# GRID_ARGS: extra `gatelab grid` options, e.g. --no-check on a later call of the same code on
+# the same machine (each start's check table is kept on the grid's parent run, check-*.txt).
 # TOKENIZER: optional tokenizer.json to reuse (the one `gatelab prepare` trains on the first
 # 32 MB of train-00 is deterministic, so training it again gives the same file).
 set -uo pipefail
@@ -16,6 +20,8 @@ OUT=${OUT:-reproduction-out}      # where the tarballs and report tables land
 WORK=${WORK:-reports}              # where `gatelab report` writes its tables and plots
 mkdir -p "$OUT" "$WORK"
 gatelab() { python3 -m lab "$@"; }
+read -ra grid_args <<< "${GRID_ARGS:-}"
+echo "git_commit tag: $(python3 -c 'from lab import tracking; print(tracking.git_commit())')"
 
 if [ "$phase" != report ]; then
   tokenizer=()
@@ -27,27 +33,27 @@ if [ "$phase" != report ]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 fi
 if [ "$phase" = all ] || [ "$phase" = reproduce ]; then
-  time timeout "${REPRODUCE_LIMIT_S:-600}" python3 -m lab grid ablations/reproduce.yaml --gpus all --quiet
+  time timeout "${REPRODUCE_LIMIT_S:-600}" python3 -m lab grid ablations/reproduce.yaml --gpus all "${grid_args[@]}" --quiet
 fi
 if [ "$phase" = all ] || [ "$phase" = base ]; then
-  time timeout "${BASE_LIMIT_S:-600}" python3 -m lab grid ablations/reproduce-base.yaml --gpus all --quiet
+  time timeout "${BASE_LIMIT_S:-600}" python3 -m lab grid ablations/reproduce-base.yaml --gpus all "${grid_args[@]}" --quiet
 fi
 if [ "$phase" = all ] || [ "$phase" = base-init ]; then
-  time timeout "${BASE_LIMIT_S:-600}" python3 -m lab grid ablations/reproduce-base.yaml --gpus all \
+  time timeout "${BASE_LIMIT_S:-600}" python3 -m lab grid ablations/reproduce-base.yaml --gpus all "${grid_args[@]}" \
     --variants baseline --set model.residual_init_scale=0.2041 --quiet
 fi
 if [ "$phase" = all ] || [ "$phase" = stability ]; then
-  time timeout "${STABILITY_LIMIT_S:-600}" python3 -m lab grid ablations/stability.yaml --gpus all --quiet
+  time timeout "${STABILITY_LIMIT_S:-600}" python3 -m lab grid ablations/stability.yaml --gpus all "${grid_args[@]}" --quiet
 fi
 if [ "$phase" = all ] || [ "$phase" = stability-noqk ]; then
-  time timeout "${STABILITY_LIMIT_S:-600}" python3 -m lab grid ablations/stability.yaml --gpus all \
+  time timeout "${STABILITY_LIMIT_S:-600}" python3 -m lab grid ablations/stability.yaml --gpus all "${grid_args[@]}" \
     --set model.qk_norm=false --quiet
 fi
 if [ "$phase" = all ] || [ "$phase" = init-control ]; then
-  time timeout "${CONTROL_LIMIT_S:-300}" python3 -m lab grid ablations/reproduce-init.yaml --gpus all --quiet
+  time timeout "${CONTROL_LIMIT_S:-300}" python3 -m lab grid ablations/reproduce-init.yaml --gpus all "${grid_args[@]}" --quiet
 fi
 if [ "$phase" = all ] || [ "$phase" = lr-control ]; then
-  time timeout "${LR_CONTROL_LIMIT_S:-300}" python3 -m lab grid ablations/reproduce-lr.yaml --gpus all --quiet
+  time timeout "${LR_CONTROL_LIMIT_S:-300}" python3 -m lab grid ablations/reproduce-lr.yaml --gpus all "${grid_args[@]}" --quiet
 fi
 if [ "$phase" = all ] || [ "$phase" = report ]; then
   for grid in reproduce stability reproduce-init reproduce-lr; do

@@ -330,14 +330,15 @@ def describe(report: CheckReport) -> str:
 
 
 def check_before_training(preset: str, variants: list[str], overrides: list[str],
-                          quiet: bool = False, log=print) -> None:
+                          quiet: bool = False, log=print) -> str | None:
     """The grid's and the sweep's guard: on a GPU machine, `gatelab check` of their variants
     at their preset and overrides before the first cell; LabError (one `error:` line, nothing
     started) when it fails. It runs in a child process so that this process, which starts the
-    GPU workers, never initialises CUDA itself. Without CUDA it does nothing: the CPU fast
-    path is what the test suite checks."""
+    GPU workers, never initialises CUDA itself. Without CUDA it does nothing (None): the CPU
+    fast path is what the test suite checks. Returns the check's table, which the caller keeps
+    on its parent run (`check.txt`) beside the results it vouches for."""
     if not torch.cuda.is_available():
-        return
+        return None
     command = [sys.executable, "-m", "lab", "check", "--preset", preset,
                "--variants", ",".join(variants)]
     for pair in overrides:
@@ -358,3 +359,4 @@ def check_before_training(preset: str, variants: list[str], overrides: list[str]
                        " or skip with --no-check")
     if not quiet:
         log(f"check passed in {time.perf_counter() - started:.0f} s")
+    return result.stdout

@@ -947,12 +947,14 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
         print_dry_run(spec, cells, uri, workers, device, runs_per_gpu if gpus else 1)
         return GridSummary(spec.name, len(cells), 0, [])
 
+    check_table = None
     if gpus and options.check:
         from lab.check import check_before_training
 
-        check_before_training(spec.preset, list(dict.fromkeys(c.variant for c in cells)),
-                              [f"{k}={v}" for k, v in spec.overrides.items()], options.quiet,
-                              log=lambda line: print(f"grid {spec.name}: {line}", flush=True))
+        check_table = check_before_training(
+            spec.preset, list(dict.fromkeys(c.variant for c in cells)),
+            [f"{k}={v}" for k, v in spec.overrides.items()], options.quiet,
+            log=lambda line: print(f"grid {spec.name}: {line}", flush=True))
     client = tracking.client(uri)
     experiment = tracking.experiment_id(client, spec.name, uri)
     parent = find_or_create_parent(client, experiment, spec.name)
@@ -976,6 +978,8 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
         try:
             client.update_run(parent, status="RUNNING")
             tracking.log_dict_artifact(client, parent, _spec_dict(spec), "grid.yaml")
+            if check_table is not None:  # this start's check (a resumed grid adds its own)
+                tracking.log_check_table(client, parent, check_table)
             if not work.tasks:
                 pass
             elif devices > 1 and gpus:

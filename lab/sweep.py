@@ -655,10 +655,12 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
     uri = tracking.tracking_uri(tracking_uri)
     # Prepare the data once, here: workers would otherwise race to build the same cache.
     open_data(sweep.config(sweep.variants[0], sweep.lr_bounds()[0], sweep.seeds[0]))
+    check_table = None
     if check:
         from lab.check import check_before_training
 
-        check_before_training(sweep.preset, list(sweep.variants), list(sweep.overrides), quiet)
+        check_table = check_before_training(sweep.preset, list(sweep.variants),
+                                            list(sweep.overrides), quiet)
 
     from lab.interrupts import interruption, stop_on_signals
 
@@ -678,6 +680,9 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
                     print(f"[{study.study_name}] {stale} trial(s) of a killed worker marked "
                           f"failed; {queued} failed trial(s) queued again with their parameters")
                 parents[variant] = parent_run(sweep, variant, uri, url)  # RUNNING from here
+                if check_table is not None:  # the check that vouches for these trials
+                    tracking.log_check_table(tracking.client(uri), parents[variant],
+                                             check_table)
             if not quiet:
                 for variant in sweep.variants:
                     print(f"[{sweep.study_name(variant)}] {remaining[variant]} trial(s) to run; "

@@ -11,6 +11,7 @@ import functools
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -509,11 +510,26 @@ def find_or_create_run(mlflow_client, experiment_id: str, match_tags: dict[str, 
 
 
 def git_commit() -> str:
+    """The commit the running code came from: GATELAB_GIT_COMMIT when set, else git's HEAD.
+
+    The override is for machines that get a copy of the working tree whose .git is missing or
+    older than the tree (a lent GPU machine's copy read a stale HEAD: docs/results-2026-11.md);
+    docs/reproduce_gpu.sh sets it from the clean checkout that was sent.
+    """
+    if os.environ.get("GATELAB_GIT_COMMIT"):
+        return os.environ["GATELAB_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def log_check_table(mlflow_client, run_id: str, table: str) -> None:
+    """Keep a `gatelab check` table on the parent run whose cells it vouched for, one file
+    per start (`check-<UTC time>.txt`): a resumed grid on another machine adds its own."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    mlflow_client.log_text(run_id, table, f"check-{stamp}.txt")
 
 
 def log_dict_artifact(mlflow_client, run_id: str, data, filename: str) -> None:

@@ -428,3 +428,26 @@ def test_sweep_reads_its_lists_and_name_as_a_grid_does():
                        (dict(overrides={"train.tokens": 1e5}), "sweep's tokens field")):
         with pytest.raises(LabError, match=field):
             parse_sweep(sweep_dict(**bad))
+
+
+def test_the_gpu_check_table_is_kept_on_each_parent_run(workspace, monkeypatch):
+    """On a GPU machine the check's table (lab.check.check_before_training) goes with the
+    results it vouched for; here the check is stood in for, as CUDA is absent."""
+    from lab import check, tracking
+    from lab import sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "threads_per_worker", lambda workers: 1)  # conftest.py
+    monkeypatch.setattr(check, "check_before_training",
+                        lambda *args, **kwargs: "variant  mode  logits\nbaseline eager 7e-03\n")
+    sweep = parse_sweep(sweep_dict(name="checked", variants=["baseline"], tokens=2048,
+                                   lr={"ladder": [1e-3]}, pruner="none"))
+    run_sweep(sweep, quiet=True)
+    client = tracking.client(tracking.tracking_uri())
+    experiment = client.get_experiment_by_name("checked").experiment_id
+    parent = next(r for r in client.search_runs([experiment])
+                  if r.data.tags.get("sweep_role") == "parent")
+    kept = [a.path for a in client.list_artifacts(parent.info.run_id)
+            if a.path.startswith("check-")]
+    assert len(kept) == 1 and kept[0].endswith(".txt")
+    text = Path(client.download_artifacts(parent.info.run_id, kept[0], str(workspace))).read_text()
+    assert "baseline eager 7e-03" in text

@@ -384,3 +384,12 @@ def test_the_runs_page_link_selects_model_training_and_the_view():
         "&viewStateShareKey=gatelab-runs")
     assert tracking.runs_page_url("http://h:1", "7", view=None, charts=True) == (
         "http://h:1/#/experiments/7/runs?workflowType=machine_learning&compareRunsMode=CHART")
+
+
+def test_the_commit_tag_is_the_override_when_set_and_git_head_otherwise(monkeypatch):
+    # A lent machine's copy of the tree can carry a stale .git (docs/results-2026-11.md)
+    monkeypatch.delenv("GATELAB_GIT_COMMIT", raising=False)
+    head = tracking.git_commit()
+    assert head and head != "unknown"  # the suite runs in a checkout
+    monkeypatch.setenv("GATELAB_GIT_COMMIT", "abc1234")
+    assert tracking.git_commit() == "abc1234"
