@@ -209,6 +209,33 @@ def test_metrics_of_gated_and_ungated_models_are_present_and_finite(tmp_path, va
     assert ("gate_scores.png" in files) == (variant != "baseline")
 
 
+def test_analysis_of_a_compiled_model_never_goes_through_its_compiled_call(tmp_path):
+    """Every analysis forward is eager: through an in-place torch.compile, each long-context
+    length was a new graph (about 90 s of recompiles per run at `small`, and Dynamo's
+    recompile limit spent for the next cells of a grid worker). The backend here counts the
+    graphs it is given."""
+    compiled = []
+
+    def counting(graph, example_inputs):
+        compiled.append(graph)
+        return graph.forward
+
+    store = tiny_store(tmp_path / "store")
+    config = resolve("sdpa_elementwise_sigmoid_mul", "tiny", {
+        "model.vocab_size": "32", "model.context": "16", "train.long_context_factors": "1,2,4",
+        "data.bos_prefix": "true"})
+    torch.manual_seed(0)
+    model = Decoder(config.model)
+    model.compile(backend=counting)
+    torch.compiler.reset()
+    m = analyze(model, store, config, windows=4).metrics
+    assert math.isfinite(m["long/ppl_4x"]) and math.isfinite(m["sink/ppl_without_bos"])
+    assert compiled == []
+    model(torch.zeros(1, 8, dtype=torch.long))
+    assert compiled  # the compiled call does reach the backend
+    torch.compiler.reset()
+
+
 def test_analysis_settings_do_not_change_the_config_hash():
     config = resolve("baseline", "tiny")
     changed = resolve("baseline", "tiny", {"train.analysis_windows": "0",

@@ -458,7 +458,11 @@ def _mean_loss(model, data: torch.Tensor, batch: int, device, autocast_dtype,
         targets[:, :skip_first] = IGNORED_TARGET
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
-            total += model(windows[:, :-1], targets=targets, reduction="sum").double()
+            # forward, not __call__, as record() does: through an in-place torch.compile each
+            # long-context length and batch is a new graph, about 90 s of recompiles per run
+            # at `small`, which also spent Dynamo's recompile limit so that the next cells
+            # of a grid worker trained eagerly at 0.4x (docs/results.md, 2026-12-02 calls).
+            total += model.forward(windows[:, :-1], targets=targets, reduction="sum").double()
         count += targets[:, skip_first:].numel()
     return float(total) / count
 

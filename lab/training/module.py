@@ -86,6 +86,14 @@ class LanguageModel(L.LightningModule):
         # lab/run.py chooses the accelerator.
         if self.config.train.compile_on(torch.cuda.is_available()) and \
                 not getattr(self, "_compiled", False):
+            # A run starts from empty Dynamo caches (torch.compiler.reset): a grid or sweep
+            # worker trains many models in one process, all through the one code object
+            # `Decoder.forward`, so graphs of earlier runs piled up behind guards no later
+            # model passes until Dynamo's recompile limit (8) made it train the next models
+            # eagerly (one H200, 2026-12-02: a worker's cells from the fifth on ran at 0.46M
+            # tokens/s instead of 1.1M). Inductor's on-disk cache survives the reset, so a
+            # variant compiled before (another seed) still compiles quickly.
+            torch.compiler.reset()
             compile_model(self.model, self.config.train.compile_mode)
             self._compiled = True
 
