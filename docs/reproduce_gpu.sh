@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The whole GPU reproduction (docs/results.md), phase by phase on one or more GPUs.
-#   bash docs/reproduce_gpu.sh [all|reproduce|base|base-init|stability|stability-noqk|init-control|lr-control|report]
+#   bash docs/reproduce_gpu.sh [all|prepare|reproduce|base|base-init|stability|stability-noqk|init-control|lr-control|report]
 # Phases, so that each fits one call of a time-limited machine; the grids resume from the
 # MLflow store, so a phase cut short by its time limit is finished by running it again.
 # DATA: the Gutenberg folder (../shared/data/gutenberg-en in a checkout beside shared/, or a
 # git-ignored copy at .data/gutenberg-en carried to a machine that cannot see shared/).
 # To continue on another machine, bring back the store (mlflow-db.tgz) and unpack it into
-# the checkout there: the grids skip finished cells.
+# the checkout there: the grids skip finished cells. `prepare` does only that and the corpus:
+# on a machine whose calls each carry at most 64 MiB, the corpus (42 MB) and the wheels
+# (20 MB) with the store do not fit one call, so the first call carries the corpus and the
+# store (`prepare`: STORE_TGZ, default .data/store/mlflow-db.tgz, unpacked when the machine
+# has no store yet) and the next ones the wheels; a warm machine keeps what earlier calls left.
 # GATELAB_GIT_COMMIT: the commit of the checkout that was sent, for the runs' `git_commit`
 # tag, when the machine's copy has no .git or a stale one (send a clean checkout).
 # GRID_ARGS: extra `gatelab grid` options, e.g. --no-check on a later call of the same code on
@@ -23,6 +27,13 @@ gatelab() { python3 -m lab "$@"; }
 read -ra grid_args <<< "${GRID_ARGS:-}"
 echo "git_commit tag: $(python3 -c 'from lab import tracking; print(tracking.git_commit())')"
 
+store=${GATELAB_STORE:-mlruns}
+if [ "$phase" = prepare ]; then
+  tgz=${STORE_TGZ:-.data/store/mlflow-db.tgz}
+  if [ -e "$store/mlflow.db" ]; then echo "store: keeping the $store/mlflow.db already here"
+  elif [ -f "$tgz" ]; then tar xzf "$tgz" && echo "store: unpacked $tgz"
+  else echo "store: none brought; the grids start a new one"; fi
+fi
 if [ "$phase" != report ]; then
   tokenizer=()
   [ -n "${TOKENIZER:-}" ] && tokenizer=(--tokenizer "$TOKENIZER")
@@ -32,6 +43,7 @@ if [ "$phase" != report ]; then
     --out cache/gutenberg-en --quiet
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 fi
+[ "$phase" = prepare ] && exit 0
 if [ "$phase" = all ] || [ "$phase" = reproduce ]; then
   time timeout "${REPRODUCE_LIMIT_S:-600}" python3 -m lab grid ablations/reproduce.yaml --gpus all "${grid_args[@]}" --quiet
 fi
@@ -64,7 +76,6 @@ if [ "$phase" = all ] || [ "$phase" = report ]; then
 fi
 # The MLflow store: the SQLite file alone (metrics, params, tags) and the run artifacts
 # without checkpoints (those stay on the machine), apart so that each stays small.
-store=${GATELAB_STORE:-mlruns}
 tar czf "$OUT/mlflow-db.tgz" "$store/mlflow.db"
 tar czf "$OUT/mlruns-artifacts.tgz" --exclude="$store/checkpoints" --exclude="$store/*.db" "$store"
 ls -la "$OUT"
