@@ -1,6 +1,6 @@
 """The anchored benchmark: in one process on one GPU, at `small` and `medium`,
 - the bare loop (lab.bench.BareLoop: compiled, bf16 autocast, fused AdamW, clipping),
-- the lab default path (`gatelab train` as a user runs it: lab.run.train_run on the preset's
+- the lab default path (`gatelab train` as a user runs it: lab.training.run.train_run on the preset's
   defaults, compile on, validation and checkpoints at their default cadence), timed by wall
   clock from the end of warm-up to the last step, and by the run's own logged steady rate,
 - a plain loop over Hugging Face transformers' Qwen3ForCausalLM of the same shape (what a
@@ -83,7 +83,7 @@ def rates(config, steps: int, seconds: float) -> dict:
 
 
 def lab_default(config, steps: int, warmup: int, uri: str) -> dict:
-    from lab.run import train_run
+    from lab.training.run import train_run
 
     timer = SteadyStateTimer(warmup)
     result = train_run(config, uri, experiment="anchor", quiet=True, callbacks=[timer])

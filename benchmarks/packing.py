@@ -1,6 +1,6 @@
 """Cells packed onto one GPU: aggregate tokens/s of N lab-default runs trained at once.
 
-For each N, starts N processes together, each a `gatelab train`-equivalent run (lab.run.
+For each N, starts N processes together, each a `gatelab train`-equivalent run (lab.training.run.
 train_run with the preset's defaults: compiled, bf16, default validation and checkpoint
 cadence; end-of-run analysis off) on its own SQLite store, and reads back each run's logged
 steady tokens/s (training time only) and peak memory, and the wall-clock span of its steady
@@ -21,7 +21,7 @@ CHILD = r"""
 import json, sys, time
 import lightning as L
 from lab.bench import bench_config
-from lab.run import train_run
+from lab.training.run import train_run
 
 class Window(L.Callback):
     first = end = None

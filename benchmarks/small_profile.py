@@ -108,7 +108,7 @@ class Probe(L.Callback):
 
 
 def lab(preset: str, steps: int, warmup: int, overrides: list[str], uri: str) -> dict:
-    from lab.run import train_run
+    from lab.training.run import train_run
 
     torch._dynamo.reset()
     config = bench_config("baseline", preset, steps, warmup, "synthetic", overrides)

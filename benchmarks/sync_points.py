@@ -1,6 +1,6 @@
 """Where the lab path synchronises the host with the GPU during training steps.
 
-Trains the lab default path (lab.run.train_run) for a few dozen steps with
+Trains the lab default path (lab.training.run.train_run) for a few dozen steps with
 torch.cuda.set_sync_debug_mode("warn") switched on after the first steps, and prints each
 distinct synchronising call site once, with the Python frames that led to it (library frames
 included, the innermost few). A sync per step stops the host from queueing work ahead of the
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lab.bench import bench_config  # noqa: E402
-from lab.run import train_run  # noqa: E402
+from lab.training.run import train_run  # noqa: E402
 
 sites: Counter = Counter()
 stacks: dict = {}

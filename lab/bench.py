@@ -3,7 +3,7 @@
 Two loops over the same model, micro-batches and optimizer settings:
 - bare: a compiled PyTorch loop (bf16 autocast, fused AdamW, clipping), nothing else. It is
   the reference the full lab path is held to.
-- lab: `lab.run.train_run`, i.e. Lightning Trainer + MLflow logging + loss monitor, spike
+- lab: `lab.training.run.train_run`, i.e. Lightning Trainer + MLflow logging + loss monitor, spike
   detector and checkpoint callbacks, timed by a callback from the end of warm-up to the end.
 Both skip `warmup` steps (compilation, allocator warm-up) before timing.
 """
@@ -29,7 +29,7 @@ from lab.errors import LabError
 from lab.model.decoder import Decoder
 from lab.model.flops import device_peak_tflops
 from lab.model.params import count_params, model_flops_per_token
-from lab.run import open_data, train_run
+from lab.training.run import open_data, train_run
 from lab.training.module import adamw, compile_model, step_loss, train_sampler
 from lab.training.schedule import accumulation
 
@@ -214,7 +214,7 @@ def lab_loop(config: RunConfig, steps: int, warmup: int, uri: str) -> dict:
                  timer.peak_gib, model_flops_per_token(config))
     out["run_id"] = result.run_id
     # What the run itself logged: training time only (no validation or checkpoint writes),
-    # beside the timer's wall clock, which has them (lab/callbacks.py LossMonitor).
+    # beside the timer's wall clock, which has them (lab/training/callbacks.py LossMonitor).
     out["logged_tokens_per_s"] = result.metrics.get("throughput/tokens_per_s_mean")
     return out
 

@@ -85,7 +85,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 def cmd_train(args) -> int:
     from lab.config import resolve
     from lab.model.gates import custom_variant, parse_gate
-    from lab.run import describe, train_run
+    from lab.training.run import describe, train_run
 
     if not args.experiment.strip():
         raise LabError(f"--experiment: expected an MLflow experiment name, got {args.experiment!r}")

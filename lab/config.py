@@ -71,7 +71,7 @@ class TrainConfig:
     # Divergence: non-finite loss, or loss above ceiling for patience logged steps.
     divergence_loss_ceiling: float = 20.0
     divergence_patience: int = 3
-    # Loss-spike detector (lab/callbacks.py).
+    # Loss-spike detector (lab/training/callbacks.py).
     spike_window: int = 50
     spike_k: float = 6.0
     spike_floor: float = 0.1

@@ -2,7 +2,7 @@
 
 While `stop_on_signals` is in force, both signals raise `Interrupted` in the main thread at
 once, wherever it is (a training step, the final evaluation, an MLflow write), so the code
-that holds a run ends it KILLED with the signal's name as its reason (lab/run.py), and the
+that holds a run ends it KILLED with the signal's name as its reason (lab/training/run.py), and the
 command exits with 128 + the signal's number: 130 for SIGINT (Ctrl-C), 143 for SIGTERM
 (what a scheduler sends), the code a shell reports for a process that a signal ended
 (docs/reliability.md). A second signal while the runs are being closed is ignored, so an

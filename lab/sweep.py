@@ -431,7 +431,7 @@ def run_trial(trial, sweep: Sweep, variant: str, uri: str, parent_run_id: str,
     import optuna
     from lab import tracking
     from lab.progress import RunProgress, duration
-    from lab.run import train_run
+    from lab.training.run import train_run
     from lab.training.schedule import total_steps
 
     # The owner first: until it is recorded, a rerun cannot tell a trial of a killed worker
@@ -641,7 +641,7 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
 
     import optuna
     from lab import tracking
-    from lab.run import open_data
+    from lab.training.run import open_data
 
     if n_trials is not None:
         _positive_int("--n-trials", n_trials)

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 STORE_DIR = "mlruns"
-# Why a run ended other than FINISHED (lab/run.py end_run; the grid's reconcile and workers).
+# Why a run ended other than FINISHED (lab/training/run.py end_run; the grid's reconcile and workers).
 FAILURE_KIND_TAG = "gatelab.failure_kind"   # oom, disk_full, config, error, worker_died
 FAILURE_TAG = "gatelab.failure"             # the one-line message
 KILLED_REASON_TAG = "gatelab.killed_reason"
@@ -559,9 +559,9 @@ def lightning_logger(uri: str, run_id: str):
 
     class _RunLogger(MLFlowLogger):
         def finalize(self, status: str = "success") -> None:
-            pass  # lab/run.py terminates the run once test metrics and artifacts are in
+            pass  # lab/training/run.py terminates the run once test metrics and artifacts are in
 
         def log_hyperparams(self, params) -> None:
-            pass  # the resolved config is logged once, flattened, by lab/run.py
+            pass  # the resolved config is logged once, flattened, by lab/training/run.py
 
     return _RunLogger(tracking_uri=uri, run_id=run_id, synchronous=True)

@@ -258,7 +258,7 @@ def test_training_run_records_the_metrics_and_analyze_writes_the_plots(tmp_path,
     """Acceptance: a run carries sink/act/gate metrics; `gatelab analyze <run id>` logs plots."""
     from lab import tracking
     from lab.cli import main
-    from lab.run import train_run
+    from lab.training.run import train_run
 
     monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -91,7 +91,7 @@ def test_lab_path_window_ends_with_the_last_step_not_the_end_of_run_work(tmp_pat
     """The final checkpoint (written in on_train_end) is a one-off, outside the timed steps."""
     import time
 
-    from lab.callbacks import AtomicCheckpoint
+    from lab.training.callbacks import AtomicCheckpoint
 
     monkeypatch.setenv("GATELAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))

@@ -1,4 +1,4 @@
-"""lab/callbacks.py: the run's logged throughput is training time only, as measured."""
+"""lab/training/callbacks.py: the run's logged throughput is training time only, as measured."""
 
 import time
 
@@ -35,7 +35,7 @@ class SlowValidation(L.Callback):
 
 def test_logged_tokens_per_s_is_steps_times_tokens_over_measured_step_time(store):  # noqa: F811
     from lab.config import resolve
-    from lab.run import train_run
+    from lab.training.run import train_run
 
     config = resolve("baseline", "tiny", {"model.context": 32, "train.batch_size": 8,
                                           "train.log_every": 5, "train.val_every": 10},

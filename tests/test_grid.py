@@ -224,7 +224,8 @@ def test_runs_per_gpu_gives_each_gpu_that_many_worker_slots(store, monkeypatch):
 ])
 def test_runs_per_gpu_refuses_nonsense_before_training(store, monkeypatch, overrides,
                                                        runs_per_gpu, message):
-    from lab import grid, run
+    from lab import grid
+    from lab.training import run
 
     monkeypatch.setattr(grid, "parse_gpus", lambda text: ["0", "1"])
     monkeypatch.setattr(run, "check_devices", lambda devices: None)  # the two faked GPUs

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lab.callbacks import GateInsertion
+from lab.training.callbacks import GateInsertion
 from lab.config import PRESETS, resolve
 from lab.data.store import generate_synthetic
 from lab.errors import LabError

@@ -203,7 +203,7 @@ def test_variants_listing_shows_add4experts_available_only_on_moe():
 def test_moe_run_logs_routing_statistics(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from lab.run import train_run
+    from lab.training.run import train_run
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))

@@ -222,7 +222,7 @@ def test_nan_ends_the_run_as_diverged_and_keeps_the_last_finite_checkpoint(store
     from mlflow.tracking import MlflowClient
 
     from lab.config import resolve
-    from lab.run import checkpoint_dir, train_run
+    from lab.training.run import checkpoint_dir, train_run
 
     config = resolve("baseline", "tiny", {"model.context": 32, "train.batch_size": 8,
                      "train.log_every": 1, "train.val_every": 4, "train.checkpoint_every": 2},
@@ -257,7 +257,7 @@ def test_a_diverging_cell_does_not_stop_the_grid(store):
 
 def test_same_config_and_seed_give_a_bitwise_identical_loss_curve_on_cpu(store):
     from lab.config import resolve
-    from lab.run import train_run
+    from lab.training.run import train_run
 
     config = resolve("sdpa_elementwise_sigmoid_mul", "tiny", {"model.context": 32,
                      "train.batch_size": 8, "train.val_every": 8}, data="synthetic",
@@ -347,7 +347,7 @@ def test_the_labs_checkpoint_holds_only_tensors_and_plain_data_and_a_poisoned_on
     from lab.cli import main
     from lab.errors import LabError
     from lab.grid import grid_from_dict, plan
-    from lab.run import checkpoint_dir, train_run
+    from lab.training.run import checkpoint_dir, train_run
 
     raw = tiny_grid("poisoned", ["baseline"])
     grid_file = tmp_path / "poisoned.yaml"
@@ -476,7 +476,7 @@ def test_a_signal_inside_a_store_write_waits_for_its_commit_and_the_run_still_en
 
     from lab.config import resolve
     from lab.interrupts import Interrupted, stop_on_signals
-    from lab.run import train_run
+    from lab.training.run import train_run
 
     def signal_inside_the_write(conn, cursor, statement, parameters, context, executemany):
         if statement.startswith("INSERT INTO metrics") and "train/loss" in str(parameters):
@@ -518,7 +518,7 @@ def _only_run(uri: str, experiment: str):
 def test_an_error_after_the_run_exists_ends_it_failed_with_the_reason(store, monkeypatch):
     """Anything that raises once the run is RUNNING (here seeding, which the config check
     now keeps from seeing a bad seed) closes it FAILED, saying why."""
-    from lab.run import train_run
+    from lab.training.run import train_run
 
     def broken_seeding(seed, workers=False, verbose=True):
         raise ValueError(f"Seed must be between 0 and 2**32 - 1, got {seed}")
@@ -561,7 +561,7 @@ def test_a_partial_checkpoint_is_removed_after_a_failed_write_and_before_a_resum
                                                                                 monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from lab.run import checkpoint_dir, train_run
+    from lab.training.run import checkpoint_dir, train_run
 
     original = L.Trainer.save_checkpoint
 

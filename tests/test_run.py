@@ -1,4 +1,4 @@
-"""lab/run.py: one run end to end. What other tests leave out: the device and data checks
+"""lab/training/run.py: one run end to end. What other tests leave out: the device and data checks
 before a run is recorded, the run's record (tags, params, config artifact), checkpoint reading,
 the run summary and its final status, and the one-line result.
 
@@ -21,7 +21,7 @@ from gridkit import store  # noqa: F401  (fixture)
 from lab.config import flatten, from_dict, resolve
 from lab.errors import LabError
 from lab.model.params import count_params
-from lab.run import (RunResult, check_devices, describe, open_data, read_checkpoint,
+from lab.training.run import (RunResult, check_devices, describe, open_data, read_checkpoint,
                      run_id_from_prefix, run_tags, start_run, throughput_summary, to_json,
                      train_run)
 

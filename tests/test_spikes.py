@@ -53,7 +53,7 @@ def test_a_run_logs_its_spikes_as_metrics_and_artifact(store):
     from mlflow.tracking import MlflowClient
 
     from lab.config import resolve
-    from lab.run import train_run
+    from lab.training.run import train_run
 
     config = resolve("baseline", "tiny", {"model.context": 32, "train.batch_size": 8,
                      "train.spike_window": 3, "train.spike_k": 0.0, "train.spike_floor": 1e-4,

@@ -187,7 +187,7 @@ def test_step_loss_adds_the_moe_router_losses_to_the_lm_loss():
 
 
 def test_train_sampler_draws_the_runs_windows_with_bos_prefix(tmp_path, monkeypatch):
-    from lab.run import open_data
+    from lab.training.run import open_data
     from lab.training.module import train_sampler
 
     monkeypatch.setenv("GATELAB_CACHE", str(tmp_path / "cache"))
@@ -223,7 +223,7 @@ def test_evaluation_batches_are_whole_micro_batches(tmp_path, monkeypatch):
     """A shorter last batch would make a compiled model recompile inside validation (10-14 s
     at `small`, benchmarks/README.md); the remainder is left out when a whole batch exists."""
     from lab.data.windows import eval_windows
-    from lab.run import open_data
+    from lab.training.run import open_data
     from lab.training.module import TokenDataModule
 
     monkeypatch.setenv("GATELAB_CACHE", str(tmp_path / "cache"))

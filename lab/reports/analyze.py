@@ -13,7 +13,7 @@ from lab.analysis.metrics import Analysis, analysis_device, analyze
 from lab.analysis.outputs import log_analysis, write_outputs
 from lab.errors import LabError
 from lab.model.decoder import Decoder
-from lab.run import checkpoint_path, open_data, read_checkpoint
+from lab.training.run import checkpoint_path, open_data, read_checkpoint
 
 
 def analyze_target(target: str, uri: str | None = None, windows: int | None = None,

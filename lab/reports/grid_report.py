@@ -42,7 +42,7 @@ from lab.errors import LabError
 from lab.grid import child_runs, find_parent
 from lab.model.gates import VARIANTS
 
-# Columns beside the perplexity, where runs carry them (lab/analysis/metrics.py, lab/callbacks.py);
+# Columns beside the perplexity, where runs carry them (lab/analysis/metrics.py, lab/training/callbacks.py);
 # the long-context names are `long/ppl_<k>x[_yarn]` (MLflow rejects '@').
 ANALYSIS_PREFIXES = ("gate/mean", "sink/first_token_attn", "sink/head_share",
                      "sink/bos_reliance", "act/max_mean", "attn/logit_max", "long/ppl_",

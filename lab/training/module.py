@@ -2,7 +2,7 @@
 
 The module owns the model and the step logic (loss, optimizer, schedule, clipping);
 cross-cutting concerns (loss history, spikes, divergence, throughput, checkpoints, probes)
-live in callbacks (lab/callbacks.py); the Trainer runs the loop.
+live in callbacks (lab/training/callbacks.py); the Trainer runs the loop.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class LanguageModel(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         # Before the Trainer moves the module, so the device is read from the machine, as
-        # lab/run.py chooses the accelerator.
+        # lab/training/run.py chooses the accelerator.
         if self.config.train.compile_on(torch.cuda.is_available()) and \
                 not getattr(self, "_compiled", False):
             # A run starts from empty Dynamo caches (torch.compiler.reset): a grid or sweep

@@ -48,7 +48,7 @@ class RunResult:
 
 def check_devices(devices: int) -> None:
     """train.devices GPUs must be visible here: without CUDA the Trainer would quietly train
-    on one CPU process instead (lab.run.train_run)."""
+    on one CPU process instead (lab.training.run.train_run)."""
     from lab.errors import LabError
 
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -324,7 +324,7 @@ def _train(config: RunConfig, store, run_id: str, uri: str, mlflow_client, prima
     """train_run once its run exists: whatever this raises, train_run closes the run."""
     import lightning as L
 
-    from lab.callbacks import (AnalysisMonitor, AtomicCheckpoint, GateInsertion, LossMonitor,
+    from lab.training.callbacks import (AnalysisMonitor, AtomicCheckpoint, GateInsertion, LossMonitor,
                                RoutingStats)
     from lab.training.module import LanguageModel, TokenDataModule
     from lab.training.schedule import accumulation, total_steps

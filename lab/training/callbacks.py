@@ -318,7 +318,7 @@ class RoutingStats(L.Callback):
 class AnalysisMonitor(L.Callback):
     """`train.analysis_every` > 0: the probe metrics of lab/analysis/metrics.py (attention sink,
     massive activations, gate statistics) every N steps, as time series on the run.
-    Long-context perplexity and plots are left to the end of the run (lab/run.py)."""
+    Long-context perplexity and plots are left to the end of the run (lab/training/run.py)."""
 
     def __init__(self, store, config: RunConfig):
         self.store, self.config = store, config
