@@ -25,7 +25,7 @@ WORK=${WORK:-reports}              # where `gatelab report` writes its tables an
 mkdir -p "$OUT" "$WORK"
 gatelab() { python3 -m lab "$@"; }
 read -ra grid_args <<< "${GRID_ARGS:-}"
-echo "git_commit tag: $(python3 -c 'from lab import tracking; print(tracking.git_commit())')"
+echo "git_commit tag: $(python3 -c 'from lab import records; print(records.git_commit())')"
 
 store=${GATELAB_STORE:-mlruns}
 if [ "$phase" = prepare ]; then

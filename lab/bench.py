@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lab import tracking
+from lab import records
 from lab.config import RunConfig, resolve
 from lab.errors import LabError
 from lab.model.decoder import Decoder
@@ -241,8 +241,8 @@ def run_bench(presets: list[str], variants: list[str], steps: int, warmup: int, 
     # The lab-path runs go to their own store beside the main one (mlruns/bench.db), not a
     # temporary file: MLflow keeps SQLite engines open per URI for the life of the process.
     if uri is None:
-        tracking.store_dir().mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{tracking.store_dir() / 'bench.db'}"
+        records.store_dir().mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{records.store_dir() / 'bench.db'}"
     for preset in presets:
         plan_of_preset = [(v, c) for p, v, c in plan if p == preset]
         rows = []

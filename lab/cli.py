@@ -151,7 +151,7 @@ def cmd_demo(args) -> int:
     import time
     from pathlib import Path
 
-    from lab import tracking
+    from lab import records
     from lab.grid import GridOptions, describe_summary, load_grid, run_grid
     from lab.progress import duration
     from lab.reports.grid_report import build_report, terminal_summary
@@ -166,13 +166,13 @@ def cmd_demo(args) -> int:
     if len(summary.failed) == len(summary.outcomes) and not summary.already_done:
         return 1
     report = build_report(spec.name, args.tracking_uri)
-    uri = tracking.tracking_uri(args.tracking_uri)
-    experiment = tracking.client(uri).get_experiment_by_name(spec.name).experiment_id
+    uri = records.tracking_uri(args.tracking_uri)
+    experiment = records.client(uri).get_experiment_by_name(spec.name).experiment_id
     print(f"\n{terminal_summary(report)}\n\n"
           f"demo done in {duration(time.time() - started)}. Full report: "
           f"{report.out_dir}/report.md (tables, CSV, plots; also on the grid's parent run).\n"
           "Open the UI: make ui   (or .venv/bin/gatelab ui), then the smoke grid's runs:\n"
-          f"  {tracking.runs_page_url('http://127.0.0.1:5000', experiment)}")
+          f"  {records.runs_page_url('http://127.0.0.1:5000', experiment)}")
     return 1 if summary.failed else 0
 
 

@@ -37,7 +37,7 @@ from lab.errors import LabError, check_choice
 from lab.model.config import ModelConfig
 from lab.model.decoder import Decoder
 from lab.model.gates import GateSpec
-from lab.training.run import checkpoint_path, read_checkpoint
+from lab.records import checkpoint_path, read_checkpoint
 from lab.training.schedule import total_steps
 
 FORMATS = ("hf",)

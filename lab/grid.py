@@ -57,7 +57,7 @@ from pathlib import Path
 from lab.config import (RunConfig, check_name, from_dict, parse_lrs, parse_seeds, parse_variants,
                         read_yaml, resolve, with_vocab, yaml_number)
 from lab.model.params import model_flops_per_token
-from lab import tracking
+from lab import records as tracking
 from lab.owners import STALE_AFTER_S, owner_alive, owner_identity, threads_per_worker
 from lab.errors import LabError, check_positive
 
@@ -462,7 +462,7 @@ def reconcile(client, cells: list[Cell], runs: list, stale_after_s: float = STAL
     resume (a dead run with a checkpoint), or a fresh run. Dead RUNNING runs become KILLED.
     A checkpoint to resume from is read here (its plain data only, lab.run.load_checkpoint):
     one that is refused stops the grid with one line before anything trains."""
-    from lab.training.run import checkpoint_dir, load_checkpoint
+    from lab.records import checkpoint_dir, load_checkpoint
 
     by_hash: dict[str, list] = {}
     for run in runs:
@@ -537,7 +537,7 @@ def heartbeat(client, run_id: str, every_s: float = HEARTBEAT_S):
 
 
 def create_cell_run(task: Task, ctx: GridContext, owner: str) -> str:
-    from lab.training.run import start_run
+    from lab.records import start_run
 
     tags = {GRID_TAG: ctx.grid, OWNER_TAG: owner, HEARTBEAT_TAG: str(int(time.time()))}
     if task.claim:
@@ -618,7 +618,8 @@ def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = 
     """Run one cell in this process: create (or take over) its run and train it. Any failure
     is recorded on the run and returned; an interrupt propagates (the run ends KILLED)."""
     from lab.progress import RunProgress
-    from lab.training.run import describe_failure, end_run, train_run
+    from lab.records import describe_failure, end_run
+    from lab.training.run import train_run
     from lab.training.schedule import total_steps
 
     client = tracking.client(ctx.uri)

@@ -392,7 +392,7 @@ def parent_run(sweep: Sweep, variant: str, uri: str, storage: str) -> str:
     """Find or create the study's parent run (tags sweep, study, sweep_role=parent), and mark
     it RUNNING: a resumed sweep reuses the parent it had; two machines starting the same new
     sweep end up with one parent (lab.tracking.find_or_create_run)."""
-    from lab import tracking
+    from lab import records as tracking
 
     mlflow_client = tracking.client(uri)
     experiment = tracking.experiment_id(mlflow_client, sweep.name, uri)
@@ -429,7 +429,7 @@ def run_trial(trial, sweep: Sweep, variant: str, uri: str, parent_run_id: str,
     """Train one run for the trial; return its final validation loss, or raise TrialPruned
     for pruned and diverged runs (user attribute `state` tells which)."""
     import optuna
-    from lab import tracking
+    from lab import records as tracking
     from lab.progress import RunProgress, duration
     from lab.training.run import train_run
     from lab.training.schedule import total_steps
@@ -555,7 +555,7 @@ def fail_stale_trials(study, uri: str, experiment: str | None = None) -> int:
     `mlflow_run_id` and, since a kill can come before that is recorded, by the tags `study`
     and `trial` the run is created with (`experiment`: the sweep's MLflow experiment)."""
     import optuna
-    from lab import tracking
+    from lab import records as tracking
 
     def running():
         return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
@@ -640,7 +640,7 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
     import multiprocessing
 
     import optuna
-    from lab import tracking
+    from lab import records as tracking
     from lab.training.run import open_data
 
     if n_trials is not None:
@@ -905,7 +905,7 @@ def sweep_report(sweep_name: str, storage: str | None = None, out: str | Path | 
     reports/sweeps/<sweep>/), all logged to the studies' MLflow parent runs."""
     import json
 
-    from lab import tracking
+    from lab import records as tracking
 
     if not 0 <= tolerance < 1:
         raise LabError(f"--tolerance: must lie in [0, 1), got {tolerance!r}")

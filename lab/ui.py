@@ -1,5 +1,5 @@
 """`gatelab ui`: MLflow's server on the lab's store, and the links that open each experiment
-on its comparison view (lab/tracking.py).
+on its comparison view (lab/records/views.py).
 
 `mlflow server` starts uvicorn as a child of its own; stopping only the process that was
 started left that child serving the port. So the server runs as its own process group
@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from lab import tracking
+from lab import records
 from lab.errors import LabError
 from lab.progress import verbosity
 
@@ -59,7 +59,7 @@ def browser_url(host: str, port: int) -> str:
 
 
 def server_command(uri: str, host: str, port: int, verbose: bool) -> list[str]:
-    artifacts = (tracking.store_dir() / "artifacts").as_uri()
+    artifacts = (records.store_dir() / "artifacts").as_uri()
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                "--default-artifact-root", artifacts, "--host", host, "--port", str(port),
                "--workers", "1"]
@@ -70,14 +70,14 @@ def server_command(uri: str, host: str, port: int, verbose: bool) -> list[str]:
 
 def experiment_links(uri: str, base_url: str, limit: int = LINKS) -> list[str]:
     """`name: link` for the store's experiments that hold runs, newest first."""
-    mlflow_client = tracking.client(uri)
+    mlflow_client = records.client(uri)
     found = mlflow_client.search_experiments(max_results=100, order_by=["last_update_time DESC"])
     lines = []
     for experiment in found:
         if not mlflow_client.search_runs([experiment.experiment_id], max_results=1):
             continue
         lines.append(f"  {experiment.name}: "
-                     f"{tracking.runs_page_url(base_url, experiment.experiment_id)}")
+                     f"{records.runs_page_url(base_url, experiment.experiment_id)}")
         if len(lines) == limit:
             break
     return lines
@@ -129,11 +129,11 @@ def serve(host: str, port: int, uri: str | None = None) -> int:
     """Serve the store until SIGINT or SIGTERM; every process of the server is gone when
     this returns."""
     check_port(host, port)
-    uri = tracking.tracking_uri(uri)
-    tracking.open_store(uri)  # created or upgraded whole here, not by the server in place
+    uri = records.tracking_uri(uri)
+    records.open_store(uri)  # created or upgraded whole here, not by the server in place
     verbose = verbosity() == "verbose"
     base_url = browser_url(host, port)
-    log = None if verbose else tracking.store_dir() / "ui.log"
+    log = None if verbose else records.store_dir() / "ui.log"
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # a light server
     if not verbose:
         env.update(MLFLOW_LOGGING_LEVEL="WARNING", PYTHONWARNINGS="ignore")

@@ -105,9 +105,9 @@ def cli_process(argv: list[str], env: dict) -> None:
 
 def create_store_process(uri: str) -> None:
     """Target that opens a fresh store the lab's way and records an experiment in it."""
-    from lab import tracking
+    from lab import records
 
-    tracking.client(uri).create_experiment("kept")
+    records.client(uri).create_experiment("kept")
 
 
 def nothing() -> None:

@@ -256,7 +256,7 @@ def test_non_finite_weights_are_skipped(tmp_path):
 
 def test_training_run_records_the_metrics_and_analyze_writes_the_plots(tmp_path, monkeypatch):
     """Acceptance: a run carries sink/act/gate metrics; `gatelab analyze <run id>` logs plots."""
-    from lab import tracking
+    from lab import records
     from lab.cli import main
     from lab.training.run import train_run
 
@@ -269,7 +269,7 @@ def test_training_run_records_the_metrics_and_analyze_writes_the_plots(tmp_path,
         "train.analysis_windows": "2", "train.analysis_every": "4",
         "train.long_context_factors": "1,2"}, data=str(tmp_path / "store"), tokens=4 * 16 * 8)
     result = train_run(config, quiet=True)
-    mlflow_client = tracking.client(tracking.tracking_uri())
+    mlflow_client = records.client(records.tracking_uri())
     run = mlflow_client.get_run(result.run_id)
     for name in ("sink/first_token_attn", "act/max_mean", "gate/mean", "long/ppl_2x_yarn",
                  "time/analysis_s"):

@@ -261,7 +261,7 @@ def current_umask() -> int:
 def test_a_unique_prefix_names_a_run_and_an_ambiguous_one_lists_the_matches(tmp_path,
                                                                               monkeypatch):
     from lab.errors import LabError
-    from lab.training.run import checkpoint_dir, checkpoint_path
+    from lab.records import checkpoint_dir, checkpoint_path
 
     monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
     ids = ["2e5652dd" + "0" * 24, "2e56ffff" + "1" * 24, "9a" + "2" * 30]
@@ -280,7 +280,7 @@ def test_a_unique_prefix_names_a_run_and_an_ambiguous_one_lists_the_matches(tmp_
 
 def test_checkpoint_path_takes_a_file_a_folder_or_a_run_id_and_names_the_command(tmp_path, monkeypatch):
     from lab.errors import LabError
-    from lab.training.run import checkpoint_dir, checkpoint_path
+    from lab.records import checkpoint_dir, checkpoint_path
 
     monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
     run_folder = checkpoint_dir("abc123")

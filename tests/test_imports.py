@@ -115,9 +115,9 @@ def test_no_package_of_lab_imports_itself_through_others():
 
 def test_the_graph_sees_function_local_and_from_package_imports():
     """The scan reads what the cycle tests rely on: lab.training.run's imports of the model
-    and of tracking (`from lab import tracking`), and the CLI's imports inside its commands."""
+    and of its records (`from lab import records`), and the CLI's imports inside its commands."""
     graph = import_graph(ROOT)
-    assert {"lab.model.decoder", "lab.tracking"} <= graph["lab.training.run"]
+    assert {"lab.model.params", "lab.records"} <= graph["lab.training.run"]
     assert "lab.training.run" in graph["lab.cli"] or "lab.grid" in graph["lab.cli"]
 
 

@@ -131,7 +131,7 @@ def test_kill_resume_of_the_command_s_process_group(tmp_path, monkeypatch, what)
 
     def prepare_with_a_store(workdir):
         # A migrated empty store, so that the kills reach training in a CI-sized run (the
-        # benchmark, and tests/test_tracking.py, kill the store's creation too).
+        # benchmark, and tests/test_records_store.py, kill the store's creation too).
         prepare(workdir)
         (workdir / "mlruns").mkdir()
         shutil.copy(_template_db(), workdir / "mlruns" / "mlflow.db")
@@ -222,7 +222,8 @@ def test_nan_ends_the_run_as_diverged_and_keeps_the_last_finite_checkpoint(store
     from mlflow.tracking import MlflowClient
 
     from lab.config import resolve
-    from lab.training.run import checkpoint_dir, train_run
+    from lab.records import checkpoint_dir
+    from lab.training.run import train_run
 
     config = resolve("baseline", "tiny", {"model.context": 32, "train.batch_size": 8,
                      "train.log_every": 1, "train.val_every": 4, "train.checkpoint_every": 2},
@@ -347,7 +348,8 @@ def test_the_labs_checkpoint_holds_only_tensors_and_plain_data_and_a_poisoned_on
     from lab.cli import main
     from lab.errors import LabError
     from lab.grid import grid_from_dict, plan
-    from lab.training.run import checkpoint_dir, train_run
+    from lab.records import checkpoint_dir
+    from lab.training.run import train_run
 
     raw = tiny_grid("poisoned", ["baseline"])
     grid_file = tmp_path / "poisoned.yaml"
@@ -533,17 +535,17 @@ def test_an_error_after_the_run_exists_ends_it_failed_with_the_reason(store, mon
 
 
 def test_a_full_disk_while_the_cell_run_is_created_ends_it_failed_not_running(store, monkeypatch):
-    from lab import tracking
     from lab.grid import GridOptions, grid_from_dict, run_grid
+    from lab.records import runs
 
-    original = tracking.log_dict_artifact
+    original = runs.log_dict_artifact
 
     def full_disk(client, run_id, data, filename):
         if filename == "config.yaml":  # the cell's run exists, its record is half written
             raise OSError(errno.ENOSPC, "No space left on device", "mlruns/artifacts")
         return original(client, run_id, data, filename)
 
-    monkeypatch.setattr(tracking, "log_dict_artifact", full_disk)
+    monkeypatch.setattr(runs, "log_dict_artifact", full_disk)
     summary = run_grid(grid_from_dict(tiny_grid("full", ["baseline"])),
                        GridOptions(quiet=True, cpu_threads=1))
     assert [o.status for o in summary.outcomes] == ["FAILED"]
@@ -561,7 +563,8 @@ def test_a_partial_checkpoint_is_removed_after_a_failed_write_and_before_a_resum
                                                                                 monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from lab.training.run import checkpoint_dir, train_run
+    from lab.records import checkpoint_dir
+    from lab.training.run import train_run
 
     original = L.Trainer.save_checkpoint
 

@@ -26,12 +26,12 @@ def write_grid(uri: str, name: str = "fake") -> str:
     from mlflow.tracking import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-    from lab import tracking
+    from lab import records
     from lab.grid import find_or_create_parent
-    from lab.tracking import cell_name
+    from lab.records import cell_name
 
     client = MlflowClient(uri)
-    experiment = tracking.experiment_id(client, name, uri)
+    experiment = records.experiment_id(client, name, uri)
     parent = find_or_create_parent(client, experiment, name)
 
     def run(variant, lr, seed, ppl, status="FINISHED"):
@@ -51,10 +51,10 @@ def write_grid(uri: str, name: str = "fake") -> str:
                 metrics[f"layers/act/max/layer_{layer}"] = 10.0 ** layer
         for key, value in metrics.items():
             client.log_metric(run_id, key, value)
-        tracking.log_dict_artifact(client, run_id, {"step": [1, 2, 3], "loss": [6.0, 5.0 + seed,
+        records.log_dict_artifact(client, run_id, {"step": [1, 2, 3], "loss": [6.0, 5.0 + seed,
                                                                                4.0]},
                                    "loss_history.json")
-        tracking.log_dict_artifact(client, run_id, [{"start_step": 2, "peak_step": 2,
+        records.log_dict_artifact(client, run_id, [{"start_step": 2, "peak_step": 2,
                                                      "end_step": 2, "max_excess": 0.3}]
                                    if variant == "baseline" else [], "spikes.json")
         client.set_terminated(run_id, status)
@@ -148,12 +148,12 @@ def test_report_command_prints_every_variant(store, capsys, tmp_path):
 
 
 def test_the_parent_run_carries_the_summary_and_the_cells_their_variants_colour(store, tmp_path):
-    from lab import tracking
+    from lab import records
     from lab.reports.grid_report import build_report, terminal_summary
 
     parent = write_grid(store, "summary")
     report = build_report("summary", store, tmp_path / "out")
-    client = tracking.client(store)
+    client = records.client(store)
     run = client.get_run(parent)
     note = run.data.tags["mlflow.note.content"]
     assert "| variant | seeds | val PPL | Δ vs baseline | Δ 95% CI |" in note

@@ -1,9 +1,9 @@
-"""lab/training/run.py: one run end to end. What other tests leave out: the device and data checks
-before a run is recorded, the run's record (tags, params, config artifact), checkpoint reading,
-the run summary and its final status, and the one-line result.
+"""lab/training/run.py: one run end to end. What other tests leave out: the device and data
+checks before a run is recorded, the run summary and its final status, and the one-line result.
 
-Parameter counts (`count_params`) are checked against the paper's formulas in
-tests/test_model.py and tests/test_moe.py; checkpoint paths by run id in tests/test_export.py."""
+The run's record (tags, params, config artifact) is tests/test_records_runs.py's, checkpoint
+reading tests/test_records_checkpoints.py's; parameter counts (`count_params`) are checked
+against the paper's formulas in tests/test_model.py and tests/test_moe.py."""
 
 import json
 import tempfile
@@ -18,12 +18,11 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from gridkit import store  # noqa: F401  (fixture)
-from lab.config import flatten, from_dict, resolve
+from lab.config import resolve
 from lab.errors import LabError
 from lab.model.params import count_params
-from lab.training.run import (RunResult, check_devices, describe, open_data, read_checkpoint,
-                     run_id_from_prefix, run_tags, start_run, throughput_summary, to_json,
-                     train_run)
+from lab.training.run import (RunResult, check_devices, describe, open_data, throughput_summary,
+                              to_json, train_run)
 
 # 16 optimizer steps of 8 windows of 32 tokens, validation every 4; no end-of-run analysis,
 # which tests/test_analysis.py covers and which would triple the run's time.
@@ -88,90 +87,6 @@ def test_open_data_refuses_a_split_shorter_than_one_micro_batch(store):  # noqa:
     with pytest.raises(LabError, match=r"^data: the valid split of .* has 100,000 tokens, fewer "
                                        r"than one micro-batch \(16 windows of 8193 = 131,088\)"):
         open_data(config)
-
-
-# --- the run's record ------------------------------------------------------------------
-
-def test_run_tags_name_the_cell_and_its_identity():
-    config = resolve("sdpa_headwise_sigmoid_mul", "tiny", data="synthetic", seed=3, lr=2.5e-3)
-    tags = run_tags(config)
-    assert tags == {"variant": "sdpa_headwise_sigmoid_mul", "seed": "3", "preset": "tiny",
-                    "lr": "0.0025", "config_hash": config.hash(), "git_commit": tags["git_commit"],
-                    "data": "synthetic"}
-    assert tags["git_commit"]
-
-
-def test_start_run_records_a_running_run_with_its_config(store):  # noqa: F811
-    config = fast_config("sdpa_elementwise_sigmoid_mul", seed=2)
-    client = MlflowClient(store)
-    parent = client.create_run(client.create_experiment("parents")).info.run_id
-    run_id = start_run(config, store, "start-run", parent_run_id=parent,
-                       extra_tags={"gatelab.grid": "g"})
-    run = client.get_run(run_id)
-    assert run.info.status == "RUNNING"
-    assert client.get_experiment(run.info.experiment_id).name == "start-run"
-    assert run.data.tags["mlflow.runName"] == "sdpa_elementwise_sigmoid_mul/lr=0.003/seed=2"
-    assert run.data.tags["mlflow.parentRunId"] == parent
-    assert run.data.tags["gatelab.grid"] == "g"
-    assert {k: run.data.tags[k] for k in run_tags(config)} == run_tags(config)
-    # Every config field is a param, flattened; MLflow stores them as strings.
-    assert run.data.params == {k: str(v) for k, v in flatten(config.to_dict()).items()}
-    assert run.data.params["model.gate.position"] == "sdpa"
-    # The config artifact reads back into the same config.
-    assert from_dict(artifact(run, "config.yaml")) == config
-
-    named = start_run(config, store, "start-run", run_name="mine")
-    assert client.get_run(named).data.tags["mlflow.runName"] == "mine"
-    assert "mlflow.parentRunId" not in client.get_run(named).data.tags
-
-
-# --- checkpoints -----------------------------------------------------------------------
-
-def test_read_checkpoint_gives_the_config_the_decoder_state_and_the_step(tmp_path):
-    config = fast_config("sdpa_headwise_sigmoid_mul")
-    weight = torch.arange(6.0).view(2, 3)
-    path = tmp_path / "last.ckpt"
-    torch.save({"hyper_parameters": {"config": config.to_dict()}, "global_step": 7,
-                "state_dict": {"model.embed.weight": weight, "model.blocks.0.attn.in_proj.weight":
-                               weight + 1, "monitor.something": weight}}, path)
-    read_config, state, step = read_checkpoint(path, "export")
-    assert read_config == config and step == 7
-    assert set(state) == {"embed.weight", "blocks.0.attn.in_proj.weight"}  # the Decoder's only
-    assert torch.equal(state["blocks.0.attn.in_proj.weight"], weight + 1)
-
-
-@pytest.mark.parametrize("content", [b"not a checkpoint", None])
-def test_a_file_that_is_no_lab_checkpoint_is_one_error_naming_the_command(tmp_path, content):
-    path = tmp_path / "other.ckpt"
-    if content is None:  # a real torch file, without the lab's keys
-        torch.save({"state_dict": {}}, path)
-    else:
-        path.write_bytes(content)
-    with pytest.raises(LabError, match=rf"^analyze: {path} is not a gatelab training checkpoint"):
-        read_checkpoint(path, "analyze")
-
-
-def test_a_run_id_prefix_is_normalised_and_what_is_no_prefix_passes_through(tmp_path, monkeypatch):
-    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
-    assert run_id_from_prefix("abc", "export") == "abc"  # no checkpoints at all yet
-    full = "ab" * 16
-    (tmp_path / "mlruns" / "checkpoints" / full).mkdir(parents=True)
-    (tmp_path / "mlruns" / "checkpoints" / full / "last.ckpt").write_bytes(b"")
-    assert run_id_from_prefix("  ABAB ", "export") == full  # case and spaces do not matter
-    assert run_id_from_prefix(full, "export") == full     # 32 digits are an id already
-    assert run_id_from_prefix("my-run", "export") == "my-run"  # not hex: not a prefix
-
-
-def test_an_ambiguous_prefix_lists_ten_matches_and_counts_the_rest(tmp_path, monkeypatch):
-    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
-    ids = [f"c{i:031x}" for i in range(12)]
-    for run_id in ids:
-        (tmp_path / "mlruns" / "checkpoints" / run_id).mkdir(parents=True)
-        (tmp_path / "mlruns" / "checkpoints" / run_id / "last.ckpt").write_bytes(b"")
-    with pytest.raises(LabError) as error:
-        run_id_from_prefix("c", "export")
-    assert str(error.value) == (f"export: run id prefix 'c' matches 12 runs with a checkpoint: "
-                                f"{', '.join(ids[:10])} and 2 more; give more characters")
 
 
 # --- the run summary -------------------------------------------------------------------

@@ -141,19 +141,19 @@ def test_split_trials_exact():
 # --- pruning by step --------------------------------------------------------------------
 
 def test_pruned_trial_reports_by_step_and_ends_pruned_not_failed(workspace):
-    from lab import tracking
+    from lab import records
 
     sweep = parse_sweep(sweep_dict(name="prune", variants=["baseline"],
                                    lr={"low": 1e-3, "high": 1e-2}, sampler="random"))
     # A loss above 0 always crosses this threshold: the first validation (step 4) prunes.
     study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0))
-    uri = tracking.tracking_uri()
+    uri = records.tracking_uri()
     study.optimize(lambda t: run_trial(t, sweep, "baseline", uri, parent_run_id=None), n_trials=1)
     trial = study.trials[0]
     assert trial.state == optuna.trial.TrialState.PRUNED
     assert list(trial.intermediate_values) == [4]          # keyed by training step
     assert trial.user_attrs["state"] == "pruned" and trial.user_attrs["pruned_step"] == 4
-    run = tracking.client(uri).get_run(trial.user_attrs["mlflow_run_id"])
+    run = records.client(uri).get_run(trial.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED" and run.data.tags["state"] == "pruned"
     assert run.data.tags["trial"] == "0"
 
@@ -193,9 +193,9 @@ def test_four_workers_record_every_trial_once(finished_sweep, workspace):
 
 
 def test_mlflow_one_child_per_trial_nested_under_its_study(finished_sweep, workspace):
-    from lab import tracking
+    from lab import records
 
-    client = tracking.client(tracking.tracking_uri())
+    client = records.client(records.tracking_uri())
     experiment = client.get_experiment_by_name("t").experiment_id
     runs = client.search_runs([experiment])
     parents = {r.data.tags["study"]: r.info.run_id for r in runs
@@ -215,17 +215,17 @@ def test_mlflow_one_child_per_trial_nested_under_its_study(finished_sweep, works
 
 
 def test_resumed_sweep_adds_nothing_and_reuses_parents(finished_sweep, workspace):
-    from lab import tracking
+    from lab import records
 
     sweep, _, _ = finished_sweep
     run_sweep(sweep, workers=2, quiet=True)
-    client = tracking.client(tracking.tracking_uri())
+    client = records.client(records.tracking_uri())
     runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
     assert len(runs) == 10  # 2 parents + 8 children, as before
 
 
 def test_report_and_best_lrs(finished_sweep, workspace, capsys):
-    from lab import tracking
+    from lab import records
 
     assert main(["sweep-report", "t"]) == 0
     out = capsys.readouterr().out
@@ -237,7 +237,7 @@ def test_report_and_best_lrs(finished_sweep, workspace, capsys):
     lrs = best_lrs("t")
     summaries, _ = sweep_report("t", out=workspace / "again")
     assert lrs == {v: s.best_lr for v, s in summaries.items()} and set(lrs) == set(TINY["variants"])
-    client = tracking.client(tracking.tracking_uri())
+    client = records.client(records.tracking_uri())
     parent = client.search_runs([client.get_experiment_by_name("t").experiment_id],
                                 filter_string="tags.sweep_role = 'parent'")[0]
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep_report")}
@@ -393,14 +393,14 @@ def test_a_trial_killed_before_recording_its_worker_fails_after_the_grace(tmp_pa
     import threading
 
     from lab import sweep as sweep_module
-    from lab import tracking
+    from lab import records
     from lab.owners import owner_identity
     from lab.sweep import fail_stale_trials, open_storage
 
     monkeypatch.setattr(sweep_module, "UNOWNED_TRIAL_GRACE_S", 1.0)
     monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
-    uri = tracking.tracking_uri()
-    client = tracking.client(uri)
+    uri = records.tracking_uri()
+    client = records.client(uri)
     experiment = client.create_experiment("orphans")
     study = optuna.create_study(study_name="orphans/baseline",
                                 storage=open_storage(str(tmp_path / "o.journal")))
@@ -433,7 +433,7 @@ def test_sweep_reads_its_lists_and_name_as_a_grid_does():
 def test_the_gpu_check_table_is_kept_on_each_parent_run(workspace, monkeypatch):
     """On a GPU machine the check's table (lab.check.check_before_training) goes with the
     results it vouched for; here the check is stood in for, as CUDA is absent."""
-    from lab import check, tracking
+    from lab import check, records
     from lab import sweep as sweep_module
 
     monkeypatch.setattr(sweep_module, "threads_per_worker", lambda workers: 1)  # conftest.py
@@ -442,7 +442,7 @@ def test_the_gpu_check_table_is_kept_on_each_parent_run(workspace, monkeypatch):
     sweep = parse_sweep(sweep_dict(name="checked", variants=["baseline"], tokens=2048,
                                    lr={"ladder": [1e-3]}, pruner="none"))
     run_sweep(sweep, quiet=True)
-    client = tracking.client(tracking.tracking_uri())
+    client = records.client(records.tracking_uri())
     experiment = client.get_experiment_by_name("checked").experiment_id
     parent = next(r for r in client.search_runs([experiment])
                   if r.data.tags.get("sweep_role") == "parent")

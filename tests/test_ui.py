@@ -216,14 +216,15 @@ def test_the_printed_link_opens_the_cells_side_by_side_in_the_model_training_lay
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright
 
-    from lab import tracking
+    from lab import records
+    from lab.records import views
     from lab.grid import child_runs, find_parent
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("GATELAB_STORE", store["env"]["GATELAB_STORE"])
         # MLflow exports an earlier in-process run's tracking URI to the environment
         env.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mlflow_client = tracking.client(tracking.tracking_uri())
+        mlflow_client = records.client(records.tracking_uri())
     experiment = mlflow_client.get_experiment_by_name(GRID).experiment_id
     parent = find_parent(mlflow_client, experiment)
     cells = {r.data.tags["mlflow.runName"]: r for r in child_runs(mlflow_client, experiment, parent)
@@ -236,7 +237,7 @@ def test_the_printed_link_opens_the_cells_side_by_side_in_the_model_training_lay
     started = time.monotonic()
     try:
         link = ui.link(GRID)
-        assert link == tracking.runs_page_url(ui.url, experiment)
+        assert link == records.runs_page_url(ui.url, experiment)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium_path(),
                                                  args=BROWSER_ARGS)
@@ -253,15 +254,15 @@ def test_the_printed_link_opens_the_cells_side_by_side_in_the_model_training_lay
                 # Every cell is a row (no parent folding them away), val/ppl a column.
                 for name in cells:
                     assert table.get_by_text(name, exact=True).first.is_visible(), name
-                for column in tracking.COMPARISON_COLUMNS:
+                for column in views.COMPARISON_COLUMNS:
                     assert table.get_by_text(column, exact=True).first.is_visible(), column
                 page.wait_for_timeout(500)  # let the table settle before the picture
                 page.screenshot(path=str(shots / "mlflow-runs.png"))
 
                 # The chart view: the lab's section first, every run's train/loss in one chart.
-                page.goto(tracking.runs_page_url(ui.url, experiment, charts=True),
+                page.goto(records.runs_page_url(ui.url, experiment, charts=True),
                           wait_until="domcontentloaded")
-                page.get_by_text(tracking.COMPARISON_SECTION["name"]).first.wait_for()
+                page.get_by_text(views.COMPARISON_SECTION["name"]).first.wait_for()
                 close_assistant(page)
                 page.get_by_text("train/loss", exact=True).first.wait_for()
                 page.wait_for_timeout(1500)  # the charts draw their lines

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab import tracking
+from lab import records
 from lab.analysis.metrics import Analysis
 from lab.analysis.plots import write_plots
 
@@ -20,7 +20,7 @@ def log_analysis(mlflow_client, run_id: str, analysis: Analysis, step: int,
     if analysis.skipped:
         mlflow_client.set_tag(run_id, "analysis", f"skipped: {analysis.skipped}")
         return []
-    tracking.log_metrics(mlflow_client, run_id, analysis.metrics, step)
+    records.log_metrics(mlflow_client, run_id, analysis.metrics, step)
     with tempfile.TemporaryDirectory() as tmp:
         names = [path.name for path in write_outputs(analysis, Path(tmp), plots)]
         mlflow_client.log_artifacts(run_id, tmp, artifact_path="analysis")

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
-from lab import tracking
+from lab import records
 from lab.analysis.metrics import Analysis, analysis_device, analyze
 from lab.analysis.outputs import log_analysis, write_outputs
 from lab.errors import LabError
 from lab.model.decoder import Decoder
-from lab.training.run import checkpoint_path, open_data, read_checkpoint
+from lab.training.run import open_data
 
 
 def analyze_target(target: str, uri: str | None = None, windows: int | None = None,
@@ -22,9 +22,9 @@ def analyze_target(target: str, uri: str | None = None, windows: int | None = No
     """`target` is an MLflow run id (its `checkpoints/<run id>/last.ckpt`) or a checkpoint
     file. Metrics and plots go to the run when there is one, and to `out` when given.
     Returns (run id or None, the analysis, the files written)."""
-    uri = tracking.tracking_uri(uri)
-    mlflow_client = tracking.client(uri)
-    path = checkpoint_path(target, "analyze")
+    uri = records.tracking_uri(uri)
+    mlflow_client = records.client(uri)
+    path = records.checkpoint_path(target, "analyze")
     run_id = path.parent.name if path.parent.parent.name == "checkpoints" else None
     if run_id is not None and not _run_exists(mlflow_client, run_id):
         if not Path(target).exists():  # named by its run id: it must be in this store
@@ -36,7 +36,7 @@ def analyze_target(target: str, uri: str | None = None, windows: int | None = No
     if windows is not None and windows < 0:
         raise LabError(f"analyze --windows: must be a non-negative integer, got {windows}")
 
-    config, state, step = read_checkpoint(path, "analyze")
+    config, state, step = records.read_checkpoint(path, "analyze")
     model = Decoder(config.model)
     model.load_state_dict(state)
     train = config.train

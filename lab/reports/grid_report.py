@@ -36,7 +36,7 @@ from matplotlib.ticker import MaxNLocator
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from scipy import stats
 
-from lab import tracking
+from lab import records
 from lab.analysis.metrics import split_layer_metric
 from lab.errors import LabError
 from lab.grid import child_runs, find_parent
@@ -157,8 +157,8 @@ class Report:
 
 def load_runs(grid: str, uri: str | None = None) -> tuple[object, str, list[RunRecord]]:
     """The grid's FINISHED child runs (the latest per config hash)."""
-    uri = tracking.tracking_uri(uri)
-    client = tracking.client(uri)
+    uri = records.tracking_uri(uri)
+    client = records.client(uri)
     experiment = client.get_experiment_by_name(grid)
     parent = find_parent(client, experiment.experiment_id) if experiment else None
     if parent is None:
@@ -173,13 +173,13 @@ def load_runs(grid: str, uri: str | None = None) -> tuple[object, str, list[RunR
         key = run.data.tags.get("config_hash", run.info.run_id)
         if key not in latest or run.info.end_time > latest[key].info.end_time:
             latest[key] = run
-    records = [RunRecord(r.info.run_id, r.data.tags.get("variant", "?"),
+    run_records = [RunRecord(r.info.run_id, r.data.tags.get("variant", "?"),
                          float(r.data.tags.get("lr", "nan")), int(r.data.tags.get("seed", -1)),
                          dict(r.data.metrics), r.data.tags.get("diverged") == "true")
                for r in latest.values()]
-    if not records:
+    if not run_records:
         raise LabError(f"report: grid {grid!r} has no FINISHED runs yet")
-    return client, parent, records
+    return client, parent, run_records
 
 
 def _variant_order(variant: str) -> tuple:
@@ -194,10 +194,10 @@ def _rank(row: Row) -> tuple:
     return (row.diverged > 0, row.ppl is None, row.ppl.mean if row.ppl else 0.0)
 
 
-def build_rows(records: list[RunRecord]) -> tuple[list[Row], list[Row]]:
+def build_rows(run_records: list[RunRecord]) -> tuple[list[Row], list[Row]]:
     """(one row per variant at its best LR, one row per variant and LR)."""
     groups: dict[tuple[str, float], list[RunRecord]] = {}
-    for record in records:
+    for record in run_records:
         groups.setdefault((record.variant, record.lr), []).append(record)
     all_rows = []
     for (variant, lr), runs in groups.items():
@@ -478,14 +478,14 @@ def build_report(grid: str, uri: str | None = None, out: str | Path | None = Non
     matplotlib.use("Agg")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one per artifact
 
-    client, parent, records = load_runs(grid, uri)
-    rows, all_rows = build_rows(records)
+    client, parent, run_records = load_runs(grid, uri)
+    rows, all_rows = build_rows(run_records)
     out_dir = Path(out or Path("reports") / grid)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
     n_lrs = len({r.lr for r in all_rows})
-    note = (f"{len(records)} finished runs; rows at each variant's best of {n_lrs} learning rates"
-            if n_lrs > 1 else f"{len(records)} finished runs")
+    note = (f"{len(run_records)} finished runs; rows at each variant's best of {n_lrs} learning rates"
+            if n_lrs > 1 else f"{len(run_records)} finished runs")
     markdown = (f"## Grid {grid}\n\n{note}. PPL: validation perplexity; CIs: 95%, t-distribution "
                 "over seeds; Δ paired by seed; paper Δ: MoE-15A2B (Tables 1, 3, 4, 6).\n\n"
                 f"{table}\n")
@@ -557,7 +557,7 @@ def log_summary(client, parent: str, rows: list[Row], all_rows: list[Row]) -> No
             values.update(delta_ppl_mean=row.delta.mean, delta_ppl_ci_low=row.delta.low,
                           delta_ppl_ci_high=row.delta.high)
         metrics.update({f"report/{row.variant}/{name}": v for name, v in values.items()})
-    tracking.log_metrics(client, parent, metrics, 0)  # None (no value) is left out
+    records.log_metrics(client, parent, metrics, 0)  # None (no value) is left out
     colours, _ = row_styles(all_rows)
     for row in all_rows:
         for run in row.runs:

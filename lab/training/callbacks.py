@@ -15,10 +15,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from lab.analysis.metrics import analyze
 from lab.config import RunConfig
 from lab.model.moe import moe_layers, routing_summary
+from lab.records import finite_metrics, log_dict_artifact
 from lab.training.spikes import detect_spikes
-from lab.tracking import finite_metrics, log_dict_artifact
 
 
 def _sync() -> None:
@@ -331,8 +332,6 @@ class AnalysisMonitor(L.Callback):
         self._done_step = step
         if not trainer.is_global_zero or trainer.logger is None:
             return
-        from lab.analysis.metrics import analyze
-
         result = analyze(pl_module.model, self.store, self.config, factors=(), maps=False)
         if result.skipped is None:
             trainer.logger.log_metrics(finite_metrics(result.metrics), step=step)

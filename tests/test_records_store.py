@@ -1,27 +1,22 @@
-"""lab/tracking.py: the MLflow store is refused, created or upgraded whole (issue 25), and a
-bad tracking URI is one line before anything is recorded; experiments are marked as
-model-training ones and carry the comparison view (in the format MLflow's UI reads;
-tests/test_ui.py opens it in Chromium), whose search filter MLflow evaluates as meant."""
+"""lab/records/store.py: the MLflow store is refused, created or upgraded whole (issue 25),
+and a bad tracking URI is one line before anything is recorded."""
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import random
 import shutil
 import socket
 import sqlite3
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 
 from gridkit import (TINY_OVERRIDES, TINY_TOKENS, _template_db, cli_process,  # noqa: F401
-                     create_store_process, grid_processes, nothing, store)
-from lab import tracking
+                     create_store_process, grid_processes, nothing)
 from lab.errors import LabError
+from lab.records import store as mlflow_store
 
 KILL_TRIALS = int(os.environ.get("GATELAB_STORE_KILL_TRIALS", "20"))
 TRAIN = ["train", "--preset", "tiny", "--data", "synthetic", "--tokens", str(TINY_TOKENS),
@@ -30,7 +25,7 @@ TRAIN = ["train", "--preset", "tiny", "--data", "synthetic", "--tokens", str(TIN
 
 
 def _head() -> str:
-    return tracking._migrations()[1]
+    return mlflow_store._migrations()[1]
 
 
 def _sql(path: Path, *statements: str) -> None:
@@ -131,7 +126,7 @@ def test_a_bad_tracking_uri_is_one_line_exit_2_before_anything_is_recorded(
     uri, expected = (text.format(port=port, tmp=tmp_path) for text in (uri, expected))
     started = time.perf_counter()
     assert main(TRAIN + ["--tracking-uri", uri]) == 2
-    assert time.perf_counter() - started < 2 * tracking.SERVER_TIMEOUT_S
+    assert time.perf_counter() - started < 2 * mlflow_store.SERVER_TIMEOUT_S
     err = capsys.readouterr().err
     assert err.startswith("error: --tracking-uri: ") and err.count("\n") == 1, err
     assert expected in err, err
@@ -141,7 +136,7 @@ def test_a_bad_tracking_uri_is_one_line_exit_2_before_anything_is_recorded(
 def test_the_environment_variable_is_named_when_it_holds_the_bad_uri(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "foo://bar")
     with pytest.raises(LabError, match="^MLFLOW_TRACKING_URI: 'foo://bar' has the unknown"):
-        tracking.tracking_uri()
+        mlflow_store.tracking_uri()
 
 
 # --- creation: atomic under SIGKILL, serialised between processes --------------------------
@@ -183,7 +178,7 @@ def test_sigkill_while_a_store_is_created_leaves_no_store_or_a_whole_one(tmp_pat
             cut_short = cut_short or (path if path.with_name("mlflow.db.creating").exists()
                                       else None)
             continue
-        assert tracking.store_revision(path) == _head()
+        assert mlflow_store.store_revision(path) == _head()
         names = {e.name for e in MlflowClient(f"sqlite:///{path}").search_experiments()}
         assert names in ({"Default"}, {"Default", "kept"}), names
         outcomes["whole"] += 1
@@ -191,7 +186,7 @@ def test_sigkill_while_a_store_is_created_leaves_no_store_or_a_whole_one(tmp_pat
     assert cut_short is not None, outcomes
     rerun = create(cut_short)
     rerun.join()
-    assert rerun.exitcode == 0 and tracking.store_revision(cut_short) == _head()
+    assert rerun.exitcode == 0 and mlflow_store.store_revision(cut_short) == _head()
     assert {e.name for e in MlflowClient(f"sqlite:///{cut_short}").search_experiments()} == \
         {"Default", "kept"}
     assert not cut_short.with_name("mlflow.db.creating").exists()
@@ -240,7 +235,7 @@ def old_store(tmp_path_factory) -> tuple[Path, str]:
     from alembic.config import Config
     from mlflow.store.tracking.dbmodels.initial_models import Base as InitialBase
 
-    scripts, head = tracking._migrations()
+    scripts, head = mlflow_store._migrations()
     old = [r.revision for r in scripts.walk_revisions()][4]
     path = tmp_path_factory.mktemp("old") / "mlflow.db"
     url = f"sqlite:///{path}"
@@ -269,7 +264,7 @@ def old_store(tmp_path_factory) -> tuple[Path, str]:
                 statements.append(f"INSERT INTO {table} (key, value, timestamp, step, is_nan, "
                                   f"run_uuid) VALUES ('{key}', {value}, 1, 7, 0, '{name}')")
     _sql(path, *statements)
-    assert tracking.store_revision(path) == old != head
+    assert mlflow_store.store_revision(path) == old != head
     return path, old
 
 
@@ -288,18 +283,18 @@ def test_an_older_store_is_upgraded_in_a_copy_keeping_every_run_and_the_backup(
     source, old = old_store
     path = tmp_path / "mlflow.db"
     shutil.copy(source, path)
-    tracking.open_store(f"sqlite:///{path}")
+    mlflow_store.open_store(f"sqlite:///{path}")
     err = capsys.readouterr().err
     backup = tmp_path / f"mlflow.db.bak-{old}"
     assert err == (f"MLflow store {path}: upgraded from schema {old} to {_head()} for MLflow "
                    f"{__import__('mlflow').__version__}; the old file is kept as {backup}\n")
-    assert tracking.store_revision(path) == _head()
+    assert mlflow_store.store_revision(path) == _head()
     assert backup.read_bytes() == source.read_bytes()
     assert _runs_of(path) == {name: ("FINISHED", metrics, {"lr": "0.003"}, "baseline")
                               for name, metrics in RUNS.items()}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["mlflow.db", "mlflow.db.lock", backup.name])
-    tracking.open_store(f"sqlite:///{path}")  # whole now: nothing more to do or say
+    mlflow_store.open_store(f"sqlite:///{path}")  # whole now: nothing more to do or say
     assert capsys.readouterr().err == ""
 
 
@@ -308,7 +303,7 @@ def test_a_store_stamped_behind_its_tables_is_refused_unchanged_naming_the_backu
     """Half-migrated past its recorded revision (a migration ran, its stamp did not): the
     copy's upgrade fails, the store file is untouched and the message names the backup."""
     source, old = old_store
-    scripts, _ = tracking._migrations()
+    scripts, _ = mlflow_store._migrations()
     path = tmp_path / "mlflow.db"
     shutil.copy(source, path)
     behind = scripts.get_revision(old).down_revision
@@ -317,79 +312,10 @@ def test_a_store_stamped_behind_its_tables_is_refused_unchanged_naming_the_backu
     shutil.copy(path, backup)  # as an earlier upgrade would have left it
     before = path.read_bytes()
     with pytest.raises(LabError) as refused:
-        tracking.open_store(f"sqlite:///{path}")
+        mlflow_store.open_store(f"sqlite:///{path}")
     message = str(refused.value)
     assert message.startswith(f"MLflow store {path}: upgrading it from revision {behind} failed")
     assert f"cp {backup} {path}" in message and "the store file was not changed" in message
     assert "\n" not in message
     assert path.read_bytes() == before
     assert not (tmp_path / "mlflow.db.upgrading").exists()
-
-
-# --- the MLflow UI: experiment kind and the comparison view ------------------------------
-
-def view_state(experiment) -> dict:
-    tag = json.loads(experiment.tags[tracking.VIEW_TAG_PREFIX + tracking.COMPARISON_VIEW])
-    assert tag["name"] == "gatelab: the runs side by side"
-    assert tag["state"].startswith("deflate;")
-    return json.loads(zlib.decompress(base64.b64decode(tag["state"][len("deflate;"):])))
-
-
-def test_a_new_experiment_is_model_training_and_carries_the_comparison_view(store):
-    client = tracking.client(store)
-    experiment = client.get_experiment(tracking.experiment_id(client, "fresh", store))
-    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
-    state = view_state(experiment)
-    assert state == tracking.comparison_view_state()
-    assert state["selectedColumns"] == state["columnOrder"] == [
-        "metrics.`val/ppl`", "metrics.`test/ppl`", "metrics.`spikes/count`", "metrics.`gate/mean`"]
-    assert state["runsHiddenMode"] == "SHOW_ALL"
-    charts = state["compareRunCharts"]
-    assert [(c["type"], c["metricKey"]) for c in charts] == list(tracking.COMPARISON_CHARTS)
-    assert all(c["runsCountToCompare"] >= 1000 and
-               c["metricSectionId"] == state["compareRunSections"][0]["uuid"] for c in charts)
-
-
-def test_an_older_experiment_gets_the_kind_and_the_view_when_the_lab_opens_it(store):
-    client = tracking.client(store)
-    old = client.create_experiment("old")  # as the lab made them before
-    assert tracking.experiment_id(client, "old", store) == old
-    experiment = client.get_experiment(old)
-    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
-    assert view_state(experiment) == tracking.comparison_view_state()
-    client.set_experiment_tag(old, tracking.EXPERIMENT_KIND_TAG, "genai_development")
-    tracking.experiment_id(client, "old", store)  # a kind someone chose is left alone
-    assert client.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
-
-
-def test_the_views_filter_keeps_the_cells_and_drops_their_parent(store):
-    """The filter runs in MLflow's search (as the UI sends it): a grid's parent, which has no
-    config_hash, would fold its children away in the table."""
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
-    client = tracking.client(store)
-    experiment = tracking.experiment_id(client, "grid", store)
-    parent = client.create_run(experiment).info.run_id
-    cells = {client.create_run(experiment, tags={MLFLOW_PARENT_RUN_ID: parent,
-                                                 "config_hash": f"h{i}"}).info.run_id
-             for i in range(11)}
-    found = client.search_runs([experiment], tracking.comparison_view_state()["searchFilter"],
-                               max_results=100)
-    assert {r.info.run_id for r in found} == cells
-
-
-def test_the_runs_page_link_selects_model_training_and_the_view():
-    assert tracking.runs_page_url("http://127.0.0.1:5000", "7") == (
-        "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
-        "&viewStateShareKey=gatelab-runs")
-    assert tracking.runs_page_url("http://h:1", "7", view=None, charts=True) == (
-        "http://h:1/#/experiments/7/runs?workflowType=machine_learning&compareRunsMode=CHART")
-
-
-def test_the_commit_tag_is_the_override_when_set_and_git_head_otherwise(monkeypatch):
-    # A lent machine's copy of the tree can carry a stale .git (docs/results-2026-11.md)
-    monkeypatch.delenv("GATELAB_GIT_COMMIT", raising=False)
-    head = tracking.git_commit()
-    assert head and head != "unknown"  # the suite runs in a checkout
-    monkeypatch.setenv("GATELAB_GIT_COMMIT", "abc1234")
-    assert tracking.git_commit() == "abc1234"

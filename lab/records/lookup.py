@@ -1,0 +1,87 @@
+"""Experiments and runs found by name and tags: an experiment created on first use, every
+run matching a filter, and the one parent run of a grid or a study, created once however
+many processes ask for it together."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+from filelock import FileLock
+from mlflow.entities import ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+from lab.records.store import LOCK_TIMEOUT_S, sqlite_path, store_dir
+from lab.records.views import (COMPARISON_VIEW, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND,
+                               VIEW_TAG_PREFIX, write_comparison_view)
+
+
+def experiment_id(mlflow_client, name: str, uri: str) -> str:
+    """The experiment's id, created on first use (artifacts under mlruns/artifacts/<name>),
+    marked as a model-training experiment and given the comparison view (lab/records/views.py); an older
+    experiment gets both the first time the lab opens it again."""
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            mlflow_client.restore_experiment(found.experiment_id)
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            mlflow_client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG,
+                                             MODEL_TRAINING_KIND)
+        if VIEW_TAG_PREFIX + COMPARISON_VIEW not in found.tags:
+            write_comparison_view(mlflow_client, found.experiment_id)
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):
+        location = (store_dir() / "artifacts" / name.replace("/", "_")).as_uri()
+    try:
+        created = mlflow_client.create_experiment(name, artifact_location=location,
+                                                  tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+    except MlflowException:  # another worker created it first
+        return mlflow_client.get_experiment_by_name(name).experiment_id
+    write_comparison_view(mlflow_client, created)
+    return created
+
+
+def search_all(mlflow_client, experiment_id: str, filter_string: str) -> list:
+    """Every active run of the experiment matching the filter, over all result pages."""
+    runs, token = [], None
+    while True:
+        page = mlflow_client.search_runs([experiment_id], filter_string, ViewType.ACTIVE_ONLY,
+                                         max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_run(mlflow_client, experiment_id: str, match_tags: dict[str, str]) -> str | None:
+    """The earliest active run carrying every tag of `match_tags`, or None."""
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in match_tags.items())
+    runs = search_all(mlflow_client, experiment_id, query)
+    runs.sort(key=lambda r: (r.info.start_time, r.info.run_id))
+    return runs[0].info.run_id if runs else None
+
+
+def find_or_create_run(mlflow_client, experiment_id: str, match_tags: dict[str, str],
+                       run_name: str, extra_tags: dict[str, str] | None = None) -> tuple[str, bool]:
+    """The earliest run carrying `match_tags` (a grid's or a study's parent), else a new one
+    with them and `extra_tags`. Returns (run id, created by this call).
+
+    On a SQLite store, processes look and create under a lock beside the file, so two
+    started together find one run. Elsewhere (a tracking server, another database) two
+    processes creating it at once both look again: the earliest run wins and the other
+    deletes its own."""
+    uri = str(mlflow_client.tracking_uri)
+    path = sqlite_path(uri) if uri.startswith("sqlite:") else None
+    with FileLock(f"{path}.parent.lock", timeout=LOCK_TIMEOUT_S) if path else nullcontext():
+        found = find_run(mlflow_client, experiment_id, match_tags)
+        if found:
+            return found, False
+        mine = mlflow_client.create_run(experiment_id,
+                                        tags={MLFLOW_RUN_NAME: run_name, **match_tags,
+                                              **(extra_tags or {})}).info.run_id
+        winner = find_run(mlflow_client, experiment_id, match_tags)
+    if winner != mine:
+        mlflow_client.delete_run(mine)
+    return winner, winner == mine
+

@@ -1,0 +1,184 @@
+"""One run's record in MLflow: its name, tags, params, metrics and artifacts, how it is
+created (RUNNING, with its config) and how it is closed, saying why.
+
+A run ends FINISHED (a diverged run is FINISHED with the tag `diverged`), FAILED with
+`gatelab.failure_kind` and `gatelab.failure` for any error, or KILLED with
+`gatelab.killed_reason` for a stop signal (end_run), so no run is left RUNNING by a live
+process.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from mlflow.entities import Metric, Param
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from lab.config import RunConfig, flatten
+from lab.data.store import cache_root
+from lab.errors import LabError
+from lab.interrupts import interruption
+from lab.records.lookup import experiment_id
+from lab.records.store import client, store_dir
+
+# Why a run ended other than FINISHED (end_run below; the grid's reconcile and workers).
+FAILURE_KIND_TAG = "gatelab.failure_kind"   # oom, disk_full, config, error, worker_died
+FAILURE_TAG = "gatelab.failure"             # the one-line message
+KILLED_REASON_TAG = "gatelab.killed_reason"
+
+
+def cell_name(variant: str, lr: float, seed: int) -> str:
+    """A run's name in the store: a grid cell's, and the default for a single run."""
+    return f"{variant}/lr={lr:g}/seed={seed}"
+
+
+def finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics MLflow can store: NaN, infinities and None left out."""
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+
+
+def log_metrics(mlflow_client, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """The finite ones in one log_batch call (MLflow splits it into batches it accepts)."""
+    stamp = int(time.time() * 1000)
+    mlflow_client.log_batch(run_id, metrics=[Metric(k, v, stamp, step)
+                                             for k, v in finite_metrics(metrics).items()])
+
+
+def git_commit() -> str:
+    """The commit the running code came from: GATELAB_GIT_COMMIT when set, else git's HEAD.
+
+    The override is for machines that get a copy of the working tree whose .git is missing or
+    older than the tree (a lent GPU machine's copy read a stale HEAD: docs/results-2026-11.md);
+    docs/reproduce_gpu.sh sets it from the clean checkout that was sent.
+    """
+    if os.environ.get("GATELAB_GIT_COMMIT"):
+        return os.environ["GATELAB_GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def log_check_table(mlflow_client, run_id: str, table: str) -> None:
+    """Keep a `gatelab check` table on the parent run whose cells it vouched for, one file
+    per start (`check-<UTC time>.txt`): a resumed grid on another machine adds its own."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    mlflow_client.log_text(run_id, table, f"check-{stamp}.txt")
+
+
+def log_dict_artifact(mlflow_client, run_id: str, data, filename: str) -> None:
+    """Write `data` as YAML or JSON (by extension) and attach it to the run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / filename
+        if filename.endswith((".yaml", ".yml")):
+            path.write_text(yaml.safe_dump(data, sort_keys=False))
+        else:
+            path.write_text(json.dumps(data, indent=2, default=str))
+        mlflow_client.log_artifact(run_id, str(path))
+
+
+def log_params(mlflow_client, run_id: str, params: dict) -> None:
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
+        mlflow_client.log_batch(run_id, params=items[start:start + 100])
+
+
+def run_tags(config: RunConfig) -> dict[str, str]:
+    return {"variant": config.variant, "seed": str(config.train.seed), "preset": config.preset,
+            "lr": f"{config.train.lr:g}", "config_hash": config.hash(),
+            "git_commit": git_commit(), "data": config.data.source}
+
+
+def start_run(config: RunConfig, uri: str, experiment: str, run_name: str | None = None,
+              parent_run_id: str | None = None, extra_tags: dict | None = None) -> str:
+    """Create the MLflow run for `config` (RUNNING) with its params, tags and config artifact."""
+    mlflow_client = client(uri)
+    tags = run_tags(config)
+    tags[MLFLOW_RUN_NAME] = run_name or cell_name(config.variant, config.train.lr, config.train.seed)
+    if parent_run_id:
+        tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    tags.update(extra_tags or {})
+    run = mlflow_client.create_run(experiment_id(mlflow_client, experiment, uri), tags=tags)
+    run_id = run.info.run_id
+    try:
+        log_params(mlflow_client, run_id, flatten(config.to_dict()))
+        log_dict_artifact(mlflow_client, run_id, config.to_dict(), "config.yaml")
+    except BaseException as err:  # e.g. a full disk: the run exists, so it is closed FAILED
+        end_run(mlflow_client, run_id, config, err)
+        raise
+    return run_id
+
+
+def describe_failure(err: BaseException, config: RunConfig) -> tuple[str, str]:
+    """(kind, one-line message) for a failed run: out of memory, disk full, bad input, error."""
+    chain = list(_caused_by(err))
+    text = " ".join(str(e) for e in chain)
+    if any(isinstance(e, torch.OutOfMemoryError) for e in chain) or "out of memory" in text.lower():
+        t = config.train
+        smaller = max(1, t.micro_batch // 2)
+        return "oom", (f"CUDA out of memory with {t.micro_batch} sequences x {config.model.context} "
+                       f"tokens per micro-batch: use a smaller micro-batch with gradient "
+                       f"accumulation, e.g. --set train.micro_batch_size={smaller} (the batch of "
+                       f"{t.batch_size} sequences and the results stay the same)")
+    if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain) or \
+            "no space left on device" in text.lower() or "database or disk is full" in text:
+        where = next((e.filename for e in chain if isinstance(e, OSError) and e.filename), None)
+        return "disk_full", (f"disk full{f' writing {where}' if where else ''}: free space for "
+                             f"the store ({store_dir()}) and the cache ({cache_root()}), "
+                             "then rerun; finished runs are kept")
+    if isinstance(err, LabError):
+        return "config", str(err)
+    message = str(err).splitlines()[0] if str(err) else ""
+    return "error", f"{type(err).__name__}: {message}"
+
+
+def _caused_by(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def end_run(mlflow_client, run_id: str, config: RunConfig, err: BaseException | None,
+            stopped_by: tuple[type[BaseException], ...] = ()) -> str:
+    """Close the run and say why: FINISHED without `err`; KILLED for a stop signal (its name
+    as `gatelab.killed_reason`) or an exception of `stopped_by` (its message); FAILED for
+    anything else, with `gatelab.failure_kind` and `gatelab.failure` (describe_failure).
+    With `err`, nothing here raises: on a full disk the store may refuse these writes too,
+    and the run is then left to the next grid's reconcile (its owner is gone). Returns the
+    status."""
+    if err is None:
+        mlflow_client.set_terminated(run_id, "FINISHED")
+        return "FINISHED"
+    interrupt = interruption(err)
+    status = "KILLED" if interrupt is not None or isinstance(err, stopped_by) else "FAILED"
+    try:
+        if interrupt is not None:
+            mlflow_client.set_tag(run_id, KILLED_REASON_TAG,
+                                  f"stopped by {interrupt.name}")
+        elif status == "KILLED":
+            mlflow_client.set_tag(run_id, KILLED_REASON_TAG,
+                                  f"{type(err).__name__}: {err}"[:4000])
+        else:
+            kind, message = describe_failure(err, config)
+            mlflow_client.set_tag(run_id, FAILURE_KIND_TAG, kind)
+            mlflow_client.set_tag(run_id, FAILURE_TAG, message[:4000])
+        mlflow_client.set_terminated(run_id, status)
+    except Exception as store_err:
+        print(f"warning: could not record run {run_id} as {status} "
+              f"({type(store_err).__name__}: {store_err})"[:500], file=sys.stderr)
+    return status
+
+

@@ -1,0 +1,52 @@
+"""lab/records/runs.py: one run's record: its tags and params, the config it carries, the
+commit it names, and how it is closed (FINISHED, FAILED with the reason, KILLED)."""
+
+import yaml
+from mlflow.artifacts import load_text
+from mlflow.tracking import MlflowClient
+
+from gridkit import store  # noqa: F401  (fixture)
+from lab.config import flatten, from_dict, resolve
+from lab.records.runs import git_commit, run_tags, start_run
+
+
+def test_run_tags_name_the_cell_and_its_identity():
+    config = resolve("sdpa_headwise_sigmoid_mul", "tiny", data="synthetic", seed=3, lr=2.5e-3)
+    tags = run_tags(config)
+    assert tags == {"variant": "sdpa_headwise_sigmoid_mul", "seed": "3", "preset": "tiny",
+                    "lr": "0.0025", "config_hash": config.hash(), "git_commit": tags["git_commit"],
+                    "data": "synthetic"}
+    assert tags["git_commit"]
+
+
+def test_start_run_records_a_running_run_with_its_config(store):  # noqa: F811
+    config = resolve("sdpa_elementwise_sigmoid_mul", "tiny", data="synthetic", seed=2)
+    client = MlflowClient(store)
+    parent = client.create_run(client.create_experiment("parents")).info.run_id
+    run_id = start_run(config, store, "start-run", parent_run_id=parent,
+                       extra_tags={"gatelab.grid": "g"})
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING"
+    assert client.get_experiment(run.info.experiment_id).name == "start-run"
+    assert run.data.tags["mlflow.runName"] == "sdpa_elementwise_sigmoid_mul/lr=0.003/seed=2"
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.tags["gatelab.grid"] == "g"
+    assert {k: run.data.tags[k] for k in run_tags(config)} == run_tags(config)
+    # Every config field is a param, flattened; MLflow stores them as strings.
+    assert run.data.params == {k: str(v) for k, v in flatten(config.to_dict()).items()}
+    assert run.data.params["model.gate.position"] == "sdpa"
+    # The config artifact reads back into the same config.
+    assert from_dict(yaml.safe_load(load_text(f"{run.info.artifact_uri}/config.yaml"))) == config
+
+    named = start_run(config, store, "start-run", run_name="mine")
+    assert client.get_run(named).data.tags["mlflow.runName"] == "mine"
+    assert "mlflow.parentRunId" not in client.get_run(named).data.tags
+
+
+def test_the_commit_tag_is_the_override_when_set_and_git_head_otherwise(monkeypatch):
+    # A lent machine's copy of the tree can carry a stale .git (docs/results-2026-11.md)
+    monkeypatch.delenv("GATELAB_GIT_COMMIT", raising=False)
+    head = git_commit()
+    assert head and head != "unknown"  # the suite runs in a checkout
+    monkeypatch.setenv("GATELAB_GIT_COMMIT", "abc1234")
+    assert git_commit() == "abc1234"
