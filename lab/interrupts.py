@@ -24,6 +24,10 @@ import signal
 import threading
 from contextlib import contextmanager
 
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from sqlalchemy import event
+from sqlalchemy.pool import Pool
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 DEFER_AT_MOST_S = 5.0  # a database call longer than this is interrupted anyway
 _installed = False   # one set of handlers per process: nested uses share it
@@ -111,9 +115,6 @@ def stop_on_signals():
     if _installed or not _in_main_thread():
         yield
         return
-    from sqlalchemy import event
-    from sqlalchemy.pool import Pool
-
     # Pool-class listeners reach every pool, also those made before (SQLAlchemy's events).
     event.listen(Pool, "checkout", _on_checkout)
     event.listen(Pool, "checkin", _on_checkin)
@@ -141,8 +142,6 @@ def interruption(err: BaseException) -> Interrupted | None:
     Once one is found, the process is stopping: a signal still deferred, or sent again, is
     not raised a second time into the code that closes the runs."""
     global _stopping, _deferred
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     seen, found = set(), None
     while err is not None and id(err) not in seen and found is None:
         seen.add(id(err))

@@ -20,6 +20,19 @@ TINY_RUN = ["--preset", "tiny", "--data", "synthetic", "--tokens", str(3 * 4 * 1
             "--set", "train.batch_size=4", "--set", "train.val_batches=1"]
 
 
+def test_help_and_a_usage_error_import_no_heavy_library():
+    """`gatelab --help` stays fast (lab/cli.py imports each command's modules when it runs):
+    neither it nor a usage error loads torch, Lightning, MLflow or Optuna."""
+    probe = ("import sys\nfrom lab.cli import main\nfor argv in (['--help'], ['train', '--bogus']):\n"
+             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+             "print(sorted(m for m in ('torch', 'lightning', 'mlflow', 'optuna', 'sqlalchemy')"
+             " if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def commands() -> dict[str, argparse.ArgumentParser]:
     parser = build_parser()
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
