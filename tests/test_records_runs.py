@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from gridkit import store  # noqa: F401  (fixture)
 from lab.config import flatten, from_dict, resolve
-from lab.records.runs import git_commit, run_tags, start_run
+from lab.records.runs import git_commit, log_params, log_yaml, run_tags, start_run
 
 
 def test_run_tags_name_the_cell_and_its_identity():
@@ -50,3 +50,24 @@ def test_the_commit_tag_is_the_override_when_set_and_git_head_otherwise(monkeypa
     assert head and head != "unknown"  # the suite runs in a checkout
     monkeypatch.setenv("GATELAB_GIT_COMMIT", "abc1234")
     assert git_commit() == "abc1234"
+
+
+def test_more_params_than_one_request_takes_are_all_recorded_and_long_values_are_cut(store):  # noqa: F811
+    """log_params hands MLflow all of them at once (its client splits them into requests of
+    100); a value past MLflow's 6000 characters is cut, not refused."""
+    client = MlflowClient(store)
+    run_id = client.create_run(client.create_experiment("params")).info.run_id
+    params = {f"p{i:03d}": i for i in range(250)} | {"long": "x" * 7000}
+    log_params(client, run_id, params)
+    recorded = client.get_run(run_id).data.params
+    assert recorded == {k: str(v) for k, v in params.items()} | {"long": "x" * 6000}
+
+
+def test_a_yaml_artifact_keeps_its_key_order_and_reads_back_safely(store):  # noqa: F811
+    client = MlflowClient(store)
+    run = client.create_run(client.create_experiment("yaml"))
+    log_yaml(client, run.info.run_id, {"name": "lr", "variants": ("b", "a"), "seeds": [0]},
+             "sweep.yaml")
+    text = load_text(f"{run.info.artifact_uri}/sweep.yaml")
+    assert text == "name: lr\nvariants:\n- b\n- a\nseeds:\n- 0\n"
+    assert yaml.safe_load(text) == {"name": "lr", "variants": ["b", "a"], "seeds": [0]}

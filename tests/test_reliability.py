@@ -535,24 +535,23 @@ def test_an_error_after_the_run_exists_ends_it_failed_with_the_reason(store, mon
 
 
 def test_a_full_disk_while_the_cell_run_is_created_ends_it_failed_not_running(store, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
     from lab.grid import GridOptions, grid_from_dict, run_grid
-    from lab.records import runs
 
-    original = runs.log_dict_artifact
+    original = MlflowClient.log_text
 
-    def full_disk(client, run_id, data, filename):
-        if filename == "config.yaml":  # the cell's run exists, its record is half written
+    def full_disk(client, run_id, text, artifact_file):
+        if artifact_file == "config.yaml":  # the cell's run exists, its record is half written
             raise OSError(errno.ENOSPC, "No space left on device", "mlruns/artifacts")
-        return original(client, run_id, data, filename)
+        return original(client, run_id, text, artifact_file)
 
-    monkeypatch.setattr(runs, "log_dict_artifact", full_disk)
+    monkeypatch.setattr(MlflowClient, "log_text", full_disk)
     summary = run_grid(grid_from_dict(tiny_grid("full", ["baseline"])),
                        GridOptions(quiet=True, cpu_threads=1))
     assert [o.status for o in summary.outcomes] == ["FAILED"]
     assert summary.outcomes[0].failure.startswith("disk full writing mlruns/artifacts")
     assert run_statuses(store, "full") == {"baseline/lr=0.003/seed=0": ["FAILED"]}
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(store)
     cells = [r for r in client.search_runs([client.get_experiment_by_name("full").experiment_id])
              if r.data.tags.get("mlflow.parentRunId")]

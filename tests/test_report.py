@@ -51,12 +51,11 @@ def write_grid(uri: str, name: str = "fake") -> str:
                 metrics[f"layers/act/max/layer_{layer}"] = 10.0 ** layer
         for key, value in metrics.items():
             client.log_metric(run_id, key, value)
-        records.log_dict_artifact(client, run_id, {"step": [1, 2, 3], "loss": [6.0, 5.0 + seed,
-                                                                               4.0]},
-                                   "loss_history.json")
-        records.log_dict_artifact(client, run_id, [{"start_step": 2, "peak_step": 2,
-                                                     "end_step": 2, "max_excess": 0.3}]
-                                   if variant == "baseline" else [], "spikes.json")
+        client.log_dict(run_id, {"step": [1, 2, 3], "loss": [6.0, 5.0 + seed, 4.0]},
+                        "loss_history.json")
+        client.log_dict(run_id, [{"start_step": 2, "peak_step": 2, "end_step": 2,
+                                  "max_excess": 0.3}] if variant == "baseline" else [],
+                        "spikes.json")
         client.set_terminated(run_id, status)
         return run_id
 

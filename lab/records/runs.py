@@ -10,19 +10,17 @@ process.
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import yaml
 from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from lab.config import RunConfig, flatten
 from lab.data.store import cache_root
@@ -77,21 +75,22 @@ def log_check_table(mlflow_client, run_id: str, table: str) -> None:
     mlflow_client.log_text(run_id, table, f"check-{stamp}.txt")
 
 
-def log_dict_artifact(mlflow_client, run_id: str, data, filename: str) -> None:
-    """Write `data` as YAML or JSON (by extension) and attach it to the run."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / filename
-        if filename.endswith((".yaml", ".yml")):
-            path.write_text(yaml.safe_dump(data, sort_keys=False))
-        else:
-            path.write_text(json.dumps(data, indent=2, default=str))
-        mlflow_client.log_artifact(run_id, str(path))
+def log_yaml(mlflow_client, run_id: str, data, artifact_file: str) -> None:
+    """`data` as a YAML artifact of the run, in its own key order (what config.yaml, grid.yaml
+    and sweep.yaml are). Not MlflowClient.log_dict, which writes YAML with PyYAML's full
+    dumper and sorted keys: a tuple (a sweep's variants) would become `!!python/tuple`, which
+    yaml.safe_load refuses. JSON artifacts go through log_dict itself."""
+    mlflow_client.log_text(run_id, yaml.safe_dump(data, sort_keys=False), artifact_file)
 
 
 def log_params(mlflow_client, run_id: str, params: dict) -> None:
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-    for start in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
-        mlflow_client.log_batch(run_id, params=items[start:start + 100])
+    """Every param in one log_batch call: MlflowClient.log_batch splits params into requests
+    of MLflow's limit itself (100 each, MAX_PARAMS_TAGS_PER_BATCH; TrackingServiceClient.
+    log_batch in mlflow/tracking/_tracking_service/client.py), for every store. Values are
+    cut to MLflow's MAX_PARAM_VAL_LENGTH here, silently, where MLflow would warn once per
+    long value."""
+    mlflow_client.log_batch(run_id, params=[Param(k, str(v)[:MAX_PARAM_VAL_LENGTH])
+                                            for k, v in params.items()])
 
 
 def run_tags(config: RunConfig) -> dict[str, str]:
@@ -113,7 +112,7 @@ def start_run(config: RunConfig, uri: str, experiment: str, run_name: str | None
     run_id = run.info.run_id
     try:
         log_params(mlflow_client, run_id, flatten(config.to_dict()))
-        log_dict_artifact(mlflow_client, run_id, config.to_dict(), "config.yaml")
+        log_yaml(mlflow_client, run_id, config.to_dict(), "config.yaml")
     except BaseException as err:  # e.g. a full disk: the run exists, so it is closed FAILED
         end_run(mlflow_client, run_id, config, err)
         raise

@@ -18,7 +18,7 @@ import torch
 from lab.analysis.metrics import analyze
 from lab.config import RunConfig
 from lab.model.moe import moe_layers, routing_summary
-from lab.records import finite_metrics, log_dict_artifact
+from lab.records import finite_metrics
 from lab.training.spikes import detect_spikes
 
 
@@ -311,11 +311,11 @@ class RoutingStats(L.Callback):
             return
         counts = self.run_counts.cpu()
         share = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1)
-        log_dict_artifact(logger.experiment, logger.run_id,
-                          {"experts": counts.shape[-1],
-                           "top_k": moe_layers(pl_module)[0].top_k,
-                           "token_fraction_per_layer": share.tolist(),
-                           "assignments_per_layer": counts.tolist()}, "routing.json")
+        logger.experiment.log_dict(logger.run_id,
+                                   {"experts": counts.shape[-1],
+                                    "top_k": moe_layers(pl_module)[0].top_k,
+                                    "token_fraction_per_layer": share.tolist(),
+                                    "assignments_per_layer": counts.tolist()}, "routing.json")
 class AnalysisMonitor(L.Callback):
     """`train.analysis_every` > 0: the probe metrics of lab/analysis/metrics.py (attention sink,
     massive activations, gate statistics) every N steps, as time series on the run.

@@ -218,11 +218,9 @@ def _finish(trainer, module, data, monitor, config, mlflow_client, run_id, start
         return metrics
     mlflow_client.set_tag(run_id, "diverged", str(monitor.diverged_step is not None).lower())
     records.log_metrics(mlflow_client, run_id, metrics, steps_done)
-    records.log_dict_artifact(mlflow_client, run_id, [dataclasses.asdict(s) for s in spikes],
-                               "spikes.json")
-    records.log_dict_artifact(mlflow_client, run_id,
-                               {"step": monitor.steps, "loss": monitor.losses,
-                                "grad_norm": monitor.grad_norms}, "loss_history.json")
+    mlflow_client.log_dict(run_id, [dataclasses.asdict(s) for s in spikes], "spikes.json")
+    mlflow_client.log_dict(run_id, {"step": monitor.steps, "loss": monitor.losses,
+                                    "grad_norm": monitor.grad_norms}, "loss_history.json")
     if trainer.is_global_zero and (config.train.analysis_windows or config.train.context_factors()):
         metrics.update(_analyze(module, data.store, config, mlflow_client, run_id, steps_done))
     return metrics
