@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lab.bench import BareLoop, SteadyStateTimer, bench_config  # noqa: E402
-from lab.model.flops import device_peak_tflops  # noqa: E402
 from lab.model.params import model_flops_per_token  # noqa: E402
+from lab.training.callbacks import device_peak_tflops  # noqa: E402
 
 
 def hf_loop(config, steps: int, warmup: int, compiled: bool) -> dict:

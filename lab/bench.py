@@ -27,9 +27,9 @@ from lab import records
 from lab.config import RunConfig, resolve
 from lab.errors import LabError
 from lab.model.decoder import Decoder
-from lab.model.flops import device_peak_tflops
 from lab.model.params import count_params, model_flops_per_token
 from lab.training.run import open_data, train_run
+from lab.training.callbacks import device_peak_tflops
 from lab.training.module import adamw, compile_model, step_loss, train_sampler
 from lab.training.schedule import accumulation
 

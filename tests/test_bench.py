@@ -5,16 +5,8 @@ import pytest
 from lab.bench import format_table, run_bench
 from lab.config import resolve
 from lab.errors import LabError
-from lab.model.flops import flops_per_token, peak_tflops
+from lab.model.flops import flops_per_token
 from lab.model.params import model_flops_per_token
-
-
-def test_peak_lookup_by_device_name():
-    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
-    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
-    assert peak_tflops("NVIDIA H200") == 989.4
-    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
-    assert peak_tflops("Some Future GPU") is None
 
 
 def test_model_flops_follow_the_palm_formula():

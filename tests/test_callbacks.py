@@ -1,11 +1,16 @@
-"""lab/training/callbacks.py: the run's logged throughput is training time only, as measured."""
+"""lab/training/callbacks.py: the run's logged throughput is training time only, as measured,
+against the GPU's peak as the lab's table or Lightning's gives it."""
 
 import time
 
 import lightning as L
+import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from gridkit import store  # noqa: F401  (fixture)
+from lab.model.flops import peak_tflops
+from lab.training.callbacks import device_peak_tflops
 
 
 class StepClock(L.Callback):
@@ -55,3 +60,25 @@ def test_logged_tokens_per_s_is_steps_times_tokens_over_measured_step_time(store
     assert result.metrics["time/first_step_s"] > 0
     learning_rates = MlflowClient(store).get_metric_history(result.run_id, "lr")
     assert len(learning_rates) == 8 and all(0 < m.value <= config.train.lr for m in learning_rates)
+
+
+@pytest.mark.parametrize("name, peak, from_lightning", [
+    ("NVIDIA H100 80GB HBM3", 989.4, True),
+    ("NVIDIA H100 PCIe", 756.0, True),
+    ("NVIDIA A100-SXM4-80GB", 312.0, True),
+    ("NVIDIA L4", 121.0, True),
+    ("NVIDIA H200", 989.4, False),       # Lightning has no entry for this name
+    ("NVIDIA H100 NVL", 989.4, False),   # Lightning's is the with-sparsity figure
+    ("NVIDIA L40S", 362.0, False),       # Lightning reads it as an L4
+    ("Some Future GPU", None, False),
+])
+def test_the_gpus_peak_is_the_labs_entry_else_lightnings(monkeypatch, name, peak, from_lightning):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert device_peak_tflops() == peak
+    assert (peak_tflops(name) is None) == (from_lightning or peak is None)
+
+
+def test_no_gpu_no_peak(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_peak_tflops() is None

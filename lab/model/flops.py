@@ -1,4 +1,4 @@
-"""Model FLOPs per token and the GPU's dense bf16 peak, for MFU.
+"""Model FLOPs per token, and the dense bf16 peaks Lightning's table lacks, for MFU.
 
 MFU = (6 N + 12 L d T) x tokens/s / peak (PaLM, App. B): 6N for the matmuls of forward and
 backward over N parameters, 12 L d T for attention scores and values (d = query heads x
@@ -9,36 +9,29 @@ the active parameter count (lab/model/moe.py).
 
 from __future__ import annotations
 
-import torch
-
-# Dense bf16 tensor-core peaks, TFLOP/s, from the vendors' datasheets (no sparsity).
-# Matched by substring of torch.cuda.get_device_name(), first match wins.
+# Dense bf16 tensor-core peaks, TFLOP/s, from the vendors' datasheets (no sparsity), for the
+# GPUs where Lightning's table (lightning.fabric.utilities.throughput, which
+# lab/training/callbacks.py device_peak_tflops reads for every other GPU) has no entry for the
+# name CUDA reports, or quotes another figure. Matched by substring of
+# torch.cuda.get_device_name(), first match wins.
 PEAK_BF16_TFLOPS = [
-    ("H200", 989.4),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.4),      # SXM and NVL
-    ("GH200", 989.4),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("A10G", 125.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-    ("RTX 4090", 165.2),
-    ("RTX 3090", 71.0),
-    ("V100", 125.0),      # fp16: V100 has no bf16
+    ("H200", 989.4),      # Lightning: only names with SXM1/NVL1, at the with-sparsity figures
+    ("H100 NVL", 989.4),  # Lightning: 1978.8, the with-sparsity figure
+    ("GH200", 989.4),     # Lightning reads the name as an unknown H200
+    ("B200", 2250.0),     # not in Lightning's table; also the fastest peak config.py bounds with
+    ("L40S", 362.0),      # Lightning reads "L4" in the name: 121
+    ("RTX 4090", 165.2),  # Lightning: 82.6, the card's non-tensor FP32 rate
+    ("RTX 3090", 71.0),   # Lightning: 35.6, likewise
+    ("V100", 125.0),      # fp16: V100 has no bf16 (Lightning lists none for it)
 ]
 
 
 def peak_tflops(device_name: str) -> float | None:
+    """The lab's own entry for a GPU (PEAK_BF16_TFLOPS), or None."""
     for key, value in PEAK_BF16_TFLOPS:
         if key in device_name:
             return value
     return None
-
-
-def device_peak_tflops() -> float | None:
-    """This machine's GPU peak, or None (no GPU, or one the table does not know)."""
-    return peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
 
 
 def flops_per_token(n_params: int, n_layers: int, attn_width: int, context: int) -> float:

@@ -10,13 +10,16 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.throughput import get_available_flops
 
 from lab.analysis.metrics import analyze
 from lab.config import RunConfig
+from lab.model.flops import peak_tflops
 from lab.model.moe import moe_layers, routing_summary
 from lab.records import finite_metrics
 from lab.training.spikes import detect_spikes
@@ -25,6 +28,21 @@ from lab.training.spikes import detect_spikes
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def device_peak_tflops() -> float | None:
+    """This machine's GPU's dense bf16 peak, TFLOP/s, for MFU: the lab's entry where it has
+    one (lab/model/flops.py: GPUs Lightning's table lacks or quotes otherwise), else
+    Lightning's (get_available_flops); None without a GPU, or for one neither knows."""
+    if not torch.cuda.is_available():
+        return None
+    listed = peak_tflops(torch.cuda.get_device_name())
+    if listed is not None:
+        return listed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its warning for an unknown GPU: None says as much
+        flops = get_available_flops(torch.device("cuda"), torch.bfloat16)
+    return flops / 1e12 if flops else None
 
 
 class LossMonitor(L.Callback):

@@ -31,11 +31,10 @@ from lab.data.store import TokenStore
 from lab.data.windows import check_batch_fits
 from lab.errors import LabError
 from lab.interrupts import interruption
-from lab.model.flops import device_peak_tflops
 from lab.model.params import count_params, model_flops_per_token
 from lab.progress import RunProgress
 from lab.training.callbacks import (AnalysisMonitor, AtomicCheckpoint, GateInsertion,
-                                    LossMonitor, RoutingStats)
+                                    LossMonitor, RoutingStats, device_peak_tflops)
 from lab.training.module import LanguageModel, TokenDataModule
 from lab.training.schedule import accumulation, total_steps
 
