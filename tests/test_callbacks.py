@@ -1,7 +1,11 @@
-"""lab/training/callbacks.py: the run's logged throughput is training time only, as measured,
-against the GPU's peak as the lab's table or Lightning's gives it."""
+"""lab/training/callbacks.py: the loss history one optimizer step at a time, divergence stops
+the run, a checkpoint is never written of diverged weights, the run's logged throughput is
+training time only, as measured, against the GPU's peak as the lab's table or Lightning's
+gives it."""
 
+import math
 import time
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -9,8 +13,80 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from gridkit import store  # noqa: F401  (fixture)
+from lab.config import resolve
 from lab.model.flops import peak_tflops
-from lab.training.callbacks import device_peak_tflops
+from lab.training.callbacks import AtomicCheckpoint, LossMonitor, device_peak_tflops
+
+
+class FakeTrainer(SimpleNamespace):
+    """What LossMonitor and AtomicCheckpoint read of the Trainer, and the metrics it logged."""
+
+    def __init__(self, **fields):
+        logged = []
+        super().__init__(global_step=0, lr_scheduler_configs=[], is_global_zero=True,
+                         should_stop=False, logged=logged,
+                         logger=SimpleNamespace(log_metrics=lambda m, step: logged.append((step, m))),
+                         **fields)
+
+
+def feed(monitor: LossMonitor, trainer: FakeTrainer, step_losses: list[list[float]]) -> None:
+    """One optimizer step per entry, its micro-batches' losses as the training step returns them."""
+    module = SimpleNamespace(grad_norm=torch.tensor(1.5))
+    for micro_losses in step_losses:
+        trainer.global_step += 1
+        for loss in micro_losses:
+            monitor.on_train_batch_end(trainer, module, {"lm_loss": torch.tensor(loss)}, None, 0)
+
+
+def monitor_for(**train) -> LossMonitor:
+    config = resolve("baseline", "tiny", {f"train.{k}": v for k, v in train.items()})
+    return LossMonitor(config, accumulate=2)
+
+
+def test_the_loss_history_is_one_mean_per_optimizer_step_flushed_every_log_every_steps():
+    monitor, trainer = monitor_for(log_every=2), FakeTrainer()
+    monitor.on_train_start(trainer, None)
+    feed(monitor, trainer, [[4.0, 6.0], [3.0, 3.0], [2.0, 4.0]])
+    assert monitor.steps == [1, 2] and monitor.losses == [5.0, 3.0]  # the third still pending
+    assert [(step, m["train/loss"], m["train/grad_norm"]) for step, m in trainer.logged] == \
+        [(2, 3.0, 1.5)]
+    # The checkpoint carries the pending step too, and a resumed monitor has the whole history.
+    resumed = monitor_for(log_every=2)
+    resumed.load_state_dict(monitor.state_dict())
+    assert resumed.steps == [1, 2, 3] and resumed.losses == [5.0, 3.0, 3.0]
+    assert resumed.grad_norms == [1.5, 1.5, 1.5]
+
+
+def test_a_non_finite_loss_or_patience_steps_above_the_ceiling_stop_the_run():
+    monitor, trainer = monitor_for(log_every=1), FakeTrainer()
+    monitor.on_train_start(trainer, None)
+    feed(monitor, trainer, [[3.0, 3.0], [math.nan, 1.0]])
+    assert monitor.diverged_step == 2 and trainer.should_stop
+    assert all(math.isfinite(v) for _, m in trainer.logged for v in m.values())  # NaN not logged
+
+    monitor = monitor_for(log_every=1, divergence_loss_ceiling=5.0, divergence_patience=3)
+    trainer = FakeTrainer()
+    monitor.on_train_start(trainer, None)
+    feed(monitor, trainer, [[6.0, 6.0], [7.0, 7.0], [4.0, 4.0], [6.0, 6.0], [6.0, 6.0]])
+    assert monitor.diverged_step is None and not trainer.should_stop  # step 3 broke the streak
+    feed(monitor, trainer, [[9.0, 9.0]])
+    assert monitor.diverged_step == 6 and trainer.should_stop
+
+
+@pytest.mark.parametrize("diverged, weight, written", [(False, 1.0, True), (True, 1.0, False),
+                                                      (False, math.inf, False)])
+def test_no_checkpoint_is_written_of_a_diverged_run_or_non_finite_weights(tmp_path, diverged,
+                                                                          weight, written):
+    monitor = monitor_for()
+    monitor.diverged_step = 3 if diverged else None
+    module = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        module.weight.fill_(weight)
+    trainer = FakeTrainer(lightning_module=module,
+                          save_checkpoint=lambda path, weights_only: path.write_bytes(b"state"))
+    AtomicCheckpoint(tmp_path, every=1, loss_monitor=monitor).save(trainer)
+    # written whole under its final name (the temporary file renamed), or nothing at all
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["last.ckpt"] if written else [])
 
 
 class StepClock(L.Callback):
@@ -39,7 +115,6 @@ class SlowValidation(L.Callback):
 
 
 def test_logged_tokens_per_s_is_steps_times_tokens_over_measured_step_time(store):  # noqa: F811
-    from lab.config import resolve
     from lab.training.run import train_run
 
     config = resolve("baseline", "tiny", {"model.context": 32, "train.batch_size": 8,

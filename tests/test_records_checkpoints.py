@@ -1,14 +1,17 @@
 """lab/records/checkpoints.py: a checkpoint read back into its config, the Decoder's weights
-and its step; a file that is none is one error naming the command; a run id prefix names a
-run's checkpoint as a git prefix names a commit. (Paths by run id, folder or file:
-tests/test_export.py; checkpoints that carry code: tests/test_reliability.py.)"""
+and its step; a file that is none is one error naming the command, and one that would run
+code when loaded is refused before any of it runs; a run id prefix names a run's checkpoint
+as a git prefix names a commit. (Paths by run id, folder or file: tests/test_export.py;
+analyze, export and resume refusing a poisoned checkpoint end to end: tests/test_reliability.py.)"""
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from lab.config import resolve
 from lab.errors import LabError
-from lab.records.checkpoints import read_checkpoint, run_id_from_prefix
+from lab.records.checkpoints import load_checkpoint, read_checkpoint, run_id_from_prefix
 
 
 def test_read_checkpoint_gives_the_config_the_decoder_state_and_the_step(tmp_path):
@@ -56,3 +59,26 @@ def test_an_ambiguous_prefix_lists_ten_matches_and_counts_the_rest(tmp_path, mon
         run_id_from_prefix("c", "export")
     assert str(error.value) == (f"export: run id prefix 'c' matches 12 runs with a checkpoint: "
                                 f"{', '.join(ids[:10])} and 2 more; give more characters")
+
+
+class TouchOnLoad:
+    """Unpickled by a full unpickler, this would create a file: code run by loading."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_before_any_of_it_runs(tmp_path):
+    marker, path = tmp_path / "ran", tmp_path / "last.ckpt"
+    torch.save({"global_step": 3, "extra": TouchOnLoad(marker)}, path)
+    with pytest.raises(LabError, match=rf"^resume: {path} refused: loading it would create ") \
+            as refused:
+        load_checkpoint(path, "resume")
+    assert {"pathlib.Path", "builtins.getattr"} <= set(
+        str(refused.value).split(" would create ")[1].split(", not only")[0].split(", "))
+    assert not marker.exists()
+    torch.save({"global_step": 3, "weights": torch.ones(2)}, path)
+    assert load_checkpoint(path, "resume")["global_step"] == 3

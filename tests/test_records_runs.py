@@ -1,13 +1,21 @@
 """lab/records/runs.py: one run's record: its tags and params, the config it carries, the
 commit it names, and how it is closed (FINISHED, FAILED with the reason, KILLED)."""
 
+import errno
+import signal
+
+import pytest
+import torch
 import yaml
 from mlflow.artifacts import load_text
 from mlflow.tracking import MlflowClient
 
 from gridkit import store  # noqa: F401  (fixture)
 from lab.config import flatten, from_dict, resolve
-from lab.records.runs import git_commit, log_params, log_yaml, run_tags, start_run
+from lab.errors import LabError
+from lab.interrupts import Interrupted
+from lab.records.runs import (describe_failure, end_run, git_commit, log_params, log_yaml,
+                              run_tags, start_run)
 
 
 def test_run_tags_name_the_cell_and_its_identity():
@@ -71,3 +79,45 @@ def test_a_yaml_artifact_keeps_its_key_order_and_reads_back_safely(store):  # no
     text = load_text(f"{run.info.artifact_uri}/sweep.yaml")
     assert text == "name: lr\nvariants:\n- b\n- a\nseeds:\n- 0\n"
     assert yaml.safe_load(text) == {"name": "lr", "variants": ["b", "a"], "seeds": [0]}
+
+
+class Pruned(Exception):
+    """Stands for the sweep's pruning: an exception train_run is told ends a run KILLED."""
+
+
+def _disk_full() -> BaseException:
+    """A full disk met under another error, as a store write raises it."""
+    err = RuntimeError("while logging")
+    err.__cause__ = OSError(errno.ENOSPC, "No space left on device", "mlruns/artifacts")
+    return err
+
+
+@pytest.mark.parametrize("make_error, kind, message", [
+    (lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), "oom",
+     "CUDA out of memory with 16 sequences x 128 tokens per micro-batch: use a smaller "
+     "micro-batch with gradient accumulation, e.g. --set train.micro_batch_size=8"),
+    (_disk_full, "disk_full", "disk full writing mlruns/artifacts: free space for the store"),
+    (lambda: LabError("data: no such corpus"), "config", "data: no such corpus"),
+    (lambda: ValueError("bad\nsecond line"), "error", "ValueError: bad"),
+])
+def test_a_failure_is_described_by_its_kind_in_one_line(make_error, kind, message):
+    config = resolve("baseline", "tiny", {"train.batch_size": 16})
+    described_kind, described = describe_failure(make_error(), config)
+    assert described_kind == kind and described.startswith(message) and "\n" not in described
+
+
+@pytest.mark.parametrize("err, status, tags", [
+    (None, "FINISHED", {}),
+    (RuntimeError("boom"), "FAILED",
+     {"gatelab.failure_kind": "error", "gatelab.failure": "RuntimeError: boom"}),
+    (Interrupted(signal.SIGTERM), "KILLED", {"gatelab.killed_reason": "stopped by SIGTERM"}),
+    (Pruned("trial 3 pruned at step 40"), "KILLED",
+     {"gatelab.killed_reason": "Pruned: trial 3 pruned at step 40"}),
+])
+def test_end_run_closes_the_run_and_says_why(store, err, status, tags):  # noqa: F811
+    client = MlflowClient(store)
+    run_id = client.create_run(client.create_experiment("ends")).info.run_id
+    assert end_run(client, run_id, resolve("baseline", "tiny"), err, stopped_by=(Pruned,)) == status
+    run = client.get_run(run_id)
+    assert run.info.status == status
+    assert {k: v for k, v in run.data.tags.items() if k.startswith("gatelab.")} == tags
