@@ -1,1 +1,3 @@
-"""Training: the Lightning module and data module, and the loss-spike detector its callbacks use."""
+"""Training: the Lightning module and data module, the step schedule, the callbacks a run
+carries (loss history, spikes, divergence, throughput, checkpoints) and `train_run`, one run
+end to end into its MLflow record (lab/records/)."""
