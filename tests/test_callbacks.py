@@ -89,6 +89,31 @@ def test_no_checkpoint_is_written_of_a_diverged_run_or_non_finite_weights(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == (["last.ckpt"] if written else [])
 
 
+def test_the_interval_is_logged_in_the_background_and_waited_for_before_a_checkpoint(tmp_path):
+    """Where the logger writes in the background (lab/training/run.py RunLogger), the monitor
+    uses it, and a checkpoint, the end of training and a stop each wait for those writes
+    first: a resume never starts after metrics that are not in the store."""
+    events = []
+    logger = SimpleNamespace(
+        log_metrics=lambda m, step: events.append(("blocking", step)),
+        log_metrics_in_background=lambda m, step: events.append(("background", step)),
+        wait_for_writes=lambda: events.append(("waited", None)))
+    module = torch.nn.Linear(2, 2)
+    trainer = FakeTrainer(lightning_module=module,
+                          save_checkpoint=lambda path, weights_only: (
+                              events.append(("checkpoint", None)), path.write_bytes(b"state")))
+    trainer.logger = logger
+    monitor = monitor_for(log_every=1)
+    monitor.on_train_start(trainer, None)
+    feed(monitor, trainer, [[4.0, 6.0]])
+    AtomicCheckpoint(tmp_path, every=1, loss_monitor=monitor).save(trainer)
+    monitor.on_exception(trainer, None, KeyboardInterrupt())
+    feed(monitor, trainer, [[3.0, 3.0]])
+    monitor.on_train_end(trainer, None)
+    assert events == [("background", 1), ("waited", None), ("checkpoint", None),
+                      ("waited", None), ("background", 2), ("waited", None)]
+
+
 class StepClock(L.Callback):
     """An independent stopwatch: the end of every optimizer step, and each validation."""
 

@@ -185,6 +185,35 @@ def test_an_interrupted_run_is_killed_and_continues_from_its_checkpoint(store): 
 
 # --- the one-line result ---------------------------------------------------------------
 
+def test_interval_metrics_are_written_in_the_background_and_waited_for(store, monkeypatch):  # noqa: F811
+    """The training loop does not wait for the store (RunLogger.log_metrics_in_background):
+    with the store's write held back, the call returns and nothing is in the store yet;
+    wait_for_writes returns once the write is in."""
+    import threading
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from lab import records
+    from lab.training.run import lightning_logger
+
+    release, original = threading.Event(), SqlAlchemyStore.log_batch
+
+    def held(self, *args, **kwargs):
+        assert release.wait(60)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SqlAlchemyStore, "log_batch", held)  # before the store is built
+    client = records.client(store)
+    run_id = client.create_run(client.create_experiment("background")).info.run_id
+    logger = lightning_logger(store, run_id)
+    logger.log_metrics_in_background({"train/loss": 1.5, "lr": 0.001}, step=10)
+    assert client.get_metric_history(run_id, "train/loss") == []  # returned, write still held
+    release.set()
+    logger.wait_for_writes()
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [(10, 1.5)]
+    assert logger._writes == []
+
+
 def test_describe_and_to_json_of_a_diverged_run():
     result = RunResult("abc123", "FINISHED", {"diverged/step": 6.0}, diverged_step=6)
     assert describe(result) == "run abc123: diverged at step 6"

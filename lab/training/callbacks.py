@@ -149,9 +149,20 @@ class LossMonitor(L.Callback):
                     metrics["throughput/mfu"] = self.mfu(rate)
             self._interval, self._excluded = (now, steps[-1]), 0.0
         if trainer.is_global_zero and trainer.logger is not None:
-            trainer.logger.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)},
-                                       step=steps[-1])
+            # In the background where the logger can (lab/training/run.py RunLogger): the
+            # .tolist() above has just emptied the GPU's queue, so a blocking store write
+            # here would leave the GPU idle for as long as the write takes.
+            write = getattr(trainer.logger, "log_metrics_in_background",
+                            trainer.logger.log_metrics)
+            write({k: v for k, v in metrics.items() if math.isfinite(v)}, step=steps[-1])
         self._check_divergence(trainer, steps, losses)
+
+    @staticmethod
+    def wait_for_writes(trainer) -> None:
+        """Every metric written so far is in the store once this returns."""
+        wait = getattr(trainer.logger, "wait_for_writes", None)
+        if trainer.is_global_zero and wait is not None:
+            wait()
 
     def mfu(self, tokens_per_s: float) -> float:
         return self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * self.config.train.devices)
@@ -178,6 +189,16 @@ class LossMonitor(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self._flush(trainer, pl_module)
+        self.wait_for_writes(trainer)
+
+    def on_exception(self, trainer, pl_module, exception):
+        # A stop signal or a failure: what was written reaches the store before train_run
+        # closes the run; a write that failed too is reported, not raised over `exception`.
+        try:
+            self.wait_for_writes(trainer)
+        except Exception as err:
+            warnings.warn(f"metrics of the last interval may be missing from the store: "
+                          f"{type(err).__name__}: {err}")
 
     def state_dict(self) -> dict:
         # The history travels in the checkpoint, so a run resumed after a crash reports
@@ -259,6 +280,8 @@ class AtomicCheckpoint(L.Callback):
             return
         _sync()  # the steps queued before the write count as training, not as the write
         started = time.perf_counter()
+        # A resume starts after this step: every metric up to it must be in the store first.
+        self.loss_monitor.wait_for_writes(trainer)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.partial_path
         try:

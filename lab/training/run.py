@@ -21,6 +21,7 @@ from typing import Callable
 import lightning as L
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.entities import Metric
 
 from lab import records
 from lab.analysis.metrics import analysis_device, analyze
@@ -71,7 +72,33 @@ def open_data(config: RunConfig) -> tuple[TokenStore, RunConfig]:
 
 class RunLogger(MLFlowLogger):
     """Lightning's MLflow logger on a run that exists already: the run's status and its
-    params are train_run's to write, not the Trainer's."""
+    params are train_run's to write, not the Trainer's.
+
+    The training interval's metrics (LossMonitor) go through `log_metrics_in_background`:
+    MLflow's own async logging (`MlflowClient.log_batch(synchronous=False)`, a queue and a
+    thread of MLflow's) writes them, so the training loop does not wait for the store. A
+    synchronous write there came right after the interval's one host-device synchronisation,
+    so the GPU sat idle through every SQLite commit (cProfile of a 420-step tiny run on a
+    loaded 2-core CPU machine: its 94 interval writes took 2.4 s of the loop's 5.1 s;
+    benchmarks/README.md, "Host time"). `wait_for_writes` is called before each checkpoint,
+    at the end of training and when training stops on an exception, so a checkpoint never
+    gets ahead of the metrics it would resume after."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._writes: list = []  # MLflow's RunOperations, one per background write
+
+    def log_metrics_in_background(self, metrics: dict[str, float], step: int) -> None:
+        stamp = int(time.time() * 1000)
+        batch = [Metric(name, float(value), stamp, step) for name, value in metrics.items()]
+        self._writes.append(self.experiment.log_batch(self.run_id, metrics=batch,
+                                                      synchronous=False))
+
+    def wait_for_writes(self) -> None:
+        """Block until every background write is in the store; raises what a write raised."""
+        writes, self._writes = self._writes, []
+        for write in writes:
+            write.wait()
 
     def finalize(self, status: str = "success") -> None:
         pass  # train_run terminates the run once test metrics and artifacts are in
