@@ -128,7 +128,7 @@ def cmd_variants(args) -> int:
 
 
 def cmd_grid(args) -> int:
-    from lab.grid import GridOptions, describe_summary, load_grid, run_grid, with_cli
+    from lab.experiments.grid import GridOptions, describe_summary, load_grid, run_grid, with_cli
 
     spec = with_cli(load_grid(args.file), preset=args.preset, data=args.data, tokens=args.tokens,
                     seeds=args.seeds, lrs=args.lrs, variants=args.variants,
@@ -156,7 +156,7 @@ def cmd_report(args) -> int:
 
 def cmd_demo(args) -> int:
     from lab import records
-    from lab.grid import GridOptions, describe_summary, load_grid, run_grid
+    from lab.experiments.grid import GridOptions, describe_summary, load_grid, run_grid
     from lab.progress import duration
     from lab.reports.grid_report import build_report, terminal_summary
 
@@ -228,7 +228,7 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from lab.sweep import format_summary, load_sweep, run_sweep
+    from lab.experiments.sweep import format_summary, load_sweep, run_sweep
 
     sweep = load_sweep(args.sweep_file)
     if args.variants:
@@ -241,7 +241,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_sweep_report(args) -> int:
-    from lab.sweep import format_summary, sweep_report
+    from lab.experiments.sweep import format_summary, sweep_report
 
     summaries, plot = sweep_report(args.sweep, args.storage, args.out, args.tracking_uri,
                                    args.tolerance)

@@ -52,7 +52,7 @@ def configure_output() -> None:
     """Apply `verbosity()` to the libraries' loggers and warnings. Lightning sets its loggers
     to INFO when imported, so it is imported first (at module import); MLflow reads its
     level from the environment when imported, so that is set too; Optuna's is set when
-    Optuna is loaded (lab/sweep.py calls this again once it has imported it)."""
+    Optuna is loaded (lab/experiments/sweep.py calls this again once it has imported it)."""
     if verbosity() == "verbose":
         return
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")

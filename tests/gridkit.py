@@ -84,7 +84,7 @@ def run_statuses(uri: str, experiment: str) -> dict[str, list[str]]:
 def run_grid_process(raw: dict, env: dict) -> None:
     """Target of a forked grid process (the crash tests SIGKILL it)."""
     os.environ.update(env)
-    from lab.grid import GridOptions, grid_from_dict, run_grid
+    from lab.experiments.grid import GridOptions, grid_from_dict, run_grid
 
     run_grid(grid_from_dict(raw), GridOptions(quiet=True, cpu_threads=1))
 
@@ -130,7 +130,7 @@ def cli_in_own_group(argv: list[str], env: dict, cwd: str, log: str) -> None:
     """Target of a forked `gatelab` command that leads its own process group (the
     kill-and-resume test SIGKILLs the group), run in `cwd`, its output appended to `log`.
     It sees one core: a sweep gives its workers os.cpu_count() / workers torch threads
-    (lab.owners.threads_per_worker), and the tests train on one thread (conftest.py)."""
+    (lab.experiments.owners.threads_per_worker), and the tests train on one thread (conftest.py)."""
     os.setsid()
     os.cpu_count = lambda: 1
     os.chdir(cwd)

@@ -1,4 +1,5 @@
-"""lab/grid.py: grid files, cells, the MLflow layout, resume, workers and per-cell failures."""
+"""lab/experiments/grid.py: grid files, cells, the MLflow layout, resume, workers and per-cell
+failures."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import torch
 
 from gridkit import run_statuses, store, tiny_grid  # noqa: F401 (fixture)
 from lab.errors import LabError
-from lab.grid import (GridOptions, grid_from_dict, load_grid, owner_alive, owner_identity,
-                      parse_shard, plan, run_grid, shard_cells, with_cli)
+from lab.experiments.grid import (GridOptions, grid_from_dict, load_grid, owner_alive,
+                                  owner_identity, parse_shard, plan, run_grid, shard_cells,
+                                  with_cli)
 
 
 def _runs(uri: str, experiment: str):
@@ -55,9 +57,9 @@ def test_all_means_every_variant_available_at_the_preset():
 def test_lrs_from_sweep_asks_the_sweep_module(monkeypatch):
     import types
 
-    fake = types.ModuleType("lab.sweep")
+    fake = types.ModuleType("lab.experiments.sweep")
     fake.best_lrs = lambda name, storage=None: {"baseline": 1e-3, "sdpa_headwise_sigmoid_mul": 4e-3}
-    monkeypatch.setitem(sys.modules, "lab.sweep", fake)
+    monkeypatch.setitem(sys.modules, "lab.experiments.sweep", fake)
     spec = grid_from_dict({"name": "s", "variants": ["baseline", "sdpa_headwise_sigmoid_mul"],
                            "lrs": {"from_sweep": "lr-tiny"}, "tokens": 1e4})
     assert {(c.variant, c.lr) for c in plan(spec)} == {("baseline", 1e-3),
@@ -194,7 +196,7 @@ def test_owner_liveness():
 def test_runs_per_gpu_gives_each_gpu_that_many_worker_slots(store, monkeypatch):
     """Two GPUs x three runs each: six workers, each pinned to one GPU, the host's cores split
     between them. (No GPU here: the device list and the pool are stand-ins.)"""
-    from lab import grid
+    from lab.experiments import grid
 
     pools = []
 
@@ -224,7 +226,7 @@ def test_runs_per_gpu_gives_each_gpu_that_many_worker_slots(store, monkeypatch):
 ])
 def test_runs_per_gpu_refuses_nonsense_before_training(store, monkeypatch, overrides,
                                                        runs_per_gpu, message):
-    from lab import grid
+    from lab.experiments import grid
     from lab.training import run
 
     monkeypatch.setattr(grid, "parse_gpus", lambda text: ["0", "1"])
@@ -238,7 +240,7 @@ def test_runs_per_gpu_refuses_nonsense_before_training(store, monkeypatch, overr
 def test_runs_per_gpu_auto_packs_from_the_measured_gain(store, monkeypatch):
     """auto (the default): as many cells per GPU as each still adds a tenth of one cell's
     tokens/s in the committed measurement, within the GPU's memory; unmeasured presets alone."""
-    from lab import grid
+    from lab.experiments import grid
 
     speedup = grid.MEASURED_PACKING["small"]["speedup"]
     n, basis = grid.auto_runs_per_gpu("small", gpu_memory_gib=139.8)
@@ -263,7 +265,7 @@ def test_a_cell_is_claimed_once_and_taken_over_only_from_a_dead_holder(store):
     it; another process is turned away while the holder lives, takes the next attempt once
     it is dead, and nobody claims a cell that has a FINISHED run."""
     from lab import records
-    from lab.grid import GridContext, Task, claim_cell, find_or_create_parent
+    from lab.experiments.grid import GridContext, Task, claim_cell, find_or_create_parent
 
     raw = tiny_grid("claims", ["baseline"])
     [cell] = plan(grid_from_dict(raw))
@@ -287,7 +289,7 @@ def test_a_cell_is_claimed_once_and_taken_over_only_from_a_dead_holder(store):
     assert {k: v.rpartition("@")[0] for k, v in params.items()} == {
         f"gatelab.claim/{cell.config_hash}/1": dead, f"gatelab.claim/{cell.config_hash}/2": alive}
 
-    from lab.grid import create_cell_run
+    from lab.experiments.grid import create_cell_run
 
     run_id = create_cell_run(mine, ctx, alive)
     assert client.get_run(run_id).data.tags["gatelab.claim"] == mine.claim

@@ -1,5 +1,5 @@
-"""lab/owners.py: who owns resumable work and whether that owner still lives, and how worker
-processes split the host's cores.
+"""lab/experiments/owners.py: who owns resumable work and whether that owner still lives, and
+how worker processes split the host's cores.
 
 tests/test_grid.py `test_owner_liveness` covers the plain cases (this process alive, an exited
 child dead, a reused pid, a fresh and a stale remote heartbeat); here the rest of the rules."""
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from lab import owners
-from lab.owners import STALE_AFTER_S, is_local, owner_alive, owner_identity, threads_per_worker
+from lab.experiments import owners
+from lab.experiments.owners import (STALE_AFTER_S, is_local, owner_alive, owner_identity,
+                                    threads_per_worker)
 
 HOST = socket.gethostname()
 

@@ -27,7 +27,7 @@ def write_grid(uri: str, name: str = "fake") -> str:
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
     from lab import records
-    from lab.grid import find_or_create_parent
+    from lab.experiments.grid import find_or_create_parent
     from lab.records import cell_name
 
     client = MlflowClient(uri)

@@ -1,4 +1,4 @@
-"""lab/sweep.py: sweep files, the analysis, step-based pruning, parallel workers on one
+"""lab/experiments/sweep.py: sweep files, the analysis, step-based pruning, parallel workers on one
 Optuna storage (journal file and PostgreSQL), MLflow nesting, the report and best_lrs."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import yaml
 
 from lab.cli import main
 from lab.errors import LabError
-from lab.sweep import (best_lrs, load_sweep, parse_sweep, run_sweep, run_trial, split_trials,
-                       summarize_trials, sweep_report)
+from lab.experiments.sweep import (best_lrs, load_sweep, parse_sweep, run_sweep, run_trial,
+                                   split_trials, summarize_trials, sweep_report)
 
 TINY = dict(name="t", preset="tiny", data="synthetic", tokens=2.5e4,
             variants=["baseline", "sdpa_elementwise_sigmoid_mul"],
@@ -318,8 +318,8 @@ def test_postgres_storage_with_two_workers(postgres_url, workspace):
 
 
 def test_stale_trials_of_dead_local_workers_fail_and_others_stay(tmp_path):
-    from lab.owners import owner_identity
-    from lab.sweep import fail_stale_trials, open_storage, storage_url
+    from lab.experiments.owners import owner_identity
+    from lab.experiments.sweep import fail_stale_trials, open_storage, storage_url
 
     study = optuna.create_study(study_name="s/baseline",
                                 storage=open_storage(str(tmp_path / "s.journal")))
@@ -340,9 +340,9 @@ def test_a_killed_ladder_trial_runs_again_at_its_point_and_no_point_runs_twice(w
     FAIL trial's point as visited, so before retry_failed_trials the rerun ended one point
     short (GridSampler stops the study once every point is visited) and the rerun after it
     trained a random point a second time."""
-    from lab import sweep as sweep_module
-    from lab.owners import owner_identity
-    from lab.sweep import open_storage, open_study
+    from lab.experiments import sweep as sweep_module
+    from lab.experiments.owners import owner_identity
+    from lab.experiments.sweep import open_storage, open_study
 
     monkeypatch.setattr(sweep_module, "threads_per_worker", lambda workers: 1)  # conftest.py
 
@@ -370,7 +370,7 @@ def test_a_killed_ladder_trial_runs_again_at_its_point_and_no_point_runs_twice(w
 
 
 def test_retry_failed_trials_queues_each_failure_once_within_the_limit():
-    from lab.sweep import retry_failed_trials
+    from lab.experiments.sweep import retry_failed_trials
 
     study = optuna.create_study()
     for lr in (1e-3, 1e-2):
@@ -392,10 +392,10 @@ def test_a_trial_killed_before_recording_its_worker_fails_after_the_grace(tmp_pa
     worker records itself within the grace is left to it."""
     import threading
 
-    from lab import sweep as sweep_module
+    from lab.experiments import sweep as sweep_module
     from lab import records
-    from lab.owners import owner_identity
-    from lab.sweep import fail_stale_trials, open_storage
+    from lab.experiments.owners import owner_identity
+    from lab.experiments.sweep import fail_stale_trials, open_storage
 
     monkeypatch.setattr(sweep_module, "UNOWNED_TRIAL_GRACE_S", 1.0)
     monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
@@ -434,7 +434,7 @@ def test_the_gpu_check_table_is_kept_on_each_parent_run(workspace, monkeypatch):
     """On a GPU machine the check's table (lab.check.check_before_training) goes with the
     results it vouched for; here the check is stood in for, as CUDA is absent."""
     from lab import check, records
-    from lab import sweep as sweep_module
+    from lab.experiments import sweep as sweep_module
 
     monkeypatch.setattr(sweep_module, "threads_per_worker", lambda workers: 1)  # conftest.py
     monkeypatch.setattr(check, "check_before_training",

@@ -218,7 +218,7 @@ def test_the_printed_link_opens_the_cells_side_by_side_in_the_model_training_lay
 
     from lab import records
     from lab.records import views
-    from lab.grid import child_runs, find_parent
+    from lab.experiments.grid import child_runs, find_parent
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("GATELAB_STORE", store["env"]["GATELAB_STORE"])

@@ -39,7 +39,7 @@ from scipy import stats
 from lab import records
 from lab.analysis.metrics import split_layer_metric
 from lab.errors import LabError
-from lab.grid import child_runs, find_parent
+from lab.experiments.grid import child_runs, find_parent
 from lab.model.gates import VARIANTS
 
 # Columns beside the perplexity, where runs carry them (lab/analysis/metrics.py, lab/training/callbacks.py);

@@ -45,7 +45,7 @@ import lightning as L
 import yaml
 
 from lab.config import check_name, parse_seeds, parse_variants, read_yaml, yaml_number
-from lab.owners import is_local, owner_alive, owner_identity, threads_per_worker
+from lab.experiments.owners import is_local, owner_alive, owner_identity, threads_per_worker
 from lab.errors import LabError, check_choice
 
 SAMPLERS = ("tpe", "random", "grid")

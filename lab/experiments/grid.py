@@ -58,7 +58,7 @@ from lab.config import (RunConfig, check_name, from_dict, parse_lrs, parse_seeds
                         read_yaml, resolve, with_vocab, yaml_number)
 from lab.model.params import model_flops_per_token
 from lab import records as tracking
-from lab.owners import STALE_AFTER_S, owner_alive, owner_identity, threads_per_worker
+from lab.experiments.owners import STALE_AFTER_S, owner_alive, owner_identity, threads_per_worker
 from lab.errors import LabError, check_positive
 
 GRID_FIELDS = ("name", "preset", "data", "tokens", "variants", "seeds", "lrs", "overrides")
@@ -210,7 +210,7 @@ def _variants(spec: GridSpec) -> list[str]:
 def _learning_rates(spec: GridSpec, variants: list[str]) -> dict[str, tuple[float, ...] | None]:
     if spec.lr_sweep is None:
         return {v: spec.lrs for v in variants}
-    from lab.sweep import best_lrs
+    from lab.experiments.sweep import best_lrs
 
     best = best_lrs(spec.lr_sweep)
     missing = [v for v in variants if v not in best]
@@ -555,7 +555,7 @@ def cell_runs(client, ctx: GridContext, config_hash: str) -> list:
 def _claim_alive(holder: str, runs: list, stale_after_s: float) -> bool:
     """Whether the process that holds a claim (`owner@time`) may still be training the cell:
     on this host, whether it exists; from another host, whether the claim or the cell's
-    running run has been refreshed within stale_after_s (lab.owners.owner_alive)."""
+    running run has been refreshed within stale_after_s (lab.experiments.owners.owner_alive)."""
     owner, _, claimed_at = holder.rpartition("@")
     beats = [claimed_at] + [r.data.tags.get(HEARTBEAT_TAG) for r in runs
                             if r.info.status == "RUNNING"]
@@ -829,8 +829,8 @@ def run_ddp_cell(task: Task, ctx: GridContext, gpus: list[str]) -> Outcome:
                                          "ctx": dataclasses.asdict(ctx)}, default=str))
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(gpus),
                    GATELAB_GRID_OWNER=owner_identity())
-        job = subprocess.Popen([sys.executable, "-m", "lab.grid", "--run-cell", str(spec_file),
-                                "--outcome", str(outcome_file)], env=env)
+        job = subprocess.Popen([sys.executable, "-m", "lab.experiments.grid", "--run-cell",
+                                str(spec_file), "--outcome", str(outcome_file)], env=env)
         try:
             code = job.wait()
         except KeyboardInterrupt as err:
@@ -848,7 +848,7 @@ def run_ddp_cell(task: Task, ctx: GridContext, gpus: list[str]) -> Outcome:
 
 
 def _run_cell_main(argv: list[str]) -> int:
-    """`python -m lab.grid --run-cell SPEC --outcome FILE`: one cell, for DDP jobs."""
+    """`python -m lab.experiments.grid --run-cell SPEC --outcome FILE`: one cell, for DDP jobs."""
     spec = json.loads(Path(argv[argv.index("--run-cell") + 1]).read_text())
     outcome_file = Path(argv[argv.index("--outcome") + 1])
     lead = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
