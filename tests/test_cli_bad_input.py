@@ -205,6 +205,8 @@ CASES = [
      "trials: must be a positive integer"),
     ("sweep-override-eps", sweep_file(SWEEP_FILE + "overrides: {train.eps: -1}\n"),
      "train.eps: must be a positive number"),
+    ("sweep-file-unknown-key", sweep_file(SWEEP_FILE + "colour: red\n"),
+     "written.yaml: unknown field 'colour'; allowed: name, preset"),
     ("sweep-report-tolerance", ["sweep-report", "fuzz", "--tolerance", "2"],
      "--tolerance: must lie in [0, 1)"),
 ]

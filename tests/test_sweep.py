@@ -425,7 +425,7 @@ def test_sweep_reads_its_lists_and_name_as_a_grid_does():
     assert sweep.seeds == (0, 1) and sweep.variants == ("baseline",)
     for bad, field in ((dict(name="-x"), "name"), (dict(seeds=[0, 0]), "seeds: lists a value twice"),
                        (dict(variants="all"), "variants"),
-                       (dict(overrides={"train.tokens": 1e5}), "sweep's tokens field")):
+                       (dict(overrides={"train.tokens": 1e5}), "sweep's `tokens` field")):
         with pytest.raises(LabError, match=field):
             parse_sweep(sweep_dict(**bad))
 

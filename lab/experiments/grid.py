@@ -52,19 +52,17 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 
-from lab.config import (RunConfig, check_name, from_dict, parse_lrs, parse_seeds, parse_variants,
-                        read_yaml, resolve, with_vocab, yaml_number)
+from lab.config import (RunConfig, from_dict, parse_lrs, parse_seeds, parse_variants, resolve,
+                        with_vocab)
 from lab.model.params import model_flops_per_token
 from lab import records as tracking
 from lab.experiments.owners import STALE_AFTER_S, owner_alive, owner_identity, threads_per_worker
 from lab.errors import LabError, check_positive
-
-GRID_FIELDS = ("name", "preset", "data", "tokens", "variants", "seeds", "lrs", "overrides")
-REQUIRED_FIELDS = ("name", "variants")
-# Fields that the grid's own axes set: an override of them would silently defeat the grid.
-AXIS_OVERRIDES = {"train.lr": "lrs", "train.seed": "seeds", "train.tokens": "tokens"}
+from lab.experiments.overrides import override_pairs
+from lab.experiments.schema import ExperimentSpec, KeyReader
 
 PARENT_TAG = "gatelab.grid_parent"
 GRID_TAG = "gatelab.grid"
@@ -83,92 +81,48 @@ ASSUMED_RUN_OVERHEAD_S = 5.0
 
 # --- the grid file ----------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class GridSpec:
-    name: str
-    variants: tuple[str, ...] | str          # slugs, or "all"
-    preset: str = "tiny"
-    data: str = "synthetic"
-    tokens: float | None = None              # None: the preset's budget
-    seeds: tuple[int, ...] = (0,)
+def _learning_rates_key(value) -> dict:
+    """`lrs`: a list of learning rates, or {from_sweep: <sweep name>}."""
+    if isinstance(value, dict):
+        if set(value) != {"from_sweep"} or not isinstance(value["from_sweep"], str):
+            raise LabError("lrs: expected a list of learning rates or {from_sweep: <sweep name>}")
+        return {"lrs": None, "lr_sweep": value["from_sweep"]}
+    return {"lrs": parse_lrs(value)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class GridSpec(ExperimentSpec):
+    """A validated grid file (ablations/*.yaml): the schema's fields and the learning rates."""
+
     lrs: tuple[float, ...] | None = None     # None: the preset's LR
     lr_sweep: str | None = None              # lrs: {from_sweep: <name>}
-    overrides: dict = field(default_factory=dict)
 
+    kind: ClassVar[str] = "grid"
 
-def _overrides(where: str, value) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise LabError(f"{where}: expected a mapping of dotted keys, e.g. {{train.val_every: 50}}")
-    out = {}
-    for key, item in value.items():
-        if not isinstance(key, str):
-            raise LabError(f"{where}: keys are dotted field names, got {key!r}")
-        if key in AXIS_OVERRIDES:
-            raise LabError(f"{where}.{key}: set this with the grid's `{AXIS_OVERRIDES[key]}` field")
-        if isinstance(item, (dict, list)):
-            raise LabError(f"{where}.{key}: expected a single value, got {item!r}")
-        out[key] = item
-    return out
+    @classmethod
+    def keys(cls) -> dict[str, KeyReader]:
+        return {**super().keys(), "lrs": _learning_rates_key}
 
 
 def grid_from_dict(raw, source: str = "grid file") -> GridSpec:
-    if not isinstance(raw, dict):
-        raise LabError(f"{source}: expected a mapping with fields {', '.join(GRID_FIELDS)}")
-    unknown = [k for k in raw if k not in GRID_FIELDS]
-    if unknown:
-        raise LabError(f"{source}: unknown field {unknown[0]!r}; allowed: {', '.join(GRID_FIELDS)}")
-    missing = [k for k in REQUIRED_FIELDS if raw.get(k) in (None, "", [])]
-    if missing:
-        raise LabError(f"{source}: missing field {missing[0]!r}")
-    name = check_name(raw["name"])
-    for key in ("preset", "data"):
-        if key in raw and not isinstance(raw[key], str):
-            raise LabError(f"{key}: expected a string, got {raw[key]!r}")
-    lrs, lr_sweep = None, None
-    if raw.get("lrs") is not None:
-        if isinstance(raw["lrs"], dict):
-            if set(raw["lrs"]) != {"from_sweep"} or not isinstance(raw["lrs"]["from_sweep"], str):
-                raise LabError("lrs: expected a list of learning rates or {from_sweep: <sweep name>}")
-            lr_sweep = raw["lrs"]["from_sweep"]
-        else:
-            lrs = parse_lrs(raw["lrs"])
-    return GridSpec(
-        name=name, variants=parse_variants(raw["variants"]),
-        preset=raw.get("preset") or "tiny", data=raw.get("data") or "synthetic",
-        tokens=None if raw.get("tokens") is None else yaml_number("tokens", raw["tokens"]),
-        seeds=parse_seeds(raw["seeds"]) if raw.get("seeds") is not None else (0,),
-        lrs=lrs, lr_sweep=lr_sweep, overrides=_overrides("overrides", raw.get("overrides")))
+    return GridSpec.from_dict(raw, source)
 
 
 def load_grid(path: str | Path) -> GridSpec:
-    path = Path(path)
-    raw = read_yaml(path, "grid")
-    return grid_from_dict(raw, f"grid file {path}")
+    return GridSpec.load(path)
 
 
 def with_cli(spec: GridSpec, preset=None, data=None, tokens=None, seeds=None, lrs=None,
              variants=None, overrides=None) -> GridSpec:
     """Command-line flags replace the file's fields (`--set` adds overrides)."""
+    spec = spec.with_flags(preset=preset, data=data, tokens=tokens, overrides=overrides)
     changes: dict = {}
-    if preset is not None:
-        changes["preset"] = preset
-    if data is not None:
-        changes["data"] = data
-    if tokens is not None:
-        changes["tokens"] = yaml_number("--tokens", tokens)
     if seeds is not None:
         changes["seeds"] = parse_seeds(seeds, "--seeds")
     if lrs is not None:
         changes["lrs"], changes["lr_sweep"] = parse_lrs(lrs, "--lrs"), None
     if variants is not None:
         changes["variants"] = parse_variants(variants, "--variants")
-    if overrides:
-        from lab.config import _split_pair
-
-        extra = dict(_split_pair(p) for p in overrides)
-        changes["overrides"] = {**spec.overrides, **_overrides("--set", extra)}
     return dataclasses.replace(spec, **changes)
 
 
@@ -954,7 +908,7 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
 
         check_table = check_before_training(
             spec.preset, list(dict.fromkeys(c.variant for c in cells)),
-            [f"{k}={v}" for k, v in spec.overrides.items()], options.quiet,
+            override_pairs(spec.overrides), options.quiet,
             log=lambda line: print(f"grid {spec.name}: {line}", flush=True))
     client = tracking.client(uri)
     experiment = tracking.experiment_id(client, spec.name, uri)
@@ -978,7 +932,7 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
     with stop_on_signals():  # SIGINT and SIGTERM: the runs in progress end KILLED
         try:
             client.update_run(parent, status="RUNNING")
-            tracking.log_dict_artifact(client, parent, _spec_dict(spec), "grid.yaml")
+            tracking.log_dict_artifact(client, parent, spec.to_dict(), "grid.yaml")
             if check_table is not None:  # this start's check (a resumed grid adds its own)
                 tracking.log_check_table(client, parent, check_table)
             if not work.tasks:
@@ -1020,12 +974,6 @@ def _set_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-
-
-def _spec_dict(spec: GridSpec) -> dict:
-    out = dataclasses.asdict(spec)
-    out["variants"] = list(spec.variants) if spec.variants != "all" else "all"
-    return out
 
 
 def _progress(name: str, work: Plan, workers: int, quiet: bool):

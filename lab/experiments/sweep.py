@@ -39,19 +39,19 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import yaml
 
-from lab.config import check_name, parse_seeds, parse_variants, read_yaml, yaml_number
+from lab.config import parse_variants, yaml_number
+from lab.errors import LabError, check_choice, check_positive_int
+from lab.experiments.overrides import override_pairs
 from lab.experiments.owners import is_local, owner_alive, owner_identity, threads_per_worker
-from lab.errors import LabError, check_choice
+from lab.experiments.schema import ExperimentSpec, KeyReader, nonempty_string
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "successive_halving", "none")
-SWEEP_KEYS = ("name", "preset", "data", "tokens", "variants", "lr", "trials", "sampler",
-              "pruner", "seeds", "storage", "overrides", "description")
 SWEEP_DIR = "sweeps"
 STABLE_TOLERANCE = 0.02   # "max stable LR": within 2% of the best final validation loss
 STATES = ("complete", "pruned", "diverged", "failed")
@@ -64,15 +64,71 @@ UNOWNED_TRIAL_GRACE_S = 60.0
 
 # --- the sweep file -----------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Sweep:
-    """A validated sweep file (sweeps/*.yaml)."""
+def _lr_key(raw) -> dict:
+    """`lr`: {low: <lr>, high: <lr>} (log-uniform) or {ladder: [<lr>, ...]}."""
+    if not isinstance(raw, dict) or not (set(raw) <= {"low", "high", "ladder"}) or \
+            ("ladder" in raw) == ("low" in raw or "high" in raw):
+        raise LabError("lr: expected {low: <lr>, high: <lr>} (log-uniform) or "
+                       f"{{ladder: [<lr>, ...]}}, got {raw!r}")
+    if "ladder" in raw:
+        ladder = raw["ladder"]
+        if not isinstance(ladder, list) or not ladder:
+            raise LabError(f"lr.ladder: expected a non-empty list of learning rates, got {ladder!r}")
+        values = tuple(sorted({yaml_number("lr.ladder", v) for v in ladder}))
+        return {"lr_ladder": values}
+    if "low" not in raw or "high" not in raw:
+        raise LabError("lr: a range needs both low and high")
+    low, high = yaml_number("lr.low", raw["low"]), yaml_number("lr.high", raw["high"])
+    if not low < high:
+        raise LabError(f"lr: low ({low:g}) must be below high ({high:g})")
+    return {"lr_low": low, "lr_high": high}
 
-    name: str
-    preset: str
-    variants: tuple[str, ...]
-    data: str = "synthetic"
-    tokens: float | None = None
+
+def _pruner_key(raw) -> dict:
+    """`median`, or `{kind: median, n_startup_trials: 2, ...}` (options go to Optuna's pruner)."""
+    if isinstance(raw, dict):
+        options = dict(raw)
+        kind = options.pop("kind", None)
+    else:
+        kind, options = raw, {}
+    check_choice("pruner", kind, PRUNERS)
+    if options:
+        import inspect
+
+        allowed = set(inspect.signature(_pruner_class(kind)).parameters) if kind != "none" else set()
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise LabError(f"pruner: unknown option(s) {', '.join(unknown)} for {kind}; allowed: "
+                           f"{', '.join(sorted(allowed)) or '(none)'}")
+    return {"pruner": kind, "pruner_options": options}
+
+
+def _pruner_class(kind: str):
+    import optuna
+
+    return {"median": optuna.pruners.MedianPruner,
+            "successive_halving": optuna.pruners.SuccessiveHalvingPruner}[kind]
+
+
+def _variants_key(raw) -> dict:
+    variants = parse_variants(raw)
+    if variants == "all":
+        raise LabError("variants: a sweep lists its variants by name ('all' is for grids)")
+    return {"variants": variants}
+
+
+def _sampler_key(raw) -> dict:
+    check_choice("sampler", raw, SAMPLERS)
+    return {"sampler": raw}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sweep(ExperimentSpec):
+    """A validated sweep file (sweeps/*.yaml): the schema's fields and the search. Every
+    variant resolves at both ends of the LR range at every seed (checked on creation, so
+    also after `with_flags`): unknown presets, variants, override keys and impossible shapes
+    fail before any trial or run."""
+
     lr_low: float | None = None          # log-uniform range ...
     lr_high: float | None = None
     lr_ladder: tuple[float, ...] = ()    # ... or an explicit ladder (grid)
@@ -80,10 +136,39 @@ class Sweep:
     sampler: str = "tpe"
     pruner: str = "median"
     pruner_options: dict = field(default_factory=dict)
-    seeds: tuple[int, ...] = (0,)
     storage: str | None = None
-    overrides: tuple[str, ...] = ()
     description: str = ""
+
+    kind: ClassVar[str] = "sweep"
+    required: ClassVar[tuple[str, ...]] = ("name", "preset", "variants", "lr")
+
+    @classmethod
+    def keys(cls) -> dict[str, KeyReader]:
+        return {**super().keys(), "variants": _variants_key, "lr": _lr_key,
+                "trials": lambda value: {"trials": _positive_int("trials", value)},
+                "sampler": _sampler_key, "pruner": _pruner_key,
+                "storage": lambda value: {"storage": nonempty_string(
+                    "storage", value, "a storage URL or journal file path")},
+                "description": lambda value: {"description": str(value)}}
+
+    @classmethod
+    def complete(cls, fields: dict) -> dict:
+        """A ladder's sampler is grid and its trials the whole grid; a range's, TPE and 8."""
+        ladder = "lr_ladder" in fields
+        sampler = fields.setdefault("sampler", "grid" if ladder else "tpe")
+        if ladder != (sampler == "grid"):
+            raise LabError(f"sampler: {sampler!r} does not fit the lr field: an lr.ladder needs "
+                           "sampler grid, an lr range (low/high) needs tpe or random")
+        grid_size = len(fields.get("lr_ladder", ())) * len(fields.get("seeds", (0,)))
+        fields.setdefault("trials", grid_size if ladder else 8)
+        return fields
+
+    def __post_init__(self):
+        low, high = self.lr_bounds()
+        for variant in self.variants:
+            for seed in self.seeds:
+                for value in (low, high):
+                    self.config(variant, value, seed)
 
     def study_name(self, variant: str) -> str:
         return f"{self.name}/{variant}"
@@ -94,7 +179,7 @@ class Sweep:
     def config(self, variant: str, lr: float, seed: int):
         from lab.config import resolve
 
-        return resolve(variant, self.preset, list(self.overrides), data=self.data,
+        return resolve(variant, self.preset, self.overrides, data=self.data,
                        tokens=self.tokens, seed=seed, lr=lr)
 
     def steps(self) -> int:
@@ -116,133 +201,22 @@ class Sweep:
         return dataclasses.replace(self, variants=tuple(variants))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        # sweep.yaml on the parent runs has always held the overrides as 'key=value' lines.
+        return {**super().to_dict(), "overrides": override_pairs(self.overrides)}
 
 
 def _positive_int(field_name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise LabError(f"{field_name}: must be a positive integer, got {value!r}")
+    check_positive_int(field_name, value)
     return value
-
-
-def _parse_lr(raw) -> dict:
-    if not isinstance(raw, dict) or not (set(raw) <= {"low", "high", "ladder"}) or \
-            ("ladder" in raw) == ("low" in raw or "high" in raw):
-        raise LabError("lr: expected {low: <lr>, high: <lr>} (log-uniform) or "
-                       f"{{ladder: [<lr>, ...]}}, got {raw!r}")
-    if "ladder" in raw:
-        ladder = raw["ladder"]
-        if not isinstance(ladder, list) or not ladder:
-            raise LabError(f"lr.ladder: expected a non-empty list of learning rates, got {ladder!r}")
-        values = tuple(sorted({yaml_number("lr.ladder", v) for v in ladder}))
-        return {"lr_ladder": values}
-    if "low" not in raw or "high" not in raw:
-        raise LabError("lr: a range needs both low and high")
-    low, high = yaml_number("lr.low", raw["low"]), yaml_number("lr.high", raw["high"])
-    if not low < high:
-        raise LabError(f"lr: low ({low:g}) must be below high ({high:g})")
-    return {"lr_low": low, "lr_high": high}
-
-
-def _parse_pruner(raw) -> tuple[str, dict]:
-    """`median`, or `{kind: median, n_startup_trials: 2, ...}` (options go to Optuna's pruner)."""
-    if isinstance(raw, dict):
-        options = dict(raw)
-        kind = options.pop("kind", None)
-    else:
-        kind, options = raw, {}
-    check_choice("pruner", kind, PRUNERS)
-    if options:
-        import inspect
-
-        allowed = set(inspect.signature(_pruner_class(kind)).parameters) if kind != "none" else set()
-        unknown = sorted(set(options) - allowed)
-        if unknown:
-            raise LabError(f"pruner: unknown option(s) {', '.join(unknown)} for {kind}; allowed: "
-                           f"{', '.join(sorted(allowed)) or '(none)'}")
-    return kind, options
-
-
-def _pruner_class(kind: str):
-    import optuna
-
-    return {"median": optuna.pruners.MedianPruner,
-            "successive_halving": optuna.pruners.SuccessiveHalvingPruner}[kind]
-
-
-def _parse_overrides(raw) -> tuple[str, ...]:
-    from lab.config import parse_overrides
-
-    if raw is None:
-        return ()
-    if isinstance(raw, dict):
-        pairs = tuple(f"{k}={v}" for k, v in raw.items())
-    elif isinstance(raw, list) and all(isinstance(p, str) for p in raw):
-        pairs = tuple(raw)
-    else:
-        raise LabError(f"overrides: expected a mapping of dotted keys (train.val_every: 25) or a "
-                       f"list of 'key=value', got {raw!r}")
-    parsed = parse_overrides(list(pairs))
-    for key, sweep_field in (("lr", "lr"), ("seed", "seeds"), ("tokens", "tokens")):
-        if key in parsed.get("train", {}):
-            raise LabError(f"overrides: train.{key} is what the sweep sets; use the "
-                           f"sweep's {sweep_field} field")
-    return pairs
 
 
 def parse_sweep(raw: Any, source: str = "sweep") -> Sweep:
     """A loaded YAML document -> a validated Sweep; every field checked before anything runs."""
-    if not isinstance(raw, dict):
-        raise LabError(f"{source}: expected a mapping of sweep fields, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(SWEEP_KEYS))
-    if unknown:
-        raise LabError(f"{source}: unknown field(s) {', '.join(unknown)}; allowed: "
-                       f"{', '.join(SWEEP_KEYS)}")
-    for required in ("name", "preset", "variants", "lr"):
-        if required not in raw:
-            raise LabError(f"{source}: missing field {required!r}")
-    name = check_name(raw["name"])
-    if not isinstance(raw["preset"], str):
-        raise LabError(f"preset: expected a preset name, got {raw['preset']!r}")
-    variants = parse_variants(raw["variants"])
-    if variants == "all":
-        raise LabError("variants: a sweep lists its variants by name ('all' is for grids)")
-    seeds = parse_seeds(raw.get("seeds", [0]))
-    lr = _parse_lr(raw["lr"])
-    ladder = "lr_ladder" in lr
-    sampler = raw.get("sampler", "grid" if ladder else "tpe")
-    check_choice("sampler", sampler, SAMPLERS)
-    if ladder != (sampler == "grid"):
-        raise LabError(f"sampler: {sampler!r} does not fit the lr field: an lr.ladder needs "
-                       "sampler grid, an lr range (low/high) needs tpe or random")
-    grid_size = len(lr.get("lr_ladder", ())) * len(seeds)
-    trials = _positive_int("trials", raw.get("trials", grid_size if ladder else 8))
-    pruner, pruner_options = _parse_pruner(raw.get("pruner", "median"))
-    storage = raw.get("storage")
-    if storage is not None and (not isinstance(storage, str) or not storage):
-        raise LabError(f"storage: expected a storage URL or journal file path, got {storage!r}")
-    data = raw.get("data", "synthetic")
-    if not isinstance(data, str) or not data:
-        raise LabError(f"data: expected synthetic, a corpus directory or text files, got {data!r}")
-    sweep = Sweep(name=name, preset=raw["preset"], variants=tuple(variants), data=data,
-                  tokens=yaml_number("tokens", raw["tokens"]) if raw.get("tokens") is not None else None,
-                  trials=trials, sampler=sampler, pruner=pruner, pruner_options=pruner_options,
-                  seeds=tuple(seeds), storage=storage, overrides=_parse_overrides(raw.get("overrides")),
-                  description=str(raw.get("description", "")), **lr)
-    # Resolve every variant at both ends of the range and every seed: unknown presets,
-    # variants, override keys and impossible shapes fail here, before any trial or run.
-    low, high = sweep.lr_bounds()
-    for variant in sweep.variants:
-        for seed in sweep.seeds:
-            for value in (low, high):
-                sweep.config(variant, value, seed)
-    return sweep
+    return Sweep.from_dict(raw, source)
 
 
 def load_sweep(path: str | Path) -> Sweep:
-    path = Path(path)
-    raw = read_yaml(path, "sweep")
-    return parse_sweep(raw, source=str(path))
+    return Sweep.load(path)
 
 
 # --- storage ------------------------------------------------------------------------
@@ -410,7 +384,7 @@ def parent_run(sweep: Sweep, variant: str, uri: str, storage: str) -> str:
               "sweep.trials": sweep.trials, "sweep.seeds": list(sweep.seeds),
               "sweep.lr_low": low, "sweep.lr_high": high,
               "sweep.lr_ladder": list(sweep.lr_ladder) or None,
-              "sweep.overrides": list(sweep.overrides), "sweep.storage": _redact(storage)}
+              "sweep.overrides": override_pairs(sweep.overrides), "sweep.storage": _redact(storage)}
     tracking.log_params(mlflow_client, run_id, params)
     tracking.log_dict_artifact(mlflow_client, run_id, sweep.to_dict(), "sweep.yaml")
     return run_id
@@ -660,7 +634,7 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
         from lab.check import check_before_training
 
         check_table = check_before_training(sweep.preset, list(sweep.variants),
-                                            list(sweep.overrides), quiet)
+                                            override_pairs(sweep.overrides), quiet)
 
     from lab.interrupts import interruption, stop_on_signals
 

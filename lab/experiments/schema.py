@@ -1,0 +1,108 @@
+"""The one schema of grid and sweep files: the fields both hold, how each key of the YAML is
+read, and the flags that replace a file's values (`--preset`, `--data`, `--tokens`, `--set`).
+
+A file kind is a frozen dataclass that extends `ExperimentSpec` with its own fields and keys
+(lab/experiments/grid.py `GridSpec`, lab/experiments/sweep.py `Sweep`). Reading one refuses,
+with one LabError that names the key and the file (the CLI's one `error:` line, exit code 2),
+anything but a mapping, a key the kind does not have, a missing required key and a value
+its key's reader rejects, before anything is written anywhere. A key set to null is absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from lab.config import check_name, parse_seeds, parse_variants, read_yaml, yaml_number
+from lab.errors import LabError
+from lab.experiments.overrides import read_overrides
+
+KeyReader = Callable[[Any], dict]  # a key's YAML value -> the dataclass fields it sets
+PRESET, DATA = "a preset name", "synthetic, a corpus directory or text files"
+
+
+def nonempty_string(where: str, value, expected: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise LabError(f"{where}: expected {expected}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentSpec:
+    """What a grid file and a sweep file both say."""
+
+    name: str
+    variants: tuple[str, ...] | str          # slugs, or "all" (grids only)
+    preset: str = "tiny"
+    data: str = "synthetic"
+    tokens: float | None = None              # None: the preset's budget
+    seeds: tuple[int, ...] = (0,)
+    overrides: dict[str, Any] = field(default_factory=dict)   # dotted key -> value
+
+    kind: ClassVar[str] = "experiment"       # how errors and the override table name the file
+    required: ClassVar[tuple[str, ...]] = ("name", "variants")
+
+    @classmethod
+    def keys(cls) -> dict[str, KeyReader]:
+        """The keys a file may hold, in the order an error lists them, and their readers."""
+        return {
+            "name": lambda value: {"name": check_name(value)},
+            "preset": lambda value: {"preset": nonempty_string("preset", value, PRESET)},
+            "data": lambda value: {"data": nonempty_string("data", value, DATA)},
+            "tokens": lambda value: {"tokens": yaml_number("tokens", value)},
+            "variants": lambda value: {"variants": parse_variants(value)},
+            "seeds": lambda value: {"seeds": parse_seeds(value)},
+            "overrides": lambda value: {"overrides": read_overrides("overrides", value,
+                                                                    cls.kind)},
+        }
+
+    @classmethod
+    def complete(cls, fields: dict) -> dict:
+        """Fields whose default or validity depends on other keys (none in common)."""
+        return fields
+
+    @classmethod
+    def from_dict(cls, raw, source: str):
+        keys = cls.keys()
+        if not isinstance(raw, dict):
+            raise LabError(f"{source}: expected a mapping with fields {', '.join(keys)}")
+        unknown = [key for key in raw if key not in keys]
+        if unknown:
+            raise LabError(f"{source}: unknown field {unknown[0]!r}; allowed: {', '.join(keys)}")
+        missing = [key for key in cls.required if raw.get(key) in (None, "", [])]
+        if missing:
+            raise LabError(f"{source}: missing field {missing[0]!r}")
+        fields: dict = {}
+        for key, read in keys.items():
+            if raw.get(key) is not None:
+                fields.update(read(raw[key]))
+        return cls(**cls.complete(fields))
+
+    @classmethod
+    def load(cls, path: str | Path):
+        path = Path(path)
+        return cls.from_dict(read_yaml(path, cls.kind), f"{cls.kind} file {path}")
+
+    def with_flags(self, preset: str | None = None, data: str | None = None, tokens=None,
+                   overrides: list[str] | None = None):
+        """The command line's `--preset`, `--data` and `--tokens` replace the file's values;
+        `--set KEY=VALUE` adds to (or replaces one of) its overrides."""
+        changes: dict = {}
+        if preset is not None:
+            changes["preset"] = nonempty_string("--preset", preset, PRESET)
+        if data is not None:
+            changes["data"] = nonempty_string("--data", data, DATA)
+        if tokens is not None:
+            changes["tokens"] = yaml_number("--tokens", tokens)
+        if overrides:
+            changes["overrides"] = {**self.overrides,
+                                    **read_overrides("--set", list(overrides), self.kind)}
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """The spec as the YAML artifact on its parent run records it."""
+        out = dataclasses.asdict(self)
+        out["variants"] = list(self.variants) if self.variants != "all" else "all"
+        return out
