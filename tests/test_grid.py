@@ -211,7 +211,7 @@ def test_runs_per_gpu_gives_each_gpu_that_many_worker_slots(store, monkeypatch):
             pass
 
     monkeypatch.setattr(grid, "parse_gpus", lambda text: ["0", "1"])
-    monkeypatch.setattr(grid, "WorkerPool", RecordingPool)
+    monkeypatch.setattr(grid, "CellPool", RecordingPool)
     monkeypatch.setattr(os, "cpu_count", lambda: 12)
     run_grid(grid_from_dict(tiny_grid("packed", ["baseline"], seeds=(0, 1))),
              GridOptions(gpus="all", runs_per_gpu=3, quiet=True))

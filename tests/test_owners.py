@@ -1,5 +1,5 @@
-"""lab/experiments/owners.py: who owns resumable work and whether that owner still lives, and
-how worker processes split the host's cores.
+"""lab/experiments/owners.py: who owns resumable work and whether that owner still lives
+(how worker processes split the host's cores: tests/test_pool.py).
 
 tests/test_grid.py `test_owner_liveness` covers the plain cases (this process alive, an exited
 child dead, a reused pid, a fresh and a stale remote heartbeat); here the rest of the rules."""
@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from lab.experiments import owners
-from lab.experiments.owners import (STALE_AFTER_S, is_local, owner_alive, owner_identity,
-                                    threads_per_worker)
+from lab.experiments.owners import STALE_AFTER_S, is_local, owner_alive, owner_identity
 
 HOST = socket.gethostname()
 
@@ -109,14 +108,3 @@ def test_is_local():
     assert is_local(owner_identity())
     assert not is_local("elsewhere.invalid:1:2")
     assert not is_local(None) and not is_local("")
-
-
-# --- cores per worker -------------------------------------------------------------------
-
-@pytest.mark.parametrize("cores, workers, threads", [(16, 1, 16), (16, 3, 5), (16, 6, 2),
-                                                     (16, 16, 1), (16, 40, 1), (2, 2, 1),
-                                                     (None, 4, 1)])
-def test_threads_per_worker_split_the_cores_and_never_reach_zero(monkeypatch, cores, workers,
-                                                                 threads):
-    monkeypatch.setattr(owners.os, "cpu_count", lambda: cores)
-    assert threads_per_worker(workers) == threads

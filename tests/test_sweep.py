@@ -13,12 +13,13 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 
 from lab.cli import main
 from lab.errors import LabError
 from lab.experiments.sweep import (best_lrs, load_sweep, parse_sweep, run_sweep, run_trial,
-                                   split_trials, summarize_trials, sweep_report)
+                                   summarize_trials, sweep_report, trial_tasks)
 
 TINY = dict(name="t", preset="tiny", data="synthetic", tokens=2.5e4,
             variants=["baseline", "sdpa_elementwise_sigmoid_mul"],
@@ -133,9 +134,13 @@ def test_diverged_trials_are_never_best():
     assert s.best_lr is None and s.max_stable_lr is None and s.counts["diverged"] == 2
 
 
-def test_split_trials_exact():
-    assert split_trials(7, 3) == [3, 2, 2] and sum(split_trials(4, 4)) == 4
-    assert split_trials(1, 2) == [1, 0]
+def test_each_study_gets_exactly_its_budget_of_trials():
+    """The trials still to run become one task each, study after study, whichever worker
+    takes which (the split of 7 trials over 3 workers that this replaced: [3, 2, 2])."""
+    tasks = trial_tasks({"baseline": 7, "gated": 0, "other": 2})
+    assert [t.variant for t in tasks] == ["baseline"] * 7 + ["other"] * 2
+    assert [t.index for t in tasks] == list(range(9))
+    assert trial_tasks({"baseline": 0}) == []
 
 
 # --- pruning by step --------------------------------------------------------------------
@@ -148,8 +153,12 @@ def test_pruned_trial_reports_by_step_and_ends_pruned_not_failed(workspace):
     # A loss above 0 always crosses this threshold: the first validation (step 4) prunes.
     study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0))
     uri = records.tracking_uri()
-    study.optimize(lambda t: run_trial(t, sweep, "baseline", uri, parent_run_id=None), n_trials=1)
+    seen = []
+    study.optimize(lambda t: run_trial(t, sweep, "baseline", uri, parent_run_id=None,
+                                       notify=seen.append), n_trials=1)
     trial = study.trials[0]
+    # What a pool worker tells its parent (which trial, then which run) as it happens.
+    assert seen == [{"trial": 0}, {"run_id": trial.user_attrs["mlflow_run_id"]}]
     assert trial.state == optuna.trial.TrialState.PRUNED
     assert list(trial.intermediate_values) == [4]          # keyed by training step
     assert trial.user_attrs["state"] == "pruned" and trial.user_attrs["pruned_step"] == 4
@@ -190,6 +199,67 @@ def test_four_workers_record_every_trial_once(finished_sweep, workspace):
     for summary in summaries.values():
         assert summary.best_lr in (3e-3, 3e-2, 1.0) and summary.best_lr != 30.0
         assert summary.counts["diverged"] >= 1
+
+
+def test_two_workers_on_two_gpus_each_get_their_own(workspace, monkeypatch):
+    """The sweep's workers used to start with no CUDA_VISIBLE_DEVICES, so on a 2-GPU machine
+    every trial trained on GPU 0. With two GPUs (their count stood in for: no CUDA here) each
+    of two workers is pinned to its own, a third shares one, and the cores are split."""
+    from lab.experiments import sweep as sweep_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 12)
+    started = []
+
+    class RecordingPool:
+        def __init__(self, slots, threads, ctx, studies):
+            started.append(([slot.get("CUDA_VISIBLE_DEVICES") for slot in slots], threads))
+
+        def run(self, tasks, on_outcome, on_dispatch):
+            pass
+
+        def close(self, signum=None):
+            pass
+
+    monkeypatch.setattr(sweep_module, "TrialPool", RecordingPool)
+    sweep = parse_sweep(sweep_dict(name="pinned", variants=["baseline"],
+                                   lr={"ladder": [1e-3, 3e-3, 1e-2]}, pruner="none"))
+    run_sweep(sweep, workers=2, quiet=True, check=False)
+    run_sweep(sweep, workers=3, quiet=True, check=False)
+    assert started == [(["0", "1"], 6), (["0", "0", "1"], 4)]
+
+
+def test_a_trial_whose_worker_died_fails_and_its_run_says_why(tmp_path, monkeypatch):
+    """What the sweep's pool does when a worker dies holding a trial (the pool's own test,
+    tests/test_pool.py, kills one): the trial is told FAIL, on a study whose sampler is not
+    the ladder's GridSampler (telling its last point would stop an optimize loop that is not
+    running), and the run, found by its tags here, ends FAILED saying why."""
+    from types import SimpleNamespace
+
+    from lab import records
+    from lab.experiments.sweep import SweepContext, TrialPool, TrialTask, open_storage, open_study
+
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
+    uri = records.tracking_uri()
+    client = records.client(uri)
+    experiment = client.create_experiment("crashed")
+    sweep = parse_sweep(sweep_dict(name="crashed", variants=["baseline"], lr={"ladder": [1e-3]},
+                                   pruner="none"))
+    storage = open_storage(str(tmp_path / "c.journal"))
+    trial = open_study(sweep, "baseline", storage).ask()  # as the worker's GridSampler had it
+    trial.suggest_float("lr", 1e-3, 1e-3, log=True)
+    run = client.create_run(experiment, tags={"study": "crashed/baseline", "trial": "0"})
+    bookkeeping = open_study(sweep, "baseline", storage, sampler=optuna.samplers.RandomSampler())
+    parent = SimpleNamespace(context=SweepContext(sweep, str(tmp_path / "c.journal"), uri, {}),
+                             studies={"baseline": bookkeeping})
+    reason = "worker process was killed by SIGKILL (exit code -9) while training"
+    TrialPool.crashed(parent, TrialTask(0, "baseline"), {"trial": 0}, reason)
+    assert [t.state.name for t in bookkeeping.get_trials()] == ["FAIL"]
+    record = client.get_run(run.info.run_id)
+    assert record.info.status == "FAILED" and record.data.tags["state"] == "failed"
+    assert record.data.tags["gatelab.failure_kind"] == "worker_died"
+    assert record.data.tags["gatelab.failure"] == reason
 
 
 def test_mlflow_one_child_per_trial_nested_under_its_study(finished_sweep, workspace):

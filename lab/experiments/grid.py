@@ -41,14 +41,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import queue
 import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,9 +57,11 @@ from lab.config import (RunConfig, from_dict, parse_lrs, parse_seeds, parse_vari
                         with_vocab)
 from lab.model.params import model_flops_per_token
 from lab import records as tracking
-from lab.experiments.owners import STALE_AFTER_S, owner_alive, owner_identity, threads_per_worker
+from lab.experiments.owners import STALE_AFTER_S, owner_alive, owner_identity
 from lab.errors import LabError, check_positive
 from lab.experiments.overrides import override_pairs
+from lab.experiments.pool import (WorkerPool, die_with_parent, fail_run, gpu_slots, parse_gpus,
+                                  slot_name, threads_per_worker)
 from lab.experiments.schema import ExperimentSpec, KeyReader
 
 PARENT_TAG = "gatelab.grid_parent"
@@ -217,23 +217,6 @@ def shard_cells(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
         return cells
     index, count = shard
     return [cell for k, cell in enumerate(cells) if k % count == index]
-
-
-def parse_gpus(text: str | None) -> list[str]:
-    """`all` or a comma list of CUDA indices -> the device ids workers are pinned to."""
-    import torch
-
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if text is None or text == "all":
-        return [str(i) for i in range(available)]
-    if available == 0:
-        raise LabError("--gpus: no CUDA device is visible; leave --gpus out to run on CPU")
-    ids = [g.strip() for g in text.split(",") if g.strip()]
-    for gpu in ids:
-        if not gpu.isdigit() or int(gpu) >= available:
-            raise LabError(f"--gpus: {gpu!r} is not one of all, "
-                           f"{', '.join(str(i) for i in range(available))}")
-    return list(dict.fromkeys(ids))
 
 
 # --- packing cells onto a GPU -------------------------------------------------------------
@@ -613,7 +596,7 @@ def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = 
         kind, message = describe_failure(err, task.config)
         if lead_rank:
             try:  # best effort: on a full disk the store may refuse this too
-                _fail_run(ctx, run_id, kind, message)
+                fail_run(ctx.uri, run_id, kind, message)
             except Exception:
                 pass
         _release_memory()
@@ -638,131 +621,20 @@ def _release_memory() -> None:
 
 # --- worker processes -------------------------------------------------------------------
 
-def die_with_grid(grid_owner: str, every_s: float = 0.5) -> None:
-    """A worker must not outlive its grid process (a SIGKILLed grid would leave it writing
-    to the store): a watchdog thread ends this process once the grid's identity (see
-    owner_alive) is gone. Forkserver workers are not the grid's children, so the kernel's
-    parent-death signal would not reach them."""
-
-    def watch():
-        while owner_alive(grid_owner, None):
-            time.sleep(every_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
+def run_cell_in_worker(task: Task, ctx: GridContext, notify) -> Outcome:
+    """A cell in a pool worker: the pool hears of its run as soon as it exists."""
+    return execute_cell(task, ctx, on_start=lambda run_id: notify({"run_id": run_id}))
 
 
-def _worker_main(env: dict, threads: int, grid_owner: str, ctx: GridContext, tasks, results):
-    from lab.interrupts import stop_on_signals
-    from lab.progress import configure_output
+class CellPool(WorkerPool):
+    """The grid's workers (lab/experiments/pool.py): a cell whose worker died ends FAILED,
+    `gatelab.failure_kind=worker_died`, and the grid goes on."""
 
-    os.environ.update(env)
-    configure_output()  # the forkserver imported Lightning, which set its loggers to INFO
-    die_with_grid(grid_owner)
-    _set_threads(threads)
-    try:
-        # SIGINT (Ctrl-C reaches the whole process group) and SIGTERM (forwarded by the
-        # grid, WorkerPool.close) end the cell's run KILLED, as in the grid process.
-        with stop_on_signals():
-            while True:
-                task = tasks.get()
-                if task is None:
-                    return
-                notify = lambda run_id, index=task.index: results.put(("started", index, run_id))  # noqa: E731
-                results.put(("outcome", task.index, execute_cell(task, ctx, on_start=notify)))
-    except (KeyboardInterrupt, SystemExit):
-        return
+    job = staticmethod(run_cell_in_worker)
 
-
-class WorkerPool:
-    """One process per slot (a GPU, or a share of the CPU cores), each taking cells from
-    its own queue, so the pool knows which cell a crashed worker held.
-
-    GPU workers start fresh interpreters (spawn): each must see only its own device, and a
-    process that has asked CUDA anything cannot hand a working CUDA to a fork. CPU workers
-    fork from a server that has imported torch, Lightning and MLflow once (forkserver), so
-    four workers do not pay four interpreter start-ups. Workers watch the grid process and
-    end with it."""
-
-    def __init__(self, slots: list[dict], threads: int, ctx: GridContext):
-        import multiprocessing
-
-        if any(slots):
-            self.mp = multiprocessing.get_context("spawn")
-        else:
-            self.mp = multiprocessing.get_context("forkserver")
-            self.mp.set_forkserver_preload(["torch", "lightning", "mlflow", "mlflow.tracking"])
-        self.slots, self.threads, self.ctx = slots, threads, ctx
-        self.results = self.mp.Queue()
-        self.workers = [self._start(slot) for slot in slots]
-
-    def _start(self, slot: dict):
-        tasks = self.mp.Queue()
-        process = self.mp.Process(target=_worker_main, daemon=True,
-                                  args=(slot, self.threads, owner_identity(), self.ctx, tasks,
-                                        self.results))
-        process.start()
-        return process, tasks
-
-    def run(self, tasks: list[Task], on_outcome, on_dispatch) -> None:
-        pending = deque(tasks)
-        holding: dict[int, Task] = {}     # worker slot -> task
-        run_ids: dict[int, str] = {}      # task index -> run id
-        while pending or holding:
-            for slot in range(len(self.workers)):
-                if slot not in holding and pending:
-                    task = pending.popleft()
-                    holding[slot] = task
-                    self.workers[slot][1].put(task)
-                    on_dispatch(task, self.slots[slot])
-            try:
-                kind, index, payload = self.results.get(timeout=1.0)
-            except queue.Empty:
-                kind = None
-            if kind == "started":
-                run_ids[index] = payload
-            elif kind == "outcome":
-                slot = next(s for s, t in holding.items() if t.index == index)
-                del holding[slot]
-                on_outcome(payload)
-            for slot, task in list(holding.items()):
-                process = self.workers[slot][0]
-                if process.is_alive() or not self.results.empty():
-                    continue
-                # The worker died holding a cell (killed by the OS, a segfault): record it.
-                reason = (f"worker process exited with code {process.exitcode} while training "
-                          "(killed by the operating system, e.g. out of host memory?)")
-                _fail_run(self.ctx, run_ids.get(task.index), "worker_died", reason)
-                del holding[slot]
-                self.workers[slot] = self._start(self.slots[slot])
-                on_outcome(Outcome(task.index, task.name, "FAILED", run_ids.get(task.index),
-                                   failure=reason))
-
-    def close(self, signum: int | None = None) -> None:
-        """Stop the workers: each ends after its cell; with `signum` (the grid was stopped by
-        that signal) each gets the signal now, so its run ends KILLED with that reason."""
-        for process, tasks in self.workers:
-            if process.is_alive():
-                tasks.put(None)
-                if signum is not None:
-                    try:
-                        os.kill(process.pid, signum)
-                    except ProcessLookupError:
-                        pass
-        for process, _ in self.workers:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.terminate()
-
-
-def _fail_run(ctx: GridContext, run_id: str | None, kind: str, reason: str) -> None:
-    """Tag a cell's run FAILED with why (the reason cut to fit an MLflow tag)."""
-    if run_id is None:
-        return
-    client = tracking.client(ctx.uri)
-    client.set_tag(run_id, FAILURE_KIND_TAG, kind)
-    client.set_tag(run_id, FAILURE_TAG, reason[:4000])
-    client.set_terminated(run_id, "FAILED")
+    def crashed(self, task: Task, started: dict, reason: str) -> Outcome:
+        fail_run(self.context.uri, started.get("run_id"), "worker_died", reason)
+        return Outcome(task.index, task.name, "FAILED", started.get("run_id"), failure=reason)
 
 
 def run_ddp_cell(task: Task, ctx: GridContext, gpus: list[str]) -> Outcome:
@@ -797,7 +669,7 @@ def run_ddp_cell(task: Task, ctx: GridContext, gpus: list[str]) -> Outcome:
         if outcome_file.exists():
             return Outcome(**json.loads(outcome_file.read_text()))
     reason = f"DDP job exited with code {code} before recording an outcome"
-    _fail_run(ctx, task.run_id, "worker_died", reason)
+    fail_run(ctx.uri, task.run_id, "worker_died", reason)
     return Outcome(task.index, task.name, "FAILED", task.run_id, failure=reason)
 
 
@@ -810,7 +682,7 @@ def _run_cell_main(argv: list[str]) -> int:
 
     configure_output()
     if os.environ.get("GATELAB_GRID_OWNER"):
-        die_with_grid(os.environ["GATELAB_GRID_OWNER"])
+        die_with_parent(os.environ["GATELAB_GRID_OWNER"])
     raw = spec["task"]
     task = Task(raw["index"], raw["name"], from_dict(raw["config"]), raw["run_id"], raw["resumed"],
                 raw["claim"])
@@ -894,8 +766,8 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
                        "leave --runs-per-gpu at 1")
     uri = tracking.tracking_uri(options.tracking_uri)
     device = "cuda" if gpus else "cpu"
-    gpu_slots = [gpu for gpu in gpus for _ in range(runs_per_gpu)]
-    workers = (1 if devices > 1 else len(gpu_slots)) if gpus else options.cpu_workers
+    pinned = gpu_slots(gpus, len(gpus) * runs_per_gpu)
+    workers = (1 if devices > 1 else len(pinned)) if gpus else options.cpu_workers
     if packing_basis and not options.quiet:
         print(f"grid {spec.name}: --runs-per-gpu auto: {packing_basis}", flush=True)
     if options.dry_run:
@@ -948,12 +820,12 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
                     dispatched(task, None)
                     finished(execute_cell(task, ctx))
             else:
-                slots = [{"CUDA_VISIBLE_DEVICES": g} for g in gpu_slots] or [{}] * options.cpu_workers
-                threads = threads_per_worker(len(gpu_slots)) if gpus else cpu_threads
-                pool = WorkerPool(slots, threads, ctx)
+                slots = pinned or gpu_slots([], options.cpu_workers)
+                threads = threads_per_worker(len(pinned)) if gpus else cpu_threads
+                pool = CellPool(slots, threads, ctx)
                 try:
-                    pool.run(work.tasks, finished, lambda task, slot: dispatched(
-                        task, f"GPU {slot['CUDA_VISIBLE_DEVICES']}" if slot else "a CPU worker"))
+                    pool.run(work.tasks, finished,
+                             lambda task, slot: dispatched(task, slot_name(slot)))
                 except BaseException as err:
                     stop = interruption(err)
                     pool.close(stop.signum if stop is not None else None)

@@ -4,7 +4,6 @@ A run or trial records its owner as `host:pid:start`, the start being the proces
 time since boot, so a pid the kernel has reused for another process does not count as the
 owner. On the owner's host that is checked directly; from another host only a heartbeat
 (a timestamp the owner refreshes) can tell, and it counts as dead after `stale_after_s`.
-Also how the worker processes of a grid or sweep share the host's cores.
 """
 
 from __future__ import annotations
@@ -55,8 +54,3 @@ def owner_alive(owner: str | None, heartbeat: str | None, stale_after_s: float =
 
 def is_local(owner: str | None) -> bool:
     return bool(owner) and owner.rsplit(":", 2)[0] == socket.gethostname()
-
-
-def threads_per_worker(workers: int) -> int:
-    """Torch threads for each of `workers` processes on this host: the cores split evenly."""
-    return max(1, (os.cpu_count() or 1) // workers)

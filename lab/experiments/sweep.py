@@ -34,21 +34,35 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import inspect
+import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
+import optuna
+import torch
 import yaml
+from lightning.pytorch.trainer.states import TrainerFn
+from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-from lab.config import parse_variants, yaml_number
+from lab import check as lab_check
+from lab import records as tracking
+from lab.config import parse_variants, resolve, yaml_number
 from lab.errors import LabError, check_choice, check_positive_int
 from lab.experiments.overrides import override_pairs
-from lab.experiments.owners import is_local, owner_alive, owner_identity, threads_per_worker
+from lab.experiments.owners import is_local, owner_alive, owner_identity
+from lab.experiments.pool import WorkerPool, fail_run, gpu_slots, parse_gpus, threads_per_worker
 from lab.experiments.schema import ExperimentSpec, KeyReader, nonempty_string
+from lab.interrupts import interruption, stop_on_signals
+from lab.progress import RunProgress, configure_output, duration
+from lab.training.run import open_data, train_run
+from lab.training.schedule import total_steps
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "successive_halving", "none")
@@ -93,8 +107,6 @@ def _pruner_key(raw) -> dict:
         kind, options = raw, {}
     check_choice("pruner", kind, PRUNERS)
     if options:
-        import inspect
-
         allowed = set(inspect.signature(_pruner_class(kind)).parameters) if kind != "none" else set()
         unknown = sorted(set(options) - allowed)
         if unknown:
@@ -104,8 +116,6 @@ def _pruner_key(raw) -> dict:
 
 
 def _pruner_class(kind: str):
-    import optuna
-
     return {"median": optuna.pruners.MedianPruner,
             "successive_halving": optuna.pruners.SuccessiveHalvingPruner}[kind]
 
@@ -177,15 +187,11 @@ class Sweep(ExperimentSpec):
         return {"lr": list(self.lr_ladder), "seed": list(self.seeds)}
 
     def config(self, variant: str, lr: float, seed: int):
-        from lab.config import resolve
-
         return resolve(variant, self.preset, self.overrides, data=self.data,
                        tokens=self.tokens, seed=seed, lr=lr)
 
     def steps(self) -> int:
         """Optimizer steps of one trial (the pruners' unit)."""
-        from lab.training.schedule import total_steps
-
         return total_steps(self.config(self.variants[0], self.lr_bounds()[0], self.seeds[0]))
 
     def lr_bounds(self) -> tuple[float, float]:
@@ -246,9 +252,6 @@ def storage_url(sweep_name: str, explicit: str | None = None) -> str:
 def open_storage(url: str, create: bool = True):
     """A URL with a scheme (postgresql://, mysql://, sqlite:///) is an RDB storage; anything
     else is a path to an Optuna journal file (the form optuna-dashboard also accepts)."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
     if "://" in url:
         if url.startswith(("postgresql://", "postgres://")):
             # SQLAlchemy 2.1 maps a plain postgresql:// URL to the psycopg (3) driver.
@@ -300,8 +303,6 @@ def _redact(url: str) -> str:
 # --- Optuna objects -----------------------------------------------------------------
 
 def make_sampler(sweep: Sweep, seed: int | None = None):
-    import optuna
-
     if sweep.sampler == "grid":
         return optuna.samplers.GridSampler(sweep.grid(), seed=seed)
     if sweep.sampler == "random":
@@ -312,8 +313,6 @@ def make_sampler(sweep: Sweep, seed: int | None = None):
 
 
 def make_pruner(sweep: Sweep):
-    import optuna
-
     if sweep.pruner == "none":
         return optuna.pruners.NopPruner()
     options = dict(sweep.pruner_options)
@@ -325,12 +324,13 @@ def make_pruner(sweep: Sweep):
     return _pruner_class(sweep.pruner)(**options)
 
 
-def open_study(sweep: Sweep, variant: str, storage, sampler_seed: int | None = None):
-    import optuna
-
+def open_study(sweep: Sweep, variant: str, storage, sampler_seed: int | None = None,
+               sampler=None):
+    """The variant's study, created on first use; `sampler`: another than the sweep's own."""
     return optuna.create_study(study_name=sweep.study_name(variant), storage=storage,
                                direction="minimize", load_if_exists=True,
-                               sampler=make_sampler(sweep, sampler_seed), pruner=make_pruner(sweep))
+                               sampler=sampler or make_sampler(sweep, sampler_seed),
+                               pruner=make_pruner(sweep))
 
 
 class OptunaPruning(L.Callback):
@@ -343,9 +343,6 @@ class OptunaPruning(L.Callback):
         self.pruned_step: int | None = None
 
     def on_validation_end(self, trainer, pl_module):
-        import optuna
-        from lightning.pytorch.trainer.states import TrainerFn
-
         # Only validations inside fit: the final trainer.validate() in lab/run.py repeats
         # the last step and must not prune a finished run.
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
@@ -366,8 +363,6 @@ def parent_run(sweep: Sweep, variant: str, uri: str, storage: str) -> str:
     """Find or create the study's parent run (tags sweep, study, sweep_role=parent), and mark
     it RUNNING: a resumed sweep reuses the parent it had; two machines starting the same new
     sweep end up with one parent (lab.tracking.find_or_create_run)."""
-    from lab import records as tracking
-
     mlflow_client = tracking.client(uri)
     experiment = tracking.experiment_id(mlflow_client, sweep.name, uri)
     study = sweep.study_name(variant)
@@ -399,18 +394,15 @@ def _seed_for(sweep: Sweep, trial) -> int:
 
 
 def run_trial(trial, sweep: Sweep, variant: str, uri: str, parent_run_id: str,
-              quiet: bool = True) -> float:
+              quiet: bool = True, notify=None) -> float:
     """Train one run for the trial; return its final validation loss, or raise TrialPruned
-    for pruned and diverged runs (user attribute `state` tells which)."""
-    import optuna
-    from lab import records as tracking
-    from lab.progress import RunProgress, duration
-    from lab.training.run import train_run
-    from lab.training.schedule import total_steps
-
+    for pruned and diverged runs (user attribute `state` tells which). `notify(dict)` hears
+    the trial's number and then its MLflow run id (the pool's, lab/experiments/pool.py)."""
+    notify = notify or (lambda info: None)
     # The owner first: until it is recorded, a rerun cannot tell a trial of a killed worker
     # from one a live worker has just created (fail_stale_trials).
     trial.set_user_attr("worker", owner_identity())
+    notify({"trial": trial.number})
     low, high = sweep.lr_bounds()
     lr = trial.suggest_float("lr", low, high, log=True)
     seed = _seed_for(sweep, trial)
@@ -423,6 +415,7 @@ def run_trial(trial, sweep: Sweep, variant: str, uri: str, parent_run_id: str,
 
     def on_start(run_id: str) -> None:
         run_ids.append(run_id)
+        notify({"run_id": run_id})
         trial.set_user_attr("mlflow_run_id", run_id)
 
     def finish(state: str, **attrs) -> None:
@@ -472,52 +465,79 @@ def run_trial(trial, sweep: Sweep, variant: str, uri: str, parent_run_id: str,
 # --- workers ------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class WorkerPlan:
-    """What one worker process does: `quota[variant]` trials of each study, in order."""
+class SweepContext:
+    """What every worker needs to run any trial of the sweep."""
 
     sweep: Sweep
-    storage: str
-    uri: str
-    parents: dict[str, str]
-    quota: dict[str, int]
-    threads: int = 1
+    storage: str                  # the Optuna storage's URL, a journal file as an absolute path
+    uri: str                      # MLflow
+    parents: dict[str, str]       # variant -> its study's parent run
     quiet: bool = True
 
 
-def run_worker(plan: WorkerPlan) -> None:
-    import optuna
-    import torch
+@dataclass(frozen=True)
+class TrialTask:
+    """One trial of one study: what the pool hands a worker."""
 
-    torch.set_num_threads(plan.threads)
-    from lab.progress import configure_output
-
-    configure_output()  # a spawned worker: the command's level, from the environment
-    storage = open_storage(plan.storage)
-    for variant, n_trials in plan.quota.items():
-        if n_trials <= 0:
-            continue
-        # Each worker seeds its sampler differently, so random draws differ between workers.
-        study = open_study(plan.sweep, variant, storage, sampler_seed=None)
-        study.optimize(lambda trial: run_trial(trial, plan.sweep, variant, plan.uri,
-                                               plan.parents[variant], plan.quiet),
-                       n_trials=n_trials, catch=(Exception,), gc_after_trial=True)
+    index: int
+    variant: str
 
 
-def _worker_main(plan: WorkerPlan) -> None:
-    """Entry point of a spawned worker process. SIGINT (Ctrl-C reaches the process group) and
-    SIGTERM (forwarded by run_sweep) end its trial's run KILLED and the trial FAIL."""
-    from lab.interrupts import stop_on_signals
-
-    try:
-        with stop_on_signals():
-            run_worker(plan)
-    except KeyboardInterrupt:
-        return
+def trial_tasks(remaining: dict[str, int]) -> list[TrialTask]:
+    """One task per trial still to run, study after study: each study gets exactly its
+    budget, whichever worker runs which trial."""
+    variants = [variant for variant, n in remaining.items() for _ in range(n)]
+    return [TrialTask(index, variant) for index, variant in enumerate(variants)]
 
 
-def split_trials(remaining: int, workers: int) -> list[int]:
-    """7 trials over 3 workers -> [3, 2, 2]."""
-    return [remaining // workers + (1 if i < remaining % workers else 0) for i in range(workers)]
+def run_trial_task(task: TrialTask, ctx: SweepContext, notify) -> None:
+    """One trial in this process. The storage is opened for each trial (reading a journal
+    file takes milliseconds; a trial trains for seconds at least), and each trial's
+    sampler is seeded afresh, so random draws differ between workers."""
+    study = open_study(ctx.sweep, task.variant, open_storage(ctx.storage), sampler_seed=None)
+    study.optimize(lambda trial: run_trial(trial, ctx.sweep, task.variant, ctx.uri,
+                                           ctx.parents[task.variant], ctx.quiet, notify),
+                   n_trials=1, catch=(Exception,), gc_after_trial=True)
+
+
+class TrialPool(WorkerPool):
+    """The sweep's workers (lab/experiments/pool.py): a trial whose worker died is told FAIL
+    (retry_failed_trials queues its point again on the next run) and its MLflow run ends
+    FAILED, `gatelab.failure_kind=worker_died`; the sweep goes on."""
+
+    job = staticmethod(run_trial_task)
+
+    def __init__(self, slots, threads: int, ctx: SweepContext, studies: dict):
+        super().__init__(slots, threads, ctx)
+        self.studies = studies    # variant -> the parent's bookkeeping study (open_study)
+
+    def crashed(self, task: TrialTask, started: dict, reason: str) -> None:
+        ctx, study = self.context, self.studies[task.variant]
+        number = started.get("trial")
+        if number is not None:
+            study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        for run_id in trial_runs(ctx.uri, ctx.sweep.name, study.study_name, number,
+                                 started.get("run_id")):
+            tracking.client(ctx.uri).set_tag(run_id, "state", "failed")
+            fail_run(ctx.uri, run_id, "worker_died", reason)
+        if not ctx.quiet:
+            trial = f"trial {number}" if number is not None else "a trial (number not recorded)"
+            print(f"  [{study.study_name}] {trial}: FAILED: {reason}", flush=True)
+
+
+def trial_runs(uri: str, experiment: str | None, study_name: str, number: int | None,
+               run_id: str | None) -> set[str]:
+    """The MLflow runs of a trial whose worker is gone: the one it recorded, and, since the
+    worker can die before recording it, the RUNNING ones tagged with its study and number
+    (`experiment`: the sweep's MLflow experiment)."""
+    run_ids = {run_id} - {None}
+    client = tracking.client(uri)
+    found = client.get_experiment_by_name(experiment) if experiment else None
+    if found is not None and number is not None:
+        run_ids |= {r.info.run_id for r in tracking.search_all(
+            client, found.experiment_id, f"tags.study = '{study_name}' and "
+            f"tags.trial = '{number}' and attributes.status = 'RUNNING'")}
+    return run_ids
 
 
 def fail_stale_trials(study, uri: str, experiment: str | None = None) -> int:
@@ -525,12 +545,7 @@ def fail_stale_trials(study, uri: str, experiment: str | None = None) -> int:
     and their MLflow runs KILLED; retry_failed_trials then queues their points again.
     Trials of live workers, and of other machines, are left alone. A trial that has no owner
     yet is a killed one when it stays without one for UNOWNED_TRIAL_GRACE_S: a live worker
-    records itself first, within milliseconds. The MLflow runs are found by the trial's
-    `mlflow_run_id` and, since a kill can come before that is recorded, by the tags `study`
-    and `trial` the run is created with (`experiment`: the sweep's MLflow experiment)."""
-    import optuna
-    from lab import records as tracking
-
+    records itself first, within milliseconds. The runs are found by trial_runs."""
     def running():
         return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
 
@@ -550,13 +565,8 @@ def fail_stale_trials(study, uri: str, experiment: str | None = None) -> int:
         study._storage.set_trial_user_attr(trial._trial_id, "state", "failed")
         study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
         mlflow_client = tracking.client(uri)
-        run_ids = {trial.user_attrs.get("mlflow_run_id")} - {None}
-        found = mlflow_client.get_experiment_by_name(experiment) if experiment else None
-        if found is not None:
-            run_ids |= {r.info.run_id for r in tracking.search_all(
-                mlflow_client, found.experiment_id, f"tags.study = '{study.study_name}' and "
-                f"tags.trial = '{trial.number}' and attributes.status = 'RUNNING'")}
-        for run_id in run_ids:
+        for run_id in trial_runs(uri, experiment, study.study_name, trial.number,
+                                 trial.user_attrs.get("mlflow_run_id")):
             mlflow_client.set_tag(run_id, "state", "failed")
             mlflow_client.set_tag(run_id, tracking.KILLED_REASON_TAG,
                                   f"worker {worker or '(not recorded)'} was gone when the "
@@ -576,10 +586,6 @@ def retry_failed_trials(study, limit: int) -> int:
     A retry keeps the point: a ladder's GridSampler counts a FAIL trial's point as
     visited, so without it the point would never run and the study would end short, or a
     later rerun would run another point twice."""
-    import warnings
-
-    import optuna
-
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback
     trials = study.get_trials(deepcopy=False)
     room = limit - sum(t.state == optuna.trial.TrialState.WAITING for t in trials)
@@ -597,8 +603,6 @@ def retry_failed_trials(study, limit: int) -> int:
 
 
 def _done(study) -> int:
-    import optuna
-
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
               optuna.trial.TrialState.RUNNING)
     return len(study.get_trials(deepcopy=False, states=states))
@@ -610,20 +614,17 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
     """Run (or resume) the sweep: each study gets up to `n_trials` trials that completed or
     were pruned; crashed and killed trials are run again at their own parameters
     (retry_failed_trials). Returns the per-variant summary. `check`: on
-    a GPU, `gatelab check` of the sweep's variants first (lab/check.py)."""
-    import multiprocessing
+    a GPU, `gatelab check` of the sweep's variants first (lab/check.py).
 
-    import optuna
-    from lab import records as tracking
-    from lab.training.run import open_data
-
+    `workers` > 1: a TrialPool, each worker pinned to one of the visible GPUs (gpu_slots:
+    spread evenly, several per GPU when there are more workers than GPUs), or sharing the
+    CPU cores; trials are handed out one at a time. One worker runs in this process."""
     if n_trials is not None:
         _positive_int("--n-trials", n_trials)
     _positive_int("--workers", workers)
+    gpus = parse_gpus(None)
     n_trials = n_trials or sweep.trials
     url = storage_url(sweep.name, storage or sweep.storage)
-    from lab.progress import configure_output
-
     configure_output()  # Optuna is imported now: its trial log follows the command's level
     optuna_storage = open_storage(url)  # a bad URL fails here, before any MLflow run
     uri = tracking.tracking_uri(tracking_uri)
@@ -631,19 +632,18 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
     open_data(sweep.config(sweep.variants[0], sweep.lr_bounds()[0], sweep.seeds[0]))
     check_table = None
     if check:
-        from lab.check import check_before_training
+        check_table = lab_check.check_before_training(sweep.preset, list(sweep.variants),
+                                                      override_pairs(sweep.overrides), quiet)
 
-        check_table = check_before_training(sweep.preset, list(sweep.variants),
-                                            override_pairs(sweep.overrides), quiet)
-
-    from lab.interrupts import interruption, stop_on_signals
-
-    remaining, parents = {}, {}
-    status, processes = "FAILED", []
+    remaining, parents, studies = {}, {}, {}
+    status, pool = "FAILED", None
     with stop_on_signals():  # SIGINT and SIGTERM: the trials' runs end KILLED
         try:
             for variant in sweep.variants:
-                study = open_study(sweep, variant, optuna_storage)
+                # This process only records and tells; a GridSampler's after_trial would
+                # stop an optimize loop when a tell visits its last point (TrialPool.crashed).
+                study = studies[variant] = open_study(
+                    sweep, variant, optuna_storage, sampler=optuna.samplers.RandomSampler())
                 for key, value in (("sweep", sweep.name), ("variant", variant),
                                    ("preset", sweep.preset)):
                     study.set_user_attr(key, value)
@@ -662,35 +662,29 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
                     print(f"[{sweep.study_name(variant)}] {remaining[variant]} trial(s) to run; "
                           f"storage {_redact(url)}; MLflow parent run {parents[variant]}",
                           flush=True)
-            workers = max(1, min(workers, max(remaining.values(), default=0)))
-            shares = {v: split_trials(n, workers) for v, n in remaining.items()}
-            threads = threads_per_worker(workers)
-            plans = [WorkerPlan(sweep, url, uri, parents,
-                                {v: shares[v][i] for v in sweep.variants}, threads, quiet)
-                     for i in range(workers)]
+            tasks = trial_tasks(remaining)
+            workers = max(1, min(workers, len(tasks)))
+            # Workers may run elsewhere than this working directory (the forkserver's).
+            ctx = SweepContext(sweep, url if "://" in url else str(Path(url).resolve()), uri,
+                               parents, quiet)
             if workers == 1:
-                run_worker(plans[0])
+                torch.set_num_threads(threads_per_worker(1))
+                for task in tasks:
+                    run_trial_task(task, ctx, notify=lambda info: None)
             else:
-                context = multiprocessing.get_context("spawn")  # no forked torch/thread state
-                processes = [context.Process(target=_worker_main, args=(plan,),
-                                             name=f"sweep-worker-{i}")
-                             for i, plan in enumerate(plans)]
-                for process in processes:
-                    process.start()
-                for process in processes:
-                    process.join()
-                bad = [p.name for p in processes if p.exitcode != 0]
-                if bad:
-                    raise RuntimeError(f"sweep worker(s) {', '.join(bad)} exited with an error")
+                pool = TrialPool(gpu_slots(gpus, workers), threads_per_worker(workers), ctx,
+                                 studies)
+                pool.run(tasks, on_outcome=lambda outcome: None,
+                         on_dispatch=lambda task, slot: None)
+                pool.close()
             status = "FINISHED"
-        except KeyboardInterrupt as err:
-            status = "KILLED"
+        except BaseException as err:
             stop = interruption(err)
-            for process in processes:  # each ends its trial's run KILLED for the same signal
-                if process.is_alive():
-                    os.kill(process.pid, stop.signum)
-            for process in processes:
-                process.join()
+            if pool is not None:  # each worker ends its trial's run KILLED for the same signal
+                pool.close(stop.signum if stop is not None else None)
+            if stop is None:
+                raise
+            status = "KILLED"
             for run_id in parents.values():
                 tracking.client(uri).set_tag(run_id, tracking.KILLED_REASON_TAG,
                                              f"stopped by {stop.name}")
@@ -740,8 +734,6 @@ class VariantSummary:
 
 def trial_state(trial) -> str:
     """complete | pruned | diverged | failed (running trials are not analysed)."""
-    import optuna
-
     if trial.state == optuna.trial.TrialState.COMPLETE:
         return "complete"
     if trial.state == optuna.trial.TrialState.PRUNED:
@@ -782,8 +774,6 @@ def summarize_trials(trials, variant: str = "", study: str = "",
 
 def summarize_sweep(sweep_name: str, storage: str | None = None, variants: list[str] | None = None,
                     tolerance: float = STABLE_TOLERANCE) -> dict[str, VariantSummary]:
-    import optuna
-
     url = storage_url(sweep_name, storage)
     optuna_storage = open_storage(url, create=False)
     prefix = f"{sweep_name}/"
@@ -834,6 +824,7 @@ def format_summary(summaries: dict[str, VariantSummary]) -> str:
 def plot_summary(summaries: dict[str, VariantSummary], path: Path, title: str) -> Path:
     """Final validation loss against LR, one curve per variant; diverged LRs as crosses on
     the top edge, pruned-only LRs as open circles there too (they have no final loss)."""
+    # Imported here: matplotlib takes half a second to import, and only sweep-report plots.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -877,10 +868,6 @@ def sweep_report(sweep_name: str, storage: str | None = None, out: str | Path | 
                  tolerance: float = STABLE_TOLERANCE) -> tuple[dict[str, VariantSummary], Path]:
     """Summaries, a text table, summary.json and the loss-vs-LR plot under `out` (default
     reports/sweeps/<sweep>/), all logged to the studies' MLflow parent runs."""
-    import json
-
-    from lab import records as tracking
-
     if not 0 <= tolerance < 1:
         raise LabError(f"--tolerance: must lie in [0, 1), got {tolerance!r}")
     summaries = summarize_sweep(sweep_name, storage, tolerance=tolerance)

@@ -1,0 +1,220 @@
+"""The worker processes of grids and sweeps: one per slot, a slot being one GPU (the worker
+sees only that device, through CUDA_VISIBLE_DEVICES) or a share of the CPU cores.
+
+Each worker takes one task at a time from its own queue, so the pool always knows which
+task a worker holds; a worker that dies holding one (the kernel's out-of-memory killer, a
+segfault, a signal) is reported with that task, what the task had told the pool so far (its
+run, its trial) and how the process ended (its exit code, or the signal by name), and a
+fresh worker takes its slot. What "reported" means is the pool's kind's: a grid marks the
+cell's run FAILED, a sweep also fails the trial (lab/experiments/grid.py `CellPool`,
+lab/experiments/sweep.py `TrialPool`).
+
+GPU pinning: a grid gives every GPU `--runs-per-gpu` workers; a sweep's `--workers N` are
+spread over the visible GPUs, one GPU per worker, in contiguous blocks when there are more
+workers than GPUs (gpu_slots). Workers watch the process that started them and end within
+a second of it, so a SIGKILLed grid or sweep leaves no worker writing to the stores.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+import torch
+
+from lab import records
+from lab.errors import LabError
+from lab.experiments.owners import owner_alive, owner_identity
+from lab.interrupts import stop_on_signals
+from lab.progress import configure_output
+
+GPU_ENV = "CUDA_VISIBLE_DEVICES"
+
+
+def parse_gpus(text: str | None) -> list[str]:
+    """`all` (or nothing) or a comma list of CUDA indices -> the device ids workers are
+    pinned to; none without CUDA."""
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if text is None or text == "all":
+        return [str(i) for i in range(available)]
+    if available == 0:
+        raise LabError("--gpus: no CUDA device is visible; leave --gpus out to run on CPU")
+    ids = [g.strip() for g in text.split(",") if g.strip()]
+    for gpu in ids:
+        if not gpu.isdigit() or int(gpu) >= available:
+            raise LabError(f"--gpus: {gpu!r} is not one of all, "
+                           f"{', '.join(str(i) for i in range(available))}")
+    return list(dict.fromkeys(ids))
+
+
+def gpu_slots(gpus: list[str], workers: int) -> list[dict[str, str]]:
+    """`workers` slots over `gpus`, each pinned to one GPU, as evenly as they divide: in
+    contiguous blocks (GPU 0's slots first), so with more workers than GPUs each GPU holds
+    workers // len(gpus) of them or one more. Without GPUs, `workers` CPU slots."""
+    if not gpus:
+        return [{} for _ in range(workers)]
+    return [{GPU_ENV: gpus[i * len(gpus) // workers]} for i in range(workers)]
+
+
+def slot_name(slot: dict[str, str]) -> str:
+    return f"GPU {slot[GPU_ENV]}" if GPU_ENV in slot else "a CPU worker"
+
+
+def threads_per_worker(workers: int) -> int:
+    """Torch threads for each of `workers` processes on this host: the cores split evenly."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def exit_text(exitcode: int | None) -> str:
+    """How a process ended, for a person: multiprocessing reports a signal as -N."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"was killed by {name} (exit code {exitcode})"
+    return f"exited with code {exitcode}"
+
+
+def fail_run(uri: str, run_id: str | None, kind: str, reason: str) -> None:
+    """End a run FAILED with why (tags gatelab.failure_kind and gatelab.failure, the reason
+    cut to fit an MLflow tag)."""
+    if run_id is None:
+        return
+    client = records.client(uri)
+    client.set_tag(run_id, records.FAILURE_KIND_TAG, kind)
+    client.set_tag(run_id, records.FAILURE_TAG, reason[:4000])
+    client.set_terminated(run_id, "FAILED")
+
+
+def die_with_parent(parent_owner: str, every_s: float = 0.5) -> None:
+    """A worker must not outlive the grid or sweep that started it (a SIGKILLed one would
+    leave it writing to the stores): a watchdog thread ends this process once the parent's
+    identity (lab/experiments/owners.py) is gone. Forkserver workers are not the parent's
+    children, so the kernel's parent-death signal would not reach them."""
+
+    def watch():
+        while owner_alive(parent_owner, None):
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _worker_main(env: dict, threads: int, parent_owner: str, job: Callable, context,
+                 tasks, results) -> None:
+    os.environ.update(env)
+    configure_output()  # the forkserver imported Lightning, which set its loggers to INFO
+    die_with_parent(parent_owner)
+    torch.set_num_threads(threads)
+    try:
+        # SIGINT (Ctrl-C reaches the whole process group) and SIGTERM (forwarded by
+        # WorkerPool.close) end the task's run KILLED, as in the parent process.
+        with stop_on_signals():
+            while True:
+                task = tasks.get()
+                if task is None:
+                    return
+
+                def notify(info: dict, index=task.index) -> None:
+                    results.put(("started", index, info))
+
+                results.put(("outcome", task.index, job(task, context, notify)))
+    except (KeyboardInterrupt, SystemExit):
+        return
+
+
+class WorkerPool:
+    """One process per slot, each taking tasks (anything with an `index`) from its own queue.
+
+    A kind of pool names its `job`, a module-level function `job(task, context, notify) ->
+    outcome` that runs in the workers (`notify(dict)` tells the pool what the task has
+    started, e.g. its run id), and `crashed(task, started, reason) -> outcome`, what its
+    parent does when a worker dies holding a task.
+
+    GPU workers start fresh interpreters (spawn): each must see only its own device, and a
+    process that has asked CUDA anything cannot hand a working CUDA to a fork. CPU workers
+    fork from a server that has imported torch, Lightning and MLflow once (forkserver), so
+    four workers do not pay four interpreter start-ups; as that server keeps the
+    environment of the moment it started, each worker is handed this process's (the store,
+    the data cache, the output level), as a spawned one inherits it."""
+
+    job: Callable[[Any, Any, Callable[[dict], None]], Any]
+
+    def __init__(self, slots: list[dict[str, str]], threads: int, context):
+        if any(GPU_ENV in slot for slot in slots):
+            self.mp = multiprocessing.get_context("spawn")
+        else:
+            self.mp = multiprocessing.get_context("forkserver")
+            self.mp.set_forkserver_preload(["torch", "lightning", "mlflow", "mlflow.tracking"])
+        self.slots, self.threads, self.context = slots, threads, context
+        self.environment = dict(os.environ)
+        self.results = self.mp.Queue()
+        self.workers = [self._start(slot) for slot in slots]
+
+    def _start(self, slot: dict[str, str]):
+        tasks = self.mp.Queue()
+        process = self.mp.Process(target=_worker_main, daemon=True,
+                                  args=({**self.environment, **slot}, self.threads,
+                                        owner_identity(), type(self).job, self.context, tasks,
+                                        self.results))
+        process.start()
+        return process, tasks
+
+    def crashed(self, task, started: dict, reason: str):
+        raise NotImplementedError
+
+    def run(self, tasks: list, on_outcome: Callable[[Any], None],
+            on_dispatch: Callable[[Any, dict[str, str]], None]) -> None:
+        pending = deque(tasks)
+        holding: dict[int, Any] = {}      # worker slot -> task
+        started: dict[int, dict] = {}     # task index -> what the task has notified
+        while pending or holding:
+            for slot in range(len(self.workers)):
+                if slot not in holding and pending:
+                    task = pending.popleft()
+                    holding[slot] = task
+                    self.workers[slot][1].put(task)
+                    on_dispatch(task, self.slots[slot])
+            try:
+                kind, index, payload = self.results.get(timeout=1.0)
+            except queue.Empty:
+                kind = None
+            if kind == "started":
+                started.setdefault(index, {}).update(payload)
+            elif kind == "outcome":
+                slot = next(s for s, t in holding.items() if t.index == index)
+                del holding[slot]
+                on_outcome(payload)
+            for slot, task in list(holding.items()):
+                process = self.workers[slot][0]
+                if process.is_alive() or not self.results.empty():
+                    continue
+                # The worker died holding a task (killed by the OS, a segfault): say so.
+                reason = (f"worker process {exit_text(process.exitcode)} while training "
+                          "(killed by the operating system, e.g. out of host memory?)")
+                del holding[slot]
+                self.workers[slot] = self._start(self.slots[slot])
+                on_outcome(self.crashed(task, started.get(task.index, {}), reason))
+
+    def close(self, signum: int | None = None) -> None:
+        """Stop the workers: each ends after its task; with `signum` (the parent was stopped
+        by that signal) each gets the signal now, so its run ends KILLED with that reason."""
+        for process, tasks in self.workers:
+            if process.is_alive():
+                tasks.put(None)
+                if signum is not None:
+                    try:
+                        os.kill(process.pid, signum)
+                    except ProcessLookupError:
+                        pass
+        for process, _ in self.workers:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()

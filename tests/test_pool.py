@@ -1,0 +1,99 @@
+"""lab/experiments/pool.py: the worker pool grids and sweeps share: which GPU each worker is
+pinned to, how many threads it gets, the environment it starts with, and a worker that dies
+reported with its task, what the task had told the pool, and its signal.
+
+The sweep's use of it (its workers on different GPUs) is in tests/test_sweep.py, the grid's
+(--runs-per-gpu) in tests/test_grid.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from lab.experiments import pool
+from lab.experiments.pool import WorkerPool, exit_text, gpu_slots, slot_name, threads_per_worker
+
+
+@pytest.mark.parametrize("gpus, workers, pinned", [
+    (["0", "1"], 2, ["0", "1"]),                       # one GPU each
+    (["0", "1"], 1, ["0"]),
+    (["0", "1"], 3, ["0", "0", "1"]),                  # more workers than GPUs: evenly
+    (["0", "1"], 6, ["0", "0", "0", "1", "1", "1"]),   # a grid's --runs-per-gpu 3
+    (["2", "5", "7"], 4, ["2", "2", "5", "7"]),        # --gpus 2,5,7
+])
+def test_each_worker_is_pinned_to_one_gpu_and_the_gpus_share_them_evenly(gpus, workers, pinned):
+    slots = gpu_slots(gpus, workers)
+    assert [slot["CUDA_VISIBLE_DEVICES"] for slot in slots] == pinned
+    assert all(len(slot) == 1 for slot in slots)
+    assert slot_name(slots[0]) == f"GPU {pinned[0]}"
+
+
+def test_without_gpus_every_slot_is_a_cpu_slot():
+    assert gpu_slots([], 3) == [{}, {}, {}]
+    assert slot_name({}) == "a CPU worker"
+
+
+@pytest.mark.parametrize("cores, workers, threads", [(16, 1, 16), (16, 3, 5), (16, 6, 2),
+                                                     (16, 16, 1), (16, 40, 1), (2, 2, 1),
+                                                     (None, 4, 1)])
+def test_threads_per_worker_split_the_cores_and_never_reach_zero(monkeypatch, cores, workers,
+                                                                 threads):
+    monkeypatch.setattr(pool.os, "cpu_count", lambda: cores)
+    assert threads_per_worker(workers) == threads
+
+
+def test_how_a_worker_ended_is_said_in_words():
+    assert exit_text(-signal.SIGKILL) == "was killed by SIGKILL (exit code -9)"
+    assert exit_text(-signal.SIGSEGV) == "was killed by SIGSEGV (exit code -11)"
+    assert exit_text(1) == "exited with code 1"
+
+
+# --- real worker processes ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Job:
+    index: int
+    die: bool = False
+
+
+def report_or_die(task: Job, context: str, notify) -> tuple:
+    """A task that says where it ran, or kills its own worker once it has said it started."""
+    notify({"started_by": os.getpid()})
+    if task.die:
+        time.sleep(0.5)  # the queue's feeder thread sends the notice before the kill
+        os.kill(os.getpid(), signal.SIGKILL)
+    return task.index, os.environ.get("SLOT_MARK"), os.environ.get("FROM_PARENT"), context
+
+
+class RecordingPool(WorkerPool):
+    job = staticmethod(report_or_die)
+
+    def crashed(self, task: Job, started: dict, reason: str) -> tuple:
+        return "crashed", task.index, sorted(started), reason
+
+
+def test_workers_start_with_their_slots_environment_and_a_dead_one_is_reported(monkeypatch):
+    """Two CPU slots marked apart: each task runs with its worker's slot and the parent's
+    environment; the worker killed in task 1 is reported with that task, what it had
+    notified and its signal, and a fresh worker in its slot runs the tasks after it."""
+    monkeypatch.setenv("FROM_PARENT", "yes")
+    workers = RecordingPool([{"SLOT_MARK": "a"}, {"SLOT_MARK": "b"}], 1, "the context")
+    outcomes, dispatched = [], []
+    try:
+        workers.run([Job(0), Job(1, die=True), Job(2), Job(3)], outcomes.append,
+                    lambda task, slot: dispatched.append((task.index, slot["SLOT_MARK"])))
+    finally:
+        workers.close()
+    crashed = [o for o in outcomes if o[0] == "crashed"]
+    assert len(crashed) == 1 and crashed[0][:3] == ("crashed", 1, ["started_by"])
+    assert "was killed by SIGKILL (exit code -9) while training" in crashed[0][3]
+    ran = sorted(o for o in outcomes if o[0] != "crashed")
+    assert [o[0] for o in ran] == [0, 2, 3]
+    slot_of = dict(dispatched)
+    assert all(mark == slot_of[index] and parent == "yes" and context == "the context"
+               for index, mark, parent, context in ran)
+    assert sorted(dispatched) == [(0, "a"), (1, "b"), (2, slot_of[2]), (3, slot_of[3])]
