@@ -545,7 +545,11 @@ def fail_stale_trials(study, uri: str, experiment: str | None = None) -> int:
     and their MLflow runs KILLED; retry_failed_trials then queues their points again.
     Trials of live workers, and of other machines, are left alone. A trial that has no owner
     yet is a killed one when it stays without one for UNOWNED_TRIAL_GRACE_S: a live worker
-    records itself first, within milliseconds. The runs are found by trial_runs."""
+    records itself first, within milliseconds. The runs are found by trial_runs.
+
+    Optuna's public API only: Study.tell by trial number. The tell runs the study's sampler's
+    after_trial, so `study` should be opened for bookkeeping (open_study(..., sampler=...)
+    as run_sweep does): a GridSampler's would stop an optimize loop, and there is none."""
     def running():
         return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
 
@@ -553,17 +557,17 @@ def fail_stale_trials(study, uri: str, experiment: str | None = None) -> int:
     if unowned:
         youngest = min(time.time() - t.datetime_start.timestamp() for t in unowned)
         time.sleep(min(UNOWNED_TRIAL_GRACE_S, max(0.0, UNOWNED_TRIAL_GRACE_S - youngest)))
-    unowned_ids = {t._trial_id for t in unowned}
+    unowned_numbers = {t.number for t in unowned}
     failed = 0
     for trial in running():
         worker = trial.user_attrs.get("worker")
         if worker:
             if not is_local(worker) or owner_alive(worker, None):
                 continue
-        elif trial._trial_id not in unowned_ids:
+        elif trial.number not in unowned_numbers:
             continue  # created after the first look: its worker may still record itself
-        study._storage.set_trial_user_attr(trial._trial_id, "state", "failed")
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        # skip_if_finished: another process resuming the same sweep may have failed it first.
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         mlflow_client = tracking.client(uri)
         for run_id in trial_runs(uri, experiment, study.study_name, trial.number,
                                  trial.user_attrs.get("mlflow_run_id")):
@@ -641,7 +645,7 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
         try:
             for variant in sweep.variants:
                 # This process only records and tells; a GridSampler's after_trial would
-                # stop an optimize loop when a tell visits its last point (TrialPool.crashed).
+                # stop an optimize loop when a tell visits its last point (fail_stale_trials).
                 study = studies[variant] = open_study(
                     sweep, variant, optuna_storage, sampler=optuna.samplers.RandomSampler())
                 for key, value in (("sweep", sweep.name), ("variant", variant),
