@@ -69,6 +69,15 @@ def _add_overrides(parser: argparse.ArgumentParser, scope: str = "") -> None:
                         + (f" {scope}" if scope else "") + "; repeatable")
 
 
+def _add_file_options(parser: argparse.ArgumentParser, unit: str) -> None:
+    """`gatelab grid` and `gatelab sweep` alike: flags that replace their file's values
+    (lab/experiments/schema.py, ExperimentSpec.with_flags)."""
+    parser.add_argument("--preset", help="replace the file's preset")
+    parser.add_argument("--data", help="replace the file's data source")
+    parser.add_argument("--tokens", help="replace the file's token budget, e.g. 2e5")
+    _add_overrides(parser, f"for every {unit}")
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", help="model preset: tiny (CPU), small, base, "
                         "medium, large, xl, deep-narrow, moe-* (default tiny; sizes: "
@@ -230,7 +239,8 @@ def cmd_analyze(args) -> int:
 def cmd_sweep(args) -> int:
     from lab.experiments.sweep import format_summary, load_sweep, run_sweep
 
-    sweep = load_sweep(args.sweep_file)
+    sweep = load_sweep(args.sweep_file).with_flags(preset=args.preset, data=args.data,
+                                                   tokens=args.tokens, overrides=args.overrides)
     if args.variants:
         sweep = sweep.with_variants([v.strip() for v in args.variants.split(",") if v.strip()])
     summaries = run_sweep(sweep, n_trials=args.n_trials, workers=args.workers,
@@ -311,10 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
     p = _parser(sub, "sweep", "learning-rate sweep per variant with Optuna (docs/sweeps.md)")
     p.add_argument("sweep_file", help="a sweep file, e.g. sweeps/lr.yaml")
+    _add_file_options(p, "trial")
     p.add_argument("--variants", help="comma-separated subset of the file's variants")
     p.add_argument("--n-trials", type=int, help="trials per variant (default: the file's `trials`); "
                    "a resumed sweep runs only the missing ones")
-    p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes, each on "
+                   "its own GPU where there are as many (default 1)")
     p.add_argument("--storage", help="Optuna storage: a journal file path (default "
                    "sweeps/<name>.journal) or postgresql://user@host/db for several machines")
     _add_no_check(p)
@@ -332,13 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _parser(sub, "grid", "run an ablation grid (variants x LRs x seeds), resumable, into MLflow")
     p.add_argument("file", help="grid file, e.g. ablations/core.yaml")
-    p.add_argument("--preset", help="replace the file's preset")
-    p.add_argument("--data", help="replace the file's data source")
-    p.add_argument("--tokens", help="replace the file's token budget, e.g. 2e5")
+    _add_file_options(p, "cell")
     p.add_argument("--seeds", help="replace the file's seeds, e.g. 0,1,2")
     p.add_argument("--lrs", help="replace the file's learning rates, e.g. 1e-3,3e-3")
     p.add_argument("--variants", help="replace the file's variants: slugs, comma-separated, or all")
-    _add_overrides(p, "for every cell")
     p.add_argument("--gpus", help="all (default) or CUDA indices, e.g. 0,1: one worker per GPU")
     p.add_argument("--runs-per-gpu", default="auto",
                    help="cells trained at once on each GPU, or auto (default): from the measured "

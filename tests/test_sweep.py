@@ -104,6 +104,36 @@ def test_cli_rejects_bad_input_with_exit_2_before_anything_is_created(tmp_path, 
     assert not (tmp_path / "sweeps").exists() and not (tmp_path / "mlruns").exists()
 
 
+def test_preset_data_tokens_and_set_replace_the_files_values_as_for_a_grid(tmp_path, monkeypatch):
+    """`gatelab sweep` and `gatelab grid` take the same flags through the same code, with the
+    same meaning: --preset, --data and --tokens replace the file's values, --set adds an
+    override; the sweep is validated again with them before anything runs."""
+    from lab.experiments import grid as grid_module
+    from lab.experiments import sweep as sweep_module
+
+    seen = {}
+    monkeypatch.setattr(sweep_module, "run_sweep",
+                        lambda spec, **options: seen.setdefault("sweep", spec) and {})
+    monkeypatch.setattr(grid_module, "run_grid", lambda spec, options: seen.setdefault(
+        "grid", spec) and grid_module.GridSummary(spec.name, 0, 0, []))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep_dict(variants=["baseline"])))
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(
+        {"name": "g", "variants": ["baseline"], "tokens": 2.5e4,
+         "overrides": {"train.val_every": 4}}))
+    flags = ["--preset", "small", "--data", str(tmp_path / "corpus"), "--tokens", "1e6",
+             "--set", "train.log_every=5", "--quiet"]
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), *flags]) == 0
+    assert main(["grid", str(tmp_path / "grid.yaml"), *flags]) == 0
+    for spec in seen.values():
+        assert (spec.preset, spec.data, spec.tokens) == ("small", str(tmp_path / "corpus"), 1e6)
+        assert spec.overrides == {"train.val_every": 4, "train.log_every": "5"}
+    config = seen["sweep"].config("baseline", 1e-3, 0)
+    assert config.preset == "small" and config.train.tokens == 1e6
+    assert config.train.log_every == 5 and config.data.source == str(tmp_path / "corpus")
+    with pytest.raises(LabError, match="preset: unknown preset 'huge'"):
+        seen["sweep"].with_flags(preset="huge")
+
+
 # --- the analysis ---------------------------------------------------------------------
 
 def _trial(lr, value=None, state="complete", spikes=0):
