@@ -39,6 +39,7 @@ run is FINISHED with the tag `diverged=true` (lab/run.py) and is not rerun.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import re
@@ -52,17 +53,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+import torch
+from mlflow.exceptions import MlflowException
 
+from lab import check as lab_check
+from lab import records as tracking
 from lab.config import (RunConfig, from_dict, parse_lrs, parse_seeds, parse_variants, resolve,
                         with_vocab)
-from lab.model.params import model_flops_per_token
-from lab import records as tracking
-from lab.experiments.owners import STALE_AFTER_S, owner_alive, owner_identity
 from lab.errors import LabError, check_positive
 from lab.experiments.overrides import override_pairs
+from lab.experiments.owners import STALE_AFTER_S, owner_alive, owner_identity
 from lab.experiments.pool import (WorkerPool, die_with_parent, fail_run, gpu_slots, parse_gpus,
                                   slot_name, threads_per_worker)
 from lab.experiments.schema import ExperimentSpec, KeyReader
+from lab.interrupts import interruption, stop_on_signals
+from lab.model.gates import VARIANTS
+from lab.model.params import count_params, model_flops_per_token
+from lab.progress import GridProgress, RunProgress, configure_output, duration
+from lab.records import checkpoint_dir, describe_failure, end_run, load_checkpoint, start_run
+from lab.training.run import open_data, train_run
+from lab.training.schedule import total_steps
 
 PARENT_TAG = "gatelab.grid_parent"
 GRID_TAG = "gatelab.grid"
@@ -147,8 +157,6 @@ class Cell:
 def _variants(spec: GridSpec) -> list[str]:
     """`all`: every registered variant that resolves at the grid's preset (MoE-only variants
     drop out of a dense preset); an explicit list must resolve entirely."""
-    from lab.model.gates import VARIANTS
-
     if spec.variants != "all":
         return list(spec.variants)
     available = []
@@ -164,6 +172,8 @@ def _variants(spec: GridSpec) -> list[str]:
 def _learning_rates(spec: GridSpec, variants: list[str]) -> dict[str, tuple[float, ...] | None]:
     if spec.lr_sweep is None:
         return {v: spec.lrs for v in variants}
+    # Imported here: the sweep brings Optuna (0.45 s to import, measured with -X importtime),
+    # which only a grid that takes its learning rates from a sweep needs.
     from lab.experiments.sweep import best_lrs
 
     best = best_lrs(spec.lr_sweep)
@@ -178,8 +188,6 @@ def plan(spec: GridSpec) -> list[Cell]:
     """Every cell of the grid, resolved and validated, with its data opened (a missing or
     corrupt corpus fails here, before any run). Seeds outermost, so a grid stopped half-way
     already holds whole comparisons at its first seeds."""
-    from lab.training.run import open_data
-
     variants = _variants(spec)
     if not variants:
         raise LabError(f"variants: none is available at preset {spec.preset!r}")
@@ -267,8 +275,6 @@ def packing_speedup(preset: str, runs_per_gpu: int) -> float:
 
 
 def _gpu_memory_gib() -> float | None:
-    import torch
-
     # Device properties need no CUDA context on the device (GPU workers are spawned anyway).
     return torch.cuda.get_device_properties(0).total_memory / 2 ** 30 \
         if torch.cuda.is_available() else None
@@ -318,9 +324,6 @@ def print_dry_run(spec: GridSpec, cells: list[Cell], uri: str, workers: int, dev
                   per_gpu: int = 1) -> None:
     """`per_gpu` cells sharing a GPU each run slower by per_gpu / (their measured aggregate
     gain, packing_speedup), which the estimate includes."""
-    from lab.progress import duration
-    from lab.model.params import count_params
-
     counts = [count_params(c.config) for c in cells]
     seconds, basis = estimate(cells, counts, uri, workers, device)
     packed_speedup = packing_speedup(spec.preset, per_gpu)
@@ -399,8 +402,6 @@ def reconcile(client, cells: list[Cell], runs: list, stale_after_s: float = STAL
     resume (a dead run with a checkpoint), or a fresh run. Dead RUNNING runs become KILLED.
     A checkpoint to resume from is read here (its plain data only, lab.run.load_checkpoint):
     one that is refused stops the grid with one line before anything trains."""
-    from lab.records import checkpoint_dir, load_checkpoint
-
     by_hash: dict[str, list] = {}
     for run in runs:
         by_hash.setdefault(run.data.tags.get("config_hash"), []).append(run)
@@ -474,8 +475,6 @@ def heartbeat(client, run_id: str, every_s: float = HEARTBEAT_S):
 
 
 def create_cell_run(task: Task, ctx: GridContext, owner: str) -> str:
-    from lab.records import start_run
-
     tags = {GRID_TAG: ctx.grid, OWNER_TAG: owner, HEARTBEAT_TAG: str(int(time.time()))}
     if task.claim:
         tags[CLAIM_TAG] = task.claim
@@ -509,8 +508,6 @@ def claim_cell(task: Task, ctx: GridContext, owner: str) -> tuple[Task | None, s
     """Claim the task's cell for `owner` (see the module's docstring) -> (the task to run, as
     the store now says: fresh, or resuming a dead run, with its claim; "") or (None, why the
     cell is left to another process)."""
-    from mlflow.exceptions import MlflowException
-
     client = tracking.client(ctx.uri)
     config_hash = task.config.hash()
     prefix = f"{CLAIM_PARAM}/{config_hash}/"
@@ -554,11 +551,6 @@ def claim_cell(task: Task, ctx: GridContext, owner: str) -> tuple[Task | None, s
 def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = True) -> Outcome:
     """Run one cell in this process: create (or take over) its run and train it. Any failure
     is recorded on the run and returned; an interrupt propagates (the run ends KILLED)."""
-    from lab.progress import RunProgress
-    from lab.records import describe_failure, end_run
-    from lab.training.run import train_run
-    from lab.training.schedule import total_steps
-
     client = tracking.client(ctx.uri)
     run_id, holding = task.run_id, False   # holding: the run is this process's to close
     started = time.time()
@@ -610,10 +602,6 @@ def _nothing():
 
 
 def _release_memory() -> None:
-    import gc
-
-    import torch
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -660,8 +648,6 @@ def run_ddp_cell(task: Task, ctx: GridContext, gpus: list[str]) -> Outcome:
         try:
             code = job.wait()
         except KeyboardInterrupt as err:
-            from lab.interrupts import interruption
-
             # The job's lead rank ends the run KILLED for the same signal (its stop_on_signals).
             job.send_signal(interruption(err).signum)
             job.wait()
@@ -678,16 +664,12 @@ def _run_cell_main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[argv.index("--run-cell") + 1]).read_text())
     outcome_file = Path(argv[argv.index("--outcome") + 1])
     lead = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
-    from lab.progress import configure_output
-
     configure_output()
     if os.environ.get("GATELAB_GRID_OWNER"):
         die_with_parent(os.environ["GATELAB_GRID_OWNER"])
     raw = spec["task"]
     task = Task(raw["index"], raw["name"], from_dict(raw["config"]), raw["run_id"], raw["resumed"],
                 raw["claim"])
-    from lab.interrupts import stop_on_signals
-
     with stop_on_signals():
         outcome = execute_cell(task, GridContext(**spec["ctx"]), lead_rank=lead)
     if lead:
@@ -776,9 +758,7 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
 
     check_table = None
     if gpus and options.check:
-        from lab.check import check_before_training
-
-        check_table = check_before_training(
+        check_table = lab_check.check_before_training(
             spec.preset, list(dict.fromkeys(c.variant for c in cells)),
             override_pairs(spec.overrides), options.quiet,
             log=lambda line: print(f"grid {spec.name}: {line}", flush=True))
@@ -798,8 +778,6 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
     def dispatched(task: Task, where) -> None:
         resumed = " (resuming from its checkpoint)" if task.resumed else ""
         progress.started_cell(f"{task.name}{resumed}" + (f" on {where}" if where else ""))
-
-    from lab.interrupts import interruption, stop_on_signals
 
     with stop_on_signals():  # SIGINT and SIGTERM: the runs in progress end KILLED
         try:
@@ -843,14 +821,10 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
 
 
 def _set_threads(threads: int) -> None:
-    import torch
-
     torch.set_num_threads(threads)
 
 
 def _progress(name: str, work: Plan, workers: int, quiet: bool):
-    from lab.progress import GridProgress
-
     progress = GridProgress(name, len(work.tasks), len(work.done), workers, quiet)
     if work.killed:
         progress.say(f"marked {len(work.killed)} run(s) of a dead grid process KILLED")
