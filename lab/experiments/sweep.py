@@ -1,7 +1,9 @@
-"""Learning-rate sweeps per variant with Optuna: the paper's stability claim (spec 4.4, Table 2).
+"""Learning-rate sweeps per variant with Optuna: the paper's stability claim (docs/paper.md
+§7.4, Table 2 in §9.2).
 
 The paper's second claim is that SDPA gating tolerates larger learning rates: at 8e-3 the
-48-layer baseline diverges while the gated model trains to its best perplexity (spec 4.4).
+48-layer baseline diverges while the gated model trains to its best perplexity
+(docs/paper.md §7.4).
 A sweep measures that per variant: one Optuna study per variant (`<sweep>/<variant>`),
 objective = final validation loss, and afterwards the best LR and the largest stable LR.
 
@@ -22,8 +24,9 @@ Choices the paper leaves to us, all documented here and in docs/sweeps.md:
   one machine need; SQLite under concurrent writers raises "database is locked". For
   workers on several machines pass `--storage postgresql://...`.
 - Workers are processes (`--workers N`), not threads: training is CPU/GPU bound and holds
-  the GIL. Each study's remaining trials are split between the workers up front, so a
-  study ends with exactly its trial budget.
+  the GIL. They are the grid's pool (lab/experiments/pool.py): each pinned to one GPU where
+  there are GPUs, handed the trials still to run one at a time (so a study ends with
+  exactly its trial budget), and a worker that dies is reported with its trial.
 - MLflow: a parent run per study (found again by its tags when a sweep is resumed) and
   exactly one child run per trial, created inside the trial, tagged with the trial number,
   LR, seed and final `state` (complete | pruned | diverged | failed). Pruned runs end KILLED,
