@@ -24,6 +24,7 @@ import signal
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
@@ -107,6 +108,21 @@ def die_with_parent(parent_owner: str, every_s: float = 0.5) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+@contextmanager
+def _environment(changes: dict[str, str]):
+    """This process's environment with `changes`, for the child processes started inside."""
+    saved = {key: os.environ.get(key) for key in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _worker_main(env: dict, threads: int, parent_owner: str, job: Callable, context,
                  tasks, results) -> None:
     os.environ.update(env)
@@ -164,7 +180,10 @@ class WorkerPool:
                                   args=({**self.environment, **slot}, self.threads,
                                         owner_identity(), type(self).job, self.context, tasks,
                                         self.results))
-        process.start()
+        # A spawned worker starts with the slot's CUDA_VISIBLE_DEVICES already set, so that
+        # no import before _worker_main can initialise CUDA on another device.
+        with _environment(slot if self.mp.get_start_method() == "spawn" else {}):
+            process.start()
         return process, tasks
 
     def crashed(self, task, started: dict, reason: str):
