@@ -78,7 +78,6 @@ PARENT_TAG = "gatelab.grid_parent"
 GRID_TAG = "gatelab.grid"
 OWNER_TAG = "gatelab.owner"
 HEARTBEAT_TAG = "gatelab.heartbeat"
-FAILURE_TAG, FAILURE_KIND_TAG = tracking.FAILURE_TAG, tracking.FAILURE_KIND_TAG
 CLAIM_PARAM = "gatelab.claim"  # on the parent: gatelab.claim/<config_hash>/<attempt> = owner@time
 CLAIM_TAG = "gatelab.claim"    # on a cell's run: the <config_hash>/<attempt> it trains under
 HEARTBEAT_S = 60.0
