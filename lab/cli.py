@@ -325,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", help="comma-separated subset of the file's variants")
     p.add_argument("--n-trials", type=int, help="trials per variant (default: the file's `trials`); "
                    "a resumed sweep runs only the missing ones")
-    p.add_argument("--workers", type=int, default=1, help="parallel worker processes, each on "
-                   "its own GPU where there are as many (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default "
+                   "1), each pinned to one visible GPU, spread evenly over them")
     p.add_argument("--storage", help="Optuna storage: a journal file path (default "
                    "sweeps/<name>.journal) or postgresql://user@host/db for several machines")
     _add_no_check(p)
