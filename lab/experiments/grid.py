@@ -29,11 +29,11 @@ leaves the cell to it while the holder lives (owner_alive; for another host the 
 claim's time and its run's heartbeat counts), or claims the next attempt once the holder is
 dead. The winner then reads the store again, so a cell FINISHED in the meantime is not
 trained twice. The parent itself is one per grid name: created under a lock beside a SQLite
-store, and settled by lab.tracking.find_or_create_run on other stores.
+store, and settled by lab.records.find_or_create_run on other stores.
 
 Failures are per cell: a run that fails (CUDA out of memory, a full disk, any error) is
 marked FAILED with the tag `gatelab.failure` saying why, and the grid moves on. A diverged
-run is FINISHED with the tag `diverged=true` (lab/run.py) and is not rerun.
+run is FINISHED with the tag `diverged=true` (lab/training/run.py) and is not rerun.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from lab import check as lab_check
-from lab import records as tracking
+from lab import records
 from lab.config import (RunConfig, from_dict, parse_lrs, parse_seeds, parse_variants, resolve,
                         with_vocab)
 from lab.errors import LabError, check_positive
@@ -146,7 +146,7 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return tracking.cell_name(self.variant, self.lr, self.seed)
+        return records.cell_name(self.variant, self.lr, self.seed)
 
     @property
     def config_hash(self) -> str:
@@ -287,7 +287,7 @@ def measured_tokens_per_s(uri: str, preset: str, data: str) -> tuple[float, int]
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         return None
     try:
-        client = tracking.client(uri)
+        client = records.client(uri)
         experiments = [e.experiment_id for e in client.search_experiments()]
         runs = client.search_runs(experiments, f"attributes.status = 'FINISHED' and "
                                   f"tags.preset = '{preset}' and tags.data = '{data}'",
@@ -343,18 +343,18 @@ def print_dry_run(spec: GridSpec, cells: list[Cell], uri: str, workers: int, dev
 # --- the store ------------------------------------------------------------------------
 
 def find_parent(client, experiment_id: str) -> str | None:
-    return tracking.find_run(client, experiment_id, {PARENT_TAG: "true"})
+    return records.find_run(client, experiment_id, {PARENT_TAG: "true"})
 
 
 def find_or_create_parent(client, experiment_id: str, name: str) -> str:
-    """One parent per grid name (lab.tracking.find_or_create_run: under a lock beside a
+    """One parent per grid name (lab.records.find_or_create_run: under a lock beside a
     SQLite store, so two grids started together find one), which holds the cells' claims."""
-    return tracking.find_or_create_run(client, experiment_id, {PARENT_TAG: "true", GRID_TAG: name},
+    return records.find_or_create_run(client, experiment_id, {PARENT_TAG: "true", GRID_TAG: name},
                                        name)[0]
 
 
 def child_runs(client, experiment_id: str, parent_run_id: str) -> list:
-    return tracking.search_all(client, experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return records.search_all(client, experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
 @dataclass
@@ -399,7 +399,7 @@ class Plan:
 def reconcile(client, cells: list[Cell], runs: list, stale_after_s: float = STALE_AFTER_S) -> Plan:
     """What each cell needs: nothing (a FINISHED run), nothing now (a live RUNNING run), a
     resume (a dead run with a checkpoint), or a fresh run. Dead RUNNING runs become KILLED.
-    A checkpoint to resume from is read here (its plain data only, lab.run.load_checkpoint):
+    A checkpoint to resume from is read here (its plain data only, lab.records.load_checkpoint):
     one that is refused stops the grid with one line before anything trains."""
     by_hash: dict[str, list] = {}
     for run in runs:
@@ -419,7 +419,7 @@ def reconcile(client, cells: list[Cell], runs: list, stale_after_s: float = STAL
                 live = True
                 continue
             client.set_terminated(run.info.run_id, "KILLED")
-            client.set_tag(run.info.run_id, tracking.KILLED_REASON_TAG,
+            client.set_tag(run.info.run_id, records.KILLED_REASON_TAG,
                            f"owner {run.data.tags.get(OWNER_TAG)} was gone when the grid resumed")
             killed.append(run.info.run_id)
         if live:
@@ -482,7 +482,7 @@ def create_cell_run(task: Task, ctx: GridContext, owner: str) -> str:
 
 def cell_runs(client, ctx: GridContext, config_hash: str) -> list:
     experiment_id = client.get_run(ctx.parent_run_id).info.experiment_id
-    return tracking.search_all(client, experiment_id,
+    return records.search_all(client, experiment_id,
                                f"tags.mlflow.parentRunId = '{ctx.parent_run_id}' and "
                                f"tags.config_hash = '{config_hash}'")
 
@@ -507,7 +507,7 @@ def claim_cell(task: Task, ctx: GridContext, owner: str) -> tuple[Task | None, s
     """Claim the task's cell for `owner` (see the module's docstring) -> (the task to run, as
     the store now says: fresh, or resuming a dead run, with its claim; "") or (None, why the
     cell is left to another process)."""
-    client = tracking.client(ctx.uri)
+    client = records.client(ctx.uri)
     config_hash = task.config.hash()
     prefix = f"{CLAIM_PARAM}/{config_hash}/"
     while True:
@@ -550,7 +550,7 @@ def claim_cell(task: Task, ctx: GridContext, owner: str) -> tuple[Task | None, s
 def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = True) -> Outcome:
     """Run one cell in this process: create (or take over) its run and train it. Any failure
     is recorded on the run and returned; an interrupt propagates (the run ends KILLED)."""
-    client = tracking.client(ctx.uri)
+    client = records.client(ctx.uri)
     run_id, holding = task.run_id, False   # holding: the run is this process's to close
     started = time.time()
     try:
@@ -745,7 +745,7 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
     if devices > 1 and runs_per_gpu > 1:
         raise LabError("--runs-per-gpu: a DDP cell (train.devices > 1) takes its GPUs whole; "
                        "leave --runs-per-gpu at 1")
-    uri = tracking.tracking_uri(options.tracking_uri)
+    uri = records.tracking_uri(options.tracking_uri)
     device = "cuda" if gpus else "cpu"
     pinned = gpu_slots(gpus, len(gpus) * runs_per_gpu)
     workers = (1 if devices > 1 else len(pinned)) if gpus else options.cpu_workers
@@ -761,8 +761,8 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
             spec.preset, list(dict.fromkeys(c.variant for c in cells)),
             override_pairs(spec.overrides), options.quiet,
             log=lambda line: print(f"grid {spec.name}: {line}", flush=True))
-    client = tracking.client(uri)
-    experiment = tracking.experiment_id(client, spec.name, uri)
+    client = records.client(uri)
+    experiment = records.experiment_id(client, spec.name, uri)
     parent = find_or_create_parent(client, experiment, spec.name)
     # Before the parent is RUNNING: a refused checkpoint ends the grid here (LabError).
     work = reconcile(client, cells, child_runs(client, experiment, parent), options.stale_after_s)
@@ -781,9 +781,9 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
     with stop_on_signals():  # SIGINT and SIGTERM: the runs in progress end KILLED
         try:
             client.update_run(parent, status="RUNNING")
-            tracking.log_dict_artifact(client, parent, spec.to_dict(), "grid.yaml")
+            records.log_yaml(client, parent, spec.to_dict(), "grid.yaml")
             if check_table is not None:  # this start's check (a resumed grid adds its own)
-                tracking.log_check_table(client, parent, check_table)
+                records.log_check_table(client, parent, check_table)
             if not work.tasks:
                 pass
             elif devices > 1 and gpus:
@@ -811,7 +811,7 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
         except KeyboardInterrupt as err:
             stop = interruption(err)
             client.set_terminated(parent, "KILLED")
-            client.set_tag(parent, tracking.KILLED_REASON_TAG, f"stopped by {stop.name}")
+            client.set_tag(parent, records.KILLED_REASON_TAG, f"stopped by {stop.name}")
             raise stop from None
     summary = GridSummary(spec.name, len(cells), len(work.done), outcomes, len(work.busy),
                           work.killed, parent)

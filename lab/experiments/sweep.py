@@ -13,7 +13,7 @@ Choices the paper leaves to us, all documented here and in docs/sweeps.md:
   the sampler does not search. Trials at the same LR are averaged in the analysis.
 - Pruning reports the validation loss at the training step (`trial.report(loss,
   step=global_step)`), not per epoch: LM training here is one long epoch.
-- A diverged trial (non-finite loss, or loss above the ceiling; lab/callbacks.py) ends as
+- A diverged trial (non-finite loss, or loss above the ceiling; lab/training/callbacks.py) ends as
   Optuna state PRUNED with user attribute `state=diverged`. PRUNED, not FAIL, because the
   samplers learn from pruned trials (TPE ranks them below every completed trial), so the
   search moves away from LRs that blow up; and a pruned trial can never be `best_trial`.
@@ -30,7 +30,7 @@ Choices the paper leaves to us, all documented here and in docs/sweeps.md:
 - MLflow: a parent run per study (found again by its tags when a sweep is resumed) and
   exactly one child run per trial, created inside the trial, tagged with the trial number,
   LR, seed and final `state` (complete | pruned | diverged | failed). Pruned runs end KILLED,
-  diverged ones FINISHED with `diverged=true` (as lab/run.py records them).
+  diverged ones FINISHED with `diverged=true` (as lab/training/run.py records them).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from lab import check as lab_check
-from lab import records as tracking
+from lab import records
 from lab.config import parse_variants, resolve, yaml_number
 from lab.errors import LabError, check_choice, check_positive_int
 from lab.experiments.overrides import override_pairs
@@ -346,7 +346,7 @@ class OptunaPruning(L.Callback):
         self.pruned_step: int | None = None
 
     def on_validation_end(self, trainer, pl_module):
-        # Only validations inside fit: the final trainer.validate() in lab/run.py repeats
+        # Only validations inside fit: the final trainer.validate() in lab/training/run.py repeats
         # the last step and must not prune a finished run.
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
@@ -365,14 +365,14 @@ class OptunaPruning(L.Callback):
 def parent_run(sweep: Sweep, variant: str, uri: str, storage: str) -> str:
     """Find or create the study's parent run (tags sweep, study, sweep_role=parent), and mark
     it RUNNING: a resumed sweep reuses the parent it had; two machines starting the same new
-    sweep end up with one parent (lab.tracking.find_or_create_run)."""
-    mlflow_client = tracking.client(uri)
-    experiment = tracking.experiment_id(mlflow_client, sweep.name, uri)
+    sweep end up with one parent (lab.records.find_or_create_run)."""
+    mlflow_client = records.client(uri)
+    experiment = records.experiment_id(mlflow_client, sweep.name, uri)
     study = sweep.study_name(variant)
-    run_id, created = tracking.find_or_create_run(
+    run_id, created = records.find_or_create_run(
         mlflow_client, experiment, {"study": study, "sweep_role": "parent"}, study,
         extra_tags={"sweep": sweep.name, "variant": variant, "preset": sweep.preset,
-                    "git_commit": tracking.git_commit()})
+                    "git_commit": records.git_commit()})
     if not created:
         mlflow_client.update_run(run_id, status="RUNNING")
         return run_id
@@ -383,8 +383,8 @@ def parent_run(sweep: Sweep, variant: str, uri: str, storage: str) -> str:
               "sweep.lr_low": low, "sweep.lr_high": high,
               "sweep.lr_ladder": list(sweep.lr_ladder) or None,
               "sweep.overrides": override_pairs(sweep.overrides), "sweep.storage": _redact(storage)}
-    tracking.log_params(mlflow_client, run_id, params)
-    tracking.log_dict_artifact(mlflow_client, run_id, sweep.to_dict(), "sweep.yaml")
+    records.log_params(mlflow_client, run_id, params)
+    records.log_yaml(mlflow_client, run_id, sweep.to_dict(), "sweep.yaml")
     return run_id
 
 
@@ -413,7 +413,7 @@ def run_trial(trial, sweep: Sweep, variant: str, uri: str, parent_run_id: str,
     trial.set_user_attr("variant", variant)
     config = sweep.config(variant, lr, seed)
     pruning = OptunaPruning(trial)
-    mlflow_client = tracking.client(uri)
+    mlflow_client = records.client(uri)
     run_ids: list[str] = []
 
     def on_start(run_id: str) -> None:
@@ -521,7 +521,7 @@ class TrialPool(WorkerPool):
             study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         for run_id in trial_runs(ctx.uri, ctx.sweep.name, study.study_name, number,
                                  started.get("run_id")):
-            tracking.client(ctx.uri).set_tag(run_id, "state", "failed")
+            records.client(ctx.uri).set_tag(run_id, "state", "failed")
             fail_run(ctx.uri, run_id, "worker_died", reason)
         if not ctx.quiet:
             trial = f"trial {number}" if number is not None else "a trial (number not recorded)"
@@ -534,10 +534,10 @@ def trial_runs(uri: str, experiment: str | None, study_name: str, number: int | 
     worker can die before recording it, the RUNNING ones tagged with its study and number
     (`experiment`: the sweep's MLflow experiment)."""
     run_ids = {run_id} - {None}
-    client = tracking.client(uri)
+    client = records.client(uri)
     found = client.get_experiment_by_name(experiment) if experiment else None
     if found is not None and number is not None:
-        run_ids |= {r.info.run_id for r in tracking.search_all(
+        run_ids |= {r.info.run_id for r in records.search_all(
             client, found.experiment_id, f"tags.study = '{study_name}' and "
             f"tags.trial = '{number}' and attributes.status = 'RUNNING'")}
     return run_ids
@@ -571,11 +571,11 @@ def fail_stale_trials(study, uri: str, experiment: str | None = None) -> int:
             continue  # created after the first look: its worker may still record itself
         # skip_if_finished: another process resuming the same sweep may have failed it first.
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-        mlflow_client = tracking.client(uri)
+        mlflow_client = records.client(uri)
         for run_id in trial_runs(uri, experiment, study.study_name, trial.number,
                                  trial.user_attrs.get("mlflow_run_id")):
             mlflow_client.set_tag(run_id, "state", "failed")
-            mlflow_client.set_tag(run_id, tracking.KILLED_REASON_TAG,
+            mlflow_client.set_tag(run_id, records.KILLED_REASON_TAG,
                                   f"worker {worker or '(not recorded)'} was gone when the "
                                   "sweep resumed")
             mlflow_client.set_terminated(run_id, "KILLED")
@@ -634,7 +634,7 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
     url = storage_url(sweep.name, storage or sweep.storage)
     configure_output()  # Optuna is imported now: its trial log follows the command's level
     optuna_storage = open_storage(url)  # a bad URL fails here, before any MLflow run
-    uri = tracking.tracking_uri(tracking_uri)
+    uri = records.tracking_uri(tracking_uri)
     # Prepare the data once, here: workers would otherwise race to build the same cache.
     open_data(sweep.config(sweep.variants[0], sweep.lr_bounds()[0], sweep.seeds[0]))
     check_table = None
@@ -662,7 +662,7 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
                           f"failed; {queued} failed trial(s) queued again with their parameters")
                 parents[variant] = parent_run(sweep, variant, uri, url)  # RUNNING from here
                 if check_table is not None:  # the check that vouches for these trials
-                    tracking.log_check_table(tracking.client(uri), parents[variant],
+                    records.log_check_table(records.client(uri), parents[variant],
                                              check_table)
             if not quiet:
                 for variant in sweep.variants:
@@ -693,11 +693,11 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
                 raise
             status = "KILLED"
             for run_id in parents.values():
-                tracking.client(uri).set_tag(run_id, tracking.KILLED_REASON_TAG,
+                records.client(uri).set_tag(run_id, records.KILLED_REASON_TAG,
                                              f"stopped by {stop.name}")
             raise stop from None
         finally:
-            mlflow_client = tracking.client(uri)
+            mlflow_client = records.client(uri)
             for run_id in parents.values():
                 mlflow_client.set_terminated(run_id, status)
     summaries = summarize_sweep(sweep.name, url, variants=list(sweep.variants))
@@ -705,7 +705,7 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
         for name, value in (("best/lr", summary.best_lr), ("best/val_loss", summary.best_loss),
                             ("max_stable/lr", summary.max_stable_lr)):
             if value is not None:
-                tracking.client(uri).log_metric(parents[variant], name, value)
+                records.client(uri).log_metric(parents[variant], name, value)
     return summaries
 
 
@@ -878,7 +878,7 @@ def sweep_report(sweep_name: str, storage: str | None = None, out: str | Path | 
     if not 0 <= tolerance < 1:
         raise LabError(f"--tolerance: must lie in [0, 1), got {tolerance!r}")
     summaries = summarize_sweep(sweep_name, storage, tolerance=tolerance)
-    uri = tracking.tracking_uri(tracking_uri)
+    uri = records.tracking_uri(tracking_uri)
     directory = Path(out) if out else Path("reports") / "sweeps" / sweep_name
     directory.mkdir(parents=True, exist_ok=True)
     plot = plot_summary(summaries, directory / "val_loss_vs_lr.png", f"sweep {sweep_name}")
@@ -886,7 +886,7 @@ def sweep_report(sweep_name: str, storage: str | None = None, out: str | Path | 
     (directory / "summary.txt").write_text(text + "\n")
     (directory / "summary.json").write_text(json.dumps(
         {v: dataclasses.asdict(s) for v, s in summaries.items()}, indent=2))
-    mlflow_client = tracking.client(uri)
+    mlflow_client = records.client(uri)
     experiment = mlflow_client.get_experiment_by_name(sweep_name)
     if experiment is not None:
         for run in mlflow_client.search_runs([experiment.experiment_id],

@@ -20,10 +20,6 @@ from lab.records.runs import (FAILURE_KIND_TAG, FAILURE_TAG, KILLED_REASON_TAG, 
 from lab.records.store import client, open_store, store_dir, tracking_uri
 from lab.records.views import runs_page_url
 
-# lab/grid.py and lab/sweep.py still call log_yaml by its earlier name (their grid.yaml and
-# sweep.yaml); the name goes when they move to lab/experiments/ (issue 21).
-log_dict_artifact = log_yaml
-
 __all__ = [
     "checkpoint_dir", "checkpoint_path", "load_checkpoint", "read_checkpoint",
     "run_id_from_prefix",
