@@ -434,6 +434,26 @@ def test_stale_trials_of_dead_local_workers_fail_and_others_stay(tmp_path):
     assert storage_url("nosuch") == str(Path("sweeps") / "nosuch.journal")
 
 
+def test_the_journal_lock_points_at_the_journal_for_a_relative_path_too(tmp_path, monkeypatch):
+    """Optuna's journal lock is a symlink to the journal; left by a killed process, the next
+    writer breaks it after a grace period measured from the journal's mtime, read through
+    the link. Made from a relative path (sweeps/<name>.journal, the default) the link
+    dangled, the grace never began, and a rerun spun at full CPU for ever (a kill-resume
+    test hung on it)."""
+    from lab.experiments.sweep import open_storage
+
+    monkeypatch.chdir(tmp_path)
+    links = []
+    original = os.symlink
+    monkeypatch.setattr(os, "symlink", lambda target, link: (links.append((target, link)),
+                                                             original(target, link))[1])
+    optuna.create_study(study_name="locked", storage=open_storage("sweeps/locked.journal"))
+    assert links, "the journal was written without its lock"
+    journal = (tmp_path / "sweeps" / "locked.journal").resolve()
+    for target, link in links:
+        assert (Path(link).parent / target).resolve() == journal
+
+
 def test_a_killed_ladder_trial_runs_again_at_its_point_and_no_point_runs_twice(workspace,
                                                                                monkeypatch):
     """A SIGKILL leaves the trial RUNNING; the rerun marks it FAIL. The GridSampler counts a

@@ -284,8 +284,12 @@ def open_storage(url: str, create: bool = True):
             if not os.access(place, os.W_OK):
                 raise PermissionError(errno.EACCES, f"{place} is not writable")
         # Default lock (a symlink lock file beside the journal): atomic on local and NFS file
-        # systems, and the lock optuna-dashboard takes when it opens the same file.
-        return JournalStorage(JournalFileBackend(str(path)))
+        # systems, and the lock optuna-dashboard takes when it opens the same file. The path
+        # made absolute: the lock is a symlink to the journal as named here, and a relative
+        # name resolves from the lock's own folder, where it dangles; Optuna then never starts
+        # the lock's grace period (its os.stat of the lock fails, and it retries at once), so
+        # a lock left by a killed process was never broken and the next start spun forever.
+        return JournalStorage(JournalFileBackend(str(path.resolve())))
     except OSError as err:  # read-only place, a parent that is a file, a full disk
         raise LabError(f"--storage: cannot write the journal file {path}: "
                        f"{err.strerror or err}; pass a writable path") from None
