@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU reproduction (docs/results.md), phase by phase on one or more GPUs.
-#   bash docs/reproduce_gpu.sh [all|prepare|reproduce|base|base-init|stability|stability-noqk|init-control|lr-control|report]
+#   bash docs/reproduce_gpu.sh [all|prepare|eval-check|reproduce|base|base-init|stability|stability-noqk|init-control|lr-control|report]
 # Phases, so that each fits one call of a time-limited machine; the grids resume from the
 # MLflow store, so a phase cut short by its time limit is finished by running it again.
 # DATA: the Gutenberg folder (../shared/data/gutenberg-en in a checkout beside shared/, or a
@@ -66,6 +66,12 @@ if [ "$phase" = all ] || [ "$phase" = init-control ]; then
 fi
 if [ "$phase" = all ] || [ "$phase" = lr-control ]; then
   time timeout "${LR_CONTROL_LIMIT_S:-300}" python3 -m lab grid ablations/reproduce-lr.yaml --gpus all "${grid_args[@]}" --quiet
+fi
+if [ "$phase" = eval-check ]; then
+  # The logged valid/test losses against float32 and bf16 eager scoring of the same windows
+  # from the checkpoints this machine holds (docs/results.md, the test split's spread).
+  python3 benchmarks/eval_check.py "${EVAL_GRID:-reproduce}" --max-runs "${EVAL_RUNS:-6}" \
+    --out "$OUT/eval-check-${EVAL_GRID:-reproduce}.json" 2>&1 | grep -v "Mismatch dtype\|torch.rms_norm"
 fi
 if [ "$phase" = all ] || [ "$phase" = report ]; then
   for grid in reproduce stability reproduce-init reproduce-lr; do
