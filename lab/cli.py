@@ -237,7 +237,8 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from lab.experiments.sweep import format_summary, load_sweep, run_sweep
+    from lab.experiments.sweep import load_sweep, run_sweep
+    from lab.reports.sweep_report import format_summary
 
     sweep = load_sweep(args.sweep_file).with_flags(preset=args.preset, data=args.data,
                                                    tokens=args.tokens, overrides=args.overrides)
@@ -251,7 +252,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_sweep_report(args) -> int:
-    from lab.experiments.sweep import format_summary, sweep_report
+    from lab.reports.sweep_report import format_summary, sweep_report
 
     summaries, plot = sweep_report(args.sweep, args.storage, args.out, args.tracking_uri,
                                    args.tolerance)

@@ -1,5 +1,6 @@
 """lab/experiments/sweep.py: sweep files, the analysis, step-based pruning, parallel workers on one
-Optuna storage (journal file and PostgreSQL), MLflow nesting, the report and best_lrs."""
+Optuna storage (journal file and PostgreSQL), MLflow nesting, and best_lrs beside the report
+of a sweep that really ran (the report's own tests: tests/test_sweep_report.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ import yaml
 from lab.cli import main
 from lab.errors import LabError
 from lab.experiments.sweep import (best_lrs, load_sweep, parse_sweep, run_sweep, run_trial,
-                                   summarize_trials, sweep_report, trial_tasks)
+                                   summarize_trials, trial_tasks)
+from lab.reports.sweep_report import sweep_report
+from sweepkit import made_up_trial
 
 TINY = dict(name="t", preset="tiny", data="synthetic", tokens=2.5e4,
             variants=["baseline", "sdpa_elementwise_sigmoid_mul"],
@@ -136,20 +139,11 @@ def test_preset_data_tokens_and_set_replace_the_files_values_as_for_a_grid(tmp_p
 
 # --- the analysis ---------------------------------------------------------------------
 
-def _trial(lr, value=None, state="complete", spikes=0):
-    dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 100, log=True)}
-    if state == "complete":
-        return optuna.trial.create_trial(params={"lr": lr}, distributions=dist, value=value,
-                                         user_attrs={"state": state, "spikes": spikes})
-    return optuna.trial.create_trial(params={"lr": lr}, distributions=dist,
-                                     state=optuna.trial.TrialState.PRUNED,
-                                     user_attrs={"state": state})
-
-
 def test_summary_best_and_max_stable_lr():
-    trials = [_trial(1e-3, 3.00), _trial(1e-3, 3.02), _trial(3e-3, 2.90), _trial(1e-2, 2.95),
-              _trial(3e-2, 2.97), _trial(3e-2, state="diverged"), _trial(1e-1, 3.5),
-              _trial(3e-1, state="diverged"), _trial(5e-3, state="pruned")]
+    trials = [made_up_trial(1e-3, 3.00), made_up_trial(1e-3, 3.02), made_up_trial(3e-3, 2.90),
+              made_up_trial(1e-2, 2.95), made_up_trial(3e-2, 2.97),
+              made_up_trial(3e-2, state="diverged"), made_up_trial(1e-1, 3.5),
+              made_up_trial(3e-1, state="diverged"), made_up_trial(5e-3, state="pruned")]
     s = summarize_trials(trials)
     assert s.best_lr == 3e-3 and s.best_loss == pytest.approx(2.90)
     # 1e-2 is within 2% of 2.90; 3e-2 would be too, but one of its seeds diverged.
@@ -160,7 +154,8 @@ def test_summary_best_and_max_stable_lr():
 
 
 def test_diverged_trials_are_never_best():
-    s = summarize_trials([_trial(1.0, state="diverged"), _trial(10.0, state="diverged")])
+    s = summarize_trials([made_up_trial(1.0, state="diverged"),
+                          made_up_trial(10.0, state="diverged")])
     assert s.best_lr is None and s.max_stable_lr is None and s.counts["diverged"] == 2
 
 

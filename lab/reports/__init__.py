@@ -1,2 +1,2 @@
-"""What the lab prints and writes for people: the comparison of a grid's variants, the
-variant table and `gatelab analyze`."""
+"""What the lab prints and writes for people: the comparison of a grid's variants, a sweep's
+best and max-stable learning rates, the variant table and `gatelab analyze`."""
