@@ -265,13 +265,14 @@ def test_a_cell_is_claimed_once_and_taken_over_only_from_a_dead_holder(store):
     it; another process is turned away while the holder lives, takes the next attempt once
     it is dead, and nobody claims a cell that has a FINISHED run."""
     from lab import records
-    from lab.experiments.grid import GridContext, Task, claim_cell, find_or_create_parent
+    from lab.experiments.grid import GridContext, Task, claim_cell
+    from lab.records import find_or_create_grid_parent
 
     raw = tiny_grid("claims", ["baseline"])
     [cell] = plan(grid_from_dict(raw))
     client = records.client(store)
     experiment = records.experiment_id(client, "claims", store)
-    ctx = GridContext(store, "claims", find_or_create_parent(client, experiment, "claims"),
+    ctx = GridContext(store, "claims", find_or_create_grid_parent(client, experiment, "claims"),
                       "claims", True)
     task = Task(0, cell.name, cell.config)
     exited = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -1,8 +1,10 @@
 """lab/records/runs.py: one run's record: its tags and params, the config it carries, the
-commit it names, and how it is closed (FINISHED, FAILED with the reason, KILLED)."""
+commit it names, its heartbeat while it trains, and how it is closed (FINISHED, FAILED with
+the reason, KILLED)."""
 
 import errno
 import signal
+import time
 
 import pytest
 import torch
@@ -14,8 +16,8 @@ from gridkit import store  # noqa: F401  (fixture)
 from lab.config import flatten, from_dict, resolve
 from lab.errors import LabError
 from lab.interrupts import Interrupted
-from lab.records.runs import (describe_failure, end_run, git_commit, log_params, log_yaml,
-                              run_tags, start_run)
+from lab.records.runs import (HEARTBEAT_TAG, describe_failure, end_run, git_commit, heartbeat,
+                              log_params, log_yaml, run_tags, start_run)
 
 
 def test_run_tags_name_the_cell_and_its_identity():
@@ -121,3 +123,30 @@ def test_end_run_closes_the_run_and_says_why(store, err, status, tags):  # noqa:
     run = client.get_run(run_id)
     assert run.info.status == status
     assert {k: v for k, v in run.data.tags.items() if k.startswith("gatelab.")} == tags
+
+
+class BeatRecorder:
+    """Stands in for MlflowClient.set_tag; its first call fails as a store that is briefly
+    unreachable does."""
+
+    def __init__(self):
+        self.beats: list[tuple[str, str, str]] = []
+
+    def set_tag(self, run_id, key, value):
+        self.beats.append((run_id, key, value))
+        if len(self.beats) == 1:
+            raise ConnectionError("store unreachable")
+
+
+def test_the_heartbeat_refreshes_its_tag_while_the_run_trains_and_stops_after():
+    recorder = BeatRecorder()
+    started = int(time.time())
+    with heartbeat(recorder, "run-1", every_s=0.02):
+        time.sleep(0.3)
+    time.sleep(0.05)  # a beat already past its wait when the block ended lands now
+    count = len(recorder.beats)
+    assert count >= 3  # the failed first beat did not end the thread
+    assert {(run, key) for run, key, _ in recorder.beats} == {("run-1", HEARTBEAT_TAG)}
+    assert all(int(value) >= started for _, _, value in recorder.beats)
+    time.sleep(0.1)
+    assert len(recorder.beats) == count

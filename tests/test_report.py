@@ -27,12 +27,12 @@ def write_grid(uri: str, name: str = "fake") -> str:
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
     from lab import records
-    from lab.experiments.grid import find_or_create_parent
+    from lab.records import find_or_create_grid_parent
     from lab.records import cell_name
 
     client = MlflowClient(uri)
     experiment = records.experiment_id(client, name, uri)
-    parent = find_or_create_parent(client, experiment, name)
+    parent = find_or_create_grid_parent(client, experiment, name)
 
     def run(variant, lr, seed, ppl, status="FINISHED"):
         tags = {MLFLOW_PARENT_RUN_ID: parent, MLFLOW_RUN_NAME: cell_name(variant, lr, seed),

@@ -218,7 +218,7 @@ def test_the_printed_link_opens_the_cells_side_by_side_in_the_model_training_lay
 
     from lab import records
     from lab.records import views
-    from lab.experiments.grid import child_runs, find_parent
+    from lab.records import child_runs, find_grid_parent
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("GATELAB_STORE", store["env"]["GATELAB_STORE"])
@@ -226,7 +226,7 @@ def test_the_printed_link_opens_the_cells_side_by_side_in_the_model_training_lay
         env.delenv("MLFLOW_TRACKING_URI", raising=False)
         mlflow_client = records.client(records.tracking_uri())
     experiment = mlflow_client.get_experiment_by_name(GRID).experiment_id
-    parent = find_parent(mlflow_client, experiment)
+    parent = find_grid_parent(mlflow_client, experiment)
     cells = {r.data.tags["mlflow.runName"]: r for r in child_runs(mlflow_client, experiment, parent)
              if r.info.status == "FINISHED"}
     gated = next(r for name, r in cells.items() if name.startswith(CELLS[1]))

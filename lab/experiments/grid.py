@@ -14,11 +14,12 @@ child run still RUNNING is alive only if its owner is: each run carries the tag
 `gatelab.owner` = `host:pid:start`, the process that executes it (its start time from
 /proc guards against a reused pid). On the owner's host the run is dead when that process
 is gone; from another host it is dead when its `gatelab.heartbeat` tag (refreshed every
-HEARTBEAT_S by the worker) is older than `stale_after_s`. Dead runs are marked KILLED and
-their cell continues in the same run from its last checkpoint (`train_run(run_id=...)`),
-so a cell ends with exactly one FINISHED run; a killed run without a checkpoint stays
-KILLED and the cell starts a fresh run. Worker processes watch the grid process's identity
-and end within a second of it, so a SIGKILLed grid leaves no orphan writing to the store.
+HEARTBEAT_S by the worker, lab.records.heartbeat) is older than `stale_after_s`. Dead runs
+are marked KILLED and their cell continues in the same run from its last checkpoint
+(`train_run(run_id=...)`), so a cell ends with exactly one FINISHED run; a killed run
+without a checkpoint stays KILLED and the cell starts a fresh run. Worker processes watch
+the grid process's identity and end within a second of it, so a SIGKILLed grid leaves no
+orphan writing to the store.
 
 One claim per cell. Any number of grid processes (shards, a second invocation) may work on
 one store, so before a cell trains it is claimed: the parameter
@@ -46,7 +47,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -70,17 +70,15 @@ from lab.interrupts import interruption, stop_on_signals
 from lab.model.gates import VARIANTS
 from lab.model.params import count_params, model_flops_per_token
 from lab.progress import GridProgress, RunProgress, configure_output, duration
-from lab.records import checkpoint_dir, describe_failure, end_run, load_checkpoint, start_run
+from lab.records import (GRID_TAG, HEARTBEAT_TAG, checkpoint_dir, child_runs, describe_failure,
+                         end_run, find_or_create_grid_parent, heartbeat, load_checkpoint,
+                         start_run)
 from lab.training.run import open_data, train_run
 from lab.training.schedule import total_steps
 
-PARENT_TAG = "gatelab.grid_parent"
-GRID_TAG = "gatelab.grid"
 OWNER_TAG = "gatelab.owner"
-HEARTBEAT_TAG = "gatelab.heartbeat"
 CLAIM_PARAM = "gatelab.claim"  # on the parent: gatelab.claim/<config_hash>/<attempt> = owner@time
 CLAIM_TAG = "gatelab.claim"    # on a cell's run: the <config_hash>/<attempt> it trains under
-HEARTBEAT_S = 60.0
 
 # Time estimate without measurements: 6 N FLOPs per token (Kaplan et al., 2020) at a rate
 # we assume per worker, plus a fixed cost per run (process, store, validation and test).
@@ -342,21 +340,6 @@ def print_dry_run(spec: GridSpec, cells: list[Cell], uri: str, workers: int, dev
 
 # --- the store ------------------------------------------------------------------------
 
-def find_parent(client, experiment_id: str) -> str | None:
-    return records.find_run(client, experiment_id, {PARENT_TAG: "true"})
-
-
-def find_or_create_parent(client, experiment_id: str, name: str) -> str:
-    """One parent per grid name (lab.records.find_or_create_run: under a lock beside a
-    SQLite store, so two grids started together find one), which holds the cells' claims."""
-    return records.find_or_create_run(client, experiment_id, {PARENT_TAG: "true", GRID_TAG: name},
-                                       name)[0]
-
-
-def child_runs(client, experiment_id: str, parent_run_id: str) -> list:
-    return records.search_all(client, experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'")
-
-
 @dataclass
 class Task:
     index: int
@@ -451,26 +434,6 @@ class GridContext:
     grid: str
     quiet: bool
     stale_after_s: float = STALE_AFTER_S
-
-
-@contextmanager
-def heartbeat(client, run_id: str, every_s: float = HEARTBEAT_S):
-    """Refresh the run's heartbeat tag while it trains (how other hosts tell it is alive)."""
-    stop = threading.Event()
-
-    def beat():
-        while not stop.wait(every_s):
-            try:
-                client.set_tag(run_id, HEARTBEAT_TAG, str(int(time.time())))
-            except Exception:
-                pass  # a missed beat only makes the run look older
-
-    thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
 
 
 def create_cell_run(task: Task, ctx: GridContext, owner: str) -> str:
@@ -763,7 +726,7 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
             log=lambda line: print(f"grid {spec.name}: {line}", flush=True))
     client = records.client(uri)
     experiment = records.experiment_id(client, spec.name, uri)
-    parent = find_or_create_parent(client, experiment, spec.name)
+    parent = find_or_create_grid_parent(client, experiment, spec.name)
     # Before the parent is RUNNING: a refused checkpoint ends the grid here (LabError).
     work = reconcile(client, cells, child_runs(client, experiment, parent), options.stale_after_s)
     ctx = GridContext(uri, spec.name, parent, spec.name, options.quiet, options.stale_after_s)

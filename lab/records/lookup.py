@@ -15,6 +15,9 @@ from lab.records.store import LOCK_TIMEOUT_S, sqlite_path, store_dir
 from lab.records.views import (COMPARISON_VIEW, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND,
                                VIEW_TAG_PREFIX, write_comparison_view)
 
+GRID_PARENT_TAG = "gatelab.grid_parent"
+GRID_TAG = "gatelab.grid"   # on a grid's parent and on each of its cells' runs
+
 
 def experiment_id(mlflow_client, name: str, uri: str) -> str:
     """The experiment's id, created on first use (artifacts under mlruns/artifacts/<name>),
@@ -85,3 +88,18 @@ def find_or_create_run(mlflow_client, experiment_id: str, match_tags: dict[str, 
         mlflow_client.delete_run(mine)
     return winner, winner == mine
 
+
+def find_grid_parent(mlflow_client, experiment_id: str) -> str | None:
+    return find_run(mlflow_client, experiment_id, {GRID_PARENT_TAG: "true"})
+
+
+def find_or_create_grid_parent(mlflow_client, experiment_id: str, name: str) -> str:
+    """One parent per grid name (find_or_create_run: under a lock beside a SQLite store, so
+    two grids started together find one), which holds the cells' claims."""
+    return find_or_create_run(mlflow_client, experiment_id,
+                              {GRID_PARENT_TAG: "true", GRID_TAG: name}, name)[0]
+
+
+def child_runs(mlflow_client, experiment_id: str, parent_run_id: str) -> list:
+    return search_all(mlflow_client, experiment_id,
+                      f"tags.mlflow.parentRunId = '{parent_run_id}'")

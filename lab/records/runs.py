@@ -14,7 +14,9 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 
 import torch
 import yaml
@@ -33,6 +35,29 @@ from lab.records.store import client, store_dir
 FAILURE_KIND_TAG = "gatelab.failure_kind"   # oom, disk_full, config, error, worker_died
 FAILURE_TAG = "gatelab.failure"             # the one-line message
 KILLED_REASON_TAG = "gatelab.killed_reason"
+# Who still trains a run, as another host can tell (lab/experiments/owners.py owner_alive).
+HEARTBEAT_TAG = "gatelab.heartbeat"         # unix seconds of the owner's latest beat
+HEARTBEAT_S = 60.0
+
+
+@contextmanager
+def heartbeat(mlflow_client, run_id: str, every_s: float = HEARTBEAT_S):
+    """Refresh the run's heartbeat tag while it trains (how other hosts tell it is alive)."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(every_s):
+            try:
+                mlflow_client.set_tag(run_id, HEARTBEAT_TAG, str(int(time.time())))
+            except Exception:
+                pass  # a missed beat only makes the run look older
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 def cell_name(variant: str, lr: float, seed: int) -> str:

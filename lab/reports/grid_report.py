@@ -39,8 +39,8 @@ from scipy import stats
 from lab import records
 from lab.analysis.metrics import split_layer_metric
 from lab.errors import LabError
-from lab.experiments.grid import child_runs, find_parent
 from lab.model.gates import VARIANTS
+from lab.records import child_runs, find_grid_parent
 
 # Columns beside the perplexity, where runs carry them (lab/analysis/metrics.py, lab/training/callbacks.py);
 # the long-context names are `long/ppl_<k>x[_yarn]` (MLflow rejects '@').
@@ -160,10 +160,10 @@ def load_runs(grid: str, uri: str | None = None) -> tuple[object, str, list[RunR
     uri = records.tracking_uri(uri)
     client = records.client(uri)
     experiment = client.get_experiment_by_name(grid)
-    parent = find_parent(client, experiment.experiment_id) if experiment else None
+    parent = find_grid_parent(client, experiment.experiment_id) if experiment else None
     if parent is None:
         grids = [e.name for e in client.search_experiments()
-                 if find_parent(client, e.experiment_id)]
+                 if find_grid_parent(client, e.experiment_id)]
         raise LabError(f"report: no grid named {grid!r} in {uri}; grids there: "
                        f"{', '.join(grids) or 'none (run `gatelab grid FILE` first)'}")
     latest: dict[str, object] = {}
