@@ -402,3 +402,20 @@ def test_sink_only_recorder_keeps_the_same_sink_sums_and_nothing_else():
     for key, total in sink.sums.items():
         torch.testing.assert_close(total, full.sums[key])
     assert not sink.gate_samples and not sink.position_max and full.gate_samples
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["analyze", "nothing.ckpt"], "error: analyze: no checkpoint at"),
+    (["analyze", "nothing.ckpt", "--windows", "-1"], "error: analyze --windows: must be a "
+                                                     "non-negative integer, got -1"),
+])
+def test_analyze_refuses_bad_input_before_it_creates_a_store(tmp_path, monkeypatch, capsys,
+                                                             argv, expected):
+    from lab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(expected)
+    assert not (tmp_path / "mlruns").exists()

@@ -22,10 +22,13 @@ def analyze_target(target: str, uri: str | None = None, windows: int | None = No
     """`target` is an MLflow run id (its `checkpoints/<run id>/last.ckpt`) or a checkpoint
     file. Metrics and plots go to the run when there is one, and to `out` when given.
     Returns (run id or None, the analysis, the files written)."""
-    uri = records.tracking_uri(uri)
-    mlflow_client = records.client(uri)
+    # Input first, the store after: a bad target or option must not create a store.
+    if windows is not None and windows < 0:
+        raise LabError(f"analyze --windows: must be a non-negative integer, got {windows}")
     path = records.checkpoint_path(target, "analyze")
     run_id = path.parent.name if path.parent.parent.name == "checkpoints" else None
+    uri = records.tracking_uri(uri)
+    mlflow_client = records.client(uri) if run_id is not None else None
     if run_id is not None and not _run_exists(mlflow_client, run_id):
         if not Path(target).exists():  # named by its run id: it must be in this store
             raise LabError(f"analyze: run {run_id} is not in the tracking store {uri} "
@@ -33,8 +36,6 @@ def analyze_target(target: str, uri: str | None = None, windows: int | None = No
         run_id = None  # a checkpoint of a run this tracking store does not hold
     if run_id is None and out is None:
         out = f"analysis-{path.stem}"
-    if windows is not None and windows < 0:
-        raise LabError(f"analyze --windows: must be a non-negative integer, got {windows}")
 
     config, state, step = records.read_checkpoint(path, "analyze")
     model = Decoder(config.model)
