@@ -3,7 +3,8 @@ evaluation path (docs/results.md, "Progress of the redo": the test split's sprea
 
 For each finished run of an experiment whose checkpoint is on this machine, the run's own
 evaluation windows (the loader's: `val_batches` x `micro_batch` windows spread over the split)
-are scored again from `last.ckpt` in float32 eagerly, and in bf16 autocast eagerly, beside
+are scored again from `last.ckpt` by the analysis' eager scorer (lab/analysis/metrics.py
+mean_loss) in float32 and in bf16 autocast, beside
 what the run logged (`val/final_loss`, `test/loss`: bf16, through the compiled training call
 on a GPU). Agreement within bf16's noise (~1e-2) says the logged numbers are the weights'.
 
@@ -19,24 +20,10 @@ import math
 import torch
 
 from lab import records
+from lab.analysis.metrics import mean_loss
 from lab.data.windows import eval_windows
 from lab.model.decoder import Decoder
 from lab.training.run import open_data
-
-
-@torch.no_grad()
-def mean_loss(model: Decoder, windows: torch.Tensor, batch: int, dtype) -> float:
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    # whole micro-batches, as the run's loader takes them (lab/training/module.py)
-    usable = len(windows) - len(windows) % batch if len(windows) >= batch else len(windows)
-    for start in range(0, usable, batch):
-        chunk = windows[start:start + batch].to(device)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = model.forward(chunk[:, :-1], targets=chunk[:, 1:], reduction="sum")
-        total += float(loss.double())
-        count += chunk[:, 1:].numel()
-    return total / count
 
 
 def check_run(run, device) -> dict:
@@ -52,8 +39,10 @@ def check_run(run, device) -> dict:
         windows = eval_windows(store, split, config.model.context, t.val_batches * t.micro_batch,
                                config.data.bos_aligned, config.data.bos_prefix)
         row[f"{split}_logged"] = run.data.metrics.get(logged, math.nan)
-        row[f"{split}_fp32"] = mean_loss(model, windows, t.micro_batch, None)
-        row[f"{split}_bf16"] = mean_loss(model, windows, t.micro_batch, torch.bfloat16)
+        # the analysis' own eager scoring (lab/analysis/metrics.py), in both precisions
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            row[f"{split}_{name}"] = mean_loss(model, windows, t.micro_batch,
+                                               torch.device(device), dtype)
     return row
 
 

@@ -301,7 +301,7 @@ def test_long_context_windows_open_with_bos_at_every_factor_when_training_did(tm
         seen[data.shape[1] - 1] = data.clone()
         return 1.0
 
-    monkeypatch.setattr(analysis, "_mean_loss", record_windows)
+    monkeypatch.setattr(analysis, "mean_loss", record_windows)
     model = Decoder(ModelConfig(**TINY))
     result = analysis.long_context_perplexity(model, store, 16, [1, 2, 4], windows=8,
                                               bos_prefix=bos_prefix)
@@ -330,7 +330,7 @@ def test_bos_reliance_compares_the_same_targets_with_and_without_bos(tmp_path, m
         seen.append((data.clone(), skip_first))
         return 2.0 if len(seen) == 1 else 2.5  # with BOS first, then without
 
-    monkeypatch.setattr(analysis, "_mean_loss", fake_loss)
+    monkeypatch.setattr(analysis, "mean_loss", fake_loss)
     metrics = analysis.bos_reliance(Decoder(ModelConfig(**TINY)), store, 16, windows=5)
     (with_bos, skip_with), (without_bos, skip_without) = seen
     assert skip_with == skip_without == 1
@@ -351,7 +351,7 @@ def test_mean_loss_can_leave_out_the_first_predictions():
     with torch.no_grad():
         logits = model(data[:, :-1])
         expected = F.cross_entropy(logits[:, 2:].flatten(0, 1), data[:, 3:].flatten()).item()
-        got = analysis._mean_loss(model, data, 2, torch.device("cpu"), None, skip_first=2)
+        got = analysis.mean_loss(model, data, 2, torch.device("cpu"), None, skip_first=2)
     assert got == pytest.approx(expected, rel=1e-6)
 
 
@@ -369,7 +369,7 @@ def test_analyze_measures_bos_reliance_only_for_models_trained_with_bos(tmp_path
 
 
 def test_mean_loss_leaves_out_the_first_predictions_of_each_window():
-    from lab.analysis.metrics import _mean_loss
+    from lab.analysis.metrics import mean_loss
     from lab.model.decoder import Decoder
 
     torch.manual_seed(0)
@@ -378,7 +378,7 @@ def test_mean_loss_leaves_out_the_first_predictions_of_each_window():
     with torch.no_grad():
         logits = model(data[:, :-1])[:, 2:]
         expected = F.cross_entropy(logits.flatten(0, 1), data[:, 3:].flatten()).item()
-        got = _mean_loss(model, data, batch=2, device=torch.device("cpu"), autocast_dtype=None,
+        got = mean_loss(model, data, batch=2, device=torch.device("cpu"), autocast_dtype=None,
                          skip_first=2)
     assert abs(got - expected) < 1e-5
 

@@ -435,7 +435,7 @@ def long_context_perplexity(model, store: TokenStore, context: int, factors: Seq
             for yarn in ((False, True) if factor > 1 else (False,)):
                 model.set_yarn(float(factor) if yarn else 1.0)
                 try:
-                    loss = _mean_loss(model, data, batch, device, autocast_dtype)
+                    loss = mean_loss(model, data, batch, device, autocast_dtype)
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     print(f"analysis: {long_context_metric(factor, yarn)} skipped: out of GPU "
@@ -447,7 +447,7 @@ def long_context_perplexity(model, store: TokenStore, context: int, factors: Seq
     return results
 
 
-def _mean_loss(model, data: torch.Tensor, batch: int, device, autocast_dtype,
+def mean_loss(model, data: torch.Tensor, batch: int, device, autocast_dtype,
                skip_first: int = 0) -> float:
     """Mean next-token loss over `data` windows (n, T + 1), leaving out the first
     `skip_first` predictions of each window."""
@@ -481,8 +481,8 @@ def bos_reliance(model, store: TokenStore, context: int, windows: int,
     with_bos = without_bos.clone()
     with_bos[:, 0] = store.eos_id
     batch = LONG_CONTEXT_TOKENS_PER_FORWARD
-    loss_with = _mean_loss(model, with_bos, batch, device, autocast_dtype, skip_first=1)
-    loss_without = _mean_loss(model, without_bos, batch, device, autocast_dtype, skip_first=1)
+    loss_with = mean_loss(model, with_bos, batch, device, autocast_dtype, skip_first=1)
+    loss_without = mean_loss(model, without_bos, batch, device, autocast_dtype, skip_first=1)
     return {"sink/ppl_with_bos": math.exp(min(loss_with, 80.0)),
             "sink/ppl_without_bos": math.exp(min(loss_without, 80.0)),
             "sink/bos_reliance": math.exp(min(loss_without - loss_with, 80.0))}

@@ -48,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -537,7 +537,7 @@ def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = 
         config = task.config
         callbacks = [] if ctx.quiet else [RunProgress(
             task.name, total_steps(config), config.train.batch_size * config.model.context)]
-        with heartbeat(client, run_id) if lead_rank else _nothing():
+        with heartbeat(client, run_id) if lead_rank else nullcontext():
             result = train_run(config, ctx.uri, ctx.experiment, run_id=run_id, quiet=True,
                                callbacks=callbacks)
         return Outcome(task.index, task.name, "FINISHED", run_id, result.metrics.get("val/ppl"),
@@ -556,11 +556,6 @@ def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = 
         _release_memory()
         return Outcome(task.index, task.name, "FAILED", run_id, wall_s=time.time() - started,
                        failure=message)
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def _release_memory() -> None:
