@@ -25,7 +25,6 @@ WORK=${WORK:-reports}              # where `gatelab report` writes its tables an
 mkdir -p "$OUT" "$WORK"
 gatelab() { python3 -m lab "$@"; }
 read -ra grid_args <<< "${GRID_ARGS:-}"
-echo "git_commit tag: $(python3 -c 'from lab import records; print(records.git_commit())')"
 
 store=${GATELAB_STORE:-mlruns}
 if [ "$phase" = prepare ]; then
@@ -44,6 +43,8 @@ if [ "$phase" != report ]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 fi
 [ "$phase" = prepare ] && exit 0
+# (after prepare: the records import MLflow, which the first call of a machine may not carry)
+echo "git_commit tag: $(python3 -c 'from lab import records; print(records.git_commit())')"
 if [ "$phase" = all ] || [ "$phase" = reproduce ]; then
   time timeout "${REPRODUCE_LIMIT_S:-600}" python3 -m lab grid ablations/reproduce.yaml --gpus all "${grid_args[@]}" --quiet
 fi

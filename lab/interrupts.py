@@ -24,9 +24,9 @@ import signal
 import threading
 from contextlib import contextmanager
 
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from sqlalchemy import event
-from sqlalchemy.pool import Pool
+# SQLAlchemy and Lightning are imported where they are used, not here: `gatelab prepare` and the
+# other commands that neither train nor record reach this module from lab/cli.py, and a GPU
+# machine's first call may carry the corpus but not the MLflow wheels (docs/reproduce_gpu.sh).
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 DEFER_AT_MOST_S = 5.0  # a database call longer than this is interrupted anyway
@@ -115,6 +115,9 @@ def stop_on_signals():
     if _installed or not _in_main_thread():
         yield
         return
+    from sqlalchemy import event
+    from sqlalchemy.pool import Pool
+
     # Pool-class listeners reach every pool, also those made before (SQLAlchemy's events).
     event.listen(Pool, "checkout", _on_checkout)
     event.listen(Pool, "checkin", _on_checkin)
@@ -142,6 +145,8 @@ def interruption(err: BaseException) -> Interrupted | None:
     Once one is found, the process is stopping: a signal still deferred, or sent again, is
     not raised a second time into the code that closes the runs."""
     global _stopping, _deferred
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     seen, found = set(), None
     while err is not None and id(err) not in seen and found is None:
         seen.add(id(err))

@@ -149,3 +149,32 @@ def test_architecture_page_names_every_module_and_only_modules_that_exist():
                if p.name != "__init__.py"}
     assert named == modules, (f"not on the page: {sorted(modules - named)}; "
                               f"on the page but not in lab/: {sorted(named - modules)}")
+
+
+def test_prepare_runs_where_mlflow_optuna_and_sqlalchemy_are_missing(tmp_path):
+    """`gatelab prepare` imports none of the recording libraries: a GPU machine's first call
+    carries the corpus without their wheels (docs/reproduce_gpu.sh, `prepare`). The child
+    process makes each of them unimportable before the command starts."""
+    import subprocess
+    import sys
+
+    text = "\n\n".join(f"Book {i}. " + "the quick brown fox jumps over the lazy dog. " * 40
+                       for i in range(30))
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"{split}.txt").write_text(text, encoding="utf-8")
+    blocked = ("mlflow", "optuna", "sqlalchemy", "alembic")
+    child = ("import sys\n"
+             "class Missing:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             f"        if name.split('.')[0] in {blocked!r}:\n"
+             "            raise ImportError(f'{name} is not installed here')\n"
+             "sys.meta_path.insert(0, Missing())\n"
+             "from lab.cli import main\n"
+             "sys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run(
+        [sys.executable, "-c", child, "prepare", "--quiet", "--vocab-size", "300",
+         "--data", str(tmp_path / "train.txt"), "--valid", str(tmp_path / "valid.txt"),
+         "--test", str(tmp_path / "test.txt"), "--out", str(tmp_path / "prepared")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "prepared").is_dir()
