@@ -5,12 +5,13 @@
 # MLflow store, so a phase cut short by its time limit is finished by running it again.
 # DATA: the Gutenberg folder (../shared/data/gutenberg-en in a checkout beside shared/, or a
 # git-ignored copy at .data/gutenberg-en carried to a machine that cannot see shared/).
-# To continue on another machine, bring back the store (mlflow-db.tgz) and unpack it into
-# the checkout there: the grids skip finished cells. `prepare` does only that and the corpus:
-# on a machine whose calls each carry at most 64 MiB, the corpus (42 MB) and the wheels
-# (20 MB) with the store do not fit one call, so the first call carries the corpus and the
-# store (`prepare`: STORE_TGZ, default .data/store/mlflow-db.tgz, unpacked when the machine
-# has no store yet) and the next ones the wheels; a warm machine keeps what earlier calls left.
+# The runs travel as a store snapshot (`gatelab store pack`: lab/records/snapshot.py): each
+# phase that trains starts by unpacking SNAPSHOT (default docs/store/reproduction.tgz, the
+# committed one) when the machine has no store yet, and every call ends by packing the store
+# into $OUT/store.tgz; the grids skip finished cells. On a machine whose calls each carry at
+# most 64 MiB, the corpus (42 MB) and the MLflow wheels (20 MB) with the code and the
+# snapshot do not fit one call: the first call carries the corpus (`prepare`, which needs
+# no MLflow) and the next ones the wheels; a warm machine keeps what earlier calls left.
 # GATELAB_GIT_COMMIT: the commit of the checkout that was sent, for the runs' `git_commit`
 # tag, when the machine's copy has no .git or a stale one (send a clean checkout).
 # GRID_ARGS: extra `gatelab grid` options, e.g. --no-check on a later call of the same code on
@@ -27,12 +28,7 @@ gatelab() { python3 -m lab "$@"; }
 read -ra grid_args <<< "${GRID_ARGS:-}"
 
 store=${GATELAB_STORE:-mlruns}
-if [ "$phase" = prepare ]; then
-  tgz=${STORE_TGZ:-.data/store/mlflow-db.tgz}
-  if [ -e "$store/mlflow.db" ]; then echo "store: keeping the $store/mlflow.db already here"
-  elif [ -f "$tgz" ]; then tar xzf "$tgz" && echo "store: unpacked $tgz"
-  else echo "store: none brought; the grids start a new one"; fi
-fi
+snapshot=${SNAPSHOT:-docs/store/reproduction.tgz}
 if [ "$phase" != report ]; then
   tokenizer=()
   [ -n "${TOKENIZER:-}" ] && tokenizer=(--tokenizer "$TOKENIZER")
@@ -45,6 +41,9 @@ fi
 [ "$phase" = prepare ] && exit 0
 # (after prepare: the records import MLflow, which the first call of a machine may not carry)
 echo "git_commit tag: $(python3 -c 'from lab import records; print(records.git_commit())')"
+if [ -e "$store/mlflow.db" ]; then echo "store: keeping the $store/mlflow.db already here"
+elif [ -f "$snapshot" ]; then gatelab store unpack "$snapshot" --quiet
+else echo "store: none brought; the grids start a new one"; fi
 if [ "$phase" = all ] || [ "$phase" = reproduce ]; then
   time timeout "${REPRODUCE_LIMIT_S:-600}" python3 -m lab grid ablations/reproduce.yaml --gpus all "${grid_args[@]}" --quiet
 fi
@@ -81,8 +80,7 @@ if [ "$phase" = all ] || [ "$phase" = report ]; then
   done
   tar czf "$OUT/reports.tgz" "$WORK"
 fi
-# The MLflow store: the SQLite file alone (metrics, params, tags) and the run artifacts
-# without checkpoints (those stay on the machine), apart so that each stays small.
-tar czf "$OUT/mlflow-db.tgz" "$store/mlflow.db"
-tar czf "$OUT/mlruns-artifacts.tgz" --exclude="$store/checkpoints" --exclude="$store/*.db" "$store"
+# The store as one snapshot (runs, metrics and artifacts with their plots; checkpoints stay
+# on the machine), to unpack where the work goes on: `gatelab store unpack store.tgz`.
+gatelab store pack "$OUT/store.tgz" --plots --quiet
 ls -la "$OUT"

@@ -34,6 +34,7 @@ EXAMPLES = {
     "sweep": "gatelab sweep sweeps/lr.yaml --variants baseline --n-trials 4 --workers 2",
     "sweep-report": "gatelab sweep-report lr --out reports/sweeps/lr",
     "check": "gatelab check --preset small --variants all",
+    "store": "gatelab store pack docs/store/reproduction.tgz",
 }
 
 
@@ -213,6 +214,16 @@ def cmd_check(args) -> int:
             print(f"check failed: {failure}", file=sys.stderr)
         return 1
     print("check passed: every variant's fast path is within tolerance of the reference")
+    return 0
+
+
+def cmd_store(args) -> int:
+    from lab.records.snapshot import pack, unpack
+
+    if args.action == "pack":
+        print(pack(args.file, plots=args.plots).describe("packed"))
+    else:
+        print(unpack(args.file).describe("unpacked into"))
     return 0
 
 
@@ -418,6 +429,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "loss and gradients (default: per precision, lab/check.py TOLERANCES)")
     _add_overrides(p)
     p.set_defaults(func=cmd_check)
+
+    p = _parser(sub, "store", "pack the local MLflow store (mlruns/, or GATELAB_STORE) into one "
+                "file, or unpack one into an empty store, to move runs between machines and "
+                "checkouts (artifact locations re-rooted; checkpoints stay behind)")
+    p.add_argument("action", choices=("pack", "unpack"))
+    p.add_argument("file", help="the snapshot (.tgz) to write or to read")
+    p.add_argument("--plots", action="store_true",
+                   help="pack: keep the runs' PNG plots too (default: data only; the reports "
+                   "draw their own)")
+    p.set_defaults(func=cmd_store)
 
     p = _parser(sub, "export", "write a run's checkpoint as a Hugging Face Qwen3 model "
                 "(baseline, sdpa headwise / elementwise gates)")

@@ -112,7 +112,7 @@ def test_every_command_takes_quiet_and_verbose_but_not_both(command, capsys):
     assert {"--quiet", "--verbose"} <= flags
     required = [a for a in parser._actions if a.required or (not a.option_strings
                                                              and a.nargs is None)]
-    words = ["x"] * len(required)  # positional arguments, if any
+    words = [next(iter(a.choices)) if a.choices else "x" for a in required]  # positionals
     with pytest.raises(SystemExit) as done:
         build_parser().parse_args([command, *words, "--quiet", "--verbose"])
     assert done.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -9,7 +9,9 @@ then `records.start_run(...)`); where each lives:
   (a grid's, and its cells' runs);
 - `runs.py`: one run's record (tags, params, metrics, artifacts), its start, its heartbeat
   while it trains, and its end;
-- `checkpoints.py`: where a run's checkpoint is and the one safe way to read it.
+- `checkpoints.py`: where a run's checkpoint is and the one safe way to read it;
+- `snapshot.py`: the store packed into one file and unpacked elsewhere (`gatelab store`),
+  used through its module: `from lab.records import snapshot`.
 """
 
 from lab.records.checkpoints import (checkpoint_dir, checkpoint_path, load_checkpoint,

@@ -246,7 +246,7 @@ def _build(path: Path, work: Path, revision: str | None) -> None:
     upgrade first keeps the old file as <store>.bak-<revision> and says so in one line."""
     _remove_database(work)  # what a killed earlier attempt left; the lock makes it stale
     if revision is not None:
-        _copy_database(path, work)
+        copy_database(path, work)
     try:
         upgrade.callback(f"sqlite:///{work}")  # MLflow's `mlflow db upgrade <url>`
         if store_revision(work) != _migrations()[1]:
@@ -278,11 +278,11 @@ def _keep_backup(path: Path, revision: str) -> Path:
     try:
         os.link(path, backup)
     except OSError:
-        _copy_database(path, backup)
+        copy_database(path, backup)
     return backup
 
 
-def _copy_database(path: Path, copy_path: Path) -> None:
+def copy_database(path: Path, copy_path: Path) -> None:
     """A consistent copy of a database others may be writing (SQLite's online backup API)."""
     source, copy = sqlite3.connect(path, timeout=30), sqlite3.connect(copy_path)
     try:

@@ -1,0 +1,114 @@
+"""lab/records/snapshot.py: `gatelab store pack` and `unpack` move a store to another folder
+with its artifacts readable there, and refuse what would lose or mix records."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from gridkit import _template_db
+from lab import records
+from lab.cli import main
+from lab.errors import LabError
+from lab.records import snapshot
+
+
+def _store(folder: Path, monkeypatch) -> tuple[str, str]:
+    """A store at `folder` with one lab experiment and a run that has a JSON and a PNG
+    artifact, as the lab lays them out; (its URI, the run's id)."""
+    folder.mkdir(parents=True)
+    shutil.copy(_template_db(), folder / "mlflow.db")
+    monkeypatch.setenv("GATELAB_STORE", str(folder))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = records.tracking_uri()
+    client = records.client(uri)
+    experiment = records.experiment_id(client, "reproduce", uri)
+    run = client.create_run(experiment, run_name="baseline/seed=0")
+    client.log_metric(run.info.run_id, "val/loss", 3.75, step=7)
+    work = folder.parent / "files"
+    work.mkdir()
+    (work / "loss_history.json").write_text(json.dumps({"loss": [4.0, 3.9]}))
+    (work / "attention_maps.png").write_bytes(b"\x89PNG not really")
+    client.log_artifact(run.info.run_id, str(work / "loss_history.json"))
+    client.log_artifact(run.info.run_id, str(work / "attention_maps.png"), "analysis")
+    client.set_terminated(run.info.run_id)
+    return uri, run.info.run_id
+
+
+def test_a_store_moves_to_another_folder_with_its_artifacts(tmp_path, monkeypatch):
+    _, run_id = _store(tmp_path / "here" / "mlruns", monkeypatch)
+    packed = snapshot.pack(tmp_path / "store.tgz")
+    assert (packed.runs, packed.files) == (1, 1)  # the PNG stays behind by default
+    with tarfile.open(tmp_path / "store.tgz") as tar:
+        assert not any(str(tmp_path) in m.name for m in tar.getmembers())
+    shutil.rmtree(tmp_path / "here")  # the old folder is gone: nothing may read from it
+
+    there = tmp_path / "there" / "mlruns"
+    monkeypatch.setenv("GATELAB_STORE", str(there))
+    assert snapshot.unpack(tmp_path / "store.tgz").runs == 1
+    client = records.client(records.tracking_uri())
+    run = client.get_run(run_id)
+    assert run.info.artifact_uri == (there / "artifacts" / "reproduce" / run_id
+                                     / "artifacts").as_uri()
+    assert run.data.metrics["val/loss"] == 3.75
+    got = Path(client.download_artifacts(run_id, "loss_history.json", str(tmp_path)))
+    assert json.loads(got.read_text()) == {"loss": [4.0, 3.9]}
+    assert client.list_artifacts(run_id, "analysis") == []  # the plot did not travel
+    # the grid finds its experiment again, and new runs land under the new folder
+    new = client.create_run(records.experiment_id(client, "reproduce", records.tracking_uri()))
+    assert new.info.artifact_uri.startswith((there / "artifacts").as_uri())
+
+
+def test_plots_travel_when_asked(tmp_path, monkeypatch):
+    _store(tmp_path / "here" / "mlruns", monkeypatch)
+    assert snapshot.pack(tmp_path / "store.tgz", plots=True).files == 2
+
+
+def test_a_store_copied_by_hand_is_re_rooted_too(tmp_path, monkeypatch):
+    """The database names the folder it was made in; packed from a copy elsewhere (a
+    tarball brought back from another machine), its locations still become relative."""
+    _, run_id = _store(tmp_path / "made" / "mlruns", monkeypatch)
+    shutil.copytree(tmp_path / "made", tmp_path / "copy")
+    shutil.rmtree(tmp_path / "made")
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "copy" / "mlruns"))
+    snapshot.pack(tmp_path / "store.tgz")
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "third" / "mlruns"))
+    snapshot.unpack(tmp_path / "store.tgz")
+    db = sqlite3.connect(tmp_path / "third" / "mlruns" / "mlflow.db")
+    locations = [r[0] for r in db.execute("SELECT artifact_uri FROM runs")] + \
+        [r[0] for r in db.execute("SELECT artifact_location FROM experiments "
+                                  "WHERE name != 'Default'")]  # MLflow's own: made elsewhere
+    db.close()
+    root = (tmp_path / "third" / "mlruns").as_uri()
+    assert len(locations) == 2 and all(loc.startswith(root + "/") for loc in locations), locations
+
+
+def test_unpack_never_merges_into_a_store_that_holds_runs(tmp_path, monkeypatch, capsys):
+    _store(tmp_path / "here" / "mlruns", monkeypatch)
+    snapshot.pack(tmp_path / "store.tgz")
+    before = (tmp_path / "here" / "mlruns" / "mlflow.db").read_bytes()
+    assert main(["store", "unpack", str(tmp_path / "store.tgz")]) == 2
+    assert "already holds a store" in capsys.readouterr().err
+    assert (tmp_path / "here" / "mlruns" / "mlflow.db").read_bytes() == before
+
+
+def test_bad_snapshots_are_one_line_and_leave_no_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "empty" / "mlruns"))
+    not_a_store = tmp_path / "other.tgz"
+    (tmp_path / "notes.txt").write_text("hello")
+    with tarfile.open(not_a_store, "w:gz") as tar:
+        tar.add(tmp_path / "notes.txt", arcname="notes.txt")
+    (tmp_path / "garbage.tgz").write_bytes(b"not gzip")
+    for bad, message in ((not_a_store, "not a store snapshot"),
+                         (tmp_path / "garbage.tgz", "garbage.tgz"),
+                         (tmp_path / "absent.tgz", "is not a file")):
+        with pytest.raises(LabError, match=message):
+            snapshot.unpack(bad)
+    assert not (tmp_path / "empty" / "mlruns" / "mlflow.db").exists()
+    with pytest.raises(LabError, match="no store"):
+        snapshot.pack(tmp_path / "out.tgz")
