@@ -26,6 +26,10 @@ WORK=${WORK:-reports}              # where `gatelab report` writes its tables an
 mkdir -p "$OUT" "$WORK"
 gatelab() { python3 -m lab "$@"; }
 read -ra grid_args <<< "${GRID_ARGS:-}"
+# One grid within a phase's limit: `--time-limit` starts no cell that would not end in time
+# (the cells in progress finish), and `timeout` 15 s later is the hard stop behind it.
+run_grid() { local limit=$1; shift
+  time timeout "$limit" python3 -m lab grid "$@" --time-limit "$((limit - 15))"; }
 
 store=${GATELAB_STORE:-mlruns}
 snapshot=${SNAPSHOT:-docs/store/reproduction.tgz}
@@ -45,27 +49,27 @@ if [ -e "$store/mlflow.db" ]; then echo "store: keeping the $store/mlflow.db alr
 elif [ -f "$snapshot" ]; then gatelab store unpack "$snapshot" --quiet
 else echo "store: none brought; the grids start a new one"; fi
 if [ "$phase" = all ] || [ "$phase" = reproduce ]; then
-  time timeout "${REPRODUCE_LIMIT_S:-600}" python3 -m lab grid ablations/reproduce.yaml --gpus all "${grid_args[@]}" --quiet
+  run_grid "${REPRODUCE_LIMIT_S:-600}" ablations/reproduce.yaml --gpus all "${grid_args[@]}" --quiet
 fi
 if [ "$phase" = all ] || [ "$phase" = base ]; then
-  time timeout "${BASE_LIMIT_S:-600}" python3 -m lab grid ablations/reproduce-base.yaml --gpus all "${grid_args[@]}" --quiet
+  run_grid "${BASE_LIMIT_S:-600}" ablations/reproduce-base.yaml --gpus all "${grid_args[@]}" --quiet
 fi
 if [ "$phase" = all ] || [ "$phase" = base-init ]; then
-  time timeout "${BASE_LIMIT_S:-600}" python3 -m lab grid ablations/reproduce-base.yaml --gpus all "${grid_args[@]}" \
+  run_grid "${BASE_LIMIT_S:-600}" ablations/reproduce-base.yaml --gpus all "${grid_args[@]}" \
     --variants baseline --set model.residual_init_scale=0.2041 --quiet
 fi
 if [ "$phase" = all ] || [ "$phase" = stability ]; then
-  time timeout "${STABILITY_LIMIT_S:-600}" python3 -m lab grid ablations/stability.yaml --gpus all "${grid_args[@]}" --quiet
+  run_grid "${STABILITY_LIMIT_S:-600}" ablations/stability.yaml --gpus all "${grid_args[@]}" --quiet
 fi
 if [ "$phase" = all ] || [ "$phase" = stability-noqk ]; then
-  time timeout "${STABILITY_LIMIT_S:-600}" python3 -m lab grid ablations/stability.yaml --gpus all "${grid_args[@]}" \
+  run_grid "${STABILITY_LIMIT_S:-600}" ablations/stability.yaml --gpus all "${grid_args[@]}" \
     --set model.qk_norm=false --quiet
 fi
 if [ "$phase" = all ] || [ "$phase" = init-control ]; then
-  time timeout "${CONTROL_LIMIT_S:-300}" python3 -m lab grid ablations/reproduce-init.yaml --gpus all "${grid_args[@]}" --quiet
+  run_grid "${CONTROL_LIMIT_S:-300}" ablations/reproduce-init.yaml --gpus all "${grid_args[@]}" --quiet
 fi
 if [ "$phase" = all ] || [ "$phase" = lr-control ]; then
-  time timeout "${LR_CONTROL_LIMIT_S:-300}" python3 -m lab grid ablations/reproduce-lr.yaml --gpus all "${grid_args[@]}" --quiet
+  run_grid "${LR_CONTROL_LIMIT_S:-300}" ablations/reproduce-lr.yaml --gpus all "${grid_args[@]}" --quiet
 fi
 if [ "$phase" = eval-check ]; then
   # The logged valid/test losses against float32 and bf16 eager scoring of the same windows

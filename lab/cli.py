@@ -147,7 +147,8 @@ def cmd_grid(args) -> int:
                           cpu_workers=args.cpu_workers,
                           cpu_threads=args.cpu_threads, dry_run=args.dry_run,
                           tracking_uri=args.tracking_uri, shard=args.shard, quiet=args.quiet,
-                          stale_after_s=args.stale_after, check=not args.no_check)
+                          stale_after_s=args.stale_after, check=not args.no_check,
+                          time_limit_s=args.time_limit)
     summary = run_grid(spec, options)
     if args.dry_run:
         return 0
@@ -372,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stale-after", type=float, default=600.0,
                    help="seconds without a heartbeat after which another host's run counts as "
                    "dead (default 600)")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="start no cell after this many seconds from the grid's start that would "
+                   "not end before them, judged by the longest cell run so far (a time-limited "
+                   "job slot: cells in progress finish instead of being killed; rerun to go on)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the cells, parameter counts and a time estimate; run nothing")
     _add_no_check(p)

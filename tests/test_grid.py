@@ -326,3 +326,31 @@ def test_two_grids_started_together_on_one_store_train_each_cell_once(store, tmp
     assert parent.info.status == "FINISHED"
     claims = [k for k in parent.data.params if k.startswith("gatelab.claim/")]
     assert len(claims) >= 4
+
+
+def test_a_time_limit_starts_no_cell_that_would_not_end_in_time(store, monkeypatch):
+    """Each cell takes 100 s of a made-up clock; under a 250 s limit the second cell starts
+    (100 + 100 < 250) and the third does not (200 + 100 > 250): it is left, said so, and a
+    rerun without the limit trains only it."""
+    from lab.experiments import grid
+
+    clock = [0.0]
+    original = grid.execute_cell
+
+    def cell_of_100_s(task, ctx, **kwargs):
+        outcome = original(task, ctx, **kwargs)
+        clock[0] += 100.0
+        return outcome
+
+    monkeypatch.setattr(grid, "_now", lambda: clock[0])
+    monkeypatch.setattr(grid, "execute_cell", cell_of_100_s)
+    raw = tiny_grid("limited", ["baseline", "sdpa_headwise_sigmoid_mul", "sdpa_elementwise_sigmoid_mul"])
+    summary = run_grid(grid_from_dict(raw), GridOptions(quiet=True, cpu_threads=1, time_limit_s=250))
+    assert [o.status for o in summary.outcomes] == ["FINISHED", "FINISHED"]
+    assert summary.left_for_time == 1
+    assert "1 cell(s) not started" in grid.describe_summary(summary)
+    assert len(run_statuses(store, "limited")) == 2
+    again = run_grid(grid_from_dict(raw), GridOptions(quiet=True, cpu_threads=1))
+    assert len(again.outcomes) == 1 and again.already_done == 2 and again.left_for_time == 0
+    with pytest.raises(LabError, match="--time-limit"):
+        run_grid(grid_from_dict(raw), GridOptions(quiet=True, time_limit_s=0))

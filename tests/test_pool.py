@@ -107,3 +107,18 @@ def test_workers_start_with_their_slots_environment_and_a_dead_one_is_reported(m
     assert all(mark == slot_of[index] and parent == "yes" and context == "the context"
                for index, mark, parent, context in ran)
     assert sorted(dispatched) == [(0, "a"), (1, "b"), (2, slot_of[2]), (3, slot_of[3])]
+
+
+def test_no_task_starts_once_admit_says_no_and_those_in_progress_finish():
+    """The grid's --time-limit: after two outcomes no more tasks are admitted; the tasks in
+    progress then are waited for, and the ones never started come back in order."""
+    workers = RecordingPool([{"SLOT_MARK": "a"}, {"SLOT_MARK": "b"}], 1, "the context")
+    outcomes = []
+    try:
+        left = workers.run([Job(i) for i in range(6)], outcomes.append, lambda task, slot: None,
+                           admit=lambda: len(outcomes) < 2)
+    finally:
+        workers.close()
+    ran = sorted(o[0] for o in outcomes)
+    assert len(ran) in (2, 3, 4) and ran == list(range(len(ran)))  # at most one wave past it
+    assert [job.index for job in left] == list(range(len(ran), 6))

@@ -654,6 +654,10 @@ class GridOptions:
     stale_after_s: float = STALE_AFTER_S
     # `gatelab check` of the grid's variants before the first cell on a GPU (lab/check.py).
     check: bool = True
+    # Seconds from the grid's start after which no cell starts that would not end in time,
+    # judged by the longest cell this grid process has run (a time-limited machine or job
+    # slot: the cells in progress finish instead of being killed at the limit). None: no limit.
+    time_limit_s: float | None = None
 
 
 @dataclass
@@ -665,6 +669,7 @@ class GridSummary:
     busy: int = 0
     killed: list[str] = field(default_factory=list)
     parent_run_id: str | None = None
+    left_for_time: int = 0  # cells not started because of time_limit_s
 
     @property
     def failed(self) -> list[Outcome]:
@@ -676,11 +681,17 @@ class GridSummary:
         return [o for o in self.outcomes if o.status == "SKIPPED"]
 
 
+_now = time.monotonic  # the --time-limit clock (tests/test_grid.py replaces it)
+
+
 def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
     """Validate every cell, then run the ones the store does not already hold."""
 
+    started_at = _now()
     shard = parse_shard(options.shard)
     gpus = parse_gpus(options.gpus)
+    if options.time_limit_s is not None:
+        check_positive("--time-limit", options.time_limit_s)
     if options.cpu_workers < 1:
         raise LabError(f"--cpu-workers: must be at least 1, got {options.cpu_workers}")
     if options.cpu_threads is not None and options.cpu_threads < 1:
@@ -728,11 +739,24 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
     progress = _progress(spec.name, work, workers, options.quiet)
     outcomes: list[Outcome] = []
 
+    dispatched_at: dict[int, float] = {}
+    longest_s = 0.0  # the longest cell so far, dispatch to outcome, packing included
+
     def finished(outcome: Outcome) -> None:
+        nonlocal longest_s
+        if outcome.index in dispatched_at:
+            longest_s = max(longest_s, _now() - dispatched_at[outcome.index])
         outcomes.append(outcome)
         progress.cell_done(outcome.name, outcome.text(), outcome.status == "FAILED")
 
+    def admit() -> bool:
+        """A cell may start: no limit, or the longest cell so far still fits before it."""
+        if options.time_limit_s is None:
+            return True
+        return _now() + longest_s < started_at + options.time_limit_s
+
     def dispatched(task: Task, where) -> None:
+        dispatched_at[task.index] = _now()
         resumed = " (resuming from its checkpoint)" if task.resumed else ""
         progress.started_cell(f"{task.name}{resumed}" + (f" on {where}" if where else ""))
 
@@ -742,16 +766,23 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
             records.log_yaml(client, parent, spec.to_dict(), "grid.yaml")
             if check_table is not None:  # this start's check (a resumed grid adds its own)
                 records.log_check_table(client, parent, check_table)
+            left: list[Task] = []
             if not work.tasks:
                 pass
             elif devices > 1 and gpus:
-                for task in work.tasks:
+                for n, task in enumerate(work.tasks):
+                    if not admit():
+                        left = work.tasks[n:]
+                        break
                     dispatched(task, f"GPUs {','.join(gpus)} (DDP)")
                     finished(run_ddp_cell(task, ctx, gpus))
             elif workers == 1 and not (gpus and options.gpus not in (None, "all")):
                 if not gpus:
                     _set_threads(cpu_threads)
-                for task in work.tasks:
+                for n, task in enumerate(work.tasks):
+                    if not admit():
+                        left = work.tasks[n:]
+                        break
                     dispatched(task, None)
                     finished(execute_cell(task, ctx))
             else:
@@ -759,8 +790,8 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
                 threads = threads_per_worker(len(pinned)) if gpus else cpu_threads
                 pool = CellPool(slots, threads, ctx)
                 try:
-                    pool.run(work.tasks, finished,
-                             lambda task, slot: dispatched(task, slot_name(slot)))
+                    left = pool.run(work.tasks, finished,
+                                    lambda task, slot: dispatched(task, slot_name(slot)), admit)
                 except BaseException as err:
                     stop = interruption(err)
                     pool.close(stop.signum if stop is not None else None)
@@ -772,7 +803,7 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
             client.set_tag(parent, records.KILLED_REASON_TAG, f"stopped by {stop.name}")
             raise stop from None
     summary = GridSummary(spec.name, len(cells), len(work.done), outcomes, len(work.busy),
-                          work.killed, parent)
+                          work.killed, parent, len(left))
     _close_parent(client, experiment, parent, {c.config_hash for c in all_cells}, summary)
     return summary
 
@@ -812,6 +843,9 @@ def describe_summary(summary: GridSummary) -> str:
     lines = [f"grid {summary.name}: {finished}/{summary.cells} cells FINISHED "
              f"({ran} run now, {summary.already_done} already finished"
              + (f", {elsewhere} left to other processes" if elsewhere else "") + ")"]
+    if summary.left_for_time:
+        lines.append(f"  {summary.left_for_time} cell(s) not started: the next would not have "
+                     "ended within --time-limit; rerun the same command to go on")
     for outcome in summary.failed:
         lines.append(f"  FAILED {outcome.name}: {outcome.failure}")
     if summary.failed:

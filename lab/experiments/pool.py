@@ -190,13 +190,16 @@ class WorkerPool:
         raise NotImplementedError
 
     def run(self, tasks: list, on_outcome: Callable[[Any], None],
-            on_dispatch: Callable[[Any, dict[str, str]], None]) -> None:
+            on_dispatch: Callable[[Any, dict[str, str]], None],
+            admit: Callable[[], bool] = lambda: True) -> list:
+        """Run the tasks, a free worker taking the next one while `admit()` says a task may
+        still start (the grid's --time-limit); the tasks never started, in order."""
         pending = deque(tasks)
         holding: dict[int, Any] = {}      # worker slot -> task
         started: dict[int, dict] = {}     # task index -> what the task has notified
-        while pending or holding:
+        while holding or (pending and admit()):
             for slot in range(len(self.workers)):
-                if slot not in holding and pending:
+                if slot not in holding and pending and admit():
                     task = pending.popleft()
                     holding[slot] = task
                     self.workers[slot][1].put(task)
@@ -221,6 +224,7 @@ class WorkerPool:
                 del holding[slot]
                 self.workers[slot] = self._start(self.slots[slot])
                 on_outcome(self.crashed(task, started.get(task.index, {}), reason))
+        return list(pending)
 
     def close(self, signum: int | None = None) -> None:
         """Stop the workers: each ends after its task; with `signum` (the parent was stopped
