@@ -103,7 +103,7 @@ def _roots(root: Path, database: Path) -> list[str]:
                     prefixes.append(head[len("file://"):] + "/")  # the Default experiment's form
     finally:
         db.close()
-    return list(dict.fromkeys(prefixes))  # longest match first is not needed: all end in "/"
+    return list(dict.fromkeys(prefixes))  # each once, in the order found
 
 
 def pack(out: str | Path, plots: bool = False) -> Snapshot:
@@ -133,10 +133,14 @@ def pack(out: str | Path, plots: bool = False) -> Snapshot:
                 files += 1
             return info
 
-        with tarfile.open(partial, "w:gz") as tar:
-            tar.add(copy, arcname=DATABASE)
-            if (root / ARTIFACTS).is_dir():
-                tar.add(root / ARTIFACTS, arcname=ARTIFACTS, filter=keep)
+        try:
+            with tarfile.open(partial, "w:gz") as tar:
+                tar.add(copy, arcname=DATABASE)
+                if (root / ARTIFACTS).is_dir():
+                    tar.add(root / ARTIFACTS, arcname=ARTIFACTS, filter=keep)
+        except BaseException:
+            partial.unlink(missing_ok=True)  # no half-written snapshot is left to unpack
+            raise
         os.replace(partial, out)
         return Snapshot(out, _count_runs(copy), files, out.stat().st_size)
 
