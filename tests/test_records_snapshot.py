@@ -112,3 +112,28 @@ def test_bad_snapshots_are_one_line_and_leave_no_store(tmp_path, monkeypatch):
     assert not (tmp_path / "empty" / "mlruns" / "mlflow.db").exists()
     with pytest.raises(LabError, match="no store"):
         snapshot.pack(tmp_path / "out.tgz")
+
+
+def test_the_committed_snapshot_resumes_the_reproduce_grid(tmp_path, monkeypatch):
+    """docs/store/reproduction.tgz is where the reproduction goes on from: every run it
+    holds as FINISHED is a cell of ablations/reproduce.yaml as the code plans it now, so a
+    change to what identifies a cell (lab/config.py, the hash) cannot make the next GPU
+    session train those cells again unnoticed."""
+    from lab.config import resolve, with_vocab
+    from lab.experiments.grid import load_grid
+
+    snapshot_file = Path(__file__).resolve().parents[1] / "docs" / "store" / "reproduction.tgz"
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
+    snapshot.unpack(snapshot_file)
+    db = sqlite3.connect(tmp_path / "mlruns" / "mlflow.db")
+    finished = {row[0] for row in db.execute(
+        "SELECT t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+        "WHERE r.status = 'FINISHED' AND t.key = 'config_hash'")}
+    db.close()
+    # The cells as plan() resolves them, with the prepared corpus' vocabulary (16,384, the
+    # BPE `gatelab prepare` trains: docs/results.md) instead of opening a corpus CI lacks.
+    spec = load_grid("ablations/reproduce.yaml")
+    planned = {with_vocab(resolve(variant, spec.preset, spec.overrides, data=spec.data,
+                                  tokens=spec.tokens, seed=seed, lr=lr), 16384).hash()
+               for seed in spec.seeds for variant in spec.variants for lr in spec.lrs}
+    assert len(finished) >= 25 and finished <= planned, sorted(finished - planned)
