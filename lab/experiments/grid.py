@@ -760,6 +760,15 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
         resumed = " (resuming from its checkpoint)" if task.resumed else ""
         progress.started_cell(f"{task.name}{resumed}" + (f" on {where}" if where else ""))
 
+    def in_turn(where, run_one) -> list[Task]:
+        """The cells one after another in this process; those a time limit left unstarted."""
+        for n, task in enumerate(work.tasks):
+            if not admit():
+                return work.tasks[n:]
+            dispatched(task, where)
+            finished(run_one(task))
+        return []
+
     with stop_on_signals():  # SIGINT and SIGTERM: the runs in progress end KILLED
         try:
             client.update_run(parent, status="RUNNING")
@@ -770,21 +779,12 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
             if not work.tasks:
                 pass
             elif devices > 1 and gpus:
-                for n, task in enumerate(work.tasks):
-                    if not admit():
-                        left = work.tasks[n:]
-                        break
-                    dispatched(task, f"GPUs {','.join(gpus)} (DDP)")
-                    finished(run_ddp_cell(task, ctx, gpus))
+                left = in_turn(f"GPUs {','.join(gpus)} (DDP)",
+                               lambda task: run_ddp_cell(task, ctx, gpus))
             elif workers == 1 and not (gpus and options.gpus not in (None, "all")):
                 if not gpus:
                     _set_threads(cpu_threads)
-                for n, task in enumerate(work.tasks):
-                    if not admit():
-                        left = work.tasks[n:]
-                        break
-                    dispatched(task, None)
-                    finished(execute_cell(task, ctx))
+                left = in_turn(None, lambda task: execute_cell(task, ctx))
             else:
                 slots = pinned or gpu_slots([], options.cpu_workers)
                 threads = threads_per_worker(len(pinned)) if gpus else cpu_threads

@@ -31,7 +31,7 @@ from lab.records.store import copy_database, open_store, store_dir, store_revisi
 DATABASE = "mlflow.db"
 ARTIFACTS = "artifacts"  # lab/records/lookup.py puts every experiment's artifacts here
 # The location columns of MLflow's schema: an experiment's root, a run's folder, a logged
-# model's folder. Any other column holding the store's root is rewritten too (_columns).
+# model's folder (those of them the database has: _columns).
 LOCATION_COLUMNS = {("experiments", "artifact_location"), ("runs", "artifact_uri"),
                     ("logged_models", "artifact_location")}
 
@@ -55,25 +55,21 @@ def _columns(db: sqlite3.Connection) -> list[tuple[str, str]]:
             if (table, column) in LOCATION_COLUMNS]
 
 
-def _rewrite(database: Path, old: list[str] | None, new: str) -> int:
+def _rewrite(database: Path, old: list[str] | None, new: str) -> None:
     """Replace the prefix `old[i]` of every location value by `new`, or with `old` None,
-    prefix `new` to every relative one (no scheme, not a path from /); how many changed."""
+    prefix `new` to every relative one (no scheme, not a path from /)."""
     db = sqlite3.connect(database)
     try:
-        changed = 0
         with db:
             for table, column in _columns(db):
                 if old is None:
-                    changed += db.execute(
-                        f'UPDATE "{table}" SET "{column}" = ? || "{column}" WHERE '
-                        f'"{column}" NOT LIKE \'%://%\' AND "{column}" NOT LIKE \'/%\'',
-                        (new,)).rowcount
+                    db.execute(f'UPDATE "{table}" SET "{column}" = ? || "{column}" WHERE '
+                               f'"{column}" NOT LIKE \'%://%\' AND "{column}" NOT LIKE \'/%\'',
+                               (new,))
                 for prefix in old or []:
-                    changed += db.execute(
-                        f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", ?) '
-                        f'WHERE substr("{column}", 1, ?) = ?',
-                        (new, len(prefix) + 1, len(prefix), prefix)).rowcount
-        return changed
+                    db.execute(f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", ?) '
+                               f'WHERE substr("{column}", 1, ?) = ?',
+                               (new, len(prefix) + 1, len(prefix), prefix))
     finally:
         db.close()
 
@@ -173,13 +169,9 @@ def unpack(snapshot: str | Path) -> Snapshot:
         open_store(f"sqlite:///{work / DATABASE}")  # an older MLflow's snapshot is upgraded
         files = 0
         if (work / ARTIFACTS).is_dir():
-            for source in sorted((work / ARTIFACTS).rglob("*")):
-                target = root / ARTIFACTS / source.relative_to(work / ARTIFACTS)
-                if source.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                elif not target.exists():  # a file a killed earlier unpack already placed
-                    shutil.move(source, target)
-                    files += 1
+            files = sum(1 for f in (work / ARTIFACTS).rglob("*") if f.is_file())
+            # (into what a killed earlier unpack of it may have placed: the same files)
+            shutil.copytree(work / ARTIFACTS, root / ARTIFACTS, dirs_exist_ok=True)
         os.replace(work / DATABASE, root / DATABASE)  # last: the store appears whole
         return Snapshot(root / DATABASE, _count_runs(root / DATABASE), files,
                         snapshot.stat().st_size)
