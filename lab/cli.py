@@ -159,7 +159,12 @@ def cmd_grid(args) -> int:
 def cmd_report(args) -> int:
     from lab.reports.grid_report import build_report
 
-    report = build_report(args.grid, args.tracking_uri, args.out)
+    if args.equivalence_percent is not None and not args.equivalence_percent > 0:
+        raise LabError(f"report: --equivalence-percent must be above 0, not "
+                       f"{args.equivalence_percent:g}")
+    band = {} if args.equivalence_percent is None else \
+        {"equivalence_percent": args.equivalence_percent}
+    report = build_report(args.grid, args.tracking_uri, args.out, **band)
     print(report.markdown)
     print(f"\nwritten to {report.out_dir} (and logged to the grid's parent run)")
     return 0
@@ -386,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(sub, "report", "compare the variants of a grid: tables (Markdown, CSV) and plots")
     p.add_argument("grid", help="grid name (the MLflow experiment)")
     p.add_argument("--out", help="output folder (default reports/<grid>)")
+    p.add_argument("--equivalence-percent", type=float, default=None,
+                   help="the band within which the trend verdicts call two variants the "
+                   "same, in percent of the right side's mean (default 1: lab/reports/trends.py)")
     p.add_argument("--tracking-uri")
     p.set_defaults(func=cmd_report)
 

@@ -16,7 +16,9 @@ Outputs go to `reports/<grid>/` (report.md, report.csv, loss_curves.png, delta_p
 per_layer.png; with several learning rates also all_lrs.csv and lr_vs_loss.png) and are
 logged to the grid's parent run under `report/`, with the summary table as the parent's
 description and per-variant summary metrics (`log_summary`). With several learning rates
-report.md also holds the table of every (variant, LR).
+report.md also holds the table of every (variant, LR). Last in report.md, the paper's
+trends as this grid tests them (lab/reports/trends.py): a verdict per trend and the paired
+comparison behind each.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -34,13 +36,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
-from scipy import stats
 
 from lab import records
 from lab.analysis.metrics import split_layer_metric
 from lab.errors import LabError
 from lab.model.gates import VARIANTS
 from lab.records import child_runs, find_grid_parent
+from lab.reports import trends
+from lab.reports.seeds import BASELINE, Interval, Row, RunRecord, paired_delta, t_interval
 
 # Columns beside the perplexity, where runs carry them (lab/analysis/metrics.py, lab/training/callbacks.py);
 # the long-context names are `long/ppl_<k>x[_yarn]` (MLflow rejects '@').
@@ -51,98 +54,6 @@ ANALYSIS_PREFIXES = ("gate/mean", "sink/first_token_attn", "sink/head_share",
 # activation after each layer, logged as `<prefix>/layer_<i>`.
 LAYER_METRICS = (("layers/sink/first_token_attn", "attention to the first token (BOS)"),
                  ("layers/act/max", "max |hidden activation|"))
-BASELINE = "baseline"
-CONFIDENCE = 0.95
-
-
-@dataclass
-class RunRecord:
-    run_id: str
-    variant: str
-    lr: float
-    seed: int
-    metrics: dict
-    diverged: bool
-
-    @property
-    def val_ppl(self) -> float | None:
-        value = self.metrics.get("val/ppl")
-        return None if self.diverged or value is None or not math.isfinite(value) else value
-
-
-@dataclass
-class Interval:
-    mean: float
-    std: float | None
-    low: float | None
-    high: float | None
-    n: int
-
-
-def t_interval(values: list[float], confidence: float = CONFIDENCE) -> Interval | None:
-    """Mean, sample std and the two-sided t confidence interval (None below two values)."""
-    if not values:
-        return None
-    array = np.asarray(values, dtype=np.float64)
-    mean = float(array.mean())
-    if len(array) < 2:
-        return Interval(mean, None, None, None, 1)
-    std = float(array.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, len(array) - 1)) * std / math.sqrt(len(array))
-    return Interval(mean, std, mean - half, mean + half, len(array))
-
-
-@dataclass
-class Row:
-    variant: str
-    lr: float
-    runs: list[RunRecord]
-    ppl: Interval | None
-    delta: Interval | None = None
-    paper_delta: float | None = None
-    paper_baseline_ppl: float | None = None  # the paper's row its Δ is taken against
-    extra: dict = field(default_factory=dict)
-    baseline_ppl: float | None = None   # the mean the Δ is taken against
-
-    @property
-    def delta_percent(self) -> float | None:
-        """Δ over the baseline's mean PPL: the form that compares across scales (ours ~60,
-        the paper's 6.026)."""
-        if self.delta is None or not self.baseline_ppl:
-            return None
-        return 100 * self.delta.mean / self.baseline_ppl
-
-    @property
-    def paper_delta_percent(self) -> float | None:
-        if self.paper_delta is None or not self.paper_baseline_ppl:
-            return None
-        return 100 * self.paper_delta / self.paper_baseline_ppl
-
-    @property
-    def diverged(self) -> int:
-        return sum(r.diverged for r in self.runs)
-
-    @property
-    def spikes(self) -> int:
-        return int(sum(r.metrics.get("spikes/count", 0) for r in self.runs))
-
-    @property
-    def max_spike_excess(self) -> float:
-        return max((r.metrics.get("spikes/max_excess", 0.0) for r in self.runs), default=0.0)
-
-    @property
-    def direction(self) -> str:
-        """Does our delta have the paper's sign? 'yes', 'no', with '(CI spans 0)' when our
-        interval does not exclude zero; '-' when either side has no delta."""
-        if self.paper_delta is None or self.delta is None or self.variant == BASELINE \
-                or self.paper_delta == 0:
-            return "-"
-        agrees = "yes" if (self.delta.mean < 0) == (self.paper_delta < 0) else "no"
-        if self.delta.low is not None and self.delta.low <= 0 <= self.delta.high:
-            agrees += " (CI spans 0)"
-        return agrees
-
-
 @dataclass
 class Report:
     grid: str
@@ -220,13 +131,6 @@ def build_rows(run_records: list[RunRecord]) -> tuple[list[Row], list[Row]]:
     all_rows.sort(key=lambda r: (_variant_order(r.variant), r.lr))
     rows = sorted(best.values(), key=lambda r: _variant_order(r.variant))
     return rows, all_rows
-
-
-def paired_delta(row: Row, baseline: Row) -> Interval | None:
-    """PPL(variant) - PPL(baseline) per seed present and finite in both, then its t interval."""
-    base = {r.seed: r.val_ppl for r in baseline.runs if r.val_ppl is not None}
-    diffs = [r.val_ppl - base[r.seed] for r in row.runs if r.val_ppl is not None and r.seed in base]
-    return t_interval(diffs)
 
 
 def analysis_metrics(runs: list[RunRecord]) -> dict[str, float]:
@@ -474,7 +378,8 @@ def plot_lr(all_rows: list[Row], path: Path) -> None:
 # --- the report ----------------------------------------------------------------------------
 
 def build_report(grid: str, uri: str | None = None, out: str | Path | None = None,
-                 log_to_parent: bool = True) -> Report:
+                 log_to_parent: bool = True,
+                 equivalence_percent: float = trends.EQUIVALENCE_PERCENT) -> Report:
     matplotlib.use("Agg")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one per artifact
 
@@ -494,6 +399,9 @@ def build_report(grid: str, uri: str | None = None, out: str | Path | None = Non
                      f"{markdown_table(all_rows)}\n"
                      "\n### Stability over the learning-rate ladder\n\n"
                      f"{stability_table(all_rows)}\n")
+    verdicts = trends.evaluate(rows, all_rows, equivalence_percent)
+    markdown += ("\n### The paper's trends (spec §6), as this grid tests them\n\n"
+                 f"{trends.markdown(verdicts, equivalence_percent)}\n")
     files = [out_dir / "report.md", out_dir / "report.csv", out_dir / "loss_curves.png",
              out_dir / "delta_ppl.png"]
     files[0].write_text(markdown)
