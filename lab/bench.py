@@ -27,6 +27,7 @@ from lab import records
 from lab.config import RunConfig, resolve
 from lab.errors import LabError
 from lab.model.decoder import Decoder
+from lab.model.loss import require as require_loss_kernel
 from lab.model.params import count_params, model_flops_per_token
 from lab.training.run import open_data, train_run
 from lab.training.callbacks import device_peak_tflops
@@ -65,7 +66,9 @@ class BareLoop:
         self.config = config
         t = config.train
         torch.manual_seed(t.seed)
+        require_loss_kernel(t.fused_loss, self.device == "cuda")
         self.model = Decoder(config.model).to(self.device)
+        self.model.loss_kernel = t.fused_loss
         if t.compile_on(self.device == "cuda"):
             compile_model(self.model, t.compile_mode)
         self.optimizer = adamw(self.model.named_parameters(), config, fused=self.device == "cuda")

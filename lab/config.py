@@ -24,6 +24,7 @@ from lab.errors import (LabError, check_choice, check_field_types, check_fractio
 from lab.model.config import ModelConfig, check_vocab
 from lab.model.flops import PEAK_BF16_TFLOPS, flops_per_token_lower_bound
 from lab.model.gates import GateSpec, Variant, get_variant
+from lab.model.loss import KERNELS as LOSS_KERNELS
 
 # numpy's legacy seeding and Lightning's seed_everything accept seeds in [0, 2^32 - 1].
 MAX_SEED = 2 ** 32 - 1
@@ -63,6 +64,10 @@ class TrainConfig:
     # torch.compile mode when `compile` is on: "reduce-overhead" adds CUDA graphs (launch-bound
     # small models), "max-autotune" searches matmul kernels; speed only, same model.
     compile_mode: str = "default"
+    # The LM loss's kernel (lab/model/loss.py): "none", PyTorch's cross-entropy on float32
+    # logits; "liger", Liger Kernel's fused linear cross-entropy (CUDA, the `fused` extra),
+    # which never holds the whole logits. Speed and memory; same loss to rounding.
+    fused_loss: str = "none"
     val_every: int = 50                # steps between validations
     val_batches: int = 8               # batches of the fixed validation set
     log_every: int = 5                 # steps between logged training metrics
@@ -126,6 +131,7 @@ class TrainConfig:
                            f"{self.gate_constant_decay!r}")
         check_choice("train.precision", self.precision, ("auto", "32-true", "bf16-mixed", "16-mixed"))
         check_choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
+        check_choice("train.fused_loss", self.fused_loss, LOSS_KERNELS)
         for name in ("val_every", "val_batches", "log_every", "divergence_patience",
                      "spike_window"):
             check_positive_int(f"train.{name}", getattr(self, name))
@@ -181,7 +187,8 @@ ANALYSIS_FIELDS = ("analysis_windows", "analysis_every", "long_context_factors",
 LATER_FIELDS = {("model", "residual_init_scale"): 1.0, ("train", "compile_mode"): "default",
                 ("train", "checkpoint_min_interval_s"): 300.0,
                 ("model", "switch_head_added_fraction"): None,
-                ("model", "ffn_widen_g1_fraction"): 0.0, ("train", "gate_constant_decay"): False}
+                ("model", "ffn_widen_g1_fraction"): 0.0, ("train", "gate_constant_decay"): False,
+                ("train", "fused_loss"): "none"}
 
 
 def _default_changed_training(raw: dict, section: str, name: str) -> bool:

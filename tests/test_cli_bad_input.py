@@ -139,6 +139,10 @@ CASES = [
     ("spike-merge-negative", sets("train.spike_merge=-1"), "train.spike_merge: must be a non-neg"),
     ("precision", sets("train.precision=fp8"), "train.precision: 'fp8' is not one of"),
     ("compile-mode", sets("train.compile_mode=fast"), "train.compile_mode: 'fast' is not one of"),
+    ("fused-loss-unknown", sets("train.fused_loss=flash"), "train.fused_loss: 'flash' is not one of"),
+    # (no GPU here: "needs a CUDA GPU"; a GPU without liger-kernel: "is not importable here")
+    ("fused-loss-here", sets("train.fused_loss=liger"), "train.fused_loss=liger: "),
+    ("grid-fused-loss-here", grid("--set", "train.fused_loss=liger"), "train.fused_loss=liger: "),
     ("analysis-windows-negative", sets("train.analysis_windows=-1"), "train.analysis_windows:"),
     ("context-factors", sets("train.long_context_factors=1,x"), "train.long_context_factors:"),
     ("sink-threshold", sets("train.sink_head_threshold=1.5"), "train.sink_head_threshold: must lie"),

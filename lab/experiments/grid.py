@@ -68,6 +68,7 @@ from lab.experiments.pool import (WorkerPool, die_with_parent, fail_run, gpu_slo
 from lab.experiments.schema import ExperimentSpec, KeyReader
 from lab.interrupts import interruption, stop_on_signals
 from lab.model.gates import VARIANTS
+from lab.model.loss import require as require_loss_kernel
 from lab.model.params import count_params, model_flops_per_token
 from lab.progress import GridProgress, RunProgress, configure_output, duration
 from lab.records import (GRID_TAG, HEARTBEAT_TAG, checkpoint_dir, child_runs, describe_failure,
@@ -707,6 +708,8 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
     if gpus and devices > len(gpus):
         raise LabError(f"train.devices: {devices} GPUs per run but only {len(gpus)} given "
                        f"({','.join(gpus)})")
+    for cell in cells:  # a kernel this machine cannot run fails here, before any cell
+        require_loss_kernel(cell.config.train.fused_loss, bool(gpus))
     packing_basis = None
     if runs_per_gpu == "auto":
         runs_per_gpu, packing_basis = (1, None) if devices > 1 or not gpus else \

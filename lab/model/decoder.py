@@ -24,6 +24,7 @@ from lab.model.config import ModelConfig, parse_switch_head, switch_expert_rank
 from lab.model.gates import (apply_gate, gate_logit_width, gate_score_shape, gate_scores,
                              gated_heads_and_width)
 from lab.model.layers import SwiGLU, top_k_indices
+from lab.model.loss import lm_loss
 from lab.model.moe import MoEFeedForward
 
 Probe = Callable[[int, str, torch.Tensor], None]
@@ -359,6 +360,7 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_base, cfg.context, yarn_factor)
+        self.loss_kernel = "none"  # train.fused_loss, set by whoever trains it (lab/model/loss.py)
         if not self.embed.weight.is_meta:  # a meta model (parameter counting) has no values to draw
             self.apply(self._init_weights)
             for block in self.blocks:
@@ -404,18 +406,18 @@ class Decoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, probe: Optional[Probe] = None,
                 targets: Optional[torch.Tensor] = None, reduction: str = "mean") -> torch.Tensor:
-        """Logits (B, T, vocab); or, given targets, the cross-entropy in float32. Computing the
-        loss here puts the LM head and the loss in one compiled graph, so the float32 logits
-        of a 16k vocabulary are never written out whole (a large saving at small d_model)."""
+        """Logits (B, T, vocab); or, given targets, the cross-entropy in float32 by the kernel
+        `loss_kernel` names (lab/model/loss.py). Computing the loss here puts the LM head and
+        the loss in one compiled graph, so the float32 logits of a 16k vocabulary are never
+        written out whole (a large saving at small d_model)."""
         B, T = tokens.shape
         x = self.embed(tokens)  # (B, T, C)
         rope = self.rope(T, tokens.device)
         for block in self.blocks:
             x = block(x, rope, self.rope.attention_scale, probe)
-        logits = self.lm_head(self.norm(x))  # (B, T, vocab)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+            return self.lm_head(self.norm(x))  # (B, T, vocab)
+        return lm_loss(self.norm(x), self.lm_head.weight, targets, reduction, self.loss_kernel)
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """Auxiliary losses of the last forward (the MoE router's); empty for dense models."""

@@ -78,6 +78,7 @@ class LanguageModel(L.LightningModule):
         self.config = config
         self.save_hyperparameters({"config": config.to_dict()})
         self.model = Decoder(config.model)
+        self.model.loss_kernel = config.train.fused_loss
         self.max_steps = total_steps(config)
         self._eval_sums: dict[str, list[torch.Tensor]] = {}
 

@@ -32,6 +32,7 @@ from lab.data.store import TokenStore
 from lab.data.windows import check_batch_fits
 from lab.errors import LabError
 from lab.interrupts import interruption
+from lab.model.loss import require as require_loss_kernel
 from lab.model.params import count_params, model_flops_per_token
 from lab.progress import RunProgress
 from lab.training.callbacks import (AnalysisMonitor, AtomicCheckpoint, GateInsertion,
@@ -121,6 +122,7 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
     its last checkpoint; otherwise a new run is created. An exception of `stopped_by` (the
     sweep's pruning) ends the run KILLED rather than FAILED (end_run)."""
     uri = records.tracking_uri(uri)
+    require_loss_kernel(config.train.fused_loss, torch.cuda.is_available())  # before any record
     store, config = open_data(config)
     mlflow_client = records.client(uri)
     # Under DDP, Lightning starts ranks > 0 by running the same command again; they join
