@@ -47,6 +47,7 @@ from torch.profiler import ProfilerActivity, profile
 from lab.config import resolve
 from lab.errors import LabError
 from lab.model.decoder import Decoder, SwitchProjection
+from lab.model.loss import require as require_loss_kernel
 from lab.model.gates import VARIANTS
 from lab.model.moe import MoEFeedForward
 from lab.training.module import compile_model
@@ -179,6 +180,7 @@ def check_variant(variant: str, preset: str, overrides: list[str], device: str, 
                   modes: list[str], layers: int, batch: int, seed: int,
                   tolerances: tuple[float, float, float]) -> list[CheckRow]:
     config = resolve(variant, preset, overrides)
+    require_loss_kernel(config.train.fused_loss, device == "cuda")
     model_config = config.model
     if layers:
         model_config = dataclasses.replace(model_config, n_layers=min(layers, model_config.n_layers))
@@ -197,6 +199,8 @@ def check_variant(variant: str, preset: str, overrides: list[str], device: str, 
     for mode in modes:
         started = time.perf_counter()
         fast = copy.deepcopy(reference)
+        # The loss kernel training uses (train.fused_loss); the reference keeps PyTorch's.
+        fast.loss_kernel = config.train.fused_loss
         if mode == "compiled":
             torch._dynamo.reset()  # each variant compiles afresh, within the recompile limit
             compile_model(fast, config.train.compile_mode)  # as training compiles it
@@ -222,8 +226,9 @@ def check_variant(variant: str, preset: str, overrides: list[str], device: str, 
                                        ("loss", row.loss, tolerances[1]),
                                        (f"gradient of {worst}", row.grads, tolerances[2])):
             if not error <= allowed:  # also catches NaN
-                row.failures.append(f"{variant} {mode} (SDPA backend {backend}): {tensor} "
-                                    f"relative error {error:.3g} > tolerance {allowed:g}")
+                kernel = "" if fast.loss_kernel == "none" else f", loss {fast.loss_kernel}"
+                row.failures.append(f"{variant} {mode} (SDPA backend {backend}{kernel}): "
+                                    f"{tensor} relative error {error:.3g} > tolerance {allowed:g}")
         rows.append(row)
         del fast
     return rows

@@ -51,6 +51,30 @@ def test_a_planted_wrong_kernel_fails_the_check(monkeypatch, capsys, planted):
     assert "FAIL" in captured.out
 
 
+def test_the_fast_side_uses_the_loss_kernel_training_uses(monkeypatch, capsys):
+    """`--set train.fused_loss=liger`: the fast model computes its loss by that kernel and the
+    reference by PyTorch's, so a wrong fused loss fails the check. Planted here as a loss
+    5% too large in place of Liger's (which needs CUDA)."""
+    from lab.model import loss as loss_module
+
+    def wrong_fused(hidden, weight, targets, reduction, accum_dtype):
+        return 1.05 * F.cross_entropy((hidden @ weight.T).float(), targets, reduction=reduction)
+
+    monkeypatch.setattr(loss_module, "_liger", lambda: wrong_fused)
+    monkeypatch.setattr("lab.check.require_loss_kernel", lambda kernel, cuda: None)
+    assert main(["check", "--preset", "tiny", "--variants", "baseline",
+                 "--set", "train.fused_loss=liger"]) == 1
+    failure = [line for line in capsys.readouterr().err.splitlines()
+               if line.startswith("check failed: ")]
+    assert failure and "baseline eager (SDPA backend flash-cpu, loss liger): loss relative " \
+        "error" in failure[0]
+    # On this machine, unplanted: refused before anything is checked.
+    monkeypatch.undo()
+    assert main(["check", "--preset", "tiny", "--variants", "baseline",
+                 "--set", "train.fused_loss=liger"]) == 2
+    assert "train.fused_loss=liger: " in capsys.readouterr().err
+
+
 def test_the_reference_never_calls_sdpa(monkeypatch):
     """The reference side must not go through F.scaled_dot_product_attention at all, or a
     wrong fused kernel could hide on both sides."""
