@@ -153,6 +153,15 @@ NAMES = {BASELINE: "baseline", G1: "G1 elementwise", G1_HEADWISE: "G1 headwise",
 
 GATE, FATTN, MACT = metric("gate/mean"), metric("sink/first_token_attn"), metric("act/max_mean")
 
+
+def _sink_comparisons(measure: Callable, papers: tuple[str, ...]) -> tuple[Comparison, ...]:
+    """Trend 7's pairs: both G1 gates below the baseline, and G1 below the gates that keep
+    the sink in the paper (value, input-independent, NS-sigmoid)."""
+    pairs = ((G1, BASELINE), (G1_HEADWISE, BASELINE), (G1, G2), (G1, INPUT_INDEPENDENT),
+             (G1, NS_SIGMOID))
+    return tuple(Comparison(left, right, "<", measure, paper=paper)
+                 for (left, right), paper in zip(pairs, papers))
+
 TRENDS = (
     Trend("1", "position ranking: G1 > G2 >> G4 ≈ G3 ≈ G5 ≈ no gate (Table 1)", (
         Comparison(G1, BASELINE, "<", paper="-0.265"),
@@ -193,22 +202,15 @@ TRENDS = (
         Comparison(G2, G1_HEADSHARED, "<", GATE, paper="0.221 vs 0.271"),
         Comparison(G1_HEADSHARED, INPUT_INDEPENDENT, "<", GATE, paper="0.271 vs 0.335"),
         Comparison(INPUT_INDEPENDENT, NS_SIGMOID, "<", GATE, paper="0.335 vs 0.653"))),
-    Trend("7", "the attention sink is removed by G1 only (Table 4, F-Attn)", (
-        Comparison(G1, BASELINE, "<", FATTN, paper="0.048 vs 0.467"),
-        Comparison(G1_HEADWISE, BASELINE, "<", FATTN, paper="0.073 vs 0.467"),
-        Comparison(G1, G2, "<", FATTN, paper="0.048 vs 0.297"),
-        Comparison(G1, INPUT_INDEPENDENT, "<", FATTN, paper="0.048 vs 0.364"),
-        Comparison(G1, NS_SIGMOID, "<", FATTN, paper="0.048 vs 0.451")),
-        Premise(metric("sink/head_share"), 0.0, "sink in the baseline (Gu et al.: no head's "
-                "mean attention to position 0 exceeds 0.3 on the BOS windows)")),
-    Trend("7s", "the same on 64-token windows (`sink/*_short`)", (
-        Comparison(G1, BASELINE, "<", metric("sink/head_share_short"), paper="(Gu et al.)"),
-        Comparison(G1_HEADWISE, BASELINE, "<", metric("sink/head_share_short")),
-        Comparison(G1, G2, "<", metric("sink/head_share_short")),
-        Comparison(G1, INPUT_INDEPENDENT, "<", metric("sink/head_share_short")),
-        Comparison(G1, NS_SIGMOID, "<", metric("sink/head_share_short"))),
-        Premise(metric("sink/head_share_short"), 0.0, "sink in the baseline on 64-token "
-                "windows (no head's mean attention to position 0 exceeds 0.3)")),
+    Trend("7", "the attention sink is removed by G1 only (Table 4, F-Attn)",
+          _sink_comparisons(FATTN, ("0.048 vs 0.467", "0.073 vs 0.467", "0.048 vs 0.297",
+                                    "0.048 vs 0.364", "0.048 vs 0.451")),
+          Premise(metric("sink/head_share"), 0.0, "sink in the baseline (Gu et al.: no head's "
+                  "mean attention to position 0 exceeds 0.3 on the BOS windows)")),
+    Trend("7s", "the same on 64-token windows (`sink/*_short`)",
+          _sink_comparisons(metric("sink/head_share_short"), ("(Gu et al.)",) + ("",) * 4),
+          Premise(metric("sink/head_share_short"), 0.0, "sink in the baseline on 64-token "
+                  "windows (no head's mean attention to position 0 exceeds 0.3)")),
     Trend("8", "massive activations are reduced (Table 4, M-Act)", (
         Comparison(G1, BASELINE, "<", MACT, paper="94 vs 1053"),
         Comparison(G1_HEADWISE, BASELINE, "<", MACT, paper="98 vs 1053"),
