@@ -95,6 +95,56 @@ def test_dry_run_prints_cells_counts_and_estimate_and_writes_nothing(store, caps
     assert MlflowClient(store).get_experiment_by_name("dry") is None
 
 
+def test_measured_rates_keep_to_the_device_and_undo_packing(store):
+    """The dry run's measured basis: only runs that trained on the kind of device asked
+    about, each scaled to one cell alone (a run that shared its GPU with another ran at
+    packing_speedup(2) / 2 of that); runs from before the device tag count as GPU runs
+    when they logged GPU memory."""
+    from mlflow.tracking import MlflowClient
+
+    from lab.experiments.grid import measured_tokens_per_s, packing_speedup
+
+    client = MlflowClient(store)
+    experiment = client.create_experiment("rates")
+
+    def run(tokens, wall, tags=None, metrics=None):
+        run_id = client.create_run(experiment, tags={"preset": "small", "data": "synthetic",
+                                                     **(tags or {})}).info.run_id
+        for key, value in {"tokens/seen": tokens, "time/wall_s": wall, **(metrics or {})}.items():
+            client.log_metric(run_id, key, value)
+        client.set_terminated(run_id, "FINISHED")
+
+    run(1000, 10, {"device": "cpu"})
+    run(1000, 1, {"device": "NVIDIA H200", "gatelab.runs_per_gpu": "2"})
+    assert measured_tokens_per_s(store, "small", "synthetic", "cpu") == (100.0, 1)
+    rate, n = measured_tokens_per_s(store, "small", "synthetic", "cuda")
+    assert n == 1 and rate == pytest.approx(1000 * 2 / packing_speedup("small", 2))
+    run(3000, 1, metrics={"memory/peak_gib": 2.0})  # before the tag: a GPU run by its memory
+    assert measured_tokens_per_s(store, "small", "synthetic", "cuda")[1] == 2
+    assert measured_tokens_per_s(store, "small", "synthetic", "cpu") == (100.0, 1)
+
+
+def test_dry_run_after_a_run_marks_finished_cells_done(store, capsys):
+    """A dry run of a grid that has partly run lists its FINISHED cells as done and times
+    only the rest, from the finished runs' own speed on this kind of device."""
+    raw = tiny_grid("partial", ["baseline"], seeds=[0])
+    run_grid(grid_from_dict(raw), GridOptions(quiet=True, cpu_threads=1))
+    from mlflow.tracking import MlflowClient
+
+    runs = MlflowClient(store).search_runs(
+        [MlflowClient(store).get_experiment_by_name("partial").experiment_id],
+        "tags.variant = 'baseline'")
+    assert [r.data.tags["device"] for r in runs] == ["cpu"]
+    capsys.readouterr()
+    run_grid(grid_from_dict({**raw, "seeds": [0, 1]}), GridOptions(dry_run=True))
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if "/seed=" in line}
+    assert lines["baseline/lr=0.003/seed=0"].split()[3] == "done"
+    assert lines["baseline/lr=0.003/seed=1"].split()[3] != "done"
+    assert "for 1 cell(s) to run (1 already FINISHED in the store)" in out
+    assert "median of 1 finished tiny runs on cpu" in out
+
+
 def test_grid_layout_and_rerun_skips_finished_cells(store):
     """Parent run per grid, one child per cell with its tags; a rerun runs nothing; more
     seeds run only the new cells, under the same parent."""

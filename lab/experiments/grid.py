@@ -71,14 +71,15 @@ from lab.model.gates import VARIANTS
 from lab.model.loss import require as require_loss_kernel
 from lab.model.params import count_params, model_flops_per_token
 from lab.progress import GridProgress, RunProgress, configure_output, duration
-from lab.records import (GRID_TAG, HEARTBEAT_TAG, checkpoint_dir, child_runs, describe_failure,
-                         end_run, find_or_create_grid_parent, heartbeat, load_checkpoint,
-                         start_run)
+from lab.records import (DEVICE_TAG, GRID_TAG, HEARTBEAT_TAG, checkpoint_dir, child_runs,
+                         describe_failure, end_run, find_grid_parent, find_or_create_grid_parent,
+                         heartbeat, load_checkpoint, start_run)
 from lab.training.run import open_data, train_run
 from lab.training.schedule import total_steps
 
 OWNER_TAG = "gatelab.owner"
 CLAIM_PARAM = "gatelab.claim"  # on the parent: gatelab.claim/<config_hash>/<attempt> = owner@time
+RUNS_PER_GPU_TAG = "gatelab.runs_per_gpu"  # on a GPU cell's run: cells sharing its GPU then
 CLAIM_TAG = "gatelab.claim"    # on a cell's run: the <config_hash>/<attempt> it trains under
 
 # Time estimate without measurements: 6 N FLOPs per token (Kaplan et al., 2020) at a rate
@@ -280,9 +281,21 @@ def _gpu_memory_gib() -> float | None:
 
 # --- time estimate ---------------------------------------------------------------------
 
-def measured_tokens_per_s(uri: str, preset: str, data: str) -> tuple[float, int] | None:
+def run_device_kind(run) -> str:
+    """"cuda" or "cpu": what a run trained on, by its `device` tag (lab/training/run.py), or
+    for runs recorded before that tag, by the peak GPU memory only CUDA runs log."""
+    device = run.data.tags.get(DEVICE_TAG)
+    if device is not None:
+        return "cpu" if device == "cpu" else "cuda"
+    return "cuda" if "memory/peak_gib" in run.data.metrics else "cpu"
+
+
+def measured_tokens_per_s(uri: str, preset: str, data: str, device: str
+                          ) -> tuple[float, int] | None:
     """Median end-to-end tokens/s (tokens seen / wall time, overheads included) of FINISHED
-    runs of this preset and data already in the store; None without any."""
+    runs of this preset and data that trained on this kind of device ("cuda" or "cpu"), each
+    as one cell alone on its GPU would run: a run that shared its GPU with k - 1 others
+    (its RUNS_PER_GPU_TAG) ran at packing_speedup(k) / k of that. None without any."""
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         return None
     try:
@@ -293,50 +306,81 @@ def measured_tokens_per_s(uri: str, preset: str, data: str) -> tuple[float, int]
                                   max_results=500) if experiments else []
     except Exception:  # an unreadable store only means no measurement
         return None
-    rates = sorted(r.data.metrics["tokens/seen"] / r.data.metrics["time/wall_s"] for r in runs
-                   if r.data.metrics.get("time/wall_s") and r.data.metrics.get("tokens/seen"))
+    rates = []
+    for run in runs:
+        wall, seen = run.data.metrics.get("time/wall_s"), run.data.metrics.get("tokens/seen")
+        if not (wall and seen) or run_device_kind(run) != device:
+            continue
+        shared = int(run.data.tags.get(RUNS_PER_GPU_TAG, "1"))
+        rates.append(seen / wall * shared / packing_speedup(preset, shared))
+    rates.sort()
     return (rates[len(rates) // 2], len(rates)) if rates else None
+
+
+def finished_hashes(uri: str, grid: str) -> set[str]:
+    """The config hashes of the grid's cells that already have a FINISHED run in the store
+    (read only: a dry run creates nothing)."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return set()
+    client = records.client(uri)
+    experiment = client.get_experiment_by_name(grid)
+    parent = find_grid_parent(client, experiment.experiment_id) if experiment else None
+    if parent is None:
+        return set()
+    return {r.data.tags.get("config_hash") for r in child_runs(client, experiment.experiment_id,
+                                                              parent)
+            if r.info.status == "FINISHED"}
 
 
 def estimate(cells: list[Cell], counts: list[dict], uri: str, workers: int,
              device: str) -> tuple[list[float], str]:
-    """Seconds per cell and a sentence saying what the estimate rests on."""
+    """Seconds per cell (one cell alone on its worker) and a sentence saying what the
+    estimate rests on."""
     spec = cells[0].config
-    measured = measured_tokens_per_s(uri, spec.preset, spec.data.source)
+    measured = measured_tokens_per_s(uri, spec.preset, spec.data.source, device)
     if measured:
         rate, n = measured
         seconds = [c.config.train.tokens / rate for c in cells]
-        basis = (f"median of {n} finished {spec.preset} runs in the store: {rate:,.0f} tokens/s "
-                 "end to end")
+        basis = (f"median of {n} finished {spec.preset} runs on {device} in the store: "
+                 f"{rate:,.0f} tokens/s end to end, one cell alone")
     else:
         flops = ASSUMED_FLOPS[device]
         seconds = [model_flops_per_token(c.config, n) * c.config.train.tokens / flops
                    + ASSUMED_RUN_OVERHEAD_S for c, n in zip(cells, counts)]
         basis = (f"model FLOPs x tokens at an assumed {flops:.1e} FLOP/s per {device} "
                  f"worker + {ASSUMED_RUN_OVERHEAD_S:.0f} s per run (no finished runs of this "
-                 "preset in the store to measure)")
+                 f"preset on {device} in the store to measure)")
     return seconds, basis
 
 
 def print_dry_run(spec: GridSpec, cells: list[Cell], uri: str, workers: int, device: str,
                   per_gpu: int = 1) -> None:
     """`per_gpu` cells sharing a GPU each run slower by per_gpu / (their measured aggregate
-    gain, packing_speedup), which the estimate includes."""
+    gain, packing_speedup), which the estimate includes. Cells already FINISHED in the store
+    are listed as done and left out of the time: the grid would skip them."""
     counts = [count_params(c.config) for c in cells]
     seconds, basis = estimate(cells, counts, uri, workers, device)
     packed_speedup = packing_speedup(spec.preset, per_gpu)
     if per_gpu > 1:
         seconds = [s * per_gpu / packed_speedup for s in seconds]
         basis += f"; {per_gpu:.0f} cells per GPU at {packed_speedup:.2f}x one cell's tokens/s"
+    done = finished_hashes(uri, spec.name)
     width = max(len(c.name) for c in cells)
     print(f"grid {spec.name}: {len(cells)} cells, preset {spec.preset}, data {spec.data}, "
           f"{cells[0].config.train.tokens:,.0f} tokens per run")
     print(f"{'cell':{width}}  {'params':>12}  {'added':>10}  {'est.':>8}  config_hash")
+    left = []
     for cell, count, secs in zip(cells, counts, seconds):
+        finished = cell.config_hash in done
+        if not finished:
+            left.append(secs)
         print(f"{cell.name:{width}}  {count['total']:>12,}  {count['added']:>10,}  "
-              f"{duration(secs):>8}  {cell.config_hash}")
-    total = sum(seconds) / max(1, min(workers, len(cells)))
-    print(f"estimated time: {duration(total)} on {workers} {device} worker(s); basis: {basis}")
+              f"{'done' if finished else duration(secs):>8}  {cell.config_hash}")
+    total = sum(left) / max(1, min(workers, len(left)))
+    already = f" ({len(cells) - len(left)} already FINISHED in the store)" if len(left) < len(cells) \
+        else ""
+    print(f"estimated time: {duration(total)} for {len(left)} cell(s) to run{already} on "
+          f"{workers} {device} worker(s); basis: {basis}")
 
 
 # --- the store ------------------------------------------------------------------------
@@ -435,10 +479,13 @@ class GridContext:
     grid: str
     quiet: bool
     stale_after_s: float = STALE_AFTER_S
+    runs_per_gpu: int = 0  # cells sharing each GPU (0: CPU workers, or a DDP cell's GPUs)
 
 
 def create_cell_run(task: Task, ctx: GridContext, owner: str) -> str:
     tags = {GRID_TAG: ctx.grid, OWNER_TAG: owner, HEARTBEAT_TAG: str(int(time.time()))}
+    if ctx.runs_per_gpu:
+        tags[RUNS_PER_GPU_TAG] = str(ctx.runs_per_gpu)
     if task.claim:
         tags[CLAIM_TAG] = task.claim
     return start_run(task.config, ctx.uri, ctx.experiment, task.name, ctx.parent_run_id, tags)
@@ -738,7 +785,8 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
     parent = find_or_create_grid_parent(client, experiment, spec.name)
     # Before the parent is RUNNING: a refused checkpoint ends the grid here (LabError).
     work = reconcile(client, cells, child_runs(client, experiment, parent), options.stale_after_s)
-    ctx = GridContext(uri, spec.name, parent, spec.name, options.quiet, options.stale_after_s)
+    ctx = GridContext(uri, spec.name, parent, spec.name, options.quiet, options.stale_after_s,
+                      runs_per_gpu if gpus and devices == 1 else 0)
     progress = _progress(spec.name, work, workers, options.quiet)
     outcomes: list[Outcome] = []
 

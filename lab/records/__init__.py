@@ -19,8 +19,9 @@ from lab.records.checkpoints import (checkpoint_dir, checkpoint_path, load_check
 from lab.records.lookup import (GRID_PARENT_TAG, GRID_TAG, child_runs, experiment_id,
                                 find_grid_parent, find_or_create_grid_parent,
                                 find_or_create_run, find_run, search_all)
-from lab.records.runs import (FAILURE_KIND_TAG, FAILURE_TAG, HEARTBEAT_S, HEARTBEAT_TAG,
-                              KILLED_REASON_TAG, cell_name, describe_failure, end_run,
+from lab.records.runs import (DEVICE_TAG, FAILURE_KIND_TAG, FAILURE_TAG, HEARTBEAT_S,
+                              HEARTBEAT_TAG, KILLED_REASON_TAG, cell_name, describe_failure,
+                              device_name, end_run,
                               finite_metrics, git_commit, heartbeat, log_check_table,
                               log_metrics, log_params, log_yaml, run_tags, start_run)
 from lab.records.store import client, open_store, store_dir, tracking_uri
@@ -31,8 +32,8 @@ __all__ = [
     "run_id_from_prefix",
     "GRID_PARENT_TAG", "GRID_TAG", "child_runs", "experiment_id", "find_grid_parent",
     "find_or_create_grid_parent", "find_or_create_run", "find_run", "search_all",
-    "FAILURE_KIND_TAG", "FAILURE_TAG", "HEARTBEAT_S", "HEARTBEAT_TAG", "KILLED_REASON_TAG",
-    "cell_name", "describe_failure", "end_run", "finite_metrics", "git_commit", "heartbeat",
+    "DEVICE_TAG", "FAILURE_KIND_TAG", "FAILURE_TAG", "HEARTBEAT_S", "HEARTBEAT_TAG",
+    "KILLED_REASON_TAG", "cell_name", "describe_failure", "device_name", "end_run", "finite_metrics", "git_commit", "heartbeat",
     "log_check_table", "log_metrics", "log_params", "log_yaml", "run_tags", "start_run",
     "client", "open_store", "store_dir", "tracking_uri",
     "runs_page_url",

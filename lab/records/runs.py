@@ -38,6 +38,13 @@ KILLED_REASON_TAG = "gatelab.killed_reason"
 # Who still trains a run, as another host can tell (lab/experiments/owners.py owner_alive).
 HEARTBEAT_TAG = "gatelab.heartbeat"         # unix seconds of the owner's latest beat
 HEARTBEAT_S = 60.0
+# What a run trained on: the GPU's name (torch.cuda.get_device_name) or "cpu"; set by the
+# process that trains it (a grid's parent never initialises CUDA), read by time estimates.
+DEVICE_TAG = "device"
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 @contextmanager

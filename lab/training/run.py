@@ -161,6 +161,7 @@ def _train(config: RunConfig, store, run_id: str, uri: str, mlflow_client, prima
         on_start(run_id)
     counts = count_params(config)
     if primary:
+        mlflow_client.set_tag(run_id, records.DEVICE_TAG, records.device_name())
         for name, value in counts.items():
             mlflow_client.log_metric(run_id, f"params/{name}", value)
     if not quiet and primary:
