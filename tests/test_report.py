@@ -159,6 +159,11 @@ def test_the_parent_run_carries_the_summary_and_the_cells_their_variants_colour(
     gate = next(r for r in report.rows if r.variant == "sdpa_elementwise_sigmoid_mul")
     assert f"| sdpa_elementwise_sigmoid_mul | 3 | {gate.ppl.mean:.3f} ± {gate.ppl.std:.3f} | " \
            f"{gate.delta.mean:+.3f} | [{gate.delta.low:+.3f}, {gate.delta.high:+.3f}] |" in note
+    # The trend verdicts follow the table, those the grid cannot test left out: G1 beats the
+    # baseline in every seed; the value, key and ≈ comparisons span both sides.
+    assert "| 1 | position ranking: G1 > G2 >> G4 ≈ G3 ≈ G5 ≈ no gate (Table 1) | partly: 1 of " \
+           "5 as the paper, 0 opposite, 4 unresolved |" in note
+    assert "| 13 |" not in note
     metrics = run.data.metrics
     assert metrics["report/sdpa_elementwise_sigmoid_mul/delta_ppl_mean"] == pytest.approx(-1.4 / 3)
     assert metrics["report/sdpa_elementwise_sigmoid_mul/delta_ppl_ci_low"] == pytest.approx(gate.delta.low)

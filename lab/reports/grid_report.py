@@ -419,7 +419,7 @@ def build_report(grid: str, uri: str | None = None, out: str | Path | None = Non
     if log_to_parent:
         for file in files:
             client.log_artifact(parent, str(file), artifact_path="report")
-        log_summary(client, parent, rows, all_rows)
+        log_summary(client, parent, rows, all_rows, verdicts)
     return Report(grid, rows, all_rows, markdown, out_dir, files)
 
 
@@ -448,16 +448,23 @@ def terminal_summary(report: Report) -> str:
                      for line in table)
 
 
-def log_summary(client, parent: str, rows: list[Row], all_rows: list[Row]) -> None:
+def log_summary(client, parent: str, rows: list[Row], all_rows: list[Row],
+                verdicts: list | None = None) -> None:
     """The report's summary on the grid's parent run, where its MLflow page shows it: the
-    short table as the run's description, and per variant `report/<variant>/val_ppl_mean`,
+    short table and the trend verdicts (lab/reports/trends.py) as the run's description,
+    and per variant `report/<variant>/val_ppl_mean`,
     `.../delta_ppl_mean`, `.../delta_ppl_ci_low` and `.../delta_ppl_ci_high` as metrics.
     The cell runs get one colour per variant (`mlflow.runColor`), those of the loss plot."""
     table = summary_rows(rows)
     lines = ["| " + " | ".join(line) + " |" for line in table]
     lines.insert(1, "|" + "---|" * len(table[0]))
+    verdict_lines = [] if not verdicts else [
+        "", "The paper's trends here (each comparison behind them: report/report.md):", "",
+        "| # | trend | verdict |", "|---|---|---|",
+        *(f"| {v.trend.number} | {v.trend.claim} | {v.verdict} |" for v in verdicts
+          if v.verdict != "not in this grid")]
     client.set_tag(parent, MLFLOW_RUN_NOTE, "gatelab report (full tables and plots: the "
-                   "report/ artifacts)\n\n" + "\n".join(lines))
+                   "report/ artifacts)\n\n" + "\n".join(lines + verdict_lines))
     metrics = {}
     for row in rows:
         values = {"val_ppl_mean": row.ppl and row.ppl.mean}
