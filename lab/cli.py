@@ -164,9 +164,21 @@ def cmd_report(args) -> int:
                        f"{args.equivalence_percent:g}")
     band = {} if args.equivalence_percent is None else \
         {"equivalence_percent": args.equivalence_percent}
-    report = build_report(args.grid, args.tracking_uri, args.out, **band)
-    print(report.markdown)
-    print(f"\nwritten to {report.out_dir} (and logged to the grid's parent run)")
+    grids = list(dict.fromkeys(args.grid))
+    if args.out and len(grids) > 1:
+        raise LabError("report: --out takes one grid; with several, each goes to reports/<grid>")
+    if len(grids) == 1:
+        report = build_report(grids[0], args.tracking_uri, args.out, **band)
+        print(report.markdown)
+        print(f"\nwritten to {report.out_dir} (and logged to the grid's parent run)")
+        return 0
+    from lab.reports import trends
+
+    reports = [build_report(grid, args.tracking_uri, **band) for grid in grids]
+    for report in reports:
+        print(f"{report.grid}: written to {report.out_dir} (and logged to its parent run)")
+    print("\n## The paper's trends across these grids\n")
+    print(trends.across({report.grid: report.verdicts for report in reports}))
     return 0
 
 
@@ -389,8 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_grid)
 
     p = _parser(sub, "report", "compare the variants of a grid: tables (Markdown, CSV) and plots")
-    p.add_argument("grid", help="grid name (the MLflow experiment)")
-    p.add_argument("--out", help="output folder (default reports/<grid>)")
+    p.add_argument("grid", nargs="+", help="grid name (the MLflow experiment); with several "
+                   "(e.g. the two scales), each grid's report and then the trend verdicts "
+                   "side by side, with the grids where each holds")
+    p.add_argument("--out", help="output folder (default reports/<grid>; one grid only)")
     p.add_argument("--equivalence-percent", type=float, default=None,
                    help="the band within which the trend verdicts call two variants the "
                    "same, in percent of the right side's mean (default 1: lab/reports/trends.py)")

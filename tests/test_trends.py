@@ -153,3 +153,43 @@ def test_report_prints_the_verdicts_and_checks_its_band(store, tmp_path, capsys)
     assert main(["report", "fake", "--tracking-uri", store, "--equivalence-percent", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "report: --equivalence-percent must be above 0, not 0" in err[0]
+
+
+def test_across_grids_names_where_each_trend_holds():
+    """Two scales: G1 beats the baseline in every seed at one and loses in every seed at the
+    other; neither baseline has a sink."""
+    def grid(g1: list[float]):
+        base = [{"val/ppl": p, "sink/head_share": 0.0, "sink/first_token_attn": 0.02}
+                for p in (10.0, 10.4, 10.2)]
+        gated = [{"val/ppl": p, "sink/head_share": 0.0, "sink/first_token_attn": 0.01}
+                 for p in g1]
+        return trends.evaluate(*rows_of({("baseline", 3e-3): base, (trends.G1, 3e-3): gated}))
+
+    text = trends.across({"small": grid([9.5, 9.8, 9.9]), "base": grid([10.5, 10.8, 10.9])})
+    lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
+    assert text.splitlines()[0] == "| # | the paper's trend | small | base | holds in |"
+    assert lines["1"].endswith("| holds | does not hold | small |")
+    assert lines["7"].endswith("| not testable here: no sink in the baseline (Gu et al.: no "
+                               "head's mean attention to position 0 exceeds 0.3 on the BOS "
+                               "windows) | not testable here: no sink in the baseline (Gu et "
+                               "al.: no head's mean attention to position 0 exceeds 0.3 on "
+                               "the BOS windows) | no grid tests it |")
+    assert lines["13"].endswith("| not in this grid | not in this grid | no grid tests it |")
+    both = trends.across({"a": grid([9.5, 9.8, 9.9]), "b": grid([9.6, 9.7, 9.8])})
+    assert [line for line in both.splitlines() if line.startswith("| 1 |")][0].endswith(
+        "| holds | holds | all 2 that test it |")
+
+
+def test_report_of_several_grids_prints_the_verdicts_side_by_side(store, tmp_path, capsys):
+    from test_report import write_grid
+
+    from lab.cli import main
+
+    write_grid(store, "small")
+    write_grid(store, "base")
+    assert main(["report", "small", "base", "--tracking-uri", store]) == 0
+    out = capsys.readouterr().out
+    assert "## The paper's trends across these grids" in out
+    assert "| # | the paper's trend | small | base | holds in |" in out
+    assert main(["report", "small", "base", "--tracking-uri", store, "--out", str(tmp_path)]) == 2
+    assert "--out takes one grid" in capsys.readouterr().err

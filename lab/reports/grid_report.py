@@ -28,7 +28,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -62,6 +62,7 @@ class Report:
     markdown: str
     out_dir: Path
     files: list[Path]
+    verdicts: list = field(default_factory=list)  # trends.TrendResult, one per trend
 
 
 # --- reading the store ------------------------------------------------------------------
@@ -420,7 +421,7 @@ def build_report(grid: str, uri: str | None = None, out: str | Path | None = Non
         for file in files:
             client.log_artifact(parent, str(file), artifact_path="report")
         log_summary(client, parent, rows, all_rows, verdicts)
-    return Report(grid, rows, all_rows, markdown, out_dir, files)
+    return Report(grid, rows, all_rows, markdown, out_dir, files, verdicts)
 
 
 def summary_rows(rows: list[Row]) -> list[list[str]]:

@@ -347,3 +347,23 @@ def markdown(results: list[TrendResult], equivalence_percent: float = EQUIVALENC
             lines.append(f"| {result.trend.number} | {c.label} | {measure} | {c.paper or '-'} "
                          f"| {d.mean:+.4g} | {ci} | {d.n} | {o.verdict} |")
     return "\n".join(lines)
+
+
+def across(by_grid: dict[str, list[TrendResult]]) -> str:
+    """Trend 10 and the issue's "at both scales, at one, or at neither": each trend's verdict
+    in each grid, and the grids where it holds."""
+    grids = list(by_grid)
+    lines = ["| # | the paper's trend | " + " | ".join(grids) + " | holds in |",
+             "|---|---|" + "---|" * len(grids) + "---|"]
+    for n, trend in enumerate(TRENDS):
+        verdicts = [by_grid[g][n].verdict for g in grids]
+        testable = [g for g, v in zip(grids, verdicts)
+                    if v != "not in this grid" and not v.startswith("not testable")]
+        holding = [g for g, v in zip(grids, verdicts) if v == "holds"]
+        where = ("no grid tests it" if not testable else
+                 f"all {len(testable)} that test it" if len(holding) == len(testable) > 1 else
+                 ", ".join(holding) if holding else "none")
+        short = [v.split(";")[0] if v.startswith("not testable") else v for v in verdicts]
+        lines.append(f"| {trend.number} | {trend.claim} | " + " | ".join(short) + f" | {where} |")
+    return "\n".join(lines)
+
