@@ -127,6 +127,14 @@ def test_lr_headroom_over_a_ladder():
     gains = [math.log10(0.3) - math.log10(0.03)] * 2 + [math.log10(0.3) - math.log10(0.1)]
     assert headroom.difference.mean == pytest.approx(sum(gains) / 3)
     assert headroom.difference.n == 3
+    # A seed that diverged at every LR sits one ladder step below the lowest LR.
+    values = {("baseline", lr): runs for lr, runs in ladder([1e-1, 1e-1, 3e-2]).items()}
+    values |= {(trends.G1, lr): runs for lr, runs in ladder([1.0, 1.0, 1.0]).items()}
+    rows2, all_rows2 = rows_of(values)
+    base_ladder = [r for r in all_rows2 if r.variant == "baseline"]
+    below = 2 * math.log10(3e-2) - math.log10(1e-1)
+    assert trends.max_stable_lr(base_ladder[0], base_ladder) == pytest.approx(
+        {0: math.log10(3e-2), 1: math.log10(3e-2), 2: below})
     # The baseline broke, so the trend is testable; the spike counts (all 0) stay unresolved.
     assert verdict(results, "11").startswith("partly: 1 of 2 as the paper")
     # One LR only: no ladder, no headroom, and no breaking point to test against.

@@ -79,14 +79,18 @@ def ratio(numerator: str, denominator: str) -> Callable[[Row, list[Row]], PerSee
 
 def max_stable_lr(row: Row, ladder: list[Row]) -> PerSeed:
     """Per seed, log10 of the largest LR of the ladder at which that seed's run did not
-    diverge (the paper's Table 2: the baseline breaks at LRs where the gate trains)."""
+    diverge (the paper's Table 2: the baseline breaks at LRs where the gate trains). A seed
+    that diverged at every LR counts one step of the ladder below its lowest LR, so that it
+    stays in the pairing instead of dropping out of it."""
     best: PerSeed = {}
-    if len(ladder) < 2:
+    lrs = sorted({rung.lr for rung in ladder})
+    if len(lrs) < 2:
         return best  # one LR: no ladder to find a breaking point on
+    below = 2 * math.log10(lrs[0]) - math.log10(lrs[1])
     for rung in ladder:
         for run in rung.runs:
-            if not run.diverged:
-                best[run.seed] = max(best.get(run.seed, -math.inf), math.log10(rung.lr))
+            stable = math.log10(rung.lr) if not run.diverged else below
+            best[run.seed] = max(best.get(run.seed, -math.inf), stable)
     return best
 
 
