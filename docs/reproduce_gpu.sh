@@ -6,9 +6,9 @@
 # DATA: the Gutenberg folder (../shared/data/gutenberg-en in a checkout beside shared/, or a
 # git-ignored copy at .data/gutenberg-en carried to a machine that cannot see shared/).
 # The runs travel as a store snapshot (`gatelab store pack`: lab/records/snapshot.py): each
-# phase that trains starts by unpacking SNAPSHOT (default docs/store/reproduction.tgz, the
+# phase that trains starts by unpacking SNAPSHOT (default docs/store/reproduction.tar.xz, the
 # committed one) when the machine has no store yet, and every call ends by packing the store
-# into $OUT/store.tgz; the grids skip finished cells. On a machine whose calls each carry at
+# into $OUT/store.tar.xz; the grids skip finished cells. On a machine whose calls each carry at
 # most 64 MiB, the corpus (42 MB) and the MLflow wheels (20 MB) with the code and the
 # snapshot do not fit one call: the first call carries the corpus (`prepare`, which needs
 # no MLflow) and the next ones the wheels; a warm machine keeps what earlier calls left.
@@ -32,7 +32,7 @@ run_grid() { local limit=$1; shift
   time timeout "$limit" python3 -m lab grid "$@" --time-limit "$((limit - 15))"; }
 
 store=${GATELAB_STORE:-mlruns}
-snapshot=${SNAPSHOT:-docs/store/reproduction.tgz}
+snapshot=${SNAPSHOT:-docs/store/reproduction.tar.xz}
 if [ "$phase" != report ]; then
   tokenizer=()
   [ -n "${TOKENIZER:-}" ] && tokenizer=(--tokenizer "$TOKENIZER")
@@ -85,12 +85,12 @@ if [ "$phase" = all ] || [ "$phase" = report ]; then
   tar czf "$OUT/reports.tgz" "$WORK"
 fi
 # The store as one snapshot (runs, metrics and artifacts; checkpoints stay on the machine),
-# to unpack where the work goes on: `gatelab store unpack store.tgz`. With the runs' PNG plots
+# to unpack where the work goes on: `gatelab store unpack store.tar.xz`. With the runs' PNG plots
 # while it stays under the 16 MiB a file that a device call brings back (at 48 `reproduce`
 # cells it was 17.5 MB with them and 5.5 MB without, and that file did not come back).
-gatelab store pack "$OUT/store.tgz" --plots --quiet
-if [ "$(stat -c %s "$OUT/store.tgz")" -gt "${OUT_FILE_LIMIT_BYTES:-16000000}" ]; then
+gatelab store pack "$OUT/store.tar.xz" --plots --quiet
+if [ "$(stat -c %s "$OUT/store.tar.xz")" -gt "${OUT_FILE_LIMIT_BYTES:-16000000}" ]; then
   echo "store: over ${OUT_FILE_LIMIT_BYTES:-16000000} bytes with the plots; packed without them"
-  gatelab store pack "$OUT/store.tgz" --quiet
+  gatelab store pack "$OUT/store.tar.xz" --quiet
 fi
 ls -la "$OUT"

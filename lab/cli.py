@@ -34,7 +34,7 @@ EXAMPLES = {
     "sweep": "gatelab sweep sweeps/lr.yaml --variants baseline --n-trials 4 --workers 2",
     "sweep-report": "gatelab sweep-report lr --out reports/sweeps/lr",
     "check": "gatelab check --preset small --variants all",
-    "store": "gatelab store pack docs/store/reproduction.tgz",
+    "store": "gatelab store pack docs/store/reproduction.tar.xz",
 }
 
 
@@ -461,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "file, or unpack one into an empty store, to move runs between machines and "
                 "checkouts (artifact locations re-rooted; checkpoints stay behind)")
     p.add_argument("action", choices=("pack", "unpack"))
-    p.add_argument("file", help="the snapshot (.tgz) to write or to read")
+    p.add_argument("file", help="the snapshot (.tar.xz; older .tgz ones unpack too) to write or to read")
     p.add_argument("--plots", action="store_true",
                    help="pack: keep the runs' PNG plots too (default: data only; the reports "
                    "draw their own)")

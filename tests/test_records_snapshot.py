@@ -42,15 +42,15 @@ def _store(folder: Path, monkeypatch) -> tuple[str, str]:
 
 def test_a_store_moves_to_another_folder_with_its_artifacts(tmp_path, monkeypatch):
     _, run_id = _store(tmp_path / "here" / "mlruns", monkeypatch)
-    packed = snapshot.pack(tmp_path / "store.tgz")
+    packed = snapshot.pack(tmp_path / "store.tar.xz")
     assert (packed.runs, packed.files) == (1, 1)  # the PNG stays behind by default
-    with tarfile.open(tmp_path / "store.tgz") as tar:
+    with tarfile.open(tmp_path / "store.tar.xz") as tar:
         assert not any(str(tmp_path) in m.name for m in tar.getmembers())
     shutil.rmtree(tmp_path / "here")  # the old folder is gone: nothing may read from it
 
     there = tmp_path / "there" / "mlruns"
     monkeypatch.setenv("GATELAB_STORE", str(there))
-    assert snapshot.unpack(tmp_path / "store.tgz").runs == 1
+    assert snapshot.unpack(tmp_path / "store.tar.xz").runs == 1
     client = records.client(records.tracking_uri())
     run = client.get_run(run_id)
     assert run.info.artifact_uri == (there / "artifacts" / "reproduce" / run_id
@@ -66,7 +66,7 @@ def test_a_store_moves_to_another_folder_with_its_artifacts(tmp_path, monkeypatc
 
 def test_plots_travel_when_asked(tmp_path, monkeypatch):
     _store(tmp_path / "here" / "mlruns", monkeypatch)
-    assert snapshot.pack(tmp_path / "store.tgz", plots=True).files == 2
+    assert snapshot.pack(tmp_path / "store.tar.xz", plots=True).files == 2
 
 
 def test_a_store_copied_by_hand_is_re_rooted_too(tmp_path, monkeypatch):
@@ -76,9 +76,9 @@ def test_a_store_copied_by_hand_is_re_rooted_too(tmp_path, monkeypatch):
     shutil.copytree(tmp_path / "made", tmp_path / "copy")
     shutil.rmtree(tmp_path / "made")
     monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "copy" / "mlruns"))
-    snapshot.pack(tmp_path / "store.tgz")
+    snapshot.pack(tmp_path / "store.tar.xz")
     monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "third" / "mlruns"))
-    snapshot.unpack(tmp_path / "store.tgz")
+    snapshot.unpack(tmp_path / "store.tar.xz")
     db = sqlite3.connect(tmp_path / "third" / "mlruns" / "mlflow.db")
     locations = [r[0] for r in db.execute("SELECT artifact_uri FROM runs")] + \
         [r[0] for r in db.execute("SELECT artifact_location FROM experiments "
@@ -90,11 +90,24 @@ def test_a_store_copied_by_hand_is_re_rooted_too(tmp_path, monkeypatch):
 
 def test_unpack_never_merges_into_a_store_that_holds_runs(tmp_path, monkeypatch, capsys):
     _store(tmp_path / "here" / "mlruns", monkeypatch)
-    snapshot.pack(tmp_path / "store.tgz")
+    snapshot.pack(tmp_path / "store.tar.xz")
     before = (tmp_path / "here" / "mlruns" / "mlflow.db").read_bytes()
-    assert main(["store", "unpack", str(tmp_path / "store.tgz")]) == 2
+    assert main(["store", "unpack", str(tmp_path / "store.tar.xz")]) == 2
     assert "already holds a store" in capsys.readouterr().err
     assert (tmp_path / "here" / "mlruns" / "mlflow.db").read_bytes() == before
+
+
+def test_snapshots_are_xz_and_gzip_ones_from_before_still_unpack(tmp_path, monkeypatch):
+    _store(tmp_path / "here" / "mlruns", monkeypatch)
+    snapshot.pack(tmp_path / "store.tar.xz")
+    with open(tmp_path / "store.tar.xz", "rb") as handle:
+        assert handle.read(6) == b"\xfd7zXZ\x00"  # the xz magic
+    with tarfile.open(tmp_path / "store.tar.xz", "r:xz") as old, \
+            tarfile.open(tmp_path / "old.tgz", "w:gz") as tgz:  # as pack wrote them before
+        for member in old.getmembers():
+            tgz.addfile(member, old.extractfile(member) if member.isfile() else None)
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "there" / "mlruns"))
+    assert snapshot.unpack(tmp_path / "old.tgz").runs == 1
 
 
 def test_bad_snapshots_are_one_line_and_leave_no_store(tmp_path, monkeypatch):
@@ -115,7 +128,7 @@ def test_bad_snapshots_are_one_line_and_leave_no_store(tmp_path, monkeypatch):
 
 
 def test_the_committed_snapshot_resumes_the_reproduce_grid(tmp_path, monkeypatch):
-    """docs/store/reproduction.tgz is where the reproduction goes on from: every run it
+    """docs/store/reproduction.tar.xz is where the reproduction goes on from: every run it
     holds as FINISHED is a cell of ablations/reproduce.yaml as the code plans it now, so a
     change to what identifies a cell (lab/config.py, the hash) cannot make the next GPU
     session train those cells again unnoticed."""
@@ -123,7 +136,7 @@ def test_the_committed_snapshot_resumes_the_reproduce_grid(tmp_path, monkeypatch
 
     from lab.experiments import grid
 
-    snapshot_file = Path(__file__).resolve().parents[1] / "docs" / "store" / "reproduction.tgz"
+    snapshot_file = Path(__file__).resolve().parents[1] / "docs" / "store" / "reproduction.tar.xz"
     monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
     snapshot.unpack(snapshot_file)
     db = sqlite3.connect(tmp_path / "mlruns" / "mlflow.db")

@@ -103,7 +103,9 @@ def _roots(root: Path, database: Path) -> list[str]:
 
 
 def pack(out: str | Path, plots: bool = False) -> Snapshot:
-    """Write the local store (store_dir()) as a .tgz snapshot at `out`."""
+    """Write the local store (store_dir()) as a snapshot at `out`: a tar archive, xz-compressed
+    (the database's metric rows compress to 3.1 MB with xz against 5.5 MB with gzip at 48
+    `small` runs, and the snapshot is committed: docs/store/README.md)."""
     root, out = store_dir(), Path(out)
     database = root / DATABASE
     if not database.exists():
@@ -130,7 +132,7 @@ def pack(out: str | Path, plots: bool = False) -> Snapshot:
             return info
 
         try:
-            with tarfile.open(partial, "w:gz") as tar:
+            with tarfile.open(partial, "w:xz", preset=9) as tar:
                 tar.add(copy, arcname=DATABASE)
                 if (root / ARTIFACTS).is_dir():
                     tar.add(root / ARTIFACTS, arcname=ARTIFACTS, filter=keep)
@@ -154,7 +156,8 @@ def unpack(snapshot: str | Path) -> Snapshot:
     with tempfile.TemporaryDirectory(dir=root, prefix=".unpacking-") as tmp:
         work = Path(tmp)
         try:
-            with tarfile.open(snapshot, "r:gz") as tar:
+            # (any compression tarfile knows: the gzip snapshots packed before xz unpack too)
+            with tarfile.open(snapshot, "r:*") as tar:
                 names = tar.getnames()
                 stray = [n for n in names if n != DATABASE and n != ARTIFACTS
                          and not n.startswith(ARTIFACTS + "/")]
