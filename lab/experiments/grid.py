@@ -72,7 +72,7 @@ from lab.model.loss import require as require_loss_kernel
 from lab.model.params import count_params, model_flops_per_token
 from lab.progress import GridProgress, RunProgress, configure_output, duration
 from lab.records import (DEVICE_TAG, GRID_TAG, HEARTBEAT_TAG, checkpoint_dir, child_runs,
-                         describe_failure, end_run, find_grid_parent, find_or_create_grid_parent,
+                         describe_failure, end_run, find_or_create_grid_parent,
                          heartbeat, load_checkpoint, start_run)
 from lab.training.run import open_data, train_run
 from lab.training.schedule import total_steps
@@ -281,6 +281,11 @@ def _gpu_memory_gib() -> float | None:
 
 # --- time estimate ---------------------------------------------------------------------
 
+def _no_store_yet(uri: str) -> bool:
+    """A SQLite store not created yet: a dry run reads it as empty rather than create it."""
+    return uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists()
+
+
 def run_device_kind(run) -> str:
     """"cuda" or "cpu": what a run trained on, by its `device` tag (lab/training/run.py), or
     for runs recorded before that tag, by the peak GPU memory only CUDA runs log."""
@@ -296,7 +301,7 @@ def measured_tokens_per_s(uri: str, preset: str, data: str, device: str
     runs of this preset and data that trained on this kind of device ("cuda" or "cpu"), each
     as one cell alone on its GPU would run: a run that shared its GPU with k - 1 others
     (its RUNS_PER_GPU_TAG) ran at packing_speedup(k) / k of that. None without any."""
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    if _no_store_yet(uri):
         return None
     try:
         client = records.client(uri)
@@ -317,19 +322,16 @@ def measured_tokens_per_s(uri: str, preset: str, data: str, device: str
     return (rates[len(rates) // 2], len(rates)) if rates else None
 
 
-def finished_hashes(uri: str, grid: str) -> set[str]:
-    """The config hashes of the grid's cells that already have a FINISHED run in the store
-    (read only: a dry run creates nothing)."""
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        return set()
-    client = records.client(uri)
-    experiment = client.get_experiment_by_name(grid)
-    parent = find_grid_parent(client, experiment.experiment_id) if experiment else None
-    if parent is None:
-        return set()
-    return {r.data.tags.get("config_hash") for r in child_runs(client, experiment.experiment_id,
-                                                              parent)
-            if r.info.status == "FINISHED"}
+def finished_hashes(runs) -> set[str]:
+    """The config hashes of the cells these runs hold FINISHED."""
+    return {r.data.tags.get("config_hash") for r in runs if r.info.status == "FINISHED"}
+
+
+def finished_in_store(uri: str, grid: str) -> set[str]:
+    """finished_hashes of the grid's cells in the store (read only: a dry run creates
+    nothing)."""
+    found = None if _no_store_yet(uri) else records.grid_cell_runs(records.client(uri), grid)
+    return set() if found is None else finished_hashes(found[1])
 
 
 def estimate(cells: list[Cell], counts: list[dict], uri: str, workers: int,
@@ -364,7 +366,7 @@ def print_dry_run(spec: GridSpec, cells: list[Cell], uri: str, workers: int, dev
     if per_gpu > 1:
         seconds = [s * per_gpu / packed_speedup for s in seconds]
         basis += f"; {per_gpu:.0f} cells per GPU at {packed_speedup:.2f}x one cell's tokens/s"
-    done = finished_hashes(uri, spec.name)
+    done = finished_in_store(uri, spec.name)
     width = max(len(c.name) for c in cells)
     print(f"grid {spec.name}: {len(cells)} cells, preset {spec.preset}, data {spec.data}, "
           f"{cells[0].config.train.tokens:,.0f} tokens per run")
@@ -879,9 +881,7 @@ def _close_parent(client, experiment: str, parent: str, wanted: set[str],
                   summary: GridSummary) -> None:
     """FINISHED once every cell of the whole grid has a FINISHED run; FAILED when cells
     failed; left RUNNING while other shards or processes still work on it."""
-    finished_hashes = {r.data.tags.get("config_hash") for r in child_runs(client, experiment, parent)
-                       if r.info.status == "FINISHED"}
-    if wanted <= finished_hashes:
+    if wanted <= finished_hashes(child_runs(client, experiment, parent)):
         client.set_terminated(parent, "FINISHED")
     elif summary.failed:
         client.set_terminated(parent, "FAILED")

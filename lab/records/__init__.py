@@ -18,7 +18,7 @@ from lab.records.checkpoints import (checkpoint_dir, checkpoint_path, load_check
                                      read_checkpoint, run_id_from_prefix)
 from lab.records.lookup import (GRID_PARENT_TAG, GRID_TAG, child_runs, experiment_id,
                                 find_grid_parent, find_or_create_grid_parent,
-                                find_or_create_run, find_run, search_all)
+                                find_or_create_run, find_run, grid_cell_runs, search_all)
 from lab.records.runs import (DEVICE_TAG, FAILURE_KIND_TAG, FAILURE_TAG, HEARTBEAT_S,
                               HEARTBEAT_TAG, KILLED_REASON_TAG, cell_name, describe_failure,
                               device_name, end_run,
@@ -31,7 +31,8 @@ __all__ = [
     "checkpoint_dir", "checkpoint_path", "load_checkpoint", "read_checkpoint",
     "run_id_from_prefix",
     "GRID_PARENT_TAG", "GRID_TAG", "child_runs", "experiment_id", "find_grid_parent",
-    "find_or_create_grid_parent", "find_or_create_run", "find_run", "search_all",
+    "find_or_create_grid_parent", "find_or_create_run", "find_run", "grid_cell_runs",
+    "search_all",
     "DEVICE_TAG", "FAILURE_KIND_TAG", "FAILURE_TAG", "HEARTBEAT_S", "HEARTBEAT_TAG",
     "KILLED_REASON_TAG", "cell_name", "describe_failure", "device_name", "end_run", "finite_metrics", "git_commit", "heartbeat",
     "log_check_table", "log_metrics", "log_params", "log_yaml", "run_tags", "start_run",

@@ -103,3 +103,13 @@ def find_or_create_grid_parent(mlflow_client, experiment_id: str, name: str) -> 
 def child_runs(mlflow_client, experiment_id: str, parent_run_id: str) -> list:
     return search_all(mlflow_client, experiment_id,
                       f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+def grid_cell_runs(mlflow_client, name: str) -> tuple[str, list] | None:
+    """The parent run of the grid called `name` and its cells' runs (any status), read only;
+    None where the store holds no such grid."""
+    experiment = mlflow_client.get_experiment_by_name(name)
+    parent = find_grid_parent(mlflow_client, experiment.experiment_id) if experiment else None
+    if parent is None:
+        return None
+    return parent, child_runs(mlflow_client, experiment.experiment_id, parent)

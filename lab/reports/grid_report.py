@@ -41,7 +41,7 @@ from lab import records
 from lab.analysis.metrics import split_layer_metric
 from lab.errors import LabError
 from lab.model.gates import VARIANTS
-from lab.records import child_runs, find_grid_parent
+from lab.records import find_grid_parent, grid_cell_runs
 from lab.reports import trends
 from lab.reports.seeds import BASELINE, Interval, Row, RunRecord, paired_delta, t_interval
 
@@ -71,15 +71,15 @@ def load_runs(grid: str, uri: str | None = None) -> tuple[object, str, list[RunR
     """The grid's FINISHED child runs (the latest per config hash)."""
     uri = records.tracking_uri(uri)
     client = records.client(uri)
-    experiment = client.get_experiment_by_name(grid)
-    parent = find_grid_parent(client, experiment.experiment_id) if experiment else None
-    if parent is None:
+    found = grid_cell_runs(client, grid)
+    if found is None:
         grids = [e.name for e in client.search_experiments()
                  if find_grid_parent(client, e.experiment_id)]
         raise LabError(f"report: no grid named {grid!r} in {uri}; grids there: "
                        f"{', '.join(grids) or 'none (run `gatelab grid FILE` first)'}")
+    parent, cell_runs = found
     latest: dict[str, object] = {}
-    for run in child_runs(client, experiment.experiment_id, parent):
+    for run in cell_runs:
         if run.info.status != "FINISHED":
             continue
         key = run.data.tags.get("config_hash", run.info.run_id)
