@@ -16,6 +16,12 @@
 # tag, when the machine's copy has no .git or a stale one (send a clean checkout).
 # GRID_ARGS: extra `gatelab grid` options, e.g. --no-check on a later call of the same code on
 # the same machine (each start's check table is kept on the grid's parent run, check-*.txt).
+# CALL_LIMIT_S: the seconds one call of the machine may run in all (600 on the lent H200);
+# each grid's limit is then cut to what is left of the call after PACK_RESERVE_S (default 60)
+# for stopping the grid and packing the store, so that a call's hard stop never takes the
+# store with it (a 2026-12-02 call whose grid limit did not leave that room came back empty).
+# The call's whole output is also kept in $OUT/reproduce.log, so a call cut short still
+# brings back what it did.
 # TOKENIZER: optional tokenizer.json to reuse (the one `gatelab prepare` trains on the first
 # 32 MB of train-00 is deterministic, so training it again gives the same file).
 set -uo pipefail
@@ -24,11 +30,20 @@ if [ -d .data/gutenberg-en ]; then DATA=${DATA:-.data/gutenberg-en}; else DATA=$
 OUT=${OUT:-reproduction-out}      # where the tarballs and report tables land
 WORK=${WORK:-reports}              # where `gatelab report` writes its tables and plots
 mkdir -p "$OUT" "$WORK"
+exec > >(tee -a "$OUT/reproduce.log") 2>&1
 gatelab() { python3 -m lab "$@"; }
 read -ra grid_args <<< "${GRID_ARGS:-}"
 # One grid within a phase's limit: `--time-limit` starts no cell that would not end in time
 # (the cells in progress finish), and `timeout` 15 s later is the hard stop behind it.
+# Under CALL_LIMIT_S the limit is what the call has left (bash's SECONDS: since the script
+# began), less the room for packing; a grid with under 90 s left is not started.
 run_grid() { local limit=$1; shift
+  if [ "${CALL_LIMIT_S:-0}" -gt 0 ]; then
+    local left=$((CALL_LIMIT_S - SECONDS - ${PACK_RESERVE_S:-60}))
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 90 ]; then echo "grid $1: ${limit} s left of the call; not started"; return 0; fi
+  fi
+  echo "grid $1: limit ${limit} s (${SECONDS} s into the call)"
   time timeout "$limit" python3 -m lab grid "$@" --time-limit "$((limit - 15))"; }
 
 store=${GATELAB_STORE:-mlruns}
