@@ -300,6 +300,8 @@ def test_runs_per_gpu_auto_packs_from_the_measured_gain(store, monkeypatch):
     peak = grid.MEASURED_PACKING["small"]["peak_gib"]
     assert grid.auto_runs_per_gpu("small", gpu_memory_gib=1.5 * peak)[0] == 1  # one fits
     assert grid.auto_runs_per_gpu("medium", gpu_memory_gib=139.8)[0] == 1
+    n, basis = grid.auto_runs_per_gpu("base", gpu_memory_gib=139.8)  # measured: packing loses
+    assert n == 1 and "measured 1.00x" in basis
     assert grid.parse_runs_per_gpu("3") == 3 and grid.parse_runs_per_gpu("auto") == "auto"
     for bad in ("0", "x", "1.5", -2):
         with pytest.raises(LabError, match="--runs-per-gpu"):
