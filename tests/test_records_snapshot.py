@@ -127,11 +127,12 @@ def test_bad_snapshots_are_one_line_and_leave_no_store(tmp_path, monkeypatch):
         snapshot.pack(tmp_path / "out.tgz")
 
 
-def test_the_committed_snapshot_resumes_the_reproduce_grid(tmp_path, monkeypatch):
+def test_the_committed_snapshot_resumes_the_reproduction_grids(tmp_path, monkeypatch):
     """docs/store/reproduction.tar.xz is where the reproduction goes on from: every run it
-    holds as FINISHED is a cell of ablations/reproduce.yaml as the code plans it now, so a
-    change to what identifies a cell (lab/config.py, the hash) cannot make the next GPU
-    session train those cells again unnoticed."""
+    holds as FINISHED in a grid's experiment is a cell of that grid's file
+    (ablations/<grid>.yaml) as the code plans it now, so a change to what identifies a cell
+    (lab/config.py, the hash) cannot make the next GPU session train those cells again
+    unnoticed."""
     from types import SimpleNamespace
 
     from lab.experiments import grid
@@ -140,13 +141,19 @@ def test_the_committed_snapshot_resumes_the_reproduce_grid(tmp_path, monkeypatch
     monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
     snapshot.unpack(snapshot_file)
     db = sqlite3.connect(tmp_path / "mlruns" / "mlflow.db")
-    finished = {row[0] for row in db.execute(
-        "SELECT t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-        "WHERE r.status = 'FINISHED' AND t.key = 'config_hash'")}
+    finished: dict[str, set[str]] = {}
+    for experiment, config_hash in db.execute(
+            "SELECT e.name, t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+            "JOIN experiments e ON e.experiment_id = r.experiment_id "
+            "WHERE r.status = 'FINISHED' AND t.key = 'config_hash'"):
+        finished.setdefault(experiment, set()).add(config_hash)
     db.close()
     # The cells as plan() resolves them, the corpus it opens for their vocabulary replaced by
     # the prepared one's size (16,384, the BPE `gatelab prepare` trains: docs/results.md),
     # which CI does not have.
     monkeypatch.setattr(grid, "open_data", lambda config: (SimpleNamespace(vocab_size=16384),))
-    planned = {cell.config.hash() for cell in grid.plan(grid.load_grid("ablations/reproduce.yaml"))}
-    assert len(finished) >= 25 and finished <= planned, sorted(finished - planned)
+    assert len(finished.get("reproduce", ())) >= 25 and "reproduce-base" in finished
+    for name, hashes in finished.items():
+        planned = {cell.config.hash()
+                   for cell in grid.plan(grid.load_grid(f"ablations/{name}.yaml"))}
+        assert hashes <= planned, (name, sorted(hashes - planned))
