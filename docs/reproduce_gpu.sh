@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU reproduction (docs/results.md), phase by phase on one or more GPUs.
-#   bash docs/reproduce_gpu.sh [all|prepare|eval-check|reproduce|base|base-init|stability|stability-noqk|init-control|lr-control|report]
+#   bash docs/reproduce_gpu.sh [all|prepare|eval-check|reproduce|base|base-init|base-lr|stability|stability-noqk|init-control|lr-control|report]
 # Phases, so that each fits one call of a time-limited machine; the grids resume from the
 # MLflow store, so a phase cut short by its time limit is finished by running it again.
 # DATA: the Gutenberg folder (../shared/data/gutenberg-en in a checkout beside shared/, or a
@@ -70,15 +70,16 @@ if [ "$phase" = all ] || [ "$phase" = base ]; then
   run_grid "${BASE_LIMIT_S:-600}" ablations/reproduce-base.yaml --gpus all "${grid_args[@]}" --quiet
 fi
 if [ "$phase" = all ] || [ "$phase" = base-init ]; then
-  run_grid "${BASE_LIMIT_S:-600}" ablations/reproduce-base.yaml --gpus all "${grid_args[@]}" \
-    --variants baseline --set model.residual_init_scale=0.2041 --quiet
+  run_grid "${BASE_LIMIT_S:-600}" ablations/reproduce-base-init.yaml --gpus all "${grid_args[@]}" --quiet
+fi
+if [ "$phase" = all ] || [ "$phase" = base-lr ]; then
+  run_grid "${BASE_LIMIT_S:-600}" ablations/reproduce-base-lr.yaml --gpus all "${grid_args[@]}" --quiet
 fi
 if [ "$phase" = all ] || [ "$phase" = stability ]; then
   run_grid "${STABILITY_LIMIT_S:-600}" ablations/stability.yaml --gpus all "${grid_args[@]}" --quiet
 fi
 if [ "$phase" = all ] || [ "$phase" = stability-noqk ]; then
-  run_grid "${STABILITY_LIMIT_S:-600}" ablations/stability.yaml --gpus all "${grid_args[@]}" \
-    --set model.qk_norm=false --quiet
+  run_grid "${STABILITY_LIMIT_S:-600}" ablations/stability-noqk.yaml --gpus all "${grid_args[@]}" --quiet
 fi
 if [ "$phase" = all ] || [ "$phase" = init-control ]; then
   run_grid "${CONTROL_LIMIT_S:-300}" ablations/reproduce-init.yaml --gpus all "${grid_args[@]}" --quiet
@@ -93,7 +94,7 @@ if [ "$phase" = eval-check ]; then
     --out "$OUT/eval-check-${EVAL_GRID:-reproduce}.json" 2>&1 | grep -v "Mismatch dtype\|torch.rms_norm"
 fi
 if [ "$phase" = all ] || [ "$phase" = report ]; then
-  for grid in reproduce stability reproduce-init reproduce-lr; do
+  for grid in reproduce reproduce-base reproduce-base-init reproduce-base-lr stability stability-noqk reproduce-init reproduce-lr; do
     gatelab report "$grid" --out "$WORK/$grid" > "$OUT/report-$grid.md" 2>&1
     tail -20 "$OUT/report-$grid.md"
   done
