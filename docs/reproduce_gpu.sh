@@ -54,7 +54,11 @@ if [ "$phase" != report ]; then
   # (reuses cache/gutenberg-en when it is already prepared from the same files)
   time gatelab prepare --data "$DATA/train-0*.txt.xz" \
     --valid "$DATA/valid.txt.xz" --test "$DATA/test.txt.xz" "${tokenizer[@]}" \
-    --out cache/gutenberg-en --quiet
+    --out cache/gutenberg-en --quiet || {
+    # (a machine released between calls comes back bare: no corpus and no cache/ from the
+    # call that carried it; nothing can train, so stop before unpacking or packing anything)
+    echo "stop: no prepared corpus on this machine and none carried ($DATA); carry .data/gutenberg-en and run the prepare phase first"
+    exit 2; }
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 fi
 [ "$phase" = prepare ] && exit 0
