@@ -55,9 +55,10 @@ if [ "$phase" != report ]; then
   time gatelab prepare --data "$DATA/train-0*.txt.xz" \
     --valid "$DATA/valid.txt.xz" --test "$DATA/test.txt.xz" "${tokenizer[@]}" \
     --out cache/gutenberg-en --quiet || {
-    # (a machine released between calls comes back bare: no corpus and no cache/ from the
-    # call that carried it; nothing can train, so stop before unpacking or packing anything)
-    echo "stop: no prepared corpus on this machine and none carried ($DATA); carry .data/gutenberg-en and run the prepare phase first"
+    # (nothing can train without the prepared corpus, so stop before unpacking or packing
+    # anything; the usual cause: a machine released between calls comes back bare, without
+    # the corpus and the cache/ of the call that carried it)
+    echo "stop: gatelab prepare failed (above); on a machine that came back bare, carry .data/gutenberg-en and run the prepare phase again"
     exit 2; }
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 fi

@@ -153,6 +153,8 @@ def test_the_committed_snapshot_resumes_the_reproduction_grids(tmp_path, monkeyp
     # which CI does not have.
     monkeypatch.setattr(grid, "open_data", lambda config: (SimpleNamespace(vocab_size=16384),))
     assert len(finished.get("reproduce", ())) >= 25 and "reproduce-base" in finished
+    # (a grid's experiment is named by its file's `name`, which for every file under
+    # ablations/ is the file's stem)
     for name, hashes in finished.items():
         planned = {cell.config.hash()
                    for cell in grid.plan(grid.load_grid(f"ablations/{name}.yaml"))}
