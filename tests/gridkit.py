@@ -82,7 +82,10 @@ def run_statuses(uri: str, experiment: str) -> dict[str, list[str]]:
 
 
 def run_grid_process(raw: dict, env: dict) -> None:
-    """Target of a forked grid process (the crash tests SIGKILL it)."""
+    """Target of a forked grid process (the crash tests SIGKILL it). As cli_process: only
+    `env` may name the store (a fork server started after an in-process run had MLflow's
+    exported URI, and the grid's runs went to that test's store instead)."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.update(env)
     from lab.experiments.grid import GridOptions, grid_from_dict, run_grid
 

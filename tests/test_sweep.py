@@ -500,6 +500,64 @@ def test_retry_failed_trials_queues_each_failure_once_within_the_limit():
     assert [t.params for t in waiting] == [study.trials[0].params, study.trials[1].params]
 
 
+class _Killed(BaseException):
+    """A SIGKILL of the resuming process, landing right after one of its writes."""
+
+
+@pytest.mark.parametrize("kill_after", ["run ended", "trial told"])
+def test_a_rerun_killed_while_failing_a_stale_trial_leaves_no_run_running(tmp_path,
+                                                                         monkeypatch,
+                                                                         kill_after):
+    """fail_stale_trials killed after any one of its writes, then run again (the next
+    rerun): the trial ends FAIL and none of its MLflow runs stays RUNNING. When the trial was
+    told FAIL before its runs ended, a kill after the tell left a RUNNING run that no rerun
+    would look at again (CI's kill-resume test: 2 of 8 runs RUNNING at the end)."""
+    from mlflow.tracking import MlflowClient
+
+    from lab import records
+    from lab.experiments.owners import owner_identity
+    from lab.experiments.sweep import fail_stale_trials, open_storage
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # an earlier test's, if left
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
+    uri = records.tracking_uri()
+    client = records.client(uri)
+    experiment = client.create_experiment("rekilled")
+    study = optuna.create_study(study_name="rekilled/baseline",
+                                storage=open_storage(str(tmp_path / "r.journal")))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    trial = study.ask()
+    trial.set_user_attr("worker", owner_identity(dead.pid))
+    recorded = client.create_run(experiment, tags={"study": "rekilled/baseline", "trial": "0"})
+    trial.set_user_attr("mlflow_run_id", recorded.info.run_id)
+    unrecorded = client.create_run(experiment, tags={"study": "rekilled/baseline", "trial": "0"})
+
+    with monkeypatch.context() as patch:
+        if kill_after == "run ended":
+            original = MlflowClient.set_terminated
+
+            def set_terminated(self, run_id, *args, **kwargs):
+                original(self, run_id, *args, **kwargs)
+                raise _Killed
+
+            patch.setattr(MlflowClient, "set_terminated", set_terminated)
+        else:
+            original = study.tell
+
+            def tell(*args, **kwargs):
+                original(*args, **kwargs)
+                raise _Killed
+
+            patch.setattr(study, "tell", tell)
+        with pytest.raises(_Killed):
+            fail_stale_trials(study, uri, "rekilled")
+    fail_stale_trials(study, uri, "rekilled")  # the next rerun
+    assert [t.state.name for t in study.trials] == ["FAIL"]
+    for run in (recorded, unrecorded):
+        assert client.get_run(run.info.run_id).info.status == "KILLED"
+
+
 def test_a_trial_killed_before_recording_its_worker_fails_after_the_grace(tmp_path, monkeypatch):
     """A kill between the trial's creation and its `worker` attribute, or between the MLflow
     run's creation and the trial's `mlflow_run_id`: the trial fails once it has stayed

@@ -520,12 +520,13 @@ class TrialPool(WorkerPool):
     def crashed(self, task: TrialTask, started: dict, reason: str) -> None:
         ctx, study = self.context, self.studies[task.variant]
         number = started.get("trial")
-        if number is not None:
-            study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        # The runs first, the trial last (fail_stale_trials says why).
         for run_id in trial_runs(ctx.uri, ctx.sweep.name, study.study_name, number,
                                  started.get("run_id")):
             records.client(ctx.uri).set_tag(run_id, "state", "failed")
             fail_run(ctx.uri, run_id, "worker_died", reason)
+        if number is not None:
+            study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         if not ctx.quiet:
             trial = f"trial {number}" if number is not None else "a trial (number not recorded)"
             print(f"  [{study.study_name}] {trial}: FAILED: {reason}", flush=True)
@@ -572,8 +573,10 @@ def fail_stale_trials(study, uri: str, experiment: str | None = None) -> int:
                 continue
         elif trial.number not in unowned_numbers:
             continue  # created after the first look: its worker may still record itself
-        # skip_if_finished: another process resuming the same sweep may have failed it first.
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        # The runs end before the trial is told: a rerun finds only RUNNING trials, so a
+        # kill between the two, in the other order, left the runs RUNNING for good (the
+        # kill-resume test of tests/test_reliability.py met it on CI). In this order such a
+        # kill leaves the trial RUNNING, and the next rerun ends its runs again, harmlessly.
         mlflow_client = records.client(uri)
         for run_id in trial_runs(uri, experiment, study.study_name, trial.number,
                                  trial.user_attrs.get("mlflow_run_id")):
@@ -582,6 +585,8 @@ def fail_stale_trials(study, uri: str, experiment: str | None = None) -> int:
                                   f"worker {worker or '(not recorded)'} was gone when the "
                                   "sweep resumed")
             mlflow_client.set_terminated(run_id, "KILLED")
+        # skip_if_finished: another process resuming the same sweep may have failed it first.
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         failed += 1
     return failed
 
