@@ -225,3 +225,36 @@ def test_reproduction_grid_uses_the_matched_baselines_that_keep_the_papers_budge
     grid = load_grid("reproduce")
     assert {"baseline_q48", "baseline_ffn_kv8params"} <= set(grid["variants"])
     _resolves(grid)
+
+
+# Each control grid and what it changes of the grid it controls; everything else must be the
+# same (corpus, tokens, seeds, cadence), which `extends` keeps true when the grid changes.
+CONTROLS = {
+    "reproduce-init": ("reproduce", {"variants", "overrides"}, {"model.residual_init_scale": 0.2887}),
+    "reproduce-lr": ("reproduce", {"variants", "lrs"}, {}),
+    "reproduce-base-init": ("reproduce-base", {"variants", "overrides"},
+                            {"model.residual_init_scale": 0.2041}),
+    "reproduce-base-lr": ("reproduce-base", {"variants", "lrs"}, {}),
+    "stability-noqk": ("stability", {"overrides"}, {"model.qk_norm": False}),
+}
+
+
+@pytest.mark.parametrize("control", sorted(CONTROLS))
+def test_a_control_grid_differs_from_its_grid_only_in_what_it_controls(control):
+    from lab.experiments.grid import load_grid as load_spec
+
+    parent_name, changed, added_overrides = CONTROLS[control]
+    child = load_spec(REPO / "ablations" / f"{control}.yaml").to_dict()
+    parent = load_spec(REPO / "ablations" / f"{parent_name}.yaml").to_dict()
+    assert child["name"] == control != parent["name"]
+    same = set(parent) - changed - {"name"}
+    assert {k: child[k] for k in same} == {k: parent[k] for k in same}
+    assert set(child["variants"]) <= set(parent["variants"])
+    assert child["overrides"] == {**parent["overrides"], **added_overrides}
+    if "lrs" in changed:
+        assert child["lrs"] != parent["lrs"]
+    # The depth-scaled init is GPT-2's 1 / sqrt(2 x layers) at the grid's preset.
+    if "model.residual_init_scale" in added_overrides:
+        layers = resolve("baseline", parent["preset"]).model.n_layers
+        assert added_overrides["model.residual_init_scale"] == pytest.approx(
+            (2 * layers) ** -0.5, abs=1e-4)

@@ -6,6 +6,12 @@ A file kind is a frozen dataclass that extends `ExperimentSpec` with its own fie
 with one LabError that names the key and the file (the CLI's one `error:` line, exit code 2),
 anything but a mapping, a key the kind does not have, a missing required key and a value
 its key's reader rejects, before anything is written anywhere. A key set to null is absent.
+
+`extends: OTHER.yaml` (a path relative to the file) reads OTHER first: the file's own keys
+replace OTHER's, except `overrides`, which adds to (or replaces keys of) OTHER's, and a key
+set to null drops OTHER's value. A file that extends another names its own experiment
+(`name` is required in it): a control grid then shares every setting of the grid it
+controls, and a change to that grid's budget or corpus reaches the control too.
 """
 
 from __future__ import annotations
@@ -64,13 +70,16 @@ class ExperimentSpec:
         return fields
 
     @classmethod
-    def from_dict(cls, raw, source: str):
+    def from_dict(cls, raw, source: str, file_keys: tuple[str, ...] = ()):
+        """`file_keys`: the keys a file may hold beyond the fields (`extends`, which load
+        has merged away), for the error that lists what is allowed."""
         keys = cls.keys()
+        allowed = ", ".join((*keys, *file_keys))
         if not isinstance(raw, dict):
-            raise LabError(f"{source}: expected a mapping with fields {', '.join(keys)}")
+            raise LabError(f"{source}: expected a mapping with fields {allowed}")
         unknown = [key for key in raw if key not in keys]
         if unknown:
-            raise LabError(f"{source}: unknown field {unknown[0]!r}; allowed: {', '.join(keys)}")
+            raise LabError(f"{source}: unknown field {unknown[0]!r}; allowed: {allowed}")
         missing = [key for key in cls.required if raw.get(key) in (None, "", [])]
         if missing:
             raise LabError(f"{source}: missing field {missing[0]!r}")
@@ -83,7 +92,42 @@ class ExperimentSpec:
     @classmethod
     def load(cls, path: str | Path):
         path = Path(path)
-        return cls.from_dict(read_yaml(path, cls.kind), f"{cls.kind} file {path}")
+        return cls.from_dict(cls.read_extended(path, ()), f"{cls.kind} file {path}",
+                             file_keys=("extends",))
+
+    @classmethod
+    def read_extended(cls, path: Path, chain: tuple[Path, ...]) -> Any:
+        """The file's YAML with what it extends merged in (the module's docstring says how);
+        anything that is not a mapping is returned as read, for from_dict to refuse."""
+        raw = read_yaml(path, cls.kind)
+        if not isinstance(raw, dict) or "extends" not in raw:
+            return raw
+        source = f"{cls.kind} file {path}"
+        base_name = raw["extends"]
+        if not isinstance(base_name, str) or not base_name:
+            raise LabError(f"{source}: extends: expected the path of another {cls.kind} file "
+                           f"(relative to this one), got {base_name!r}")
+        if raw.get("name") in (None, ""):
+            raise LabError(f"{source}: missing field 'name' (a file that extends another "
+                           "names its own experiment)")
+        base_path = path.parent / base_name
+        here = path.resolve()
+        if base_path.resolve() in (*chain, here):
+            cycle = " -> ".join(str(p) for p in (*chain, here, base_path.resolve()))
+            raise LabError(f"{source}: extends: a cycle ({cycle})")
+        if not base_path.is_file():
+            raise LabError(f"{source}: extends: {base_path} not found")
+        base = cls.read_extended(base_path, (*chain, here))
+        if not isinstance(base, dict):
+            raise LabError(f"{cls.kind} file {base_path}: expected a mapping (extended by "
+                           f"{path})")
+        merged = {**base, **{k: v for k, v in raw.items() if k != "extends"}}
+        if base.get("overrides") is not None and raw.get("overrides") is not None:
+            merged["overrides"] = {  # either file may write them as a list of 'key=value'
+                **read_overrides(f"{cls.kind} file {base_path}: overrides", base["overrides"],
+                                 cls.kind),
+                **read_overrides(f"{source}: overrides", raw["overrides"], cls.kind)}
+        return {k: v for k, v in merged.items() if v is not None}
 
     def with_flags(self, preset: str | None = None, data: str | None = None, tokens=None,
                    overrides: list[str] | None = None):

@@ -49,7 +49,6 @@ from typing import Any, ClassVar
 import lightning as L
 import optuna
 import torch
-import yaml
 from lightning.pytorch.trainer.states import TrainerFn
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -243,8 +242,8 @@ def storage_url(sweep_name: str, explicit: str | None = None) -> str:
     path = Path(SWEEP_DIR) / f"{sweep_name}.yaml"
     if path.is_file():
         try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError:
+            raw = Sweep.read_extended(path, ())  # a `storage` it extends counts too
+        except LabError:
             raw = None
         if isinstance(raw, dict) and raw.get("name") == sweep_name and raw.get("storage"):
             return raw["storage"]
