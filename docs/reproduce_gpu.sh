@@ -87,10 +87,10 @@ if [ "$phase" = all ] || [ "$phase" = stability-noqk ]; then
   run_grid "${STABILITY_LIMIT_S:-600}" ablations/stability-noqk.yaml --gpus all "${grid_args[@]}" --quiet
 fi
 if [ "$phase" = all ] || [ "$phase" = init-control ]; then
-  run_grid "${CONTROL_LIMIT_S:-300}" ablations/reproduce-init.yaml --gpus all "${grid_args[@]}" --quiet
+  run_grid "${CONTROL_LIMIT_S:-600}" ablations/reproduce-init.yaml --gpus all "${grid_args[@]}" --quiet
 fi
 if [ "$phase" = all ] || [ "$phase" = lr-control ]; then
-  run_grid "${LR_CONTROL_LIMIT_S:-300}" ablations/reproduce-lr.yaml --gpus all "${grid_args[@]}" --quiet
+  run_grid "${LR_CONTROL_LIMIT_S:-600}" ablations/reproduce-lr.yaml --gpus all "${grid_args[@]}" --quiet
 fi
 if [ "$phase" = eval-check ]; then
   # The logged valid/test losses against float32 and bf16 eager scoring of the same windows
