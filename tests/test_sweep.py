@@ -500,6 +500,21 @@ def test_retry_failed_trials_queues_each_failure_once_within_the_limit():
     assert [t.params for t in waiting] == [study.trials[0].params, study.trials[1].params]
 
 
+def _store_and_study(tmp_path, monkeypatch, name: str):
+    """A fresh MLflow store with the experiment `name`, and the study `name`/baseline on a
+    journal beside it: what a sweep's rerun finds. Returns uri, client, experiment id, study."""
+    from lab import records
+    from lab.experiments.sweep import open_storage
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # an earlier test's, if left
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
+    uri = records.tracking_uri()
+    client = records.client(uri)
+    study = optuna.create_study(study_name=f"{name}/baseline",
+                                storage=open_storage(str(tmp_path / f"{name}.journal")))
+    return uri, client, client.create_experiment(name), study
+
+
 class _Killed(BaseException):
     """A SIGKILL of the resuming process, landing right after one of its writes."""
 
@@ -514,17 +529,10 @@ def test_a_rerun_killed_while_failing_a_stale_trial_leaves_no_run_running(tmp_pa
     would look at again (CI's kill-resume test: 2 of 8 runs RUNNING at the end)."""
     from mlflow.tracking import MlflowClient
 
-    from lab import records
     from lab.experiments.owners import owner_identity
-    from lab.experiments.sweep import fail_stale_trials, open_storage
+    from lab.experiments.sweep import fail_stale_trials
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # an earlier test's, if left
-    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
-    uri = records.tracking_uri()
-    client = records.client(uri)
-    experiment = client.create_experiment("rekilled")
-    study = optuna.create_study(study_name="rekilled/baseline",
-                                storage=open_storage(str(tmp_path / "r.journal")))
+    uri, client, experiment, study = _store_and_study(tmp_path, monkeypatch, "rekilled")
     dead = subprocess.Popen(["true"])
     dead.wait()
     trial = study.ask()
@@ -566,17 +574,11 @@ def test_a_trial_killed_before_recording_its_worker_fails_after_the_grace(tmp_pa
     import threading
 
     from lab.experiments import sweep as sweep_module
-    from lab import records
     from lab.experiments.owners import owner_identity
-    from lab.experiments.sweep import fail_stale_trials, open_storage
+    from lab.experiments.sweep import fail_stale_trials
 
     monkeypatch.setattr(sweep_module, "UNOWNED_TRIAL_GRACE_S", 1.0)
-    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
-    uri = records.tracking_uri()
-    client = records.client(uri)
-    experiment = client.create_experiment("orphans")
-    study = optuna.create_study(study_name="orphans/baseline",
-                                storage=open_storage(str(tmp_path / "o.journal")))
+    uri, client, experiment, study = _store_and_study(tmp_path, monkeypatch, "orphans")
     orphan, claimed = study.ask(), study.ask()
     run = client.create_run(experiment, tags={"study": "orphans/baseline", "trial": "0"})
     other = client.create_run(experiment, tags={"study": "orphans/baseline", "trial": "1"})
