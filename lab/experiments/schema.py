@@ -92,13 +92,15 @@ class ExperimentSpec:
     @classmethod
     def load(cls, path: str | Path):
         path = Path(path)
-        return cls.from_dict(cls.read_extended(path, ()), f"{cls.kind} file {path}",
+        return cls.from_dict(cls.read_extended(path), f"{cls.kind} file {path}",
                              file_keys=("extends",))
 
     @classmethod
-    def read_extended(cls, path: Path, chain: tuple[Path, ...]) -> Any:
-        """The file's YAML with what it extends merged in (the module's docstring says how);
-        anything that is not a mapping is returned as read, for from_dict to refuse."""
+    def read_extended(cls, path: Path, chain: tuple[Path, ...] = ()) -> Any:
+        """The file's YAML with what it extends merged in (the module's docstring says how;
+        a null the file sets stays in, and from_dict reads it as absent). Anything that is
+        not a mapping is returned as read, for from_dict to refuse. `chain`: the files that
+        extend this one, resolved, to tell a cycle."""
         raw = read_yaml(path, cls.kind)
         if not isinstance(raw, dict) or "extends" not in raw:
             return raw
@@ -127,7 +129,7 @@ class ExperimentSpec:
                 **read_overrides(f"{cls.kind} file {base_path}: overrides", base["overrides"],
                                  cls.kind),
                 **read_overrides(f"{source}: overrides", raw["overrides"], cls.kind)}
-        return {k: v for k, v in merged.items() if v is not None}
+        return merged
 
     def with_flags(self, preset: str | None = None, data: str | None = None, tokens=None,
                    overrides: list[str] | None = None):

@@ -242,7 +242,7 @@ def storage_url(sweep_name: str, explicit: str | None = None) -> str:
     path = Path(SWEEP_DIR) / f"{sweep_name}.yaml"
     if path.is_file():
         try:
-            raw = Sweep.read_extended(path, ())  # a `storage` it extends counts too
+            raw = Sweep.read_extended(path)  # a `storage` it extends counts too
         except LabError:
             raw = None
         if isinstance(raw, dict) and raw.get("name") == sweep_name and raw.get("storage"):
