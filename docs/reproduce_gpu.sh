@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU reproduction (docs/results.md), phase by phase on one or more GPUs.
 #   bash docs/reproduce_gpu.sh [all|prepare|eval-check|reproduce|base|base-init|base-lr|stability|stability-noqk|init-control|lr-control|report]
+# or several phases joined by commas (base,base-init), run in the script's order within one
+# call's CALL_LIMIT_S: a phase that ends early leaves its time to the next.
 # Phases, so that each fits one call of a time-limited machine; the grids resume from the
 # MLflow store, so a phase cut short by its time limit is finished by running it again.
 # DATA: the Gutenberg folder (../shared/data/gutenberg-en in a checkout beside shared/, or a
@@ -25,7 +27,11 @@
 # TOKENIZER: optional tokenizer.json to reuse (the one `gatelab prepare` trains on the first
 # 32 MB of train-00 is deterministic, so training it again gives the same file).
 set -uo pipefail
-phase=${1:-all}
+phases=",${1:-all},"
+# want PHASE: PHASE was asked for by name (or, when all is, as one of the grids of `all`)
+want() { [[ $phases == *",$1,"* ]] || { [[ $phases == *",all,"* ]] && [ "${2:-}" != named ]; }; }
+unknown=$(tr ',' '\n' <<< "${1:-all}" | grep -vxE 'all|prepare|eval-check|reproduce|base|base-init|base-lr|stability|stability-noqk|init-control|lr-control|report' || true)
+if [ -n "$unknown" ]; then echo "error: unknown phase(s): $(paste -sd, <<< "$unknown")" >&2; exit 2; fi
 if [ -d .data/gutenberg-en ]; then DATA=${DATA:-.data/gutenberg-en}; else DATA=${DATA:-../shared/data/gutenberg-en}; fi
 OUT=${OUT:-reproduction-out}      # where the tarballs and report tables land
 WORK=${WORK:-reports}              # where `gatelab report` writes its tables and plots
@@ -48,7 +54,7 @@ run_grid() { local limit=$1; shift
 
 store=${GATELAB_STORE:-mlruns}
 snapshot=${SNAPSHOT:-docs/store/reproduction.tar.xz}
-if [ "$phase" != report ]; then
+if [ "$phases" != ",report," ]; then
   tokenizer=()
   [ -n "${TOKENIZER:-}" ] && tokenizer=(--tokenizer "$TOKENIZER")
   # (reuses cache/gutenberg-en when it is already prepared from the same files)
@@ -62,43 +68,43 @@ if [ "$phase" != report ]; then
     exit 2; }
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 fi
-[ "$phase" = prepare ] && exit 0
+[ "$phases" = ",prepare," ] && exit 0
 # (after prepare: the records import MLflow, which the first call of a machine may not carry)
 echo "git_commit tag: $(python3 -c 'from lab import records; print(records.git_commit())')"
 if [ -e "$store/mlflow.db" ]; then echo "store: keeping the $store/mlflow.db already here"
 elif [ -f "$snapshot" ]; then gatelab store unpack "$snapshot" --quiet
 else echo "store: none brought; the grids start a new one"; fi
-if [ "$phase" = all ] || [ "$phase" = reproduce ]; then
+if want reproduce; then
   run_grid "${REPRODUCE_LIMIT_S:-600}" ablations/reproduce.yaml --gpus all "${grid_args[@]}" --quiet
 fi
-if [ "$phase" = all ] || [ "$phase" = base ]; then
+if want base; then
   run_grid "${BASE_LIMIT_S:-600}" ablations/reproduce-base.yaml --gpus all "${grid_args[@]}" --quiet
 fi
-if [ "$phase" = all ] || [ "$phase" = base-init ]; then
+if want base-init; then
   run_grid "${BASE_LIMIT_S:-600}" ablations/reproduce-base-init.yaml --gpus all "${grid_args[@]}" --quiet
 fi
-if [ "$phase" = all ] || [ "$phase" = base-lr ]; then
+if want base-lr; then
   run_grid "${BASE_LIMIT_S:-600}" ablations/reproduce-base-lr.yaml --gpus all "${grid_args[@]}" --quiet
 fi
-if [ "$phase" = all ] || [ "$phase" = stability ]; then
+if want stability; then
   run_grid "${STABILITY_LIMIT_S:-600}" ablations/stability.yaml --gpus all "${grid_args[@]}" --quiet
 fi
-if [ "$phase" = all ] || [ "$phase" = stability-noqk ]; then
+if want stability-noqk; then
   run_grid "${STABILITY_LIMIT_S:-600}" ablations/stability-noqk.yaml --gpus all "${grid_args[@]}" --quiet
 fi
-if [ "$phase" = all ] || [ "$phase" = init-control ]; then
+if want init-control; then
   run_grid "${CONTROL_LIMIT_S:-600}" ablations/reproduce-init.yaml --gpus all "${grid_args[@]}" --quiet
 fi
-if [ "$phase" = all ] || [ "$phase" = lr-control ]; then
+if want lr-control; then
   run_grid "${LR_CONTROL_LIMIT_S:-600}" ablations/reproduce-lr.yaml --gpus all "${grid_args[@]}" --quiet
 fi
-if [ "$phase" = eval-check ]; then
+if want eval-check named; then
   # The logged valid/test losses against float32 and bf16 eager scoring of the same windows
   # from the checkpoints this machine holds (docs/results.md, the test split's spread).
   python3 benchmarks/eval_check.py "${EVAL_GRID:-reproduce}" --max-runs "${EVAL_RUNS:-6}" \
     --out "$OUT/eval-check-${EVAL_GRID:-reproduce}.json" 2>&1 | grep -v "Mismatch dtype\|torch.rms_norm"
 fi
-if [ "$phase" = all ] || [ "$phase" = report ]; then
+if want report; then
   for grid in reproduce reproduce-base reproduce-base-init reproduce-base-lr stability stability-noqk reproduce-init reproduce-lr; do
     gatelab report "$grid" --out "$WORK/$grid" > "$OUT/report-$grid.md" 2>&1
     tail -20 "$OUT/report-$grid.md"

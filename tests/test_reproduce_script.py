@@ -1,0 +1,88 @@
+"""docs/reproduce_gpu.sh: which grids a phase list runs, in which order, and its bad input.
+
+The script drives the GPU reproduction call by call (docs/results.md); here `python3` and
+`nvidia-smi` are stand-ins that record what they were asked, so the test checks the script's
+own logic (phase selection, order, the early error) without training anything.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "docs" / "reproduce_gpu.sh"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+# A python3 that logs its arguments, and for `store pack PATH` writes PATH (the script
+# reads the packed file's size).
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+if [ "$1 $2 $3 $4" = "-m lab store pack" ]; then echo packed > "$5"; fi
+if [ "$1" = "-c" ]; then echo abc1234; fi
+exit 0
+"""
+
+
+def run_script(tmp_path: Path, phases: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python3").write_text(FAKE_PYTHON)
+    (bin_dir / "nvidia-smi").write_text("#!/usr/bin/env bash\necho fake-gpu\n")
+    for tool in ("python3", "nvidia-smi"):
+        (bin_dir / tool).chmod(0o755)
+    calls = tmp_path / "calls.log"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls),
+               OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"),
+               GATELAB_STORE=str(tmp_path / "store"), DATA=str(tmp_path / "data"),
+               CALL_LIMIT_S="0")
+    done = subprocess.run(["bash", str(SCRIPT), phases], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    return done, lines
+
+
+def grids_run(lines: list[str]) -> list[str]:
+    return [Path(line.split()[3]).stem for line in lines if line.startswith("-m lab grid ")]
+
+
+def test_comma_joined_phases_run_their_grids_in_the_script_s_order(tmp_path):
+    done, lines = run_script(tmp_path, "base-lr,base")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert grids_run(lines) == ["reproduce-base", "reproduce-base-lr"]
+    # the corpus is prepared first and the store packed last, once each
+    assert lines[0].startswith("-m lab prepare")
+    assert [line for line in lines if "store pack" in line][-1] == lines[-1]
+
+
+def test_a_single_phase_runs_only_its_grid(tmp_path):
+    done, lines = run_script(tmp_path, "stability-noqk")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert grids_run(lines) == ["stability-noqk"]
+
+
+def test_all_runs_every_grid_but_not_the_eval_check(tmp_path):
+    done, lines = run_script(tmp_path, "all")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert grids_run(lines) == ["reproduce", "reproduce-base", "reproduce-base-init",
+                                "reproduce-base-lr", "stability", "stability-noqk",
+                                "reproduce-init", "reproduce-lr"]
+    assert not any("eval_check" in line for line in lines)
+
+
+def test_prepare_alone_stops_before_the_store(tmp_path):
+    done, lines = run_script(tmp_path, "prepare")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [line.split()[2] for line in lines] == ["prepare"]
+
+
+def test_an_unknown_phase_is_a_one_line_error_before_anything_runs(tmp_path):
+    done, lines = run_script(tmp_path, "base,bsae")
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: unknown phase(s): bsae"
+    assert lines == []
+    assert not (tmp_path / "out").exists()
