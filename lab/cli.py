@@ -162,19 +162,21 @@ def cmd_report(args) -> int:
     if args.equivalence_percent is not None and not args.equivalence_percent > 0:
         raise LabError(f"report: --equivalence-percent must be above 0, not "
                        f"{args.equivalence_percent:g}")
-    band = {} if args.equivalence_percent is None else \
+    options = {} if args.equivalence_percent is None else \
         {"equivalence_percent": args.equivalence_percent}
+    if args.control:
+        options["control"] = args.control
     grids = list(dict.fromkeys(args.grid))
     if args.out and len(grids) > 1:
         raise LabError("report: --out takes one grid; with several, each goes to reports/<grid>")
     if len(grids) == 1:
-        report = build_report(grids[0], args.tracking_uri, args.out, **band)
+        report = build_report(grids[0], args.tracking_uri, args.out, **options)
         print(report.markdown)
         print(f"\nwritten to {report.out_dir} (and logged to the grid's parent run)")
         return 0
     from lab.reports import trends
 
-    reports = [build_report(grid, args.tracking_uri, **band) for grid in grids]
+    reports = [build_report(grid, args.tracking_uri, **options) for grid in grids]
     for report in reports:
         print(f"{report.grid}: written to {report.out_dir} (and logged to its parent run)")
     print("\n## The paper's trends across these grids\n")
@@ -408,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--equivalence-percent", type=float, default=None,
                    help="the band within which the trend verdicts call two variants the "
                    "same, in percent of the right side's mean (default 1: lab/reports/trends.py)")
+    p.add_argument("--control", metavar="GRID", help="a grid that changes one setting of "
+                   "this one (e.g. reproduce-base-init): each variant's Δ PPL against its "
+                   "variants too, paired by seed (report.md, control.csv)")
     p.add_argument("--tracking-uri")
     p.set_defaults(func=cmd_report)
 

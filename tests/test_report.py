@@ -22,7 +22,7 @@ PPL = {  # (variant, lr) -> val/ppl by seed 0, 1, 2 (None: diverged)
 }
 
 
-def write_grid(uri: str, name: str = "fake") -> str:
+def write_grid(uri: str, name: str = "fake", ppl: dict | None = None) -> str:
     from mlflow.tracking import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
@@ -59,9 +59,9 @@ def write_grid(uri: str, name: str = "fake") -> str:
         client.set_terminated(run_id, status)
         return run_id
 
-    for (variant, lr), values in PPL.items():
-        for seed, ppl in enumerate(values):
-            run(variant, lr, seed, ppl)
+    for (variant, lr), values in (PPL if ppl is None else ppl).items():
+        for seed, value in enumerate(values):
+            run(variant, lr, seed, value)
     # Neither a failed attempt nor a stale duplicate of a cell may count.
     run("sdpa_elementwise_sigmoid_mul", 3e-3, 0, 1.0, status="FAILED")
     return parent
@@ -126,6 +126,55 @@ def test_report_statistics_deltas_and_the_papers_direction(store, tmp_path):
 
     logged = {a.path for a in MlflowClient(store).list_artifacts(parent, "report")}
     assert {"report/report.md", "report/report.csv", "report/delta_ppl.png"} <= logged
+
+
+# A control grid: the baseline with one setting changed, at two LRs (the better one counts),
+# and a seed the main grid does not have (left out of the pairing).
+CONTROL_PPL = {("baseline", 3e-3): [9.6, 9.7, 9.8, 9.0], ("baseline", 1e-3): [12.0, 12.0, 12.0, 12.0]}
+
+
+def test_a_control_grid_gives_every_variant_a_second_delta_paired_by_seed(store, tmp_path):
+    from lab.reports.grid_report import build_report
+
+    write_grid(store)
+    write_grid(store, "fake-init", CONTROL_PPL)
+    out = tmp_path / "out"
+    report = build_report("fake", store, out, control="fake-init")
+    section = report.markdown.split("### Against the control grid fake-init")[1].split("###")[0]
+    lines = {line.split(" | ")[0].strip("| "): line for line in section.splitlines()
+             if line.startswith("| ") and "fake-init:" in line}
+    assert set(lines) == {r.variant for r in report.rows}
+    # G1 (9.5, 9.8, 9.9) against the control's 3e-3 baseline (9.6, 9.7, 9.8): (-0.1, +0.1, +0.1)
+    gate = lines["sdpa_elementwise_sigmoid_mul"]
+    assert "fake-init:baseline lr=0.003" in gate and "| +0.033 ± 0.115 |" in gate
+    assert gate.rstrip(" |").endswith("| 3")
+    with open(out / "control.csv") as handle:
+        table = {r["variant"]: r for r in csv.DictReader(handle)}
+    half = T_975_DF2 * 0.1154701 / math.sqrt(3)
+    g1 = table["sdpa_elementwise_sigmoid_mul"]
+    assert float(g1["delta_ppl_mean"]) == pytest.approx(0.1 / 3)
+    assert (float(g1["delta_ppl_ci_low"]), float(g1["delta_ppl_ci_high"])) == pytest.approx(
+        (0.1 / 3 - half, 0.1 / 3 + half), rel=1e-6)
+    assert g1["control_lr"] == "0.003" and g1["seeds_paired"] == "3"
+    # The baseline against its control: (10.0, 10.4, 10.2) - (9.6, 9.7, 9.8)
+    assert float(table["baseline"]["delta_ppl_mean"]) == pytest.approx(1.5 / 3)
+    assert table["value_elementwise_sigmoid_mul"]["seeds_paired"] == "2"  # one seed diverged
+
+    # A later report without the control leaves no stale control.csv behind.
+    build_report("fake", store, out)
+    assert not (out / "control.csv").exists()
+
+
+def test_a_control_that_is_missing_or_the_grid_itself_is_a_one_line_error(store, tmp_path, capsys):
+    from lab.cli import main
+
+    write_grid(store)
+    out = tmp_path / "out"
+    assert main(["report", "fake", "--control", "fake", "--out", str(out)]) == 2
+    assert "--control fake is the grid itself" in capsys.readouterr().err
+    assert main(["report", "fake", "--control", "nothing", "--out", str(out)]) == 2
+    assert "no grid named 'nothing'" in capsys.readouterr().err
+    assert not out.exists()  # checked before anything is written
 
 
 def test_one_seed_has_no_interval_and_an_unknown_grid_is_a_lab_error(store, tmp_path):

@@ -19,6 +19,12 @@ description and per-variant summary metrics (`log_summary`). With several learni
 report.md also holds the table of every (variant, LR). Last in report.md, the paper's
 trends as this grid tests them (lab/reports/trends.py): a verdict per trend and the paired
 comparison behind each.
+
+With a control grid (`--control GRID`: a grid that changes one setting of this one, such as
+reproduce-base-init's depth-scaled init), report.md adds each variant's Δ against each of
+the control's variants, paired by seed like every other Δ (the same seed gives the same data
+order in both grids), and `control.csv` holds them: whether the gate's gain survives a
+baseline that has the control's setting.
 """
 
 from __future__ import annotations
@@ -201,6 +207,42 @@ def stability_table(all_rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def control_deltas(rows: list[Row], controls: list[Row]) -> list[tuple[Row, Row, Interval | None]]:
+    """(variant of this grid, variant of the control grid at its best LR, the Δ PPL of the
+    first against the second paired by seed), for every pair."""
+    return [(row, reference, paired_delta(row, reference)) for reference in controls
+            for row in rows]
+
+
+def control_table(rows: list[Row], control: str, controls: list[Row]) -> str:
+    header = ["variant", "lr", "Δ PPL vs baseline", "control", "control val PPL",
+              "Δ PPL vs control", "Δ 95% CI", "seeds paired"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row, reference, delta in control_deltas(rows, controls):
+        own = "0 (reference)" if row.variant == BASELINE else _fmt_interval(row.delta, signed=True)[0]
+        centre, ci = _fmt_interval(delta, signed=True)
+        lines.append("| " + " | ".join([
+            row.variant, f"{row.lr:g}", own, f"{control}:{reference.variant} lr={reference.lr:g}",
+            _fmt_interval(reference.ppl)[0], centre, ci, str(delta.n if delta else 0)]) + " |")
+    return "\n".join(lines)
+
+
+def write_control_csv(rows: list[Row], control: str, controls: list[Row], path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["variant", "lr", "control_grid", "control_variant", "control_lr",
+                         "control_val_ppl_mean", "delta_ppl_mean", "delta_ppl_std",
+                         "delta_ppl_ci_low", "delta_ppl_ci_high", "seeds_paired"])
+        for row, reference, delta in control_deltas(rows, controls):
+            writer.writerow([row.variant, row.lr, control, reference.variant, reference.lr,
+                             reference.ppl.mean if reference.ppl else "",
+                             *(("", "", "", "") if delta is None else
+                               (delta.mean, "" if delta.std is None else delta.std,
+                                "" if delta.low is None else delta.low,
+                                "" if delta.high is None else delta.high)),
+                             delta.n if delta else 0])
+
+
 def write_csv(rows: list[Row], path: Path) -> None:
     extras = sorted({k for r in rows for k in r.extra})
     columns = ["variant", "lr", "n_runs", "n_ppl", "val_ppl_mean", "val_ppl_std", "val_ppl_ci_low",
@@ -380,12 +422,17 @@ def plot_lr(all_rows: list[Row], path: Path) -> None:
 
 def build_report(grid: str, uri: str | None = None, out: str | Path | None = None,
                  log_to_parent: bool = True,
-                 equivalence_percent: float = trends.EQUIVALENCE_PERCENT) -> Report:
+                 equivalence_percent: float = trends.EQUIVALENCE_PERCENT,
+                 control: str | None = None) -> Report:
     matplotlib.use("Agg")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one per artifact
 
     client, parent, run_records = load_runs(grid, uri)
     rows, all_rows = build_rows(run_records)
+    if control == grid:
+        raise LabError(f"report: --control {control} is the grid itself; name the grid that "
+                       "changes one of its settings")
+    controls = build_rows(load_runs(control, uri)[2])[0] if control else []
     out_dir = Path(out or Path("reports") / grid)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
@@ -400,6 +447,10 @@ def build_report(grid: str, uri: str | None = None, out: str | Path | None = Non
                      f"{markdown_table(all_rows)}\n"
                      "\n### Stability over the learning-rate ladder\n\n"
                      f"{stability_table(all_rows)}\n")
+    if control:
+        markdown += (f"\n### Against the control grid {control}\n\nEach variant's Δ against "
+                     f"{control}'s variants (each at its best LR), paired by seed.\n\n"
+                     f"{control_table(rows, control, controls)}\n")
     verdicts = trends.evaluate(rows, all_rows, equivalence_percent)
     markdown += ("\n### The paper's trends (spec §6), as this grid tests them\n\n"
                  f"{trends.markdown(verdicts, equivalence_percent)}\n")
@@ -411,6 +462,10 @@ def build_report(grid: str, uri: str | None = None, out: str | Path | None = Non
     plot_deltas(rows, files[3])
     if plot_per_layer(rows, out_dir / "per_layer.png"):
         files.append(out_dir / "per_layer.png")
+    (out_dir / "control.csv").unlink(missing_ok=True)  # (from an earlier report with one)
+    if control:
+        files.append(out_dir / "control.csv")
+        write_control_csv(rows, control, controls, files[-1])
     # With one LR every (variant, LR) is a row of report.csv already: no copy of it.
     (out_dir / "all_lrs.csv").unlink(missing_ok=True)
     if n_lrs > 1:
