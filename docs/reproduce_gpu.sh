@@ -106,7 +106,9 @@ if want eval-check named; then
 fi
 if want report; then
   for grid in reproduce reproduce-base reproduce-base-init reproduce-base-lr stability stability-noqk reproduce-init reproduce-lr; do
-    gatelab report "$grid" --out "$WORK/$grid" > "$OUT/report-$grid.md" 2>&1
+    control=()  # (the base grid is also read against its depth-scaled-init control)
+    [ "$grid" = reproduce-base ] && control=(--control reproduce-base-init)
+    gatelab report "$grid" "${control[@]}" --out "$WORK/$grid" > "$OUT/report-$grid.md" 2>&1
     tail -20 "$OUT/report-$grid.md"
   done
   tar czf "$OUT/reports.tgz" "$WORK"

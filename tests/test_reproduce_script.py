@@ -86,3 +86,13 @@ def test_an_unknown_phase_is_a_one_line_error_before_anything_runs(tmp_path):
     assert done.stderr.strip() == "error: unknown phase(s): bsae"
     assert lines == []
     assert not (tmp_path / "out").exists()
+
+
+def test_report_reads_the_base_grid_against_its_init_control(tmp_path):
+    done, lines = run_script(tmp_path, "report")
+    assert done.returncode == 0, done.stdout + done.stderr
+    reports = [line.split()[3:] for line in lines if line.startswith("-m lab report ")]
+    assert [r[0] for r in reports][:3] == ["reproduce", "reproduce-base", "reproduce-base-init"]
+    assert reports[1][1:3] == ["--control", "reproduce-base-init"]
+    assert "--control" not in reports[0] and "--control" not in reports[2]
+    assert not any(line.startswith("-m lab prepare") for line in lines)
