@@ -235,6 +235,7 @@ CONTROLS = {
     "reproduce-base-init": ("reproduce-base", {"variants", "overrides"},
                             {"model.residual_init_scale": 0.2041}),
     "reproduce-base-lr": ("reproduce-base", {"variants", "lrs"}, {}),
+    "reproduce-base-steps": ("reproduce-base-init", {"variants", "overrides"}, {"train.batch_size": 32}),
     "stability-noqk": ("stability", {"overrides"}, {"model.qk_norm": False}),
 }
 
