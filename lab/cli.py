@@ -176,7 +176,9 @@ def cmd_report(args) -> int:
         return 0
     from lab.reports import trends
 
-    reports = [build_report(grid, args.tracking_uri, **options) for grid in grids]
+    # (the control grid, when it is one of the grids, is reported on its own)
+    reports = [build_report(grid, args.tracking_uri, **{
+        k: v for k, v in options.items() if not (k == "control" and v == grid)}) for grid in grids]
     for report in reports:
         print(f"{report.grid}: written to {report.out_dir} (and logged to its parent run)")
     print("\n## The paper's trends across these grids\n")

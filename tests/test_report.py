@@ -165,7 +165,8 @@ def test_a_control_grid_gives_every_variant_a_second_delta_paired_by_seed(store,
     assert not (out / "control.csv").exists()
 
 
-def test_a_control_that_is_missing_or_the_grid_itself_is_a_one_line_error(store, tmp_path, capsys):
+def test_a_control_that_is_missing_or_the_grid_itself_is_a_one_line_error(store, tmp_path, capsys,
+                                                                         monkeypatch):
     from lab.cli import main
 
     write_grid(store)
@@ -175,6 +176,13 @@ def test_a_control_that_is_missing_or_the_grid_itself_is_a_one_line_error(store,
     assert main(["report", "fake", "--control", "nothing", "--out", str(out)]) == 2
     assert "no grid named 'nothing'" in capsys.readouterr().err
     assert not out.exists()  # checked before anything is written
+    # Among several grids the control is reported on its own, without a control.
+    write_grid(store, "fake-init", CONTROL_PPL)
+    monkeypatch.chdir(tmp_path)  # (several grids: each report goes to reports/<grid>)
+    assert main(["report", "fake", "fake-init", "--control", "fake-init"]) == 0
+    assert "### Against the control grid fake-init" in (tmp_path / "reports/fake/report.md").read_text()
+    assert "### Against the control" not in (tmp_path / "reports/fake-init/report.md").read_text()
+    assert not (tmp_path / "reports/fake-init/control.csv").exists()
 
 
 def test_one_seed_has_no_interval_and_an_unknown_grid_is_a_lab_error(store, tmp_path):
