@@ -162,23 +162,22 @@ def cmd_report(args) -> int:
     if args.equivalence_percent is not None and not args.equivalence_percent > 0:
         raise LabError(f"report: --equivalence-percent must be above 0, not "
                        f"{args.equivalence_percent:g}")
-    options = {} if args.equivalence_percent is None else \
+    band = {} if args.equivalence_percent is None else \
         {"equivalence_percent": args.equivalence_percent}
-    if args.control:
-        options["control"] = args.control
     grids = list(dict.fromkeys(args.grid))
     if args.out and len(grids) > 1:
         raise LabError("report: --out takes one grid; with several, each goes to reports/<grid>")
     if len(grids) == 1:
-        report = build_report(grids[0], args.tracking_uri, args.out, **options)
+        report = build_report(grids[0], args.tracking_uri, args.out, control=args.control,
+                              **band)
         print(report.markdown)
         print(f"\nwritten to {report.out_dir} (and logged to the grid's parent run)")
         return 0
     from lab.reports import trends
 
     # (the control grid, when it is one of the grids, is reported on its own)
-    reports = [build_report(grid, args.tracking_uri, **{
-        k: v for k, v in options.items() if not (k == "control" and v == grid)}) for grid in grids]
+    reports = [build_report(grid, args.tracking_uri, control=None if grid == args.control
+                            else args.control, **band) for grid in grids]
     for report in reports:
         print(f"{report.grid}: written to {report.out_dir} (and logged to its parent run)")
     print("\n## The paper's trends across these grids\n")

@@ -233,14 +233,11 @@ def write_control_csv(rows: list[Row], control: str, controls: list[Row], path: 
         writer.writerow(["variant", "lr", "control_grid", "control_variant", "control_lr",
                          "control_val_ppl_mean", "delta_ppl_mean", "delta_ppl_std",
                          "delta_ppl_ci_low", "delta_ppl_ci_high", "seeds_paired"])
-        for row, reference, delta in control_deltas(rows, controls):
+        for row, reference, d in control_deltas(rows, controls):  # (None: an empty cell)
             writer.writerow([row.variant, row.lr, control, reference.variant, reference.lr,
-                             reference.ppl.mean if reference.ppl else "",
-                             *(("", "", "", "") if delta is None else
-                               (delta.mean, "" if delta.std is None else delta.std,
-                                "" if delta.low is None else delta.low,
-                                "" if delta.high is None else delta.high)),
-                             delta.n if delta else 0])
+                             reference.ppl and reference.ppl.mean,
+                             d and d.mean, d and d.std, d and d.low, d and d.high,
+                             d.n if d else 0])
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
