@@ -186,7 +186,8 @@ def test_metrics_of_gated_and_ungated_models_are_present_and_finite(tmp_path, va
     m = result.metrics
     expected = ["sink/first_token_attn", "sink/first_token_attn_random", "sink/eos_attn_random",
                 "sink/head_share", "sink/head_share_random", "sink/head_share_short",
-                "sink/first_token_attn_short", "attn/logit_max", "layers/attn/logit_max/layer_1",
+                "sink/first_token_attn_short", "sink/head_share_short_random",
+                "sink/first_token_attn_short_random", "attn/logit_max", "layers/attn/logit_max/layer_1",
                 "act/max_mean", "act/ffn_output_max_mean", "sdpa/sparsity_1e-2",
                 "layers/sink/first_token_attn/layer_1", "layers/act/max/layer_0"]
     expected += [long_context_metric(f, yarn) for f, yarn in

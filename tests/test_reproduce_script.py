@@ -69,7 +69,7 @@ def test_all_runs_every_grid_but_not_the_eval_check(tmp_path):
     done, lines = run_script(tmp_path, "all")
     assert done.returncode == 0, done.stdout + done.stderr
     assert grids_run(lines) == ["reproduce", "reproduce-base", "reproduce-base-init",
-                                "reproduce-base-lr", "reproduce-base-steps", "stability", "stability-noqk",
+                                "reproduce-base-lr", "reproduce-base-steps", "sink", "stability", "stability-noqk",
                                 "reproduce-init", "reproduce-lr"]
     assert not any("eval_check" in line for line in lines)
 
