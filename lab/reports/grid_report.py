@@ -13,7 +13,7 @@ validation perplexity over seeds, diverged runs counting as worse than any); eve
 (variant, LR) pair is in `all_lrs.csv` and the LR plot.
 
 Outputs go to `reports/<grid>/` (report.md, report.csv, loss_curves.png, delta_ppl.png,
-per_layer.png; with several learning rates also all_lrs.csv and lr_vs_loss.png) and are
+per_layer.png; with several learning rates also all_lrs.csv, lr_vs_loss.png and ladder.png, each rung's loss and gradient norm by seed: lab/reports/ladder.py) and are
 logged to the grid's parent run under `report/`, with the summary table as the parent's
 description and per-variant summary metrics (`log_summary`). With several learning rates
 report.md also holds the table of every (variant, LR). Last in report.md, the paper's
@@ -48,7 +48,7 @@ from lab.analysis.metrics import split_layer_metric
 from lab.errors import LabError
 from lab.model.gates import VARIANTS
 from lab.records import find_grid_parent, grid_cell_runs
-from lab.reports import trends
+from lab.reports import ladder, trends
 from lab.reports.seeds import BASELINE, Interval, Row, RunRecord, paired_delta, t_interval
 
 # Columns beside the perplexity, where runs carry them (lab/analysis/metrics.py, lab/training/callbacks.py);
@@ -282,6 +282,14 @@ def loss_history(client, run_id: str) -> tuple[list[int], list[float]]:
     return [m.step for m in history], [m.value for m in history]
 
 
+def run_history(client, run_id: str) -> dict:
+    """loss_history.json (step, loss, grad_norm) with the spike peaks of spikes.json, for the
+    ladder plot (lab/reports/ladder.py)."""
+    data = _artifact_json(client, run_id, "loss_history.json") or {}
+    data["spike_steps"] = [s["peak_step"] for s in _artifact_json(client, run_id, "spikes.json") or []]
+    return data
+
+
 def _row_label(row: Row, rows: list[Row]) -> str:
     """The variant, with the LR when `rows` hold more than one LR."""
     return f"{row.variant} lr={row.lr:g}" if len({r.lr for r in rows}) > 1 else row.variant
@@ -469,6 +477,9 @@ def build_report(grid: str, uri: str | None = None, out: str | Path | None = Non
         files += [out_dir / "all_lrs.csv", out_dir / "lr_vs_loss.png"]
         write_csv(all_rows, files[-2])
         plot_lr(all_rows, files[-1])
+        if ladder.plot_ladder(all_rows, lambda run_id: run_history(client, run_id),
+                              out_dir / "ladder.png", row_styles(all_rows)[0]):
+            files.append(out_dir / "ladder.png")
     if log_to_parent:
         for file in files:
             client.log_artifact(parent, str(file), artifact_path="report")
