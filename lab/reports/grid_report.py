@@ -16,9 +16,10 @@ Outputs go to `reports/<grid>/` (report.md, report.csv, loss_curves.png, delta_p
 per_layer.png; with several learning rates also all_lrs.csv, lr_vs_loss.png and ladder.png,
 each rung's loss and gradient norm by seed: lab/reports/ladder.py) and are logged to the
 grid's parent run under `report/`, with the summary table as the parent's description and
-per-variant summary metrics (`log_summary`). With several learning rates report.md also holds the table of every (variant, LR). Last in report.md, the paper's
-trends as this grid tests them (lab/reports/trends.py): a verdict per trend and the paired
-comparison behind each.
+per-variant summary metrics (`log_summary`). With several learning rates report.md also
+holds the table of every (variant, LR). Last in report.md, the paper's trends as this grid
+tests them (lab/reports/trends.py): a verdict per trend and the paired comparison behind
+each.
 
 With a control grid (`--control GRID`: a grid that changes one setting of this one, such as
 reproduce-base-init's depth-scaled init), report.md adds each variant's Δ against each of
