@@ -338,6 +338,16 @@ def test_report_prints_the_verdicts_and_checks_its_band(store, tmp_path, capsys)
     assert main(["report", "fake", "--tracking-uri", store, "--equivalence-percent", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "report: --equivalence-percent must be above 0, not 0" in err[0]
+    out = tmp_path / "margin"
+    assert main(["report", "fake", "--tracking-uri", store, "--broke-margin", "-1",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "report: --broke-margin must be above 0 nats, not -1" in err[0]
+    assert not out.exists()  # refused before anything is written
+    # The margin reaches the stability section (the fake grid has two baseline LRs).
+    assert main(["report", "fake", "--tracking-uri", store, "--broke-margin", "0.25",
+                 "--out", str(out)]) == 0
+    assert "ended more than 0.25 nats above that rung's mean" in (out / "report.md").read_text()
 
 
 def test_across_grids_names_where_each_trend_holds():
