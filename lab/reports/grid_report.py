@@ -518,8 +518,9 @@ def sink_histories(client, rows: list[Row]) -> dict[str, dict[str, dict[int, dic
     out: dict = {}
     for row in rows:
         for run in row.runs:
-            seen = client.get_metric_history(run.run_id, "tokens/seen")
-            per_step = seen[-1].value / seen[-1].step if seen and seen[-1].step else None
+            seen = max(client.get_metric_history(run.run_id, "tokens/seen"),
+                       key=lambda m: m.step, default=None)
+            per_step = seen.value / seen.step if seen is not None and seen.step else None
             for name, _ in SINK_HISTORY:
                 history = client.get_metric_history(run.run_id, name)
                 if len(history) < 2 or per_step is None:

@@ -23,7 +23,8 @@ class RunRecord:
     seed: int
     metrics: dict
     diverged: bool
-    ffn: str = "dense"   # the model's FFN (`model.ffn`): which of the paper's tables is its reference
+    ffn: str = "dense"   # the model's FFN (`model.ffn`): which of the paper's tables is its
+    #                      reference (lab/reports/grid_report.py, set_paper_reference)
 
     @property
     def val_ppl(self) -> float | None:

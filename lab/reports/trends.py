@@ -623,7 +623,8 @@ def _verdict(outcomes: list[Outcome], sinks: dict[str, tuple[bool, str]]) -> str
     if not tested and counts[NO_SINK]:
         evidence = "; ".join(sinks[p][1] for p in dict.fromkeys(
             o.comparison.premise for o in outcomes if o.verdict == NO_SINK))
-        return f"not testable here: no sink in the baseline by Gu et al.'s Sink^0.3 share; {evidence}"
+        return ("not testable here: no sink in the baseline by Gu et al.'s Sink^0.3 share; "
+                + evidence)
     if not tested:
         return "one seed only"
     summary = (f"{counts['as the paper']} of {tested} as the paper, {counts['opposite']} "
