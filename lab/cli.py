@@ -162,8 +162,10 @@ def cmd_report(args) -> int:
     if args.equivalence_percent is not None and not args.equivalence_percent > 0:
         raise LabError(f"report: --equivalence-percent must be above 0, not "
                        f"{args.equivalence_percent:g}")
-    band = {} if args.equivalence_percent is None else \
-        {"equivalence_percent": args.equivalence_percent}
+    if not args.broke_margin > 0:
+        raise LabError(f"report: --broke-margin must be above 0 nats, not {args.broke_margin:g}")
+    band = {"broke_margin": args.broke_margin} if args.equivalence_percent is None else \
+        {"equivalence_percent": args.equivalence_percent, "broke_margin": args.broke_margin}
     grids = list(dict.fromkeys(args.grid))
     if args.out and len(grids) > 1:
         raise LabError("report: --out takes one grid; with several, each goes to reports/<grid>")
@@ -411,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--equivalence-percent", type=float, default=None,
                    help="the band within which the trend verdicts call two variants the "
                    "same, in percent of the right side's mean (default 1: lab/reports/trends.py)")
+    p.add_argument("--broke-margin", type=float, default=0.1, metavar="NATS",
+                   help="over an LR ladder, a run broke when it diverged or ended this many "
+                   "nats above its variant's best rung (default 0.1: lab/reports/trends.py)")
     p.add_argument("--control", metavar="GRID", help="a grid that changes one setting of "
                    "this one (e.g. reproduce-base-init): each variant's Δ PPL against its "
                    "variants too, paired by seed (report.md, control.csv)")
