@@ -55,7 +55,8 @@ from lab.analysis.metrics import split_layer_metric
 from lab.errors import LabError
 from lab.model.gates import PAPER_DENSE_BASELINE_PPL, VARIANTS
 from lab.records import find_grid_parent, grid_cell_runs
-from lab.reports import ladder, trends
+from lab.reports import trends
+from lab.reports.ladder import plot_ladder
 from lab.reports.seeds import BASELINE, Interval, Row, RunRecord, paired_delta, t_interval
 
 # Columns beside the perplexity, where runs carry them (lab/analysis/metrics.py, lab/training/callbacks.py);
@@ -659,7 +660,7 @@ def build_report(grid: str, uri: str | None = None, out: str | Path | None = Non
         files += [out_dir / "all_lrs.csv", out_dir / "lr_vs_loss.png"]
         write_csv(all_rows, files[-2])
         plot_lr(all_rows, files[-1])
-        if ladder.plot_ladder(all_rows, lambda run_id: run_history(client, run_id),
+        if plot_ladder(all_rows, lambda run_id: run_history(client, run_id),
                               out_dir / "ladder.png", row_styles(all_rows)[0]):
             files.append(out_dir / "ladder.png")
     if log_to_parent:
