@@ -531,7 +531,10 @@ def resolve(variant: str | Variant, preset: str, overrides: list[str] | dict | N
 
 
 def with_vocab(config: RunConfig, vocab_size: int) -> RunConfig:
-    """The model's vocabulary is the data's: set once the tokens are known."""
+    """The model's vocabulary is the data's: set once the tokens are known, and checked as
+    `model.vocab_size` is (a corpus's manifest may name any number; the embedding is
+    allocated from it)."""
+    check_vocab("data: the corpus's vocab_size (the model's vocabulary)", vocab_size)
     return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab_size))
 
 

@@ -163,6 +163,34 @@ CASES = [
     ("corpus-manifest-no-dtype", train("--data", "{corpus:no-dtype}"),
      "corrupt manifest"),
     ("corpus-truncated", train("--data", "{corpus:truncated}"), "is missing or truncated"),
+    # issue 40: a manifest that misdescribes its token files is refused at open
+    ("corpus-dtype-float16", train("--data", "{corpus:dtype-float16}"),
+     "dtype 'float16' does not describe these tokens: a vocabulary of 512 is stored as uint16"),
+    ("corpus-dtype-uint32", train("--data", "{corpus:dtype-uint32}"),
+     "dtype 'uint32' does not describe these tokens"),
+    ("corpus-dtype-int8", train("--data", "{corpus:dtype-int8}"), "dtype 'int8' does not describe"),
+    ("corpus-dtype-not-text", train("--data", "{corpus:dtype-number}"), "dtype 7 does not describe"),
+    ("corpus-max-id-understated", train("--data", "{corpus:max-id-understated}"),
+     "max_token_id 300, but the largest id in the token files is 499"),
+    ("corpus-count-inflated", train("--data", "{corpus:count-inflated}"),
+     "train.bin is missing or truncated (expected 21000 tokens x 2 bytes = 42000 bytes, "
+     "found 40000 bytes)"),
+    ("corpus-count-negative", train("--data", "{corpus:count-negative}"),
+     "splits.valid: expected an integer >= 0, got -5"),
+    ("corpus-split-missing", train("--data", "{corpus:split-missing}"),
+     "splits: expected the token counts of train, valid, test"),
+    ("corpus-vocab-2-40", train("--data", "{corpus:vocab-2-40}"),
+     "vocab_size: expected an integer [1, 4294967296], got 1099511627776"),
+    ("corpus-vocab-fraction", train("--data", "{corpus:vocab-fraction}"),
+     "vocab_size: expected an integer [1, 4294967296], got 512.5"),
+    ("corpus-vocab-beyond-model", train("--data", "{corpus:vocab-beyond-model}"),
+     "data: the corpus's vocab_size (the model's vocabulary): must be an integer in [16, 16777216]"),
+    ("corpus-eos-negative", train("--data", "{corpus:eos-negative}"),
+     "eos_id: expected an integer [0, 511], got -1"),
+    ("corpus-eos-past-vocab", train("--data", "{corpus:eos-past-vocab}"),
+     "eos_id: expected an integer [0, 511], got 512"),
+    ("corpus-manifest-a-list", train("--data", "{corpus:manifest-a-list}"),
+     "expected a JSON object, got list"),
     # --- grid: flags and files ------------------------------------------------------------
     ("grid-binary-file", ["grid", "{tmp}/binary.yaml", "--quiet", "@binary"],
      "not UTF-8 text (byte 0x89 at offset 0)"),
@@ -229,9 +257,25 @@ def _corpus(tmp: Path, kind: str) -> Path:
     if kind == "ids-past-vocab":  # what a tokenizer larger than the manifest says gives
         tokens = tokens.copy()
         tokens[123] = 600
-    write_store(path, {s: tokens for s in ("train", "valid", "test")}, vocab_size=512,
+    write_store(path, {s: tokens for s in ("train", "valid", "test")},
+                vocab_size=2 ** 25 if kind == "vocab-beyond-model" else 512,
                 eos_id=0, source="fuzz", tokenizer_hash="fuzz")
     manifest = json.loads((path / MANIFEST).read_text())
+    lies = {"dtype-float16": ("dtype", "float16"), "dtype-uint32": ("dtype", "uint32"),
+            "dtype-int8": ("dtype", "int8"), "dtype-number": ("dtype", 7),
+            "max-id-understated": ("max_token_id", 300), "vocab-2-40": ("vocab_size", 2 ** 40),
+            "vocab-fraction": ("vocab_size", 512.5), "eos-negative": ("eos_id", -1),
+            "eos-past-vocab": ("eos_id", 512)}
+    if kind in lies:
+        manifest[lies[kind][0]] = lies[kind][1]
+    elif kind == "count-inflated":
+        manifest["splits"]["train"] += 1000
+    elif kind == "count-negative":
+        manifest["splits"]["valid"] = -5
+    elif kind == "split-missing":
+        del manifest["splits"]["test"]
+    elif kind == "manifest-a-list":
+        manifest = [manifest]
     if kind == "old-manifest-shrunk":  # written before max_token_id, then edited by hand
         del manifest["max_token_id"]
         manifest["vocab_size"] = 100

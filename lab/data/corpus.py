@@ -36,7 +36,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lab.data.store import (END_OF_TEXT, FORMAT_VERSION, MANIFEST, SPLITS, TokenStore, cache_root,
-                            prepare_synthetic, write_store)
+                            prepare_synthetic, store_dtype, write_store)
 from lab.errors import LabError
 
 DEFAULT_VOCAB_SIZE = 16384
@@ -420,7 +420,7 @@ def write_splits(directory: Path, splits: dict[str, Documents], bpe, source: str
     """Encode every split with `bpe` into a store in `directory` (tokenizer.json beside it);
     document counts and encoding times go into the manifest."""
     bpe.save(str(directory / "tokenizer.json"))
-    dtype = np.uint16 if bpe.get_vocab_size() <= 2 ** 16 else np.uint32
+    dtype = store_dtype(bpe.get_vocab_size())
     documents = {s: 0 for s in SPLITS}
     timings = extra.setdefault("timings_s", {})
 
