@@ -589,3 +589,74 @@ def test_a_partial_checkpoint_is_removed_after_a_failed_write_and_before_a_resum
     again = train_run(_tiny_config(), store, "resumed", run_id=done.run_id, quiet=True)
     assert again.status == "FINISHED" and not partial.exists()
     assert (checkpoint_dir(done.run_id) / "last.ckpt").exists()
+
+
+# --- issue 40: a stop signal in the first seconds, before any run exists --------------------
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether the process has installed a handler for `signum` (/proc/<pid>/status SigCgt)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+def _command_process(argv: list[str], sigint_ignored: bool):
+    """`python -m lab ARGV` as its own process; with `sigint_ignored`, started the way a
+    non-interactive shell starts a background job (SIGINT inherited as SIG_IGN)."""
+    import subprocess
+    import sys
+
+    def ignore_sigint():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([sys.executable, "-m", "lab", *argv], env=env, text=True,
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
+                            preexec_fn=ignore_sigint if sigint_ignored else None)
+
+
+@pytest.mark.parametrize("signum, sigint_ignored", [
+    (signal.SIGINT, True), (signal.SIGINT, False), (signal.SIGTERM, False)])
+def test_a_stop_signal_during_the_start_up_is_one_line_and_leaves_no_run(store, tmp_path, signum,
+                                                                         sigint_ignored):
+    """Sent as soon as the command has its handlers (within the first fraction of a second,
+    while torch, Lightning and MLflow are still being imported): exit 128 + the number, one
+    line that says no run was in progress, no traceback, no run; also when SIGINT was
+    inherited ignored, where the signal used to be lost and the command trained to its end."""
+    process = _command_process(["train", *_long_command("train", tmp_path)[1:], "--quiet"],
+                               sigint_ignored)
+    try:
+        deadline = time.monotonic() + 30
+        while not (_catches(process.pid, signal.SIGINT) and _catches(process.pid, signal.SIGTERM)):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.005)
+        os.kill(process.pid, signum)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    name = signal.Signals(signum).name
+    assert process.returncode == 128 + signum, err
+    assert err.splitlines() == [f"gatelab train: stopped by {name}; no run was in progress"], err
+    assert _runs_of(store, "stopped") == []
+
+
+def test_sigint_inherited_ignored_still_stops_a_training_run_killed(store, tmp_path):
+    """The background-job case once the run trains: SIGINT ends it KILLED, exit 130."""
+    process = _command_process([*_long_command("train", tmp_path), "--quiet"], True)
+    try:
+        _wait_until_training(store, "stopped", type("Alive", (), {
+            "is_alive": lambda self: process.poll() is None,
+            "exitcode": property(lambda self: process.returncode)})())
+        os.kill(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err
+    assert err.splitlines() == ["gatelab train: stopped by SIGINT; its run is KILLED"], err
+    [(_, status, tags)] = _runs_of(store, "stopped")
+    assert status == "KILLED" and tags["gatelab.killed_reason"] == "stopped by SIGINT"

@@ -66,7 +66,7 @@ from lab.experiments.owners import STALE_AFTER_S, owner_alive, owner_identity
 from lab.experiments.pool import (WorkerPool, die_with_parent, fail_run, gpu_slots, parse_gpus,
                                   slot_name, threads_per_worker)
 from lab.experiments.schema import ExperimentSpec, KeyReader
-from lab.interrupts import interruption, stop_on_signals
+from lab.interrupts import interruption, note_killed, stop_on_signals
 from lab.model.gates import VARIANTS
 from lab.model.loss import require as require_loss_kernel
 from lab.model.params import count_params, model_flops_per_token
@@ -856,6 +856,7 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
                 pool.close()
         except KeyboardInterrupt as err:
             stop = interruption(err)
+            note_killed()
             client.set_terminated(parent, "KILLED")
             client.set_tag(parent, records.KILLED_REASON_TAG, f"stopped by {stop.name}")
             raise stop from None

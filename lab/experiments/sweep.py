@@ -60,7 +60,7 @@ from lab.experiments.overrides import override_pairs
 from lab.experiments.owners import is_local, owner_alive, owner_identity
 from lab.experiments.pool import WorkerPool, fail_run, gpu_slots, parse_gpus, threads_per_worker
 from lab.experiments.schema import ExperimentSpec, KeyReader, nonempty_string
-from lab.interrupts import interruption, stop_on_signals
+from lab.interrupts import interruption, note_killed, stop_on_signals
 from lab.progress import RunProgress, configure_output, duration
 from lab.training.run import open_data, train_run
 from lab.training.schedule import total_steps
@@ -699,6 +699,7 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
             if stop is None:
                 raise
             status = "KILLED"
+            note_killed(len(parents))
             for run_id in parents.values():
                 records.client(uri).set_tag(run_id, records.KILLED_REASON_TAG,
                                              f"stopped by {stop.name}")
