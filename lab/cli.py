@@ -108,7 +108,17 @@ def cmd_train(args) -> int:
     variant = custom_variant(parse_gate(args.gate)) if args.gate else args.variant
     config = resolve(variant, args.preset, args.overrides, data=args.data, tokens=args.tokens,
                      seed=args.seed, lr=args.lr)
-    result = train_run(config, args.tracking_uri, experiment=args.experiment, quiet=args.quiet)
+    try:
+        result = train_run(config, args.tracking_uri, experiment=args.experiment,
+                           quiet=args.quiet)
+    except Exception as err:
+        from lab.records import describe_failure
+
+        kind, message = describe_failure(err, config)
+        if kind != "disk_full" or isinstance(err, LabError):
+            raise
+        print(f"error: {message} (the run is FAILED)", file=sys.stderr)  # recorded: exit 1
+        return 1
     print(describe(result))
     return 0
 

@@ -11,6 +11,7 @@ corpus made broken in the way `kind` names (see `_corpus`).
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -236,6 +237,20 @@ CASES = [
      "model.rms_eps: expected a finite number, got inf"),
     ("grid-file-weight-decay", grid_file(GRID_FILE + "overrides: {train.weight_decay: -1}\n"),
      "train.weight_decay: must be a non-negative number, got -1"),
+    # --- issue 40: the store and output places, checked before a run is made --------------
+    ("tracking-uri-memory", train("--tracking-uri", "sqlite:///:memory:"),
+     "--tracking-uri: 'sqlite:///:memory:' is an in-memory SQLite database"),
+    ("tracking-uri-memory-bare", train("--tracking-uri", "sqlite://"), "is an in-memory SQLite"),
+    ("grid-tracking-uri-memory", grid("--tracking-uri", "sqlite:///:memory:"),
+     "is an in-memory SQLite database"),
+    ("sweep-tracking-uri-memory", sweep("--tracking-uri", "sqlite:///:memory:"),
+     "is an in-memory SQLite database"),
+    ("export-out-a-file", ["export", "{tmp}/none.ckpt", "--out", "{grid}"],
+     "--out: {grid} is a file, not a folder"),
+    ("export-out-under-a-file", ["export", "{tmp}/none.ckpt", "--out", "{grid}/model"],
+     "--out: {grid} is a file, not a folder (in the path {grid}/model)"),
+    ("prepare-out-under-a-file", ["prepare", "--data", "{tmp}/doc.txt", "--out", "{sweep}/corpus"],
+     "is a file, not a folder"),
     # --- sweep: flags and files -----------------------------------------------------------
     ("sweep-storage-directory", sweep("--storage", "{tmp}"), "is a directory"),
     ("sweep-storage-under-a-file", sweep("--storage", "{sweep}/x.journal"),
@@ -313,6 +328,7 @@ def _corpus(tmp: Path, kind: str) -> Path:
 def _argv(template: list[str], tmp: Path) -> list[str]:
     (tmp / "grid.yaml").write_text(GRID_FILE)
     (tmp / "sweep.yaml").write_text(SWEEP_FILE)
+    (tmp / "doc.txt").write_text("A document to prepare.<|endoftext|>Another one.\n" * 50)
     argv = []
     for part in template:
         if part.startswith("@write:"):
@@ -347,6 +363,7 @@ def test_bad_input_is_one_error_line_exit_2_and_no_run(store, tmp_path, capsys, 
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    expected = expected.format(tmp=tmp_path, grid=tmp_path / "grid.yaml")
     assert expected in lines[0], lines[0]
     assert "Traceback" not in captured.err + captured.out
     assert _run_count(store) == 0
@@ -370,3 +387,115 @@ def test_a_corpus_written_in_range_opens_and_records_its_largest_id(tmp_path):
                           vocab_size=512, eos_id=0, source="fuzz", tokenizer_hash="fuzz")
     assert written.manifest["max_token_id"] == 299
     assert TokenStore.open(tmp_path / "ok").max_token_id() == 299
+
+
+# --- issue 40: a read-only store and a full disk, before a run is made -------------------------
+
+ENVIRONMENT_COMMANDS = {"train": train(), "grid": grid(), "sweep": sweep(),
+                        "export": ["export", "{tmp}/none.ckpt", "--out", "{tmp}/exported"],
+                        "prepare": ["prepare", "--data", "{tmp}/doc.txt", "--out",
+                                    "{tmp}/corpus", "--quiet"]}
+
+
+def _one_error_line(capsys, expected: str) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], \
+        captured.err
+    assert "Traceback" not in captured.err + captured.out and not captured.out, captured.out
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", sorted(ENVIRONMENT_COMMANDS))
+def test_a_read_only_place_is_one_line_before_any_run(store, tmp_path, capsys, monkeypatch,
+                                                      command):
+    """Every folder the command would write in refuses a file, as a read-only file system
+    does (even to root, whom permission bits do not stop): one line, exit 2, no run."""
+    import errno
+    import tempfile
+
+    from lab.cli import main
+
+    argv = _argv(ENVIRONMENT_COMMANDS[command], tmp_path)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    assert main(argv) == 2
+    _one_error_line(capsys, "(Read-only file system)")
+    assert _run_count(store) == 0
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in a folder without write permission")
+def test_a_store_folder_without_write_permission_is_one_line(store, tmp_path, capsys):
+    from lab.cli import main
+
+    argv = _argv(train(), tmp_path)
+    folder = Path(store[len("sqlite:///"):]).parent
+    folder.chmod(0o555)
+    try:
+        assert main(argv) == 2
+    finally:
+        folder.chmod(0o755)
+    _one_error_line(capsys, "store: cannot write in")
+    assert _run_count(store) == 0
+
+
+@pytest.mark.parametrize("command", ["train", "grid", "sweep"])
+def test_a_full_disk_under_the_store_is_one_line_before_any_run(store, tmp_path, capsys,
+                                                               monkeypatch, command):
+    import shutil
+
+    from lab.cli import main
+
+    argv = _argv(ENVIRONMENT_COMMANDS[command], tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(
+        10 * 2 ** 30, 10 * 2 ** 30 - 2 ** 20, 2 ** 20))
+    assert main(argv) == 2
+    _one_error_line(capsys, "store: 1 MiB free at ")
+    assert _run_count(store) == 0
+
+
+def test_a_disk_that_fills_while_prepare_writes_is_one_line_and_keeps_nothing(tmp_path, capsys,
+                                                                           monkeypatch):
+    import errno
+
+    from lab.cli import main
+    from lab.data import corpus
+
+    argv = _argv(ENVIRONMENT_COMMANDS["prepare"], tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(corpus, "write_store", full)
+    assert main(argv) == 2
+    _one_error_line(capsys, "--out: cannot write the corpus to ")
+    assert not (tmp_path / "corpus").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".corpus")] == []
+
+
+def test_a_disk_that_fills_while_train_runs_is_one_line_and_the_run_failed(store, tmp_path,
+                                                                           capsys, monkeypatch):
+    """Past the check (the disk filled after the run began): the run ends FAILED with the
+    reason, and the command says so in one line, exit 1 (something was recorded)."""
+    import errno
+
+    import lightning as L
+    from mlflow.tracking import MlflowClient
+
+    from lab.cli import main
+
+    def full_disk(self, filepath, weights_only=None, storage_options=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(filepath))
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", full_disk)
+    argv = _argv(train("--experiment", "full", "--set", "model.context=32", "--set",
+                       "train.batch_size=8", "--set", "train.checkpoint_every=2"), tmp_path)
+    assert main(argv) == 1
+    line = _one_error_line(capsys, "error: disk full writing ")
+    assert line.endswith("(the run is FAILED)")
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("full").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["gatelab.failure_kind"] == "disk_full"

@@ -37,7 +37,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lab.data.store import (END_OF_TEXT, FORMAT_VERSION, MANIFEST, SPLITS, TokenStore, cache_root,
                             prepare_synthetic, store_dtype, write_store)
-from lab.errors import LabError
+from lab.errors import LabError, writable_folder
 
 DEFAULT_VOCAB_SIZE = 16384
 # Measured on the Gutenberg train shards (docs/data.md): a 16k BPE trained on the first
@@ -183,7 +183,30 @@ class Documents:
         return self.read()
 
 
+PROBE_CHARS = 1 << 16  # what probe_file reads of a text file
+
+
+def probe_file(path: Path, text_field: str) -> None:
+    """Read the start of a file as `read_documents` will (the first 64k characters of text,
+    the first record of jsonl or parquet), so that a corrupt archive, another encoding or a
+    missing text field is one LabError before `prepare` prints its first progress line,
+    not after minutes of tokenizer training."""
+    kind, opener = file_format(path)
+    if kind != "text":
+        next(read_documents(path, text_field), None)
+        return
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            handle.read(PROBE_CHARS)
+    except (lzma.LZMAError, zlib.error, EOFError, OSError, UnicodeDecodeError) as err:
+        raise LabError(f"data: cannot read {path} (corrupt or not {kind}?): "
+                       f"{type(err).__name__}: {err}") from None
+
+
 def file_documents(files: list[Path], text_field: str) -> Documents:
+    for path in files:
+        probe_file(path, text_field)
+
     def read() -> Iterator[str]:
         for path in files:
             yield from read_documents(path, text_field)
@@ -505,8 +528,10 @@ def prepare(source: str, vocab_size: int | None = None, valid: str | None = None
     timings = {}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    where = "--out" if out else "data: the cache (GATELAB_CACHE)"
+    writable_folder(where, path.parent)  # read-only: one line, before any progress line
     try:
+        tmp.mkdir(parents=True)
         if given is None:
             log(f"training a {vocab_size}-token byte-level BPE on the first "
                 f"{tokenizer_sample_mb:g} MB of the training documents")
@@ -528,6 +553,9 @@ def prepare(source: str, vocab_size: int | None = None, valid: str | None = None
         except OSError:
             if not (path / MANIFEST).exists():  # not a concurrent prepare of the same key
                 raise
+    except OSError as err:  # a full disk while the tokens are written
+        raise LabError(f"{where}: cannot write the corpus to {path} ({err.strerror or err}); "
+                       "free space there or choose another --out (nothing was kept)") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Prepared(TokenStore.open(path), reused=False, seconds=time.time() - started,

@@ -780,6 +780,8 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
         print_dry_run(spec, cells, uri, workers, device, runs_per_gpu if gpus else 1)
         return GridSummary(spec.name, len(cells), 0, [])
 
+    records.check_writable(uri, max(count_params(cell.config)["total"] for cell in
+                                    {cell.variant: cell for cell in cells}.values()))
     check_table = None
     if gpus and options.check:
         check_table = lab_check.check_before_training(

@@ -61,6 +61,7 @@ from lab.experiments.owners import is_local, owner_alive, owner_identity
 from lab.experiments.pool import WorkerPool, fail_run, gpu_slots, parse_gpus, threads_per_worker
 from lab.experiments.schema import ExperimentSpec, KeyReader, nonempty_string
 from lab.interrupts import interruption, note_killed, stop_on_signals
+from lab.model.params import count_params
 from lab.progress import RunProgress, configure_output, duration
 from lab.training.run import open_data, train_run
 from lab.training.schedule import total_steps
@@ -644,6 +645,8 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
     uri = records.tracking_uri(tracking_uri)
     # Prepare the data once, here: workers would otherwise race to build the same cache.
     open_data(sweep.config(sweep.variants[0], sweep.lr_bounds()[0], sweep.seeds[0]))
+    records.check_writable(uri, max(count_params(sweep.config(
+        variant, sweep.lr_bounds()[0], sweep.seeds[0]))["total"] for variant in sweep.variants))
     check_table = None
     if check:
         check_table = lab_check.check_before_training(sweep.preset, list(sweep.variants),

@@ -24,7 +24,7 @@ from lab.records.runs import (DEVICE_TAG, FAILURE_KIND_TAG, FAILURE_TAG, HEARTBE
                               device_name, end_run,
                               finite_metrics, git_commit, heartbeat, log_check_table,
                               log_metrics, log_params, log_yaml, run_tags, start_run)
-from lab.records.store import client, open_store, store_dir, tracking_uri
+from lab.records.store import check_writable, client, open_store, store_dir, tracking_uri
 from lab.records.views import runs_page_url
 
 __all__ = [
@@ -36,6 +36,6 @@ __all__ = [
     "DEVICE_TAG", "FAILURE_KIND_TAG", "FAILURE_TAG", "HEARTBEAT_S", "HEARTBEAT_TAG",
     "KILLED_REASON_TAG", "cell_name", "describe_failure", "device_name", "end_run", "finite_metrics", "git_commit", "heartbeat",
     "log_check_table", "log_metrics", "log_params", "log_yaml", "run_tags", "start_run",
-    "client", "open_store", "store_dir", "tracking_uri",
+    "check_writable", "client", "open_store", "store_dir", "tracking_uri",
     "runs_page_url",
 ]

@@ -124,10 +124,12 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
     uri = records.tracking_uri(uri)
     require_loss_kernel(config.train.fused_loss, torch.cuda.is_available())  # before any record
     store, config = open_data(config)
+    primary = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if primary:  # a read-only store or a full disk: one line, before the run exists
+        records.check_writable(uri, count_params(config)["total"])
     mlflow_client = records.client(uri)
     # Under DDP, Lightning starts ranks > 0 by running the same command again; they join
     # the run rank 0 created (passed through the environment) and write nothing to MLflow.
-    primary = int(os.environ.get("LOCAL_RANK", "0")) == 0
     if not primary:
         run_id = os.environ[DDP_RUN_ID]
     start_step = 0
