@@ -364,7 +364,13 @@ def test_the_labs_checkpoint_holds_only_tensors_and_plain_data_and_a_poisoned_on
     ckpt = checkpoint_dir(run.info.run_id) / "last.ckpt"
     assert torch.serialization.get_unsafe_globals_in_checkpoint(ckpt) == []
 
-    # As if the run had been killed and someone swapped its checkpoint.
+    # As if the grid had been SIGKILLed (its parent left RUNNING, owned by a process that is
+    # gone) and someone swapped the checkpoint of its killed run.
+    import socket
+
+    parent = run.data.tags["mlflow.parentRunId"]
+    client.update_run(parent, status="RUNNING")
+    client.set_tag(parent, "gatelab.owner", f"{socket.gethostname()}:{2 ** 22 + 7}:")
     client.set_terminated(run.info.run_id, "KILLED")
     marker = tmp_path / "payload-ran"
     _poisoned_checkpoint(ckpt, marker, like=torch.load(ckpt, weights_only=True))
@@ -372,6 +378,10 @@ def test_the_labs_checkpoint_holds_only_tensors_and_plain_data_and_a_poisoned_on
     err = capsys.readouterr().err
     assert err.startswith(f"error: grid: {ckpt} refused: loading it would create posix.system")
     assert err.count("\n") == 1 and f"rm {ckpt}" in err, err
+    # issue 40: the refused resume leaves no parent RUNNING for good
+    parent_run = client.get_run(parent)
+    assert parent_run.info.status == "FAILED"
+    assert parent_run.data.tags["gatelab.failure"].startswith(f"resume refused: grid: {ckpt}")
     with pytest.raises(LabError, match="resume: .* refused: loading it would create posix.system"):
         train_run(plan(grid_from_dict(raw))[0].config, store, "poisoned",
                   run_id=run.info.run_id, quiet=True)
@@ -660,3 +670,46 @@ def test_sigint_inherited_ignored_still_stops_a_training_run_killed(store, tmp_p
     assert err.splitlines() == ["gatelab train: stopped by SIGINT; its run is KILLED"], err
     [(_, status, tags)] = _runs_of(store, "stopped")
     assert status == "KILLED" and tags["gatelab.killed_reason"] == "stopped by SIGINT"
+
+
+# --- issue 40: train and sweep end the runs a SIGKILL left RUNNING, as the grid does -----------
+
+def _sigkill_while_training(store, argv: list[str]) -> None:
+    """`gatelab ARGV` in a forked process, SIGKILLed once its run trains."""
+    from gridkit import cli_process
+
+    env = {k: os.environ[k] for k in ("GATELAB_STORE", "GATELAB_CACHE")}
+    process = grid_processes().Process(target=cli_process, args=(argv + ["--quiet"], env))
+    process.start()
+    try:
+        _wait_until_training(store, "stopped", process)
+    finally:
+        process.kill()
+        process.join()
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_a_rerun_ends_the_runs_a_sigkill_left_running(store, tmp_path, command):
+    """A `train` or `sweep` SIGKILLed mid-run cannot close its run; the next command that
+    makes runs in the experiment finds its owner gone and ends it KILLED, saying so (the
+    sweep's rerun here uses a new storage, so that no trial of the old one points at the
+    run: the run is found by its owner alone)."""
+    from lab.cli import main
+
+    _sigkill_while_training(store, _long_command(command, tmp_path))
+    assert "RUNNING" in {status for _, status, _ in _runs_of(store, "stopped")}
+    if command == "train":
+        rerun = ["train", "--data", "synthetic", "--tokens", "2048", "--experiment", "stopped",
+                 "--set", "model.context=32", "--set", "train.batch_size=8"]
+        when = "another run of the experiment started"
+    else:
+        rerun = _long_command("sweep", tmp_path)
+        rerun[rerun.index("--storage") + 1] = str(tmp_path / "other.journal")
+        rerun += ["--set", "model.context=32", "--tokens", "2048"]
+        when = "the sweep started again"
+    assert main(rerun + ["--quiet"]) == 0
+    runs = _runs_of(store, "stopped")
+    assert "RUNNING" not in {status for _, status, _ in runs}, runs
+    killed = [tags for _, status, tags in runs if status == "KILLED"]
+    assert killed and all(tags["gatelab.killed_reason"].endswith(f"was gone when {when}")
+                          for tags in killed), killed
