@@ -38,6 +38,16 @@ EXAMPLES = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are the lab's one `error:` line and exit code 2, not its usage
+    block (`--tokens abc`: "error: --tokens: invalid float value: 'abc' (see gatelab train
+    --help)"); the subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        message = message.removeprefix("argument ")
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def _parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help_text, description=help_text,
                           epilog=f"example:\n  {EXAMPLES[name]}",
@@ -303,7 +313,7 @@ def cmd_sweep_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gatelab", description="Gated-attention ablation lab "
+    parser = _Parser(prog="gatelab", description="Gated-attention ablation lab "
                                      "(Qiu et al., 2025): train, sweep and compare gate variants.")
     sub = parser.add_subparsers(dest="command", required=True)
 

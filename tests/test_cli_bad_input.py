@@ -69,6 +69,16 @@ CASES = [
     ("seed-too-large", train("--seed", "99999999999"),
      "train.seed: must be an integer in [0, 4294967295]"),
     ("seed-negative", train("--seed", "-1"), "train.seed: must be a non-negative integer"),
+    # issue 40: argparse's type errors are one line too, not its usage block
+    ("tokens-not-a-number", train("--tokens", "abc"),
+     "error: --tokens: invalid float value: 'abc' (see gatelab train --help)"),
+    ("seed-not-a-number", train("--seed", "x"), "--seed: invalid int value: 'x'"),
+    ("lr-not-a-number", train("--lr", "fast"), "--lr: invalid float value: 'fast'"),
+    ("grid-cpu-workers-text", grid("--cpu-workers", "two"), "--cpu-workers: invalid int value"),
+    ("sweep-workers-text", sweep("--workers", "2.5"), "--workers: invalid int value: '2.5'"),
+    ("prepare-vocab-text", ["prepare", "--data", "{tmp}/doc.txt", "--vocab-size", "big"],
+     "--vocab-size: invalid int value: 'big'"),
+    ("command-missing", [], "the following arguments are required: command"),
     ("experiment-empty", train("--experiment", ""), "--experiment: expected an MLflow experiment"),
     ("experiment-blank", train("--experiment", "  "), "--experiment: expected an MLflow experiment"),
     # issue 40: names MLflow and the file system take, checked before anything
@@ -270,6 +280,21 @@ CASES = [
      "tokens: must be a positive number"),
     ("sweep-trials-zero", sweep_file(SWEEP_FILE.replace("trials: 2", "trials: 0")),
      "trials: must be a positive integer"),
+    # issue 40: no number of a file is NaN or infinite, wherever it is
+    ("sweep-pruner-nan", sweep_file(SWEEP_FILE + "pruner: {kind: median, n_warmup_steps: .nan}\n"),
+     "pruner.n_warmup_steps: expected a finite number, got nan"),
+    ("sweep-pruner-inf", sweep_file(SWEEP_FILE + "pruner: {kind: median, n_startup_trials: .inf}\n"),
+     "pruner.n_startup_trials: expected a finite number, got inf"),
+    ("sweep-pruner-negative", sweep_file(SWEEP_FILE + "pruner: {kind: median, n_warmup_steps: -3}\n"),
+     "pruner: options {'n_warmup_steps': -3} refused by Optuna's median pruner"),
+    ("sweep-pruner-text", sweep_file(SWEEP_FILE + "pruner: {kind: successive_halving, "
+                                                  "min_resource: lots}\n"),
+     "refused by Optuna's successive_halving pruner"),
+    ("sweep-description-nan", sweep_file(SWEEP_FILE + "description: .nan\n"),
+     "description: expected a finite number, got nan"),
+    ("grid-lrs-nan-in-file", grid_file(GRID_FILE + "lrs: [1.0e-3, .nan]\n"), "lrs"),
+    ("grid-extends-chain", ["grid", "{tmp}/chain-0.yaml", "--quiet", "@chain:80"],
+     "extends: a chain of more than 64 files"),
     ("sweep-override-eps", sweep_file(SWEEP_FILE + "overrides: {train.eps: -1}\n"),
      "train.eps: must be a positive number"),
     ("sweep-preset-flag", sweep("--preset", "huge"), "preset: unknown preset 'huge'"),
@@ -333,6 +358,11 @@ def _argv(template: list[str], tmp: Path) -> list[str]:
     for part in template:
         if part.startswith("@write:"):
             (tmp / "written.yaml").write_text(part[len("@write:"):])
+        elif part.startswith("@chain:"):  # chain-0 extends chain-1 ... extends the grid
+            length = int(part[len("@chain:"):])
+            for n in range(length):
+                target = f"chain-{n + 1}.yaml" if n + 1 < length else "grid.yaml"
+                (tmp / f"chain-{n}.yaml").write_text(f"name: chain{n}\nextends: {target}\n")
         elif part == "@binary":
             (tmp / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary")
         elif part.startswith("{corpus:"):
@@ -349,6 +379,16 @@ def _run_count(uri: str) -> int:
     return runs + experiments - 1  # the Default experiment is always there
 
 
+def _exit_code(argv: list[str]) -> int:
+    """main's return value, or the code of the SystemExit argparse ends a usage error with."""
+    from lab.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as done:
+        return done.code
+
+
 def test_the_suite_is_the_size_the_issue_asks_for():
     assert len(CASES) >= 60
     assert len({case[0] for case in CASES}) == len(CASES)
@@ -357,13 +397,11 @@ def test_the_suite_is_the_size_the_issue_asks_for():
 @pytest.mark.parametrize("template, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_error_line_exit_2_and_no_run(store, tmp_path, capsys, template,
                                                        expected):
-    from lab.cli import main
-
-    assert main(_argv(template, tmp_path)) == 2
+    assert _exit_code(_argv(template, tmp_path)) == 2
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
-    expected = expected.format(tmp=tmp_path, grid=tmp_path / "grid.yaml")
+    expected = expected.replace("{grid}", str(tmp_path / "grid.yaml"))
     assert expected in lines[0], lines[0]
     assert "Traceback" not in captured.err + captured.out
     assert _run_count(store) == 0
@@ -499,3 +537,21 @@ def test_a_disk_that_fills_while_train_runs_is_one_line_and_the_run_failed(store
     client = MlflowClient(store)
     [run] = client.search_runs([client.get_experiment_by_name("full").experiment_id])
     assert run.info.status == "FAILED" and run.data.tags["gatelab.failure_kind"] == "disk_full"
+
+
+# --- issue 40: prepare says nothing before its error --------------------------------------------
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("broken.txt.xz", b"\xfd7zXZ\x00 not really xz", "data: cannot read "),
+    ("latin1.txt", "caf\u00e9 ".encode("latin-1") * 100, "UnicodeDecodeError"),
+    ("records.jsonl", b'{"body": "a document"}\n' * 20, "no text field 'text' (found: body)"),
+])
+def test_prepare_refuses_an_unreadable_source_before_its_first_progress_line(tmp_path, capsys,
+                                                                             name, content,
+                                                                             expected):
+    from lab.cli import main
+
+    (tmp_path / name).write_bytes(content)
+    assert main(["prepare", "--data", str(tmp_path / name), "--out", str(tmp_path / "out")]) == 2
+    _one_error_line(capsys, expected)  # and nothing on stdout: no progress line
+    assert not (tmp_path / "out").exists()

@@ -26,11 +26,13 @@ import lzma
 import os
 import re
 import shutil
+import socket
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
+from urllib.parse import urlsplit
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -269,12 +271,16 @@ def hf_splits(source: str, text_field: str, holdout_every: int) -> dict[str, Doc
     name, _, config = spec.partition(":")
     if not name:
         raise LabError("data: hf: give a dataset, e.g. hf:roneneldan/TinyStories or hf:<dir>")
+    save = f"datasets.load_dataset({name!r}{', ' + repr(config) if config else ''})" \
+           ".save_to_disk('DIR')"
     try:  # an optional dependency (the `hf` extra), needed only for hf: sources
         import datasets
     except ImportError:
         raise LabError("data: hf: sources need the `datasets` package: "
                        "pip install 'gated-attention-lab[hf]' (or point --data at local files)") \
             from None
+    if not Path(name).is_dir():
+        _check_hub_reachable(spec, save)
     try:
         if Path(name).is_dir():
             loaded = datasets.load_from_disk(name)
@@ -282,8 +288,6 @@ def hf_splits(source: str, text_field: str, holdout_every: int) -> dict[str, Doc
             loaded = datasets.load_dataset(name, config or None)
     except Exception as err:  # offline, unknown name, bad config: datasets raises many types
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        save = f"datasets.load_dataset({name!r}{', ' + repr(config) if config else ''})" \
-               ".save_to_disk('DIR')"
         raise LabError(f"data: cannot load Hugging Face dataset {spec!r} ({message}); where there "
                        f"is network, run `{save}` and copy DIR here, then --data hf:DIR; or point "
                        "--data at local .txt/.jsonl/.parquet files") from None
@@ -313,6 +317,30 @@ def hf_splits(source: str, text_field: str, holdout_every: int) -> dict[str, Doc
     if valid_name is None or "test" not in by_name:
         return _holdout_splits(train, holdout_every)
     return {"train": train, "valid": documents(valid_name), "test": documents("test")}
+
+
+HUB_TIMEOUT_S = 5.0
+
+
+def _check_hub_reachable(spec: str, save: str) -> None:
+    """A connection to the Hub's endpoint within HUB_TIMEOUT_S, unless the Hub is set
+    offline (HF_HUB_OFFLINE: datasets then reads its local cache only). Without network,
+    `load_dataset` retries each request five times with backoff, printing a line each
+    time: 54 s and 11 lines before its error on a machine without network (issue 40)."""
+    from huggingface_hub import constants  # a dependency of datasets
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_TIMEOUT_S).close()
+    except OSError as err:
+        raise LabError(f"data: cannot load Hugging Face dataset {spec!r}: no connection to the "
+                       f"Hub at {endpoint.hostname}:{port} ({err.strerror or err}); where there "
+                       f"is network, run `{save}` and copy DIR here, then --data hf:DIR; with "
+                       "the dataset in the Hugging Face cache, set HF_HUB_OFFLINE=1; or point "
+                       "--data at local .txt/.jsonl/.parquet files") from None
 
 
 # --- the tokenizer -----------------------------------------------------------------------

@@ -116,6 +116,11 @@ def _pruner_key(raw) -> dict:
         if unknown:
             raise LabError(f"pruner: unknown option(s) {', '.join(unknown)} for {kind}; allowed: "
                            f"{', '.join(sorted(allowed)) or '(none)'}")
+        try:  # Optuna checks its options' values when the pruner is made: here, not mid-sweep
+            _pruner_class(kind)(**options)
+        except (TypeError, ValueError) as err:
+            raise LabError(f"pruner: options {options} refused by Optuna's {kind} pruner: "
+                           f"{err}") from None
     return {"pruner": kind, "pruner_options": options}
 
 
