@@ -62,8 +62,6 @@ from lab.config import (RunConfig, from_dict, parse_lrs, parse_seeds, parse_vari
                         with_vocab)
 from lab.errors import LabError, check_positive
 from lab.experiments.overrides import override_pairs
-from lab.experiments.owners import (OWNER_TAG, STALE_AFTER_S, kill_dead_run, owner_alive,
-                                   owner_identity, run_owner_alive)
 from lab.experiments.pool import (WorkerPool, die_with_parent, fail_run, gpu_slots, parse_gpus,
                                   slot_name, threads_per_worker)
 from lab.experiments.schema import ExperimentSpec, KeyReader
@@ -72,9 +70,10 @@ from lab.model.gates import VARIANTS
 from lab.model.loss import require as require_loss_kernel
 from lab.model.params import count_params, model_flops_per_token
 from lab.progress import GridProgress, RunProgress, configure_output, duration
-from lab.records import (DEVICE_TAG, GRID_TAG, HEARTBEAT_TAG, checkpoint_dir, child_runs,
-                         describe_failure, end_run, find_or_create_grid_parent,
-                         heartbeat, load_checkpoint, start_run)
+from lab.records import (DEVICE_TAG, GRID_TAG, HEARTBEAT_TAG, OWNER_TAG, STALE_AFTER_S,
+                         checkpoint_dir, child_runs, describe_failure, end_run,
+                         find_or_create_grid_parent, heartbeat, kill_dead_run, load_checkpoint,
+                         owner_alive, owner_identity, run_owner_alive, start_run)
 from lab.training.run import open_data, train_run
 from lab.training.schedule import total_steps
 
@@ -504,7 +503,7 @@ def cell_runs(client, ctx: GridContext, config_hash: str) -> list:
 def _claim_alive(holder: str, runs: list, stale_after_s: float) -> bool:
     """Whether the process that holds a claim (`owner@time`) may still be training the cell:
     on this host, whether it exists; from another host, whether the claim or the cell's
-    running run has been refreshed within stale_after_s (lab.experiments.owners.owner_alive)."""
+    running run has been refreshed within stale_after_s (lab.records.owners.owner_alive)."""
     owner, _, claimed_at = holder.rpartition("@")
     beats = [claimed_at] + [r.data.tags.get(HEARTBEAT_TAG) for r in runs
                             if r.info.status == "RUNNING"]

@@ -58,13 +58,12 @@ from lab import records
 from lab.config import parse_variants, resolve, yaml_number
 from lab.errors import LabError, check_choice, check_positive_int
 from lab.experiments.overrides import override_pairs
-from lab.experiments.owners import (OWNER_TAG, end_dead_runs, is_local, owner_alive,
-                                   owner_identity)
 from lab.experiments.pool import WorkerPool, fail_run, gpu_slots, parse_gpus, threads_per_worker
 from lab.experiments.schema import ExperimentSpec, KeyReader, nonempty_string
 from lab.interrupts import interruption, note_killed, stop_on_signals
 from lab.model.params import count_params
 from lab.progress import RunProgress, configure_output, duration
+from lab.records import OWNER_TAG, end_dead_runs, is_local, owner_alive, owner_identity
 from lab.training.run import open_data, train_run
 from lab.training.schedule import total_steps
 

@@ -35,7 +35,7 @@ from lab.records.store import client, store_dir
 FAILURE_KIND_TAG = "gatelab.failure_kind"   # oom, disk_full, config, error, worker_died
 FAILURE_TAG = "gatelab.failure"             # the one-line message
 KILLED_REASON_TAG = "gatelab.killed_reason"
-# Who still trains a run, as another host can tell (lab/experiments/owners.py owner_alive).
+# Who still trains a run, as another host can tell (lab/records/owners.py owner_alive).
 HEARTBEAT_TAG = "gatelab.heartbeat"         # unix seconds of the owner's latest beat
 HEARTBEAT_S = 60.0
 # What a run trained on: the GPU's name (torch.cuda.get_device_name) or "cpu"; set by the

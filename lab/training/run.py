@@ -32,11 +32,11 @@ from lab.data.sources import open_source
 from lab.data.store import TokenStore
 from lab.data.windows import check_batch_fits
 from lab.errors import LabError
-from lab.experiments.owners import OWNER_TAG, end_dead_runs, owner_identity
 from lab.interrupts import interruption
 from lab.model.loss import require as require_loss_kernel
 from lab.model.params import count_params, model_flops_per_token
 from lab.progress import RunProgress
+from lab.records import OWNER_TAG, end_dead_runs, owner_identity
 from lab.training.callbacks import (AnalysisMonitor, AtomicCheckpoint, GateInsertion,
                                     LossMonitor, RoutingStats, device_peak_tflops)
 from lab.training.module import LanguageModel, TokenDataModule
@@ -135,7 +135,7 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
     if not primary:
         run_id = os.environ[DDP_RUN_ID]
     # A run this call makes is this process's: it carries the owner and a heartbeat, by which
-    # a later command tells that it died with a SIGKILL (lab/experiments/owners.py). A single
+    # a later command tells that it died with a SIGKILL (lab/records/owners.py). A single
     # run first ends the experiment's runs such a death left RUNNING, as a grid's rerun does.
     owned = primary and run_id is None and OWNER_TAG not in (extra_tags or {})
     if owned:

@@ -18,7 +18,8 @@ import socket
 import time
 from pathlib import Path
 
-from lab.records import HEARTBEAT_TAG, KILLED_REASON_TAG, search_all
+from lab.records.lookup import search_all
+from lab.records.runs import HEARTBEAT_TAG, KILLED_REASON_TAG
 
 STALE_AFTER_S = 600.0
 OWNER_TAG = "gatelab.owner"  # on a run: host:pid:start of the process that trains it
