@@ -581,9 +581,12 @@ def prepare(source: str, vocab_size: int | None = None, valid: str | None = None
         except OSError:
             if not (path / MANIFEST).exists():  # not a concurrent prepare of the same key
                 raise
-    except OSError as err:  # a full disk while the tokens are written
-        raise LabError(f"{where}: cannot write the corpus to {path} ({err.strerror or err}); "
-                       "free space there or choose another --out (nothing was kept)") from None
+    except OSError as err:  # a full disk while the tokens are written (numpy's short write
+        # names no errno: "N requested and M written"), so the free space is said too
+        free = shutil.disk_usage(path.parent).free / 2 ** 20 if path.parent.exists() else 0
+        raise LabError(f"{where}: cannot write the corpus to {path} ({err.strerror or err}; "
+                       f"{free:,.0f} MiB free there); free space there or choose another --out "
+                       "(nothing was kept)") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Prepared(TokenStore.open(path), reused=False, seconds=time.time() - started,

@@ -158,11 +158,18 @@ def check_store_file(path: Path, source: str) -> None:
                        "create it or fix the path")
     if not path.exists():
         if not os.access(path.parent, os.W_OK):
-            raise LabError(f"{source}: cannot create {path}: the folder is not writable")
+            raise LabError(f"{source}: cannot create {path}: the folder is not writable"
+                           f"{_read_only(path.parent)}")
         return
     if not os.access(path, os.R_OK | os.W_OK):
-        raise LabError(f"{source}: {path} is not readable and writable by this user")
+        raise LabError(f"{source}: {path} is not readable and writable by this user"
+                       f"{_read_only(path.parent)}")
     store_revision(path)
+
+
+def _read_only(folder: Path) -> str:
+    """Why os.access said no, where the file system is mounted read-only (root included)."""
+    return " (a read-only file system)" if os.statvfs(folder).f_flag & os.ST_RDONLY else ""
 
 
 def _recovery(path: Path) -> str:
