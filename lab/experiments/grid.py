@@ -74,6 +74,7 @@ from lab.progress import GridProgress, RunProgress, configure_output, duration
 from lab.records import (DEVICE_TAG, GRID_TAG, HEARTBEAT_TAG, checkpoint_dir, child_runs,
                          describe_failure, end_run, find_or_create_grid_parent,
                          heartbeat, load_checkpoint, start_run)
+from lab.training import phases as run_phases
 from lab.training.run import open_data, train_run
 from lab.training.schedule import total_steps
 
@@ -411,6 +412,8 @@ class Outcome:
     diverged_step: int | None = None
     wall_s: float = 0.0
     failure: str | None = None
+    # Seconds per phase of the cell's run (lab/training/phases.py), for the grid's time line.
+    phases: dict[str, float] = field(default_factory=dict)
 
     def text(self) -> str:
         if self.status == "SKIPPED":
@@ -486,6 +489,7 @@ class GridContext:
     quiet: bool
     stale_after_s: float = STALE_AFTER_S
     runs_per_gpu: int = 0  # cells sharing each GPU (0: CPU workers, or a DDP cell's GPUs)
+    check_share_s: float = 0.0  # this start's `gatelab check` over the cells it starts
 
 
 def create_cell_run(task: Task, ctx: GridContext, owner: str) -> str:
@@ -570,6 +574,7 @@ def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = 
     client = records.client(ctx.uri)
     run_id, holding = task.run_id, False   # holding: the run is this process's to close
     started = time.time()
+    claiming = time.perf_counter()
     try:
         if lead_rank and task.claim is None:
             claimed, why = claim_cell(task, ctx, owner_identity())
@@ -591,11 +596,14 @@ def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = 
         config = task.config
         callbacks = [] if ctx.quiet else [RunProgress(
             task.name, total_steps(config), config.train.batch_size * config.model.context)]
+        # The claim and the run's creation are the cell's store writes before its run starts.
+        before = {"store": time.perf_counter() - claiming, "check_share": ctx.check_share_s}
         with heartbeat(client, run_id) if lead_rank else nullcontext():
             result = train_run(config, ctx.uri, ctx.experiment, run_id=run_id, quiet=True,
-                               callbacks=callbacks)
+                               callbacks=callbacks, phases=before)
         return Outcome(task.index, task.name, "FINISHED", run_id, result.metrics.get("val/ppl"),
-                       result.diverged_step, time.time() - started)
+                       result.diverged_step, time.time() - started,
+                       phases=run_phases.phase_seconds(result.metrics))
     except KeyboardInterrupt as err:  # a stop signal before train_run took the run over
         if holding and run_id is not None:
             end_run(client, run_id, task.config, err)
@@ -724,6 +732,9 @@ class GridSummary:
     killed: list[str] = field(default_factory=list)
     parent_run_id: str | None = None
     left_for_time: int = 0  # cells not started because of time_limit_s
+    startup_s: float = 0.0  # the grid process's start and imports, before run_grid
+    check_s: float = 0.0    # this start's `gatelab check`
+    wall_s: float = 0.0     # run_grid, start to end
 
     @property
     def failed(self) -> list[Outcome]:
@@ -742,6 +753,7 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
     """Validate every cell, then run the ones the store does not already hold."""
 
     started_at = _now()
+    startup_s = run_phases.startup_seconds()
     shard = parse_shard(options.shard)
     gpus = parse_gpus(options.gpus)
     if options.time_limit_s is not None:
@@ -781,18 +793,21 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
         return GridSummary(spec.name, len(cells), 0, [])
 
     check_table = None
+    checking = time.perf_counter()
     if gpus and options.check:
         check_table = lab_check.check_before_training(
             spec.preset, list(dict.fromkeys(c.variant for c in cells)),
             override_pairs(spec.overrides), options.quiet,
             log=lambda line: print(f"grid {spec.name}: {line}", flush=True))
+    check_s = time.perf_counter() - checking
     client = records.client(uri)
     experiment = records.experiment_id(client, spec.name, uri)
     parent = find_or_create_grid_parent(client, experiment, spec.name)
     # Before the parent is RUNNING: a refused checkpoint ends the grid here (LabError).
     work = reconcile(client, cells, child_runs(client, experiment, parent), options.stale_after_s)
     ctx = GridContext(uri, spec.name, parent, spec.name, options.quiet, options.stale_after_s,
-                      runs_per_gpu if gpus and devices == 1 else 0)
+                      runs_per_gpu if gpus and devices == 1 else 0,
+                      check_s / max(1, len(work.tasks)))
     progress = _progress(spec.name, work, workers, options.quiet)
     outcomes: list[Outcome] = []
 
@@ -860,7 +875,8 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
             client.set_tag(parent, records.KILLED_REASON_TAG, f"stopped by {stop.name}")
             raise stop from None
     summary = GridSummary(spec.name, len(cells), len(work.done), outcomes, len(work.busy),
-                          work.killed, parent, len(left))
+                          work.killed, parent, len(left), startup_s, check_s,
+                          _now() - started_at)
     _close_parent(client, experiment, parent, {c.config_hash for c in all_cells}, summary)
     return summary
 
@@ -905,6 +921,15 @@ def describe_summary(summary: GridSummary) -> str:
         lines.append(f"  FAILED {outcome.name}: {outcome.failure}")
     if summary.failed:
         lines.append("  rerun the same command to retry failed cells; finished cells are kept")
+    timed = [o for o in summary.outcomes if o.phases]
+    if timed:
+        sums: dict[str, float] = {}
+        for outcome in timed:
+            for name, seconds in outcome.phases.items():
+                sums[name] = sums.get(name, 0.0) + seconds
+        lines.append(f"  {run_phases.breakdown(sums, len(timed))}; the grid: "
+                     f"{duration(summary.wall_s)} wall, {summary.startup_s:.0f} s start, "
+                     f"{summary.check_s:.0f} s check")
     return "\n".join(lines)
 
 
