@@ -714,8 +714,10 @@ class GridOptions:
     shard: str | None = None
     quiet: bool = False
     stale_after_s: float = STALE_AFTER_S
-    # `gatelab check` of the grid's variants before the first cell on a GPU (lab/check.py).
-    check: bool = True
+    # `gatelab check` of the grid's variants before the first cell on a GPU (lab/check.py):
+    # True, where it has not passed before on this code and device; "force", every variant;
+    # False, none.
+    check: bool | str = True
     # Seconds from the grid's start after which no cell starts that would not end in time,
     # judged by the longest cell this grid process has run (a time-limited machine or job
     # slot: the cells in progress finish instead of being killed at the limit). None: no limit.
@@ -798,7 +800,8 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
         check_table = lab_check.check_before_training(
             spec.preset, list(dict.fromkeys(c.variant for c in cells)),
             override_pairs(spec.overrides), options.quiet,
-            log=lambda line: print(f"grid {spec.name}: {line}", flush=True))
+            log=lambda line: print(f"grid {spec.name}: {line}", flush=True),
+            force=options.check == "force")
     check_s = time.perf_counter() - checking
     client = records.client(uri)
     experiment = records.experiment_id(client, spec.name, uri)
