@@ -75,6 +75,7 @@ from lab.records import (DEVICE_TAG, GRID_TAG, HEARTBEAT_TAG, checkpoint_dir, ch
                          describe_failure, end_run, find_or_create_grid_parent,
                          heartbeat, load_checkpoint, start_run)
 from lab.training import phases as run_phases
+from lab.training.module import use_compile_cache
 from lab.training.run import open_data, train_run
 from lab.training.schedule import total_steps
 
@@ -794,6 +795,8 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
         print_dry_run(spec, cells, uri, workers, device, runs_per_gpu if gpus else 1)
         return GridSummary(spec.name, len(cells), 0, [])
 
+    # Before the check and the workers, which compile and inherit the environment.
+    use_compile_cache()
     check_table = None
     checking = time.perf_counter()
     if gpus and options.check:
