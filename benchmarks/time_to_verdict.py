@@ -242,9 +242,18 @@ def run(args: argparse.Namespace, clock=time.perf_counter) -> dict:
         report["sections"][name] = entry
         write_json(report, out_dir)
     report["seconds"] = clock() - started
+    report["compile_cache_mib"] = folder_mib(Path(os.environ.get(
+        "TORCHINDUCTOR_CACHE_DIR", REPO / "cache" / "inductor")))
     write_json(report, out_dir)
     (out_dir / "time_to_verdict.md").write_text(tables(report))
     return report
+
+
+def folder_mib(path: Path) -> float | None:
+    """The size of a folder's files (the compile cache: can it travel to the next call?)."""
+    if not path.is_dir():
+        return None
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2 ** 20
 
 
 def environment() -> dict:
@@ -320,8 +329,10 @@ def tables(report: dict) -> str:
         lines += ["## Not measured", ""]
         lines += [f"- {name}: {s['status']}: {s['reason']}" for name, s in other]
         lines.append("")
+    cache = report.get("compile_cache_mib")
     lines.append(f"Whole call: {report.get('seconds', 0):.0f} s of a {report['budget_s']:.0f}-s "
-                 "budget.")
+                 "budget" + (f"; Inductor's cache folder holds {cache:.0f} MiB" if cache is not None
+                             else "") + ".")
     return "\n".join(lines) + "\n"
 
 
