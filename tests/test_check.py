@@ -225,3 +225,28 @@ def test_every_variant_passes_on_the_gpu_at_small():
                              "--variants", "all"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "check passed" in result.stdout and "no accelerator" not in result.stdout
+
+
+@pytest.mark.parametrize("flags, check_option", [([], True), (["--check"], "force"),
+                                                  (["--no-check"], False)])
+def test_grid_and_sweep_pass_check_and_no_check_on(monkeypatch, flags, check_option):
+    from lab.experiments import grid, sweep
+
+    seen = {}
+
+    def run_grid(spec, options):
+        seen["grid"] = options.check
+        return SimpleNamespace(failed=[])
+
+    def run_sweep(*args, **kwargs):
+        seen["sweep"] = kwargs["check"]
+        return {}
+
+    monkeypatch.setattr(grid, "run_grid", run_grid)
+    monkeypatch.setattr(grid, "describe_summary", lambda summary: "")
+    monkeypatch.setattr(sweep, "run_sweep", run_sweep)
+    monkeypatch.setattr("lab.reports.sweep_report.format_summary", lambda summaries: "")
+    root = Path(__file__).resolve().parents[1]
+    main(["grid", str(root / "ablations" / "smoke.yaml"), *flags])
+    main(["sweep", str(root / "sweeps" / "lr.yaml"), *flags])
+    assert seen == {"grid": check_option, "sweep": check_option}
