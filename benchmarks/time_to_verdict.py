@@ -143,7 +143,8 @@ def run_grid_section(source: str, name: str, seeds: list[int], ctx: dict) -> dic
     result = {"grid": name, "settings": source, "grid_s": grid_s, "report_s": report_s,
               "report_exit": code, "cells": cells,
               "time_line": next((l.strip() for l in reversed(lines) if "s summed:" in l), None),
-              "check_line": next((l.strip() for l in lines if "check" in l and name in l), None)}
+              # what the grid said of its check: passed in N s, or passed before
+              "check_lines": [l.strip() for l in lines if l.startswith(f"grid {name}: check")]}
     if cells:
         per_gpu = max(c["runs_per_gpu"] for c in cells)
         mean_cell = statistics.mean(c["total_s"] for c in cells)
@@ -308,9 +309,9 @@ def tables(report: dict) -> str:
                              f"; projected 48-cell `small` grid on one GPU, start to report: "
                              f"{projected:.1f} min (before: {SMALL_GRID_BEFORE_MIN} min)"
                              if projected else "") + ".")
-            for key in ("check_line", "time_line"):
-                if s.get(key):
-                    lines.append(f"  - `{s[key]}`")
+            for line in [*s.get("check_lines", []), s.get("time_line")]:
+                if line:
+                    lines.append(f"  - `{line}`")
         lines.append("")
     loops = [(n, s) for n, s in sections.items() if s["status"] == "done" and "rows" in s]
     if loops:
