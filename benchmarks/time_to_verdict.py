@@ -18,7 +18,10 @@ whatever fits in the time budget, and records what it skipped and why:
 - liger: the bare loop at `small` and `medium` with `train.fused_loss=liger` and without
   (needs liger_kernel; skipped, with the reason, where it is not importable);
 - grid-small-again: a second `gatelab grid` start on the same machine and code (another
-  seed), to show the check skipped and the compile served from Inductor's cache.
+  seed), to show the check skipped and the compile served from Inductor's cache;
+- grid-small-warm: grid-small's two packed cells for a variant not compiled yet, with
+  `--warm-first` (one compiles, then the other loads its graphs), against grid-small's two
+  cells compiling side by side.
 
 Synthetic tokens everywhere: speed does not depend on what the tokens say. Writes
 OUT_DIR/time_to_verdict.json after every section and OUT_DIR/time_to_verdict.md (the
@@ -46,7 +49,7 @@ sys.path.insert(0, str(REPO))
 # Seconds each section takes on one H100/H200, from the measurements it repeats (rough, for
 # the budget; benchmarks/README.md and issue 38): compiles of 15-50 s each dominate.
 ESTIMATED_S = {"grid-small": 150, "deep-narrow": 170, "mfu": 120, "grid-base": 130,
-               "liger": 110, "grid-small-again": 70}
+               "liger": 110, "grid-small-again": 70, "grid-small-warm": 150}
 SECTIONS = list(ESTIMATED_S)
 DRY_ESTIMATED_S = 5.0      # per section in --dry (the tests' budget arithmetic)
 SMALL_GRID_CELLS = 48      # the `small` reproduction: 16 variants x 3 seeds
@@ -76,11 +79,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 # --- grid cells ------------------------------------------------------------------------------
 
-def grid_file(source: str, name: str, seeds: list[int], dry: bool, out_dir: Path) -> Path:
-    """A real grid's settings (its overrides and token budget), on synthetic tokens, the
-    baseline only, at `seeds`; in --dry one seed at `tiny`, 4 steps, a small analysis."""
+def grid_file(source: str, name: str, seeds: list[int], dry: bool, out_dir: Path,
+              variant: str = "baseline") -> Path:
+    """A real grid's settings (its overrides and token budget), on synthetic tokens, one
+    variant at `seeds`; in --dry one seed at `tiny`, 4 steps, a small analysis."""
     spec = yaml.safe_load((REPO / "ablations" / source).read_text())
-    spec.update(name=name, data="synthetic", variants=["baseline"], seeds=seeds)
+    spec.update(name=name, data="synthetic", variants=[variant], seeds=seeds)
     if dry:
         spec.update(preset="tiny", tokens=4 * 16 * 128, seeds=seeds[:1])
         spec["overrides"].update({"train.val_every": 2, "train.val_batches": 2,
@@ -127,20 +131,22 @@ def cell_rows(uri: str, grid: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["cell"])
 
 
-def run_grid_section(source: str, name: str, seeds: list[int], ctx: dict) -> dict:
+def run_grid_section(source: str, name: str, seeds: list[int], ctx: dict,
+                     variant: str = "baseline", flags: tuple[str, ...] = ()) -> dict:
     out_dir, dry = ctx["out_dir"], ctx["dry"]
-    path = grid_file(source, name, seeds, dry, out_dir)
+    path = grid_file(source, name, seeds, dry, out_dir, variant)
     store = out_dir / "store"
     env = dict(os.environ, GATELAB_STORE=str(store),
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     log = out_dir / f"grid-{name}.log"
-    code, grid_s = _gatelab(["grid", str(path)], env, log)
+    code, grid_s = _gatelab(["grid", str(path), *flags], env, log)
     if code != 0:
         raise RuntimeError(f"gatelab grid exited with {code}; see {log.name}")
     code, report_s = _gatelab(["report", name, "--out", str(out_dir / f"report-{name}")], env, log)
     cells = cell_rows(f"sqlite:///{store / 'mlflow.db'}", name)
     lines = log.read_text().splitlines()
-    result = {"grid": name, "settings": source, "grid_s": grid_s, "report_s": report_s,
+    result = {"grid": name, "settings": source, "flags": list(flags), "grid_s": grid_s,
+              "report_s": report_s,
               "report_exit": code, "cells": cells,
               "time_line": next((l.strip() for l in reversed(lines) if "s summed:" in l), None),
               # what the grid said of its check: passed in N s, or passed before
@@ -206,6 +212,9 @@ SECTION_RUNS = {
     "grid-base": lambda ctx: run_grid_section("reproduce-base.yaml", "ttv-base", [0], ctx),
     "liger": liger,
     "grid-small-again": lambda ctx: run_grid_section("reproduce.yaml", "ttv-small-again", [2], ctx),
+    "grid-small-warm": lambda ctx: run_grid_section(
+        "reproduce.yaml", "ttv-small-warm", [0, 1], ctx, "sdpa_headwise_sigmoid_mul",
+        ("--warm-first",)),
 }
 
 
@@ -304,7 +313,9 @@ def tables(report: dict) -> str:
         lines.append("")
         for _, s in grids:
             projected = s.get("projected_small_grid_min")
-            lines.append(f"- {s['grid']}: `gatelab grid` {s['grid_s']:.0f} s, `gatelab report` "
+            flags = " ".join(s.get("flags", []))
+            lines.append(f"- {s['grid']}: `gatelab grid{' ' + flags if flags else ''}` "
+                         f"{s['grid_s']:.0f} s, `gatelab report` "
                          f"{s['report_s']:.0f} s" + (
                              f"; projected 48-cell `small` grid on one GPU, start to report: "
                              f"{projected:.1f} min (before: {SMALL_GRID_BEFORE_MIN} min)"

@@ -157,7 +157,7 @@ def cmd_grid(args) -> int:
                           cpu_threads=args.cpu_threads, dry_run=args.dry_run,
                           tracking_uri=args.tracking_uri, shard=args.shard, quiet=args.quiet,
                           stale_after_s=args.stale_after, check=_check_option(args),
-                          time_limit_s=args.time_limit)
+                          time_limit_s=args.time_limit, warm_first=args.warm_first)
     summary = run_grid(spec, options)
     if args.dry_run:
         return 0
@@ -408,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "job slot: cells in progress finish instead of being killed; rerun to go on)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the cells, parameter counts and a time estimate; run nothing")
+    p.add_argument("--warm-first", action="store_true",
+                   help="with several workers, start one cell of each compiled shape first and "
+                   "the others of that shape once it has compiled (they load its graphs from "
+                   "the cache instead of compiling them side by side)")
     _add_no_check(p)
     _add_tracking(p)
     p.set_defaults(func=cmd_grid)

@@ -75,6 +75,7 @@ from lab.records import (DEVICE_TAG, GRID_TAG, HEARTBEAT_TAG, checkpoint_dir, ch
                          describe_failure, end_run, find_or_create_grid_parent,
                          heartbeat, load_checkpoint, start_run)
 from lab.training import phases as run_phases
+from lab.training.callbacks import FirstStepNotice
 from lab.training.module import use_compile_cache
 from lab.training.run import open_data, train_run
 from lab.training.schedule import total_steps
@@ -277,6 +278,15 @@ def packing_speedup(preset: str, runs_per_gpu: int) -> float:
     """Measured aggregate speed-up of `runs_per_gpu` cells on a GPU (1 where not measured)."""
     return MEASURED_PACKING.get(preset, {}).get("speedup", {}).get(runs_per_gpu, 1.0) \
         if runs_per_gpu > 1 else 1.0
+
+
+def compile_shape(config: RunConfig) -> str:
+    """What decides a cell's compiled graph (the model, the micro-batch, the compile mode,
+    the precision and the loss kernel; not the seed or the learning rate): cells with the
+    same value load each other's graphs from Inductor's cache (--warm-first)."""
+    t = config.train
+    return json.dumps([dataclasses.asdict(config.model), t.micro_batch, t.compile, t.compile_mode,
+                       t.precision, t.fused_loss], sort_keys=True, default=str)
 
 
 def _gpu_memory_gib() -> float | None:
@@ -569,9 +579,11 @@ def claim_cell(task: Task, ctx: GridContext, owner: str) -> tuple[Task | None, s
                                claim=claim), ""
 
 
-def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = True) -> Outcome:
+def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = True,
+                 on_first_step=None) -> Outcome:
     """Run one cell in this process: create (or take over) its run and train it. Any failure
-    is recorded on the run and returned; an interrupt propagates (the run ends KILLED)."""
+    is recorded on the run and returned; an interrupt propagates (the run ends KILLED).
+    `on_first_step()` is called once the run's first step (its compile) is done."""
     client = records.client(ctx.uri)
     run_id, holding = task.run_id, False   # holding: the run is this process's to close
     started = time.time()
@@ -597,6 +609,8 @@ def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = 
         config = task.config
         callbacks = [] if ctx.quiet else [RunProgress(
             task.name, total_steps(config), config.train.batch_size * config.model.context)]
+        if on_first_step is not None:
+            callbacks.append(FirstStepNotice(on_first_step))
         # The claim and the run's creation are the cell's store writes before its run starts.
         before = {"store": time.perf_counter() - claiming, "check_share": ctx.check_share_s}
         with heartbeat(client, run_id) if lead_rank else nullcontext():
@@ -630,8 +644,10 @@ def _release_memory() -> None:
 # --- worker processes -------------------------------------------------------------------
 
 def run_cell_in_worker(task: Task, ctx: GridContext, notify) -> Outcome:
-    """A cell in a pool worker: the pool hears of its run as soon as it exists."""
-    return execute_cell(task, ctx, on_start=lambda run_id: notify({"run_id": run_id}))
+    """A cell in a pool worker: the pool hears of its run as soon as it exists, and when its
+    first step is done (WorkerPool.run's warm-up of a shape)."""
+    return execute_cell(task, ctx, on_start=lambda run_id: notify({"run_id": run_id}),
+                        on_first_step=lambda: notify({"warm": True}))
 
 
 class CellPool(WorkerPool):
@@ -723,6 +739,10 @@ class GridOptions:
     # judged by the longest cell this grid process has run (a time-limited machine or job
     # slot: the cells in progress finish instead of being killed at the limit). None: no limit.
     time_limit_s: float | None = None
+    # Worker pools: a cell waits while the first cell of its compiled shape (compile_shape)
+    # compiles, and other shapes go first (WorkerPool.run). Off by default: the slot it
+    # holds idle is measured against the compile it saves by benchmarks/time_to_verdict.py.
+    warm_first: bool = False
 
 
 @dataclass
@@ -869,7 +889,9 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
                 pool = CellPool(slots, threads, ctx)
                 try:
                     left = pool.run(work.tasks, finished,
-                                    lambda task, slot: dispatched(task, slot_name(slot)), admit)
+                                    lambda task, slot: dispatched(task, slot_name(slot)), admit,
+                                    (lambda task: compile_shape(task.config))
+                                    if options.warm_first else None)
                 except BaseException as err:
                     stop = interruption(err)
                     pool.close(stop.signum if stop is not None else None)

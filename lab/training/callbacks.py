@@ -225,6 +225,20 @@ class LossMonitor(L.Callback):
                              t.spike_merge)
 
 
+class FirstStepNotice(L.Callback):
+    """Calls `notify()` once, after the run's first optimizer step, when its model has been
+    compiled: a grid started with --warm-first holds the other cells of the same compiled
+    shape until then (lab/experiments/pool.py WorkerPool.run)."""
+
+    def __init__(self, notify):
+        self.notify, self.done = notify, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self.done:
+            self.done = True
+            self.notify()
+
+
 class GateInsertion(L.Callback):
     """`sdpa_gate_added_in_continued_training` (NeurIPS App. A.7): the model trains as the
     baseline until `gate_insert_fraction` of the steps, then the gate switches on and
