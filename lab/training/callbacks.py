@@ -85,6 +85,11 @@ class LossMonitor(L.Callback):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
+    @property
+    def started_at(self) -> float | None:
+        """`time.perf_counter()` when this fit's training loop began (on_train_start)."""
+        return self._started
+
     def exclude(self, seconds: float) -> None:
         """Time inside the training loop that is not training (a checkpoint write)."""
         self._excluded += seconds

@@ -248,8 +248,8 @@ def _training_phases(clock, config: RunConfig, monitor: LossMonitor,
     first step (LossMonitor's start), the first step split into compile and one steady step,
     the steady training time, and what validation, checkpoints and the periodic analysis
     took out of it."""
-    if monitor._started is not None:
-        clock.add("model_build", monitor._started - building)
+    if monitor.started_at is not None:
+        clock.add("model_build", monitor.started_at - building)
     first = monitor.first_step_s or 0.0
     rate = monitor.steady_tokens_per_s()
     steady_step = monitor.tokens_per_step / rate if rate else first
