@@ -38,6 +38,16 @@ EXAMPLES = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are the lab's one `error:` line and exit code 2, not its usage
+    block (`--tokens abc`: "error: --tokens: invalid float value: 'abc' (see gatelab train
+    --help)"); the subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        message = message.removeprefix("argument ")
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def _parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help_text, description=help_text,
                           epilog=f"example:\n  {EXAMPLES[name]}",
@@ -109,16 +119,25 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 # start-up cost. tests/test_cli_terminal.py holds --help to it.
 
 def cmd_train(args) -> int:
-    from lab.config import resolve
+    from lab.config import check_experiment_name, resolve
     from lab.model.gates import custom_variant, parse_gate
     from lab.training.run import describe, train_run
 
-    if not args.experiment.strip():
-        raise LabError(f"--experiment: expected an MLflow experiment name, got {args.experiment!r}")
+    check_experiment_name("--experiment", args.experiment)
     variant = custom_variant(parse_gate(args.gate)) if args.gate else args.variant
     config = resolve(variant, args.preset, args.overrides, data=args.data, tokens=args.tokens,
                      seed=args.seed, lr=args.lr)
-    result = train_run(config, args.tracking_uri, experiment=args.experiment, quiet=args.quiet)
+    try:
+        result = train_run(config, args.tracking_uri, experiment=args.experiment,
+                           quiet=args.quiet)
+    except Exception as err:
+        from lab.records import describe_failure
+
+        kind, message = describe_failure(err, config)
+        if kind != "disk_full" or isinstance(err, LabError):
+            raise
+        print(f"error: {message} (the run is FAILED)", file=sys.stderr)  # recorded: exit 1
+        return 1
     print(describe(result))
     return 0
 
@@ -171,8 +190,10 @@ def cmd_report(args) -> int:
     if args.equivalence_percent is not None and not args.equivalence_percent > 0:
         raise LabError(f"report: --equivalence-percent must be above 0, not "
                        f"{args.equivalence_percent:g}")
-    band = {} if args.equivalence_percent is None else \
-        {"equivalence_percent": args.equivalence_percent}
+    if not args.broke_margin > 0:
+        raise LabError(f"report: --broke-margin must be above 0 nats, not {args.broke_margin:g}")
+    band = {"broke_margin": args.broke_margin} if args.equivalence_percent is None else \
+        {"equivalence_percent": args.equivalence_percent, "broke_margin": args.broke_margin}
     grids = list(dict.fromkeys(args.grid))
     if args.out and len(grids) > 1:
         raise LabError("report: --out takes one grid; with several, each goes to reports/<grid>")
@@ -303,7 +324,7 @@ def cmd_sweep_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gatelab", description="Gated-attention ablation lab "
+    parser = _Parser(prog="gatelab", description="Gated-attention ablation lab "
                                      "(Qiu et al., 2025): train, sweep and compare gate variants.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -424,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--equivalence-percent", type=float, default=None,
                    help="the band within which the trend verdicts call two variants the "
                    "same, in percent of the right side's mean (default 1: lab/reports/trends.py)")
+    p.add_argument("--broke-margin", type=float, default=0.1, metavar="NATS",
+                   help="over an LR ladder, a run broke when it diverged or ended this many "
+                   "nats above its variant's best rung (default 0.1: lab/reports/trends.py)")
     p.add_argument("--control", metavar="GRID", help="a grid that changes one setting of "
                    "this one (e.g. reproduce-base-init): each variant's Δ PPL against its "
                    "variants too, paired by seed (report.md, control.csv)")
@@ -511,25 +535,33 @@ STOPPABLE = {"train": "its run is KILLED",
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # After parsing, so that --help and a usage error import neither (Lightning and SQLAlchemy
-    # behind them: seconds; the start-up cost above).
-    from lab.interrupts import interruption, stop_on_signals
-    from lab.progress import set_verbosity
+    # The first thing, before any heavy import: a stop signal from here on ends the command
+    # in one line (lab/interrupts.py stop_from_the_start; lab.interrupts itself is light).
+    from lab.interrupts import interruption, runs_killed, stop_from_the_start, stop_on_signals
 
-    set_verbosity("quiet" if args.quiet else "verbose" if args.verbose else "normal")
-    try:
-        with stop_on_signals() if args.command in STOPPABLE else nullcontext():
-            return args.func(args)
-    except LabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:
-        stop = interruption(err)
-        print(f"gatelab {args.command}: stopped by {stop.name}"
-              + (f"; {STOPPABLE[args.command]}" if args.command in STOPPABLE else ""),
-              file=sys.stderr)
-        return stop.exit_code
+    words = sys.argv[1:] if argv is None else argv
+    command = words[0] if words and not words[0].startswith("-") else None  # (parse may be cut)
+    with stop_from_the_start():
+        try:
+            args = build_parser().parse_args(argv)
+            command = args.command
+            # After parsing, so that --help and a usage error import neither (Lightning and
+            # SQLAlchemy behind them: seconds; the start-up cost above).
+            from lab.progress import set_verbosity
+
+            set_verbosity("quiet" if args.quiet else "verbose" if args.verbose else "normal")
+            with stop_on_signals() if args.command in STOPPABLE else nullcontext():
+                return args.func(args)
+        except LabError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as err:
+            stop = interruption(err)
+            what = (f"; {STOPPABLE[command]}" if runs_killed() else "; no run was in progress") \
+                if command in STOPPABLE else ""
+            print(f"gatelab{' ' + command if command else ''}: stopped by {stop.name}{what}",
+                  file=sys.stderr)
+            return stop.exit_code
 
 
 if __name__ == "__main__":

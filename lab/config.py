@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -357,11 +358,43 @@ def yaml_number(where: str, value, positive: bool = True) -> float:
     return number
 
 
+# Where a name ends up: an MLflow experiment (at most 500 characters, MLflow's
+# MAX_EXPERIMENT_NAME_LENGTH in mlflow/utils/validation.py) and its artifact folder
+# mlruns/artifacts/<name> (one file name: at most 255 bytes on Linux file systems, NAME_MAX);
+# a grid's or sweep's name also names a run (at most 250 characters, the `name` column of
+# MLflow's runs table; a sweep's parent run is <name>/<variant>, variants up to 40), the
+# report folder, and sweeps/<name>.journal with Optuna's lock files beside it
+# (<journal>.lock<uuid4>.renamed: 57 more characters). Past these the name failed only
+# once a run existed (issue 40).
+MAX_NAME_CHARS = 128      # a grid's or sweep's name: every use above fits with room
+MAX_EXPERIMENT_BYTES = 255
+
+
 def check_name(name) -> str:
     """A grid's or sweep's name: it names the MLflow experiment and the report folder."""
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise LabError(f"name: {name!r} must be letters, digits, '_', '.' or '-' "
                        "(it names the MLflow experiment and the report folder)")
+    if len(name) > MAX_NAME_CHARS:
+        raise LabError(f"name: at most {MAX_NAME_CHARS} characters (it names the MLflow "
+                       f"experiment, runs, files and folders), got {len(name)}: {name[:40]}...")
+    return name
+
+
+def check_experiment_name(field_name: str, name: str) -> str:
+    """`gatelab train --experiment`: any text MLflow and the file system take (see above):
+    not blank, no control characters (a newline would split every line that names it), and
+    at most MAX_EXPERIMENT_BYTES in UTF-8 as its artifact folder's name."""
+    if not name.strip():
+        raise LabError(f"{field_name}: expected an MLflow experiment name, got {name!r}")
+    control = next((ch for ch in name if unicodedata.category(ch) == "Cc"), None)
+    if control is not None:
+        raise LabError(f"{field_name}: {name!r} holds the control character {control!r}; "
+                       "an experiment name is one line of printable text")
+    size = len(name.replace("/", "_").encode("utf-8", "surrogatepass"))
+    if size > MAX_EXPERIMENT_BYTES:
+        raise LabError(f"{field_name}: at most {MAX_EXPERIMENT_BYTES} bytes (it names the "
+                       f"experiment's artifact folder), got {size}: {name[:40]!r}...")
     return name
 
 
@@ -531,7 +564,10 @@ def resolve(variant: str | Variant, preset: str, overrides: list[str] | dict | N
 
 
 def with_vocab(config: RunConfig, vocab_size: int) -> RunConfig:
-    """The model's vocabulary is the data's: set once the tokens are known."""
+    """The model's vocabulary is the data's: set once the tokens are known, and checked as
+    `model.vocab_size` is (a corpus's manifest may name any number; the embedding is
+    allocated from it)."""
+    check_vocab("data: the corpus's vocab_size (the model's vocabulary)", vocab_size)
     return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab_size))
 
 

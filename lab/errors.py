@@ -3,8 +3,11 @@ that raise it in one message style: `<field>: <what is allowed>, got <value>`.""
 
 import functools
 import math
+import shutil
+import tempfile
 import types
 import typing
+from pathlib import Path
 
 
 class LabError(Exception):
@@ -95,3 +98,31 @@ def _has_type(value, kind) -> bool:
         return isinstance(value, (int, float)) and math.isfinite(value)
     return isinstance(value, kind)
 
+
+
+def writable_folder(field: str, path: str | Path) -> Path:
+    """`path` is a folder this process can write in, or one it can create: its nearest
+    existing ancestor is a folder, and a file can be made there (a probe, not os.access,
+    which says yes to root on a read-only file system). Returns that ancestor."""
+    existing = Path(path).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LabError(f"{field}: {existing} is a file, not a folder"
+                       + (f" (in the path {path})" if existing != Path(path).absolute() else ""))
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise LabError(f"{field}: cannot write in {existing} ({err.strerror or err})") from None
+    return existing
+
+
+def check_free_space(field: str, path: str | Path, need_bytes: int, what: str) -> None:
+    """At least `need_bytes` free where `path` is (or will be): a full disk found before a
+    run exists, in one line, rather than in the middle of it."""
+    free = shutil.disk_usage(writable_folder(field, path)).free
+    if free < need_bytes:
+        raise LabError(f"{field}: {free / 2 ** 20:,.0f} MiB free at {path}, but {what} takes "
+                       f"about {need_bytes / 2 ** 20:,.0f} MiB; free space there, or point the "
+                       "command elsewhere")

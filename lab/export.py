@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 
 from lab.config import RunConfig
 from lab.data.sources import open_source
-from lab.errors import LabError, check_choice
+from lab.errors import LabError, check_choice, writable_folder
 from lab.model.config import ModelConfig
 from lab.model.decoder import Decoder
 from lab.model.gates import GateSpec
@@ -308,29 +308,36 @@ def export(run_or_path: str, out: str | Path, fmt: str = "hf", dtype: str = "flo
     """Write a Hugging Face Qwen3 directory for a run (see the module docstring for the layout)."""
     check_choice("--format", fmt, FORMATS)
     check_choice("--dtype", dtype, tuple(DTYPES))
-    ckpt = load_checkpoint(run_or_path)
-    check_exportable(ckpt.config)
     out = Path(out)
+    writable_folder("--out", out)  # a file there, a read-only place: one line, nothing written
     if out.exists() and any(out.iterdir()) and not force:
         raise LabError(f"--out: {out} is not empty (pass --force to overwrite)")
+    ckpt = load_checkpoint(run_or_path)
+    check_exportable(ckpt.config)
     tokenizer_json = Path(tokenizer) if tokenizer else tokenizer_file(ckpt.config)
     if tokenizer_json is not None and not tokenizer_json.is_file():
         raise LabError(f"--tokenizer: file not found: {tokenizer_json}")
     model = ckpt.config.model
-    out.mkdir(parents=True, exist_ok=True)
-
-    eos_id = write_tokenizer(tokenizer_json, out, model) if tokenizer_json else None
-    tensors = {name: t.to(DTYPES[dtype]) for name, t in to_hf_state_dict(ckpt.state, model).items()}
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})  # transformers checks "pt"
-    # safetensors writes through a private temporary file (mode 0600); the weights get the
-    # mode of the other files written here (0666 less the umask, 0644 usually).
-    os.chmod(out / WEIGHTS_FILE, 0o666 & ~_umask())
-    _write_json(out / "config.json", hf_config(model, dtype, eos_id))
-    if eos_id is not None:
-        _write_json(out / "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id})
-    result = ExportResult(out, ckpt.config.variant, ckpt.step, ckpt.planned_steps,
-                          tokenizer_json is not None)
-    (out / "README.md").write_text(model_card(ckpt, result))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        eos_id = write_tokenizer(tokenizer_json, out, model) if tokenizer_json else None
+        tensors = {name: t.to(DTYPES[dtype])
+                   for name, t in to_hf_state_dict(ckpt.state, model).items()}
+        # transformers checks the "pt" format
+        save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+        # safetensors writes through a private temporary file (mode 0600); the weights get the
+        # mode of the other files written here (0666 less the umask, 0644 usually).
+        os.chmod(out / WEIGHTS_FILE, 0o666 & ~_umask())
+        _write_json(out / "config.json", hf_config(model, dtype, eos_id))
+        if eos_id is not None:
+            _write_json(out / "generation_config.json",
+                        {"bos_token_id": eos_id, "eos_token_id": eos_id})
+        result = ExportResult(out, ckpt.config.variant, ckpt.step, ckpt.planned_steps,
+                              tokenizer_json is not None)
+        (out / "README.md").write_text(model_card(ckpt, result))
+    except OSError as err:  # a full disk, or the place changed under us: one line
+        raise LabError(f"--out: cannot write {out} ({err.strerror or err}); the files written "
+                       "so far are incomplete") from None
     return result
 
 

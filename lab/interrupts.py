@@ -15,12 +15,22 @@ later write of the process, the one that marks the run KILLED included, waits ou
 timeout and fails. So while the main thread holds a pooled SQLAlchemy connection (MLflow's
 and Optuna's SQL stores), a signal is deferred until the connection is back in the pool,
 after its transaction was committed or rolled back; at most DEFER_AT_MOST_S.
+
+Before all that, from the first line of `gatelab` (stop_from_the_start, entered by
+lab/cli.py main before it imports anything heavy): a signal in the seconds the imports of
+torch, Lightning and MLflow take raises Interrupted at once, so the command ends with one
+line and 128 + the number, no traceback, before any run exists. SIGINT is caught even when
+it was inherited ignored, as a non-interactive shell starts a background job (`gatelab
+train ... &` in a script): Python keeps an inherited SIG_IGN, and the lab's promise that
+SIGINT stops a run would not hold there. Whether a stop found runs to close is counted
+(runs_killed), so the one line says "its run is KILLED" only when one was.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -36,6 +46,8 @@ _connections = 0     # pooled database connections the main thread has checked o
 _deferred: int | None = None  # a signal that arrived while one was
 _deadline: threading.Timer | None = None
 _forced = False      # the database call outlasted DEFER_AT_MOST_S
+_seen = False        # a stop signal was taken since stop_from_the_start: later ones ignored
+_runs_killed = 0     # runs this process ended KILLED for a stop signal (note_killed)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -57,8 +69,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _interrupt(signum: int) -> None:
-    global _stopping, _deferred
-    _stopping, _deferred = True, None
+    global _stopping, _deferred, _seen
+    _stopping, _deferred, _seen = True, None, True
     if _deadline is not None:
         _deadline.cancel()
     raise Interrupted(signum)
@@ -107,6 +119,43 @@ def _on_checkin(dbapi_connection, connection_record) -> None:
             _interrupt(_deferred)
 
 
+def _on_early_signal(signum, frame) -> None:
+    global _seen
+    if _seen:
+        return  # the command is already stopping: one signal, one line
+    _seen = True
+    raise Interrupted(signum)
+
+
+@contextmanager
+def stop_from_the_start():
+    """SIGINT and SIGTERM raise Interrupted from here on (the module's docstring says why),
+    also where SIGINT was inherited ignored; stop_on_signals takes over inside it. The
+    previous handlers come back after it (the CLI's tests call main in one process)."""
+    global _seen, _runs_killed
+    if not _in_main_thread():
+        yield
+        return
+    _seen, _runs_killed = False, 0
+    previous = {signum: signal.signal(signum, _on_early_signal) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def note_killed(count: int = 1) -> None:
+    """Runs ended KILLED for a stop signal (lab/records/runs.py end_run, the grid's and the
+    sweep's parents): the CLI's line then says so."""
+    global _runs_killed
+    _runs_killed += count
+
+
+def runs_killed() -> int:
+    return _runs_killed
+
+
 @contextmanager
 def stop_on_signals():
     """SIGINT and SIGTERM raise Interrupted inside this block (main thread only: Python
@@ -144,19 +193,24 @@ def interruption(err: BaseException) -> Interrupted | None:
     `_call_and_handle_interrupt` turns an interrupt during `Trainer.fit` into sys.exit(1)).
     Once one is found, the process is stopping: a signal still deferred, or sent again, is
     not raised a second time into the code that closes the runs."""
-    global _stopping, _deferred
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    global _stopping, _deferred, _seen
+    # Only once Lightning is imported can its exception exist: a stop in the first seconds
+    # must not wait for (or be interrupted in) the import of Lightning.
+    lightning = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    sigterm_exception = lightning.SIGTERMException if lightning is not None else ()
 
     seen, found = set(), None
     while err is not None and id(err) not in seen and found is None:
         seen.add(id(err))
         if isinstance(err, Interrupted):
             found = err
-        elif isinstance(err, SIGTERMException):
+        elif isinstance(err, sigterm_exception):
             found = Interrupted(signal.SIGTERM)
         elif isinstance(err, KeyboardInterrupt):
             found = Interrupted(signal.SIGINT)
         err = err.__cause__ or err.__context__
-    if found is not None and _installed:
-        _stopping, _deferred = True, None
+    if found is not None:
+        _seen = True
+        if _installed:
+            _stopping, _deferred = True, None
     return found

@@ -11,6 +11,7 @@ corpus made broken in the way `kind` names (see `_corpus`).
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -68,8 +69,38 @@ CASES = [
     ("seed-too-large", train("--seed", "99999999999"),
      "train.seed: must be an integer in [0, 4294967295]"),
     ("seed-negative", train("--seed", "-1"), "train.seed: must be a non-negative integer"),
+    # issue 40: argparse's type errors are one line too, not its usage block
+    ("tokens-not-a-number", train("--tokens", "abc"),
+     "error: --tokens: invalid float value: 'abc' (see gatelab train --help)"),
+    ("seed-not-a-number", train("--seed", "x"), "--seed: invalid int value: 'x'"),
+    ("lr-not-a-number", train("--lr", "fast"), "--lr: invalid float value: 'fast'"),
+    ("grid-cpu-workers-text", grid("--cpu-workers", "two"), "--cpu-workers: invalid int value"),
+    ("sweep-workers-text", sweep("--workers", "2.5"), "--workers: invalid int value: '2.5'"),
+    ("prepare-vocab-text", ["prepare", "--data", "{tmp}/doc.txt", "--vocab-size", "big"],
+     "--vocab-size: invalid int value: 'big'"),
+    ("command-missing", [], "the following arguments are required: command"),
     ("experiment-empty", train("--experiment", ""), "--experiment: expected an MLflow experiment"),
     ("experiment-blank", train("--experiment", "  "), "--experiment: expected an MLflow experiment"),
+    # issue 40: names MLflow and the file system take, checked before anything
+    ("experiment-newline", train("--experiment", "two\nlines"),
+     "--experiment: 'two\\nlines' holds the control character '\\n'"),
+    ("experiment-tab", train("--experiment", "a\tb"), "holds the control character '\\t'"),
+    ("experiment-300-chars", train("--experiment", "e" * 300),
+     "--experiment: at most 255 bytes (it names the experiment's artifact folder), got 300"),
+    ("experiment-600-chars", train("--experiment", "e" * 600), "at most 255 bytes"),
+    ("experiment-multibyte", train("--experiment", "\u00e9" * 200), "at most 255 bytes, got 400"
+     .replace("bytes, got", "bytes (it names the experiment's artifact folder), got")),
+    ("grid-name-300-chars", grid_file(GRID_FILE.replace("name: fuzz", "name: " + "g" * 300)),
+     "name: at most 128 characters"),
+    ("grid-name-129-chars", grid_file(GRID_FILE.replace("name: fuzz", "name: " + "g" * 129)),
+     "name: at most 128 characters (it names the MLflow experiment, runs, files and folders), "
+     "got 129"),
+    ("grid-name-600-chars", grid_file(GRID_FILE.replace("name: fuzz", "name: " + "g" * 600)),
+     "name: at most 128 characters"),
+    ("sweep-name-300-chars", sweep_file(SWEEP_FILE.replace("name: fuzz", "name: " + "s" * 300)),
+     "name: at most 128 characters"),
+    ("grid-name-newline", grid_file(GRID_FILE.replace("name: fuzz", 'name: "a\\nb"')),
+     "must be letters, digits"),
     ("preset-unknown", train("--preset", "huge"), "preset: unknown preset 'huge'"),
     ("variant-unknown", train("--variant", "baselin"), "unknown variant 'baselin'"),
     ("gate-axis-unknown", train("--gate", "position=nowhere"), "position"),
@@ -163,6 +194,34 @@ CASES = [
     ("corpus-manifest-no-dtype", train("--data", "{corpus:no-dtype}"),
      "corrupt manifest"),
     ("corpus-truncated", train("--data", "{corpus:truncated}"), "is missing or truncated"),
+    # issue 40: a manifest that misdescribes its token files is refused at open
+    ("corpus-dtype-float16", train("--data", "{corpus:dtype-float16}"),
+     "dtype 'float16' does not describe these tokens: a vocabulary of 512 is stored as uint16"),
+    ("corpus-dtype-uint32", train("--data", "{corpus:dtype-uint32}"),
+     "dtype 'uint32' does not describe these tokens"),
+    ("corpus-dtype-int8", train("--data", "{corpus:dtype-int8}"), "dtype 'int8' does not describe"),
+    ("corpus-dtype-not-text", train("--data", "{corpus:dtype-number}"), "dtype 7 does not describe"),
+    ("corpus-max-id-understated", train("--data", "{corpus:max-id-understated}"),
+     "max_token_id 300, but the largest id in the token files is 499"),
+    ("corpus-count-inflated", train("--data", "{corpus:count-inflated}"),
+     "train.bin is missing or truncated (expected 21000 tokens x 2 bytes = 42000 bytes, "
+     "found 40000 bytes)"),
+    ("corpus-count-negative", train("--data", "{corpus:count-negative}"),
+     "splits.valid: expected an integer >= 0, got -5"),
+    ("corpus-split-missing", train("--data", "{corpus:split-missing}"),
+     "splits: expected the token counts of train, valid, test"),
+    ("corpus-vocab-2-40", train("--data", "{corpus:vocab-2-40}"),
+     "vocab_size: expected an integer [1, 4294967296], got 1099511627776"),
+    ("corpus-vocab-fraction", train("--data", "{corpus:vocab-fraction}"),
+     "vocab_size: expected an integer [1, 4294967296], got 512.5"),
+    ("corpus-vocab-beyond-model", train("--data", "{corpus:vocab-beyond-model}"),
+     "data: the corpus's vocab_size (the model's vocabulary): must be an integer in [16, 16777216]"),
+    ("corpus-eos-negative", train("--data", "{corpus:eos-negative}"),
+     "eos_id: expected an integer [0, 511], got -1"),
+    ("corpus-eos-past-vocab", train("--data", "{corpus:eos-past-vocab}"),
+     "eos_id: expected an integer [0, 511], got 512"),
+    ("corpus-manifest-a-list", train("--data", "{corpus:manifest-a-list}"),
+     "expected a JSON object, got list"),
     # --- grid: flags and files ------------------------------------------------------------
     ("grid-binary-file", ["grid", "{tmp}/binary.yaml", "--quiet", "@binary"],
      "not UTF-8 text (byte 0x89 at offset 0)"),
@@ -188,6 +247,20 @@ CASES = [
      "model.rms_eps: expected a finite number, got inf"),
     ("grid-file-weight-decay", grid_file(GRID_FILE + "overrides: {train.weight_decay: -1}\n"),
      "train.weight_decay: must be a non-negative number, got -1"),
+    # --- issue 40: the store and output places, checked before a run is made --------------
+    ("tracking-uri-memory", train("--tracking-uri", "sqlite:///:memory:"),
+     "--tracking-uri: 'sqlite:///:memory:' is an in-memory SQLite database"),
+    ("tracking-uri-memory-bare", train("--tracking-uri", "sqlite://"), "is an in-memory SQLite"),
+    ("grid-tracking-uri-memory", grid("--tracking-uri", "sqlite:///:memory:"),
+     "is an in-memory SQLite database"),
+    ("sweep-tracking-uri-memory", sweep("--tracking-uri", "sqlite:///:memory:"),
+     "is an in-memory SQLite database"),
+    ("export-out-a-file", ["export", "{tmp}/none.ckpt", "--out", "{grid}"],
+     "--out: {grid} is a file, not a folder"),
+    ("export-out-under-a-file", ["export", "{tmp}/none.ckpt", "--out", "{grid}/model"],
+     "--out: {grid} is a file, not a folder (in the path {grid}/model)"),
+    ("prepare-out-under-a-file", ["prepare", "--data", "{tmp}/doc.txt", "--out", "{sweep}/corpus"],
+     "is a file, not a folder"),
     # --- sweep: flags and files -----------------------------------------------------------
     ("sweep-storage-directory", sweep("--storage", "{tmp}"), "is a directory"),
     ("sweep-storage-under-a-file", sweep("--storage", "{sweep}/x.journal"),
@@ -207,6 +280,21 @@ CASES = [
      "tokens: must be a positive number"),
     ("sweep-trials-zero", sweep_file(SWEEP_FILE.replace("trials: 2", "trials: 0")),
      "trials: must be a positive integer"),
+    # issue 40: no number of a file is NaN or infinite, wherever it is
+    ("sweep-pruner-nan", sweep_file(SWEEP_FILE + "pruner: {kind: median, n_warmup_steps: .nan}\n"),
+     "pruner.n_warmup_steps: expected a finite number, got nan"),
+    ("sweep-pruner-inf", sweep_file(SWEEP_FILE + "pruner: {kind: median, n_startup_trials: .inf}\n"),
+     "pruner.n_startup_trials: expected a finite number, got inf"),
+    ("sweep-pruner-negative", sweep_file(SWEEP_FILE + "pruner: {kind: median, n_warmup_steps: -3}\n"),
+     "pruner: options {'n_warmup_steps': -3} refused by Optuna's median pruner"),
+    ("sweep-pruner-text", sweep_file(SWEEP_FILE + "pruner: {kind: successive_halving, "
+                                                  "min_resource: lots}\n"),
+     "refused by Optuna's successive_halving pruner"),
+    ("sweep-description-nan", sweep_file(SWEEP_FILE + "description: .nan\n"),
+     "description: expected a finite number, got nan"),
+    ("grid-lrs-nan-in-file", grid_file(GRID_FILE + "lrs: [1.0e-3, .nan]\n"), "lrs"),
+    ("grid-extends-chain", ["grid", "{tmp}/chain-0.yaml", "--quiet", "@chain:80"],
+     "extends: a chain of more than 64 files"),
     ("sweep-override-eps", sweep_file(SWEEP_FILE + "overrides: {train.eps: -1}\n"),
      "train.eps: must be a positive number"),
     ("sweep-preset-flag", sweep("--preset", "huge"), "preset: unknown preset 'huge'"),
@@ -229,9 +317,25 @@ def _corpus(tmp: Path, kind: str) -> Path:
     if kind == "ids-past-vocab":  # what a tokenizer larger than the manifest says gives
         tokens = tokens.copy()
         tokens[123] = 600
-    write_store(path, {s: tokens for s in ("train", "valid", "test")}, vocab_size=512,
+    write_store(path, {s: tokens for s in ("train", "valid", "test")},
+                vocab_size=2 ** 25 if kind == "vocab-beyond-model" else 512,
                 eos_id=0, source="fuzz", tokenizer_hash="fuzz")
     manifest = json.loads((path / MANIFEST).read_text())
+    lies = {"dtype-float16": ("dtype", "float16"), "dtype-uint32": ("dtype", "uint32"),
+            "dtype-int8": ("dtype", "int8"), "dtype-number": ("dtype", 7),
+            "max-id-understated": ("max_token_id", 300), "vocab-2-40": ("vocab_size", 2 ** 40),
+            "vocab-fraction": ("vocab_size", 512.5), "eos-negative": ("eos_id", -1),
+            "eos-past-vocab": ("eos_id", 512)}
+    if kind in lies:
+        manifest[lies[kind][0]] = lies[kind][1]
+    elif kind == "count-inflated":
+        manifest["splits"]["train"] += 1000
+    elif kind == "count-negative":
+        manifest["splits"]["valid"] = -5
+    elif kind == "split-missing":
+        del manifest["splits"]["test"]
+    elif kind == "manifest-a-list":
+        manifest = [manifest]
     if kind == "old-manifest-shrunk":  # written before max_token_id, then edited by hand
         del manifest["max_token_id"]
         manifest["vocab_size"] = 100
@@ -249,10 +353,16 @@ def _corpus(tmp: Path, kind: str) -> Path:
 def _argv(template: list[str], tmp: Path) -> list[str]:
     (tmp / "grid.yaml").write_text(GRID_FILE)
     (tmp / "sweep.yaml").write_text(SWEEP_FILE)
+    (tmp / "doc.txt").write_text("A document to prepare.<|endoftext|>Another one.\n" * 50)
     argv = []
     for part in template:
         if part.startswith("@write:"):
             (tmp / "written.yaml").write_text(part[len("@write:"):])
+        elif part.startswith("@chain:"):  # chain-0 extends chain-1 ... extends the grid
+            length = int(part[len("@chain:"):])
+            for n in range(length):
+                target = f"chain-{n + 1}.yaml" if n + 1 < length else "grid.yaml"
+                (tmp / f"chain-{n}.yaml").write_text(f"name: chain{n}\nextends: {target}\n")
         elif part == "@binary":
             (tmp / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary")
         elif part.startswith("{corpus:"):
@@ -269,6 +379,16 @@ def _run_count(uri: str) -> int:
     return runs + experiments - 1  # the Default experiment is always there
 
 
+def _exit_code(argv: list[str]) -> int:
+    """main's return value, or the code of the SystemExit argparse ends a usage error with."""
+    from lab.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as done:
+        return done.code
+
+
 def test_the_suite_is_the_size_the_issue_asks_for():
     assert len(CASES) >= 60
     assert len({case[0] for case in CASES}) == len(CASES)
@@ -277,12 +397,11 @@ def test_the_suite_is_the_size_the_issue_asks_for():
 @pytest.mark.parametrize("template, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_error_line_exit_2_and_no_run(store, tmp_path, capsys, template,
                                                        expected):
-    from lab.cli import main
-
-    assert main(_argv(template, tmp_path)) == 2
+    assert _exit_code(_argv(template, tmp_path)) == 2
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    expected = expected.replace("{grid}", str(tmp_path / "grid.yaml"))
     assert expected in lines[0], lines[0]
     assert "Traceback" not in captured.err + captured.out
     assert _run_count(store) == 0
@@ -306,3 +425,133 @@ def test_a_corpus_written_in_range_opens_and_records_its_largest_id(tmp_path):
                           vocab_size=512, eos_id=0, source="fuzz", tokenizer_hash="fuzz")
     assert written.manifest["max_token_id"] == 299
     assert TokenStore.open(tmp_path / "ok").max_token_id() == 299
+
+
+# --- issue 40: a read-only store and a full disk, before a run is made -------------------------
+
+ENVIRONMENT_COMMANDS = {"train": train(), "grid": grid(), "sweep": sweep(),
+                        "export": ["export", "{tmp}/none.ckpt", "--out", "{tmp}/exported"],
+                        "prepare": ["prepare", "--data", "{tmp}/doc.txt", "--out",
+                                    "{tmp}/corpus", "--quiet"]}
+
+
+def _one_error_line(capsys, expected: str) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], \
+        captured.err
+    assert "Traceback" not in captured.err + captured.out and not captured.out, captured.out
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", sorted(ENVIRONMENT_COMMANDS))
+def test_a_read_only_place_is_one_line_before_any_run(store, tmp_path, capsys, monkeypatch,
+                                                      command):
+    """Every folder the command would write in refuses a file, as a read-only file system
+    does (even to root, whom permission bits do not stop): one line, exit 2, no run."""
+    import errno
+    import tempfile
+
+    from lab.cli import main
+
+    argv = _argv(ENVIRONMENT_COMMANDS[command], tmp_path)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    assert main(argv) == 2
+    _one_error_line(capsys, "(Read-only file system)")
+    assert _run_count(store) == 0
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in a folder without write permission")
+def test_a_store_folder_without_write_permission_is_one_line(store, tmp_path, capsys):
+    from lab.cli import main
+
+    argv = _argv(train(), tmp_path)
+    folder = Path(store[len("sqlite:///"):]).parent
+    folder.chmod(0o555)
+    try:
+        assert main(argv) == 2
+    finally:
+        folder.chmod(0o755)
+    _one_error_line(capsys, "store: cannot write in")
+    assert _run_count(store) == 0
+
+
+@pytest.mark.parametrize("command", ["train", "grid", "sweep"])
+def test_a_full_disk_under_the_store_is_one_line_before_any_run(store, tmp_path, capsys,
+                                                               monkeypatch, command):
+    import shutil
+
+    from lab.cli import main
+
+    argv = _argv(ENVIRONMENT_COMMANDS[command], tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(
+        10 * 2 ** 30, 10 * 2 ** 30 - 2 ** 20, 2 ** 20))
+    assert main(argv) == 2
+    _one_error_line(capsys, "store: 1 MiB free at ")
+    assert _run_count(store) == 0
+
+
+def test_a_disk_that_fills_while_prepare_writes_is_one_line_and_keeps_nothing(tmp_path, capsys,
+                                                                           monkeypatch):
+    import errno
+
+    from lab.cli import main
+    from lab.data import corpus
+
+    argv = _argv(ENVIRONMENT_COMMANDS["prepare"], tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(corpus, "write_store", full)
+    assert main(argv) == 2
+    _one_error_line(capsys, "--out: cannot write the corpus to ")
+    assert not (tmp_path / "corpus").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".corpus")] == []
+
+
+def test_a_disk_that_fills_while_train_runs_is_one_line_and_the_run_failed(store, tmp_path,
+                                                                           capsys, monkeypatch):
+    """Past the check (the disk filled after the run began): the run ends FAILED with the
+    reason, and the command says so in one line, exit 1 (something was recorded)."""
+    import errno
+
+    import lightning as L
+    from mlflow.tracking import MlflowClient
+
+    from lab.cli import main
+
+    def full_disk(self, filepath, weights_only=None, storage_options=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(filepath))
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", full_disk)
+    argv = _argv(train("--experiment", "full", "--set", "model.context=32", "--set",
+                       "train.batch_size=8", "--set", "train.checkpoint_every=2"), tmp_path)
+    assert main(argv) == 1
+    line = _one_error_line(capsys, "error: disk full writing ")
+    assert line.endswith("(the run is FAILED)")
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("full").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["gatelab.failure_kind"] == "disk_full"
+
+
+# --- issue 40: prepare says nothing before its error --------------------------------------------
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("broken.txt.xz", b"\xfd7zXZ\x00 not really xz", "data: cannot read "),
+    ("latin1.txt", "caf\u00e9 ".encode("latin-1") * 100, "UnicodeDecodeError"),
+    ("records.jsonl", b'{"body": "a document"}\n' * 20, "no text field 'text' (found: body)"),
+])
+def test_prepare_refuses_an_unreadable_source_before_its_first_progress_line(tmp_path, capsys,
+                                                                             name, content,
+                                                                             expected):
+    from lab.cli import main
+
+    (tmp_path / name).write_bytes(content)
+    assert main(["prepare", "--data", str(tmp_path / name), "--out", str(tmp_path / "out")]) == 2
+    _one_error_line(capsys, expected)  # and nothing on stdout: no progress line
+    assert not (tmp_path / "out").exists()

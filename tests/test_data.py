@@ -7,6 +7,7 @@ import json
 import lzma
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -414,3 +415,29 @@ def test_gutenberg_valid_file(cache):
     assert 2.0 < total_chars / total_tokens < 5.0  # bytes per token of a small English BPE
     first = next(corpus.read_documents(Path(source)))
     assert decoded_documents(store, "valid")[0] == first
+
+
+def test_hf_without_a_connection_to_the_hub_fails_at_once_without_retries(monkeypatch, cache):
+    """No network: one line before `datasets` is asked (which retries each request five times,
+    a line each: 54 s and 11 lines, issue 40)."""
+    pytest.importorskip("datasets", reason="the optional `datasets` package is not installed")
+    import socket
+
+    import datasets
+    import huggingface_hub.constants
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+
+    def asked(*args, **kwargs):
+        raise AssertionError("load_dataset was called")
+
+    monkeypatch.setattr(datasets, "load_dataset", asked)
+    started = time.monotonic()
+    with pytest.raises(LabError, match=rf"no connection to the Hub at 127.0.0.1:{port} .*"
+                                       "HF_HUB_OFFLINE=1"):
+        corpus.prepare("hf:some-owner/some-dataset")
+    assert time.monotonic() - started < 10

@@ -364,7 +364,13 @@ def test_the_labs_checkpoint_holds_only_tensors_and_plain_data_and_a_poisoned_on
     ckpt = checkpoint_dir(run.info.run_id) / "last.ckpt"
     assert torch.serialization.get_unsafe_globals_in_checkpoint(ckpt) == []
 
-    # As if the run had been killed and someone swapped its checkpoint.
+    # As if the grid had been SIGKILLed (its parent left RUNNING, owned by a process that is
+    # gone) and someone swapped the checkpoint of its killed run.
+    import socket
+
+    parent = run.data.tags["mlflow.parentRunId"]
+    client.update_run(parent, status="RUNNING")
+    client.set_tag(parent, "gatelab.owner", f"{socket.gethostname()}:{2 ** 22 + 7}:")
     client.set_terminated(run.info.run_id, "KILLED")
     marker = tmp_path / "payload-ran"
     _poisoned_checkpoint(ckpt, marker, like=torch.load(ckpt, weights_only=True))
@@ -372,6 +378,10 @@ def test_the_labs_checkpoint_holds_only_tensors_and_plain_data_and_a_poisoned_on
     err = capsys.readouterr().err
     assert err.startswith(f"error: grid: {ckpt} refused: loading it would create posix.system")
     assert err.count("\n") == 1 and f"rm {ckpt}" in err, err
+    # issue 40: the refused resume leaves no parent RUNNING for good
+    parent_run = client.get_run(parent)
+    assert parent_run.info.status == "FAILED"
+    assert parent_run.data.tags["gatelab.failure"].startswith(f"resume refused: grid: {ckpt}")
     with pytest.raises(LabError, match="resume: .* refused: loading it would create posix.system"):
         train_run(plan(grid_from_dict(raw))[0].config, store, "poisoned",
                   run_id=run.info.run_id, quiet=True)
@@ -589,3 +599,117 @@ def test_a_partial_checkpoint_is_removed_after_a_failed_write_and_before_a_resum
     again = train_run(_tiny_config(), store, "resumed", run_id=done.run_id, quiet=True)
     assert again.status == "FINISHED" and not partial.exists()
     assert (checkpoint_dir(done.run_id) / "last.ckpt").exists()
+
+
+# --- issue 40: a stop signal in the first seconds, before any run exists --------------------
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether the process has installed a handler for `signum` (/proc/<pid>/status SigCgt)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+def _command_process(argv: list[str], sigint_ignored: bool):
+    """`python -m lab ARGV` as its own process; with `sigint_ignored`, started the way a
+    non-interactive shell starts a background job (SIGINT inherited as SIG_IGN)."""
+    import subprocess
+    import sys
+
+    def ignore_sigint():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([sys.executable, "-m", "lab", *argv], env=env, text=True,
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
+                            preexec_fn=ignore_sigint if sigint_ignored else None)
+
+
+@pytest.mark.parametrize("signum, sigint_ignored", [
+    (signal.SIGINT, True), (signal.SIGINT, False), (signal.SIGTERM, False)])
+def test_a_stop_signal_during_the_start_up_is_one_line_and_leaves_no_run(store, tmp_path, signum,
+                                                                         sigint_ignored):
+    """Sent as soon as the command has its handlers (within the first fraction of a second,
+    while torch, Lightning and MLflow are still being imported): exit 128 + the number, one
+    line that says no run was in progress, no traceback, no run; also when SIGINT was
+    inherited ignored, where the signal used to be lost and the command trained to its end."""
+    process = _command_process(["train", *_long_command("train", tmp_path)[1:], "--quiet"],
+                               sigint_ignored)
+    try:
+        deadline = time.monotonic() + 30
+        while not (_catches(process.pid, signal.SIGINT) and _catches(process.pid, signal.SIGTERM)):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.005)
+        os.kill(process.pid, signum)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    name = signal.Signals(signum).name
+    assert process.returncode == 128 + signum, err
+    assert err.splitlines() == [f"gatelab train: stopped by {name}; no run was in progress"], err
+    assert _runs_of(store, "stopped") == []
+
+
+def test_sigint_inherited_ignored_still_stops_a_training_run_killed(store, tmp_path):
+    """The background-job case once the run trains: SIGINT ends it KILLED, exit 130."""
+    process = _command_process([*_long_command("train", tmp_path), "--quiet"], True)
+    try:
+        _wait_until_training(store, "stopped", type("Alive", (), {
+            "is_alive": lambda self: process.poll() is None,
+            "exitcode": property(lambda self: process.returncode)})())
+        os.kill(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err
+    assert err.splitlines() == ["gatelab train: stopped by SIGINT; its run is KILLED"], err
+    [(_, status, tags)] = _runs_of(store, "stopped")
+    assert status == "KILLED" and tags["gatelab.killed_reason"] == "stopped by SIGINT"
+
+
+# --- issue 40: train and sweep end the runs a SIGKILL left RUNNING, as the grid does -----------
+
+def _sigkill_while_training(store, argv: list[str]) -> None:
+    """`gatelab ARGV` in a forked process, SIGKILLed once its run trains."""
+    from gridkit import cli_process
+
+    env = {k: os.environ[k] for k in ("GATELAB_STORE", "GATELAB_CACHE")}
+    process = grid_processes().Process(target=cli_process, args=(argv + ["--quiet"], env))
+    process.start()
+    try:
+        _wait_until_training(store, "stopped", process)
+    finally:
+        process.kill()
+        process.join()
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_a_rerun_ends_the_runs_a_sigkill_left_running(store, tmp_path, command):
+    """A `train` or `sweep` SIGKILLed mid-run cannot close its run; the next command that
+    makes runs in the experiment finds its owner gone and ends it KILLED, saying so (the
+    sweep's rerun here uses a new storage, so that no trial of the old one points at the
+    run: the run is found by its owner alone)."""
+    from lab.cli import main
+
+    _sigkill_while_training(store, _long_command(command, tmp_path))
+    assert "RUNNING" in {status for _, status, _ in _runs_of(store, "stopped")}
+    if command == "train":
+        rerun = ["train", "--data", "synthetic", "--tokens", "2048", "--experiment", "stopped",
+                 "--set", "model.context=32", "--set", "train.batch_size=8"]
+        when = "another run of the experiment started"
+    else:
+        rerun = _long_command("sweep", tmp_path)
+        rerun[rerun.index("--storage") + 1] = str(tmp_path / "other.journal")
+        rerun += ["--set", "model.context=32", "--tokens", "2048"]
+        when = "the sweep started again"
+    assert main(rerun + ["--quiet"]) == 0
+    runs = _runs_of(store, "stopped")
+    assert "RUNNING" not in {status for _, status, _ in runs}, runs
+    killed = [tags for _, status, tags in runs if status == "KILLED"]
+    assert killed and all(tags["gatelab.killed_reason"].endswith(f"was gone when {when}")
+                          for tags in killed), killed

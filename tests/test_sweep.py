@@ -413,7 +413,7 @@ def test_postgres_storage_with_two_workers(postgres_url, workspace):
 
 
 def test_stale_trials_of_dead_local_workers_fail_and_others_stay(tmp_path):
-    from lab.experiments.owners import owner_identity
+    from lab.records.owners import owner_identity
     from lab.experiments.sweep import fail_stale_trials, open_storage, storage_url
 
     study = optuna.create_study(study_name="s/baseline",
@@ -456,7 +456,7 @@ def test_a_killed_ladder_trial_runs_again_at_its_point_and_no_point_runs_twice(w
     short (GridSampler stops the study once every point is visited) and the rerun after it
     trained a random point a second time."""
     from lab.experiments import sweep as sweep_module
-    from lab.experiments.owners import owner_identity
+    from lab.records.owners import owner_identity
     from lab.experiments.sweep import open_storage, open_study
 
     monkeypatch.setattr(sweep_module, "threads_per_worker", lambda workers: 1)  # conftest.py
@@ -529,7 +529,7 @@ def test_a_rerun_killed_while_failing_a_stale_trial_leaves_no_run_running(tmp_pa
     would look at again (CI's kill-resume test: 2 of 8 runs RUNNING at the end)."""
     from mlflow.tracking import MlflowClient
 
-    from lab.experiments.owners import owner_identity
+    from lab.records.owners import owner_identity
     from lab.experiments.sweep import fail_stale_trials
 
     uri, client, experiment, study = _store_and_study(tmp_path, monkeypatch, "rekilled")
@@ -574,7 +574,7 @@ def test_a_trial_killed_before_recording_its_worker_fails_after_the_grace(tmp_pa
     import threading
 
     from lab.experiments import sweep as sweep_module
-    from lab.experiments.owners import owner_identity
+    from lab.records.owners import owner_identity
     from lab.experiments.sweep import fail_stale_trials
 
     monkeypatch.setattr(sweep_module, "UNOWNED_TRIAL_GRACE_S", 1.0)

@@ -60,11 +60,11 @@ def test_judge_reads_the_interval_against_the_papers_side():
     assert trends.judge(None, "<", 0.1) == "not in this grid"
 
 
-def test_paired_differences_verdicts_and_the_baselines_premise():
-    base = [{"val/ppl": p, "sink/head_share": 0.0, "sink/first_token_attn": 0.02,
-             "act/max_mean": a} for p, a in ((10.0, 300.0), (10.4, 320.0), (10.2, 310.0))]
-    g1 = [{"val/ppl": p, "sink/head_share": 0.0, "sink/first_token_attn": 0.01,
-           "act/max_mean": a} for p, a in ((9.5, 100.0), (9.8, 110.0), (9.9, 90.0))]
+def test_paired_differences_and_the_verdicts_after_adjustment():
+    base = [{"val/ppl": p, "act/max_mean": a} for p, a in ((10.0, 300.0), (10.4, 320.0),
+                                                           (10.2, 310.0))]
+    g1 = [{"val/ppl": p, "act/max_mean": a} for p, a in ((9.5, 100.0), (9.8, 110.0),
+                                                         (9.9, 90.0))]
     headwise = [{"val/ppl": p} for p in (9.55, 9.85, 9.95)]   # G1 + 0.05 in every seed
     value = [{"val/ppl": p} for p in (9.0, 10.6, 9.1)]       # G1 - (0.5, -0.8, 0.8)
     rows, all_rows = rows_of({("baseline", 3e-3): base,
@@ -80,70 +80,246 @@ def test_paired_differences_verdicts_and_the_baselines_premise():
     assert first.difference.mean == pytest.approx(-1.4 / 3)
     assert (first.difference.low, first.difference.high) == pytest.approx(
         (-1.4 / 3 - half, -1.4 / 3 + half), rel=1e-6)
-    assert first.verdict == "as the paper"
+    assert first.raw == "as the paper"
+    # Its p value by hand: with 2 degrees of freedom P(|T| > t) = 1 - t / sqrt(2 + t^2).
+    t = (1.4 / 3) / (std / math.sqrt(3))
+    assert first.p_value == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-5)
     # G1 - G2 (+0.5, -0.8, +0.8) and G2 - baseline (-1.0, +0.2, -1.1) span zero; key, query
     # and dense-out are not in this grid.
     assert outcome(results, "1", "G1 elementwise < G2 value").verdict == "unresolved"
     assert outcome(results, "1", "G2 value < baseline").verdict == "unresolved"
     assert outcome(results, "1", "G3 key ≈ baseline").verdict == "not in this grid"
-    assert verdict(results, "1") == "partly: 1 of 3 as the paper, 0 opposite, 2 unresolved"
 
     # Headwise - elementwise is +0.05 in every seed: a zero-width interval at +0.05, inside
-    # a 1% band of G1's mean (0.097) but outside a 0.1% one.
+    # a 1% band of G1's mean (0.097) but outside a 0.1% one. '≈' is not adjusted.
     close = outcome(results, "3", "G1 headwise ≈ G1 elementwise")
     assert close.difference.mean == pytest.approx(0.05) and close.verdict == "as the paper"
+    assert close.p_value is None and close.p_adjusted is None
     narrow = trends.evaluate(rows, all_rows, equivalence_percent=0.1)
     assert outcome(narrow, "3", "G1 headwise ≈ G1 elementwise").verdict == "opposite"
 
     # M-Act: (-200, -210, -220) per seed.
     assert outcome(results, "8", "G1 elementwise < baseline", "act/max_mean").verdict \
         == "as the paper"
-    # No head of the baseline passes 0.3 on position 0: the sink trend is not testable,
-    # whatever the comparisons say.
-    assert verdict(results, "7").startswith("not testable here: no sink in the baseline")
     assert verdict(results, "13") == "not in this grid"
 
-    base[1]["sink/head_share"] = 0.25
-    rows, all_rows = rows_of({("baseline", 3e-3): base, (trends.G1, 3e-3): g1})
-    assert not verdict(trends.evaluate(rows, all_rows), "7").startswith("not testable")
+
+def test_a_trend_of_one_testable_comparison_cannot_hold():
+    """Trend 8 here has one comparison (G1's M-Act below the baseline's, in every seed and
+    clear of zero); the rest of its variants are not in the grid."""
+    base = [{"val/ppl": 10.0, "act/max_mean": a} for a in (300.0, 320.0, 310.0)]
+    g1 = [{"val/ppl": 9.0, "act/max_mean": a} for a in (100.0, 110.0, 90.0)]
+    results = trends.evaluate(*rows_of({("baseline", 3e-3): base, (trends.G1, 3e-3): g1}))
+    assert outcome(results, "8", "G1 elementwise < baseline", "act/max_mean").verdict \
+        == "as the paper"
+    assert verdict(results, "8") == ("too few comparisons here: 1 of 1 as the paper, 0 "
+                                     "opposite, 0 unresolved (adjusted)")
+    # With a second comparison of the trend, also as the paper, it holds.
+    headwise = [{"val/ppl": 9.0, "act/max_mean": a} for a in (120.0, 130.0, 100.0)]
+    results = trends.evaluate(*rows_of({("baseline", 3e-3): base, (trends.G1, 3e-3): g1,
+                                        (trends.G1_HEADWISE, 3e-3): headwise}))
+    assert verdict(results, "8") == "holds"
 
 
-def test_lr_headroom_over_a_ladder():
-    """The baseline diverges at 1e-1 in seeds 0 and 1 and at 3e-1 in seed 2; G1 trains at
-    every LR: log10 headroom per seed (log10 0.3 - log10 0.03, twice, then - log10 0.1)."""
-    def ladder(broken_from: list[float]) -> dict:
-        out = {}
-        for lr in (3e-2, 1e-1, 3e-1):
-            out[lr] = [{"val/ppl": 10.0 + lr, "diverged": lr >= first, "spikes/count": 0}
-                       for first in broken_from]
-        return out
+def test_an_adjusted_away_comparison_flips_a_verdict():
+    """Trend 2 (G1 headwise below the capacity controls) on two comparisons, each with p =
+    0.0339 (the paired differences -0.5, -0.6, -0.3): alone, Benjamini-Hochberg leaves both
+    at 0.0339 and the trend holds. A third comparison in the same report with a large p
+    lifts both to 0.0339 x 3/2 = 0.0509 >= 0.05: unresolved, and so is the trend, while
+    their raw outcomes stay "as the paper"."""
+    control = [{"val/ppl": p} for p in (10.0, 10.4, 10.2)]
+    headwise = [{"val/ppl": p} for p in (9.5, 9.8, 9.9)]
+    t = (1.4 / 3) / (0.1527525 / math.sqrt(3))
+    p = 1 - t / math.sqrt(2 + t * t)
+    grid = {("baseline_kv8", 3e-3): control, ("baseline_q48", 3e-3): control,
+            (trends.G1_HEADWISE, 3e-3): headwise}
+    results = trends.evaluate(*rows_of(grid))
+    kv8 = outcome(results, "2", "G1 headwise < baseline_kv8")
+    assert kv8.p_adjusted == pytest.approx(p, rel=1e-5) and kv8.verdict == "as the paper"
+    assert verdict(results, "2") == "holds"
 
-    values = {("baseline", lr): runs for lr, runs in ladder([1e-1, 1e-1, 3e-1]).items()}
-    values |= {(trends.G1, lr): runs for lr, runs in ladder([1.0, 1.0, 1.0]).items()}
-    rows, all_rows = rows_of(values)
+    grid[("baseline_ffn_kv8params", 3e-3)] = [{"val/ppl": p} for p in (9.0, 10.7, 9.6)]
+    results = trends.evaluate(*rows_of(grid))
+    for label in ("G1 headwise < baseline_kv8", "G1 headwise < baseline_q48"):
+        adjusted = outcome(results, "2", label)
+        assert adjusted.raw == "as the paper" and adjusted.verdict == "unresolved"
+        assert adjusted.p_adjusted == pytest.approx(p * 3 / 2, rel=1e-5)
+    assert verdict(results, "2").startswith("unresolved")
+    text = trends.markdown(results)
+    assert "| 2 | G1 headwise < baseline_kv8 | val/ppl | 5.792 vs 5.979 (MoE) | -0.4667 | " \
+           in text
+    assert "| 3 | as the paper | unresolved | 0.0339 | 0.0509 | 0.153 |" in text
+    assert "Benjamini-Hochberg over the 3 directional comparisons" in text
+
+
+def test_the_power_line_against_hand_arithmetic():
+    """Seeds for a paired t test at alpha 0.05 two-sided and power 0.8: Guenther's
+    approximation n = (z_0.975 + z_0.8)^2 / d^2 + z_0.975^2 / 2 (d = effect / std) gives
+    7.849 + 1.921 = 9.77 for d = 1 and 31.40 + 1.92 = 33.32 for d = 0.5, so 10 and 34
+    (Cohen's tables agree); '≈': the n at which t_0.975(n-1) / sqrt(n) <= band / std, for
+    band = std: 2.447 / sqrt(7) = 0.925 but 2.571 / sqrt(6) = 1.050, so 7."""
+    assert trends.seeds_for_effect(1.0, 1.0) == 10
+    assert trends.seeds_for_effect(-0.5, 1.0) == 34
+    assert trends.seeds_for_effect(0.5, 2.0) == trends.seeds_for_effect(0.25, 1.0)
+    assert trends.seeds_for_effect(1e-4, 1.0) is None   # beyond the limit: "> 1000"
+    assert trends.seeds_for_band(1.0, 1.0) == 7
+
+    # In a comparison: the paper's G1 against its baseline in the MoE table (an MoE preset)
+    # is 5.761 / 6.026 - 1 = -4.40%, scaled to our baseline's mean 10.2: -0.4486; with the
+    # paired std 0.1528, d = 2.94: 4 seeds (Guenther: 7.849 / 8.62 + 1.92 = 2.83, and the
+    # exact t test needs one more at so few degrees of freedom).
+    base = [{"val/ppl": p} for p in (10.0, 10.4, 10.2)]
+    g1 = [{"val/ppl": p} for p in (9.5, 9.8, 9.9)]
+    results = trends.evaluate(*rows_of({("baseline", 3e-3): base, (trends.G1, 3e-3): g1}),
+                              dense=False)
+    first = outcome(results, "1", "G1 elementwise < baseline")
+    assert first.paper == (5.761, 6.026, "MoE")
+    assert first.effect == pytest.approx((5.761 / 6.026 - 1) * 10.2)
+    assert first.seeds_needed == trends.seeds_for_effect(first.effect, 0.1527525) == 4
+    # A dense preset takes Table 2's 48-layer pair: 7.288 / 7.421 - 1 = -1.79%.
+    dense = outcome(trends.evaluate(*rows_of({("baseline", 3e-3): base,
+                                              (trends.G1, 3e-3): g1})),
+                    "1", "G1 elementwise < baseline")
+    assert dense.paper == (7.288, 7.421, "dense, Table 2")
+    assert dense.effect == pytest.approx((7.288 / 7.421 - 1) * 10.2)
+
+
+def test_the_sink_premise_is_the_same_in_every_trend():
+    """A sink measure counts only where the baseline's Gu share on 64-token windows (with
+    BOS for measures on BOS windows, without for the others) averages at least 0.05: trend
+    3's F-Attn comparison, trend 7's shares and trend 7f's F-Attn alike."""
+    def grid(share_bos: list[float], share_no_bos: list[float]):
+        base = [{"val/ppl": 10.0 + s, "gate/mean": 0.5, "sink/first_token_attn": 0.03,
+                 "sink/head_share_short": b, "sink/head_share_short_random": n}
+                for s, b, n in zip((0.0, 0.4, 0.2), share_bos, share_no_bos)]
+        gated = [{"val/ppl": 9.5 + s, "gate/mean": 0.3 + s / 10, "sink/first_token_attn": 0.01,
+                  "sink/head_share_short": 0.0, "sink/head_share_short_random": 0.0}
+                 for s in (0.0, 0.3, 0.4)]
+        shared = [{"val/ppl": 9.8 + s, "gate/mean": 0.5 + s / 10,
+                   "sink/first_token_attn": 0.02 + s / 100,
+                   "sink/head_share_short": 0.02, "sink/head_share_short_random": 0.0}
+                  for s in (0.0, 0.3, 0.3)]
+        return trends.evaluate(*rows_of({("baseline", 3e-3): base, (trends.G1, 3e-3): gated,
+                                         (trends.G1_HEADSHARED, 3e-3): shared}))
+
+    sink_rows = (("3", "G1 elementwise < G1 head-shared", "sink/first_token_attn"),
+                 ("7", "G1 elementwise < baseline", "sink/head_share_short"),
+                 ("7f", "G1 elementwise < baseline", "sink/first_token_attn"))
+    # A share of 0.04 in the mean (0.03, 0.05, 0.04): below the floor.
+    results = grid([0.03, 0.05, 0.04], [0.0, 0.0, 0.0])
+    for number, label, measure in sink_rows:
+        assert outcome(results, number, label, measure).verdict == "no sink in the baseline"
+    assert outcome(results, "3", "G1 elementwise < G1 head-shared", "gate/mean").verdict \
+        in trends.TESTED  # the trend's other comparisons are tested as before
+    assert verdict(results, "7").startswith(
+        "not testable here: no sink in the baseline by Gu et al.'s Sink^0.3 share; the "
+        "baseline's sink/head_share_short: mean 0.04 over 3 seeds, floor 0.05")
+    assert verdict(results, "7f").startswith("not testable here: no sink in the baseline")
+
+    # 0.06 in the mean: every sink comparison on BOS windows is tested, in every trend; the
+    # share without BOS is still 0, so its comparisons are not.
+    results = grid([0.05, 0.07, 0.06], [0.0, 0.0, 0.0])
+    for number, label, measure in sink_rows:
+        assert outcome(results, number, label, measure).raw in trends.TESTED
+    assert outcome(results, "7", "G1 elementwise < baseline",
+                   "sink/head_share_short_random").verdict == "no sink in the baseline"
+    assert not verdict(results, "7").startswith("not testable")
+    results = grid([0.05, 0.07, 0.06], [0.1, 0.0, 0.08])
+    assert outcome(results, "7", "G1 elementwise < baseline",
+                   "sink/head_share_short_random").raw in trends.TESTED
+
+
+def test_trend_9_compares_the_gated_output_with_the_ungated_baselines():
+    """No comparison may hold by construction: the gated |Y'| is set against the baseline's
+    SDPA output, which a gated model can exceed."""
+    base = [{"val/ppl": 10.0, "sdpa/abs_mean": 0.5} for _ in range(3)]
+    g1 = [{"val/ppl": 9.0, "sdpa/abs_mean": 2.0, "sdpa/abs_mean_gated": a,
+           "sdpa/sparsity_1e-2_gated": 0.3, "sdpa/sparsity_1e-2_average_gate": 0.1}
+          for a in (0.8, 0.9, 0.85)]
+    results = trends.evaluate(*rows_of({("baseline", 3e-3): base, (trends.G1, 3e-3): g1}))
+    trend = next(r for r in results if r.trend.number == "9")
+    assert all(not (c.left == c.right and c.measure.label == "sdpa/abs_mean_gated")
+               for c in trend.trend.comparisons)
+    smaller = next(o for o in trend.outcomes
+                   if o.comparison.measure.label == "sdpa/abs_mean_gated")
+    assert smaller.comparison.label == \
+        "G1 elementwise sdpa/abs_mean_gated < baseline sdpa/abs_mean"
+    assert smaller.raw == "opposite"  # 0.85 above the baseline's 0.5: it can fail
+
+
+def ladder_rows(cells: dict) -> tuple[list[Row], list[Row]]:
+    """{(variant, lr): [(final loss, diverged, spikes, grad norm max) per seed]}."""
+    values = {key: [{"val/ppl": math.exp(loss), "val/final_loss": loss, "diverged": diverged,
+                     "spikes/count": spikes, "train/grad_norm_max": norm}
+                    for loss, diverged, spikes, norm in runs] for key, runs in cells.items()}
+    return rows_of(values)
+
+
+# The baseline breaks at 1e-1: seed 0 diverges, seed 1 ends 0.3 nats above the best rung
+# (3e-2, mean 3.5); the gate trains at every LR. Grad norms: the baseline's 10x the gate's.
+LADDER = {("baseline", 1e-2): [(3.58, False, 0, 1.0), (3.58, False, 0, 1.0)],
+          ("baseline", 3e-2): [(3.5, False, 1, 2.0), (3.5, False, 0, 2.0)],
+          ("baseline", 1e-1): [(9.0, True, 3, 20.0), (3.8, False, 2, 20.0)],
+          (trends.G1, 1e-2): [(3.5, False, 0, 0.1), (3.52, False, 0, 0.1)],
+          (trends.G1, 3e-2): [(3.4, False, 0, 0.2), (3.4, False, 0, 0.2)],
+          (trends.G1, 1e-1): [(3.45, False, 0, 2.0), (3.46, False, 0, 2.0)]}
+
+
+def test_stability_pairs_by_lr_and_seed_and_reads_broke_with_its_margin():
+    rows, all_rows = ladder_rows(LADDER)
+    base = [r for r in all_rows if r.variant == "baseline"]
+    gate = [r for r in all_rows if r.variant == trends.G1]
+    assert trends.broken_runs(base) == {(1e-2, 0): False, (1e-2, 1): False, (3e-2, 0): False,
+                                        (3e-2, 1): False, (1e-1, 0): True, (1e-1, 1): True}
+    # A wider margin than 0.3 nats keeps seed 1 at 1e-1; the divergence still breaks seed 0.
+    assert trends.broken_runs(base, margin=0.5)[(1e-1, 1)] is False
+    assert trends.largest_stable_lr(base) == 3e-2 and trends.largest_stable_lr(gate) == 1e-1
+    # Two seeds at least: a rung of one seed does not count.
+    assert trends.largest_stable_lr(gate + [Row(trends.G1, 3e-1, gate[2].runs[:1], None)]) \
+        == 1e-1
+
     results = trends.evaluate(rows, all_rows)
+    # Final loss, paired at the same LR and seed; the diverged pair (1e-1, seed 0) drops out:
+    # (3.5-3.58, 3.52-3.58, 3.4-3.5, 3.4-3.5, 3.46-3.8) -> mean -0.68 / 5.
+    final = outcome(results, "11", "G1 elementwise < baseline", "val/final_loss, by LR and seed")
+    assert final.difference.n == 5
+    assert final.difference.mean == pytest.approx(-0.68 / 5)
+    # log10 of the largest gradient norm: -1 in every pair (a zero spread) -> p 0.
+    norm = outcome(results, "11", "G1 elementwise < baseline",
+                   "log10 train/grad_norm_max, by LR and seed")
+    assert norm.difference.n == 6 and norm.difference.mean == pytest.approx(-1.0)
+    assert norm.p_value == 0.0 and norm.verdict == "as the paper"
+    # Largest LR that did not break, per seed: 1e-1 for the gate, 3e-2 for the baseline.
     headroom = outcome(results, "11", "G1 elementwise > baseline",
-                       "log10 max LR without divergence")
-    gains = [math.log10(0.3) - math.log10(0.03)] * 2 + [math.log10(0.3) - math.log10(0.1)]
-    assert headroom.difference.mean == pytest.approx(sum(gains) / 3)
-    assert headroom.difference.n == 3
-    # A seed that diverged at every LR sits one ladder step below the lowest LR.
-    values = {("baseline", lr): runs for lr, runs in ladder([1e-1, 1e-1, 3e-2]).items()}
-    values |= {(trends.G1, lr): runs for lr, runs in ladder([1.0, 1.0, 1.0]).items()}
-    rows2, all_rows2 = rows_of(values)
-    base_ladder = [r for r in all_rows2 if r.variant == "baseline"]
-    below = 2 * math.log10(3e-2) - math.log10(1e-1)
-    assert trends.max_stable_lr(base_ladder[0], base_ladder) == pytest.approx(
-        {0: math.log10(3e-2), 1: math.log10(3e-2), 2: below})
-    # The baseline broke, so the trend is testable; the spike counts (all 0) stay unresolved.
-    assert verdict(results, "11").startswith("partly: 1 of 2 as the paper")
-    # One LR only: no ladder, no headroom, and no breaking point to test against.
+                       "log10 max LR that did not break")
+    assert headroom.difference.mean == pytest.approx(math.log10(1e-1) - math.log10(3e-2))
+    assert not verdict(results, "11").startswith("not testable")
+
+    from lab.reports.grid_report import stability_pairs_table, stability_table
+
+    pairs = {tuple(line.split(" | ")[:2]): line for line in
+             stability_pairs_table(all_rows).splitlines()[2:]}
+    assert pairs[("| sdpa_elementwise_sigmoid_mul", "0.1")] == \
+        "| sdpa_elementwise_sigmoid_mul | 0.1 | 2 | 0 / 5 | 2.00 / 20.00 | -0.340 | 0 / 2 |"
+    table = {line.split(" | ")[0].strip("| "): line
+             for line in stability_table(all_rows).splitlines()[2:]}
+    assert table["baseline"].endswith("| 0.03 | 0.1 |")
+    assert table[trends.G1].endswith("| 0.1 | none |")
+
+
+def test_no_breaking_point_leaves_stability_untested_and_out_of_the_adjustment():
+    calm = {key: [(loss, False, 0, norm) for loss, _, _, norm in runs]
+            for key, runs in LADDER.items() if key[1] < 1e-1}
+    results = trends.evaluate(*ladder_rows(calm))
+    assert verdict(results, "11").startswith("not testable here: no breaking point")
+    assert all(o.p_value is None and o.verdict in ("premise not met", "not in this grid")
+               for o in next(r for r in results if r.trend.number == "11").outcomes)
+    # One LR only: no ladder, no headroom.
     rows, all_rows = rows_of({("baseline", 3e-3): [{"val/ppl": 10.0, "spikes/count": 0}] * 2,
                               (trends.G1, 3e-3): [{"val/ppl": 9.0, "spikes/count": 0}] * 2})
-    results = trends.evaluate(rows, all_rows)
-    assert outcome(results, "11", "G1 elementwise > baseline",
-                   "log10 max LR without divergence").verdict == "not in this grid"
-    assert verdict(results, "11").startswith("not testable here: no breaking point")
+    assert trends.max_stable_lr()(rows[0], [rows[0]]) == {}
+    assert verdict(trends.evaluate(rows, all_rows), "11").startswith(
+        "not testable here: no breaking point")
 
 
 def test_report_prints_the_verdicts_and_checks_its_band(store, tmp_path, capsys):
@@ -155,36 +331,47 @@ def test_report_prints_the_verdicts_and_checks_its_band(store, tmp_path, capsys)
     assert main(["report", "fake", "--tracking-uri", store, "--out", str(tmp_path / "out")]) == 0
     text = capsys.readouterr().out
     trends_part = text.split("### The paper's trends")[1]
-    assert "| 1 | G1 elementwise < baseline | val/ppl | -0.265 | -0.4667 |" in trends_part
+    assert "| 1 | G1 elementwise < baseline | val/ppl | 7.288 vs 7.421 (dense, Table 2) " \
+           "| -0.4667 |" in trends_part
     assert "| as the paper |" in trends_part
     assert "### The paper's trends" in (tmp_path / "out" / "report.md").read_text()
     assert main(["report", "fake", "--tracking-uri", store, "--equivalence-percent", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "report: --equivalence-percent must be above 0, not 0" in err[0]
+    out = tmp_path / "margin"
+    assert main(["report", "fake", "--tracking-uri", store, "--broke-margin", "-1",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "report: --broke-margin must be above 0 nats, not -1" in err[0]
+    assert not out.exists()  # refused before anything is written
+    # The margin reaches the stability section (the fake grid has two baseline LRs).
+    assert main(["report", "fake", "--tracking-uri", store, "--broke-margin", "0.25",
+                 "--out", str(out)]) == 0
+    assert "ended more than 0.25 nats above that rung's mean" in (out / "report.md").read_text()
 
 
 def test_across_grids_names_where_each_trend_holds():
-    """Two scales: G1 beats the baseline in every seed at one and loses in every seed at the
-    other; neither baseline has a sink."""
-    def grid(g1: list[float]):
-        base = [{"val/ppl": p, "sink/head_share": 0.0, "sink/first_token_attn": 0.02}
+    """Two scales: both G1 gates lower M-Act in every seed at one and raise it in every seed
+    at the other (trend 8, two comparisons); neither baseline has a sink."""
+    def grid(act: list[float]):
+        base = [{"val/ppl": p, "act/max_mean": 300.0 + p, "sink/head_share_short": 0.0}
                 for p in (10.0, 10.4, 10.2)]
-        gated = [{"val/ppl": p, "sink/head_share": 0.0, "sink/first_token_attn": 0.01}
-                 for p in g1]
-        return trends.evaluate(*rows_of({("baseline", 3e-3): base, (trends.G1, 3e-3): gated}))
+        gated = [{"val/ppl": p, "act/max_mean": a, "sink/head_share_short": 0.0}
+                 for p, a in zip((9.5, 9.8, 9.9), act)]
+        headwise = [dict(run, **{"act/max_mean": run["act/max_mean"] + 5}) for run in gated]
+        return trends.evaluate(*rows_of({("baseline", 3e-3): base, (trends.G1, 3e-3): gated,
+                                         (trends.G1_HEADWISE, 3e-3): headwise}))
 
-    text = trends.across({"small": grid([9.5, 9.8, 9.9]), "base": grid([10.5, 10.8, 10.9])})
+    text = trends.across({"small": grid([100.0, 120.0, 90.0]), "base": grid([500.0, 520.0, 490.0])})
     lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
     assert text.splitlines()[0] == "| # | the paper's trend | small | base | holds in |"
-    assert lines["1"].endswith("| holds | does not hold | small |")
-    assert lines["7"].endswith("| not testable here: no sink in the baseline (Gu et al.: no "
-                               "head's mean attention to position 0 exceeds 0.3 on the BOS "
-                               "windows) | not testable here: no sink in the baseline (Gu et "
-                               "al.: no head's mean attention to position 0 exceeds 0.3 on "
-                               "the BOS windows) | no grid tests it |")
+    assert lines["8"].endswith("| holds | does not hold | small |")
+    assert lines["7"].endswith("| not testable here: no sink in the baseline by Gu et al.'s "
+                               "Sink^0.3 share | not testable here: no sink in the baseline by "
+                               "Gu et al.'s Sink^0.3 share | no grid tests it |")
     assert lines["13"].endswith("| not in this grid | not in this grid | no grid tests it |")
-    both = trends.across({"a": grid([9.5, 9.8, 9.9]), "b": grid([9.6, 9.7, 9.8])})
-    assert [line for line in both.splitlines() if line.startswith("| 1 |")][0].endswith(
+    both = trends.across({"a": grid([100.0, 120.0, 90.0]), "b": grid([110.0, 100.0, 95.0])})
+    assert [line for line in both.splitlines() if line.startswith("| 8 |")][0].endswith(
         "| holds | holds | all 2 that test it |")
 
 

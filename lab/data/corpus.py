@@ -26,18 +26,20 @@ import lzma
 import os
 import re
 import shutil
+import socket
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
+from urllib.parse import urlsplit
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lab.data.store import (END_OF_TEXT, FORMAT_VERSION, MANIFEST, SPLITS, TokenStore, cache_root,
-                            prepare_synthetic, write_store)
-from lab.errors import LabError
+                            prepare_synthetic, store_dtype, write_store)
+from lab.errors import LabError, writable_folder
 
 DEFAULT_VOCAB_SIZE = 16384
 # Measured on the Gutenberg train shards (docs/data.md): a 16k BPE trained on the first
@@ -183,7 +185,30 @@ class Documents:
         return self.read()
 
 
+PROBE_CHARS = 1 << 16  # what probe_file reads of a text file
+
+
+def probe_file(path: Path, text_field: str) -> None:
+    """Read the start of a file as `read_documents` will (the first 64k characters of text,
+    the first record of jsonl or parquet), so that a corrupt archive, another encoding or a
+    missing text field is one LabError before `prepare` prints its first progress line,
+    not after minutes of tokenizer training."""
+    kind, opener = file_format(path)
+    if kind != "text":
+        next(read_documents(path, text_field), None)
+        return
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            handle.read(PROBE_CHARS)
+    except (lzma.LZMAError, zlib.error, EOFError, OSError, UnicodeDecodeError) as err:
+        raise LabError(f"data: cannot read {path} (corrupt or not {kind}?): "
+                       f"{type(err).__name__}: {err}") from None
+
+
 def file_documents(files: list[Path], text_field: str) -> Documents:
+    for path in files:
+        probe_file(path, text_field)
+
     def read() -> Iterator[str]:
         for path in files:
             yield from read_documents(path, text_field)
@@ -246,12 +271,16 @@ def hf_splits(source: str, text_field: str, holdout_every: int) -> dict[str, Doc
     name, _, config = spec.partition(":")
     if not name:
         raise LabError("data: hf: give a dataset, e.g. hf:roneneldan/TinyStories or hf:<dir>")
+    save = f"datasets.load_dataset({name!r}{', ' + repr(config) if config else ''})" \
+           ".save_to_disk('DIR')"
     try:  # an optional dependency (the `hf` extra), needed only for hf: sources
         import datasets
     except ImportError:
         raise LabError("data: hf: sources need the `datasets` package: "
                        "pip install 'gated-attention-lab[hf]' (or point --data at local files)") \
             from None
+    if not Path(name).is_dir():
+        _check_hub_reachable(spec, save)
     try:
         if Path(name).is_dir():
             loaded = datasets.load_from_disk(name)
@@ -259,8 +288,6 @@ def hf_splits(source: str, text_field: str, holdout_every: int) -> dict[str, Doc
             loaded = datasets.load_dataset(name, config or None)
     except Exception as err:  # offline, unknown name, bad config: datasets raises many types
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        save = f"datasets.load_dataset({name!r}{', ' + repr(config) if config else ''})" \
-               ".save_to_disk('DIR')"
         raise LabError(f"data: cannot load Hugging Face dataset {spec!r} ({message}); where there "
                        f"is network, run `{save}` and copy DIR here, then --data hf:DIR; or point "
                        "--data at local .txt/.jsonl/.parquet files") from None
@@ -290,6 +317,30 @@ def hf_splits(source: str, text_field: str, holdout_every: int) -> dict[str, Doc
     if valid_name is None or "test" not in by_name:
         return _holdout_splits(train, holdout_every)
     return {"train": train, "valid": documents(valid_name), "test": documents("test")}
+
+
+HUB_TIMEOUT_S = 5.0
+
+
+def _check_hub_reachable(spec: str, save: str) -> None:
+    """A connection to the Hub's endpoint within HUB_TIMEOUT_S, unless the Hub is set
+    offline (HF_HUB_OFFLINE: datasets then reads its local cache only). Without network,
+    `load_dataset` retries each request five times with backoff, printing a line each
+    time: 54 s and 11 lines before its error on a machine without network (issue 40)."""
+    from huggingface_hub import constants  # a dependency of datasets
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_TIMEOUT_S).close()
+    except OSError as err:
+        raise LabError(f"data: cannot load Hugging Face dataset {spec!r}: no connection to the "
+                       f"Hub at {endpoint.hostname}:{port} ({err.strerror or err}); where there "
+                       f"is network, run `{save}` and copy DIR here, then --data hf:DIR; with "
+                       "the dataset in the Hugging Face cache, set HF_HUB_OFFLINE=1; or point "
+                       "--data at local .txt/.jsonl/.parquet files") from None
 
 
 # --- the tokenizer -----------------------------------------------------------------------
@@ -420,7 +471,7 @@ def write_splits(directory: Path, splits: dict[str, Documents], bpe, source: str
     """Encode every split with `bpe` into a store in `directory` (tokenizer.json beside it);
     document counts and encoding times go into the manifest."""
     bpe.save(str(directory / "tokenizer.json"))
-    dtype = np.uint16 if bpe.get_vocab_size() <= 2 ** 16 else np.uint32
+    dtype = store_dtype(bpe.get_vocab_size())
     documents = {s: 0 for s in SPLITS}
     timings = extra.setdefault("timings_s", {})
 
@@ -505,8 +556,10 @@ def prepare(source: str, vocab_size: int | None = None, valid: str | None = None
     timings = {}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    where = "--out" if out else "data: the cache (GATELAB_CACHE)"
+    writable_folder(where, path.parent)  # read-only: one line, before any progress line
     try:
+        tmp.mkdir(parents=True)
         if given is None:
             log(f"training a {vocab_size}-token byte-level BPE on the first "
                 f"{tokenizer_sample_mb:g} MB of the training documents")
@@ -528,6 +581,12 @@ def prepare(source: str, vocab_size: int | None = None, valid: str | None = None
         except OSError:
             if not (path / MANIFEST).exists():  # not a concurrent prepare of the same key
                 raise
+    except OSError as err:  # a full disk while the tokens are written (numpy's short write
+        # names no errno: "N requested and M written"), so the free space is said too
+        free = shutil.disk_usage(path.parent).free / 2 ** 20 if path.parent.exists() else 0
+        raise LabError(f"{where}: cannot write the corpus to {path} ({err.strerror or err}; "
+                       f"{free:,.0f} MiB free there); free space there or choose another --out "
+                       "(nothing was kept)") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Prepared(TokenStore.open(path), reused=False, seconds=time.time() - started,

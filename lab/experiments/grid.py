@@ -62,25 +62,24 @@ from lab.config import (RunConfig, from_dict, parse_lrs, parse_seeds, parse_vari
                         with_vocab)
 from lab.errors import LabError, check_positive
 from lab.experiments.overrides import override_pairs
-from lab.experiments.owners import STALE_AFTER_S, owner_alive, owner_identity
 from lab.experiments.pool import (WorkerPool, die_with_parent, fail_run, gpu_slots, parse_gpus,
                                   slot_name, threads_per_worker)
 from lab.experiments.schema import ExperimentSpec, KeyReader
-from lab.interrupts import interruption, stop_on_signals
+from lab.interrupts import interruption, note_killed, stop_on_signals
 from lab.model.gates import VARIANTS
 from lab.model.loss import require as require_loss_kernel
 from lab.model.params import count_params, model_flops_per_token
 from lab.progress import GridProgress, RunProgress, configure_output, duration
-from lab.records import (DEVICE_TAG, GRID_TAG, HEARTBEAT_TAG, checkpoint_dir, child_runs,
-                         describe_failure, end_run, find_or_create_grid_parent,
-                         heartbeat, load_checkpoint, start_run)
+from lab.records import (DEVICE_TAG, GRID_TAG, HEARTBEAT_TAG, OWNER_TAG, STALE_AFTER_S,
+                         checkpoint_dir, child_runs, describe_failure, end_run,
+                         find_or_create_grid_parent, heartbeat, kill_dead_run, load_checkpoint,
+                         owner_alive, owner_identity, run_owner_alive, start_run)
 from lab.training import phases as run_phases
 from lab.training.callbacks import FirstStepNotice
 from lab.training.module import use_compile_cache
 from lab.training.run import open_data, train_run
 from lab.training.schedule import total_steps
 
-OWNER_TAG = "gatelab.owner"
 CLAIM_PARAM = "gatelab.claim"  # on the parent: gatelab.claim/<config_hash>/<attempt> = owner@time
 RUNS_PER_GPU_TAG = "gatelab.runs_per_gpu"  # on a GPU cell's run: cells sharing its GPU then
 CLAIM_TAG = "gatelab.claim"    # on a cell's run: the <config_hash>/<attempt> it trains under
@@ -462,13 +461,10 @@ def reconcile(client, cells: list[Cell], runs: list, stale_after_s: float = STAL
         for run in mine:
             if run.info.status != "RUNNING":
                 continue
-            if owner_alive(run.data.tags.get(OWNER_TAG), run.data.tags.get(HEARTBEAT_TAG),
-                           stale_after_s):
+            if run_owner_alive(run, stale_after_s):
                 live = True
                 continue
-            client.set_terminated(run.info.run_id, "KILLED")
-            client.set_tag(run.info.run_id, records.KILLED_REASON_TAG,
-                           f"owner {run.data.tags.get(OWNER_TAG)} was gone when the grid resumed")
+            kill_dead_run(client, run, "the grid resumed")
             killed.append(run.info.run_id)
         if live:
             busy.append(cell)
@@ -522,7 +518,7 @@ def cell_runs(client, ctx: GridContext, config_hash: str) -> list:
 def _claim_alive(holder: str, runs: list, stale_after_s: float) -> bool:
     """Whether the process that holds a claim (`owner@time`) may still be training the cell:
     on this host, whether it exists; from another host, whether the claim or the cell's
-    running run has been refreshed within stale_after_s (lab.experiments.owners.owner_alive)."""
+    running run has been refreshed within stale_after_s (lab.records.owners.owner_alive)."""
     owner, _, claimed_at = holder.rpartition("@")
     beats = [claimed_at] + [r.data.tags.get(HEARTBEAT_TAG) for r in runs
                             if r.info.status == "RUNNING"]
@@ -815,6 +811,8 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
         print_dry_run(spec, cells, uri, workers, device, runs_per_gpu if gpus else 1)
         return GridSummary(spec.name, len(cells), 0, [])
 
+    records.check_writable(uri, max(count_params(cell.config)["total"] for cell in
+                                    {cell.variant: cell for cell in cells}.values()))
     # Before the check and the workers, which compile and inherit the environment.
     use_compile_cache()
     check_table = None
@@ -828,9 +826,14 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
     check_s = time.perf_counter() - checking
     client = records.client(uri)
     experiment = records.experiment_id(client, spec.name, uri)
-    parent = find_or_create_grid_parent(client, experiment, spec.name)
-    # Before the parent is RUNNING: a refused checkpoint ends the grid here (LabError).
-    work = reconcile(client, cells, child_runs(client, experiment, parent), options.stale_after_s)
+    me = {OWNER_TAG: owner_identity(), HEARTBEAT_TAG: str(int(time.time()))}
+    parent = find_or_create_grid_parent(client, experiment, spec.name, extra_tags=me)
+    try:  # a refused checkpoint ends the grid here (LabError), before anything trains
+        work = reconcile(client, cells, child_runs(client, experiment, parent),
+                         options.stale_after_s)
+    except LabError as err:
+        _release_refused_parent(client, parent, err, options.stale_after_s)
+        raise
     ctx = GridContext(uri, spec.name, parent, spec.name, options.quiet, options.stale_after_s,
                       runs_per_gpu if gpus and devices == 1 else 0,
                       check_s / max(1, len(work.tasks)))
@@ -867,9 +870,11 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
             finished(run_one(task))
         return []
 
-    with stop_on_signals():  # SIGINT and SIGTERM: the runs in progress end KILLED
+    with stop_on_signals(), heartbeat(client, parent):  # SIGINT, SIGTERM: runs end KILLED
         try:
             client.update_run(parent, status="RUNNING")
+            for key, value in me.items():  # this process's now (_release_refused_parent)
+                client.set_tag(parent, key, value)
             records.log_yaml(client, parent, spec.to_dict(), "grid.yaml")
             if check_table is not None:  # this start's check (a resumed grid adds its own)
                 records.log_check_table(client, parent, check_table)
@@ -899,6 +904,7 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
                 pool.close()
         except KeyboardInterrupt as err:
             stop = interruption(err)
+            note_killed()
             client.set_terminated(parent, "KILLED")
             client.set_tag(parent, records.KILLED_REASON_TAG, f"stopped by {stop.name}")
             raise stop from None
@@ -907,6 +913,22 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
                           _now() - started_at)
     _close_parent(client, experiment, parent, {c.config_hash for c in all_cells}, summary)
     return summary
+
+
+def _release_refused_parent(client, parent: str, err: LabError, stale_after_s: float) -> None:
+    """A grid that refuses to resume leaves no parent RUNNING for good: the parent it has
+    just created, or one a SIGKILLed grid left RUNNING (its owner gone, or without an owner:
+    made before parents had one), ends FAILED saying why; one a live grid process holds is
+    left to it."""
+    run = client.get_run(parent)
+    if run.info.status != "RUNNING":
+        return
+    owner = run.data.tags.get(OWNER_TAG)
+    if owner and owner != owner_identity() and run_owner_alive(run, stale_after_s):
+        return
+    client.set_tag(parent, records.FAILURE_KIND_TAG, "config")
+    client.set_tag(parent, records.FAILURE_TAG, f"resume refused: {err}"[:4000])
+    client.set_terminated(parent, "FAILED")
 
 
 def _set_threads(threads: int) -> None:

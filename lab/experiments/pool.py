@@ -31,9 +31,9 @@ import torch
 
 from lab import records
 from lab.errors import LabError
-from lab.experiments.owners import owner_alive, owner_identity
 from lab.interrupts import stop_on_signals
 from lab.progress import configure_output
+from lab.records import owner_alive, owner_identity
 
 GPU_ENV = "CUDA_VISIBLE_DEVICES"
 
@@ -97,7 +97,7 @@ def fail_run(uri: str, run_id: str | None, kind: str, reason: str) -> None:
 def die_with_parent(parent_owner: str, every_s: float = 0.5) -> None:
     """A worker must not outlive the grid or sweep that started it (a SIGKILLed one would
     leave it writing to the stores): a watchdog thread ends this process once the parent's
-    identity (lab/experiments/owners.py) is gone. Forkserver workers are not the parent's
+    identity (lab/records/owners.py) is gone. Forkserver workers are not the parent's
     children, so the kernel's parent-death signal would not reach them."""
 
     def watch():

@@ -17,6 +17,7 @@ controls, and a change to that grid's budget or corpus reaches the control too.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -27,12 +28,25 @@ from lab.experiments.overrides import read_overrides
 
 KeyReader = Callable[[Any], dict]  # a key's YAML value -> the dataclass fields it sets
 PRESET, DATA = "a preset name", "synthetic, a corpus directory or text files"
+MAX_EXTENDS = 64  # files an `extends` chain may hold (the repo's longest holds 3)
 
 
 def nonempty_string(where: str, value, expected: str) -> str:
     if not isinstance(value, str) or not value:
         raise LabError(f"{where}: expected {expected}, got {value!r}")
     return value
+
+
+def check_finite_numbers(where: str, value, path: str = "") -> None:
+    """No NaN or infinity anywhere in a file's values (YAML writes them .nan and .inf): a
+    field's own reader may pass numbers on unread (a pruner's options go to Optuna as they
+    are, and Optuna ran a trial with n_warmup_steps NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise LabError(f"{where}: {path or 'value'}: expected a finite number, got {value!r}")
+    items = value.items() if isinstance(value, dict) else \
+        enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        check_finite_numbers(where, item, f"{path}.{key}" if path else str(key))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +101,7 @@ class ExperimentSpec:
         for key, read in keys.items():
             if raw.get(key) is not None:
                 fields.update(read(raw[key]))
+        check_finite_numbers(source, raw)  # what the readers let through (their words first)
         return cls(**cls.complete(fields))
 
     @classmethod
@@ -105,6 +120,9 @@ class ExperimentSpec:
         if not isinstance(raw, dict) or "extends" not in raw:
             return raw
         source = f"{cls.kind} file {path}"
+        if len(chain) >= MAX_EXTENDS:  # (each level is a Python frame: no RecursionError)
+            raise LabError(f"{source}: extends: a chain of more than {MAX_EXTENDS} files "
+                           f"(from {chain[0]}); a {cls.kind} file extends a few others at most")
         base_name = raw["extends"]
         if not isinstance(base_name, str) or not base_name:
             raise LabError(f"{source}: extends: expected the path of another {cls.kind} file "

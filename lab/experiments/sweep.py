@@ -42,6 +42,7 @@ import math
 import os
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,11 +58,12 @@ from lab import records
 from lab.config import parse_variants, resolve, yaml_number
 from lab.errors import LabError, check_choice, check_positive_int
 from lab.experiments.overrides import override_pairs
-from lab.experiments.owners import is_local, owner_alive, owner_identity
 from lab.experiments.pool import WorkerPool, fail_run, gpu_slots, parse_gpus, threads_per_worker
 from lab.experiments.schema import ExperimentSpec, KeyReader, nonempty_string
-from lab.interrupts import interruption, stop_on_signals
+from lab.interrupts import interruption, note_killed, stop_on_signals
+from lab.model.params import count_params
 from lab.progress import RunProgress, configure_output, duration
+from lab.records import OWNER_TAG, end_dead_runs, is_local, owner_alive, owner_identity
 from lab.training.run import open_data, train_run
 from lab.training.schedule import total_steps
 
@@ -113,6 +115,11 @@ def _pruner_key(raw) -> dict:
         if unknown:
             raise LabError(f"pruner: unknown option(s) {', '.join(unknown)} for {kind}; allowed: "
                            f"{', '.join(sorted(allowed)) or '(none)'}")
+        try:  # Optuna checks its options' values when the pruner is made: here, not mid-sweep
+            _pruner_class(kind)(**options)
+        except (TypeError, ValueError) as err:
+            raise LabError(f"pruner: options {options} refused by Optuna's {kind} pruner: "
+                           f"{err}") from None
     return {"pruner": kind, "pruner_options": options}
 
 
@@ -371,12 +378,15 @@ def parent_run(sweep: Sweep, variant: str, uri: str, storage: str) -> str:
     mlflow_client = records.client(uri)
     experiment = records.experiment_id(mlflow_client, sweep.name, uri)
     study = sweep.study_name(variant)
+    owner = {OWNER_TAG: owner_identity(), records.HEARTBEAT_TAG: str(int(time.time()))}
     run_id, created = records.find_or_create_run(
         mlflow_client, experiment, {"study": study, "sweep_role": "parent"}, study,
         extra_tags={"sweep": sweep.name, "variant": variant, "preset": sweep.preset,
-                    "git_commit": records.git_commit()})
+                    "git_commit": records.git_commit(), **owner})
     if not created:
         mlflow_client.update_run(run_id, status="RUNNING")
+        for key, value in owner.items():  # this process's now (a SIGKILL: end_dead_runs)
+            mlflow_client.set_tag(run_id, key, value)
         return run_id
     low, high = sweep.lr_bounds()
     params = {"sweep.preset": sweep.preset, "sweep.data": sweep.data, "sweep.tokens": sweep.tokens,
@@ -645,6 +655,8 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
     uri = records.tracking_uri(tracking_uri)
     # Prepare the data once, here: workers would otherwise race to build the same cache.
     open_data(sweep.config(sweep.variants[0], sweep.lr_bounds()[0], sweep.seeds[0]))
+    records.check_writable(uri, max(count_params(sweep.config(
+        variant, sweep.lr_bounds()[0], sweep.seeds[0]))["total"] for variant in sweep.variants))
     check_table = None
     if check:
         check_table = lab_check.check_before_training(sweep.preset, list(sweep.variants),
@@ -653,8 +665,11 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
 
     remaining, parents, studies = {}, {}, {}
     status, pool = "FAILED", None
-    with stop_on_signals():  # SIGINT and SIGTERM: the trials' runs end KILLED
+    with stop_on_signals(), ExitStack() as beats:  # SIGINT, SIGTERM: the trials' runs end KILLED
         try:
+            # Runs a SIGKILLed sweep left RUNNING (its parents, a trial's run whose trial the
+            # storage no longer holds); the trials themselves: fail_stale_trials below.
+            end_dead_runs(records.client(uri), sweep.name, "the sweep started again")
             for variant in sweep.variants:
                 # This process only records and tells; a GridSampler's after_trial would
                 # stop an optimize loop when a tell visits its last point (fail_stale_trials).
@@ -670,6 +685,7 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
                     print(f"[{study.study_name}] {stale} trial(s) of a killed worker marked "
                           f"failed; {queued} failed trial(s) queued again with their parameters")
                 parents[variant] = parent_run(sweep, variant, uri, url)  # RUNNING from here
+                beats.enter_context(records.heartbeat(records.client(uri), parents[variant]))
                 if check_table is not None:  # the check that vouches for these trials
                     records.log_check_table(records.client(uri), parents[variant],
                                              check_table)
@@ -701,6 +717,7 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
             if stop is None:
                 raise
             status = "KILLED"
+            note_killed(len(parents))
             for run_id in parents.values():
                 records.client(uri).set_tag(run_id, records.KILLED_REASON_TAG,
                                              f"stopped by {stop.name}")

@@ -184,6 +184,12 @@ def apply_gate(spec: GateSpec, y: torch.Tensor, scores: torch.Tensor) -> torch.T
 # --- the variant registry -------------------------------------------------------
 
 PAPER_BASELINE_PPL = 6.026  # Table 1 row 1, MoE-15A2B
+# The dense reference for dense presets (docs/paper.md §9.2): Table 2's 48-layer, 400B-token
+# group at LR 4e-3 (rows 5, 8, 9), the only group of that table where both G1 gates and the
+# baseline train at the same LR. The 28-layer pairs give G1 elementwise -0.095 (400B) and
+# -0.050 (3.5T), the 48-layer 1T pair -0.262 (docs/paper.md §10, trend 10).
+PAPER_DENSE_BASELINE_PPL = 7.421
+PAPER_DENSE_TABLE = "Table 2 rows 5, 8, 9 (dense 1.7B, 48 layers, 400B tokens, LR 4e-3)"
 # MoE-15A2B's attention (docs/paper.md §4.1, Table 7): what the paper's "Added Param" is counted on.
 PAPER_MOE = {"d_model": 2048, "n_heads": 32, "n_kv_heads": 4, "head_dim": 128, "n_layers": 24}
 
@@ -228,6 +234,7 @@ class Variant:
     paper: str = ""
     paper_ppl: float | None = None
     paper_baseline_ppl: float = PAPER_BASELINE_PPL
+    paper_dense_ppl: float | None = None  # Table 2 (PAPER_DENSE_TABLE), where it has the variant
     paper_gate_mean: float | None = None
     paper_first_token_attn: float | None = None
     paper_max_activation: float | None = None
@@ -239,6 +246,12 @@ class Variant:
     @property
     def paper_delta_ppl(self) -> float | None:
         return None if self.paper_ppl is None else round(self.paper_ppl - self.paper_baseline_ppl, 3)
+
+    @property
+    def paper_dense_delta_ppl(self) -> float | None:
+        """Against Table 2's dense baseline of the same row group (PAPER_DENSE_TABLE)."""
+        return None if self.paper_dense_ppl is None else \
+            round(self.paper_dense_ppl - PAPER_DENSE_BASELINE_PPL, 3)
 
     @property
     def paper_table(self) -> str:
@@ -274,7 +287,7 @@ def _switch_head(target: str, experts: int, top_k: int, paper_added_m: float) ->
 _KV8_OVER_G1 = 2 * PAPER_MOE["n_kv_heads"] / PAPER_MOE["n_heads"]
 
 _VARIANT_LIST = [
-    Variant("baseline", paper="T1-1", paper_ppl=6.026, paper_added_m=0,
+    Variant("baseline", paper="T1-1", paper_ppl=6.026, paper_dense_ppl=7.421, paper_added_m=0,
             paper_first_token_attn=0.467, paper_max_activation=1053,
             description="GQA softmax attention, no gate"),
     Variant("baseline_kv8", kv_heads_factor=2.0, paper="T1-2", paper_ppl=5.979,
@@ -300,8 +313,8 @@ _VARIANT_LIST = [
                         "parameters, the paper's kv=8 budget (T1-2), which no KV head count "
                         "reaches with 2:1 GQA"),
     Variant("sdpa_elementwise_sigmoid_mul", _G(), paper="T1-5", paper_ppl=5.761,
-            paper_added_m=201, paper_gate_mean=0.116, paper_first_token_attn=0.048,
-            paper_max_activation=94,
+            paper_dense_ppl=7.288, paper_added_m=201, paper_gate_mean=0.116,
+            paper_first_token_attn=0.048, paper_max_activation=94,
             description="G1: Y' = Y * sigmoid(X W), one score per head and element"),
     Variant("value_elementwise_sigmoid_mul", _G(position="value"), paper="T1-6", paper_ppl=5.820,
             paper_added_m=25, paper_gate_mean=0.221, paper_first_token_attn=0.297,
@@ -314,7 +327,7 @@ _VARIANT_LIST = [
             paper_ppl=6.017, paper_added_m=100,
             description="G5: gate on the W_o output, before the residual add"),
     Variant("sdpa_headwise_sigmoid_mul", _G(granularity="headwise"), paper="T1-10",
-            paper_ppl=5.792, paper_added_m=1.6, paper_gate_mean=0.172,
+            paper_ppl=5.792, paper_dense_ppl=7.370, paper_added_m=1.6, paper_gate_mean=0.172,
             paper_first_token_attn=0.073, paper_max_activation=98,
             description="G1: one scalar per query head"),
     Variant("value_headwise_sigmoid_mul", _G(position="value", granularity="headwise"),

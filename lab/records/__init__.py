@@ -9,6 +9,8 @@ then `records.start_run(...)`); where each lives:
   (a grid's, and its cells' runs);
 - `runs.py`: one run's record (tags, params, metrics, artifacts), its start, its heartbeat
   while it trains, and its end;
+- `owners.py`: which process owns a run (or a claim, a trial) and whether it still lives,
+  and the end of the runs a dead owner left RUNNING;
 - `checkpoints.py`: where a run's checkpoint is and the one safe way to read it;
 - `snapshot.py`: the store packed into one file and unpacked elsewhere (`gatelab store`),
   used through its module: `from lab.records import snapshot`.
@@ -19,12 +21,14 @@ from lab.records.checkpoints import (checkpoint_dir, checkpoint_path, load_check
 from lab.records.lookup import (GRID_PARENT_TAG, GRID_TAG, child_runs, experiment_id,
                                 find_grid_parent, find_or_create_grid_parent,
                                 find_or_create_run, find_run, grid_cell_runs, search_all)
+from lab.records.owners import (OWNER_TAG, STALE_AFTER_S, end_dead_runs, is_local,
+                                kill_dead_run, owner_alive, owner_identity, run_owner_alive)
 from lab.records.runs import (DEVICE_TAG, FAILURE_KIND_TAG, FAILURE_TAG, HEARTBEAT_S,
                               HEARTBEAT_TAG, KILLED_REASON_TAG, cell_name, describe_failure,
                               device_name, end_run,
                               finite_metrics, git_commit, heartbeat, log_check_table,
                               log_metrics, log_params, log_yaml, run_tags, start_run)
-from lab.records.store import client, open_store, store_dir, tracking_uri
+from lab.records.store import check_writable, client, open_store, store_dir, tracking_uri
 from lab.records.views import runs_page_url
 
 __all__ = [
@@ -33,9 +37,11 @@ __all__ = [
     "GRID_PARENT_TAG", "GRID_TAG", "child_runs", "experiment_id", "find_grid_parent",
     "find_or_create_grid_parent", "find_or_create_run", "find_run", "grid_cell_runs",
     "search_all",
+    "OWNER_TAG", "STALE_AFTER_S", "end_dead_runs", "is_local", "kill_dead_run", "owner_alive",
+    "owner_identity", "run_owner_alive",
     "DEVICE_TAG", "FAILURE_KIND_TAG", "FAILURE_TAG", "HEARTBEAT_S", "HEARTBEAT_TAG",
     "KILLED_REASON_TAG", "cell_name", "describe_failure", "device_name", "end_run", "finite_metrics", "git_commit", "heartbeat",
     "log_check_table", "log_metrics", "log_params", "log_yaml", "run_tags", "start_run",
-    "client", "open_store", "store_dir", "tracking_uri",
+    "check_writable", "client", "open_store", "store_dir", "tracking_uri",
     "runs_page_url",
 ]

@@ -93,11 +93,13 @@ def find_grid_parent(mlflow_client, experiment_id: str) -> str | None:
     return find_run(mlflow_client, experiment_id, {GRID_PARENT_TAG: "true"})
 
 
-def find_or_create_grid_parent(mlflow_client, experiment_id: str, name: str) -> str:
+def find_or_create_grid_parent(mlflow_client, experiment_id: str, name: str,
+                               extra_tags: dict[str, str] | None = None) -> str:
     """One parent per grid name (find_or_create_run: under a lock beside a SQLite store, so
-    two grids started together find one), which holds the cells' claims."""
+    two grids started together find one), which holds the cells' claims; `extra_tags` go on
+    a parent created here."""
     return find_or_create_run(mlflow_client, experiment_id,
-                              {GRID_PARENT_TAG: "true", GRID_TAG: name}, name)[0]
+                              {GRID_PARENT_TAG: "true", GRID_TAG: name}, name, extra_tags)[0]
 
 
 def child_runs(mlflow_client, experiment_id: str, parent_run_id: str) -> list:

@@ -27,7 +27,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from lab.config import RunConfig, flatten
 from lab.data.store import cache_root
 from lab.errors import LabError
-from lab.interrupts import interruption
+from lab.interrupts import interruption, note_killed
 from lab.records.lookup import experiment_id
 from lab.records.store import client, store_dir
 
@@ -35,7 +35,7 @@ from lab.records.store import client, store_dir
 FAILURE_KIND_TAG = "gatelab.failure_kind"   # oom, disk_full, config, error, worker_died
 FAILURE_TAG = "gatelab.failure"             # the one-line message
 KILLED_REASON_TAG = "gatelab.killed_reason"
-# Who still trains a run, as another host can tell (lab/experiments/owners.py owner_alive).
+# Who still trains a run, as another host can tell (lab/records/owners.py owner_alive).
 HEARTBEAT_TAG = "gatelab.heartbeat"         # unix seconds of the owner's latest beat
 HEARTBEAT_S = 60.0
 # What a run trained on: the GPU's name (torch.cuda.get_device_name) or "cpu"; set by the
@@ -195,6 +195,8 @@ def end_run(mlflow_client, run_id: str, config: RunConfig, err: BaseException | 
         return "FINISHED"
     interrupt = interruption(err)
     status = "KILLED" if interrupt is not None or isinstance(err, stopped_by) else "FAILED"
+    if interrupt is not None:
+        note_killed()
     try:
         if interrupt is not None:
             mlflow_client.set_tag(run_id, KILLED_REASON_TAG,

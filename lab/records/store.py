@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from lab.errors import LabError
+from lab.errors import LabError, check_free_space, writable_folder
 
 STORE_DIR = "mlruns"
 
@@ -44,10 +44,34 @@ def tracking_uri(explicit: str | None = None) -> str:
         check_uri(uri, "--tracking-uri" if explicit else "MLFLOW_TRACKING_URI")
         return uri
     store = store_dir()
-    store.mkdir(parents=True, exist_ok=True)
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # read-only, a file in the way, a full disk
+        raise LabError(f"store: cannot create {store} ({err.strerror or err}); set "
+                       "GATELAB_STORE to a writable folder") from None
     uri = f"sqlite:///{store / 'mlflow.db'}"
     check_uri(uri, "store")
     return uri
+
+
+# A run's checkpoint, as AtomicCheckpoint writes it: fp32 weights and Adam's two moments
+# (3 x 4 bytes a parameter), twice while last.tmp replaces last.ckpt, plus the metrics and
+# artifacts around it.
+CHECKPOINT_BYTES_PER_PARAM = 2 * 3 * 4
+RECORD_SLACK_BYTES = 16 * 2 ** 20
+
+
+def check_writable(uri: str, params: int) -> None:
+    """Before a run is made: the store folder (checkpoints, and artifacts and the database
+    of a SQLite store) can be written, and holds room for a checkpoint of a model of
+    `params` parameters; else one LabError line (a read-only folder, a full disk)."""
+    folder = store_dir()
+    need = params * CHECKPOINT_BYTES_PER_PARAM + RECORD_SLACK_BYTES
+    check_free_space("store", folder, need, f"a checkpoint of {params:,} parameters (the "
+                     "weights and Adam's moments, twice while one replaces the other)")
+    path = sqlite_path(uri) if uri.startswith("sqlite:") else None
+    if path is not None and path.parent != folder:
+        writable_folder("store", path.parent)  # SQLite writes its journal beside the file
 
 
 def client(uri: str):
@@ -88,6 +112,10 @@ def check_uri(uri: str, source: str) -> None:
             raise LabError(f"{source}: {uri!r} is not a database URL ({err})") from None
         if path is not None:
             check_store_file(path, source)
+        elif scheme == "sqlite":
+            raise LabError(f"{source}: {uri!r} is an in-memory SQLite database: MLflow opens "
+                           "a new, empty one for each connection and nothing outlives the "
+                           "command; give sqlite:///<folder>/mlflow.db")
     elif scheme != "databricks":
         raise LabError(f"{source}: {uri!r} has the unknown scheme {scheme!r}; use sqlite:///"
                        "<folder>/mlflow.db, http(s)://<host>:<port> of an MLflow server, or a "
@@ -130,11 +158,18 @@ def check_store_file(path: Path, source: str) -> None:
                        "create it or fix the path")
     if not path.exists():
         if not os.access(path.parent, os.W_OK):
-            raise LabError(f"{source}: cannot create {path}: the folder is not writable")
+            raise LabError(f"{source}: cannot create {path}: the folder is not writable"
+                           f"{_read_only(path.parent)}")
         return
     if not os.access(path, os.R_OK | os.W_OK):
-        raise LabError(f"{source}: {path} is not readable and writable by this user")
+        raise LabError(f"{source}: {path} is not readable and writable by this user"
+                       f"{_read_only(path.parent)}")
     store_revision(path)
+
+
+def _read_only(folder: Path) -> str:
+    """Why os.access said no, where the file system is mounted read-only (root included)."""
+    return " (a read-only file system)" if os.statvfs(folder).f_flag & os.ST_RDONLY else ""
 
 
 def _recovery(path: Path) -> str:

@@ -5,20 +5,27 @@ confidence interval from the t-distribution with n-1 degrees of freedom), the di
 to the baseline paired by seed (the same seed gives every variant the same data order and
 the same initial draw of the shared weights, so differences are far less noisy than the
 spread of either), with its own t interval; loss spikes; divergences; the analysis metrics
-where runs carry them; and the paper's delta-PPL (MoE-15A2B, lab.model.gates) beside ours with
-whether the sign agrees.
+where runs carry them; and the paper's delta-PPL beside ours with whether the sign agrees:
+from its dense Table 2 for a dense preset where the table has the variant (the G1 gates;
+PAPER_DENSE_TABLE in lab/model/gates.py), else from its MoE tables (1, 3, 4, 6), with the
+table named and both numbers where the paper gives both.
 
 With several learning rates in a grid, each variant's row is at its best LR (lowest mean
 validation perplexity over seeds, diverged runs counting as worse than any); every
 (variant, LR) pair is in `all_lrs.csv` and the LR plot.
 
 Outputs go to `reports/<grid>/` (report.md, report.csv, loss_curves.png, delta_ppl.png,
-per_layer.png; with several learning rates also all_lrs.csv and lr_vs_loss.png) and are
-logged to the grid's parent run under `report/`, with the summary table as the parent's
-description and per-variant summary metrics (`log_summary`). With several learning rates
-report.md also holds the table of every (variant, LR). Last in report.md, the paper's
-trends as this grid tests them (lab/reports/trends.py): a verdict per trend and the paired
-comparison behind each.
+per_layer.png; with several learning rates also all_lrs.csv, lr_vs_loss.png and ladder.png,
+each rung's loss and gradient norm by seed: lab/reports/ladder.py) and are logged to the
+grid's parent run under `report/`, with the summary table as the parent's description and
+per-variant summary metrics (`log_summary`). With several learning rates report.md also
+holds the table of every (variant, LR). Last in report.md, the paper's trends as this grid
+tests them (lab/reports/trends.py): a verdict per trend and the paired comparison behind
+each, with its raw and multiplicity-adjusted outcome and its power line. With several
+learning rates, the stability section also pairs each gate with the baseline at the same LR
+and seed (spikes, largest gradient norm, final loss, "broke"). Where runs logged the sink
+measures through training (`train.analysis_every`), `sink_vs_tokens.png` plots them against
+tokens trained, per variant (each seed and the mean), and report.md tabulates the means.
 
 With a control grid (`--control GRID`: a grid that changes one setting of this one, such as
 reproduce-base-init's depth-scaled init), report.md adds each variant's Δ against each of
@@ -46,9 +53,10 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from lab import records
 from lab.analysis.metrics import split_layer_metric
 from lab.errors import LabError
-from lab.model.gates import VARIANTS
+from lab.model.gates import PAPER_DENSE_BASELINE_PPL, VARIANTS
 from lab.records import find_grid_parent, grid_cell_runs
 from lab.reports import trends
+from lab.reports.ladder import plot_ladder
 from lab.reports.seeds import BASELINE, Interval, Row, RunRecord, paired_delta, t_interval
 
 # Columns beside the perplexity, where runs carry them (lab/analysis/metrics.py, lab/training/callbacks.py);
@@ -93,7 +101,8 @@ def load_runs(grid: str, uri: str | None = None) -> tuple[object, str, list[RunR
             latest[key] = run
     run_records = [RunRecord(r.info.run_id, r.data.tags.get("variant", "?"),
                          float(r.data.tags.get("lr", "nan")), int(r.data.tags.get("seed", -1)),
-                         dict(r.data.metrics), r.data.tags.get("diverged") == "true")
+                         dict(r.data.metrics), r.data.tags.get("diverged") == "true",
+                         r.data.params.get("model.ffn", "dense"))
                for r in latest.values()]
     if not run_records:
         raise LabError(f"report: grid {grid!r} has no FINISHED runs yet")
@@ -122,8 +131,7 @@ def build_rows(run_records: list[RunRecord]) -> tuple[list[Row], list[Row]]:
         runs.sort(key=lambda r: r.seed)
         row = Row(variant, lr, runs, t_interval([r.val_ppl for r in runs if r.val_ppl is not None]))
         if variant in VARIANTS:
-            row.paper_delta = VARIANTS[variant].paper_delta_ppl
-            row.paper_baseline_ppl = VARIANTS[variant].paper_baseline_ppl
+            set_paper_reference(row, VARIANTS[variant], dense=is_dense(run_records))
         all_rows.append(row)
     best: dict[str, Row] = {}
     for row in all_rows:
@@ -138,6 +146,35 @@ def build_rows(run_records: list[RunRecord]) -> tuple[list[Row], list[Row]]:
     all_rows.sort(key=lambda r: (_variant_order(r.variant), r.lr))
     rows = sorted(best.values(), key=lambda r: _variant_order(r.variant))
     return rows, all_rows
+
+
+def is_dense(run_records: list[RunRecord]) -> bool:
+    return all(r.ffn != "moe" for r in run_records)
+
+
+def set_paper_reference(row: Row, variant, dense: bool) -> None:
+    """The paper's Δ for the row: the dense Table 2's for a dense preset where that table has
+    the variant, else the MoE tables' (1, 3, 4, 6); both kept for the report's last columns.
+    (A Table 2 row of the registry, the sandwich norm, is dense whatever the preset.)"""
+    own = None if variant.paper_delta_ppl is None else \
+        (variant.paper_delta_ppl, variant.paper_baseline_ppl)
+    table_2 = variant.paper.startswith("T2")
+    row.paper_moe = None if table_2 else own
+    row.paper_dense = own if table_2 else None if variant.paper_dense_ppl is None else \
+        (variant.paper_dense_delta_ppl, PAPER_DENSE_BASELINE_PPL)
+    chosen, row.paper_table = ((row.paper_dense, "dense") if row.paper_dense and
+                               (dense or row.paper_moe is None) else (row.paper_moe, "MoE"))
+    if chosen is None:
+        row.paper_table = ""
+    else:
+        row.paper_delta, row.paper_baseline_ppl = chosen
+
+
+def _paper_cell(reference: tuple[float, float] | None) -> str:
+    if reference is None:
+        return "-"
+    delta, baseline = reference
+    return f"{delta:+.3f} ({100 * delta / baseline:+.1f}%)"
 
 
 def analysis_metrics(runs: list[RunRecord]) -> dict[str, float]:
@@ -171,7 +208,8 @@ def _percent(value: float | None, pattern: str, missing: str = "") -> str:
 def markdown_table(rows: list[Row]) -> str:
     extras = sorted({k for r in rows for k in r.extra})
     header = ["variant", "lr", "seeds", "val PPL (mean ± std)", "95% CI", "Δ PPL vs baseline",
-              "Δ 95% CI", "Δ %", "paper Δ PPL (%)", "same sign", "spikes", "diverged", *extras]
+              "Δ 95% CI", "Δ %", "paper Δ PPL (%)", "same sign", "spikes", "diverged", *extras,
+              "paper Δ from", "paper Δ, MoE (%)", "paper Δ, dense (%)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         ppl, ppl_ci = _fmt_interval(row.ppl)
@@ -182,17 +220,21 @@ def markdown_table(rows: list[Row]) -> str:
         percent = "-" if row.variant == BASELINE else _percent(row.delta_percent, "{:+.1f}%", "-")
         cells = [row.variant, f"{row.lr:g}", str(len(row.runs)), ppl, ppl_ci, delta, delta_ci,
                  percent, paper, row.direction, str(row.spikes), f"{row.diverged}/{len(row.runs)}",
-                 *[_fmt(row.extra.get(k), 4) for k in extras]]
+                 *[_fmt(row.extra.get(k), 4) for k in extras], row.paper_table or "-",
+                 _paper_cell(row.paper_moe), _paper_cell(row.paper_dense)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def stability_table(all_rows: list[Row]) -> str:
+def stability_table(all_rows: list[Row], margin: float = trends.BROKE_MARGIN) -> str:
     """Per variant over a learning-rate ladder: the largest LR at which no seed diverged, the
     largest at which no seed diverged or spiked, and the smallest that diverged (the paper's
-    claim 4: the gate trains at LRs where the baseline breaks)."""
+    claim 4: the gate trains at LRs where the baseline breaks); then the largest LR at which
+    at least 2 seeds ran and none broke (lab/reports/trends.py: diverged, or a final loss
+    `margin` nats above the variant's best rung) and the first LR at which a run broke."""
     header = ["variant", "LRs tried", "max LR, no divergence", "max LR, no divergence or spike",
-              "first LR that diverged", "largest attention logit (at max stable LR)"]
+              "first LR that diverged", "largest attention logit (at max stable LR)",
+              "largest stable LR (>= 2 seeds, none broke)", "first LR where a run broke"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant in sorted({r.variant for r in all_rows}, key=_variant_order):
         ladder = sorted((r for r in all_rows if r.variant == variant), key=lambda r: r.lr)
@@ -200,10 +242,56 @@ def stability_table(all_rows: list[Row]) -> str:
         calm = [r for r in stable if r.spikes == 0]
         broke = [r for r in ladder if r.diverged > 0]
         logit = stable[-1].extra.get("attn/logit_max") if stable else None
+        largest = trends.largest_stable_lr(ladder, margin)
+        broken = trends.broken_runs(ladder, margin)
+        first_broke = min((lr for (lr, _), hit in broken.items() if hit), default=None)
         lines.append("| " + " | ".join([
             variant, str(len(ladder)), f"{stable[-1].lr:g}" if stable else "none",
             f"{calm[-1].lr:g}" if calm else "none", f"{broke[0].lr:g}" if broke else "none",
-            _fmt(logit, 1)]) + " |")
+            _fmt(logit, 1), "none" if largest is None else f"{largest:g}",
+            "none" if first_broke is None else f"{first_broke:g}"]) + " |")
+    return "\n".join(lines)
+
+
+def stability_pairs_table(all_rows: list[Row], margin: float = trends.BROKE_MARGIN) -> str:
+    """Each variant against the baseline at the same LR and seed, rung by rung: the pairing
+    of the paper's Table 2 (models side by side at one LR), which trend 11 pools."""
+    ladders: dict[str, list[Row]] = {}
+    for row in all_rows:
+        ladders.setdefault(row.variant, []).append(row)
+    header = ["variant", "lr", "seeds paired", "spikes (variant / baseline)",
+              "largest grad norm (variant / baseline, mean)",
+              "Δ final loss, nats (mean [95% CI])", "broke (variant / baseline)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    if BASELINE not in ladders:
+        return "\n".join(lines)
+    base = {r.lr: {run.seed: run for run in r.runs} for r in ladders[BASELINE]}
+    base_broken = trends.broken_runs(ladders[BASELINE], margin)
+    for variant in sorted(ladders, key=_variant_order):
+        if variant == BASELINE:
+            continue
+        broken = trends.broken_runs(ladders[variant], margin)
+        for rung in sorted(ladders[variant], key=lambda r: r.lr):
+            pairs = [(run, base[rung.lr][run.seed]) for run in rung.runs
+                     if run.seed in base.get(rung.lr, {})]
+            if not pairs:
+                continue
+            norms = [[p.metrics.get("train/grad_norm_max", math.nan) for p in side]
+                     for side in zip(*pairs)]
+            finals = [a.metrics["val/final_loss"] - b.metrics["val/final_loss"] for a, b in pairs
+                      if not (a.diverged or b.diverged)
+                      and "val/final_loss" in a.metrics and "val/final_loss" in b.metrics]
+            centre, ci = _fmt_interval(t_interval(finals), signed=True)
+            spikes = [sum(int(p.metrics.get("spikes/count", 0)) for p in side)
+                      for side in zip(*pairs)]
+            hits = [sum(table[(rung.lr, p.seed)] for p in side)
+                    for table, side in zip((broken, base_broken), zip(*pairs))]
+            lines.append("| " + " | ".join([
+                variant, f"{rung.lr:g}", str(len(pairs)), f"{spikes[0]} / {spikes[1]}",
+                " / ".join(_fmt(float(np.nanmean(n)) if np.isfinite(n).any() else None, 2)
+                           for n in norms),
+                centre if ci == "-" else f"{centre.split(' ± ')[0]} {ci}",
+                f"{hits[0]} / {hits[1]}"]) + " |")
     return "\n".join(lines)
 
 
@@ -246,7 +334,8 @@ def write_csv(rows: list[Row], path: Path) -> None:
                "val_ppl_ci_high", "delta_ppl_mean", "delta_ppl_std", "delta_ppl_ci_low",
                "delta_ppl_ci_high", "n_paired", "delta_percent", "paper_delta_ppl",
                "paper_delta_percent", "same_sign", "spikes",
-               "max_spike_excess", "diverged", *extras]
+               "max_spike_excess", "diverged", *extras,
+               "paper_delta_table", "paper_moe_delta_ppl", "paper_dense_delta_ppl"]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
@@ -258,7 +347,9 @@ def write_csv(rows: list[Row], path: Path) -> None:
                              d.n if d else 0, row.delta_percent, row.paper_delta,
                              row.paper_delta_percent, row.direction, row.spikes,
                              row.max_spike_excess, row.diverged,
-                             *[row.extra.get(k) for k in extras]])
+                             *[row.extra.get(k) for k in extras],
+                             row.paper_table, row.paper_moe and row.paper_moe[0],
+                             row.paper_dense and row.paper_dense[0]])
 
 
 # --- plots ---------------------------------------------------------------------------------
@@ -280,6 +371,14 @@ def loss_history(client, run_id: str) -> tuple[list[int], list[float]]:
         return list(data["step"]), list(data["loss"])
     history = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)
     return [m.step for m in history], [m.value for m in history]
+
+
+def run_history(client, run_id: str) -> dict:
+    """loss_history.json (step, loss, grad_norm) with the spike peaks of spikes.json, for the
+    ladder plot (lab/reports/ladder.py)."""
+    data = _artifact_json(client, run_id, "loss_history.json") or {}
+    data["spike_steps"] = [s["peak_step"] for s in _artifact_json(client, run_id, "spikes.json") or []]
+    return data
 
 
 def _row_label(row: Row, rows: list[Row]) -> str:
@@ -345,7 +444,7 @@ def plot_deltas(rows: list[Row], path: Path) -> None:
     paper = [(i, r.paper_delta) for i, r in enumerate(shown) if r.paper_delta is not None]
     if paper:
         ax.scatter([p for _, p in paper], [i for i, _ in paper], marker="D", color="tab:red",
-                   zorder=3, label="paper (MoE-15A2B)")
+                   zorder=3, label="paper (dense Table 2 where it has the variant, else MoE)")
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(y, [r.variant for r in shown], fontsize=8)
     ax.invert_yaxis()
@@ -415,12 +514,84 @@ def plot_lr(all_rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
+# The sink measures a run logs through training (`train.analysis_every`; lab/analysis/metrics.py):
+# Gu et al.'s share on 64-token windows with and without BOS (trend 7's measure) and F-Attn.
+SINK_HISTORY = (("sink/head_share_short", "Gu's Sink^0.3 share, 64-token BOS windows"),
+                ("sink/head_share_short_random", "Gu's Sink^0.3 share, 64-token windows, no BOS"),
+                ("sink/first_token_attn", "F-Attn, 1,024-token BOS windows"))
+
+
+def sink_histories(client, rows: list[Row]) -> dict[str, dict[str, dict[int, dict[float, float]]]]:
+    """metric -> variant -> seed -> {tokens trained: value}, for the runs that logged a sink
+    measure at more than one step. Tokens per step: the run's `tokens/seen` over its step."""
+    out: dict = {}
+    for row in rows:
+        for run in row.runs:
+            seen = max(client.get_metric_history(run.run_id, "tokens/seen"),
+                       key=lambda m: m.step, default=None)
+            per_step = seen.value / seen.step if seen is not None and seen.step else None
+            for name, _ in SINK_HISTORY:
+                history = client.get_metric_history(run.run_id, name)
+                if len(history) < 2 or per_step is None:
+                    continue
+                out.setdefault(name, {}).setdefault(row.variant, {})[run.seed] = {
+                    m.step * per_step: m.value for m in sorted(history, key=lambda m: m.step)}
+    return out
+
+
+def sink_history_table(histories: dict) -> str:
+    """Per variant and logged step, the mean over seeds of each sink measure."""
+    names = [(n, title) for n, title in SINK_HISTORY if n in histories]
+    variants = sorted({v for n, _ in names for v in histories[n]}, key=_variant_order)
+    header = ["variant", "tokens trained", *[f"{title} (mean over seeds)" for _, title in names],
+              "seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant in variants:
+        runs = {n: histories[n].get(variant, {}) for n, _ in names}
+        points = sorted({t for by_seed in runs.values() for h in by_seed.values() for t in h})
+        for tokens in points:
+            cells, seeds = [], 0
+            for name, _ in names:
+                values = [h[tokens] for h in runs[name].values() if tokens in h]
+                seeds = max(seeds, len(values))
+                cells.append(_fmt(float(np.mean(values)) if values else None, 3))
+            lines.append("| " + " | ".join([variant, f"{tokens:.3g}", *cells, str(seeds)]) + " |")
+    return "\n".join(lines)
+
+
+def plot_sink_histories(histories: dict, path: Path) -> None:
+    """Sink measure against tokens trained, one panel per measure, one colour per variant:
+    each seed thin, the mean over seeds (at the steps every seed logged) thick."""
+    names = [(n, title) for n, title in SINK_HISTORY if n in histories]
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.5), squeeze=False)
+    variants = sorted({v for n, _ in names for v in histories[n]}, key=_variant_order)
+    colours = {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(variants)}
+    for ax, (name, title) in zip(axes[0], names):
+        for variant, by_seed in histories[name].items():
+            for history in by_seed.values():
+                ax.plot(list(history), list(history.values()), color=colours[variant],
+                        linewidth=0.8, alpha=0.35)
+            common = sorted(set.intersection(*(set(h) for h in by_seed.values())))
+            ax.plot(common, [np.mean([h[t] for h in by_seed.values()]) for t in common],
+                    color=colours[variant], linewidth=2.2, marker="o", markersize=3,
+                    label=f"{variant} ({len(by_seed)} seeds)")
+        ax.set_xlabel("tokens trained")
+        ax.set_ylabel(title)
+        ax.set_title(title, fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("the sink through training (thin: each seed; thick: the mean)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # --- the report ----------------------------------------------------------------------------
 
 def build_report(grid: str, uri: str | None = None, out: str | Path | None = None,
                  log_to_parent: bool = True,
                  equivalence_percent: float = trends.EQUIVALENCE_PERCENT,
-                 control: str | None = None) -> Report:
+                 control: str | None = None,
+                 broke_margin: float = trends.BROKE_MARGIN) -> Report:
     matplotlib.use("Agg")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one per artifact
 
@@ -436,19 +607,35 @@ def build_report(grid: str, uri: str | None = None, out: str | Path | None = Non
     n_lrs = len({r.lr for r in all_rows})
     note = (f"{len(run_records)} finished runs; rows at each variant's best of {n_lrs} learning rates"
             if n_lrs > 1 else f"{len(run_records)} finished runs")
+    dense = is_dense(run_records)
+    reference = ("its dense Table 2 (48 layers, 400B tokens, LR 4e-3) where it has the variant, "
+                 "else its MoE-15A2B tables (1, 3, 4, 6)" if dense else
+                 "its MoE-15A2B tables (1, 3, 4, 6)")
     markdown = (f"## Grid {grid}\n\n{note}. PPL: validation perplexity; CIs: 95%, t-distribution "
-                "over seeds; Δ paired by seed; paper Δ: MoE-15A2B (Tables 1, 3, 4, 6).\n\n"
+                f"over seeds; Δ paired by seed; paper Δ: {reference}, as 'paper Δ from' says; "
+                "the last two columns give both where the paper has both.\n\n"
                 f"{table}\n")
     if n_lrs > 1:
         markdown += ("\n### Every learning rate\n\nΔ against the baseline at its best LR.\n\n"
                      f"{markdown_table(all_rows)}\n"
                      "\n### Stability over the learning-rate ladder\n\n"
-                     f"{stability_table(all_rows)}\n")
+                     f"A run broke when it diverged or, at an LR above its variant's best "
+                     f"rung, ended more than {broke_margin:g} nats above that rung's mean "
+                     "final validation loss (`--broke-margin`).\n\n"
+                     f"{stability_table(all_rows, broke_margin)}\n\n"
+                     "Each variant against the baseline at the same LR and seed:\n\n"
+                     f"{stability_pairs_table(all_rows, broke_margin)}\n")
     if control:
         markdown += (f"\n### Against the control grid {control}\n\nEach variant's Δ against "
                      f"{control}'s variants (each at its best LR), paired by seed.\n\n"
                      f"{control_table(rows, control, controls)}\n")
-    verdicts = trends.evaluate(rows, all_rows, equivalence_percent)
+    histories = sink_histories(client, rows)
+    if histories:
+        markdown += ("\n### The sink through training\n\nThe sink measures the runs logged "
+                     "every `train.analysis_every` steps (each variant at its best LR; the plot "
+                     "is sink_vs_tokens.png).\n\n"
+                     f"{sink_history_table(histories)}\n")
+    verdicts = trends.evaluate(rows, all_rows, equivalence_percent, dense, broke_margin)
     markdown += ("\n### The paper's trends (spec §6), as this grid tests them\n\n"
                  f"{trends.markdown(verdicts, equivalence_percent)}\n")
     files = [out_dir / "report.md", out_dir / "report.csv", out_dir / "loss_curves.png",
@@ -459,6 +646,10 @@ def build_report(grid: str, uri: str | None = None, out: str | Path | None = Non
     plot_deltas(rows, files[3])
     if plot_per_layer(rows, out_dir / "per_layer.png"):
         files.append(out_dir / "per_layer.png")
+    (out_dir / "sink_vs_tokens.png").unlink(missing_ok=True)  # (from an earlier report)
+    if histories:
+        files.append(out_dir / "sink_vs_tokens.png")
+        plot_sink_histories(histories, files[-1])
     (out_dir / "control.csv").unlink(missing_ok=True)  # (from an earlier report with one)
     if control:
         files.append(out_dir / "control.csv")
@@ -469,6 +660,9 @@ def build_report(grid: str, uri: str | None = None, out: str | Path | None = Non
         files += [out_dir / "all_lrs.csv", out_dir / "lr_vs_loss.png"]
         write_csv(all_rows, files[-2])
         plot_lr(all_rows, files[-1])
+        if plot_ladder(all_rows, lambda run_id: run_history(client, run_id),
+                              out_dir / "ladder.png", row_styles(all_rows)[0]):
+            files.append(out_dir / "ladder.png")
     if log_to_parent:
         for file in files:
             client.log_artifact(parent, str(file), artifact_path="report")

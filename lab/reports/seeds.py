@@ -23,6 +23,8 @@ class RunRecord:
     seed: int
     metrics: dict
     diverged: bool
+    ffn: str = "dense"   # the model's FFN (`model.ffn`): which of the paper's tables is its
+    #                      reference (lab/reports/grid_report.py, set_paper_reference)
 
     @property
     def val_ppl(self) -> float | None:
@@ -61,6 +63,10 @@ class Row:
     delta: Interval | None = None
     paper_delta: float | None = None
     paper_baseline_ppl: float | None = None  # the paper's row its Δ is taken against
+    paper_table: str = ""   # which of the paper's tables paper_delta is from ("MoE", "dense")
+    # Both of the paper's references, where it gives both: (Δ PPL, the baseline PPL it is from).
+    paper_moe: tuple[float, float] | None = None
+    paper_dense: tuple[float, float] | None = None
     extra: dict = field(default_factory=dict)
     baseline_ppl: float | None = None   # the mean the Δ is taken against
 

@@ -15,6 +15,7 @@ import math
 import os
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -35,6 +36,7 @@ from lab.interrupts import interruption
 from lab.model.loss import require as require_loss_kernel
 from lab.model.params import count_params, model_flops_per_token
 from lab.progress import RunProgress
+from lab.records import OWNER_TAG, end_dead_runs, owner_identity
 from lab.training import phases as run_phases
 from lab.training.callbacks import (AnalysisMonitor, AtomicCheckpoint, GateInsertion,
                                     LossMonitor, RoutingStats, device_peak_tflops)
@@ -130,13 +132,25 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
     require_loss_kernel(config.train.fused_loss, torch.cuda.is_available())  # before any record
     with clock.phase("data_open"):
         store, config = open_data(config)
-    with clock.phase("store"):  # the first client of a new SQLite store creates its tables
-        mlflow_client = records.client(uri)
+    primary = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    with clock.phase("store"):
+        if primary:  # a read-only store or a full disk: one line, before the run exists
+            records.check_writable(uri, count_params(config)["total"])
+        mlflow_client = records.client(uri)  # a new SQLite store's first client makes its tables
     # Under DDP, Lightning starts ranks > 0 by running the same command again; they join
     # the run rank 0 created (passed through the environment) and write nothing to MLflow.
-    primary = int(os.environ.get("LOCAL_RANK", "0")) == 0
     if not primary:
         run_id = os.environ[DDP_RUN_ID]
+    # A run this call makes is this process's: it carries the owner and a heartbeat, by which
+    # a later command tells that it died with a SIGKILL (lab/records/owners.py). A single
+    # run first ends the experiment's runs such a death left RUNNING, as a grid's rerun does.
+    owned = primary and run_id is None and OWNER_TAG not in (extra_tags or {})
+    if owned:
+        extra_tags = {**(extra_tags or {}), OWNER_TAG: owner_identity(),
+                      records.HEARTBEAT_TAG: str(int(time.time()))}
+        if parent_run_id is None:
+            with clock.phase("store"):
+                end_dead_runs(mlflow_client, experiment, "another run of the experiment started")
     start_step = 0
     if run_id is not None:
         # A checkpoint that is refused is refused here, before the run is RUNNING again.
@@ -152,8 +166,9 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
                                            extra_tags)
             elif primary:
                 mlflow_client.update_run(run_id, status="RUNNING")
-        return _train(config, store, run_id, uri, mlflow_client, primary, start_step, quiet,
-                      callbacks, on_start, clock)
+        with records.heartbeat(mlflow_client, run_id) if owned else nullcontext():
+            return _train(config, store, run_id, uri, mlflow_client, primary, start_step, quiet,
+                          callbacks, on_start, clock)
     except BaseException as err:
         if primary and run_id is not None:  # (start_run closes a run it could not finish)
             records.end_run(mlflow_client, run_id, config, err, stopped_by)

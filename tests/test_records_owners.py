@@ -1,4 +1,4 @@
-"""lab/experiments/owners.py: who owns resumable work and whether that owner still lives
+"""lab/records/owners.py: who owns resumable work and whether that owner still lives
 (how worker processes split the host's cores: tests/test_pool.py).
 
 tests/test_grid.py `test_owner_liveness` covers the plain cases (this process alive, an exited
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from lab.experiments import owners
-from lab.experiments.owners import STALE_AFTER_S, is_local, owner_alive, owner_identity
+from gridkit import store  # noqa: F401
+from lab.records import owners
+from lab.records.owners import STALE_AFTER_S, is_local, owner_alive, owner_identity
 
 HOST = socket.gethostname()
 
@@ -108,3 +109,31 @@ def test_is_local():
     assert is_local(owner_identity())
     assert not is_local("elsewhere.invalid:1:2")
     assert not is_local(None) and not is_local("")
+
+
+def test_end_dead_runs_ends_only_the_runs_of_a_dead_owner(store):
+    """Issue 40: of an experiment's RUNNING runs, those whose owner is gone end KILLED with
+    the reason; a live owner's, an ownerless one (made before runs had owners: nothing tells)
+    and a finished one are left as they are."""
+    from mlflow.tracking import MlflowClient
+
+    from lab.records import HEARTBEAT_TAG, KILLED_REASON_TAG, OWNER_TAG, end_dead_runs
+
+    client = MlflowClient(store)
+    experiment = client.create_experiment("owned")
+    dead_owner = f"{HOST}:{pid_that_never_ran()}:"
+    runs = {name: client.create_run(experiment, tags=tags).info.run_id for name, tags in {
+        "dead": {OWNER_TAG: dead_owner},
+        "alive": {OWNER_TAG: owner_identity()},
+        "remote-beating": {OWNER_TAG: "elsewhere.invalid:1:1",
+                           HEARTBEAT_TAG: str(int(time.time()))},
+        "ownerless": {},
+        "finished-dead": {OWNER_TAG: dead_owner}}.items()}
+    client.set_terminated(runs["finished-dead"], "FINISHED")
+    assert end_dead_runs(client, "owned", "the test looked") == [runs["dead"]]
+    assert end_dead_runs(client, "no-such-experiment", "the test looked") == []
+    status = {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
+    assert status == {"dead": "KILLED", "alive": "RUNNING", "remote-beating": "RUNNING",
+                      "ownerless": "RUNNING", "finished-dead": "FINISHED"}
+    assert client.get_run(runs["dead"]).data.tags[KILLED_REASON_TAG] == \
+        f"owner {dead_owner} was gone when the test looked"
