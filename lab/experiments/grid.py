@@ -893,10 +893,11 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
                 threads = threads_per_worker(len(pinned)) if gpus else cpu_threads
                 pool = CellPool(slots, threads, ctx)
                 try:
+                    warm_first = {"shape_of": lambda task: compile_shape(task.config)} \
+                        if options.warm_first else {}
                     left = pool.run(work.tasks, finished,
                                     lambda task, slot: dispatched(task, slot_name(slot)), admit,
-                                    (lambda task: compile_shape(task.config))
-                                    if options.warm_first else None)
+                                    **warm_first)
                 except BaseException as err:
                     stop = interruption(err)
                     pool.close(stop.signum if stop is not None else None)
