@@ -19,6 +19,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from lab.records.owners import _process_start
+
 # Phase -> what it holds. The order is the order of a run.
 PHASES = {
     "startup": "process start and imports, up to the run's start (first run of a process only)",
@@ -49,13 +51,14 @@ _startup_taken = False
 
 
 def _process_started_at() -> float | None:
-    """This process's start as a Unix time (Linux /proc; 10 ms resolution), None elsewhere."""
+    """This process's start as a Unix time (Linux: its start in clock ticks since boot, as
+    the owner tags read it, plus the boot time; 10 ms resolution), None elsewhere."""
     try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        ticks = int(_process_start(os.getpid()))
         boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime "))
         return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+    except (OSError, ValueError, StopIteration):
         return None
 
 
