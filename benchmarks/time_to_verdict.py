@@ -252,8 +252,9 @@ def run(args: argparse.Namespace, clock=time.perf_counter) -> dict:
         report["sections"][name] = entry
         write_json(report, out_dir)
     report["seconds"] = clock() - started
-    report["compile_cache_mib"] = folder_mib(Path(os.environ.get(
-        "TORCHINDUCTOR_CACHE_DIR", REPO / "cache" / "inductor")))
+    from lab.training.module import use_compile_cache
+
+    report["compile_cache_mib"] = folder_mib(Path(use_compile_cache()))
     write_json(report, out_dir)
     (out_dir / "time_to_verdict.md").write_text(tables(report))
     return report
