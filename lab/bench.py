@@ -31,7 +31,8 @@ from lab.model.loss import require as require_loss_kernel
 from lab.model.params import count_params, model_flops_per_token
 from lab.training.run import open_data, train_run
 from lab.training.callbacks import device_peak_tflops
-from lab.training.module import adamw, compile_model, step_loss, train_sampler
+from lab.training.module import (adamw, begin_cudagraph_step, compile_model, step_loss,
+                                 train_sampler, uses_cudagraphs)
 from lab.training.schedule import accumulation
 
 
@@ -77,6 +78,7 @@ class BareLoop:
         bf16 = t.precision_on(self.device == "cuda") == "bf16-mixed"  # as the lab path trains
         self.autocast = torch.autocast(device_type=self.device, dtype=torch.bfloat16, enabled=bf16)
         self.flops_per_token = model_flops_per_token(config)
+        self.cudagraphs = uses_cudagraphs(t, self.device == "cuda")
         self.index = 0
         for _ in range(warmup):
             self.step()
@@ -91,6 +93,7 @@ class BareLoop:
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def step(self) -> None:
+        begin_cudagraph_step(self.cudagraphs)  # as the lab path's training_step
         for _ in range(self.accumulate):
             inputs, targets = self.sampler.batch(self.index)
             self.index += 1

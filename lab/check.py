@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import math
 import multiprocessing
 import os
@@ -39,12 +40,14 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 
 from lab.config import resolve
+from lab.data.store import cache_root
 from lab.errors import LabError
 from lab.model.decoder import Decoder, SwitchProjection
 from lab.model.loss import require as require_loss_kernel
@@ -334,16 +337,82 @@ def describe(report: CheckReport) -> str:
     return "\n".join(lines)
 
 
+# What a pass vouches for: the code that builds, trains and checks a model (a change to any of
+# these files is a change the check may have to catch), relative to the lab package.
+CHECKED_CODE = ("model/*.py", "training/*.py", "check.py", "config.py")
+
+
+def code_hash() -> str:
+    """sha256 of the contents of CHECKED_CODE's files, in a stable order (16 hex digits)."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(p for pattern in CHECKED_CODE for p in root.glob(pattern)):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def accelerator_identity() -> str:
+    """The device the check runs on (GPU 0 of this process's view) and the library versions
+    whose kernels it runs: the defect it exists for was one cuDNN version's. Device
+    properties and the cuDNN version need no CUDA context on the device (the grid reads the
+    GPU's memory the same way before it starts its workers, lab/experiments/grid.py)."""
+    return (f"{torch.cuda.get_device_properties(0).name}; torch {torch.__version__}; "
+            f"CUDA {torch.version.cuda}; cuDNN {torch.backends.cudnn.version()}")
+
+
+def passed_path(preset: str, variant: str, overrides: list[str], device: str, code: str) -> Path:
+    """Where the pass of one variant's check is kept (the lab's cache, `checks/`): the name
+    hashes the code, the device and versions, the preset, the overrides and the variant."""
+    key = hashlib.sha256("\0".join([code, device, preset, *sorted(overrides), "|", variant])
+                         .encode()).hexdigest()[:24]
+    return cache_root() / "checks" / f"{variant}-{key}.txt"
+
+
+def _variant_rows(table: str, variant: str) -> list[str]:
+    """The rows of `gatelab check`'s table that are this variant's (format_row)."""
+    return [line for line in table.splitlines() if line.split(maxsplit=1)[:1] == [variant]]
+
+
 def check_before_training(preset: str, variants: list[str], overrides: list[str],
-                          quiet: bool = False, log=print) -> str | None:
+                          quiet: bool = False, log=print, force: bool = False) -> str | None:
     """The grid's and the sweep's guard: on a GPU machine, `gatelab check` of their variants
     at their preset and overrides before the first cell; LabError (one `error:` line, nothing
-    started) when it fails. It runs in a child process so that this process, which starts the
-    GPU workers, never initialises CUDA itself. Without CUDA it does nothing (None): the CPU
-    fast path is what the test suite checks. Returns the check's table, which the caller keeps
-    on its parent run (`check.txt`) beside the results it vouches for."""
+    started) when it fails. Without CUDA it does nothing (None): the CPU fast path is what the
+    test suite checks. Returns the check's table, which the caller keeps on its parent run
+    (`check.txt`) beside the results it vouches for.
+
+    A variant that passed before on the same code (code_hash), device and library versions
+    (accelerator_identity), preset and overrides is not checked again: its pass is a file in
+    the lab's cache (passed_path) holding its rows, which go into the returned table. `force`
+    checks every variant anyway (`--check`). A grid's second start on one machine so skips a
+    check that took 51 s for three variants (issue "Time to a verdict")."""
     if not torch.cuda.is_available():
         return None
+    device, code = accelerator_identity(), code_hash()
+    paths = {v: passed_path(preset, v, overrides, device, code) for v in variants}
+    passed = {v: path for v, path in paths.items() if path.exists() and not force}
+    to_check = [v for v in variants if v not in passed]
+    earlier = "".join(passed[v].read_text() for v in variants if v in passed)
+    if passed and not quiet:
+        log(f"check: {len(passed)} variant(s) passed before on this code ({code}) and device "
+            f"({device}), not checked again (--check forces it)")
+    if not to_check:
+        return f"passed before on code {code}, {device}:\n{earlier}"
+    table = _run_check(preset, to_check, overrides, quiet, log)
+    for variant in to_check:
+        path = paths[variant]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(f"{row}\n" for row in _variant_rows(table, variant)))
+        os.replace(tmp, path)  # a pass is recorded whole or not at all
+    return table + (f"\npassed before on code {code}, {device}:\n{earlier}" if earlier else "")
+
+
+def _run_check(preset: str, variants: list[str], overrides: list[str], quiet: bool,
+               log) -> str:
+    """`gatelab check` in a child process, so that this process, which starts the GPU
+    workers, never initialises CUDA itself; its table, or LabError naming what failed."""
     command = [sys.executable, "-m", "lab", "check", "--preset", preset,
                "--variants", ",".join(variants)]
     for pair in overrides:

@@ -70,8 +70,17 @@ def _add_verbosity(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_no_check(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-check", action="store_true",
-                        help="on a GPU, skip `gatelab check` of the variants before the first run")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--no-check", action="store_true",
+                       help="on a GPU, skip `gatelab check` of the variants before the first run")
+    which.add_argument("--check", action="store_true",
+                       help="on a GPU, check every variant even where it passed before on this "
+                       "code and device (lab/check.py keeps passes in the cache's checks/)")
+
+
+def _check_option(args) -> bool | str:
+    """--no-check / --check -> the grid's and the sweep's `check` (lab/check.py)."""
+    return "force" if args.check else not args.no_check
 
 
 def _add_overrides(parser: argparse.ArgumentParser, scope: str = "") -> None:
@@ -166,8 +175,8 @@ def cmd_grid(args) -> int:
                           cpu_workers=args.cpu_workers,
                           cpu_threads=args.cpu_threads, dry_run=args.dry_run,
                           tracking_uri=args.tracking_uri, shard=args.shard, quiet=args.quiet,
-                          stale_after_s=args.stale_after, check=not args.no_check,
-                          time_limit_s=args.time_limit)
+                          stale_after_s=args.stale_after, check=_check_option(args),
+                          time_limit_s=args.time_limit, warm_first=args.warm_first)
     summary = run_grid(spec, options)
     if args.dry_run:
         return 0
@@ -299,7 +308,7 @@ def cmd_sweep(args) -> int:
         sweep = sweep.with_variants([v.strip() for v in args.variants.split(",") if v.strip()])
     summaries = run_sweep(sweep, n_trials=args.n_trials, workers=args.workers,
                           storage=args.storage, tracking_uri=args.tracking_uri, quiet=args.quiet,
-                          check=not args.no_check)
+                          check=_check_option(args))
     print(format_summary(summaries))
     return 0
 
@@ -420,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "job slot: cells in progress finish instead of being killed; rerun to go on)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the cells, parameter counts and a time estimate; run nothing")
+    p.add_argument("--warm-first", action="store_true",
+                   help="with several workers, start one cell of each compiled shape first and "
+                   "the others of that shape once it has compiled (they load its graphs from "
+                   "the cache instead of compiling them side by side)")
     _add_no_check(p)
     _add_tracking(p)
     p.set_defaults(func=cmd_grid)

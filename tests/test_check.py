@@ -4,13 +4,15 @@ kernel, and guards the grid; on a GPU, every variant at `small`."""
 import math
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lab.check import check_before_training, relative_error
+from lab import check
+from lab.check import HEADER, CheckRow, check_before_training, format_row, relative_error
 from lab.cli import main
 from lab.errors import LabError
 
@@ -99,10 +101,18 @@ def test_bad_check_options_are_one_line_errors(capsys):
     assert len(err) == 3 and all(line.startswith("error: ") for line in err)
 
 
-def test_grid_guard_refuses_to_start_when_the_check_fails(monkeypatch):
+def as_if_on_a_gpu(monkeypatch, tmp_path, device="NVIDIA H100 80GB HBM3; torch 2.11.0"):
+    """check_before_training as on a GPU machine (`device` its accelerator_identity), with
+    the lab's cache (where passes are kept) under tmp_path."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(check, "accelerator_identity", lambda: device)
+    monkeypatch.setenv("GATELAB_CACHE", str(tmp_path / "cache"))
+
+
+def test_grid_guard_refuses_to_start_when_the_check_fails(monkeypatch, tmp_path):
     """On a GPU machine the grid and the sweep run `gatelab check` in a child process first;
     its failure becomes one LabError line naming what failed."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    as_if_on_a_gpu(monkeypatch, tmp_path)
     calls = []
 
     def fake_run(command, **kwargs):
@@ -118,6 +128,88 @@ def test_grid_guard_refuses_to_start_when_the_check_fails(monkeypatch):
                               ["train.compile_mode=default"], quiet=True)
     assert calls[0][1:] == ["-m", "lab", "check", "--preset", "small", "--variants",
                             "baseline,sdpa_headwise_sigmoid_mul", "--set", "train.compile_mode=default"]
+    assert not list((tmp_path / "cache").glob("checks/*")), "a failed check keeps no pass"
+
+
+def check_output(variants) -> str:
+    """What `gatelab check` prints on success: the header, a row per variant and mode."""
+    rows = [format_row(CheckRow(v, mode, "cudnn", 1e-3, 1e-4, 1e-2, "embed.weight", 1.0))
+            for v in variants for mode in ("eager", "compiled")]
+    return "\n".join([HEADER, *rows, "check passed: every variant's fast path is within "
+                      "tolerance of the reference"]) + "\n"
+
+
+def recording_check(monkeypatch) -> list[list[str]]:
+    """subprocess.run replaced by a passing `gatelab check`; returns the variants of each call."""
+    calls = []
+
+    def fake_run(command, **kwargs):
+        variants = command[command.index("--variants") + 1].split(",")
+        calls.append(variants)
+        return SimpleNamespace(returncode=0, stdout=check_output(variants), stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    return calls
+
+
+def test_a_pass_is_kept_and_not_repeated_for_the_same_code_and_device(monkeypatch, tmp_path):
+    as_if_on_a_gpu(monkeypatch, tmp_path)
+    calls = recording_check(monkeypatch)
+    lines = []
+    first = check_before_training("small", ["baseline", "sdpa_headwise_sigmoid_mul"], [],
+                                  log=lines.append)
+    assert calls == [["baseline", "sdpa_headwise_sigmoid_mul"]]
+    assert "sdpa_headwise_sigmoid_mul compiled" in " ".join(first.split())
+    # A second grid on the same machine and code: no check, the pass's rows in the table.
+    lines.clear()
+    again = check_before_training("small", ["sdpa_headwise_sigmoid_mul", "baseline"], [],
+                                  log=lines.append)
+    assert len(calls) == 1
+    assert any("2 variant(s) passed before" in line and "--check forces it" in line
+               for line in lines)
+    assert sum(line.split()[:1] == ["baseline"] for line in again.splitlines()) == 2
+    # Only a variant not passed yet is checked; --check (force) checks them all again.
+    check_before_training("small", ["baseline", "value_headwise_sigmoid_mul"], [], quiet=True)
+    assert calls[-1] == ["value_headwise_sigmoid_mul"]
+    check_before_training("small", ["baseline"], [], quiet=True, force=True)
+    assert calls[-1] == ["baseline"]
+
+
+@pytest.mark.parametrize("changed", ["code", "device", "preset", "overrides"])
+def test_a_pass_does_not_hold_for_other_code_device_preset_or_overrides(monkeypatch, tmp_path,
+                                                                         changed):
+    as_if_on_a_gpu(monkeypatch, tmp_path)
+    calls = recording_check(monkeypatch)
+    check_before_training("small", ["baseline"], ["train.lr=1e-3"], quiet=True)
+    preset, overrides = "small", ["train.lr=1e-3"]
+    if changed == "code":
+        monkeypatch.setattr(check, "code_hash", lambda: "0123456789abcdef")
+    elif changed == "device":
+        monkeypatch.setattr(check, "accelerator_identity", lambda: "NVIDIA H200; torch 2.11.0")
+    elif changed == "preset":
+        preset = "base"
+    else:
+        overrides = ["train.lr=2e-3"]
+    check_before_training(preset, ["baseline"], overrides, quiet=True)
+    assert calls == [["baseline"], ["baseline"]]
+
+
+def test_the_code_hash_reads_the_model_and_training_code(monkeypatch, tmp_path):
+    """The hash covers lab/model/*.py and lab/training/*.py (and the check itself): an edit
+    to any of them is a new hash, so a pass from before the edit no longer counts."""
+    root = Path(check.__file__).resolve().parent
+    package = tmp_path / "lab"
+    for pattern in check.CHECKED_CODE:
+        for path in root.glob(pattern):
+            target = package / path.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    monkeypatch.setattr(check, "__file__", str(package / "check.py"))
+    before = check.code_hash()
+    assert before == check.code_hash()
+    with open(package / "model" / "gates.py", "a") as edited:
+        edited.write("\n# an edit\n")
+    assert check.code_hash() != before
 
 
 def test_grid_guard_does_nothing_without_cuda(monkeypatch):
@@ -133,3 +225,28 @@ def test_every_variant_passes_on_the_gpu_at_small():
                              "--variants", "all"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "check passed" in result.stdout and "no accelerator" not in result.stdout
+
+
+@pytest.mark.parametrize("flags, check_option", [([], True), (["--check"], "force"),
+                                                  (["--no-check"], False)])
+def test_grid_and_sweep_pass_check_and_no_check_on(monkeypatch, flags, check_option):
+    from lab.experiments import grid, sweep
+
+    seen = {}
+
+    def run_grid(spec, options):
+        seen["grid"] = options.check
+        return SimpleNamespace(failed=[])
+
+    def run_sweep(*args, **kwargs):
+        seen["sweep"] = kwargs["check"]
+        return {}
+
+    monkeypatch.setattr(grid, "run_grid", run_grid)
+    monkeypatch.setattr(grid, "describe_summary", lambda summary: "")
+    monkeypatch.setattr(sweep, "run_sweep", run_sweep)
+    monkeypatch.setattr("lab.reports.sweep_report.format_summary", lambda summaries: "")
+    root = Path(__file__).resolve().parents[1]
+    main(["grid", str(root / "ablations" / "smoke.yaml"), *flags])
+    main(["sweep", str(root / "sweeps" / "lr.yaml"), *flags])
+    assert seen == {"grid": check_option, "sweep": check_option}

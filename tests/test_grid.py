@@ -406,3 +406,35 @@ def test_a_time_limit_starts_no_cell_that_would_not_end_in_time(store, monkeypat
     assert len(again.outcomes) == 1 and again.already_done == 2 and again.left_for_time == 0
     with pytest.raises(LabError, match="--time-limit"):
         run_grid(grid_from_dict(raw), GridOptions(quiet=True, time_limit_s=0))
+
+
+def test_a_compiled_shape_is_the_model_and_step_not_the_seed_or_learning_rate():
+    from lab.config import resolve
+    from lab.experiments.grid import compile_shape
+
+    shape = compile_shape(resolve("baseline", "small", seed=0, lr=3e-3))
+    assert compile_shape(resolve("baseline", "small", seed=2, lr=1e-3)) == shape
+    for other in (resolve("sdpa_headwise_sigmoid_mul", "small"),
+                  resolve("baseline", "small", ["train.compile_mode=reduce-overhead"]),
+                  resolve("baseline", "small", ["train.micro_batch_size=16"]),
+                  resolve("baseline", "base")):
+        assert compile_shape(other) != shape
+
+
+@pytest.mark.parametrize("warm_first", [False, True])
+def test_warm_first_hands_the_pool_each_cells_compiled_shape(store, monkeypatch, warm_first):  # noqa: F811
+    from lab.experiments import grid
+
+    seen = {}
+
+    def run(self, tasks, on_outcome, on_dispatch, admit, shape_of=None):
+        seen["shapes"] = shape_of and {shape_of(task) for task in tasks}
+        return list(tasks)  # none started
+
+    monkeypatch.setattr(grid.CellPool, "__init__", lambda self, *args: None)
+    monkeypatch.setattr(grid.CellPool, "run", run)
+    monkeypatch.setattr(grid.CellPool, "close", lambda self, signum=None: None)
+    spec = grid_from_dict(tiny_grid("warm", ["baseline", "sdpa_headwise_sigmoid_mul"],
+                                    seeds=(0, 1)))
+    run_grid(spec, GridOptions(cpu_workers=2, quiet=True, warm_first=warm_first))
+    assert (seen["shapes"] is None) if not warm_first else len(seen["shapes"]) == 2

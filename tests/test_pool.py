@@ -122,3 +122,45 @@ def test_no_task_starts_once_admit_says_no_and_those_in_progress_finish():
     ran = sorted(o[0] for o in outcomes)
     assert len(ran) in (2, 3, 4) and ran == list(range(len(ran)))  # at most one wave past it
     assert [job.index for job in left] == list(range(len(ran), 6))
+
+
+@dataclass(frozen=True)
+class ShapedJob:
+    index: int
+    shape: str
+
+
+def compile_then_train(task: ShapedJob, context, notify) -> tuple:
+    """A cell that 'compiles' for 1 s, says it is warm, and 'trains' for 1 s."""
+    time.sleep(1.0)
+    notify({"warm": True})
+    warm_at = time.time()
+    time.sleep(1.0)
+    return task.index, warm_at
+
+
+class ShapedPool(WorkerPool):
+    job = staticmethod(compile_then_train)
+
+
+@pytest.mark.parametrize("warm_first", [False, True])
+def test_warm_first_starts_one_task_of_a_shape_and_the_others_once_it_is_warm(warm_first):
+    """--warm-first: the second task of shape a waits for the first's warm notice, and the
+    free worker takes shape b meanwhile; without it, tasks go in order."""
+    workers = ShapedPool([{}, {}], 1, None)
+    tasks = [ShapedJob(0, "a"), ShapedJob(1, "a"), ShapedJob(2, "b"), ShapedJob(3, "a")]
+    outcomes, dispatched = [], []
+    try:
+        workers.run(tasks, outcomes.append,
+                    lambda task, slot: dispatched.append((task.index, time.time())),
+                    shape_of=(lambda task: task.shape) if warm_first else None)
+    finally:
+        workers.close()
+    order = [index for index, _ in dispatched]
+    assert sorted(order) == [0, 1, 2, 3] and len(outcomes) == 4
+    if not warm_first:
+        assert order == [0, 1, 2, 3]
+        return
+    assert order[:2] == [0, 2]
+    warm_at = dict(outcomes)[0]
+    assert all(at >= warm_at for index, at in dispatched if index in (1, 3))

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from gridkit import store  # noqa: F401  (fixture)
 from lab.config import resolve
 from lab.model.decoder import Decoder
 from lab.model.gates import VARIANTS, GateSpec, custom_variant
@@ -237,3 +238,81 @@ def test_evaluation_batches_are_whole_micro_batches(tmp_path, monkeypatch):
     sizes = [len(b) for b in TokenDataModule(store, config).val_dataloader()]
     assert available % 4, "the split should leave a remainder for this test to mean anything"
     assert sizes and set(sizes) == {4} and sum(sizes) == 4 * (available // 4)
+
+
+def test_compiling_uses_the_labs_inductor_cache_unless_one_is_set(monkeypatch, tmp_path):
+    """Every cell of a grid, its check and the next grid share Inductor's on-disk caches in
+    the lab's cache folder (lab/training/module.py use_compile_cache)."""
+    from lab.training import module as module_file
+
+    monkeypatch.delenv(module_file.COMPILE_CACHE_ENV, raising=False)
+    monkeypatch.setenv("GATELAB_CACHE", str(tmp_path / "cache"))
+    model = Decoder(resolve("baseline", "tiny").model)
+    monkeypatch.setattr(model, "compile", lambda **kwargs: None)
+    module_file.compile_model(model, "default")
+    assert module_file.os.environ[module_file.COMPILE_CACHE_ENV] == str(tmp_path / "cache" / "inductor")
+    monkeypatch.setenv(module_file.COMPILE_CACHE_ENV, str(tmp_path / "mine"))
+    module_file.compile_model(model, "default")
+    assert module_file.os.environ[module_file.COMPILE_CACHE_ENV] == str(tmp_path / "mine")
+
+
+@pytest.mark.parametrize("mode, compile, cuda, expected", [
+    ("reduce-overhead", "auto", True, True), ("max-autotune", True, True, True),
+    ("default", "auto", True, False), ("max-autotune-no-cudagraphs", "auto", True, False),
+    ("reduce-overhead", "auto", False, False), ("reduce-overhead", False, True, False)])
+def test_which_runs_replay_cuda_graphs(mode, compile, cuda, expected):
+    from lab.training.module import uses_cudagraphs
+
+    config = resolve("baseline", "tiny", [f"train.compile_mode={mode}", f"train.compile={compile}"])
+    assert uses_cudagraphs(config.train, cuda) is expected
+
+
+def test_under_cuda_graphs_each_step_is_marked_and_the_kept_loss_is_a_copy(monkeypatch):
+    """CUDA Graph Trees overwrite a graph's outputs at the next replay, and the evaluation's
+    forward without backward would otherwise leave a backward pending: every training and
+    evaluation step marks a new step, and the loss LossMonitor keeps is a copy. (The marks
+    and copies themselves, on the CPU; the GPU test below trains grid cells with them.)"""
+    from lab.training import module as module_file
+
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    model_output = {}
+
+    def step_loss(model, inputs, targets):
+        lm_loss = model(inputs, targets=targets)
+        model_output["lm_loss"] = lm_loss
+        return lm_loss, lm_loss, {}
+
+    monkeypatch.setattr(module_file, "step_loss", step_loss)
+    module = LanguageModel(resolve("baseline", "tiny"))
+    windows = torch.randint(0, 512, (2, 129))
+    batch = (windows[:, :-1], windows[:, 1:])
+    kept = module.training_step(batch, 0)["lm_loss"]
+    assert marks == [] and kept.data_ptr() == model_output["lm_loss"].data_ptr()
+    module._cudagraphs = module._compiled = True  # as setup leaves a run that replays graphs
+    kept = module.training_step(batch, 0)["lm_loss"]
+    assert marks == [1] and kept.data_ptr() != model_output["lm_loss"].data_ptr()
+    assert kept == model_output["lm_loss"].detach()
+    module._eval_step(windows, "val")
+    assert marks == [1, 1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: CUDA graphs")
+def test_grid_cells_train_with_cuda_graphs_and_the_labs_callbacks(store):  # noqa: F811
+    """`train.compile_mode=reduce-overhead` in real grid cells, with every callback that runs
+    inside training (validation through the training graph, checkpoints, the periodic probe
+    analysis, the loss monitor keeping losses across steps): the cells finish and learn
+    what the default mode's cells learn, to bf16 rounding."""
+    from gridkit import tiny_grid
+    from lab.experiments.grid import GridOptions, grid_from_dict, run_grid
+
+    every = {"train.analysis_every": 8, "train.checkpoint_every": 8, "train.compile": True}
+    ppl = {}
+    for mode in ("default", "reduce-overhead"):
+        spec = grid_from_dict(tiny_grid(f"graphs-{mode}", ["baseline", "sdpa_headwise_sigmoid_mul"],
+                                        **every, **{"train.compile_mode": mode}))
+        summary = run_grid(spec, GridOptions(gpus="0", runs_per_gpu=1, check=False, quiet=True))
+        assert [o.status for o in summary.outcomes] == ["FINISHED", "FINISHED"]
+        ppl[mode] = [o.val_ppl for o in summary.outcomes]
+    assert ppl["reduce-overhead"] == pytest.approx(ppl["default"], rel=0.03)

@@ -203,7 +203,9 @@ def test_grid_and_report_print_the_labs_lines_only(store):
                 r"  \[[12]/2\] [a-z_]+/lr=0\.003/seed=0: val/ppl \d+\.\d{3} in \d+ s  "
                 r"\(\d+s elapsed, ETA \d+s\)",
                 r"    \[[a-z_]+/lr=0\.003/seed=0\] step \d+/\d+  loss .*",
-                rf"grid {GRID}: 2/2 cells FINISHED \(2 run now, 0 already finished\)")
+                rf"grid {GRID}: 2/2 cells FINISHED \(2 run now, 0 already finished\)",
+                r"  time in 2 cell\(s\), [\d,]+ s summed: .*train steps \d+% .*; the grid: "
+                r"\w+ wall, \d+ s start, \d+ s check")
     lines = grid.stdout.splitlines()
     assert all(any(re.fullmatch(p, line) for p in patterns) for line in lines), lines
     assert len([line for line in lines if line.startswith("  [")]) == 2

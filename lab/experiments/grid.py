@@ -74,6 +74,9 @@ from lab.records import (DEVICE_TAG, GRID_TAG, HEARTBEAT_TAG, OWNER_TAG, STALE_A
                          checkpoint_dir, child_runs, describe_failure, end_run,
                          find_or_create_grid_parent, heartbeat, kill_dead_run, load_checkpoint,
                          owner_alive, owner_identity, run_owner_alive, start_run)
+from lab.training import phases as run_phases
+from lab.training.callbacks import FirstStepNotice
+from lab.training.module import use_compile_cache
 from lab.training.run import open_data, train_run
 from lab.training.schedule import total_steps
 
@@ -276,6 +279,15 @@ def packing_speedup(preset: str, runs_per_gpu: int) -> float:
         if runs_per_gpu > 1 else 1.0
 
 
+def compile_shape(config: RunConfig) -> str:
+    """What decides a cell's compiled graph (the model, the micro-batch, the compile mode,
+    the precision and the loss kernel; not the seed or the learning rate): cells with the
+    same value load each other's graphs from Inductor's cache (--warm-first)."""
+    t = config.train
+    return json.dumps([dataclasses.asdict(config.model), t.micro_batch, t.compile, t.compile_mode,
+                       t.precision, t.fused_loss], sort_keys=True, default=str)
+
+
 def _gpu_memory_gib() -> float | None:
     # Device properties need no CUDA context on the device (GPU workers are spawned anyway).
     return torch.cuda.get_device_properties(0).total_memory / 2 ** 30 \
@@ -410,6 +422,8 @@ class Outcome:
     diverged_step: int | None = None
     wall_s: float = 0.0
     failure: str | None = None
+    # Seconds per phase of the cell's run (lab/training/phases.py), for the grid's time line.
+    phases: dict[str, float] = field(default_factory=dict)
 
     def text(self) -> str:
         if self.status == "SKIPPED":
@@ -482,6 +496,7 @@ class GridContext:
     quiet: bool
     stale_after_s: float = STALE_AFTER_S
     runs_per_gpu: int = 0  # cells sharing each GPU (0: CPU workers, or a DDP cell's GPUs)
+    check_share_s: float = 0.0  # this start's `gatelab check` over the cells it starts
 
 
 def create_cell_run(task: Task, ctx: GridContext, owner: str) -> str:
@@ -560,12 +575,15 @@ def claim_cell(task: Task, ctx: GridContext, owner: str) -> tuple[Task | None, s
                                claim=claim), ""
 
 
-def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = True) -> Outcome:
+def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = True,
+                 on_first_step=None) -> Outcome:
     """Run one cell in this process: create (or take over) its run and train it. Any failure
-    is recorded on the run and returned; an interrupt propagates (the run ends KILLED)."""
+    is recorded on the run and returned; an interrupt propagates (the run ends KILLED).
+    `on_first_step()` is called once the run's first step (its compile) is done."""
     client = records.client(ctx.uri)
     run_id, holding = task.run_id, False   # holding: the run is this process's to close
     started = time.time()
+    claiming = time.perf_counter()
     try:
         if lead_rank and task.claim is None:
             claimed, why = claim_cell(task, ctx, owner_identity())
@@ -587,11 +605,16 @@ def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = 
         config = task.config
         callbacks = [] if ctx.quiet else [RunProgress(
             task.name, total_steps(config), config.train.batch_size * config.model.context)]
+        if on_first_step is not None:
+            callbacks.append(FirstStepNotice(on_first_step))
+        # The claim and the run's creation are the cell's store writes before its run starts.
+        before = {"store": time.perf_counter() - claiming, "check_share": ctx.check_share_s}
         with heartbeat(client, run_id) if lead_rank else nullcontext():
             result = train_run(config, ctx.uri, ctx.experiment, run_id=run_id, quiet=True,
-                               callbacks=callbacks)
+                               callbacks=callbacks, phases=before)
         return Outcome(task.index, task.name, "FINISHED", run_id, result.metrics.get("val/ppl"),
-                       result.diverged_step, time.time() - started)
+                       result.diverged_step, time.time() - started,
+                       phases=run_phases.phase_seconds(result.metrics))
     except KeyboardInterrupt as err:  # a stop signal before train_run took the run over
         if holding and run_id is not None:
             end_run(client, run_id, task.config, err)
@@ -617,8 +640,10 @@ def _release_memory() -> None:
 # --- worker processes -------------------------------------------------------------------
 
 def run_cell_in_worker(task: Task, ctx: GridContext, notify) -> Outcome:
-    """A cell in a pool worker: the pool hears of its run as soon as it exists."""
-    return execute_cell(task, ctx, on_start=lambda run_id: notify({"run_id": run_id}))
+    """A cell in a pool worker: the pool hears of its run as soon as it exists, and when its
+    first step is done (WorkerPool.run's warm-up of a shape)."""
+    return execute_cell(task, ctx, on_start=lambda run_id: notify({"run_id": run_id}),
+                        on_first_step=lambda: notify({"warm": True}))
 
 
 class CellPool(WorkerPool):
@@ -702,12 +727,18 @@ class GridOptions:
     shard: str | None = None
     quiet: bool = False
     stale_after_s: float = STALE_AFTER_S
-    # `gatelab check` of the grid's variants before the first cell on a GPU (lab/check.py).
-    check: bool = True
+    # `gatelab check` of the grid's variants before the first cell on a GPU (lab/check.py):
+    # True, where it has not passed before on this code and device; "force", every variant;
+    # False, none.
+    check: bool | str = True
     # Seconds from the grid's start after which no cell starts that would not end in time,
     # judged by the longest cell this grid process has run (a time-limited machine or job
     # slot: the cells in progress finish instead of being killed at the limit). None: no limit.
     time_limit_s: float | None = None
+    # Worker pools: a cell waits while the first cell of its compiled shape (compile_shape)
+    # compiles, and other shapes go first (WorkerPool.run). Off by default: the slot it
+    # holds idle is measured against the compile it saves by benchmarks/time_to_verdict.py.
+    warm_first: bool = False
 
 
 @dataclass
@@ -720,6 +751,9 @@ class GridSummary:
     killed: list[str] = field(default_factory=list)
     parent_run_id: str | None = None
     left_for_time: int = 0  # cells not started because of time_limit_s
+    startup_s: float = 0.0  # the grid process's start and imports, before run_grid
+    check_s: float = 0.0    # this start's `gatelab check`
+    wall_s: float = 0.0     # run_grid, start to end
 
     @property
     def failed(self) -> list[Outcome]:
@@ -738,6 +772,7 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
     """Validate every cell, then run the ones the store does not already hold."""
 
     started_at = _now()
+    startup_s = run_phases.startup_seconds()
     shard = parse_shard(options.shard)
     gpus = parse_gpus(options.gpus)
     if options.time_limit_s is not None:
@@ -778,12 +813,17 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
 
     records.check_writable(uri, max(count_params(cell.config)["total"] for cell in
                                     {cell.variant: cell for cell in cells}.values()))
+    # Before the check and the workers, which compile and inherit the environment.
+    use_compile_cache()
     check_table = None
+    checking = time.perf_counter()
     if gpus and options.check:
         check_table = lab_check.check_before_training(
             spec.preset, list(dict.fromkeys(c.variant for c in cells)),
             override_pairs(spec.overrides), options.quiet,
-            log=lambda line: print(f"grid {spec.name}: {line}", flush=True))
+            log=lambda line: print(f"grid {spec.name}: {line}", flush=True),
+            force=options.check == "force")
+    check_s = time.perf_counter() - checking
     client = records.client(uri)
     experiment = records.experiment_id(client, spec.name, uri)
     me = {OWNER_TAG: owner_identity(), HEARTBEAT_TAG: str(int(time.time()))}
@@ -795,7 +835,8 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
         _release_refused_parent(client, parent, err, options.stale_after_s)
         raise
     ctx = GridContext(uri, spec.name, parent, spec.name, options.quiet, options.stale_after_s,
-                      runs_per_gpu if gpus and devices == 1 else 0)
+                      runs_per_gpu if gpus and devices == 1 else 0,
+                      check_s / max(1, len(work.tasks)))
     progress = _progress(spec.name, work, workers, options.quiet)
     outcomes: list[Outcome] = []
 
@@ -852,8 +893,11 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
                 threads = threads_per_worker(len(pinned)) if gpus else cpu_threads
                 pool = CellPool(slots, threads, ctx)
                 try:
+                    warm_first = {"shape_of": lambda task: compile_shape(task.config)} \
+                        if options.warm_first else {}
                     left = pool.run(work.tasks, finished,
-                                    lambda task, slot: dispatched(task, slot_name(slot)), admit)
+                                    lambda task, slot: dispatched(task, slot_name(slot)), admit,
+                                    **warm_first)
                 except BaseException as err:
                     stop = interruption(err)
                     pool.close(stop.signum if stop is not None else None)
@@ -866,7 +910,8 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
             client.set_tag(parent, records.KILLED_REASON_TAG, f"stopped by {stop.name}")
             raise stop from None
     summary = GridSummary(spec.name, len(cells), len(work.done), outcomes, len(work.busy),
-                          work.killed, parent, len(left))
+                          work.killed, parent, len(left), startup_s, check_s,
+                          _now() - started_at)
     _close_parent(client, experiment, parent, {c.config_hash for c in all_cells}, summary)
     return summary
 
@@ -927,6 +972,15 @@ def describe_summary(summary: GridSummary) -> str:
         lines.append(f"  FAILED {outcome.name}: {outcome.failure}")
     if summary.failed:
         lines.append("  rerun the same command to retry failed cells; finished cells are kept")
+    timed = [o for o in summary.outcomes if o.phases]
+    if timed:
+        sums: dict[str, float] = {}
+        for outcome in timed:
+            for name, seconds in outcome.phases.items():
+                sums[name] = sums.get(name, 0.0) + seconds
+        lines.append(f"  {run_phases.breakdown(sums, len(timed))}; the grid: "
+                     f"{duration(summary.wall_s)} wall, {summary.startup_s:.0f} s start, "
+                     f"{summary.check_s:.0f} s check")
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import torch
 
@@ -191,16 +191,44 @@ class WorkerPool:
 
     def run(self, tasks: list, on_outcome: Callable[[Any], None],
             on_dispatch: Callable[[Any, dict[str, str]], None],
-            admit: Callable[[], bool] = lambda: True) -> list:
+            admit: Callable[[], bool] = lambda: True,
+            shape_of: Callable[[Any], Hashable] | None = None) -> list:
         """Run the tasks, a free worker taking the next one while `admit()` says a task may
-        still start (the grid's --time-limit); the tasks never started, in order."""
+        still start (the grid's --time-limit); the tasks never started, in order.
+
+        `shape_of` (the grid's --warm-first): tasks of one shape (one compiled graph) wait
+        while the first of their shape has not told the pool it is warm (`notify({"warm":
+        True})`, after its compile) or ended, and a free worker takes the next task of
+        another shape meanwhile, or waits: the first compile fills Inductor's on-disk cache,
+        from which the others then load instead of compiling the same graph side by side."""
         pending = deque(tasks)
         holding: dict[int, Any] = {}      # worker slot -> task
         started: dict[int, dict] = {}     # task index -> what the task has notified
+        warming: dict[Hashable, int] = {}  # shape -> the index of its first task, compiling
+        warm: set[Hashable] = set()
+
+        def take():
+            for task in pending:
+                shape = shape_of(task) if shape_of else None
+                if shape is None or shape in warm or shape not in warming:
+                    if shape is not None and shape not in warm:
+                        warming[shape] = task.index
+                    pending.remove(task)
+                    return task
+            return None  # every task left waits for its shape's first task
+
+        def warmed(index: int) -> None:
+            for shape, first in list(warming.items()):
+                if first == index:
+                    del warming[shape]
+                    warm.add(shape)
+
         while holding or (pending and admit()):
             for slot in range(len(self.workers)):
                 if slot not in holding and pending and admit():
-                    task = pending.popleft()
+                    task = take()
+                    if task is None:
+                        break
                     holding[slot] = task
                     self.workers[slot][1].put(task)
                     on_dispatch(task, self.slots[slot])
@@ -210,9 +238,12 @@ class WorkerPool:
                 kind = None
             if kind == "started":
                 started.setdefault(index, {}).update(payload)
+                if payload.get("warm"):
+                    warmed(index)
             elif kind == "outcome":
                 slot = next(s for s, t in holding.items() if t.index == index)
                 del holding[slot]
+                warmed(index)  # ended, warm or not: its shape waits no longer
                 on_outcome(payload)
             for slot, task in list(holding.items()):
                 process = self.workers[slot][0]
@@ -222,6 +253,7 @@ class WorkerPool:
                 reason = (f"worker process {exit_text(process.exitcode)} while training "
                           "(killed by the operating system, e.g. out of host memory?)")
                 del holding[slot]
+                warmed(task.index)
                 self.workers[slot] = self._start(self.slots[slot])
                 on_outcome(self.crashed(task, started.get(task.index, {}), reason))
         return list(pending)

@@ -634,11 +634,12 @@ def _done(study) -> int:
 
 def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
               storage: str | None = None, tracking_uri: str | None = None,
-              quiet: bool = False, check: bool = True) -> dict[str, "VariantSummary"]:
+              quiet: bool = False, check: bool | str = True) -> dict[str, "VariantSummary"]:
     """Run (or resume) the sweep: each study gets up to `n_trials` trials that completed or
     were pruned; crashed and killed trials are run again at their own parameters
     (retry_failed_trials). Returns the per-variant summary. `check`: on
-    a GPU, `gatelab check` of the sweep's variants first (lab/check.py).
+    a GPU, `gatelab check` of the sweep's variants first (lab/check.py) where they have not
+    passed before on this code and device; "force": all of them.
 
     `workers` > 1: a TrialPool, each worker pinned to one of the visible GPUs (gpu_slots:
     spread evenly, several per GPU when there are more workers than GPUs), or sharing the
@@ -659,7 +660,8 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
     check_table = None
     if check:
         check_table = lab_check.check_before_training(sweep.preset, list(sweep.variants),
-                                                      override_pairs(sweep.overrides), quiet)
+                                                      override_pairs(sweep.overrides), quiet,
+                                                      force=check == "force")
 
     remaining, parents, studies = {}, {}, {}
     status, pool = "FAILED", None

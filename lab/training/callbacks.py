@@ -77,12 +77,18 @@ class LossMonitor(L.Callback):
         self._interval: tuple[float, int] | None = None   # (clock, step) the interval began at
         self._excluded = 0.0
         self._validation_started: float | None = None
+        self.validation_seconds = 0.0  # periodic validations, for time/validation_s
 
     def on_train_start(self, trainer, pl_module):
         self._started = time.perf_counter()
         self._interval = None
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+
+    @property
+    def started_at(self) -> float | None:
+        """`time.perf_counter()` when this fit's training loop began (on_train_start)."""
+        return self._started
 
     def exclude(self, seconds: float) -> None:
         """Time inside the training loop that is not training (a checkpoint write)."""
@@ -96,7 +102,9 @@ class LossMonitor(L.Callback):
     def on_validation_end(self, trainer, pl_module):
         if self._validation_started is not None:
             _sync()
-            self.exclude(time.perf_counter() - self._validation_started)
+            seconds = time.perf_counter() - self._validation_started
+            self.exclude(seconds)
+            self.validation_seconds += seconds
             self._validation_started = None
         if "val/loss" in trainer.callback_metrics and not trainer.sanity_checking:
             self.val_losses.append(float(trainer.callback_metrics["val/loss"]))
@@ -222,6 +230,20 @@ class LossMonitor(L.Callback):
                              t.spike_merge)
 
 
+class FirstStepNotice(L.Callback):
+    """Calls `notify()` once, after the run's first optimizer step, when its model has been
+    compiled: a grid started with --warm-first holds the other cells of the same compiled
+    shape until then (lab/experiments/pool.py WorkerPool.run)."""
+
+    def __init__(self, notify):
+        self.notify, self.done = notify, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self.done:
+            self.done = True
+            self.notify()
+
+
 class GateInsertion(L.Callback):
     """`sdpa_gate_added_in_continued_training` (NeurIPS App. A.7): the model trains as the
     baseline until `gate_insert_fraction` of the steps, then the gate switches on and
@@ -251,6 +273,7 @@ class AtomicCheckpoint(L.Callback):
         self.every, self.loss_monitor = every, loss_monitor
         self.min_interval_s = min_interval_s
         self._saved_at = time.monotonic()  # the run's start counts as the last save
+        self.seconds = 0.0  # every write of this run, for time/checkpoint_s
 
     @property
     def partial_path(self) -> Path:
@@ -295,7 +318,9 @@ class AtomicCheckpoint(L.Callback):
                 tmp.unlink(missing_ok=True)
             raise
         self._saved_at = time.monotonic()
-        self.loss_monitor.exclude(time.perf_counter() - started)  # not training time
+        seconds = time.perf_counter() - started
+        self.seconds += seconds
+        self.loss_monitor.exclude(seconds)  # not training time
 
 
 class RoutingStats(L.Callback):
@@ -360,11 +385,16 @@ class RoutingStats(L.Callback):
 class AnalysisMonitor(L.Callback):
     """`train.analysis_every` > 0: the probe metrics of lab/analysis/metrics.py (attention sink,
     massive activations, gate statistics) every N steps, as time series on the run.
-    Long-context perplexity and plots are left to the end of the run (lab/training/run.py)."""
+    Long-context perplexity and plots are left to the end of the run (lab/training/run.py).
+    Its time is kept out of the loss monitor's training time, as a checkpoint's is (the
+    sink grid measures every 500 steps: that time was counted as training steps before),
+    and summed in `seconds` (time/periodic_analysis_s)."""
 
-    def __init__(self, store, config: RunConfig):
+    def __init__(self, store, config: RunConfig, loss_monitor: LossMonitor | None = None):
         self.store, self.config = store, config
         self.every = config.train.analysis_every
+        self.loss_monitor = loss_monitor
+        self.seconds = 0.0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -373,6 +403,12 @@ class AnalysisMonitor(L.Callback):
         self._done_step = step
         if not trainer.is_global_zero or trainer.logger is None:
             return
+        _sync()  # the steps queued before count as training, not as the analysis
+        started = time.perf_counter()
         result = analyze(pl_module.model, self.store, self.config, factors=(), maps=False)
         if result.skipped is None:
             trainer.logger.log_metrics(finite_metrics(result.metrics), step=step)
+        seconds = time.perf_counter() - started
+        self.seconds += seconds
+        if self.loss_monitor is not None:
+            self.loss_monitor.exclude(seconds)

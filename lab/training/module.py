@@ -7,6 +7,7 @@ live in callbacks (lab/training/callbacks.py); the Trainer runs the loop.
 
 from __future__ import annotations
 
+import os
 import re
 
 import lightning as L
@@ -14,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lab.config import RunConfig, TrainConfig
-from lab.data.store import TokenStore
+from lab.data.store import TokenStore, cache_root
 from lab.data.windows import WindowSampler, eval_windows
 from lab.model.decoder import Decoder
 from lab.training.schedule import accumulation, lr_lambda, total_steps
@@ -48,12 +49,48 @@ def adamw(named_parameters, config: RunConfig, fused: bool) -> torch.optim.AdamW
                              fused=fused or None)
 
 
+COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def use_compile_cache() -> str:
+    """Inductor's on-disk caches (the FX graph cache, the AOTAutograd cache and the Triton
+    kernels, all on by default in torch 2.11) in the lab's cache folder, `inductor/`, instead
+    of the temporary folder: one place that every cell of a grid, the grid's check and the
+    next grid on the machine share, and that can be carried to a lent machine's next call.
+    Must be set before anything compiles (inductor reads it once, lab/training/module.py
+    compile_model) and before the grid starts its workers, which inherit the environment
+    (lab/experiments/pool.py). An explicit TORCHINDUCTOR_CACHE_DIR is kept."""
+    return os.environ.setdefault(COMPILE_CACHE_ENV, str(cache_root() / "inductor"))
+
+
 def compile_model(model: Decoder, mode: str) -> Decoder:
     """torch.compile in place, as every compiled path of the lab does it (training, the
     bench's bare loop, `gatelab check`): state-dict keys stay unprefixed, and `forward`
     called directly stays eager (lab/analysis/metrics.py's probes rely on that)."""
+    use_compile_cache()
     model.compile(mode=mode)
     return model
+
+
+# torch.compile modes that capture CUDA graphs (torch._inductor.list_mode_options).
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def uses_cudagraphs(train: TrainConfig, cuda: bool) -> bool:
+    """Whether this run's compiled model replays CUDA graphs (only ever on a GPU)."""
+    return cuda and train.compile_on(cuda) and train.compile_mode in CUDAGRAPH_MODES
+
+
+def begin_cudagraph_step(enabled: bool) -> None:
+    """Tell CUDA Graph Trees that a new step begins. They assume one only when a forward
+    follows a finished backward; the lab's evaluation runs the training graph forward with no
+    backward (LanguageModel._eval_step), which without this mark leaves a backward pending
+    and makes the next call record a new graph instead of replaying one
+    (docs.pytorch.org/docs/stable/torch.compiler_cudagraph_trees.html, "Limitations"). The
+    mark also means that the previous step's graph outputs may be overwritten: whatever is
+    kept past a step is a copy (training_step)."""
+    if enabled:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def train_sampler(store: TokenStore, config: RunConfig) -> WindowSampler:
@@ -81,6 +118,7 @@ class LanguageModel(L.LightningModule):
         self.model.loss_kernel = config.train.fused_loss
         self.max_steps = total_steps(config)
         self._eval_sums: dict[str, list[torch.Tensor]] = {}
+        self._cudagraphs = False  # set in setup, where the device is known
 
     def setup(self, stage: str) -> None:
         # Before the Trainer moves the module, so the device is read from the machine, as
@@ -97,6 +135,7 @@ class LanguageModel(L.LightningModule):
             torch.compiler.reset()
             compile_model(self.model, self.config.train.compile_mode)
             self._compiled = True
+            self._cudagraphs = uses_cudagraphs(self.config.train, torch.cuda.is_available())
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
@@ -106,6 +145,7 @@ class LanguageModel(L.LightningModule):
         return self.model(inputs, targets=targets, reduction=reduction)
 
     def training_step(self, batch, batch_idx):
+        begin_cudagraph_step(self._cudagraphs)
         loss, lm_loss, aux_losses = step_loss(self.model, *batch)
         for name, value in aux_losses.items():
             self.log(f"train/{name}", value)
@@ -113,7 +153,10 @@ class LanguageModel(L.LightningModule):
         # here: Lightning's self.log costs host time every step (a small model's step is a
         # few milliseconds of GPU work), and a float (the learning rate) becomes a CUDA
         # tensor through a blocking copy, a host-device sync every step.
-        return {"loss": loss, "lm_loss": lm_loss.detach()}
+        # Under CUDA graphs the loss is a graph output, overwritten by the next replay, and
+        # LossMonitor keeps it for up to log_every steps: a copy (one scalar) is kept instead.
+        lm_loss = lm_loss.detach()
+        return {"loss": loss, "lm_loss": lm_loss.clone() if self._cudagraphs else lm_loss}
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Clipping here rather than through the Trainer, so the pre-clip norm is logged.
@@ -132,6 +175,7 @@ class LanguageModel(L.LightningModule):
             # what MoE layers record in train mode (router losses, counts) is not read here.
             was_training = self.model.training
             self.model.train()
+            begin_cudagraph_step(self._cudagraphs)
             try:
                 with torch.enable_grad():
                     losses = self.model(inputs, targets=targets).detach() * targets.numel()

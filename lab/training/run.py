@@ -37,6 +37,7 @@ from lab.model.loss import require as require_loss_kernel
 from lab.model.params import count_params, model_flops_per_token
 from lab.progress import RunProgress
 from lab.records import OWNER_TAG, end_dead_runs, owner_identity
+from lab.training import phases as run_phases
 from lab.training.callbacks import (AnalysisMonitor, AtomicCheckpoint, GateInsertion,
                                     LossMonitor, RoutingStats, device_peak_tflops)
 from lab.training.module import LanguageModel, TokenDataModule
@@ -119,17 +120,23 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
               run_id: str | None = None, extra_tags: dict | None = None, quiet: bool = False,
               callbacks: list | None = None,
               on_start: Callable[[str], None] | None = None,
-              stopped_by: tuple[type[BaseException], ...] = ()) -> RunResult:
+              stopped_by: tuple[type[BaseException], ...] = (),
+              phases: dict[str, float] | None = None) -> RunResult:
     """Train, evaluate and record one run. `run_id` continues an existing (killed) run from
     its last checkpoint; otherwise a new run is created. An exception of `stopped_by` (the
-    sweep's pruning) ends the run KILLED rather than FAILED (end_run)."""
+    sweep's pruning) ends the run KILLED rather than FAILED (end_run). `phases`: seconds of
+    the run's phases spent before this call (lab/training/phases.py: a grid cell's claim,
+    its share of the check), added to the ones measured here."""
+    clock = run_phases.PhaseClock({"startup": run_phases.startup_seconds(), **(phases or {})})
     uri = records.tracking_uri(uri)
     require_loss_kernel(config.train.fused_loss, torch.cuda.is_available())  # before any record
-    store, config = open_data(config)
+    with clock.phase("data_open"):
+        store, config = open_data(config)
     primary = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    if primary:  # a read-only store or a full disk: one line, before the run exists
-        records.check_writable(uri, count_params(config)["total"])
-    mlflow_client = records.client(uri)
+    with clock.phase("store"):
+        if primary:  # a read-only store or a full disk: one line, before the run exists
+            records.check_writable(uri, count_params(config)["total"])
+        mlflow_client = records.client(uri)  # a new SQLite store's first client makes its tables
     # Under DDP, Lightning starts ranks > 0 by running the same command again; they join
     # the run rank 0 created (passed through the environment) and write nothing to MLflow.
     if not primary:
@@ -142,22 +149,26 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
         extra_tags = {**(extra_tags or {}), OWNER_TAG: owner_identity(),
                       records.HEARTBEAT_TAG: str(int(time.time()))}
         if parent_run_id is None:
-            end_dead_runs(mlflow_client, experiment, "another run of the experiment started")
+            with clock.phase("store"):
+                end_dead_runs(mlflow_client, experiment, "another run of the experiment started")
     start_step = 0
     if run_id is not None:
         # A checkpoint that is refused is refused here, before the run is RUNNING again.
         # Only the step is needed (the data order resumes there); mmap reads no tensors.
         ckpt = records.checkpoint_dir(run_id) / "last.ckpt"
         if ckpt.exists():
-            start_step = int(records.load_checkpoint(ckpt, "resume", mmap=True)["global_step"])
+            with clock.phase("checkpoint"):
+                start_step = int(records.load_checkpoint(ckpt, "resume", mmap=True)["global_step"])
     try:
-        if primary and run_id is None:
-            run_id = records.start_run(config, uri, experiment, run_name, parent_run_id, extra_tags)
-        elif primary:
-            mlflow_client.update_run(run_id, status="RUNNING")
+        with clock.phase("store"):
+            if primary and run_id is None:
+                run_id = records.start_run(config, uri, experiment, run_name, parent_run_id,
+                                           extra_tags)
+            elif primary:
+                mlflow_client.update_run(run_id, status="RUNNING")
         with records.heartbeat(mlflow_client, run_id) if owned else nullcontext():
             return _train(config, store, run_id, uri, mlflow_client, primary, start_step, quiet,
-                          callbacks, on_start)
+                          callbacks, on_start, clock)
     except BaseException as err:
         if primary and run_id is not None:  # (start_run closes a run it could not finish)
             records.end_run(mlflow_client, run_id, config, err, stopped_by)
@@ -168,16 +179,18 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
 
 
 def _train(config: RunConfig, store, run_id: str, uri: str, mlflow_client, primary: bool,
-           start_step: int, quiet: bool, callbacks, on_start) -> RunResult:
+           start_step: int, quiet: bool, callbacks, on_start,
+           clock: run_phases.PhaseClock) -> RunResult:
     """train_run once its run exists: whatever this raises, train_run closes the run."""
     os.environ[DDP_RUN_ID] = run_id
     if on_start and primary:
         on_start(run_id)
     counts = count_params(config)
     if primary:
-        mlflow_client.set_tag(run_id, records.DEVICE_TAG, records.device_name())
-        for name, value in counts.items():
-            mlflow_client.log_metric(run_id, f"params/{name}", value)
+        with clock.phase("store"):
+            mlflow_client.set_tag(run_id, records.DEVICE_TAG, records.device_name())
+            for name, value in counts.items():
+                mlflow_client.log_metric(run_id, f"params/{name}", value)
     if not quiet and primary:
         added = f", {counts['added']:,} added over baseline"
         active = f", {counts['active']:,} active" if counts["active"] != counts["total"] else ""
@@ -185,6 +198,7 @@ def _train(config: RunConfig, store, run_id: str, uri: str, mlflow_client, prima
               f"{counts['non_embedding']:,} non-embedding{added}", flush=True)
 
     started = time.time()
+    building = time.perf_counter()
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     module = LanguageModel(config)
     ckpt = records.checkpoint_dir(run_id) / "last.ckpt"
@@ -207,8 +221,10 @@ def _train(config: RunConfig, store, run_id: str, uri: str, mlflow_client, prima
         all_callbacks.append(GateInsertion(int(config.model.gate_insert_fraction * steps)))
     if config.model.ffn == "moe":
         all_callbacks.append(RoutingStats(config.train.log_every))
+    periodic = None
     if config.train.analysis_every and config.train.analysis_windows:
-        all_callbacks.append(AnalysisMonitor(store, config))
+        periodic = AnalysisMonitor(store, config, monitor)
+        all_callbacks.append(periodic)
     cuda = torch.cuda.is_available()
     precision = config.train.precision_on(cuda)
     trainer = L.Trainer(
@@ -226,16 +242,47 @@ def _train(config: RunConfig, store, run_id: str, uri: str, mlflow_client, prima
     # Lightning's own load of the checkpoint, restricted the same way as load_checkpoint.
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt.exists() else None,
                 weights_only=True)
+    _training_phases(clock, config, monitor, checkpoints, periodic, building)
     metrics = _finish(trainer, module, data, monitor, config,
-                      mlflow_client if primary else None, run_id, started)
+                      mlflow_client if primary else None, run_id, started, clock)
     if primary:
+        closing = time.perf_counter()
         records.end_run(mlflow_client, run_id, config, None)
+        # Closing the run waits for MLflow's async-logging thread to stop (about 1 s, its
+        # queue's poll): a store write after the phases were logged, so it is in the
+        # returned phases (the grid's line) and not in the logged ones.
+        closing = time.perf_counter() - closing
+        for name in (run_phases.metric("store"), run_phases.TOTAL_METRIC):
+            metrics[name] = metrics.get(name, 0.0) + closing
     return RunResult(run_id, "FINISHED", metrics, monitor.diverged_step)
 
 
-def _finish(trainer, module, data, monitor, config, mlflow_client, run_id, started) -> dict:
+def _training_phases(clock, config: RunConfig, monitor: LossMonitor,
+                     checkpoints: AtomicCheckpoint, periodic, building: float) -> None:
+    """The phases inside `trainer.fit`, from the callbacks' own clocks: the build up to the
+    first step (LossMonitor's start), the first step split into compile and one steady step,
+    the steady training time, and what validation, checkpoints and the periodic analysis
+    took out of it."""
+    if monitor.started_at is not None:
+        clock.add("model_build", monitor.started_at - building)
+    first = monitor.first_step_s or 0.0
+    rate = monitor.steady_tokens_per_s()
+    steady_step = monitor.tokens_per_step / rate if rate else first
+    compile_s = max(0.0, first - steady_step) if config.train.compile_on(
+        torch.cuda.is_available()) else 0.0
+    clock.add("compile", compile_s)
+    clock.add("train_steps", monitor.train_seconds + first - compile_s)
+    clock.add("validation", monitor.validation_seconds)
+    clock.add("checkpoint", checkpoints.seconds)
+    if periodic is not None:
+        clock.add("periodic_analysis", periodic.seconds)
+
+
+def _finish(trainer, module, data, monitor, config, mlflow_client, run_id, started,
+            clock: run_phases.PhaseClock) -> dict:
     """Final evaluation (every rank takes part) and the run's summary (`mlflow_client` is None
-    on DDP ranks > 0, which record nothing)."""
+    on DDP ranks > 0, which record nothing). The run's phases (lab/training/phases.py) are
+    logged last, when every phase but the closing of the run has happened."""
     metrics: dict[str, float] = {}
     steps_done = trainer.global_step
     tokens_per_step = config.train.batch_size * config.model.context
@@ -243,8 +290,9 @@ def _finish(trainer, module, data, monitor, config, mlflow_client, run_id, start
         metrics["diverged/step"] = monitor.diverged_step
     else:
         # Final evaluation at the last step (validation may not fall on it), then test.
-        val = trainer.validate(module, datamodule=data, verbose=False)[0]
-        test = trainer.test(module, datamodule=data, verbose=False)[0]
+        with clock.phase("final_eval"):
+            val = trainer.validate(module, datamodule=data, verbose=False)[0]
+            test = trainer.test(module, datamodule=data, verbose=False)[0]
         metrics.update({"val/final_loss": val["val/loss"], "val/ppl": val["val/ppl"],
                         "test/loss": test["test/loss"], "test/ppl": test["test/ppl"]})
         metrics["val/best_loss"] = min(monitor.val_losses + [val["val/loss"]])
@@ -259,13 +307,22 @@ def _finish(trainer, module, data, monitor, config, mlflow_client, run_id, start
         metrics["train/grad_norm_max"] = max(finite, default=float("nan"))
     if mlflow_client is None:
         return metrics
-    mlflow_client.set_tag(run_id, "diverged", str(monitor.diverged_step is not None).lower())
-    records.log_metrics(mlflow_client, run_id, metrics, steps_done)
-    mlflow_client.log_dict(run_id, [dataclasses.asdict(s) for s in spikes], "spikes.json")
-    mlflow_client.log_dict(run_id, {"step": monitor.steps, "loss": monitor.losses,
-                                    "grad_norm": monitor.grad_norms}, "loss_history.json")
+    with clock.phase("store"):
+        mlflow_client.set_tag(run_id, "diverged", str(monitor.diverged_step is not None).lower())
+        records.log_metrics(mlflow_client, run_id, metrics, steps_done)
+        mlflow_client.log_dict(run_id, [dataclasses.asdict(s) for s in spikes], "spikes.json")
+        mlflow_client.log_dict(run_id, {"step": monitor.steps, "loss": monitor.losses,
+                                        "grad_norm": monitor.grad_norms}, "loss_history.json")
     if trainer.is_global_zero and (config.train.analysis_windows or config.train.context_factors()):
-        metrics.update(_analyze(module, data.store, config, mlflow_client, run_id, steps_done))
+        analysing = time.perf_counter()
+        analysis = _analyze(module, data.store, config, mlflow_client, run_id, steps_done)
+        # its own time/analysis_s where it logged one (not when the analysis failed)
+        clock.add("analysis", analysis.get("time/analysis_s", time.perf_counter() - analysing))
+        metrics.update(analysis)
+    # time/compile_s and time/analysis_s are logged above already, from the same clocks.
+    timings = {name: value for name, value in clock.metrics().items() if name not in metrics}
+    records.log_metrics(mlflow_client, run_id, timings, steps_done)
+    metrics.update(timings)
     return metrics
 
 

@@ -1,0 +1,360 @@
+"""Time to a verdict (issue 38): where a GPU call's minutes go, in one call of <= 9 minutes.
+
+    python3 benchmarks/time_to_verdict.py OUT_DIR [--budget-s 540] [--sections a,b,...] [--dry]
+
+On one H100 or H200 (torch 2.11, Lightning, the MLflow and Optuna wheels: `source
+benchmarks/gpu_env.sh` first), from the repository root, it measures in priority order
+whatever fits in the time budget, and records what it skipped and why:
+
+- grid-small: real `gatelab grid` cells with the `small` reproduction's settings
+  (ablations/reproduce.yaml, 7.5e7 tokens a cell, packed as `--runs-per-gpu auto` packs
+  them) on the synthetic corpus, then `gatelab report`: each cell's phases
+  (lab/training/phases.py `time/*_s`), the fraction of its wall clock in training steps,
+  the grid's wall clock start to report, and a projection to the 48-cell grid;
+- deep-narrow: the deep-narrow preset at batch 16, bare loop vs lab path, with the default
+  compile mode and with `reduce-overhead` (CUDA graphs);
+- mfu: tokens/s and MFU at `medium` and `base`, bare loop and lab path;
+- grid-base: one real `reproduce-base` cell (6e7 tokens);
+- liger: the bare loop at `small` and `medium` with `train.fused_loss=liger` and without
+  (needs liger_kernel; skipped, with the reason, where it is not importable);
+- grid-small-again: a second `gatelab grid` start on the same machine and code (another
+  seed), to show the check skipped and the compile served from Inductor's cache;
+- grid-small-warm: grid-small's two packed cells for a variant not compiled yet, with
+  `--warm-first` (one compiles, then the other loads its graphs), against grid-small's two
+  cells compiling side by side.
+
+Synthetic tokens everywhere: speed does not depend on what the tokens say. Writes
+OUT_DIR/time_to_verdict.json after every section and OUT_DIR/time_to_verdict.md (the
+tables) at the end; each grid's output is in OUT_DIR/grid-<name>.log. `--dry` is the same
+pass at the `tiny` preset with a few steps, for a CPU (tests/test_time_to_verdict.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Seconds each section takes on one H100/H200, from the measurements it repeats (rough, for
+# the budget; benchmarks/README.md and issue 38): compiles of 15-50 s each dominate.
+ESTIMATED_S = {"grid-small": 150, "deep-narrow": 170, "mfu": 120, "grid-base": 130,
+               "liger": 110, "grid-small-again": 70, "grid-small-warm": 150}
+SECTIONS = list(ESTIMATED_S)
+DRY_ESTIMATED_S = 5.0      # per section in --dry (the tests' budget arithmetic)
+SMALL_GRID_CELLS = 48      # the `small` reproduction: 16 variants x 3 seeds
+SMALL_GRID_BEFORE_MIN = 26  # its time on one H200 before this issue (docs/results.md)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path, help="folder for the JSON, the tables and logs")
+    parser.add_argument("--budget-s", type=float, default=540.0,
+                        help="start no section that would not end within this many seconds "
+                        "of the script's start (default 540: one 10-minute call, with margin)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, in the order to run (default: {','.join(SECTIONS)})")
+    parser.add_argument("--dry", action="store_true",
+                        help="every section at the tiny preset with a few steps (a CPU check)")
+    args = parser.parse_args(argv)
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = [s for s in args.sections if s not in ESTIMATED_S]
+    if unknown or not args.sections:
+        parser.error(f"--sections: unknown {', '.join(unknown) or '(none given)'}; "
+                     f"choose from {', '.join(SECTIONS)}")
+    if args.budget_s <= 0:
+        parser.error(f"--budget-s: must be positive, got {args.budget_s:g}")
+    return args
+
+
+# --- grid cells ------------------------------------------------------------------------------
+
+def grid_file(source: str, name: str, seeds: list[int], dry: bool, out_dir: Path,
+              variant: str = "baseline") -> Path:
+    """A real grid's settings (its overrides and token budget), on synthetic tokens, one
+    variant at `seeds`; in --dry one seed at `tiny`, 4 steps, a small analysis."""
+    spec = yaml.safe_load((REPO / "ablations" / source).read_text())
+    spec.update(name=name, data="synthetic", variants=[variant], seeds=seeds)
+    if dry:
+        spec.update(preset="tiny", tokens=4 * 16 * 128, seeds=seeds[:1])
+        spec["overrides"].update({"train.val_every": 2, "train.val_batches": 2,
+                                  "train.analysis_windows": 2,
+                                  "train.long_context_factors": "1,2"})
+    path = out_dir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _gatelab(args: list[str], env: dict, log: Path) -> tuple[int, float]:
+    started = time.perf_counter()
+    with open(log, "a") as out:
+        out.write(f"$ gatelab {' '.join(args)}\n")
+        out.flush()
+        code = subprocess.run([sys.executable, "-m", "lab", *args], cwd=REPO, env=env,
+                              stdout=out, stderr=subprocess.STDOUT).returncode
+    return code, time.perf_counter() - started
+
+
+def cell_rows(uri: str, grid: str) -> list[dict]:
+    """Each FINISHED cell of `grid` in the store: its phases and what they come to."""
+    from mlflow.tracking import MlflowClient
+
+    from lab.training.phases import PHASES, TOTAL_METRIC, metric
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(grid)
+    if experiment is None:
+        return []
+    rows = []
+    for run in client.search_runs([experiment.experiment_id],
+                                  "attributes.status = 'FINISHED' and tags.config_hash != ''"):
+        m = run.data.metrics
+        if TOTAL_METRIC not in m:
+            continue
+        row = {"cell": run.info.run_name, "total_s": m[TOTAL_METRIC],
+               "runs_per_gpu": int(run.data.tags.get("gatelab.runs_per_gpu", "1")),
+               "tokens_per_s": m.get("throughput/tokens_per_s_mean"),
+               "mfu": m.get("throughput/mfu")}
+        row.update({name: m.get(metric(name), 0.0) for name in PHASES})
+        row["train_fraction"] = row["train_steps"] / row["total_s"] if row["total_s"] else None
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["cell"])
+
+
+def run_grid_section(source: str, name: str, seeds: list[int], ctx: dict,
+                     variant: str = "baseline", flags: tuple[str, ...] = ()) -> dict:
+    out_dir, dry = ctx["out_dir"], ctx["dry"]
+    path = grid_file(source, name, seeds, dry, out_dir, variant)
+    store = out_dir / "store"
+    env = dict(os.environ, GATELAB_STORE=str(store),
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    log = out_dir / f"grid-{name}.log"
+    code, grid_s = _gatelab(["grid", str(path), *flags], env, log)
+    if code != 0:
+        raise RuntimeError(f"gatelab grid exited with {code}; see {log.name}")
+    code, report_s = _gatelab(["report", name, "--out", str(out_dir / f"report-{name}")], env, log)
+    cells = cell_rows(f"sqlite:///{store / 'mlflow.db'}", name)
+    lines = log.read_text().splitlines()
+    result = {"grid": name, "settings": source, "flags": list(flags), "grid_s": grid_s,
+              "report_s": report_s,
+              "report_exit": code, "cells": cells,
+              "time_line": next((l.strip() for l in reversed(lines) if "s summed:" in l), None),
+              # what the grid said of its check: passed in N s, or passed before
+              "check_lines": [l.strip() for l in lines if l.startswith(f"grid {name}: check")]}
+    if cells:
+        per_gpu = max(c["runs_per_gpu"] for c in cells)
+        mean_cell = statistics.mean(c["total_s"] for c in cells)
+        # The 48-cell grid on one GPU, per_gpu cells at a time, plus this start's check and
+        # start-up, and the report: a projection from these cells, not a measurement.
+        result["projected_small_grid_min"] = (
+            SMALL_GRID_CELLS * mean_cell / per_gpu + grid_s - mean_cell * len(cells) / per_gpu
+            + report_s) / 60 if source == "reproduce.yaml" else None
+    return result
+
+
+# --- loops timed in this process ---------------------------------------------------------------
+
+def _bench_pair(preset: str, overrides: list[str], ctx: dict, lab: bool = True) -> dict:
+    """The bare loop (and the lab path) of `preset` with `overrides`, timed as lab/bench.py
+    times them; the lab path's run goes to OUT_DIR/bench.db."""
+    import torch
+
+    from lab.bench import bench_config, lab_loop, time_bare_loops
+
+    steps, warmup = ctx["steps"], ctx["warmup"]
+    config = bench_config("baseline", ctx["preset"](preset), steps, warmup, "synthetic", overrides)
+    row = {"preset": preset, "overrides": overrides}
+    row["bare"] = time_bare_loops([config], steps, warmup, 1, [None])[0]
+    if lab:
+        torch._dynamo.reset()
+        row["lab"] = lab_loop(config, steps, warmup, f"sqlite:///{ctx['out_dir'] / 'bench.db'}")
+        row["lab_over_bare"] = row["lab"]["tokens_per_s"] / row["bare"]["tokens_per_s"]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def deep_narrow(ctx: dict) -> dict:
+    return {"rows": [dict(_bench_pair("deep-narrow", ["train.batch_size=16",
+                                                       f"train.compile_mode={mode}"], ctx),
+                          mode=mode) for mode in ("default", "reduce-overhead")]}
+
+
+def mfu(ctx: dict) -> dict:
+    return {"rows": [_bench_pair(preset, [], ctx) for preset in ("medium", "base")]}
+
+
+def liger(ctx: dict) -> dict:
+    from lab.model.loss import require
+
+    import torch
+
+    require("liger", torch.cuda.is_available())  # LabError: skipped, with the reason
+    return {"rows": [dict(_bench_pair(preset, [f"train.fused_loss={loss}"], ctx, lab=False),
+                          loss=loss)
+                     for preset in ("small", "medium") for loss in ("none", "liger")]}
+
+
+SECTION_RUNS = {
+    "grid-small": lambda ctx: run_grid_section("reproduce.yaml", "ttv-small", [0, 1], ctx),
+    "deep-narrow": deep_narrow,
+    "mfu": mfu,
+    "grid-base": lambda ctx: run_grid_section("reproduce-base.yaml", "ttv-base", [0], ctx),
+    "liger": liger,
+    "grid-small-again": lambda ctx: run_grid_section("reproduce.yaml", "ttv-small-again", [2], ctx),
+    "grid-small-warm": lambda ctx: run_grid_section(
+        "reproduce.yaml", "ttv-small-warm", [0, 1], ctx, "sdpa_headwise_sigmoid_mul",
+        ("--warm-first",)),
+}
+
+
+# --- the run and its tables --------------------------------------------------------------------
+
+def run(args: argparse.Namespace, clock=time.perf_counter) -> dict:
+    """Every selected section that fits in the budget; the report, written after each."""
+    from lab.errors import LabError
+
+    started = clock()
+    out_dir = args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dry": args.dry,
+              "budget_s": args.budget_s, "environment": environment(), "sections": {}}
+    ctx = {"out_dir": out_dir, "dry": args.dry, "steps": 4 if args.dry else 100,
+           "warmup": 2 if args.dry else 15,
+           "preset": (lambda preset: "tiny") if args.dry else (lambda preset: preset)}
+    for name in args.sections:
+        estimate = DRY_ESTIMATED_S if args.dry else ESTIMATED_S[name]
+        left = args.budget_s - (clock() - started)
+        if estimate > left:
+            report["sections"][name] = {"status": "skipped", "reason": (
+                f"estimated {estimate:.0f} s, {max(0.0, left):.0f} s of the budget left")}
+            continue
+        began = clock()
+        print(f"[time-to-verdict] {name} (estimated {estimate:.0f} s)", flush=True)
+        try:
+            entry = {"status": "done", **SECTION_RUNS[name](ctx)}
+        except LabError as err:  # the machine cannot run it (no kernel, no CUDA)
+            entry = {"status": "skipped", "reason": str(err)}
+        except Exception as err:  # report it and go on to the next section
+            traceback.print_exc()
+            entry = {"status": "failed", "reason": f"{type(err).__name__}: {err}"[:500]}
+        entry["seconds"] = clock() - began
+        report["sections"][name] = entry
+        write_json(report, out_dir)
+    report["seconds"] = clock() - started
+    from lab.training.module import use_compile_cache
+
+    report["compile_cache_mib"] = folder_mib(Path(use_compile_cache()))
+    write_json(report, out_dir)
+    (out_dir / "time_to_verdict.md").write_text(tables(report))
+    return report
+
+
+def folder_mib(path: Path) -> float | None:
+    """The size of a folder's files (the compile cache: can it travel to the next call?)."""
+    if not path.is_dir():
+        return None
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2 ** 20
+
+
+def environment() -> dict:
+    import torch
+
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "python": sys.version.split()[0]}
+
+
+def write_json(report: dict, out_dir: Path) -> None:
+    tmp = out_dir / "time_to_verdict.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, out_dir / "time_to_verdict.json")
+
+
+def _rate(r: dict | None) -> str:
+    if not r:
+        return "-"
+    mfu_text = f" ({100 * r['mfu']:.1f}%)" if r.get("mfu") else ""
+    return f"{r['tokens_per_s']:,.0f}{mfu_text}"
+
+
+def tables(report: dict) -> str:
+    """The report as Markdown: grid cells and their phases, the timed loops, what was skipped."""
+    env = report["environment"]
+    lines = [f"# Time to a verdict: {env['device']}, torch {env['torch']}, {report['date']}"
+             + (" (dry pass, tiny preset)" if report["dry"] else ""), ""]
+    sections = report["sections"]
+    grids = [(n, s) for n, s in sections.items() if s["status"] == "done" and "cells" in s]
+    if grids:
+        lines += ["## Grid cells: where the wall clock goes (seconds; lab/training/phases.py)", "",
+                  "| grid | cell | per GPU | wall | train steps | in steps | compile | check | "
+                  "startup | validation | analysis | checkpoint | store | build, other | "
+                  "tokens/s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for _, s in grids:
+            for c in s["cells"]:
+                fraction = f"{c['train_fraction']:.3f}" if c["train_fraction"] is not None else "-"
+                lines.append(
+                    f"| {s['grid']} | {c['cell']} | {c['runs_per_gpu']} | {c['total_s']:.1f} | "
+                    f"{c['train_steps']:.1f} | **{fraction}** | {c['compile']:.1f} | "
+                    f"{c['check_share']:.1f} | {c['startup']:.1f} | "
+                    f"{c['validation'] + c['final_eval']:.1f} | "
+                    f"{c['analysis'] + c['periodic_analysis']:.1f} | {c['checkpoint']:.1f} | "
+                    f"{c['store']:.1f} | {c['other'] + c['data_open'] + c['model_build']:.1f} | "
+                    f"{c['tokens_per_s'] or 0:,.0f} |")
+        lines.append("")
+        for _, s in grids:
+            projected = s.get("projected_small_grid_min")
+            flags = " ".join(s.get("flags", []))
+            lines.append(f"- {s['grid']}: `gatelab grid{' ' + flags if flags else ''}` "
+                         f"{s['grid_s']:.0f} s, `gatelab report` "
+                         f"{s['report_s']:.0f} s" + (
+                             f"; projected 48-cell `small` grid on one GPU, start to report: "
+                             f"{projected:.1f} min (before: {SMALL_GRID_BEFORE_MIN} min)"
+                             if projected else "") + ".")
+            for line in [*s.get("check_lines", []), s.get("time_line")]:
+                if line:
+                    lines.append(f"  - `{line}`")
+        lines.append("")
+    loops = [(n, s) for n, s in sections.items() if s["status"] == "done" and "rows" in s]
+    if loops:
+        lines += ["## Loops timed in one process (lab/bench.py; tokens/s and MFU)", "",
+                  "| section | preset | setting | bare loop | lab path | lab / bare |",
+                  "|---|---|---|---:|---:|---:|"]
+        for name, s in loops:
+            for r in s["rows"]:
+                setting = r.get("mode") or r.get("loss") or "defaults"
+                ratio = f"{r['lab_over_bare']:.3f}" if "lab_over_bare" in r else "-"
+                lines.append(f"| {name} | {r['preset']} | {setting} | {_rate(r.get('bare'))} | "
+                             f"{_rate(r.get('lab'))} | {ratio} |")
+        lines.append("")
+    other = [(n, s) for n, s in sections.items() if s["status"] != "done"]
+    if other:
+        lines += ["## Not measured", ""]
+        lines += [f"- {name}: {s['status']}: {s['reason']}" for name, s in other]
+        lines.append("")
+    cache = report.get("compile_cache_mib")
+    lines.append(f"Whole call: {report.get('seconds', 0):.0f} s of a {report['budget_s']:.0f}-s "
+                 "budget" + (f"; Inductor's cache folder holds {cache:.0f} MiB" if cache is not None
+                             else "") + ".")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    report = run(args)
+    print(tables(report))
+    return 0 if all(s["status"] != "failed" for s in report["sections"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

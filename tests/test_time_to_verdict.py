@@ -1,0 +1,113 @@
+"""benchmarks/time_to_verdict.py, the parts a CPU can run: its arguments, the budget, the
+tables, and a dry pass (tiny preset) through a real grid and the timed loops."""
+
+import importlib.util
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from gridkit import store  # noqa: F401  (fixture: a throwaway store, the test cache, a tmp cwd)
+from lab.training.phases import PHASES
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_verdict.py"
+_spec = importlib.util.spec_from_file_location("time_to_verdict", SCRIPT)
+ttv = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ttv)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["out", "--sections", "grid-small,warp-drive"], "--sections: unknown warp-drive"),
+    (["out", "--sections", ","], "--sections: unknown (none given)"),
+    (["out", "--budget-s", "0"], "--budget-s: must be positive"),
+])
+def test_bad_arguments_stop_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        ttv.parse_args(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_default_is_every_section_in_priority_order_within_one_call():
+    args = ttv.parse_args(["out"])
+    assert args.sections == ["grid-small", "deep-narrow", "mfu", "grid-base", "liger",
+                             "grid-small-again", "grid-small-warm"]
+    assert args.budget_s <= 540 and not args.dry
+
+
+def test_sections_past_the_budget_are_skipped_and_said(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(ttv, "SECTION_RUNS", {name: (lambda ctx, n=name: ran.append(n) or {})
+                                              for name in ttv.SECTIONS})
+    # The clock at the start, at mfu's budget check and start, then 6 s later for good.
+    ticks = itertools.chain([0.0, 0.0, 0.0], itertools.repeat(6.0))
+    args = ttv.parse_args([str(tmp_path / "out"), "--dry", "--budget-s", "9",
+                           "--sections", "mfu,liger,grid-base"])
+    report = ttv.run(args, clock=lambda: next(ticks))
+    assert ran == ["mfu"]  # 5 s estimated a section in --dry: after mfu's 6 s, 3 s are left
+    sections = report["sections"]
+    assert sections["mfu"] == {"status": "done", "seconds": 6.0}
+    assert sections["liger"] == {"status": "skipped",
+                                 "reason": "estimated 5 s, 3 s of the budget left"}
+    written = json.loads((tmp_path / "out" / "time_to_verdict.json").read_text())
+    assert written["sections"]["grid-base"]["status"] == "skipped"
+    md = (tmp_path / "out" / "time_to_verdict.md").read_text()
+    assert "- liger: skipped: estimated 5 s, 3 s of the budget left" in md
+
+
+def test_a_failing_section_is_reported_and_the_rest_still_run(tmp_path, monkeypatch):
+    def broken(ctx):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(ttv, "SECTION_RUNS", {**ttv.SECTION_RUNS, "mfu": broken,
+                                              "liger": lambda ctx: {"rows": []}})
+    args = ttv.parse_args([str(tmp_path), "--dry", "--sections", "mfu,liger"])
+    report = ttv.run(args)
+    assert report["sections"]["mfu"]["status"] == "failed"
+    assert report["sections"]["mfu"]["reason"] == "RuntimeError: out of memory"
+    assert report["sections"]["liger"]["status"] == "done"
+    assert ttv.main([str(tmp_path), "--dry", "--sections", "mfu"]) == 1
+
+
+def test_the_tables_show_each_cells_phases_and_each_loops_ratio():
+    cell = {"cell": "baseline/lr=0.003/seed=0", "runs_per_gpu": 2, "total_s": 100.0,
+            "train_steps": 91.0, "train_fraction": 0.91, "compile": 3.0, "check_share": 1.0,
+            "startup": 0.5, "validation": 1.5, "final_eval": 0.5, "analysis": 1.0,
+            "periodic_analysis": 0.0, "checkpoint": 0.5, "store": 0.5, "other": 0.2,
+            "data_open": 0.1, "model_build": 0.2, "tokens_per_s": 1_000_000.0, "mfu": 0.2}
+    report = {"environment": {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0"},
+              "date": "2026-12-06", "dry": False, "budget_s": 540, "seconds": 500,
+              "sections": {
+                  "grid-small": {"status": "done", "grid": "ttv-small", "cells": [cell],
+                                 "grid_s": 120.0, "report_s": 6.0,
+                                 "projected_small_grid_min": 21.3, "time_line": "time in 1 cell"},
+                  "deep-narrow": {"status": "done", "rows": [
+                      {"preset": "deep-narrow", "mode": "reduce-overhead", "lab_over_bare": 0.85,
+                       "bare": {"tokens_per_s": 500_000.0, "mfu": 0.1},
+                       "lab": {"tokens_per_s": 425_000.0, "mfu": 0.085}}]},
+                  "liger": {"status": "skipped", "reason": "no liger_kernel"}}}
+    md = ttv.tables(report)
+    assert ("| ttv-small | baseline/lr=0.003/seed=0 | 2 | 100.0 | 91.0 | **0.910** | 3.0 | "
+            "1.0 | 0.5 | 2.0 | 1.0 | 0.5 | 0.5 | 0.5 | 1,000,000 |") in md
+    assert "projected 48-cell `small` grid on one GPU, start to report: 21.3 min" in md
+    assert ("| deep-narrow | deep-narrow | reduce-overhead | 500,000 (10.0%) | 425,000 (8.5%) "
+            "| 0.850 |") in md
+    assert "- liger: skipped: no liger_kernel" in md
+
+
+def test_a_dry_pass_runs_a_real_grid_and_the_timed_loops(store, tmp_path):  # noqa: F811
+    out = tmp_path / "ttv"
+    report = ttv.run(ttv.parse_args([str(out), "--dry", "--sections", "grid-small,mfu,liger"]))
+    sections = report["sections"]
+    grid = sections["grid-small"]
+    assert grid["status"] == "done", grid
+    (cell,) = grid["cells"]
+    assert 0 < cell["train_fraction"] < 1 and cell["train_steps"] > 0
+    assert sum(cell[p] for p in PHASES) == pytest.approx(cell["total_s"])
+    assert grid["report_exit"] == 0 and (out / "report-ttv-small" / "report.md").exists()
+    assert grid["time_line"].startswith("time in 1 cell(s)")
+    for row in sections["mfu"]["rows"]:
+        assert row["bare"]["tokens_per_s"] > 0 and row["lab"]["tokens_per_s"] > 0
+    assert sections["liger"]["status"] == "skipped"  # needs CUDA
+    md = (out / "time_to_verdict.md").read_text()
+    assert "| ttv-small | baseline/lr=0.003/seed=0 |" in md and "| mfu | base | defaults |" in md
