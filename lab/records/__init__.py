@@ -22,8 +22,9 @@ from lab.records.lookup import (GRID_PARENT_TAG, GRID_TAG, child_runs, experimen
 from lab.records.runs import (DEVICE_TAG, FAILURE_KIND_TAG, FAILURE_TAG, HEARTBEAT_S,
                               HEARTBEAT_TAG, KILLED_REASON_TAG, cell_name, describe_failure,
                               device_name, end_run,
-                              finite_metrics, git_commit, heartbeat, log_check_table,
-                              log_metrics, log_params, log_yaml, run_tags, start_run)
+                              finite_metrics, git_commit, heartbeat, log_check_table, log_corpus,
+                              log_metrics, log_params, log_yaml, run_tags, start_run,
+                              system_metrics, system_metrics_enabled)
 from lab.records.store import client, open_store, store_dir, tracking_uri
 from lab.records.views import runs_page_url
 
@@ -35,7 +36,8 @@ __all__ = [
     "search_all",
     "DEVICE_TAG", "FAILURE_KIND_TAG", "FAILURE_TAG", "HEARTBEAT_S", "HEARTBEAT_TAG",
     "KILLED_REASON_TAG", "cell_name", "describe_failure", "device_name", "end_run", "finite_metrics", "git_commit", "heartbeat",
-    "log_check_table", "log_metrics", "log_params", "log_yaml", "run_tags", "start_run",
+    "log_check_table", "log_corpus", "log_metrics", "log_params", "log_yaml", "run_tags", "start_run", "system_metrics",
+    "system_metrics_enabled",
     "client", "open_store", "store_dir", "tracking_uri",
     "runs_page_url",
 ]
