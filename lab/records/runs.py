@@ -26,6 +26,7 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
@@ -174,6 +175,9 @@ def log_yaml(mlflow_client, run_id: str, data, artifact_file: str) -> None:
     mlflow_client.log_text(run_id, yaml.safe_dump(data, sort_keys=False), artifact_file)
 
 
+LOG_INPUT_ATTEMPTS = 4
+
+
 def log_corpus(mlflow_client, run_id: str, store: TokenStore) -> None:
     """The run's corpus as its MLflow dataset input (context `train`): named after the
     corpus's folder, its source that folder, its digest the corpus's fingerprint
@@ -186,8 +190,21 @@ def log_corpus(mlflow_client, run_id: str, store: TokenStore) -> None:
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(str(store.path.resolve()))
     dataset = MetaDataset(source, name=store.path.name, digest=store.fingerprint)
-    mlflow_client.log_inputs(run_id, datasets=[DatasetInput(
-        dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "train")])])
+    # MlflowClient.log_inputs wants the entity; mlflow.log_input makes it the same way.
+    inputs = [DatasetInput(dataset._to_mlflow_entity(),
+                           tags=[InputTag(MLFLOW_DATASET_CONTEXT, "train")])]
+    # MLflow looks for the experiment's dataset row and inserts it when missing, in two
+    # steps (SqlAlchemyStore._log_inputs_impl): two grid workers starting on one corpus at
+    # once both insert, and the second fails on the UNIQUE (experiment, name, digest)
+    # constraint. Again, it finds the row.
+    for attempt in range(LOG_INPUT_ATTEMPTS):
+        try:
+            mlflow_client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException:
+            if attempt == LOG_INPUT_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def log_params(mlflow_client, run_id: str, params: dict) -> None:
