@@ -288,8 +288,13 @@ def test_training_run_records_the_metrics_and_analyze_writes_the_plots(tmp_path,
                                                              str(tmp_path))).read_text())
     assert [row[0] for row in table["data"]] == [0, 1]
     assert "sink/first_token_attn" in table["columns"] and "gate/mean" in table["columns"]
-    layers = {k: v for k, v in run.data.metrics.items() if k.startswith("layers/")}
+    layers = {k: v for k, v in result.metrics.items()
+              if k.startswith("layers/") and math.isfinite(v)}
     assert layer_metrics(table) == pytest.approx(layers)
+    # ... and not as metrics: only the analysis_every time series has them (no end-of-run
+    # point at step 8 after the interval's).
+    history = mlflow_client.get_metric_history(result.run_id, "layers/gate/mean/layer_1")
+    assert [m.step for m in history] == [4, 8]
     assert main(["analyze", result.run_id, "--windows", "2", "--long-context", ""]) == 0
     logged = {a.path for a in mlflow_client.list_artifacts(result.run_id, "analysis")}
     assert {"analysis/first_token_attn.png", "analysis/max_activation.png",

@@ -51,12 +51,15 @@ def _finite_or_none(value):
 
 def log_analysis(mlflow_client, run_id: str, analysis: Analysis, step: int,
                  plots: bool = True) -> list[str]:
-    """Metrics at `step`, the per-layer table, `analysis/analysis.json` and the plots;
-    returns the files logged."""
+    """The summary metrics at `step`, the per-layer ones as LAYER_TABLE (not as metrics:
+    runs recorded before 2026-12-05 hold them as `layers/...` metrics, which readers take
+    where a run has no table: lab/reports/grid_report.py run_metrics), `analysis.json` and
+    the plots; returns the files logged."""
     if analysis.skipped:
         mlflow_client.set_tag(run_id, "analysis", f"skipped: {analysis.skipped}")
         return []
-    records.log_metrics(mlflow_client, run_id, analysis.metrics, step)
+    summary = {k: v for k, v in analysis.metrics.items() if split_layer_metric(k) is None}
+    records.log_metrics(mlflow_client, run_id, summary, step)
     mlflow_client.log_dict(run_id, layer_table(analysis.metrics), LAYER_TABLE)
     with tempfile.TemporaryDirectory() as tmp:
         names = [path.name for path in write_outputs(analysis, Path(tmp), plots)]
