@@ -26,7 +26,7 @@ from lab.records.runs import (DEVICE_TAG, FAILURE_KIND_TAG, FAILURE_TAG, HEARTBE
                               log_metrics, log_params, log_yaml, run_tags, start_run,
                               system_metrics, system_metrics_enabled)
 from lab.records.store import client, open_store, store_dir, tracking_uri
-from lab.records.views import runs_page_url
+from lab.records.views import experiments_page_url, run_page_url, runs_page_url
 
 __all__ = [
     "checkpoint_dir", "checkpoint_path", "load_checkpoint", "read_checkpoint",
@@ -39,5 +39,5 @@ __all__ = [
     "log_check_table", "log_corpus", "log_metrics", "log_params", "log_yaml", "run_tags", "start_run", "system_metrics",
     "system_metrics_enabled",
     "client", "open_store", "store_dir", "tracking_uri",
-    "runs_page_url",
+    "experiments_page_url", "run_page_url", "runs_page_url",
 ]
