@@ -184,6 +184,25 @@ def test_a_run_with_system_metrics_on_samples_them_while_it_trains(store, monkey
     assert "system/system_memory_usage_megabytes" in client.get_run(result.run_id).data.metrics
 
 
+def test_a_workers_system_metrics_cover_its_own_gpus_only(monkeypatch):
+    """NVML lists the host's GPUs whatever CUDA_VISIBLE_DEVICES says; the monitor keeps the
+    ones torch sees here (by UUID), in torch's order, and all of them where none matches."""
+    from lab.records import runs
+
+    host = {f"nvml-{i}": f"GPU-uuid-{i}" for i in range(4)}   # NVML handle -> its UUID
+    monkeypatch.setattr(runs.pynvml, "nvmlDeviceGetUUID", lambda handle: host[handle])
+    visible_gpus(monkeypatch, 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(uuid=["uuid-2", "uuid-1"][i]))
+    monitor = SimpleNamespace(gpu_handles=list(host), num_gpus=4)
+    runs._keep_visible_gpus(monitor)
+    assert monitor.gpu_handles == ["nvml-2", "nvml-1"] and monitor.num_gpus == 2
+    other_host = SimpleNamespace(gpu_handles=["nvml-0"], num_gpus=1)
+    monkeypatch.setattr(runs.pynvml, "nvmlDeviceGetUUID", lambda handle: "GPU-elsewhere")
+    runs._keep_visible_gpus(other_host)
+    assert other_host.gpu_handles == ["nvml-0"] and other_host.num_gpus == 1
+
+
 class SlowSteps(L.Callback):
     def __init__(self, seconds: float):
         self.seconds = seconds
