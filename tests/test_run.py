@@ -6,6 +6,7 @@ reading tests/test_records_checkpoints.py's; parameter counts (`count_params`) a
 against the paper's formulas in tests/test_model.py and tests/test_moe.py."""
 
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -184,13 +185,25 @@ def test_a_run_with_system_metrics_on_samples_them_while_it_trains(store, monkey
     assert "system/system_memory_usage_megabytes" in client.get_run(result.run_id).data.metrics
 
 
+def test_without_psutil_a_run_trains_without_system_metrics_and_says_so(monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
+    # as where MLflow's monitor cannot be imported (its CPU monitor needs psutil)
+    monkeypatch.setitem(sys.modules, "mlflow.system_metrics.system_metrics_monitor", None)
+    with records.system_metrics("run-1", "sqlite:///unused.db", resumed=False):
+        pass
+    err = capsys.readouterr().err
+    assert err.startswith("warning: no system metrics for run run-1") and "psutil" in err
+
+
 def test_a_workers_system_metrics_cover_its_own_gpus_only(monkeypatch):
     """NVML lists the host's GPUs whatever CUDA_VISIBLE_DEVICES says; the monitor keeps the
     ones torch sees here (by UUID), in torch's order, and all of them where none matches."""
     from lab.records import runs
 
+    import pynvml
+
     host = {f"nvml-{i}": f"GPU-uuid-{i}" for i in range(4)}   # NVML handle -> its UUID
-    monkeypatch.setattr(runs.pynvml, "nvmlDeviceGetUUID", lambda handle: host[handle])
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUUID", lambda handle: host[handle])
     visible_gpus(monkeypatch, 2)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda i: SimpleNamespace(uuid=["uuid-2", "uuid-1"][i]))
@@ -198,7 +211,7 @@ def test_a_workers_system_metrics_cover_its_own_gpus_only(monkeypatch):
     runs._keep_visible_gpus(monitor)
     assert monitor.gpu_handles == ["nvml-2", "nvml-1"] and monitor.num_gpus == 2
     other_host = SimpleNamespace(gpu_handles=["nvml-0"], num_gpus=1)
-    monkeypatch.setattr(runs.pynvml, "nvmlDeviceGetUUID", lambda handle: "GPU-elsewhere")
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUUID", lambda handle: "GPU-elsewhere")
     runs._keep_visible_gpus(other_host)
     assert other_host.gpu_handles == ["nvml-0"] and other_host.num_gpus == 1
 

@@ -19,7 +19,6 @@ import time
 import warnings
 from contextlib import contextmanager
 
-import pynvml
 import torch
 import yaml
 from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -27,8 +26,6 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
 from mlflow.exceptions import MlflowException
-from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
-from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
@@ -99,6 +96,17 @@ def system_metrics(run_id: str, uri: str, resumed: bool):
     if not system_metrics_enabled():
         yield
         return
+    try:
+        # Imported here: psutil (MLflow's CPU monitor) and nvidia-ml-py are pinned, but a
+        # lent GPU machine's environment is assembled by hand (docs/reproduce_gpu.sh carries
+        # wheels); without them the run trains all the same, without system metrics.
+        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError as err:
+        print(f"warning: no system metrics for run {run_id}: {err} (pip install "
+              "psutil nvidia-ml-py, pinned in pyproject.toml)", file=sys.stderr)
+        yield
+        return
     monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
                                    resume_logging=resumed, tracking_uri=uri)
     for gpu_monitor in (m for m in monitor.monitors if isinstance(m, GPUMonitor)):
@@ -114,6 +122,7 @@ def _keep_visible_gpus(gpu_monitor) -> None:
     """NVML sees every GPU of the host, whatever CUDA_VISIBLE_DEVICES says: a grid worker
     pinned to one GPU would log all eight. Keep the GPUs this process uses (matched by UUID,
     `system/gpu_0_...` being its first), or all of them where the match fails."""
+    import pynvml  # there is a GPUMonitor, so it is installed (system_metrics)
     try:
         wanted = [str(torch.cuda.get_device_properties(i).uuid)
                   for i in range(torch.cuda.device_count())]
