@@ -20,22 +20,26 @@ MODEL_TRAINING_KIND = "custom_model_development"
 # --- the MLflow UI ----------------------------------------------------------------------
 #
 # Which layout a page shows: MODEL_TRAINING below. A runs page opens on a saved view when its
-# URL carries `viewStateShareKey=<key>`: the view is the experiment tag `mlflow.sharedViewState.<key>`,
-# JSON {name, createdAt, updatedAt, state}, `state` being "deflate;" + base64 of the
-# zlib-compressed JSON of the page's search and table settings, the form the UI's own
-# "Views > Save as new view" writes (tests/test_ui.py opens it in Chromium).
+# URL carries `viewStateShareKey=<key>`: the view is the experiment tag
+# `mlflow.sharedViewState.<key>`, JSON {name, createdAt, updatedAt, state}, `state` being
+# "deflate;" + base64 of the zlib-compressed JSON of the page's search and table settings,
+# the form the UI's own "Views > Save as new view" writes (tests/test_ui.py opens it in
+# Chromium).
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 COMPARISON_VIEW = "gatelab-runs"
 COMPARISON_COLUMNS = ("val/ppl", "test/ppl", "spikes/count", "gate/mean")
 # The view's first chart section (MLflow adds its generated ones, one per metric prefix,
 # after it), with cards in the fields of the UI's chart cards (RunsChartsCardConfig).
-# Two charts a row, 480 px high (MLflow's defaults: 3 and 360): room for a legend of a
-# grid's variants under each chart.
+# Two charts a row, 480 px high (MLflow's defaults: 3 and 360): room to tell apart the
+# curves of variants that lie close.
 COMPARISON_SECTION = {"uuid": "gatelab-comparison", "name": "gatelab: loss and perplexity",
                       "display": True, "isReordered": False, "deleted": False,
                       "isGenerated": False, "columns": 2, "cardHeight": 480}
 COMPARISON_CHARTS = (("LINE", "train/loss"), ("LINE", "val/loss"), ("BAR", "val/ppl"),
                      ("BAR", "test/ppl"))
+# MLflow's smoothing slider (0-100) per line chart: the training loss of one logged step is
+# noisy, the validation loss (a mean over val_batches) is not.
+LINE_SMOOTHNESS = {"train/loss": 60, "val/loss": 0}
 CHART_RUNS = 1000  # runs a chart draws (MLflow's default, 10, left a grid's 11th run out)
 COMPARISON_TAGS = ("seed", "lr")   # lab/records/runs.py run_tags
 GROUP_TAG = "variant"
@@ -43,7 +47,6 @@ GROUP_TAG = "variant"
 # name of the paper's variants with its LR and seed whole (in the UI's 13 px font).
 NAME_COLUMN = "attributes.`Run Name`"
 NAME_WIDTH_PX = 420
-LINE_SMOOTHNESS = 0  # MLflow's smoothing slider (0-100) for every line chart
 
 
 def _chart(kind: str, metric: str) -> dict:
@@ -51,10 +54,11 @@ def _chart(kind: str, metric: str) -> dict:
             "displayName": metric, "runsCountToCompare": CHART_RUNS,
             "metricSectionId": COMPARISON_SECTION["uuid"], "deleted": False, "isGenerated": False}
     if kind == "LINE":
-        card.update(lineSmoothness=LINE_SMOOTHNESS, xAxisScaleType="linear", scaleType="linear", range={},
-                    xAxisKey="step", selectedXAxisMetricKey="", yAxisKey="metric",
-                    yAxisExpressions=[], ignoreOutliers=True, useGlobalXaxisKey=True,
-                    useGlobalLineSmoothing=True)
+        # ignoreOutliers: the y range leaves out the first steps' loss, far above the rest
+        card.update(lineSmoothness=LINE_SMOOTHNESS[metric], useGlobalLineSmoothing=False,
+                    xAxisScaleType="linear", scaleType="linear", range={}, xAxisKey="step",
+                    selectedXAxisMetricKey="", yAxisKey="metric", yAxisExpressions=[],
+                    ignoreOutliers=True, useGlobalXaxisKey=True)
     return card
 
 
@@ -63,7 +67,7 @@ def comparison_view_state() -> dict:
     their `variant` tag (MLflow's run grouping: a row per variant with the mean of its
     seeds, its seeds' runs below it; the charts draw a group's mean with the band of its
     seeds, and a run without the tag, the grid's parent, falls in MLflow's collapsed
-    "remaining runs" group, which the charts leave out); the runs by name, so seeds follow
+    "Additional runs" group, which the charts leave out); the runs by name, so seeds follow
     each other; the seed and LR as columns beside COMPARISON_COLUMNS, the name column wide
     enough for a whole cell name; and a first chart section with the training and
     validation loss and the PPLs."""
@@ -81,7 +85,7 @@ def comparison_view_state() -> dict:
                         "groupByKeys": [{"mode": "tag", "groupByData": GROUP_TAG}]},
             "groupsExpanded": {}, "compareRunSections": [COMPARISON_SECTION],
             "compareRunCharts": [_chart(kind, metric) for kind, metric in COMPARISON_CHARTS],
-            "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": LINE_SMOOTHNESS,
+            "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0,
                                       "selectedXAxisMetricKey": ""}}
 
 
