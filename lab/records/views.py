@@ -37,9 +37,12 @@ COMPARISON_SECTION = {"uuid": "gatelab-comparison", "name": "gatelab: loss and p
                       "isGenerated": False, "columns": 2, "cardHeight": 480}
 COMPARISON_CHARTS = (("LINE", "train/loss"), ("LINE", "val/loss"), ("BAR", "val/ppl"),
                      ("BAR", "test/ppl"))
-# MLflow's smoothing slider (0-100) per line chart: the training loss of one logged step is
-# noisy, the validation loss (a mean over val_batches) is not.
+# Per line chart: MLflow's smoothing slider (0-100), and whether its y range leaves out
+# outliers. The training loss is logged every few steps, noisy, and far higher in the first
+# steps than after; the validation loss (a mean over val_batches) is smooth and may have a
+# point or two a run (the demo's), which MLflow's outlier cut would leave out altogether.
 LINE_SMOOTHNESS = {"train/loss": 60, "val/loss": 0}
+IGNORE_OUTLIERS = {"train/loss": True, "val/loss": False}
 CHART_RUNS = 1000  # runs a chart draws (MLflow's default, 10, left a grid's 11th run out)
 COMPARISON_TAGS = ("seed", "lr")   # lab/records/runs.py run_tags
 GROUP_TAG = "variant"
@@ -54,11 +57,10 @@ def _chart(kind: str, metric: str) -> dict:
             "displayName": metric, "runsCountToCompare": CHART_RUNS,
             "metricSectionId": COMPARISON_SECTION["uuid"], "deleted": False, "isGenerated": False}
     if kind == "LINE":
-        # ignoreOutliers: the y range leaves out the first steps' loss, far above the rest
         card.update(lineSmoothness=LINE_SMOOTHNESS[metric], useGlobalLineSmoothing=False,
                     xAxisScaleType="linear", scaleType="linear", range={}, xAxisKey="step",
                     selectedXAxisMetricKey="", yAxisKey="metric", yAxisExpressions=[],
-                    ignoreOutliers=True, useGlobalXaxisKey=True)
+                    ignoreOutliers=IGNORE_OUTLIERS[metric], useGlobalXaxisKey=True)
     return card
 
 
