@@ -14,6 +14,8 @@
 # most 64 MiB, the corpus (42 MB) and the MLflow wheels (20 MB) with the code and the
 # snapshot do not fit one call: the first call carries the corpus (`prepare`, which needs
 # no MLflow) and the next ones the wheels; a warm machine keeps what earlier calls left.
+# The wheels include psutil and nvidia-ml-py (pinned in pyproject.toml): without them the
+# runs train without MLflow's system metrics (GPU utilisation, memory, power) and say so.
 # GATELAB_GIT_COMMIT: the commit of the checkout that was sent, for the runs' `git_commit`
 # tag, when the machine's copy has no .git or a stale one (send a clean checkout).
 # GRID_ARGS: extra `gatelab grid` options, e.g. --no-check on a later call of the same code on

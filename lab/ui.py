@@ -26,12 +26,14 @@ from lab.progress import verbosity
 STOP_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 300.0   # the server imports MLflow and checks the schema: slow on a busy CPU
 LINKS = 10                # experiments listed with their link, newest first
-# MLflow 3.17 starts a browser in its GenAI layout and keeps the layout chosen in its switch
-# (in the browser's storage); a page's `workflowType` URL parameter overrides it for that
-# page only. It opens its Assistant panel on a first visit from the server's host, and no
-# server setting turns that off (mlflow/server/assistant).
-FIRST_VISIT = ("First visit from a browser: pick \"Model training\" at the top left once (the "
-               "browser keeps it for every page), and close the Assistant panel with its X.")
+# What no address can do in MLflow 3.17 (lab/records/views.py MODEL_TRAINING: the printed
+# links carry the layout, clicks follow the browser's switch), and two panels no server
+# setting turns off: the Assistant, opened on a browser's first visit from the server's
+# host (mlflow/server/assistant), and the usage-data note on MLflow's home page, shown until
+# it is dismissed in that browser.
+FIRST_VISIT = ("First visit from a browser: pick \"Model training\" at the top left once (MLflow "
+               "keeps it per browser for the pages you click to; the links above carry it), "
+               "and close the Assistant panel with its X.")
 
 
 def check_port(host: str, port: int) -> None:
@@ -69,16 +71,22 @@ def server_command(uri: str, host: str, port: int, verbose: bool) -> list[str]:
 
 
 def experiment_links(uri: str, base_url: str, limit: int = LINKS) -> list[str]:
-    """`name: link` for the store's experiments that hold runs, newest first."""
+    """`name: link` for the store's experiments that hold runs, newest first, each followed
+    by `  report: link` to its grid's parent run where it is a grid."""
     mlflow_client = records.client(uri)
     found = mlflow_client.search_experiments(max_results=100, order_by=["last_update_time DESC"])
-    lines = []
+    lines, shown = [], 0
     for experiment in found:
         if not mlflow_client.search_runs([experiment.experiment_id], max_results=1):
             continue
         lines.append(f"  {experiment.name}: "
                      f"{records.runs_page_url(base_url, experiment.experiment_id)}")
-        if len(lines) == limit:
+        parent = records.find_grid_parent(mlflow_client, experiment.experiment_id)
+        if parent:
+            lines.append("    report: "
+                         + records.run_page_url(base_url, experiment.experiment_id, parent))
+        shown += 1
+        if shown == limit:
             break
     return lines
 
@@ -158,8 +166,10 @@ def serve(host: str, port: int, uri: str | None = None) -> int:
         if verbosity() != "quiet":
             print(f"MLflow UI starting on {base_url} (store: {uri})...", flush=True)
         wait_until_serving(base_url, server, log)
-        print(f"MLflow UI on {base_url}; Ctrl-C stops it. Each experiment's runs side by side:",
-              flush=True)
+        print(f"MLflow UI on {base_url}; Ctrl-C stops it.\n"
+              f"  experiments: {records.experiments_page_url(base_url)}\n"
+              "Each experiment's runs side by side, grouped by variant (a grid's report on "
+              "its parent run):", flush=True)
         print("\n".join(experiment_links(uri, base_url)) or "  (no runs yet)", flush=True)
         if verbosity() != "quiet":
             print(FIRST_VISIT, flush=True)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lab.analysis.metrics import ProbeRecorder, analyze, long_context_metric, record
-from lab.analysis.outputs import write_outputs
+from lab.analysis.metrics import (ProbeRecorder, analyze, layer_metric, long_context_metric,
+                                  record)
+from lab.analysis.outputs import LAYER_TABLE, layer_metrics, layer_table, write_outputs
 from lab.config import resolve
 from lab.data.store import write_store
 from lab.errors import LabError
@@ -279,7 +282,19 @@ def test_training_run_records_the_metrics_and_analyze_writes_the_plots(tmp_path,
     assert steps == [4, 8, 8]  # analysis_every=4 as a time series, then the end-of-run analysis
 
     end_of_run = {a.path for a in mlflow_client.list_artifacts(result.run_id, "analysis")}
-    assert {"analysis/analysis.json", "analysis/long_context.png"} <= end_of_run
+    assert {"analysis/analysis.json", "analysis/long_context.png", LAYER_TABLE} <= end_of_run
+    # The per-layer metrics as one table: a row per layer, the same values as the metrics.
+    table = json.loads(Path(mlflow_client.download_artifacts(result.run_id, LAYER_TABLE,
+                                                             str(tmp_path))).read_text())
+    assert [row[0] for row in table["data"]] == [0, 1]
+    assert "sink/first_token_attn" in table["columns"] and "gate/mean" in table["columns"]
+    layers = {k: v for k, v in result.metrics.items()
+              if k.startswith("layers/") and math.isfinite(v)}
+    assert layer_metrics(table) == pytest.approx(layers)
+    # ... and not as metrics: only the analysis_every time series has them (no end-of-run
+    # point at step 8 after the interval's).
+    history = mlflow_client.get_metric_history(result.run_id, "layers/gate/mean/layer_1")
+    assert [m.step for m in history] == [4, 8]
     assert main(["analyze", result.run_id, "--windows", "2", "--long-context", ""]) == 0
     logged = {a.path for a in mlflow_client.list_artifacts(result.run_id, "analysis")}
     assert {"analysis/first_token_attn.png", "analysis/max_activation.png",
@@ -287,6 +302,23 @@ def test_training_run_records_the_metrics_and_analyze_writes_the_plots(tmp_path,
     assert main(["analyze", "no-such-run"]) == 2
     # An 8-character prefix of the run id, as MLflow's UI and git users type it.
     assert main(["analyze", result.run_id[:8], "--windows", "1", "--long-context", ""]) == 0
+
+
+def test_the_layer_table_holds_the_per_layer_metrics_and_reads_back_as_them():
+    metrics = {"sink/first_token_attn": 0.5, "act/max_mean": 3.0}
+    for layer in range(12):
+        metrics[layer_metric("sink/first_token_attn", layer, 12)] = layer / 10
+        metrics[layer_metric("act/max", layer, 12)] = 10.0 ** layer
+    metrics[layer_metric("gate/mean", 3, 12)] = float("nan")  # left out of MLflow, null here
+    table = layer_table(metrics)
+    assert table["columns"] == ["layer", "act/max", "gate/mean", "sink/first_token_attn"]
+    assert [row[0] for row in table["data"]] == list(range(12))
+    assert table["data"][3] == [3, 1000.0, None, 0.3]
+    assert table["data"][0][2] is None  # a layer without the metric
+    json.dumps(table, allow_nan=False)  # plain JSON: no NaN
+    expected = {k: v for k, v in metrics.items() if k.startswith("layers/") and math.isfinite(v)}
+    assert layer_metrics(table) == expected
+    assert "layers/act/max/layer_07" in layer_metrics(table)  # zero-padded as the metrics
 
 
 @pytest.mark.parametrize("bos_prefix", [True, False])

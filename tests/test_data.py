@@ -7,6 +7,7 @@ import json
 import lzma
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from lab.cli import main
 from lab.data import corpus
 from lab.data.sources import open_source
-from lab.data.store import END_OF_TEXT, TokenStore, write_store
+from lab.data.store import END_OF_TEXT, TokenStore, prepare_synthetic, write_store
 from lab.data.windows import WindowSampler, check_batch_fits, eval_windows
 from lab.errors import LabError
 
@@ -219,6 +220,26 @@ def test_cache_key_follows_content_vocabulary_and_tokenizer(text_corpus, prepare
         handle.write("One more document.\n")
     changed = corpus.prepare(str(files["train"]), 400, str(files["valid"]), str(files["test"]))
     assert not changed.reused and changed.store.path != prepared.store.path
+
+
+
+def test_the_fingerprint_tells_corpora_apart_and_follows_the_store_not_its_folder(
+        text_corpus, prepared, tmp_path):
+    """TokenStore.fingerprint, the digest of every run's dataset input (lab/records/runs.py
+    log_corpus): the prepared corpus's key; for the synthetic corpus, its manifest's identity."""
+    _, files = text_corpus
+    other = corpus.prepare(str(files["train"]), 300, str(files["valid"]), str(files["test"]))
+    assert prepared.store.fingerprint == prepared.store.manifest["key"]
+    assert other.store.fingerprint != prepared.store.fingerprint
+    synthetic = {seed: prepare_synthetic(512, 60_000, seed, root=tmp_path / "synthetic")
+                 for seed in (1, 2)}
+    assert synthetic[1].fingerprint != synthetic[2].fingerprint
+    assert len({s.fingerprint for s in synthetic.values()} | {prepared.store.fingerprint}) == 3
+    # The same tokens in another folder: the same corpus, the same fingerprint.
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic[1].path, copy)
+    assert TokenStore.open(copy).fingerprint == synthetic[1].fingerprint
+    assert re.fullmatch("[0-9a-f]{16}", synthetic[1].fingerprint)
 
 
 # --- windows ----------------------------------------------------------------------------

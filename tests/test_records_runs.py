@@ -4,6 +4,7 @@ the reason, KILLED)."""
 
 import errno
 import signal
+import threading
 import time
 
 import pytest
@@ -150,3 +151,56 @@ def test_the_heartbeat_refreshes_its_tag_while_the_run_trains_and_stops_after():
     assert all(int(value) >= started for _, _, value in recorder.beats)
     time.sleep(0.1)
     assert len(recorder.beats) == count
+
+
+def test_runs_starting_together_on_one_corpus_each_get_it_as_their_input(store, tmp_path):  # noqa: F811
+    """Grid workers start their cells at once: MLflow's check-then-insert of the
+    experiment's dataset row races, and the loser's UNIQUE error is retried (log_corpus)."""
+    from lab.data.store import prepare_synthetic
+    from lab.records import experiment_id, log_corpus
+
+    corpus = prepare_synthetic(512, 60_000, 3, root=tmp_path)
+    client = MlflowClient(store)
+    experiment = experiment_id(client, "together", store)
+    run_ids = [client.create_run(experiment).info.run_id for _ in range(6)]
+    start = threading.Barrier(len(run_ids))
+    errors = []
+
+    def log(run_id):
+        start.wait()
+        try:
+            log_corpus(MlflowClient(store), run_id, corpus)
+        except Exception as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=log, args=(run_id,)) for run_id in run_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    for run_id in run_ids:
+        (given,) = client.get_run(run_id).inputs.dataset_inputs
+        assert given.dataset.digest == corpus.fingerprint
+
+
+def test_a_dataset_input_refused_once_is_logged_on_the_next_attempt(store, tmp_path):  # noqa: F811
+    from mlflow.exceptions import MlflowException
+
+    from lab.data.store import prepare_synthetic
+    from lab.records import experiment_id, log_corpus
+
+    corpus = prepare_synthetic(512, 60_000, 3, root=tmp_path)
+    client = MlflowClient(store)
+    run_id = client.create_run(experiment_id(client, "retry", store)).info.run_id
+    calls = []
+
+    class RefusesOnce:
+        def log_inputs(self, run_id, datasets):
+            calls.append(run_id)
+            if len(calls) == 1:
+                raise MlflowException("UNIQUE constraint failed: datasets.experiment_id, ...")
+            client.log_inputs(run_id, datasets=datasets)
+
+    log_corpus(RefusesOnce(), run_id, corpus)
+    assert len(calls) == 2 and len(client.get_run(run_id).inputs.dataset_inputs) == 1

@@ -1,7 +1,7 @@
 """lab/records/views.py: experiments are marked as model-training ones and carry the
-comparison view (in the format MLflow's UI reads; tests/test_ui.py opens it in Chromium),
-whose search filter MLflow evaluates as meant; lab/records/lookup.py's experiment_id gives
-both to every experiment the lab opens."""
+comparison view (in the format MLflow's UI reads; tests/test_ui.py opens it in Chromium and
+sees its grouping); lab/records/lookup.py's experiment_id gives both to every experiment the
+lab opens, and the current view to one that holds an older one."""
 
 import base64
 import json
@@ -25,9 +25,16 @@ def test_a_new_experiment_is_model_training_and_carries_the_comparison_view(stor
     assert experiment.tags[views.EXPERIMENT_KIND_TAG] == "custom_model_development"
     state = view_state(experiment)
     assert state == views.comparison_view_state()
-    assert state["selectedColumns"] == state["columnOrder"] == [
-        "metrics.`val/ppl`", "metrics.`test/ppl`", "metrics.`spikes/count`", "metrics.`gate/mean`"]
+    columns = ["tags.`seed`", "tags.`lr`", "metrics.`val/ppl`", "metrics.`test/ppl`",
+               "metrics.`spikes/count`", "metrics.`gate/mean`"]
+    assert state["selectedColumns"] == columns
+    assert state["columnOrder"] == ["attributes.`Run Name`", *columns]
+    assert state["columnWidths"] == {"attributes.`Run Name`": views.NAME_WIDTH_PX}
     assert state["runsHiddenMode"] == "SHOW_ALL"
+    assert state["searchFilter"] == ""  # every run; the grouping sets the parent aside
+    assert state["groupBy"] == {"aggregateFunction": "average",
+                                "groupByKeys": [{"mode": "tag", "groupByData": "variant"}]}
+    assert state["useGroupedValuesInCharts"] is True
     charts = state["compareRunCharts"]
     assert [(c["type"], c["metricKey"]) for c in charts] == list(views.COMPARISON_CHARTS)
     assert all(c["runsCountToCompare"] >= 1000 and
@@ -46,20 +53,22 @@ def test_an_older_experiment_gets_the_kind_and_the_view_when_the_lab_opens_it(st
     assert client.get_experiment(old).tags[views.EXPERIMENT_KIND_TAG] == "genai_development"
 
 
-def test_the_views_filter_keeps_the_cells_and_drops_their_parent(store):
-    """The filter runs in MLflow's search (as the UI sends it): a grid's parent, which has no
-    config_hash, would fold its children away in the table."""
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
+def test_an_experiment_with_an_older_view_gets_the_current_one_when_the_lab_opens_it(store):
+    """A store made before the view changed (the runs filtered by config_hash, no grouping)
+    shows the current view once a grid or train opens the experiment again."""
     client = records.client(store)
     experiment = records.experiment_id(client, "grid", store)
-    parent = client.create_run(experiment).info.run_id
-    cells = {client.create_run(experiment, tags={MLFLOW_PARENT_RUN_ID: parent,
-                                                 "config_hash": f"h{i}"}).info.run_id
-             for i in range(11)}
-    found = client.search_runs([experiment], views.comparison_view_state()["searchFilter"],
-                               max_results=100)
-    assert {r.info.run_id for r in found} == cells
+    older = dict(views.comparison_view_state(), searchFilter="tags.config_hash LIKE '%'",
+                 groupBy=None)
+    packed = base64.b64encode(zlib.compress(json.dumps(older).encode())).decode()
+    client.set_experiment_tag(experiment, views.VIEW_TAG_PREFIX + views.COMPARISON_VIEW,
+                              json.dumps({"name": "gatelab: the runs side by side",
+                                          "state": "deflate;" + packed}))
+    assert views.read_comparison_view(client.get_experiment(experiment).tags) == older
+    records.experiment_id(client, "grid", store)
+    assert view_state(client.get_experiment(experiment)) == views.comparison_view_state()
+    assert views.read_comparison_view({}) is None
+    assert views.read_comparison_view({views.VIEW_TAG_PREFIX + views.COMPARISON_VIEW: "{}"}) is None
 
 
 def test_the_runs_page_link_selects_model_training_and_the_view():
@@ -68,3 +77,7 @@ def test_the_runs_page_link_selects_model_training_and_the_view():
         "&viewStateShareKey=gatelab-runs")
     assert views.runs_page_url("http://h:1", "7", view=None, charts=True) == (
         "http://h:1/#/experiments/7/runs?workflowType=machine_learning&compareRunsMode=CHART")
+    assert views.experiments_page_url("http://h:1") == (
+        "http://h:1/#/experiments?workflowType=machine_learning")
+    assert views.run_page_url("http://h:1", "7", "abc") == (
+        "http://h:1/#/experiments/7/runs/abc?workflowType=machine_learning")

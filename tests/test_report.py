@@ -9,6 +9,7 @@ import math
 import pytest
 
 from gridkit import store  # noqa: F401 (fixture)
+from lab.analysis import outputs
 from lab.errors import LabError
 from lab.reports.seeds import RunRecord
 
@@ -23,7 +24,10 @@ PPL = {  # (variant, lr) -> val/ppl by seed 0, 1, 2 (None: diverged)
 }
 
 
-def write_grid(uri: str, name: str = "fake", ppl: dict | None = None) -> str:
+def write_grid(uri: str, name: str = "fake", ppl: dict | None = None,
+               layer_table: bool = False) -> str:
+    """A fake grid; its per-layer values as `layers/...` metrics (as runs before 2026-12-05
+    hold them) or, with `layer_table`, as the table runs log now."""
     from mlflow.tracking import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
@@ -50,6 +54,9 @@ def write_grid(uri: str, name: str = "fake", ppl: dict | None = None) -> str:
             for layer in range(3):  # zero-padded as in a model of 10 or more layers
                 metrics[f"layers/sink/first_token_attn/layer_{layer:02d}"] = 0.1 * layer + seed / 100
                 metrics[f"layers/act/max/layer_{layer}"] = 10.0 ** layer
+        if layer_table:
+            client.log_dict(run_id, outputs.layer_table(metrics), outputs.LAYER_TABLE)
+            metrics = {k: v for k, v in metrics.items() if not k.startswith("layers/")}
         for key, value in metrics.items():
             client.log_metric(run_id, key, value)
         client.log_dict(run_id, {"step": [1, 2, 3], "loss": [6.0, 5.0 + seed, 4.0]},
@@ -66,6 +73,28 @@ def write_grid(uri: str, name: str = "fake", ppl: dict | None = None) -> str:
     # Neither a failed attempt nor a stale duplicate of a cell may count.
     run("sdpa_elementwise_sigmoid_mul", 3e-3, 0, 1.0, status="FAILED")
     return parent
+
+
+@pytest.mark.parametrize("layer_table", [False, True], ids=["metrics (older runs)", "table"])
+def test_the_per_layer_profiles_read_alike_from_metrics_and_from_the_table(store, tmp_path,
+                                                                            layer_table):
+    """Runs since 2026-12-05 keep their per-layer values as one table, older runs (the
+    committed snapshots) as `layers/...` metrics: the report reads both the same."""
+    from mlflow.tracking import MlflowClient
+
+    from lab.reports.grid_report import build_report, layer_profile
+
+    write_grid(store, layer_table=layer_table)
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("fake").experiment_id
+    held = {m for r in client.search_runs([experiment]) for m in r.data.metrics}
+    assert any(m.startswith("layers/") for m in held) != layer_table
+    report = build_report("fake", store, tmp_path / "out")
+    gate = next(r for r in report.rows if r.variant == "sdpa_elementwise_sigmoid_mul")
+    assert layer_profile(gate.runs, "layers/sink/first_token_attn") == pytest.approx(
+        [0.01, 0.11, 0.21])
+    assert layer_profile(gate.runs, "layers/act/max") == pytest.approx([1.0, 10.0, 100.0])
+    assert (tmp_path / "out" / "per_layer.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_report_statistics_deltas_and_the_papers_direction(store, tmp_path):

@@ -6,7 +6,9 @@ reading tests/test_records_checkpoints.py's; parameter counts (`count_params`) a
 against the paper's formulas in tests/test_model.py and tests/test_moe.py."""
 
 import json
+import sys
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +20,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from gridkit import store  # noqa: F401  (fixture)
+from lab import records
 from lab.config import resolve
 from lab.errors import LabError
 from lab.model.params import count_params
@@ -141,6 +144,84 @@ def test_a_finished_run_records_its_summary_parameters_and_histories(store):  # 
     assert m["train/grad_norm_max"] == max(history["grad_norm"])
     assert describe(result) == (f"run {result.run_id}: val/ppl {m['val/ppl']:.3f}, test/ppl "
                                 f"{m['test/ppl']:.3f}, 4,096 tokens in {m['time/wall_s']:.0f} s")
+    # Its corpus as its dataset input, the corpus's fingerprint as the digest.
+    (corpus,) = run.inputs.dataset_inputs
+    store_used, _ = open_data(config)
+    assert corpus.dataset.digest == store_used.fingerprint
+    assert corpus.dataset.name == store_used.path.name
+    assert json.loads(corpus.dataset.source)["uri"] == str(store_used.path.resolve())
+    assert {t.key: t.value for t in corpus.tags} == {"mlflow.data.context": "train"}
+    # A CPU run samples no system metrics unless asked (system_metrics_enabled).
+    assert not [name for name in run.data.metrics if name.startswith("system/")]
+
+
+def test_system_metrics_are_on_for_gpu_runs_and_mlflows_switch_decides_where_set(monkeypatch):
+    # set, then removed: monkeypatch restores the variable after the test whatever MLflow's
+    # own switches below write into the environment
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
+    visible_gpus(monkeypatch, 0)
+    assert not records.system_metrics_enabled()
+    visible_gpus(monkeypatch, 1)
+    assert records.system_metrics_enabled()
+    mlflow.disable_system_metrics_logging()  # MLflow's own switch, through the environment
+    assert not records.system_metrics_enabled()
+    visible_gpus(monkeypatch, 0)
+    mlflow.enable_system_metrics_logging()
+    assert records.system_metrics_enabled()
+
+
+def test_a_run_with_system_metrics_on_samples_them_while_it_trains(store, monkeypatch):  # noqa: F811
+    """On a CPU (what a test can run) MLflow's monitor samples the CPU, memory and disk; on a
+    GPU the same monitor adds system/gpu_0_... through NVML."""
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
+    monkeypatch.setattr(records.runs, "SYSTEM_METRICS_INTERVAL_S", 0.05)
+    slow = SlowSteps(0.02)  # a run long enough for several samples
+    result = train_run(fast_config(), store, "system", quiet=True, callbacks=[slow])
+    client = MlflowClient(store)
+    history = client.get_metric_history(result.run_id, "system/cpu_utilization_percentage")
+    assert len(history) >= 3
+    assert [m.step for m in history] == list(range(len(history)))
+    assert "system/system_memory_usage_megabytes" in client.get_run(result.run_id).data.metrics
+
+
+def test_without_psutil_a_run_trains_without_system_metrics_and_says_so(monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
+    # as where MLflow's monitor cannot be imported (its CPU monitor needs psutil)
+    monkeypatch.setitem(sys.modules, "mlflow.system_metrics.system_metrics_monitor", None)
+    with records.system_metrics("run-1", "sqlite:///unused.db", resumed=False):
+        pass
+    err = capsys.readouterr().err
+    assert err.startswith("warning: no system metrics for run run-1") and "psutil" in err
+
+
+def test_a_workers_system_metrics_cover_its_own_gpus_only(monkeypatch):
+    """NVML lists the host's GPUs whatever CUDA_VISIBLE_DEVICES says; the monitor keeps the
+    ones torch sees here (by UUID), in torch's order, and all of them where none matches."""
+    from lab.records import runs
+
+    import pynvml
+
+    host = {f"nvml-{i}": f"GPU-uuid-{i}" for i in range(4)}   # NVML handle -> its UUID
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUUID", lambda handle: host[handle])
+    visible_gpus(monkeypatch, 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(uuid=["uuid-2", "uuid-1"][i]))
+    monitor = SimpleNamespace(gpu_handles=list(host), num_gpus=4)
+    runs._keep_visible_gpus(monitor)
+    assert monitor.gpu_handles == ["nvml-2", "nvml-1"] and monitor.num_gpus == 2
+    other_host = SimpleNamespace(gpu_handles=["nvml-0"], num_gpus=1)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUUID", lambda handle: "GPU-elsewhere")
+    runs._keep_visible_gpus(other_host)
+    assert other_host.gpu_handles == ["nvml-0"] and other_host.num_gpus == 1
+
+
+class SlowSteps(L.Callback):
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        time.sleep(self.seconds)
 
 
 class StopAt(L.Callback):
@@ -181,6 +262,8 @@ def test_an_interrupted_run_is_killed_and_continues_from_its_checkpoint(store): 
     history = artifact(client.get_run(started[0]), "loss_history.json")
     assert history["step"] == list(range(1, STEPS + 1))
     assert result.metrics["tokens/seen"] == STEPS * TOKENS_PER_STEP
+    # The corpus logged again on resume is still one input (MLflow keeps one per dataset).
+    assert len(client.get_run(started[0]).inputs.dataset_inputs) == 1
 
 
 # --- the one-line result ---------------------------------------------------------------

@@ -4,6 +4,8 @@ of a sweep that really ran (the report's own tests: tests/test_sweep_report.py).
 
 from __future__ import annotations
 
+import csv
+import math
 import os
 import shutil
 import socket
@@ -16,11 +18,12 @@ import optuna
 import pytest
 import torch
 import yaml
+from optuna.artifacts import FileSystemArtifactStore
 
 from lab.cli import main
 from lab.errors import LabError
-from lab.experiments.sweep import (best_lrs, load_sweep, parse_sweep, run_sweep, run_trial,
-                                   summarize_trials, trial_tasks)
+from lab.experiments.sweep import (best_lrs, load_sweep, open_study, parse_sweep, run_sweep,
+                                   run_trial, summarize_trials, trial_tasks)
 from lab.reports.sweep_report import sweep_report
 from sweepkit import made_up_trial
 
@@ -73,6 +76,7 @@ def test_ladder_defaults_to_grid_over_lr_and_seed():
     (dict(lr={"ladder": []}), "lr.ladder"),
     (dict(lr={"ladder": [1e-3], "low": 1e-4}), "lr"),
     (dict(lr={"low": 1e-3, "high": 1e-2}, sampler="grid"), "sampler"),
+    (dict(sampler="gp"), "sampler"),  # a ladder is the grid's
     (dict(sampler="cmaes"), "sampler"),
     (dict(pruner="hyperband"), "pruner"),
     (dict(pruner={"kind": "median", "patience": 3}), "pruner"),
@@ -88,6 +92,26 @@ def test_ladder_defaults_to_grid_over_lr_and_seed():
 def test_bad_sweep_fields_name_the_field(changes, field):
     with pytest.raises(LabError, match=field.replace(".", r"\.")):
         parse_sweep(sweep_dict(**changes))
+
+
+def test_an_unknown_sampler_is_one_line_naming_the_allowed_ones():
+    with pytest.raises(LabError) as err:
+        parse_sweep(sweep_dict(lr={"low": 1e-3, "high": 1e-2}, sampler="bayes"))
+    assert "\n" not in str(err.value)
+    assert all(name in str(err.value) for name in ("sampler", "bayes", "tpe", "random", "gp"))
+
+
+def test_the_gp_sampler_searches_a_one_dimensional_lr_range():
+    """sampler: gp is Optuna's GPSampler: after its random start it proposes from the
+    Gaussian process, inside the range, and closes in on the minimum of a smooth curve."""
+    sweep = parse_sweep(sweep_dict(lr={"low": 1e-4, "high": 1.0}, sampler="gp", trials=12))
+    study = open_study(sweep, "baseline", storage=None, sampler_seed=0)  # in memory
+    assert isinstance(study.sampler, optuna.samplers.GPSampler)
+    best_lr = 1e-2  # the made-up loss is a parabola in log10(lr) with its minimum here
+    study.optimize(lambda trial: (math.log10(trial.suggest_float("lr", 1e-4, 1.0, log=True))
+                                  - math.log10(best_lr)) ** 2, n_trials=sweep.trials)
+    assert all(1e-4 <= t.params["lr"] <= 1.0 for t in study.trials)
+    assert abs(math.log10(study.best_params["lr"]) - math.log10(best_lr)) < 0.2
 
 
 def test_cli_rejects_bad_input_with_exit_2_before_anything_is_created(tmp_path, monkeypatch,
@@ -192,6 +216,42 @@ def test_pruned_trial_reports_by_step_and_ends_pruned_not_failed(workspace):
     assert run.data.tags["trial"] == "0"
 
 
+def test_a_pruned_trials_loss_curve_is_an_optuna_artifact_ending_where_it_stopped(
+        workspace, tmp_path):
+    from lab import records
+
+    sweep = parse_sweep(sweep_dict(name="curve", variants=["baseline"],
+                                   lr={"low": 1e-3, "high": 1e-2}, sampler="random",
+                                   overrides={"train.val_every": 4, "train.log_every": 1}))
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0))
+    store = FileSystemArtifactStore(tmp_path)
+    uri = records.tracking_uri()
+    study.optimize(lambda t: run_trial(t, sweep, "baseline", uri, parent_run_id=None,
+                                       artifacts=store), n_trials=1)
+    trial = study.trials[0]
+    rows = loss_curve(trial, study, store)
+    run_id = trial.user_attrs["mlflow_run_id"]
+    for name in ("train/loss", "val/loss"):
+        history = records.client(uri).get_metric_history(run_id, name)
+        assert history  # the run logged some, and the curve holds exactly those
+        assert {int(r["step"]): float(r[name]) for r in rows if r[name]} == pytest.approx(
+            {m.step: m.value for m in history}, rel=1e-5)
+    # pruned at its first validation (step 4): the curve stops there
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+
+
+def loss_curve(trial, study, store) -> list[dict]:
+    """The trial's one artifact, loss_curve.csv, read back through Optuna."""
+    (meta,) = optuna.artifacts.get_all_artifact_meta(trial, storage=study._storage)
+    assert meta.filename == "loss_curve.csv" and meta.mimetype == "text/csv"
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / meta.filename
+        optuna.artifacts.download_artifact(artifact_store=store, file_path=str(path),
+                                           artifact_id=meta.artifact_id)
+        with path.open() as handle:
+            return list(csv.DictReader(handle))
+
+
 # --- parallel workers, MLflow nesting, the report ---------------------------------------
 
 @pytest.fixture(scope="module")
@@ -221,6 +281,18 @@ def test_four_workers_record_every_trial_once(finished_sweep, workspace):
         assert by_lr[3e-3].user_attrs["state"] == "complete"
         workers |= {t.user_attrs["worker"] for t in trials}
     assert len(workers) == 4  # four processes did the work
+    # Each trial's loss curve, beside the journal: to its last step, or its divergence.
+    store = FileSystemArtifactStore(workspace / "sweeps" / "t.artifacts")
+    for variant in sweep.variants:
+        study = optuna.load_study(study_name=f"t/{variant}", storage=storage)
+        for trial in study.trials:
+            rows = loss_curve(trial, study, store)
+            steps = [int(r["step"]) for r in rows if r["train/loss"]]
+            assert steps and steps == sorted(steps)
+            if trial.user_attrs["state"] == "complete":
+                assert sweep.steps() - steps[-1] < 5  # logged every 5 steps (train.log_every)
+            else:
+                assert steps[-1] <= trial.user_attrs["diverged_step"]
     for summary in summaries.values():
         assert summary.best_lr in (3e-3, 3e-2, 1.0) and summary.best_lr != 30.0
         assert summary.counts["diverged"] >= 1

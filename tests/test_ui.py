@@ -1,11 +1,12 @@
 """`gatelab ui` (lab/ui.py) as a researcher meets it after `make demo`: in headless Chromium.
 
 The fixture runs what `gatelab demo` runs, smaller: `gatelab grid ablations/smoke.yaml`
-with two of its variants and one seed, then `gatelab report smoke`, in fresh processes on
+with two of its variants and two seeds, then `gatelab report smoke`, in fresh processes on
 a temporary store. `gatelab ui` serves it, and Playwright drives Debian's Chromium
-(`executable_path`; no browser download) to the link the command prints: the model-training
-layout, the cells side by side with val/ppl, the loss-curve charts of every run, and the
-report's summary on the grid's parent run. Screenshots are kept in test-artifacts/.
+(`executable_path`; no browser download) to the links the command prints: the
+model-training layout on each, the cells grouped by variant and named in full, the
+loss-curve charts, a cell's page, and the report's summary on the grid's parent run.
+Screenshots are kept in test-artifacts/.
 
 On the demo's own store, after `make demo`:
     GATELAB_UI_STORE=mlruns .venv/bin/python -m pytest tests/test_ui.py
@@ -94,7 +95,7 @@ def store(tmp_path_factory) -> dict:
         return dict(env=env, grid=None, report=None)
     root = tmp_path_factory.mktemp("ui")
     env.update(GATELAB_STORE=str(root / "mlruns"), GATELAB_CACHE=str(root / "cache"))
-    grid = lab(["grid", "ablations/smoke.yaml", "--variants", ",".join(CELLS), "--seeds", "0",
+    grid = lab(["grid", "ablations/smoke.yaml", "--variants", ",".join(CELLS), "--seeds", "0,1",
                 "--tokens", "3e4", "--cpu-workers", "2", "--cpu-threads", "1"], env)
     assert grid.returncode == 0, grid.stdout + grid.stderr
     report = lab(["report", GRID, "--out", str(root / "reports" / GRID)], env)
@@ -199,28 +200,31 @@ def test_grid_and_report_print_the_labs_lines_only(store):
         pytest.skip("GATELAB_UI_STORE: the grid ran elsewhere")
     grid = store["grid"]
     assert grid.stderr == ""  # no banners, tips, deprecation or weights_only notices
-    patterns = (rf"grid {GRID}: 2 cell\(s\) to run",
-                r"  \[[12]/2\] [a-z_]+/lr=0\.003/seed=0: val/ppl \d+\.\d{3} in \d+ s  "
+    patterns = (rf"grid {GRID}: 4 cell\(s\) to run",
+                r"  \[[1-4]/4\] [a-z_]+/lr=0\.003/seed=[01]: val/ppl \d+\.\d{3} in \d+ s  "
                 r"\(\d+s elapsed, ETA \d+s\)",
-                r"    \[[a-z_]+/lr=0\.003/seed=0\] step \d+/\d+  loss .*",
-                rf"grid {GRID}: 2/2 cells FINISHED \(2 run now, 0 already finished\)",
-                r"  time in 2 cell\(s\), [\d,]+ s summed: .*train steps \d+% .*; the grid: "
+                r"    \[[a-z_]+/lr=0\.003/seed=[01]\] step \d+/\d+  loss .*",
+                rf"grid {GRID}: 4/4 cells FINISHED \(4 run now, 0 already finished\)",
+                r"  time in 4 cell\(s\), [\d,]+ s summed: .*train steps \d+% .*; the grid: "
                 r"\w+ wall, \d+ s start, \d+ s check")
     lines = grid.stdout.splitlines()
     assert all(any(re.fullmatch(p, line) for p in patterns) for line in lines), lines
-    assert len([line for line in lines if line.startswith("  [")]) == 2
+    assert len([line for line in lines if line.startswith("  [")]) == 4
     assert all(f"| {variant} |" in store["report"].stdout for variant in CELLS)
 
 
-def test_the_printed_link_opens_the_cells_side_by_side_in_the_model_training_layout(store):
+def test_the_printed_links_open_the_model_training_layout_with_seeds_grouped_by_variant(store):
+    """Every page `gatelab ui` prints a link to (the experiments, a grid's runs, its report
+    run), a cell's run page and the chart view, in a fresh browser: the model-training
+    layout, the cells grouped by variant with each seed's run named in full, no search
+    filter; the screenshots are the README's (GATELAB_UI_SCREENSHOTS=docs/img)."""
     if reason := skip_reason():
         print(f"\nSKIP test_ui: {reason}", file=sys.stderr)
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright
 
     from lab import records
-    from lab.records import views
-    from lab.records import child_runs, find_grid_parent
+    from lab.records import child_runs, find_grid_parent, views
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("GATELAB_STORE", store["env"]["GATELAB_STORE"])
@@ -231,8 +235,8 @@ def test_the_printed_link_opens_the_cells_side_by_side_in_the_model_training_lay
     parent = find_grid_parent(mlflow_client, experiment)
     cells = {r.data.tags["mlflow.runName"]: r for r in child_runs(mlflow_client, experiment, parent)
              if r.info.status == "FINISHED"}
-    gated = next(r for name, r in cells.items() if name.startswith(CELLS[1]))
-    val_ppl = gated.data.metrics["val/ppl"]
+    variants = sorted({r.data.tags["variant"] for r in cells.values()})
+    gated = next(r for name, r in sorted(cells.items()) if name.startswith(CELLS[1]))
     shots = Path(os.environ.get("GATELAB_UI_SCREENSHOTS") or ARTIFACTS)
     shots.mkdir(parents=True, exist_ok=True)
     ui = UI(store["env"])
@@ -240,28 +244,40 @@ def test_the_printed_link_opens_the_cells_side_by_side_in_the_model_training_lay
     try:
         link = ui.link(GRID)
         assert link == records.runs_page_url(ui.url, experiment)
+        assert ui.link("experiments") == records.experiments_page_url(ui.url)
+        assert ui.link("report") == records.run_page_url(ui.url, experiment, parent)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium_path(),
                                                  args=BROWSER_ARGS)
             try:
-                page = browser.new_page(viewport={"width": 1400, "height": 760})
+                page = browser.new_page(viewport={"width": 1400, "height": 800})
                 page.set_default_timeout(60_000)
+
+                # The front page the lab prints: the experiments, not MLflow's GenAI welcome.
+                page.goto(ui.link("experiments"), wait_until="domcontentloaded")
+                page.get_by_role("link", name=GRID, exact=True).first.wait_for()
+                close_assistant(page)
+                assert_model_training(page)
+                page.screenshot(path=str(shots / "mlflow-root.png"))
+
+                # The grid's link: a group per variant, each seed's run whole, no filter.
                 page.goto(link, wait_until="domcontentloaded")
                 table = page.locator("div[role=grid]")
-                table.get_by_text(str(val_ppl)[:5]).first.wait_for()
+                table.get_by_text(gated.info.run_name, exact=True).first.wait_for()
                 close_assistant(page)
-                # The model-training layout, not the GenAI one MLflow 3.17 opens by default.
-                assert page.get_by_text(TRAINING_ONLY, exact=True).first.is_visible()
-                assert not [t for t in GENAI_ONLY if page.get_by_text(t, exact=True).count()]
-                # Every cell is a row (no parent folding them away), val/ppl a column.
+                assert_model_training(page)
+                assert page.get_by_placeholder(re.compile("metrics")).first.input_value() == ""
+                for variant in variants:
+                    assert table.get_by_text(f"Group: {variant}", exact=True).first.is_visible()
                 for name in cells:
-                    assert table.get_by_text(name, exact=True).first.is_visible(), name
-                for column in views.COMPARISON_COLUMNS:
+                    assert_whole(table.get_by_text(name, exact=True).first, name)
+                for column in ("seed", "lr", *views.COMPARISON_COLUMNS):
                     assert table.get_by_text(column, exact=True).first.is_visible(), column
                 page.wait_for_timeout(500)  # let the table settle before the picture
                 page.screenshot(path=str(shots / "mlflow-runs.png"))
 
-                # The chart view: the lab's section first, every run's train/loss in one chart.
+                # The chart view: the lab's section first, a line per variant with its seeds.
+                page.set_viewport_size({"width": 1400, "height": 1100})
                 page.goto(records.runs_page_url(ui.url, experiment, charts=True),
                           wait_until="domcontentloaded")
                 page.get_by_text(views.COMPARISON_SECTION["name"]).first.wait_for()
@@ -269,23 +285,42 @@ def test_the_printed_link_opens_the_cells_side_by_side_in_the_model_training_lay
                 page.get_by_text("train/loss", exact=True).first.wait_for()
                 page.wait_for_timeout(1500)  # the charts draw their lines
                 page.screenshot(path=str(shots / "mlflow-charts.png"))
+                page.set_viewport_size({"width": 1400, "height": 800})
 
-                # As `gatelab ui` says: "Model training" picked once on the home page holds
-                # for pages without the link's parameter, such as a run's page.
-                page.goto(f"{ui.url}/#/experiments", wait_until="domcontentloaded")
-                page.get_by_text(GRID, exact=True).first.wait_for()
+                # A cell's page and its charts, by the address the lab builds (no click).
+                cell_page = records.run_page_url(ui.url, experiment, gated.info.run_id)
+                page.goto(cell_page, wait_until="domcontentloaded")
+                page.get_by_text(gated.info.run_name, exact=True).first.wait_for()
+                assert_model_training(page)
+                page.get_by_text("val/ppl", exact=True).first.wait_for()
+                page.screenshot(path=str(shots / "mlflow-run.png"))
+                page.get_by_text("Model metrics", exact=True).first.click()
+                # its training-loss chart (MLflow draws one section per metric prefix)
+                page.get_by_placeholder("Search metric charts").fill("train/loss")
+                page.get_by_text(re.compile(r"seed=0 \(train/loss\)")).first.wait_for()
+                page.wait_for_timeout(1500)
+                assert_model_training(page)
+                page.screenshot(path=str(shots / "mlflow-run-charts.png"))
+
+                # The printed report link: the grid's parent run, the report's summary.
+                page.goto(ui.link("report"), wait_until="domcontentloaded")
+                page.get_by_text("Δ vs baseline").first.wait_for()
+                page.get_by_text(CELLS[1], exact=True).first.wait_for()
+                assert_model_training(page)
+
+                # What no link can do: a page reached without the parameter follows the
+                # browser's switch, GenAI until "Model training" is picked once (lab/ui.py).
+                plain = f"{ui.url}/#/experiments/{experiment}/runs/{parent}"
+                page.goto(plain, wait_until="domcontentloaded")
+                page.get_by_text("Δ vs baseline").first.wait_for()
+                assert page.get_by_text(GENAI_ONLY[0], exact=True).count()
                 page.get_by_role("button", name="Model training", exact=True).first.click()
                 page.wait_for_function("() => localStorage.getItem('mlflow.workflowType_v1')"
                                        " === '\"machine_learning\"'")
-                # The grid's parent run: the report's summary as its description, its plots.
-                page.goto(f"{ui.url}/#/experiments/{experiment}/runs/{parent}",
-                          wait_until="domcontentloaded")
+                page.goto(plain, wait_until="domcontentloaded")
                 page.get_by_text("Δ vs baseline").first.wait_for()
-                page.get_by_text(CELLS[1], exact=True).first.wait_for()
-                assert page.get_by_text(TRAINING_ONLY, exact=True).first.is_visible()
-                assert not [t for t in GENAI_ONLY if page.get_by_text(t, exact=True).count()]
-                page.goto(f"{ui.url}/#/experiments/{experiment}/runs/{parent}/artifacts",
-                          wait_until="domcontentloaded")
+                assert_model_training(page)
+                page.goto(f"{plain}/artifacts", wait_until="domcontentloaded")
                 page.get_by_text("report", exact=True).first.click()
                 page.get_by_text("loss_curves.png", exact=True).first.click()
                 image = page.locator('img[alt="report/loss_curves.png"]')
@@ -298,6 +333,23 @@ def test_the_printed_link_opens_the_cells_side_by_side_in_the_model_training_lay
     finally:
         ui.close()
     print(f"\nui test: browser checks {time.monotonic() - started:.1f} s")
+
+
+def assert_model_training(page) -> None:
+    assert page.get_by_text(TRAINING_ONLY, exact=True).first.is_visible()
+    assert not [t for t in GENAI_ONLY if page.get_by_text(t, exact=True).count()]
+
+
+def assert_whole(element, text: str) -> None:
+    """The element shows `text` uncut: visible, its text not wider than its box, and its box
+    inside its table cell (MLflow cuts a name that does not fit with an ellipsis)."""
+    assert element.is_visible(), text
+    fits = element.evaluate("""e => {
+        const cell = e.closest('[role=gridcell]') || e.parentElement;
+        const box = e.getBoundingClientRect(), room = cell.getBoundingClientRect();
+        return e.scrollWidth <= e.clientWidth + 1 && box.right <= room.right + 1;
+    }""")
+    assert fits, f"{text!r} is cut in the runs table"
 
 
 def close_assistant(page) -> None:

@@ -62,8 +62,9 @@ Metric names (what `gatelab report` reads): `sink/first_token_attn`,
 `long/ppl_<k>x`, `long/ppl_<k>x_yarn`, and for models trained with BOS at position 0
 `sink/ppl_with_bos`, `sink/ppl_without_bos`, `sink/bos_reliance` (`bos_reliance`).
 MLflow rejects '@' in metric names, so the long-context names use '_' (`long_context_metric`).
-Per-layer values go under `layers/` (`layers/sink/first_token_attn/layer_03`, ...) and, in
-full, into `analysis/analysis.json`.
+Per-layer values are named under `layers/` (`layers/sink/first_token_attn/layer_03`, ...);
+a run records them as one table, `analysis/layers.json` (lab/analysis/outputs.py), and in
+full in `analysis/analysis.json`.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ lab/data/corpus.py (`gatelab prepare`); the windows training reads: lab/data/win
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -133,6 +134,20 @@ class TokenStore:
         if "max_token_id" in self.manifest:
             return int(self.manifest["max_token_id"])
         return self.scan_max_token_id()
+
+    @property
+    def fingerprint(self) -> str:
+        """The corpus's identity, 16 hex digits: a prepared text corpus's `key` (its splits'
+        sources, tokenizer and format: lab/data/corpus.py prepare, the key of its cache
+        folder); for a store without one (the synthetic corpus), a digest of what its
+        manifest says it holds (source, tokenizer, vocabulary, dtype, tokens per split).
+        Two stores of one fingerprint hold the same tokens."""
+        if "key" in self.manifest:
+            return str(self.manifest["key"])
+        identity = {k: self.manifest.get(k) for k in ("format_version", "source", "tokenizer_hash",
+                                                      "vocab_size", "dtype", "splits")}
+        text = json.dumps(identity, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @property
     def vocab_size(self) -> int:

@@ -27,6 +27,12 @@ Choices the paper leaves to us, all documented here and in docs/sweeps.md:
   the GIL. They are the grid's pool (lab/experiments/pool.py): each pinned to one GPU where
   there are GPUs, handed the trials still to run one at a time (so a study ends with
   exactly its trial budget), and a worker that dies is reported with its trial.
+- Each trial's loss curve (`train/loss` and `val/loss` by step, as its MLflow run holds them)
+  is also an Optuna artifact, `loss_curve.csv`, in a FileSystemArtifactStore beside the
+  journal (`sweeps/<name>.artifacts/`; artifact_dir), where optuna-dashboard shows it
+  (`optuna-dashboard sweeps/<name>.journal --artifact-dir sweeps/<name>.artifacts`).
+- Samplers: TPE (default), random, GP (Optuna's GPSampler: a Gaussian process over the one
+  searched dimension, log LR), and grid for a ladder.
 - MLflow: a parent run per study (found again by its tags when a sweep is resumed) and
   exactly one child run per trial, created inside the trial, tagged with the trial number,
   LR, seed and final `state` (complete | pruned | diverged | failed). Pruned runs end KILLED,
@@ -35,11 +41,13 @@ Choices the paper leaves to us, all documented here and in docs/sweeps.md:
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import errno
 import inspect
 import math
 import os
+import tempfile
 import time
 import warnings
 from contextlib import ExitStack
@@ -51,6 +59,7 @@ import lightning as L
 import optuna
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
+from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from lab import check as lab_check
@@ -67,7 +76,7 @@ from lab.records import OWNER_TAG, end_dead_runs, is_local, owner_alive, owner_i
 from lab.training.run import open_data, train_run
 from lab.training.schedule import total_steps
 
-SAMPLERS = ("tpe", "random", "grid")
+SAMPLERS = ("tpe", "random", "gp", "grid")
 PRUNERS = ("median", "successive_halving", "none")
 SWEEP_DIR = "sweeps"
 STABLE_TOLERANCE = 0.02   # "max stable LR": within 2% of the best final validation loss
@@ -176,7 +185,7 @@ class Sweep(ExperimentSpec):
         sampler = fields.setdefault("sampler", "grid" if ladder else "tpe")
         if ladder != (sampler == "grid"):
             raise LabError(f"sampler: {sampler!r} does not fit the lr field: an lr.ladder needs "
-                           "sampler grid, an lr range (low/high) needs tpe or random")
+                           "sampler grid, an lr range (low/high) needs tpe, random or gp")
         grid_size = len(fields.get("lr_ladder", ())) * len(fields.get("seeds", (0,)))
         fields.setdefault("trials", grid_size if ladder else 8)
         return fields
@@ -300,6 +309,41 @@ def open_storage(url: str, create: bool = True):
                        f"{err.strerror or err}; pass a writable path") from None
 
 
+def artifact_dir(url: str, sweep_name: str) -> Path:
+    """Where the sweep's Optuna artifacts go, created: beside a journal file, its name with
+    `.artifacts` for `.journal` (`sweeps/lr.journal` -> `sweeps/lr.artifacts/`); for an RDB
+    storage, `sweeps/<name>.artifacts/` under the working directory of each machine."""
+    journal = Path(url) if "://" not in url else Path(SWEEP_DIR) / sweep_name
+    folder = journal.with_suffix(".artifacts") if journal.suffix == ".journal" else \
+        journal.with_name(journal.name + ".artifacts")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LabError(f"--storage: cannot create the artifact folder {folder} beside it: "
+                       f"{err.strerror or err}") from None
+    return folder.resolve()
+
+
+def upload_loss_curve(trial, artifacts: FileSystemArtifactStore, mlflow_client,
+                      run_id: str) -> None:
+    """The trial's loss curve as the Optuna artifact `loss_curve.csv`: one row per step with
+    its `train/loss` and, where the run validated, `val/loss` (from the trial's MLflow run,
+    so a pruned or diverged trial's curve ends where it stopped)."""
+    curves = {name: {m.step: m.value for m in mlflow_client.get_metric_history(run_id, name)}
+              for name in ("train/loss", "val/loss")}
+    steps = sorted(set().union(*curves.values()))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "loss_curve.csv"
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["step", *curves])
+            for step in steps:
+                writer.writerow([step, *(f"{curve[step]:.6g}" if step in curve else ""
+                                         for curve in curves.values())])
+        optuna.artifacts.upload_artifact(artifact_store=artifacts, file_path=str(path),
+                                         study_or_trial=trial, mimetype="text/csv")
+
+
 def _redact(url: str) -> str:
     """postgresql://user:secret@host/db -> postgresql://user:***@host/db (a journal file's
     path as it is)"""
@@ -319,9 +363,12 @@ def make_sampler(sweep: Sweep, seed: int | None = None):
         return optuna.samplers.GridSampler(sweep.grid(), seed=seed)
     if sweep.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    startup = min(10, max(2, sweep.trials // 3))  # random trials before the model is fitted
+    if sweep.sampler == "gp":
+        # No constant liar in GPSampler: parallel workers each see only finished trials.
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
     # constant_liar: parallel workers see each other's running trials and spread out.
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=True,
-                                      n_startup_trials=min(10, max(2, sweep.trials // 3)))
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=startup)
 
 
 def make_pruner(sweep: Sweep):
@@ -409,10 +456,13 @@ def _seed_for(sweep: Sweep, trial) -> int:
 
 
 def run_trial(trial, sweep: Sweep, variant: str, uri: str, parent_run_id: str,
-              quiet: bool = True, notify=None) -> float:
+              quiet: bool = True, notify=None,
+              artifacts: FileSystemArtifactStore | None = None) -> float:
     """Train one run for the trial; return its final validation loss, or raise TrialPruned
     for pruned and diverged runs (user attribute `state` tells which). `notify(dict)` hears
-    the trial's number and then its MLflow run id (the pool's, lab/experiments/pool.py)."""
+    the trial's number and then its MLflow run id (the pool's, lab/experiments/pool.py).
+    With `artifacts`, the trial's loss curve is uploaded there whatever its end
+    (upload_loss_curve)."""
     notify = notify or (lambda info: None)
     # The owner first: until it is recorded, a rerun cannot tell a trial of a killed worker
     # from one a live worker has just created (fail_stale_trials).
@@ -439,6 +489,11 @@ def run_trial(trial, sweep: Sweep, variant: str, uri: str, parent_run_id: str,
             trial.set_user_attr(key, value)
         if run_ids:
             mlflow_client.set_tag(run_ids[0], "state", state)
+        if run_ids and artifacts is not None:
+            try:
+                upload_loss_curve(trial, artifacts, mlflow_client, run_ids[0])
+            except Exception as err:  # the trial's result stands without its picture
+                trial.set_user_attr("loss_curve", f"not stored: {type(err).__name__}: {err}"[:300])
 
     tags = {"sweep": sweep.name, "study": sweep.study_name(variant), "trial": str(trial.number),
             "state": "running"}
@@ -488,6 +543,7 @@ class SweepContext:
     uri: str                      # MLflow
     parents: dict[str, str]       # variant -> its study's parent run
     quiet: bool = True
+    artifacts: str | None = None  # the Optuna artifact folder (artifact_dir), absolute
 
 
 @dataclass(frozen=True)
@@ -510,8 +566,10 @@ def run_trial_task(task: TrialTask, ctx: SweepContext, notify) -> None:
     file takes milliseconds; a trial trains for seconds at least), and each trial's
     sampler is seeded afresh, so random draws differ between workers."""
     study = open_study(ctx.sweep, task.variant, open_storage(ctx.storage), sampler_seed=None)
+    artifacts = FileSystemArtifactStore(ctx.artifacts) if ctx.artifacts else None
     study.optimize(lambda trial: run_trial(trial, ctx.sweep, task.variant, ctx.uri,
-                                           ctx.parents[task.variant], ctx.quiet, notify),
+                                           ctx.parents[task.variant], ctx.quiet, notify,
+                                           artifacts),
                    n_trials=1, catch=(Exception,), gc_after_trial=True)
 
 
@@ -652,6 +710,7 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
     url = storage_url(sweep.name, storage or sweep.storage)
     configure_output()  # Optuna is imported now: its trial log follows the command's level
     optuna_storage = open_storage(url)  # a bad URL fails here, before any MLflow run
+    artifacts = artifact_dir(url, sweep.name)
     uri = records.tracking_uri(tracking_uri)
     # Prepare the data once, here: workers would otherwise race to build the same cache.
     open_data(sweep.config(sweep.variants[0], sweep.lr_bounds()[0], sweep.seeds[0]))
@@ -698,7 +757,7 @@ def run_sweep(sweep: Sweep, n_trials: int | None = None, workers: int = 1,
             workers = max(1, min(workers, len(tasks)))
             # Workers may run elsewhere than this working directory (the forkserver's).
             ctx = SweepContext(sweep, url if "://" in url else str(Path(url).resolve()), uri,
-                               parents, quiet)
+                               parents, quiet, str(artifacts))
             if workers == 1:
                 torch.set_num_threads(threads_per_worker(1))
                 for task in tasks:

@@ -26,10 +26,11 @@ from lab.records.owners import (OWNER_TAG, STALE_AFTER_S, end_dead_runs, is_loca
 from lab.records.runs import (DEVICE_TAG, FAILURE_KIND_TAG, FAILURE_TAG, HEARTBEAT_S,
                               HEARTBEAT_TAG, KILLED_REASON_TAG, cell_name, describe_failure,
                               device_name, end_run,
-                              finite_metrics, git_commit, heartbeat, log_check_table,
-                              log_metrics, log_params, log_yaml, run_tags, start_run)
+                              finite_metrics, git_commit, heartbeat, log_check_table, log_corpus,
+                              log_metrics, log_params, log_yaml, run_tags, start_run,
+                              system_metrics, system_metrics_enabled)
 from lab.records.store import check_writable, client, open_store, store_dir, tracking_uri
-from lab.records.views import runs_page_url
+from lab.records.views import experiments_page_url, run_page_url, runs_page_url
 
 __all__ = [
     "checkpoint_dir", "checkpoint_path", "load_checkpoint", "read_checkpoint",
@@ -41,7 +42,8 @@ __all__ = [
     "owner_identity", "run_owner_alive",
     "DEVICE_TAG", "FAILURE_KIND_TAG", "FAILURE_TAG", "HEARTBEAT_S", "HEARTBEAT_TAG",
     "KILLED_REASON_TAG", "cell_name", "describe_failure", "device_name", "end_run", "finite_metrics", "git_commit", "heartbeat",
-    "log_check_table", "log_metrics", "log_params", "log_yaml", "run_tags", "start_run",
+    "log_check_table", "log_corpus", "log_metrics", "log_params", "log_yaml", "run_tags",
+    "start_run", "system_metrics", "system_metrics_enabled",
     "check_writable", "client", "open_store", "store_dir", "tracking_uri",
-    "runs_page_url",
+    "experiments_page_url", "run_page_url", "runs_page_url",
 ]

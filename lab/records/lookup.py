@@ -12,8 +12,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
 from lab.records.store import LOCK_TIMEOUT_S, sqlite_path, store_dir
-from lab.records.views import (COMPARISON_VIEW, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND,
-                               VIEW_TAG_PREFIX, write_comparison_view)
+from lab.records.views import (EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, comparison_view_state,
+                               read_comparison_view, write_comparison_view)
 
 GRID_PARENT_TAG = "gatelab.grid_parent"
 GRID_TAG = "gatelab.grid"   # on a grid's parent and on each of its cells' runs
@@ -22,7 +22,8 @@ GRID_TAG = "gatelab.grid"   # on a grid's parent and on each of its cells' runs
 def experiment_id(mlflow_client, name: str, uri: str) -> str:
     """The experiment's id, created on first use (artifacts under mlruns/artifacts/<name>),
     marked as a model-training experiment and given the comparison view (lab/records/views.py); an older
-    experiment gets both the first time the lab opens it again."""
+    experiment gets both, or the view as the lab now writes it, the first time the lab opens
+    it again."""
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
         if found.lifecycle_stage == "deleted":
@@ -30,8 +31,8 @@ def experiment_id(mlflow_client, name: str, uri: str) -> str:
         if EXPERIMENT_KIND_TAG not in found.tags:
             mlflow_client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG,
                                              MODEL_TRAINING_KIND)
-        if VIEW_TAG_PREFIX + COMPARISON_VIEW not in found.tags:
-            write_comparison_view(mlflow_client, found.experiment_id)
+        if read_comparison_view(found.tags) != comparison_view_state():
+            write_comparison_view(mlflow_client, found.experiment_id)  # the lab's view changed
         return found.experiment_id
     location = None
     if uri.startswith("sqlite:"):

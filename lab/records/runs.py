@@ -16,16 +16,21 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 
 import torch
 import yaml
-from mlflow.entities import Metric, Param
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
+from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from lab.config import RunConfig, flatten
-from lab.data.store import cache_root
+from lab.data.store import TokenStore, cache_root
 from lab.errors import LabError
 from lab.interrupts import interruption, note_killed
 from lab.records.lookup import experiment_id
@@ -65,6 +70,69 @@ def heartbeat(mlflow_client, run_id: str, every_s: float = HEARTBEAT_S):
         yield
     finally:
         stop.set()
+
+
+# System metrics (MLflow's `system/...`: GPU utilisation, memory and power through NVML,
+# CPU, memory, disk, network) every SYSTEM_METRICS_INTERVAL_S while a run trains: a
+# minute-long cell gets about 30 samples where MLflow's default of 10 s gave 6.
+# MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides the interval (MLflow reads it).
+SYSTEM_METRICS_INTERVAL_S = 2.0
+
+
+def system_metrics_enabled() -> bool:
+    """On for runs on a GPU, off on a CPU (where its sampling thread would share the few
+    cores with training); MLflow's own switch, MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING (what
+    mlflow.enable_system_metrics_logging() sets), decides where it is set."""
+    if MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.is_set():
+        return MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get()
+    return torch.cuda.is_available()
+
+
+@contextmanager
+def system_metrics(run_id: str, uri: str, resumed: bool):
+    """MLflow's SystemMetricsMonitor on the run while it trains (system_metrics_enabled), as
+    `mlflow.start_run(log_system_metrics=True)` starts it for a fluent run; a resumed run
+    continues its steps. The monitor stops by itself once the run is no longer RUNNING."""
+    if not system_metrics_enabled():
+        yield
+        return
+    try:
+        # Imported here: psutil (MLflow's CPU monitor) and nvidia-ml-py are pinned, but a
+        # lent GPU machine's environment is assembled by hand (docs/reproduce_gpu.sh carries
+        # wheels); without them the run trains all the same, without system metrics.
+        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError as err:
+        print(f"warning: no system metrics for run {run_id}: {err} (pip install "
+              "psutil nvidia-ml-py, pinned in pyproject.toml)", file=sys.stderr)
+        yield
+        return
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                   resume_logging=resumed, tracking_uri=uri)
+    for gpu_monitor in (m for m in monitor.monitors if isinstance(m, GPUMonitor)):
+        _keep_visible_gpus(gpu_monitor)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def _keep_visible_gpus(gpu_monitor) -> None:
+    """NVML sees every GPU of the host, whatever CUDA_VISIBLE_DEVICES says: a grid worker
+    pinned to one GPU would log all eight. Keep the GPUs this process uses (matched by UUID,
+    `system/gpu_0_...` being its first), or all of them where the match fails."""
+    import pynvml  # there is a GPUMonitor, so it is installed (system_metrics)
+    try:
+        wanted = [str(torch.cuda.get_device_properties(i).uuid)
+                  for i in range(torch.cuda.device_count())]
+        handles = {pynvml.nvmlDeviceGetUUID(h).removeprefix("GPU-"): h
+                   for h in gpu_monitor.gpu_handles}
+        mine = [handles[uuid] for uuid in wanted if uuid in handles]
+    except Exception:
+        return
+    if mine:
+        gpu_monitor.gpu_handles, gpu_monitor.num_gpus = mine, len(mine)
 
 
 def cell_name(variant: str, lr: float, seed: int) -> str:
@@ -113,6 +181,38 @@ def log_yaml(mlflow_client, run_id: str, data, artifact_file: str) -> None:
     dumper and sorted keys: a tuple (a sweep's variants) would become `!!python/tuple`, which
     yaml.safe_load refuses. JSON artifacts go through log_dict itself."""
     mlflow_client.log_text(run_id, yaml.safe_dump(data, sort_keys=False), artifact_file)
+
+
+LOG_INPUT_ATTEMPTS = 4
+
+
+def log_corpus(mlflow_client, run_id: str, store: TokenStore) -> None:
+    """The run's corpus as its MLflow dataset input (context `train`): named after the
+    corpus's folder, its source that folder, its digest the corpus's fingerprint
+    (TokenStore.fingerprint), so the UI's dataset column and filter tell runs on different
+    corpora apart. MLflow keeps one input per dataset and run (SqlAlchemyStore.log_inputs
+    skips one it holds), so a resumed run logging it again adds nothing."""
+    with warnings.catch_warnings():
+        # MLflow 3.17 registers its local-path source twice and warns that the path "can be
+        # interpreted in multiple ways" (dataset_source_registry.py), both being the same class.
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(store.path.resolve()))
+    dataset = MetaDataset(source, name=store.path.name, digest=store.fingerprint)
+    # MlflowClient.log_inputs wants the entity; mlflow.log_input makes it the same way.
+    inputs = [DatasetInput(dataset._to_mlflow_entity(),
+                           tags=[InputTag(MLFLOW_DATASET_CONTEXT, "train")])]
+    # MLflow looks for the experiment's dataset row and inserts it when missing, in two
+    # steps (SqlAlchemyStore._log_inputs_impl): two grid workers starting on one corpus at
+    # once both insert, and the second fails on the UNIQUE (experiment, name, digest)
+    # constraint. Again, it finds the row.
+    for attempt in range(LOG_INPUT_ATTEMPTS):
+        try:
+            mlflow_client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException:
+            if attempt == LOG_INPUT_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def log_params(mlflow_client, run_id: str, params: dict) -> None:

@@ -52,6 +52,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from lab import records
 from lab.analysis.metrics import split_layer_metric
+from lab.analysis.outputs import LAYER_TABLE, layer_metrics
 from lab.errors import LabError
 from lab.model.gates import PAPER_DENSE_BASELINE_PPL, VARIANTS
 from lab.records import find_grid_parent, grid_cell_runs
@@ -81,6 +82,20 @@ class Report:
 
 # --- reading the store ------------------------------------------------------------------
 
+def run_metrics(client, run) -> dict[str, float]:
+    """The run's metrics, its per-layer values as `layers/...` names whichever way it holds
+    them: a run since 2026-12-05 as its table (lab/analysis/outputs.py LAYER_TABLE), which
+    wins over the same names as metrics (a run with `train.analysis_every` also has them as
+    time series); an older run, the committed snapshots' included, as metrics only."""
+    metrics = dict(run.data.metrics)
+    folder = LAYER_TABLE.rpartition("/")[0]
+    if any(a.path == LAYER_TABLE for a in client.list_artifacts(run.info.run_id, folder)):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(run.info.run_id, LAYER_TABLE, tmp)
+            metrics.update(layer_metrics(json.loads(Path(path).read_text())))
+    return metrics
+
+
 def load_runs(grid: str, uri: str | None = None) -> tuple[object, str, list[RunRecord]]:
     """The grid's FINISHED child runs (the latest per config hash)."""
     uri = records.tracking_uri(uri)
@@ -101,7 +116,7 @@ def load_runs(grid: str, uri: str | None = None) -> tuple[object, str, list[RunR
             latest[key] = run
     run_records = [RunRecord(r.info.run_id, r.data.tags.get("variant", "?"),
                          float(r.data.tags.get("lr", "nan")), int(r.data.tags.get("seed", -1)),
-                         dict(r.data.metrics), r.data.tags.get("diverged") == "true",
+                         run_metrics(client, r), r.data.tags.get("diverged") == "true",
                          r.data.params.get("model.ffn", "dense"))
                for r in latest.values()]
     if not run_records:

@@ -189,6 +189,7 @@ def _train(config: RunConfig, store, run_id: str, uri: str, mlflow_client, prima
     if primary:
         with clock.phase("store"):
             mlflow_client.set_tag(run_id, records.DEVICE_TAG, records.device_name())
+            records.log_corpus(mlflow_client, run_id, store)
             for name, value in counts.items():
                 mlflow_client.log_metric(run_id, f"params/{name}", value)
     if not quiet and primary:
@@ -240,8 +241,9 @@ def _train(config: RunConfig, store, run_id: str, uri: str, mlflow_client, prima
         # a compiled run evaluates through its training graph (lab/training/module.py _eval_step)
         inference_mode=not config.train.compile_on(cuda))
     # Lightning's own load of the checkpoint, restricted the same way as load_checkpoint.
-    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt.exists() else None,
-                weights_only=True)
+    with records.system_metrics(run_id, uri, resumed=start_step > 0) if primary else nullcontext():
+        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt.exists() else None,
+                    weights_only=True)
     _training_phases(clock, config, monitor, checkpoints, periodic, building)
     metrics = _finish(trainer, module, data, monitor, config,
                       mlflow_client if primary else None, run_id, started, clock)
