@@ -38,6 +38,10 @@ EXAMPLES = {
 }
 
 
+CPU_THREADS_HELP = ("torch threads of each {unit} (default: the cores{share}, one for the "
+                    "CPU presets tiny and moe-tiny, which a second thread does not speed up)")
+
+
 def _parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help_text, description=help_text,
                           epilog=f"example:\n  {EXAMPLES[name]}",
@@ -100,7 +104,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 # start-up cost. tests/test_cli_terminal.py holds --help to it.
 
 def cmd_train(args) -> int:
+    import torch
+
     from lab.config import resolve
+    from lab.experiments.pool import cpu_threads
     from lab.model.gates import custom_variant, parse_gate
     from lab.training.run import describe, train_run
 
@@ -109,6 +116,9 @@ def cmd_train(args) -> int:
     variant = custom_variant(parse_gate(args.gate)) if args.gate else args.variant
     config = resolve(variant, args.preset, args.overrides, data=args.data, tokens=args.tokens,
                      seed=args.seed, lr=args.lr)
+    # Threads as a grid's one CPU worker has them: torch's default (every core) made the tiny
+    # example 6x slower on a machine other jobs shared (lab/experiments/pool.py).
+    torch.set_num_threads(cpu_threads(args.cpu_threads, 1, config.model.d_model))
     result = train_run(config, args.tracking_uri, experiment=args.experiment, quiet=args.quiet)
     print(describe(result))
     return 0
@@ -303,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate", help="a gate by axes instead of a slug, e.g. "
                    "position=sdpa,granularity=headwise,form=additive,activation=silu")
     p.add_argument("--experiment", default="gatelab", help="MLflow experiment name")
+    p.add_argument("--cpu-threads", type=int, help=CPU_THREADS_HELP.format(unit="run",
+                                                                          share=""))
     _add_run_options(p)
     _add_tracking(p)
     p.set_defaults(func=cmd_train)
@@ -387,8 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "packing gain of the preset (small models leave a large GPU mostly idle)")
     p.add_argument("--cpu-workers", type=int, default=1,
                    help="cells trained at once without GPUs (default 1)")
-    p.add_argument("--cpu-threads", type=int,
-                   help="torch threads per CPU worker (default: cores / workers)")
+    p.add_argument("--cpu-threads", type=int, help=CPU_THREADS_HELP.format(unit="CPU worker",
+                                                                          share=" / workers"))
     p.add_argument("--shard", help="run only shard i of n (i/n), for grids spread over machines")
     p.add_argument("--stale-after", type=float, default=600.0,
                    help="seconds without a heartbeat after which another host's run counts as "

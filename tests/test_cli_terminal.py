@@ -200,3 +200,41 @@ def test_readme_commands_parse_and_need_only_the_clone_or_say_whose_data():
             assert "path/to/" in data or "$" in data or data in made, words
         if words[1] == "prepare" and args.out:
             made.add(args.out)
+
+
+@pytest.mark.parametrize("flags, cores, threads", [
+    (["--preset", "tiny"], 8, 1),               # a CPU preset: one thread, as a grid worker
+    (["--preset", "small"], 8, 8),              # a wider model: every core, as one grid worker
+    (["--preset", "tiny", "--cpu-threads", "3"], 8, 3),
+])
+def test_train_sets_its_threads_as_a_grid_worker_does(flags, cores, threads, monkeypatch):
+    """`gatelab train` trains on the thread count lab.experiments.pool.cpu_threads gives a
+    grid's single CPU worker, not torch's default (every core, 6x slower for `tiny` on a
+    machine other jobs share)."""
+    import torch
+
+    from lab.training import run
+
+    seen = []
+
+    def record(config, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise SystemExit(0)  # the run itself is not what is tested
+
+    monkeypatch.setattr(run, "train_run", record)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(SystemExit):
+            main(["train", *flags, "--data", "synthetic", "--quiet"])
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [threads]
+
+
+def test_train_refuses_zero_threads_before_anything_is_recorded(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
+    assert main(["train", "--preset", "tiny", "--cpu-threads", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --cpu-threads: must be at least 1, got 0"
+    assert not (tmp_path / "mlruns").exists()

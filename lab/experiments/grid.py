@@ -63,8 +63,8 @@ from lab.config import (RunConfig, from_dict, parse_lrs, parse_seeds, parse_vari
 from lab.errors import LabError, check_positive
 from lab.experiments.overrides import override_pairs
 from lab.experiments.owners import STALE_AFTER_S, owner_alive, owner_identity
-from lab.experiments.pool import (WorkerPool, die_with_parent, fail_run, gpu_slots, parse_gpus,
-                                  slot_name, threads_per_worker)
+from lab.experiments.pool import (WorkerPool, cpu_threads, die_with_parent, fail_run, gpu_slots,
+                                  parse_gpus, slot_name, threads_per_worker)
 from lab.experiments.schema import ExperimentSpec, KeyReader
 from lab.interrupts import interruption, stop_on_signals
 from lab.model.gates import VARIANTS
@@ -700,7 +700,7 @@ class GridOptions:
     # "auto": from the measured packing gains (auto_runs_per_gpu).
     runs_per_gpu: int | str = "auto"
     cpu_workers: int = 1
-    cpu_threads: int | None = None   # torch threads per CPU worker; None: cores / workers
+    cpu_threads: int | None = None   # torch threads per CPU worker; None: pool.threads_per_worker
     dry_run: bool = False
     tracking_uri: str | None = None
     shard: str | None = None
@@ -748,14 +748,13 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
         check_positive("--time-limit", options.time_limit_s)
     if options.cpu_workers < 1:
         raise LabError(f"--cpu-workers: must be at least 1, got {options.cpu_workers}")
-    if options.cpu_threads is not None and options.cpu_threads < 1:
-        raise LabError(f"--cpu-threads: must be at least 1, got {options.cpu_threads}")
     runs_per_gpu = parse_runs_per_gpu(options.runs_per_gpu)
     check_positive("--stale-after", options.stale_after_s)
-    # Small models gain little from intra-op threads and lose much when threads outnumber
-    # free cores, so CPU workers split the cores between them.
-    cpu_threads = options.cpu_threads or threads_per_worker(options.cpu_workers)
     all_cells = plan(spec)
+    # Small models gain little from intra-op threads and lose much when threads outnumber
+    # free cores, so CPU workers split the cores between them (one each for the CPU presets).
+    worker_threads = cpu_threads(options.cpu_threads, options.cpu_workers,
+                                 all_cells[0].config.model.d_model if all_cells else None)
     cells = shard_cells(all_cells, shard)
     devices = cells[0].config.train.devices
     if gpus and devices > len(gpus):
@@ -840,11 +839,11 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
                                lambda task: run_ddp_cell(task, ctx, gpus))
             elif workers == 1 and not (gpus and options.gpus not in (None, "all")):
                 if not gpus:
-                    _set_threads(cpu_threads)
+                    _set_threads(worker_threads)
                 left = in_turn(None, lambda task: execute_cell(task, ctx))
             else:
                 slots = pinned or gpu_slots([], options.cpu_workers)
-                threads = threads_per_worker(len(pinned)) if gpus else cpu_threads
+                threads = threads_per_worker(len(pinned)) if gpus else worker_threads
                 pool = CellPool(slots, threads, ctx)
                 try:
                     left = pool.run(work.tasks, finished,
