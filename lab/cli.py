@@ -34,7 +34,7 @@ EXAMPLES = {
     "sweep": "gatelab sweep sweeps/lr.yaml --variants baseline --n-trials 4 --workers 2",
     "sweep-report": "gatelab sweep-report lr --out reports/sweeps/lr",
     "check": "gatelab check --preset small --variants all",
-    "store": "gatelab store pack docs/store/reproduction.tar.xz",
+    "store": "gatelab store pack reproduction-out/reproduce.tar.xz --grid reproduce",
 }
 
 
@@ -252,8 +252,13 @@ def cmd_store(args) -> int:
     from lab.records.snapshot import pack, unpack
 
     if args.action == "pack":
-        print(pack(args.file, plots=args.plots).describe("packed"))
+        if len(args.file) > 1:
+            raise LabError(f"store pack: one FILE to write, got {len(args.file)}")
+        print(pack(args.file[0], plots=args.plots, grid=args.grid,
+                   force=args.force).describe("packed"))
     else:
+        if args.grid or args.force or args.plots:
+            raise LabError("store unpack: --grid, --force and --plots are options of pack")
         print(unpack(args.file).describe("unpacked into"))
     return 0
 
@@ -475,11 +480,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p)
     p.set_defaults(func=cmd_check)
 
-    p = _parser(sub, "store", "pack the local MLflow store (mlruns/, or GATELAB_STORE) into one "
-                "file, or unpack one into an empty store, to move runs between machines and "
-                "checkouts (artifact locations re-rooted; checkpoints stay behind)")
+    p = _parser(sub, "store", "pack the local MLflow store (mlruns/, or GATELAB_STORE), or one "
+                "grid's experiment of it, into one file, or unpack one or several such files "
+                "into an empty store, to move runs between machines and checkouts (artifact "
+                "locations re-rooted; checkpoints stay behind)")
     p.add_argument("action", choices=("pack", "unpack"))
-    p.add_argument("file", help="the snapshot (.tar.xz; older .tgz ones unpack too) to write or to read")
+    p.add_argument("file", nargs="+", help="pack: the snapshot to write (FILE.tar.xz); unpack: "
+                   "the snapshots to read (several merge into one store; older .tgz ones unpack "
+                   "too), e.g. docs/store/*.tar.xz")
+    p.add_argument("--grid", metavar="NAME", help="pack: only this grid's experiment (the "
+                   "lab commits one snapshot per grid, docs/store/<grid>.tar.xz)")
+    p.add_argument("--force", action="store_true", help="pack: replace FILE if it exists")
     p.add_argument("--plots", action="store_true",
                    help="pack: keep the runs' PNG plots too (default: data only; the reports "
                    "draw their own)")

@@ -234,7 +234,7 @@ def shard_cells(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
 # 2026-12-02, after the graph-break fix made one cell 1.9x faster: 2 cells 1.37x (3 and 4
 # not reached within that call; the earlier 1.69x and 1.83x were of the slower cells).
 # `base`, 2026-12-03, in real `reproduce-base` cells (each cell's logged
-# throughput/tokens_per_s_mean, docs/store/reproduction.tar.xz): 2 at once 392k + 415k
+# throughput/tokens_per_s_mean, docs/store/reproduce-base.tar.xz): 2 at once 392k + 415k
 # against 852-913k alone, so 0.90x: a 51M cell keeps the GPU busy and another one only costs.
 MEASURED_PACKING = {"small": {"speedup": {1: 1.0, 2: 1.37}, "peak_gib": 3.9},
                     "base": {"speedup": {1: 1.0, 2: 0.90}, "peak_gib": 21.2}}

@@ -10,7 +10,8 @@ then `records.start_run(...)`); where each lives:
 - `runs.py`: one run's record (tags, params, metrics, artifacts), its start, its heartbeat
   while it trains, and its end;
 - `checkpoints.py`: where a run's checkpoint is and the one safe way to read it;
-- `snapshot.py`: the store packed into one file and unpacked elsewhere (`gatelab store`),
+- `snapshot.py`: the store (or one grid of it) packed into one file, and such files unpacked
+  elsewhere, merged (`gatelab store`),
   used through its module: `from lab.records import snapshot`.
 """
 
