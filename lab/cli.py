@@ -98,27 +98,32 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 # --- commands ----------------------------------------------------------------------
-# Each command imports the modules it runs when it runs: importing them all at start-up
-# (torch, Lightning, MLflow, Optuna behind them) took about 8 s on the 2-core CPU machine,
-# against 0.1 s for `gatelab --help` (python -X importtime -m lab --help): a measured
-# start-up cost. tests/test_cli_terminal.py holds --help to it.
+# Each command imports the modules it runs when it runs, and checks its input first where it
+# can: importing them all at start-up (torch, Lightning, MLflow, Optuna behind them) took
+# about 8 s on the 2-core CPU machine, against 0.1 s for `gatelab --help` (python -X
+# importtime -m lab --help): a measured start-up cost (benchmarks/README.md, start-up).
+# tests/test_cli_terminal.py holds --help, `variants` and the one-line errors to it.
 
 def cmd_train(args) -> int:
-    import torch
-
     from lab.config import resolve
-    from lab.experiments.pool import cpu_threads
     from lab.model.gates import custom_variant, parse_gate
-    from lab.training.run import describe, train_run
 
     if not args.experiment.strip():
         raise LabError(f"--experiment: expected an MLflow experiment name, got {args.experiment!r}")
     variant = custom_variant(parse_gate(args.gate)) if args.gate else args.variant
     config = resolve(variant, args.preset, args.overrides, data=args.data, tokens=args.tokens,
                      seed=args.seed, lr=args.lr)
+    # (Lightning and MLflow only now: a bad config's error line does not wait for them)
+    import torch
+
+    from lab.experiments.pool import cpu_threads
+
+    threads = cpu_threads(args.cpu_threads, 1, config.model.d_model)
+    from lab.training.run import describe, train_run
+
     # Threads as a grid's one CPU worker has them: torch's default (every core) made the tiny
     # example 6x slower on a machine other jobs shared (lab/experiments/pool.py).
-    torch.set_num_threads(cpu_threads(args.cpu_threads, 1, config.model.d_model))
+    torch.set_num_threads(threads)
     result = train_run(config, args.tracking_uri, experiment=args.experiment, quiet=args.quiet)
     print(describe(result))
     return 0
@@ -143,7 +148,7 @@ def cmd_ui(args) -> int:
 def cmd_variants(args) -> int:
     from lab.reports.variants import print_variants
 
-    print_variants(args.preset, as_json=args.json, gate=args.gate)
+    print_variants(args.preset, as_json=args.json, gate=args.gate, out=args.out)
     return 0
 
 
@@ -167,7 +172,14 @@ def cmd_grid(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from lab.reports.grid_report import build_report
+    from lab.records.lookup import missing_grid
+
+    for grid in args.grid + ([args.control] if args.control else []):
+        error = missing_grid(grid, args.tracking_uri)  # (at once, without MLflow's import)
+        if error is not None:
+            raise error
+    from lab.progress import clip
+    from lab.reports.grid_report import build_report, terminal_report
 
     if args.equivalence_percent is not None and not args.equivalence_percent > 0:
         raise LabError(f"report: --equivalence-percent must be above 0, not "
@@ -180,8 +192,7 @@ def cmd_report(args) -> int:
     if len(grids) == 1:
         report = build_report(grids[0], args.tracking_uri, args.out, control=args.control,
                               **band)
-        print(report.markdown)
-        print(f"\nwritten to {report.out_dir} (and logged to the grid's parent run)")
+        print(terminal_report(report))
         return 0
     from lab.reports import trends
 
@@ -190,8 +201,15 @@ def cmd_report(args) -> int:
                             else args.control, **band) for grid in grids]
     for report in reports:
         print(f"{report.grid}: written to {report.out_dir} (and logged to its parent run)")
-    print("\n## The paper's trends across these grids\n")
-    print(trends.across({report.grid: report.verdicts for report in reports}))
+    # The side-by-side table is as wide as its claims and grids: a file, and a line a trend here.
+    across = Path("reports") / f"trends-{'+'.join(grids)}.md"
+    across.parent.mkdir(parents=True, exist_ok=True)
+    across.write_text("## The paper's trends across these grids\n\n"
+                      + trends.across({report.grid: report.verdicts for report in reports}) + "\n")
+    print("\nthe paper's trends: the grids where each holds")
+    for line in trends.holds_in({report.grid: report.verdicts for report in reports}):
+        print(clip(line))
+    print(f"\nside by side, with each grid's verdict: {across}")
     return 0
 
 
@@ -354,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--gate", help="describe one point of the gate space by axes")
+    p.add_argument("--out", metavar="FILE", help="also write the full table (with each "
+                   "variant's parameter budget and gate axes) to FILE")
     p.set_defaults(func=cmd_variants)
 
     p = _parser(sub, "analyze", "recompute the attention-sink, massive-activation, gate and "

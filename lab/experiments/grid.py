@@ -47,6 +47,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -70,10 +71,11 @@ from lab.interrupts import interruption, stop_on_signals
 from lab.model.gates import VARIANTS
 from lab.model.loss import require as require_loss_kernel
 from lab.model.params import count_params, model_flops_per_token
-from lab.progress import GridProgress, RunProgress, configure_output, duration
+from lab.progress import GridProgress, configure_output, duration
 from lab.records import (DEVICE_TAG, GRID_TAG, HEARTBEAT_TAG, checkpoint_dir, child_runs,
                          describe_failure, end_run, find_or_create_grid_parent,
                          heartbeat, load_checkpoint, start_run)
+from lab.training.callbacks import RunProgress
 from lab.training.run import open_data, train_run
 from lab.training.schedule import total_steps
 
@@ -386,7 +388,9 @@ def print_dry_run(spec: GridSpec, cells: list[Cell], uri: str, workers: int, dev
     already = f" ({len(cells) - len(left)} already FINISHED in the store)" if len(left) < len(cells) \
         else ""
     print(f"estimated time: {duration(total)} for {len(left)} cell(s) to run{already} on "
-          f"{workers} {device} worker(s); basis: {basis}")
+          f"{workers} {device} worker(s)")
+    # (the basis on lines of its own: the dry run fits a 120-column terminal)
+    print(textwrap.fill(f"basis: {basis}", 120, subsequent_indent="  "))
 
 
 # --- the store ------------------------------------------------------------------------

@@ -61,7 +61,8 @@ from lab.experiments.owners import is_local, owner_alive, owner_identity
 from lab.experiments.pool import WorkerPool, fail_run, gpu_slots, parse_gpus, threads_per_worker
 from lab.experiments.schema import ExperimentSpec, KeyReader, nonempty_string
 from lab.interrupts import interruption, stop_on_signals
-from lab.progress import RunProgress, configure_output, duration
+from lab.progress import configure_output, duration
+from lab.training.callbacks import RunProgress
 from lab.training.run import open_data, train_run
 from lab.training.schedule import total_steps
 

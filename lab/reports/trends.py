@@ -353,6 +353,16 @@ def markdown(results: list[TrendResult], equivalence_percent: float = EQUIVALENC
     return "\n".join(lines)
 
 
+def _where(verdicts: list[str], grids: list[str]) -> str:
+    """The grids where a trend holds, among those that test it."""
+    testable = [g for g, v in zip(grids, verdicts)
+                if v != "not in this grid" and not v.startswith("not testable")]
+    holding = [g for g, v in zip(grids, verdicts) if v == "holds"]
+    return ("no grid tests it" if not testable else
+            f"all {len(testable)} that test it" if len(holding) == len(testable) > 1 else
+            ", ".join(holding) if holding else "none")
+
+
 def across(by_grid: dict[str, list[TrendResult]]) -> str:
     """Trend 10 and the issue's "at both scales, at one, or at neither": each trend's verdict
     in each grid, and the grids where it holds."""
@@ -361,13 +371,15 @@ def across(by_grid: dict[str, list[TrendResult]]) -> str:
              "|---|---|" + "---|" * len(grids) + "---|"]
     for n, trend in enumerate(TRENDS):
         verdicts = [by_grid[g][n].verdict for g in grids]
-        testable = [g for g, v in zip(grids, verdicts)
-                    if v != "not in this grid" and not v.startswith("not testable")]
-        holding = [g for g, v in zip(grids, verdicts) if v == "holds"]
-        where = ("no grid tests it" if not testable else
-                 f"all {len(testable)} that test it" if len(holding) == len(testable) > 1 else
-                 ", ".join(holding) if holding else "none")
         short = [v.split(";")[0] if v.startswith("not testable") else v for v in verdicts]
-        lines.append(f"| {trend.number} | {trend.claim} | " + " | ".join(short) + f" | {where} |")
+        lines.append(f"| {trend.number} | {trend.claim} | " + " | ".join(short)
+                     + f" | {_where(verdicts, grids)} |")
     return "\n".join(lines)
+
+
+def holds_in(by_grid: dict[str, list[TrendResult]]) -> list[str]:
+    """across() for a terminal: a line a trend, the grids where it holds and its claim."""
+    grids = list(by_grid)
+    return [f"{trend.number:>3}. {_where([by_grid[g][n].verdict for g in grids], grids)}: "
+            f"{trend.claim}" for n, trend in enumerate(TRENDS)]
 
