@@ -177,9 +177,14 @@ def test_pack_names_its_xz_data_honestly(name, tmp_path, monkeypatch, capsys):
 def test_one_file_per_grid_and_several_unpack_into_one_store(tmp_path, monkeypatch):
     """`pack --grid` writes one grid's experiment (its runs, metrics and artifacts, no other
     grid's rows), and `unpack A B` merges the files into one store that equals the whole."""
+    from mlflow.entities import Dataset, DatasetInput
+
     here = tmp_path / "here" / "mlruns"
-    _, run_id = _store(here, monkeypatch)
+    uri, run_id = _store(here, monkeypatch)
     other = _add_grid("reproduce-base", 2.5)
+    # a run's corpus as an MLflow dataset input: a row in datasets, inputs and input_tags
+    records.client(uri).log_inputs(run_id, [DatasetInput(Dataset(
+        "gutenberg-en", "digest-1", "local", "cache/gutenberg-en"))])
     whole = _runs_by_experiment(here / "mlflow.db")
     assert snapshot.pack(tmp_path / "reproduce.tar.xz", grid="reproduce").runs == 1
     assert snapshot.pack(tmp_path / "reproduce-base.tar.xz", grid="reproduce-base").runs == 1
@@ -191,6 +196,8 @@ def test_one_file_per_grid_and_several_unpack_into_one_store(tmp_path, monkeypat
         ["Default", "reproduce-base"]
     assert {r[0] for r in db.execute("SELECT DISTINCT run_uuid FROM metrics")} == {other}
     assert db.execute("SELECT count(*) FROM params WHERE run_uuid = ?", (run_id,)).fetchone() == (0,)
+    assert db.execute("SELECT count(*) FROM inputs").fetchone() == (0,)  # the other grid's
+    assert db.execute("SELECT count(*) FROM datasets").fetchone() == (0,)
     db.close()
     with pytest.raises(LabError, match="no such experiment in .*there: reproduce, reproduce-base"):
         snapshot.pack(tmp_path / "x.tar.xz", grid="nope")
@@ -203,6 +210,8 @@ def test_one_file_per_grid_and_several_unpack_into_one_store(tmp_path, monkeypat
     client = records.client(records.tracking_uri())
     assert client.get_run(other).data.metrics["val/loss"] == 2.5
     assert client.get_run(run_id).data.metrics["val/loss"] == 3.75
+    dataset = client.get_run(run_id).inputs.dataset_inputs[0].dataset
+    assert (dataset.name, dataset.digest) == ("gutenberg-en", "digest-1")
     got = Path(client.download_artifacts(run_id, "loss_history.json", str(tmp_path)))
     assert json.loads(got.read_text()) == {"loss": [4.0, 3.9]}
     # each experiment a grid finds by name, new runs under the store's own folder
