@@ -153,11 +153,13 @@ def cmd_variants(args) -> int:
 
 
 def cmd_grid(args) -> int:
-    from lab.experiments.grid import GridOptions, describe_summary, load_grid, run_grid, with_cli
+    from lab.experiments.schema import load_grid, with_cli
 
     spec = with_cli(load_grid(args.file), preset=args.preset, data=args.data, tokens=args.tokens,
                     seeds=args.seeds, lrs=args.lrs, variants=args.variants,
                     overrides=args.overrides)
+    # (MLflow and Lightning only now: a bad grid file's error line does not wait for them)
+    from lab.experiments.grid import GridOptions, describe_summary, run_grid
     options = GridOptions(gpus=args.gpus, runs_per_gpu=args.runs_per_gpu,
                           cpu_workers=args.cpu_workers,
                           cpu_threads=args.cpu_threads, dry_run=args.dry_run,

@@ -46,7 +46,7 @@ def test_help_and_a_usage_error_import_no_heavy_library(argv):
 def test_variants_and_one_line_errors_wait_for_no_library_they_do_not_use(tmp_path):
     """Start-up (benchmarks/README.md): `variants` counts parameters with torch on the meta
     device but loads no Lightning, MLflow or Optuna; a report of a grid the store lacks, and
-    the store's and train's one-line errors, say so before those libraries load."""
+    the store's, train's and a grid file's one-line errors, say so before those load."""
     assert set(imported_by(["variants"])[0]) <= {"torch"}
     env = {"GATELAB_STORE": str(tmp_path / "mlruns")}
     (tmp_path / "mlruns").mkdir()
@@ -58,6 +58,8 @@ def test_variants_and_one_line_errors_wait_for_no_library_they_do_not_use(tmp_pa
             (["train", "--preset", "nope"], "error: preset: unknown preset 'nope'",
              {"torch", "sqlalchemy"}),
             (["train", "--cpu-threads", "0"], "error: --cpu-threads: must be at least 1",
+             {"torch", "sqlalchemy"}),
+            (["grid", "absent.yaml"], "error: grid file: absent.yaml not found",
              {"torch", "sqlalchemy"})):
         modules, err = imported_by(argv, env)
         assert err.startswith(message), (argv, err)

@@ -52,21 +52,19 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from mlflow.exceptions import MlflowException
 
 from lab import check as lab_check
 from lab import records
-from lab.config import (RunConfig, from_dict, parse_lrs, parse_seeds, parse_variants, resolve,
-                        with_vocab)
+from lab.config import RunConfig, from_dict, resolve, with_vocab
 from lab.errors import LabError, check_positive
 from lab.experiments.overrides import override_pairs
 from lab.experiments.owners import STALE_AFTER_S, owner_alive, owner_identity
 from lab.experiments.pool import (WorkerPool, cpu_threads, die_with_parent, fail_run, gpu_slots,
                                   parse_gpus, slot_name, threads_per_worker)
-from lab.experiments.schema import ExperimentSpec, KeyReader
+from lab.experiments.schema import GridSpec, grid_from_dict, load_grid, with_cli  # noqa: F401
 from lab.interrupts import interruption, stop_on_signals
 from lab.model.gates import VARIANTS
 from lab.model.loss import require as require_loss_kernel
@@ -88,53 +86,6 @@ CLAIM_TAG = "gatelab.claim"    # on a cell's run: the <config_hash>/<attempt> it
 # we assume per worker, plus a fixed cost per run (process, store, validation and test).
 ASSUMED_FLOPS = {"cpu": 1.5e10, "cuda": 1e14}
 ASSUMED_RUN_OVERHEAD_S = 5.0
-
-
-# --- the grid file ----------------------------------------------------------------------
-
-def _learning_rates_key(value) -> dict:
-    """`lrs`: a list of learning rates, or {from_sweep: <sweep name>}."""
-    if isinstance(value, dict):
-        if set(value) != {"from_sweep"} or not isinstance(value["from_sweep"], str):
-            raise LabError("lrs: expected a list of learning rates or {from_sweep: <sweep name>}")
-        return {"lrs": None, "lr_sweep": value["from_sweep"]}
-    return {"lrs": parse_lrs(value)}
-
-
-@dataclass(frozen=True, kw_only=True)
-class GridSpec(ExperimentSpec):
-    """A validated grid file (ablations/*.yaml): the schema's fields and the learning rates."""
-
-    lrs: tuple[float, ...] | None = None     # None: the preset's LR
-    lr_sweep: str | None = None              # lrs: {from_sweep: <name>}
-
-    kind: ClassVar[str] = "grid"
-
-    @classmethod
-    def keys(cls) -> dict[str, KeyReader]:
-        return {**super().keys(), "lrs": _learning_rates_key}
-
-
-def grid_from_dict(raw, source: str = "grid file") -> GridSpec:
-    return GridSpec.from_dict(raw, source)
-
-
-def load_grid(path: str | Path) -> GridSpec:
-    return GridSpec.load(path)
-
-
-def with_cli(spec: GridSpec, preset=None, data=None, tokens=None, seeds=None, lrs=None,
-             variants=None, overrides=None) -> GridSpec:
-    """Command-line flags replace the file's fields (`--set` adds overrides)."""
-    spec = spec.with_flags(preset=preset, data=data, tokens=tokens, overrides=overrides)
-    changes: dict = {}
-    if seeds is not None:
-        changes["seeds"] = parse_seeds(seeds, "--seeds")
-    if lrs is not None:
-        changes["lrs"], changes["lr_sweep"] = parse_lrs(lrs, "--lrs"), None
-    if variants is not None:
-        changes["variants"] = parse_variants(variants, "--variants")
-    return dataclasses.replace(spec, **changes)
 
 
 # --- cells ---------------------------------------------------------------------------------
