@@ -113,16 +113,16 @@ def cmd_train(args) -> int:
     variant = custom_variant(parse_gate(args.gate)) if args.gate else args.variant
     config = resolve(variant, args.preset, args.overrides, data=args.data, tokens=args.tokens,
                      seed=args.seed, lr=args.lr)
-    # (Lightning and MLflow only now: a bad config's error line does not wait for them)
     import torch
 
     from lab.experiments.pool import cpu_threads
 
-    threads = cpu_threads(args.cpu_threads, 1, config.model.d_model)
-    from lab.training.run import describe, train_run
-
     # Threads as a grid's one CPU worker has them: torch's default (every core) made the tiny
     # example 6x slower on a machine other jobs shared (lab/experiments/pool.py).
+    threads = cpu_threads(args.cpu_threads, 1, config.model.d_model)
+    # (Lightning and MLflow only now: a bad config's error line does not wait for them)
+    from lab.training.run import describe, train_run
+
     torch.set_num_threads(threads)
     result = train_run(config, args.tracking_uri, experiment=args.experiment, quiet=args.quiet)
     print(describe(result))
@@ -204,12 +204,12 @@ def cmd_report(args) -> int:
     for report in reports:
         print(f"{report.grid}: written to {report.out_dir} (and logged to its parent run)")
     # The side-by-side table is as wide as its claims and grids: a file, and a line a trend here.
+    by_grid = {report.grid: report.verdicts for report in reports}
     across = Path("reports") / f"trends-{'+'.join(grids)}.md"
     across.parent.mkdir(parents=True, exist_ok=True)
-    across.write_text("## The paper's trends across these grids\n\n"
-                      + trends.across({report.grid: report.verdicts for report in reports}) + "\n")
+    across.write_text(f"## The paper's trends across these grids\n\n{trends.across(by_grid)}\n")
     print("\nthe paper's trends: the grids where each holds")
-    for line in trends.holds_in({report.grid: report.verdicts for report in reports}):
+    for line in trends.holds_in(by_grid):
         print(clip(line))
     print(f"\nside by side, with each grid's verdict: {across}")
     return 0
