@@ -183,6 +183,17 @@ def _drop_orphans(db: sqlite3.Connection) -> int:
     return deleted
 
 
+def _location(database: Path, name: str) -> str:
+    """The experiment's artifact folder, relative to the store (as _rewrite left it)."""
+    db = sqlite3.connect(database)
+    try:
+        (location,) = db.execute("SELECT artifact_location FROM experiments WHERE name = ?",
+                                 (name,)).fetchone()
+    finally:
+        db.close()
+    return location.rstrip("/")
+
+
 def pack(out: str | Path, plots: bool = False, grid: str | None = None,
          force: bool = False) -> Snapshot:
     """Write the local store (store_dir()), or only the experiment of `grid`, as a snapshot
@@ -220,8 +231,9 @@ def pack(out: str | Path, plots: bool = False, grid: str | None = None,
         try:
             with tarfile.open(partial, "w:xz", preset=9) as tar:
                 tar.add(copy, arcname=DATABASE)
-                # (each lab experiment's artifacts are under artifacts/<its name>/)
-                artifacts = ARTIFACTS if grid is None else f"{ARTIFACTS}/{grid}"
+                # (a lab experiment's artifacts are under its location, artifacts/<its name>
+                # made relative above: lab/records/lookup.py experiment_id)
+                artifacts = ARTIFACTS if grid is None else _location(copy, grid)
                 if (root / artifacts).is_dir():
                     tar.add(root / artifacts, arcname=artifacts, filter=keep)
         except BaseException:
