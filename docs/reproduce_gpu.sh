@@ -7,10 +7,13 @@
 # MLflow store, so a phase cut short by its time limit is finished by running it again.
 # DATA: the Gutenberg folder (../shared/data/gutenberg-en in a checkout beside shared/, or a
 # git-ignored copy at .data/gutenberg-en carried to a machine that cannot see shared/).
-# The runs travel as a store snapshot (`gatelab store pack`: lab/records/snapshot.py): each
-# phase that trains starts by unpacking SNAPSHOT (default docs/store/reproduction.tar.xz, the
-# committed one) when the machine has no store yet, and every call ends by packing the store
-# into $OUT/store.tar.xz; the grids skip finished cells. On a machine whose calls each carry at
+# The runs travel as store snapshots, one file per grid (`gatelab store pack --grid`:
+# lab/records/snapshot.py): a call that trains starts by unpacking SNAPSHOTS (default
+# docs/store/*.tar.xz, the committed ones, merged into one store) when the machine has no
+# store yet, and ends by packing each grid it ran into $OUT/<grid>.tar.xz, so a session that
+# runs one grid rewrites only that grid's file; the grids skip finished cells. A call brings
+# back at most OUT_FILES_LIMIT files (8 on the lent machines; 0: no limit): a grid whose file
+# would not fit among them is not started (the next call runs it). On a machine whose calls each carry at
 # most 64 MiB, the corpus (42 MB) and the MLflow wheels (20 MB) with the code and the
 # snapshot do not fit one call: the first call carries the corpus (`prepare`, which needs
 # no MLflow) and the next ones the wheels; a warm machine keeps what earlier calls left.
@@ -45,17 +48,29 @@ read -ra grid_args <<< "${GRID_ARGS:-}"
 # (the cells in progress finish), and `timeout` 15 s later is the hard stop behind it.
 # Under CALL_LIMIT_S the limit is what the call has left (bash's SECONDS: since the script
 # began), less the room for packing; a grid with under 90 s left is not started.
+ran=()  # the grids this call started, each packed into its own file at the end
+# the files a call brings back besides the grids' snapshots: the log, and the report's and
+# the eval check's when asked
+out_files=1
+want report && out_files=$((out_files + 1))
+want eval-check named && out_files=$((out_files + 1))
 run_grid() { local limit=$1; shift
+  local grid; grid=$(basename "$1" .yaml)  # (each grid file's experiment is its stem)
+  if [ "${OUT_FILES_LIMIT:-8}" -gt 0 ] && [ $((out_files + ${#ran[@]})) -ge "${OUT_FILES_LIMIT:-8}" ]; then
+    echo "grid $grid: not started: its snapshot would pass the ${OUT_FILES_LIMIT:-8} files a call brings back; the next call runs it"
+    return 0
+  fi
   if [ "${CALL_LIMIT_S:-0}" -gt 0 ]; then
     local left=$((CALL_LIMIT_S - SECONDS - ${PACK_RESERVE_S:-60}))
     [ "$left" -lt "$limit" ] && limit=$left
     if [ "$limit" -lt 90 ]; then echo "grid $1: ${limit} s left of the call; not started"; return 0; fi
   fi
   echo "grid $1: limit ${limit} s (${SECONDS} s into the call)"
+  ran+=("$grid")
   time timeout "$limit" python3 -m lab grid "$@" --time-limit "$((limit - 15))"; }
 
 store=${GATELAB_STORE:-mlruns}
-snapshot=${SNAPSHOT:-docs/store/reproduction.tar.xz}
+read -ra snapshots <<< "${SNAPSHOTS:-$(echo docs/store/*.tar.xz)}"
 if [ "$phases" != ",report," ]; then
   tokenizer=()
   [ -n "${TOKENIZER:-}" ] && tokenizer=(--tokenizer "$TOKENIZER")
@@ -74,7 +89,7 @@ fi
 # (after prepare: the records import MLflow, which the first call of a machine may not carry)
 echo "git_commit tag: $(python3 -c 'from lab import records; print(records.git_commit())')"
 if [ -e "$store/mlflow.db" ]; then echo "store: keeping the $store/mlflow.db already here"
-elif [ -f "$snapshot" ]; then gatelab store unpack "$snapshot" --quiet
+elif [ -f "${snapshots[0]}" ]; then gatelab store unpack "${snapshots[@]}" --quiet
 else echo "store: none brought; the grids start a new one"; fi
 if want reproduce; then
   run_grid "${REPRODUCE_LIMIT_S:-600}" ablations/reproduce.yaml --gpus all "${grid_args[@]}" --quiet
@@ -118,18 +133,22 @@ if want report; then
   for grid in reproduce reproduce-base reproduce-base-init reproduce-base-lr reproduce-base-steps sink stability stability-noqk reproduce-init reproduce-lr; do
     control=()  # (the base grid is also read against its depth-scaled-init control)
     [ "$grid" = reproduce-base ] && control=(--control reproduce-base-init)
-    gatelab report "$grid" "${control[@]}" --out "$WORK/$grid" > "$OUT/report-$grid.md" 2>&1
-    tail -20 "$OUT/report-$grid.md"
+    # (each grid's terminal report beside its tables, in the one reports.tgz that comes back)
+    gatelab report "$grid" "${control[@]}" --out "$WORK/$grid" > "$WORK/report-$grid.md" 2>&1
+    tail -20 "$WORK/report-$grid.md"
   done
   tar czf "$OUT/reports.tgz" "$WORK"
 fi
-# The store as one snapshot (runs, metrics and artifacts; checkpoints stay on the machine),
-# to unpack where the work goes on: `gatelab store unpack store.tar.xz`. With the runs' PNG plots
-# while it stays under the 16 MiB a file that a device call brings back (at 48 `reproduce`
-# cells it was 17.5 MB with them and 5.5 MB without, and that file did not come back).
-gatelab store pack "$OUT/store.tar.xz" --plots --quiet
-if [ "$(stat -c %s "$OUT/store.tar.xz")" -gt "${OUT_FILE_LIMIT_BYTES:-16000000}" ]; then
-  echo "store: over ${OUT_FILE_LIMIT_BYTES:-16000000} bytes with the plots; packed without them"
-  gatelab store pack "$OUT/store.tar.xz" --quiet
-fi
+# Each grid this call ran as its own snapshot (runs, metrics and artifacts; checkpoints stay on
+# the machine), to unpack where the work goes on: `gatelab store unpack docs/store/*.tar.xz`
+# with these in place of their grids' files. With the runs' PNG plots while a file stays under
+# the 16 MiB a file that a device call brings back (at 48 `reproduce` cells the whole store
+# was 17.5 MB with them and 5.5 MB without, and that file did not come back).
+for grid in "${ran[@]}"; do
+  gatelab store pack "$OUT/$grid.tar.xz" --grid "$grid" --plots --force --quiet
+  if [ "$(stat -c %s "$OUT/$grid.tar.xz")" -gt "${OUT_FILE_LIMIT_BYTES:-16000000}" ]; then
+    echo "store: $grid over ${OUT_FILE_LIMIT_BYTES:-16000000} bytes with the plots; packed without them"
+    gatelab store pack "$OUT/$grid.tar.xz" --grid "$grid" --force --quiet
+  fi
+done
 ls -la "$OUT"

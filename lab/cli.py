@@ -34,7 +34,7 @@ EXAMPLES = {
     "sweep": "gatelab sweep sweeps/lr.yaml --variants baseline --n-trials 4 --workers 2",
     "sweep-report": "gatelab sweep-report lr --out reports/sweeps/lr",
     "check": "gatelab check --preset small --variants all",
-    "store": "gatelab store pack docs/store/reproduction.tar.xz",
+    "store": "gatelab store pack reproduction-out/reproduce.tar.xz --grid reproduce",
 }
 
 
@@ -46,6 +46,10 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         message = message.removeprefix("argument ")
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+CPU_THREADS_HELP = ("torch threads of each {unit} (default: the cores{share}, one for the "
+                    "CPU presets tiny and moe-tiny, which a second thread does not speed up)")
 
 
 def _parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -113,20 +117,31 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 # --- commands ----------------------------------------------------------------------
-# Each command imports the modules it runs when it runs: importing them all at start-up
-# (torch, Lightning, MLflow, Optuna behind them) took about 8 s on the 2-core CPU machine,
-# against 0.1 s for `gatelab --help` (python -X importtime -m lab --help): a measured
-# start-up cost. tests/test_cli_terminal.py holds --help to it.
+# Each command imports the modules it runs when it runs, and checks its input first where it
+# can: importing them all at start-up (torch, Lightning, MLflow, Optuna behind them) took
+# about 8 s on the 2-core CPU machine, against 0.1 s for `gatelab --help` (python -X
+# importtime -m lab --help): a measured start-up cost (benchmarks/README.md, start-up).
+# tests/test_cli_terminal.py holds --help, `variants` and the one-line errors to it.
 
 def cmd_train(args) -> int:
     from lab.config import check_experiment_name, resolve
     from lab.model.gates import custom_variant, parse_gate
-    from lab.training.run import describe, train_run
 
     check_experiment_name("--experiment", args.experiment)
     variant = custom_variant(parse_gate(args.gate)) if args.gate else args.variant
     config = resolve(variant, args.preset, args.overrides, data=args.data, tokens=args.tokens,
                      seed=args.seed, lr=args.lr)
+    import torch
+
+    from lab.experiments.pool import cpu_threads
+
+    # Threads as a grid's one CPU worker has them: torch's default (every core) made the tiny
+    # example 6x slower on a machine other jobs shared (lab/experiments/pool.py).
+    threads = cpu_threads(args.cpu_threads, 1, config.model.d_model)
+    # (Lightning and MLflow only now: a bad config's error line does not wait for them)
+    from lab.training.run import describe, train_run
+
+    torch.set_num_threads(threads)
     try:
         result = train_run(config, args.tracking_uri, experiment=args.experiment,
                            quiet=args.quiet)
@@ -161,16 +176,18 @@ def cmd_ui(args) -> int:
 def cmd_variants(args) -> int:
     from lab.reports.variants import print_variants
 
-    print_variants(args.preset, as_json=args.json, gate=args.gate)
+    print_variants(args.preset, as_json=args.json, gate=args.gate, out=args.out)
     return 0
 
 
 def cmd_grid(args) -> int:
-    from lab.experiments.grid import GridOptions, describe_summary, load_grid, run_grid, with_cli
+    from lab.experiments.schema import load_grid, with_cli
 
     spec = with_cli(load_grid(args.file), preset=args.preset, data=args.data, tokens=args.tokens,
                     seeds=args.seeds, lrs=args.lrs, variants=args.variants,
                     overrides=args.overrides)
+    # (MLflow and Lightning only now: a bad grid file's error line does not wait for them)
+    from lab.experiments.grid import GridOptions, describe_summary, run_grid
     options = GridOptions(gpus=args.gpus, runs_per_gpu=args.runs_per_gpu,
                           cpu_workers=args.cpu_workers,
                           cpu_threads=args.cpu_threads, dry_run=args.dry_run,
@@ -185,7 +202,14 @@ def cmd_grid(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from lab.reports.grid_report import build_report
+    from lab.records.lookup import missing_grid
+
+    for grid in args.grid + ([args.control] if args.control else []):
+        error = missing_grid(grid, args.tracking_uri)  # (at once, without MLflow's import)
+        if error is not None:
+            raise error
+    from lab.progress import clip
+    from lab.reports.grid_report import build_report, terminal_report
 
     if args.equivalence_percent is not None and not args.equivalence_percent > 0:
         raise LabError(f"report: --equivalence-percent must be above 0, not "
@@ -200,8 +224,7 @@ def cmd_report(args) -> int:
     if len(grids) == 1:
         report = build_report(grids[0], args.tracking_uri, args.out, control=args.control,
                               **band)
-        print(report.markdown)
-        print(f"\nwritten to {report.out_dir} (and logged to the grid's parent run)")
+        print(terminal_report(report))
         return 0
     from lab.reports import trends
 
@@ -210,8 +233,15 @@ def cmd_report(args) -> int:
                             else args.control, **band) for grid in grids]
     for report in reports:
         print(f"{report.grid}: written to {report.out_dir} (and logged to its parent run)")
-    print("\n## The paper's trends across these grids\n")
-    print(trends.across({report.grid: report.verdicts for report in reports}))
+    # The side-by-side table is as wide as its claims and grids: a file, and a line a trend here.
+    by_grid = {report.grid: report.verdicts for report in reports}
+    across = Path("reports") / f"trends-{'+'.join(grids)}.md"
+    across.parent.mkdir(parents=True, exist_ok=True)
+    across.write_text(f"## The paper's trends across these grids\n\n{trends.across(by_grid)}\n")
+    print("\nthe paper's trends: the grids where each holds")
+    for line in trends.holds_in(by_grid):
+        print(clip(line))
+    print(f"\nside by side, with each grid's verdict: {across}")
     return 0
 
 
@@ -272,8 +302,13 @@ def cmd_store(args) -> int:
     from lab.records.snapshot import pack, unpack
 
     if args.action == "pack":
-        print(pack(args.file, plots=args.plots).describe("packed"))
+        if len(args.file) > 1:
+            raise LabError(f"store pack: one FILE to write, got {len(args.file)}")
+        print(pack(args.file[0], plots=args.plots, grid=args.grid,
+                   force=args.force).describe("packed"))
     else:
+        if args.grid or args.force or args.plots:
+            raise LabError("store unpack: --grid, --force and --plots are options of pack")
         print(unpack(args.file).describe("unpacked into"))
     return 0
 
@@ -333,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate", help="a gate by axes instead of a slug, e.g. "
                    "position=sdpa,granularity=headwise,form=additive,activation=silu")
     p.add_argument("--experiment", default="gatelab", help="MLflow experiment name")
+    p.add_argument("--cpu-threads", type=int, help=CPU_THREADS_HELP.format(unit="run",
+                                                                          share=""))
     _add_run_options(p)
     _add_tracking(p)
     p.set_defaults(func=cmd_train)
@@ -367,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--gate", help="describe one point of the gate space by axes")
+    p.add_argument("--out", metavar="FILE", help="also write the full table (with each "
+                   "variant's parameter budget and gate axes) to FILE")
     p.set_defaults(func=cmd_variants)
 
     p = _parser(sub, "analyze", "recompute the attention-sink, massive-activation, gate and "
@@ -417,8 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "packing gain of the preset (small models leave a large GPU mostly idle)")
     p.add_argument("--cpu-workers", type=int, default=1,
                    help="cells trained at once without GPUs (default 1)")
-    p.add_argument("--cpu-threads", type=int,
-                   help="torch threads per CPU worker (default: cores / workers)")
+    p.add_argument("--cpu-threads", type=int, help=CPU_THREADS_HELP.format(unit="CPU worker",
+                                                                          share=" / workers"))
     p.add_argument("--shard", help="run only shard i of n (i/n), for grids spread over machines")
     p.add_argument("--stale-after", type=float, default=600.0,
                    help="seconds without a heartbeat after which another host's run counts as "
@@ -500,11 +539,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p)
     p.set_defaults(func=cmd_check)
 
-    p = _parser(sub, "store", "pack the local MLflow store (mlruns/, or GATELAB_STORE) into one "
-                "file, or unpack one into an empty store, to move runs between machines and "
-                "checkouts (artifact locations re-rooted; checkpoints stay behind)")
+    p = _parser(sub, "store", "pack the local MLflow store (mlruns/, or GATELAB_STORE), or one "
+                "grid's experiment of it, into one file, or unpack one or several such files "
+                "into an empty store, to move runs between machines and checkouts (artifact "
+                "locations re-rooted; checkpoints stay behind)")
     p.add_argument("action", choices=("pack", "unpack"))
-    p.add_argument("file", help="the snapshot (.tar.xz; older .tgz ones unpack too) to write or to read")
+    p.add_argument("file", nargs="+", help="pack: the snapshot to write (FILE.tar.xz); unpack: "
+                   "the snapshots to read (several merge into one store; older .tgz ones unpack "
+                   "too), e.g. docs/store/*.tar.xz")
+    p.add_argument("--grid", metavar="NAME", help="pack: only this grid's experiment (the "
+                   "lab commits one snapshot per grid, docs/store/<grid>.tar.xz)")
+    p.add_argument("--force", action="store_true", help="pack: replace FILE if it exists")
     p.add_argument("--plots", action="store_true",
                    help="pack: keep the runs' PNG plots too (default: data only; the reports "
                    "draw their own)")

@@ -11,7 +11,7 @@ sweep's workers print as the command does.
 
 Progress is lines, not redrawn bars: several worker processes print to one terminal, and
 a log file of a grid should read the same as the terminal did. A run prints `RunProgress`
-lines (step, loss, tokens/s, ETA); a grid prints one line per finished cell with its ETA
+lines (step, loss, tokens/s, ETA: lab/training/callbacks.py); a grid prints one line per finished cell with its ETA
 (`GridProgress`); a sweep one line per finished trial.
 """
 
@@ -23,7 +23,10 @@ import sys
 import time
 import warnings
 
-import lightning as L
+# Lightning is not imported here: every command reaches this module, and Lightning took 3-4 s
+# of the 4-5 s a one-line error took to print (python -X importtime, benchmarks/README.md).
+# The lab's Lightning callback that prints a run's lines is RunProgress in
+# lab/training/callbacks.py.
 
 VERBOSITY_ENV = "GATELAB_VERBOSITY"
 LEVELS = ("quiet", "normal", "verbose")
@@ -50,9 +53,10 @@ def set_verbosity(level: str) -> None:
 
 def configure_output() -> None:
     """Apply `verbosity()` to the libraries' loggers and warnings. Lightning sets its loggers
-    to INFO when imported, so it is imported first (at module import); MLflow reads its
-    level from the environment when imported, so that is set too; Optuna's is set when
-    Optuna is loaded (lab/experiments/sweep.py calls this again once it has imported it)."""
+    to INFO when imported, so the lab's modules that import it call this again after
+    (lab/training/module.py and callbacks.py); MLflow reads its level from the environment
+    when imported, so that is set too; Optuna's is set when Optuna is loaded
+    (lab/experiments/sweep.py calls this again once it has imported it)."""
     if verbosity() == "verbose":
         return
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -64,6 +68,17 @@ def configure_output() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category, module="lightning")
+
+
+# Tables and lines the commands print fit a terminal this wide (`report`, `variants`, a
+# grid's dry run); where a full table is wider, it goes to a file the command names.
+TERMINAL_COLUMNS = 120
+
+
+def clip(line: str, width: int = TERMINAL_COLUMNS) -> str:
+    """`line` cut to `width` characters, an ellipsis marking the cut (the full text is in
+    the file the command names)."""
+    return line if len(line) <= width else line[:width - 1] + "…"
 
 
 def duration(seconds: float) -> str:
@@ -111,38 +126,3 @@ class GridProgress:
         print(f"  [{finished:>{width}}/{self.already_done + self.total}] {name}: {outcome_text}"
               f"  ({duration(time.time() - self.started)} elapsed{failed_text}, "
               f"ETA {self.eta()})", flush=True)
-
-
-class RunProgress(L.Callback):
-    """Lines of one run: `[label] step 40/97  loss 3.2100  12,345 tokens/s  ETA 20s`.
-
-    A line when the run crosses each tenth of its steps, at most one every
-    `min_interval_s` (every tenth at --verbose), so a short run prints nothing until it
-    ends and a long one about ten lines."""
-
-    def __init__(self, label: str, total_steps: int, tokens_per_step: int,
-                 min_interval_s: float = 30.0):
-        self.label, self.total_steps = label, total_steps
-        self.every = max(total_steps // 10, 1)
-        self.tokens_per_step = tokens_per_step
-        self.min_interval_s = 0.0 if verbosity() == "verbose" else min_interval_s
-        self._start = self._printed = None
-
-    def on_train_start(self, trainer, pl_module):
-        self._start = self._printed = (time.perf_counter(), trainer.global_step)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if self._start is None or step % self.every or step == self._printed[1]:
-            return
-        now = time.perf_counter()
-        if now - self._printed[0] < self.min_interval_s:
-            return
-        rate = (step - self._start[1]) / max(now - self._start[0], 1e-9)  # steps/s since start
-        self._printed = (now, step)
-        # The loss of this batch (the step's last micro-batch): one host copy per line.
-        loss = outputs.get("lm_loss") if isinstance(outputs, dict) else None
-        loss_text = f"{float(loss):.4f}" if loss is not None else "?"
-        print(f"    [{self.label}] step {step}/{self.total_steps}  loss {loss_text}  "
-              f"{rate * self.tokens_per_step:,.0f} tokens/s  "
-              f"ETA {duration((self.total_steps - step) / max(rate, 1e-9))}", flush=True)

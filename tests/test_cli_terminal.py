@@ -7,12 +7,14 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from gridkit import _template_db
 from lab.cli import EXAMPLES, build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,17 +22,48 @@ TINY_RUN = ["--preset", "tiny", "--data", "synthetic", "--tokens", str(3 * 4 * 1
             "--set", "train.batch_size=4", "--set", "train.val_batches=1"]
 
 
-def test_help_and_a_usage_error_import_no_heavy_library():
+HEAVY = ("torch", "lightning", "mlflow", "optuna", "sqlalchemy", "scipy", "matplotlib")
+
+
+def imported_by(argv: list[str], env: dict | None = None) -> tuple[list[str], str]:
+    """The heavy libraries `python -m lab ARGV` imported, and its stderr: run as the CLI
+    runs, in a fresh interpreter, sys.modules read at its exit."""
+    probe = ("import runpy, sys\nsys.argv = ['lab'] + sys.argv[1:]\ntry:\n"
+             "    runpy.run_module('lab', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True,
+                          cwd=REPO, timeout=120, env={**os.environ, **(env or {})})
+    return eval(done.stdout.strip().splitlines()[-1]), done.stderr  # noqa: S307 (our print)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--bogus"], ["store", "--help"]])
+def test_help_and_a_usage_error_import_no_heavy_library(argv):
     """`gatelab --help` stays fast (lab/cli.py imports each command's modules when it runs):
     neither it nor a usage error loads torch, Lightning, MLflow or Optuna."""
-    probe = ("import sys\nfrom lab.cli import main\nfor argv in (['--help'], ['train', '--bogus']):\n"
-             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
-             "print(sorted(m for m in ('torch', 'lightning', 'mlflow', 'optuna', 'sqlalchemy')"
-             " if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          cwd=REPO, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert imported_by(argv)[0] == []
+
+
+def test_variants_and_one_line_errors_wait_for_no_library_they_do_not_use(tmp_path):
+    """Start-up (benchmarks/README.md): `variants` counts parameters with torch on the meta
+    device but loads no Lightning, MLflow or Optuna; a report of a grid the store lacks, and
+    the store's, train's and a grid file's one-line errors, say so before those load."""
+    assert set(imported_by(["variants"])[0]) <= {"torch"}
+    env = {"GATELAB_STORE": str(tmp_path / "mlruns")}
+    (tmp_path / "mlruns").mkdir()
+    shutil.copy(_template_db(), tmp_path / "mlruns" / "mlflow.db")  # a store without `core`
+    for argv, message, allowed in (
+            (["report", "core"], "error: report: no grid named 'core'", {"sqlalchemy"}),
+            (["store", "pack", "x.tgz"], "error: store pack: x.tgz: a snapshot is xz", set()),
+            (["store", "unpack", "absent.tar.xz"], "error: store unpack: absent.tar.xz", set()),
+            (["train", "--preset", "nope"], "error: preset: unknown preset 'nope'",
+             {"torch", "sqlalchemy"}),
+            (["train", "--cpu-threads", "0"], "error: --cpu-threads: must be at least 1",
+             {"torch", "sqlalchemy"}),
+            (["grid", "absent.yaml"], "error: grid file: absent.yaml not found",
+             {"torch", "sqlalchemy"})):
+        modules, err = imported_by(argv, env)
+        assert err.startswith(message), (argv, err)
+        assert set(modules) <= allowed, (argv, modules)
 
 
 def commands() -> dict[str, argparse.ArgumentParser]:
@@ -200,3 +233,61 @@ def test_readme_commands_parse_and_need_only_the_clone_or_say_whose_data():
             assert "path/to/" in data or "$" in data or data in made, words
         if words[1] == "prepare" and args.out:
             made.add(args.out)
+
+
+@pytest.mark.parametrize("flags, cores, threads", [
+    (["--preset", "tiny"], 8, 1),               # a CPU preset: one thread, as a grid worker
+    (["--preset", "small"], 8, 8),              # a wider model: every core, as one grid worker
+    (["--preset", "tiny", "--cpu-threads", "3"], 8, 3),
+])
+def test_train_sets_its_threads_as_a_grid_worker_does(flags, cores, threads, monkeypatch):
+    """`gatelab train` trains on the thread count lab.experiments.pool.cpu_threads gives a
+    grid's single CPU worker, not torch's default (every core, 6x slower for `tiny` on a
+    machine other jobs share)."""
+    import torch
+
+    from lab.training import run
+
+    seen = []
+
+    def record(config, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise SystemExit(0)  # the run itself is not what is tested
+
+    monkeypatch.setattr(run, "train_run", record)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(SystemExit):
+            main(["train", *flags, "--data", "synthetic", "--quiet"])
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [threads]
+
+
+def test_train_refuses_zero_threads_before_anything_is_recorded(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
+    assert main(["train", "--preset", "tiny", "--cpu-threads", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --cpu-threads: must be at least 1, got 0"
+    assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.parametrize("argv", [["variants", "--preset", "small"],
+                                  ["variants", "--preset", "moe-small"],
+                                  ["grid", "ablations/paper.yaml", "--dry-run"]])
+def test_tables_fit_120_columns_and_say_where_the_full_one_is(argv, tmp_path, monkeypatch,
+                                                               capsys):
+    """`gatelab variants` printed 215 columns (two both headed "paper") and a dry run 217:
+    the terminal gets 120 at most; the full variants table goes to --out FILE."""
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) > 20 and max(len(line) for line in lines) <= 120
+    if argv[0] == "variants":
+        assert lines[0].split()[:4] == ["slug", "in", "paper", "paper"]  # in paper, paper dPPL
+        assert "--out FILE" in lines[-1]
+        assert main([*argv, "--out", str(tmp_path / "variants.txt")]) == 0
+        full = (tmp_path / "variants.txt").read_text()
+        assert "budget: ours (paper)" in full and "sdpa (G1) elementwise" in full
+        assert str(tmp_path / "variants.txt") in capsys.readouterr().out

@@ -425,7 +425,8 @@ def test_cli_prepare_and_train_errors_are_one_line(text_corpus, cache, tmp_path,
 
 # --- the real corpus ----------------------------------------------------------------------
 
-@pytest.mark.skipif(not GUTENBERG.is_dir(), reason=f"{GUTENBERG} (shared corpus) is absent")
+@pytest.mark.skipif(not GUTENBERG.is_dir(), reason="the shared Gutenberg corpus is absent "
+                    "(shared/data/gutenberg-en beside the clone, or GATELAB_SHARED)")
 def test_gutenberg_valid_file(cache):
     source = str(GUTENBERG / "valid.txt.xz")
     result = corpus.prepare(source, 1024, holdout_every=3, tokenizer_sample_mb=0.5)

@@ -13,8 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lab.progress import (LIBRARY_LOGGERS, VERBOSITY_ENV, GridProgress, RunProgress,
+from lab.progress import (LIBRARY_LOGGERS, VERBOSITY_ENV, GridProgress,
                           configure_output, duration, set_verbosity, verbosity)
+from lab.training.callbacks import RunProgress
 
 
 @pytest.fixture

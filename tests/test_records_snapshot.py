@@ -13,7 +13,7 @@ import pytest
 
 from gridkit import _template_db
 from lab import records
-from lab.cli import main
+from lab.cli import EXAMPLES, main
 from lab.errors import LabError
 from lab.records import snapshot
 
@@ -124,22 +124,126 @@ def test_bad_snapshots_are_one_line_and_leave_no_store(tmp_path, monkeypatch):
             snapshot.unpack(bad)
     assert not (tmp_path / "empty" / "mlruns" / "mlflow.db").exists()
     with pytest.raises(LabError, match="no store"):
-        snapshot.pack(tmp_path / "out.tgz")
+        snapshot.pack(tmp_path / "out.tar.xz")
 
 
-def test_the_committed_snapshot_resumes_the_reproduction_grids(tmp_path, monkeypatch):
-    """docs/store/reproduction.tar.xz is where the reproduction goes on from: every run it
-    holds as FINISHED in a grid's experiment is a cell of that grid's file
-    (ablations/<grid>.yaml) as the code plans it now, so a change to what identifies a cell
-    (lab/config.py, the hash) cannot make the next GPU session train those cells again
-    unnoticed."""
+def _add_grid(name: str, val_loss: float) -> str:
+    """Another grid's experiment with one finished run in the store GATELAB_STORE names."""
+    uri = records.tracking_uri()
+    client = records.client(uri)
+    run = client.create_run(records.experiment_id(client, name, uri), run_name="baseline/seed=0")
+    client.log_metric(run.info.run_id, "val/loss", val_loss, step=3)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def _runs_by_experiment(database: Path) -> dict[str, list[str]]:
+    db = sqlite3.connect(database)
+    try:
+        found: dict[str, list[str]] = {}
+        for name, run in db.execute("SELECT e.name, r.run_uuid FROM runs r JOIN experiments e "
+                                    "ON e.experiment_id = r.experiment_id ORDER BY r.run_uuid"):
+            found.setdefault(name, []).append(run)
+        return found
+    finally:
+        db.close()
+
+
+def test_pack_never_overwrites_a_file_without_force(tmp_path, monkeypatch, capsys):
+    """The example in `gatelab store --help` once overwrote the committed 81-run snapshot
+    with a 16-run one: an existing file is replaced only with --force."""
+    _store(tmp_path / "here" / "mlruns", monkeypatch)
+    out = tmp_path / "kept.tar.xz"
+    out.write_bytes(b"an earlier snapshot")
+    assert main(["store", "pack", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: store pack: {out} exists; pass --force to replace it, or pack to " \
+                  "another file\n"
+    assert out.read_bytes() == b"an earlier snapshot"
+    assert main(["store", "pack", str(out), "--force", "--quiet"]) == 0
+    with tarfile.open(out) as tar:
+        assert "mlflow.db" in tar.getnames()
+    assert "docs/store" not in EXAMPLES["store"]  # the help's example writes elsewhere
+
+
+@pytest.mark.parametrize("name", ["store.tgz", "store.tar.gz", "store.xz", "store"])
+def test_pack_names_its_xz_data_honestly(name, tmp_path, monkeypatch, capsys):
+    _store(tmp_path / "here" / "mlruns", monkeypatch)
+    assert main(["store", "pack", str(tmp_path / name)]) == 2
+    assert f"name it *.tar.xz (e.g. {tmp_path / 'store.tar.xz'})" in capsys.readouterr().err
+    assert not (tmp_path / name).exists()
+
+
+def test_one_file_per_grid_and_several_unpack_into_one_store(tmp_path, monkeypatch):
+    """`pack --grid` writes one grid's experiment (its runs, metrics and artifacts, no other
+    grid's rows), and `unpack A B` merges the files into one store that equals the whole."""
+    from mlflow.entities import Dataset, DatasetInput
+
+    here = tmp_path / "here" / "mlruns"
+    uri, run_id = _store(here, monkeypatch)
+    other = _add_grid("reproduce-base", 2.5)
+    # a run's corpus as an MLflow dataset input: a row in datasets, inputs and input_tags
+    records.client(uri).log_inputs(run_id, [DatasetInput(Dataset(
+        "gutenberg-en", "digest-1", "local", "cache/gutenberg-en"))])
+    whole = _runs_by_experiment(here / "mlflow.db")
+    assert snapshot.pack(tmp_path / "reproduce.tar.xz", grid="reproduce").runs == 1
+    assert snapshot.pack(tmp_path / "reproduce-base.tar.xz", grid="reproduce-base").runs == 1
+    with tarfile.open(tmp_path / "reproduce-base.tar.xz") as tar:
+        assert not any(n.startswith("artifacts/reproduce/") for n in tar.getnames())
+        tar.extract("mlflow.db", tmp_path / "base-only", filter="data")
+    db = sqlite3.connect(tmp_path / "base-only" / "mlflow.db")
+    assert [r[0] for r in db.execute("SELECT name FROM experiments ORDER BY name")] == \
+        ["Default", "reproduce-base"]
+    assert {r[0] for r in db.execute("SELECT DISTINCT run_uuid FROM metrics")} == {other}
+    assert db.execute("SELECT count(*) FROM params WHERE run_uuid = ?", (run_id,)).fetchone() == (0,)
+    assert db.execute("SELECT count(*) FROM inputs").fetchone() == (0,)  # the other grid's
+    assert db.execute("SELECT count(*) FROM datasets").fetchone() == (0,)
+    db.close()
+    with pytest.raises(LabError, match="no such experiment in .*there: reproduce, reproduce-base"):
+        snapshot.pack(tmp_path / "x.tar.xz", grid="nope")
+
+    there = tmp_path / "there" / "mlruns"
+    monkeypatch.setenv("GATELAB_STORE", str(there))
+    assert main(["store", "unpack", str(tmp_path / "reproduce-base.tar.xz"),
+                 str(tmp_path / "reproduce.tar.xz"), "--quiet"]) == 0
+    assert _runs_by_experiment(there / "mlflow.db") == whole
+    client = records.client(records.tracking_uri())
+    assert client.get_run(other).data.metrics["val/loss"] == 2.5
+    assert client.get_run(run_id).data.metrics["val/loss"] == 3.75
+    dataset = client.get_run(run_id).inputs.dataset_inputs[0].dataset
+    assert (dataset.name, dataset.digest) == ("gutenberg-en", "digest-1")
+    got = Path(client.download_artifacts(run_id, "loss_history.json", str(tmp_path)))
+    assert json.loads(got.read_text()) == {"loss": [4.0, 3.9]}
+    # each experiment a grid finds by name, new runs under the store's own folder
+    new = client.create_run(records.experiment_id(client, "reproduce", records.tracking_uri()))
+    assert new.info.artifact_uri.startswith((there / "artifacts" / "reproduce").as_uri())
+
+
+def test_unpack_refuses_two_snapshots_of_one_grid_and_writes_nothing(tmp_path, monkeypatch):
+    _store(tmp_path / "here" / "mlruns", monkeypatch)
+    snapshot.pack(tmp_path / "a.tar.xz", grid="reproduce")
+    snapshot.pack(tmp_path / "whole.tar.xz")
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "there" / "mlruns"))
+    with pytest.raises(LabError, match="whole.tar.xz holds experiment.s. reproduce that another"):
+        snapshot.unpack([tmp_path / "a.tar.xz", tmp_path / "whole.tar.xz"])
+    assert not (tmp_path / "there" / "mlruns" / "mlflow.db").exists()
+    with pytest.raises(LabError, match="absent.tar.xz is not a file"):
+        snapshot.unpack([tmp_path / "a.tar.xz", tmp_path / "absent.tar.xz"])
+
+
+def test_the_committed_snapshots_resume_the_reproduction_grids(tmp_path, monkeypatch):
+    """docs/store/<grid>.tar.xz, one file per grid, is where the reproduction goes on from:
+    each holds that grid's experiment alone, and every run it holds as FINISHED is a cell
+    of the grid's file (ablations/<grid>.yaml) as the code plans it now, so a change to what
+    identifies a cell (lab/config.py, the hash) cannot make the next GPU session train
+    those cells again unnoticed."""
     from types import SimpleNamespace
 
     from lab.experiments import grid
 
-    snapshot_file = Path(__file__).resolve().parents[1] / "docs" / "store" / "reproduction.tar.xz"
+    files = sorted((Path(__file__).resolve().parents[1] / "docs" / "store").glob("*.tar.xz"))
     monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
-    snapshot.unpack(snapshot_file)
+    snapshot.unpack(files)
     db = sqlite3.connect(tmp_path / "mlruns" / "mlflow.db")
     finished: dict[str, set[str]] = {}
     for experiment, config_hash in db.execute(
@@ -148,6 +252,9 @@ def test_the_committed_snapshot_resumes_the_reproduction_grids(tmp_path, monkeyp
             "WHERE r.status = 'FINISHED' AND t.key = 'config_hash'"):
         finished.setdefault(experiment, set()).add(config_hash)
     db.close()
+    # one file per grid, named after it, holding only it
+    assert set(_runs_by_experiment(tmp_path / "mlruns" / "mlflow.db")) == \
+        {f.name.removesuffix(".tar.xz") for f in files}
     # The cells as plan() resolves them, the corpus it opens for their vocabulary replaced by
     # the prepared one's size (16,384, the BPE `gatelab prepare` trains: docs/results.md),
     # which CI does not have.

@@ -241,7 +241,12 @@ def test_report_command_prints_every_variant(store, capsys, tmp_path):
     write_grid(store, "printed")
     assert main(["report", "printed", "--out", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
-    assert all(f"| {variant} |" in out for variant, _ in PPL)
+    names = {line.split()[0] for line in out.splitlines() if line.strip()}
+    assert all(variant in names for variant, _ in PPL)
+    # 120 columns at most; the full table is in the files the last line names
+    assert max(len(line) for line in out.splitlines()) <= 120
+    assert f"{tmp_path / 'r'}/report.md and report.csv" in out.splitlines()[-1]
+    assert all(f"| {variant} |" in (tmp_path / "r" / "report.md").read_text() for variant, _ in PPL)
 
 
 def test_the_parent_run_carries_the_summary_and_the_cells_their_variants_colour(store, tmp_path):

@@ -28,7 +28,8 @@ exit 0
 """
 
 
-def run_script(tmp_path: Path, phases: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+def run_script(tmp_path: Path, phases: str, **extra_env: str
+               ) -> tuple[subprocess.CompletedProcess, list[str]]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "python3").write_text(FAKE_PYTHON)
@@ -39,7 +40,7 @@ def run_script(tmp_path: Path, phases: str) -> tuple[subprocess.CompletedProcess
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls),
                OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"),
                GATELAB_STORE=str(tmp_path / "store"), DATA=str(tmp_path / "data"),
-               CALL_LIMIT_S="0")
+               CALL_LIMIT_S="0", **extra_env)
     done = subprocess.run(["bash", str(SCRIPT), phases], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     lines = calls.read_text().splitlines() if calls.exists() else []
@@ -54,9 +55,17 @@ def test_comma_joined_phases_run_their_grids_in_the_script_s_order(tmp_path):
     done, lines = run_script(tmp_path, "base-lr,base")
     assert done.returncode == 0, done.stdout + done.stderr
     assert grids_run(lines) == ["reproduce-base", "reproduce-base-lr"]
-    # the corpus is prepared first and the store packed last, once each
+    # the corpus is prepared first, the committed snapshots unpacked into one store before
+    # any grid, and each grid that ran packed into its own file last
     assert lines[0].startswith("-m lab prepare")
-    assert [line for line in lines if "store pack" in line][-1] == lines[-1]
+    committed = sorted(str(f.relative_to(ROOT)) for f in (ROOT / "docs" / "store").glob("*.tar.xz"))
+    unpacks = [line.split()[4:] for line in lines if line.startswith("-m lab store unpack")]
+    assert unpacks == [committed + ["--quiet"]] and len(committed) >= 4
+    out = tmp_path / "out"
+    assert lines[-2:] == [f"-m lab store pack {out}/{grid}.tar.xz --grid {grid} --plots --force "
+                          "--quiet" for grid in ("reproduce-base", "reproduce-base-lr")]
+    assert lines.index(next(line for line in lines if "store unpack" in line)) < \
+        lines.index(next(line for line in lines if line.startswith("-m lab grid")))
 
 
 def test_a_single_phase_runs_only_its_grid(tmp_path):
@@ -65,13 +74,29 @@ def test_a_single_phase_runs_only_its_grid(tmp_path):
     assert grids_run(lines) == ["stability-noqk"]
 
 
+ALL_GRIDS = ["reproduce", "reproduce-base", "reproduce-base-init", "reproduce-base-lr",
+             "reproduce-base-steps", "sink", "stability", "stability-noqk", "reproduce-init",
+             "reproduce-lr"]
+
+
 def test_all_runs_every_grid_but_not_the_eval_check(tmp_path):
+    done, lines = run_script(tmp_path, "all", OUT_FILES_LIMIT="0")  # no limit on files back
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert grids_run(lines) == ALL_GRIDS
+    assert not any("eval_check" in line for line in lines)
+    packed = [line.split()[6] for line in lines if line.startswith("-m lab store pack")]
+    assert packed == ALL_GRIDS
+
+
+def test_a_call_starts_no_grid_whose_snapshot_would_not_come_back(tmp_path):
+    """A lent machine's call brings back 8 files: the log, the reports' tarball and one
+    snapshot per grid leave room for 6 grids; the rest wait for the next call."""
     done, lines = run_script(tmp_path, "all")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert grids_run(lines) == ["reproduce", "reproduce-base", "reproduce-base-init",
-                                "reproduce-base-lr", "reproduce-base-steps", "sink", "stability", "stability-noqk",
-                                "reproduce-init", "reproduce-lr"]
-    assert not any("eval_check" in line for line in lines)
+    assert grids_run(lines) == ALL_GRIDS[:6]
+    assert "grid reproduce-init: not started: its snapshot would pass the 8 files" in done.stdout
+    out = [line.split()[4] for line in lines if line.startswith("-m lab store pack")]
+    assert len(out) == 6 and len(set(out)) == 6
 
 
 def test_prepare_alone_stops_before_the_store(tmp_path):
@@ -96,3 +121,6 @@ def test_report_reads_the_base_grid_against_its_init_control(tmp_path):
     assert reports[1][1:3] == ["--control", "reproduce-base-init"]
     assert "--control" not in reports[0] and "--control" not in reports[2]
     assert not any(line.startswith("-m lab prepare") for line in lines)
+    assert not any(line.startswith("-m lab store pack") for line in lines)  # no grid ran
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["reports.tgz",
+                                                                     "reproduce.log"]

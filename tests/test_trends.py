@@ -329,12 +329,13 @@ def test_report_prints_the_verdicts_and_checks_its_band(store, tmp_path, capsys)
 
     write_grid(store)
     assert main(["report", "fake", "--tracking-uri", store, "--out", str(tmp_path / "out")]) == 0
-    text = capsys.readouterr().out
-    trends_part = text.split("### The paper's trends")[1]
+    printed = capsys.readouterr().out
+    assert "  1. partly: 1 of 5 as the paper" in printed  # a line a verdict in the terminal
+    assert max(len(line) for line in printed.splitlines()) <= 120
+    trends_part = (tmp_path / "out" / "report.md").read_text().split("### The paper's trends")[1]
     assert "| 1 | G1 elementwise < baseline | val/ppl | 7.288 vs 7.421 (dense, Table 2) " \
            "| -0.4667 |" in trends_part
     assert "| as the paper |" in trends_part
-    assert "### The paper's trends" in (tmp_path / "out" / "report.md").read_text()
     assert main(["report", "fake", "--tracking-uri", store, "--equivalence-percent", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "report: --equivalence-percent must be above 0, not 0" in err[0]
@@ -375,16 +376,23 @@ def test_across_grids_names_where_each_trend_holds():
         "| holds | holds | all 2 that test it |")
 
 
-def test_report_of_several_grids_prints_the_verdicts_side_by_side(store, tmp_path, capsys):
+def test_report_of_several_grids_prints_the_verdicts_side_by_side(store, tmp_path, capsys,
+                                                                  monkeypatch):
     from test_report import write_grid
 
     from lab.cli import main
 
     write_grid(store, "small")
     write_grid(store, "base")
+    monkeypatch.chdir(tmp_path)  # (each report goes to reports/<grid>, the side-by-side beside)
     assert main(["report", "small", "base", "--tracking-uri", store]) == 0
     out = capsys.readouterr().out
-    assert "## The paper's trends across these grids" in out
-    assert "| # | the paper's trend | small | base | holds in |" in out
+    lines = out.splitlines()  # a line a trend: the grids where it holds
+    assert all(any(line.startswith(f"{t.number:>3}. ") for line in lines) for t in trends.TRENDS)
+    assert "side by side, with each grid's verdict: reports/trends-small+base.md" in out
+    assert max(len(line) for line in out.splitlines()) <= 120
+    side_by_side = (tmp_path / "reports" / "trends-small+base.md").read_text()
+    assert "## The paper's trends across these grids" in side_by_side
+    assert "| # | the paper's trend | small | base | holds in |" in side_by_side
     assert main(["report", "small", "base", "--tracking-uri", store, "--out", str(tmp_path)]) == 2
     assert "--out takes one grid" in capsys.readouterr().err

@@ -49,7 +49,8 @@ def test_moe_only_variant_says_it_needs_an_moe_preset(capsys):
 
 def test_variants_table_shows_slug_paper_delta_and_added_params_at_the_preset(capsys):
     text = run_cli(capsys, "variants", "--preset", "small")
-    lines = {line.split()[0]: line for line in text.splitlines()[1:]}
+    table = text.split("\n\n")[0]  # (then why a row is n/a, and where the full table is)
+    lines = {line.split()[0]: line for line in table.splitlines()[1:]}
     assert set(lines) == set(VARIANTS)
     assert "added @small" in text.splitlines()[0]
     headwise = lines["sdpa_headwise_sigmoid_mul"].split()
@@ -211,8 +212,10 @@ def test_add4experts_budget_is_given_at_an_moe_preset():
         abs=1e-4)
 
 
-def test_variants_table_shows_the_papers_added_parameters_and_the_budgets(capsys):
-    text = run_cli(capsys, "variants", "--preset", "small")
+def test_variants_table_shows_the_papers_added_parameters_and_the_budgets(capsys, tmp_path):
+    """The budgets are in the full table (`--out FILE`); the terminal's stops at 120 columns."""
+    run_cli(capsys, "variants", "--preset", "small", "--out", str(tmp_path / "full.txt"))
+    text = (tmp_path / "full.txt").read_text()
     assert "budget: ours (paper)" in text.splitlines()[0]
     lines = {line.split()[0]: line for line in text.splitlines()[1:]}
     assert "38M" in lines["switchhead_kv_8top8"].split()

@@ -47,35 +47,34 @@ import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from mlflow.exceptions import MlflowException
 
 from lab import check as lab_check
 from lab import records
-from lab.config import (RunConfig, from_dict, parse_lrs, parse_seeds, parse_variants, resolve,
-                        with_vocab)
+from lab.config import RunConfig, from_dict, resolve, with_vocab
 from lab.errors import LabError, check_positive
 from lab.experiments.overrides import override_pairs
-from lab.experiments.pool import (WorkerPool, die_with_parent, fail_run, gpu_slots, parse_gpus,
-                                  slot_name, threads_per_worker)
-from lab.experiments.schema import ExperimentSpec, KeyReader
+from lab.experiments.pool import (WorkerPool, cpu_threads, die_with_parent, fail_run, gpu_slots,
+                                  parse_gpus, slot_name, threads_per_worker)
+from lab.experiments.schema import GridSpec, grid_from_dict, load_grid, with_cli  # noqa: F401
 from lab.interrupts import interruption, note_killed, stop_on_signals
 from lab.model.gates import VARIANTS
 from lab.model.loss import require as require_loss_kernel
 from lab.model.params import count_params, model_flops_per_token
-from lab.progress import GridProgress, RunProgress, configure_output, duration
+from lab.progress import GridProgress, configure_output, duration
 from lab.records import (DEVICE_TAG, GRID_TAG, HEARTBEAT_TAG, OWNER_TAG, STALE_AFTER_S,
                          checkpoint_dir, child_runs, describe_failure, end_run,
                          find_or_create_grid_parent, heartbeat, kill_dead_run, load_checkpoint,
                          owner_alive, owner_identity, run_owner_alive, start_run)
 from lab.training import phases as run_phases
-from lab.training.callbacks import FirstStepNotice
+from lab.training.callbacks import FirstStepNotice, RunProgress
 from lab.training.module import use_compile_cache
 from lab.training.run import open_data, train_run
 from lab.training.schedule import total_steps
@@ -88,53 +87,6 @@ CLAIM_TAG = "gatelab.claim"    # on a cell's run: the <config_hash>/<attempt> it
 # we assume per worker, plus a fixed cost per run (process, store, validation and test).
 ASSUMED_FLOPS = {"cpu": 1.5e10, "cuda": 1e14}
 ASSUMED_RUN_OVERHEAD_S = 5.0
-
-
-# --- the grid file ----------------------------------------------------------------------
-
-def _learning_rates_key(value) -> dict:
-    """`lrs`: a list of learning rates, or {from_sweep: <sweep name>}."""
-    if isinstance(value, dict):
-        if set(value) != {"from_sweep"} or not isinstance(value["from_sweep"], str):
-            raise LabError("lrs: expected a list of learning rates or {from_sweep: <sweep name>}")
-        return {"lrs": None, "lr_sweep": value["from_sweep"]}
-    return {"lrs": parse_lrs(value)}
-
-
-@dataclass(frozen=True, kw_only=True)
-class GridSpec(ExperimentSpec):
-    """A validated grid file (ablations/*.yaml): the schema's fields and the learning rates."""
-
-    lrs: tuple[float, ...] | None = None     # None: the preset's LR
-    lr_sweep: str | None = None              # lrs: {from_sweep: <name>}
-
-    kind: ClassVar[str] = "grid"
-
-    @classmethod
-    def keys(cls) -> dict[str, KeyReader]:
-        return {**super().keys(), "lrs": _learning_rates_key}
-
-
-def grid_from_dict(raw, source: str = "grid file") -> GridSpec:
-    return GridSpec.from_dict(raw, source)
-
-
-def load_grid(path: str | Path) -> GridSpec:
-    return GridSpec.load(path)
-
-
-def with_cli(spec: GridSpec, preset=None, data=None, tokens=None, seeds=None, lrs=None,
-             variants=None, overrides=None) -> GridSpec:
-    """Command-line flags replace the file's fields (`--set` adds overrides)."""
-    spec = spec.with_flags(preset=preset, data=data, tokens=tokens, overrides=overrides)
-    changes: dict = {}
-    if seeds is not None:
-        changes["seeds"] = parse_seeds(seeds, "--seeds")
-    if lrs is not None:
-        changes["lrs"], changes["lr_sweep"] = parse_lrs(lrs, "--lrs"), None
-    if variants is not None:
-        changes["variants"] = parse_variants(variants, "--variants")
-    return dataclasses.replace(spec, **changes)
 
 
 # --- cells ---------------------------------------------------------------------------------
@@ -236,7 +188,7 @@ def shard_cells(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
 # 2026-12-02, after the graph-break fix made one cell 1.9x faster: 2 cells 1.37x (3 and 4
 # not reached within that call; the earlier 1.69x and 1.83x were of the slower cells).
 # `base`, 2026-12-03, in real `reproduce-base` cells (each cell's logged
-# throughput/tokens_per_s_mean, docs/store/reproduction.tar.xz): 2 at once 392k + 415k
+# throughput/tokens_per_s_mean, docs/store/reproduce-base.tar.xz): 2 at once 392k + 415k
 # against 852-913k alone, so 0.90x: a 51M cell keeps the GPU busy and another one only costs.
 MEASURED_PACKING = {"small": {"speedup": {1: 1.0, 2: 1.37}, "peak_gib": 3.9},
                     "base": {"speedup": {1: 1.0, 2: 0.90}, "peak_gib": 21.2}}
@@ -397,7 +349,9 @@ def print_dry_run(spec: GridSpec, cells: list[Cell], uri: str, workers: int, dev
     already = f" ({len(cells) - len(left)} already FINISHED in the store)" if len(left) < len(cells) \
         else ""
     print(f"estimated time: {duration(total)} for {len(left)} cell(s) to run{already} on "
-          f"{workers} {device} worker(s); basis: {basis}")
+          f"{workers} {device} worker(s)")
+    # (the basis on lines of its own: the dry run fits a 120-column terminal)
+    print(textwrap.fill(f"basis: {basis}", 120, subsequent_indent="  "))
 
 
 # --- the store ------------------------------------------------------------------------
@@ -721,7 +675,7 @@ class GridOptions:
     # "auto": from the measured packing gains (auto_runs_per_gpu).
     runs_per_gpu: int | str = "auto"
     cpu_workers: int = 1
-    cpu_threads: int | None = None   # torch threads per CPU worker; None: cores / workers
+    cpu_threads: int | None = None   # torch threads per CPU worker; None: pool.threads_per_worker
     dry_run: bool = False
     tracking_uri: str | None = None
     shard: str | None = None
@@ -779,14 +733,13 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
         check_positive("--time-limit", options.time_limit_s)
     if options.cpu_workers < 1:
         raise LabError(f"--cpu-workers: must be at least 1, got {options.cpu_workers}")
-    if options.cpu_threads is not None and options.cpu_threads < 1:
-        raise LabError(f"--cpu-threads: must be at least 1, got {options.cpu_threads}")
     runs_per_gpu = parse_runs_per_gpu(options.runs_per_gpu)
     check_positive("--stale-after", options.stale_after_s)
-    # Small models gain little from intra-op threads and lose much when threads outnumber
-    # free cores, so CPU workers split the cores between them.
-    cpu_threads = options.cpu_threads or threads_per_worker(options.cpu_workers)
     all_cells = plan(spec)
+    # Small models gain little from intra-op threads and lose much when threads outnumber
+    # free cores, so CPU workers split the cores between them (one each for the CPU presets).
+    worker_threads = cpu_threads(options.cpu_threads, options.cpu_workers,
+                                 all_cells[0].config.model.d_model if all_cells else None)
     cells = shard_cells(all_cells, shard)
     devices = cells[0].config.train.devices
     if gpus and devices > len(gpus):
@@ -886,11 +839,11 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
                                lambda task: run_ddp_cell(task, ctx, gpus))
             elif workers == 1 and not (gpus and options.gpus not in (None, "all")):
                 if not gpus:
-                    _set_threads(cpu_threads)
+                    _set_threads(worker_threads)
                 left = in_turn(None, lambda task: execute_cell(task, ctx))
             else:
                 slots = pinned or gpu_slots([], options.cpu_workers)
-                threads = threads_per_worker(len(pinned)) if gpus else cpu_threads
+                threads = threads_per_worker(len(pinned)) if gpus else worker_threads
                 pool = CellPool(slots, threads, ctx)
                 try:
                     warm_first = {"shape_of": lambda task: compile_shape(task.config)} \

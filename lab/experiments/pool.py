@@ -67,9 +67,27 @@ def slot_name(slot: dict[str, str]) -> str:
     return f"GPU {slot[GPU_ENV]}" if GPU_ENV in slot else "a CPU worker"
 
 
-def threads_per_worker(workers: int) -> int:
-    """Torch threads for each of `workers` processes on this host: the cores split evenly."""
+# A model this narrow (the CPU presets, tiny and moe-tiny: d_model 64) gains nothing from a
+# second intra-op thread and loses much when that thread waits for a core other jobs hold:
+# 20 tiny steps took 1 s on one thread and 15 s on two with the cores busy (tests/conftest.py),
+# the README's `gatelab train --preset tiny` example 4 s against 25 s (2026-12-05, 2 cores).
+ONE_THREAD_D_MODEL = 128
+
+
+def threads_per_worker(workers: int, d_model: int | None = None) -> int:
+    """Torch threads for each of `workers` processes on this host: the cores split evenly,
+    or one for a model no wider than ONE_THREAD_D_MODEL."""
+    if d_model is not None and d_model <= ONE_THREAD_D_MODEL:
+        return 1
     return max(1, (os.cpu_count() or 1) // workers)
+
+
+def cpu_threads(requested: int | None, workers: int, d_model: int | None = None) -> int:
+    """`--cpu-threads` of `gatelab grid` and `gatelab train`: the count asked for, else
+    threads_per_worker's."""
+    if requested is not None and requested < 1:
+        raise LabError(f"--cpu-threads: must be at least 1, got {requested}")
+    return requested or threads_per_worker(workers, d_model)
 
 
 def exit_text(exitcode: int | None) -> str:

@@ -2,7 +2,7 @@
 read, and the flags that replace a file's values (`--preset`, `--data`, `--tokens`, `--set`).
 
 A file kind is a frozen dataclass that extends `ExperimentSpec` with its own fields and keys
-(lab/experiments/grid.py `GridSpec`, lab/experiments/sweep.py `Sweep`). Reading one refuses,
+(`GridSpec` below, lab/experiments/sweep.py `Sweep`). Reading one refuses,
 with one LabError that names the key and the file (the CLI's one `error:` line, exit code 2),
 anything but a mapping, a key the kind does not have, a missing required key and a value
 its key's reader rejects, before anything is written anywhere. A key set to null is absent.
@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from lab.config import check_name, parse_seeds, parse_variants, read_yaml, yaml_number
+from lab.config import (check_name, parse_lrs, parse_seeds, parse_variants, read_yaml,
+                        yaml_number)
 from lab.errors import LabError
 from lab.experiments.overrides import read_overrides
 
@@ -170,3 +171,52 @@ class ExperimentSpec:
         out = dataclasses.asdict(self)
         out["variants"] = list(self.variants) if self.variants != "all" else "all"
         return out
+
+
+# --- the grid file (here, not in lab/experiments/grid.py, so that `gatelab grid` reads and
+# checks it before importing torch's training stack, MLflow and Lightning: a bad file's
+# error line need not wait for them; benchmarks/README.md, start-up) ---------------------
+
+def _learning_rates_key(value) -> dict:
+    """`lrs`: a list of learning rates, or {from_sweep: <sweep name>}."""
+    if isinstance(value, dict):
+        if set(value) != {"from_sweep"} or not isinstance(value["from_sweep"], str):
+            raise LabError("lrs: expected a list of learning rates or {from_sweep: <sweep name>}")
+        return {"lrs": None, "lr_sweep": value["from_sweep"]}
+    return {"lrs": parse_lrs(value)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class GridSpec(ExperimentSpec):
+    """A validated grid file (ablations/*.yaml): the schema's fields and the learning rates."""
+
+    lrs: tuple[float, ...] | None = None     # None: the preset's LR
+    lr_sweep: str | None = None              # lrs: {from_sweep: <name>}
+
+    kind: ClassVar[str] = "grid"
+
+    @classmethod
+    def keys(cls) -> dict[str, KeyReader]:
+        return {**super().keys(), "lrs": _learning_rates_key}
+
+
+def grid_from_dict(raw, source: str = "grid file") -> GridSpec:
+    return GridSpec.from_dict(raw, source)
+
+
+def load_grid(path: str | Path) -> GridSpec:
+    return GridSpec.load(path)
+
+
+def with_cli(spec: GridSpec, preset=None, data=None, tokens=None, seeds=None, lrs=None,
+             variants=None, overrides=None) -> GridSpec:
+    """Command-line flags replace the file's fields (`--set` adds overrides)."""
+    spec = spec.with_flags(preset=preset, data=data, tokens=tokens, overrides=overrides)
+    changes: dict = {}
+    if seeds is not None:
+        changes["seeds"] = parse_seeds(seeds, "--seeds")
+    if lrs is not None:
+        changes["lrs"], changes["lr_sweep"] = parse_lrs(lrs, "--lrs"), None
+    if variants is not None:
+        changes["variants"] = parse_variants(variants, "--variants")
+    return dataclasses.replace(spec, **changes)

@@ -71,8 +71,9 @@ from lab.experiments.pool import WorkerPool, fail_run, gpu_slots, parse_gpus, th
 from lab.experiments.schema import ExperimentSpec, KeyReader, nonempty_string
 from lab.interrupts import interruption, note_killed, stop_on_signals
 from lab.model.params import count_params
-from lab.progress import RunProgress, configure_output, duration
+from lab.progress import configure_output, duration
 from lab.records import OWNER_TAG, end_dead_runs, is_local, owner_alive, owner_identity
+from lab.training.callbacks import RunProgress
 from lab.training.run import open_data, train_run
 from lab.training.schedule import total_steps
 

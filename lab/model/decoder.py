@@ -89,7 +89,11 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, base: float, context: int, yarn_factor: float = 1.0,
                  beta_fast: float = 32.0, beta_slow: float = 1.0):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        # (on the meta device, for parameter counting, the table is made on the CPU: arange on
+        # meta first loads torch's compiler stack, 1.3 s that `gatelab variants` waited for)
+        device = "cpu" if torch.empty(0).is_meta else None
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64,
+                                                device=device) / head_dim))
         self.attention_scale = 1.0
         if yarn_factor > 1.0:
             wavelength = 2 * math.pi / inv_freq
@@ -353,7 +357,13 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, yarn_factor: float = 1.0):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # On the meta device (parameter counting) the embedding skips its default init:
+        # normal_ on meta loads torch's Python reference ops first, about a second that
+        # `gatelab variants` waited for (benchmarks/README.md, start-up). Elsewhere the default
+        # init stays: it draws from the RNG stream every recorded run was initialised with.
+        meta = torch.empty(0).is_meta
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.empty(
+            cfg.vocab_size, cfg.d_model) if meta else None)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.rms_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

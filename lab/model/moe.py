@@ -147,8 +147,9 @@ class MoEFeedForward(nn.Module):
         # Expert weights stored (E, in, out) so the grouped matmul reads x @ W[e] directly.
         self.gate_up = nn.Parameter(torch.empty(self.num_experts, cfg.d_model, 2 * hidden))
         self.down = nn.Parameter(torch.empty(self.num_experts, hidden, cfg.d_model))
-        nn.init.normal_(self.gate_up, std=cfg.init_std)  # the Decoder's normal(0, init_std)
-        nn.init.normal_(self.down, std=cfg.init_std)
+        if not self.gate_up.is_meta:  # (a meta model, for counting, has no values to draw)
+            nn.init.normal_(self.gate_up, std=cfg.init_std)  # the Decoder's normal(0, init_std)
+            nn.init.normal_(self.down, std=cfg.init_std)
         self.shared = SwiGLU(cfg.d_model, hidden) if cfg.moe_shared_expert else None
         # Each layer adds coef x loss / n_layers: the Decoder's sum is the mean over layers.
         self.aux_weight = cfg.moe_aux_loss_coef / cfg.n_layers

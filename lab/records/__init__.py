@@ -12,38 +12,43 @@ then `records.start_run(...)`); where each lives:
 - `owners.py`: which process owns a run (or a claim, a trial) and whether it still lives,
   and the end of the runs a dead owner left RUNNING;
 - `checkpoints.py`: where a run's checkpoint is and the one safe way to read it;
-- `snapshot.py`: the store packed into one file and unpacked elsewhere (`gatelab store`),
+- `snapshot.py`: the store (or one grid of it) packed into one file, and such files unpacked
+  elsewhere, merged (`gatelab store`),
   used through its module: `from lab.records import snapshot`.
+
+Each name is imported from its module when first used (PEP 562 `__getattr__`), not when the
+package is: `records.store_dir()` needs neither MLflow nor torch, and a command's one-line
+error should not wait seconds for them (benchmarks/README.md, start-up).
 """
 
-from lab.records.checkpoints import (checkpoint_dir, checkpoint_path, load_checkpoint,
-                                     read_checkpoint, run_id_from_prefix)
-from lab.records.lookup import (GRID_PARENT_TAG, GRID_TAG, child_runs, experiment_id,
-                                find_grid_parent, find_or_create_grid_parent,
-                                find_or_create_run, find_run, grid_cell_runs, search_all)
-from lab.records.owners import (OWNER_TAG, STALE_AFTER_S, end_dead_runs, is_local,
-                                kill_dead_run, owner_alive, owner_identity, run_owner_alive)
-from lab.records.runs import (DEVICE_TAG, FAILURE_KIND_TAG, FAILURE_TAG, HEARTBEAT_S,
-                              HEARTBEAT_TAG, KILLED_REASON_TAG, cell_name, describe_failure,
-                              device_name, end_run,
-                              finite_metrics, git_commit, heartbeat, log_check_table, log_corpus,
-                              log_metrics, log_params, log_yaml, run_tags, start_run,
-                              system_metrics, system_metrics_enabled)
-from lab.records.store import check_writable, client, open_store, store_dir, tracking_uri
-from lab.records.views import experiments_page_url, run_page_url, runs_page_url
+from __future__ import annotations
 
-__all__ = [
-    "checkpoint_dir", "checkpoint_path", "load_checkpoint", "read_checkpoint",
-    "run_id_from_prefix",
-    "GRID_PARENT_TAG", "GRID_TAG", "child_runs", "experiment_id", "find_grid_parent",
-    "find_or_create_grid_parent", "find_or_create_run", "find_run", "grid_cell_runs",
-    "search_all",
-    "OWNER_TAG", "STALE_AFTER_S", "end_dead_runs", "is_local", "kill_dead_run", "owner_alive",
-    "owner_identity", "run_owner_alive",
-    "DEVICE_TAG", "FAILURE_KIND_TAG", "FAILURE_TAG", "HEARTBEAT_S", "HEARTBEAT_TAG",
-    "KILLED_REASON_TAG", "cell_name", "describe_failure", "device_name", "end_run", "finite_metrics", "git_commit", "heartbeat",
-    "log_check_table", "log_corpus", "log_metrics", "log_params", "log_yaml", "run_tags",
-    "start_run", "system_metrics", "system_metrics_enabled",
-    "check_writable", "client", "open_store", "store_dir", "tracking_uri",
-    "experiments_page_url", "run_page_url", "runs_page_url",
-]
+import importlib
+
+HOMES = {
+    "checkpoints": ["checkpoint_dir", "checkpoint_path", "load_checkpoint", "read_checkpoint",
+                    "run_id_from_prefix"],
+    "lookup": ["GRID_PARENT_TAG", "GRID_TAG", "child_runs", "experiment_id", "find_grid_parent",
+               "find_or_create_grid_parent", "find_or_create_run", "find_run", "grid_cell_runs",
+               "search_all"],
+    "owners": ["OWNER_TAG", "STALE_AFTER_S", "end_dead_runs", "is_local", "kill_dead_run",
+               "owner_alive", "owner_identity", "run_owner_alive"],
+    "runs": ["DEVICE_TAG", "FAILURE_KIND_TAG", "FAILURE_TAG", "HEARTBEAT_S", "HEARTBEAT_TAG",
+             "KILLED_REASON_TAG", "cell_name", "describe_failure", "device_name", "end_run",
+             "finite_metrics", "git_commit", "heartbeat", "log_check_table", "log_corpus",
+             "log_metrics", "log_params", "log_yaml", "run_tags", "start_run", "system_metrics",
+             "system_metrics_enabled"],
+    "store": ["check_writable", "client", "open_store", "store_dir", "tracking_uri"],
+    "views": ["experiments_page_url", "run_page_url", "runs_page_url"],
+}
+_HOME = {name: module for module, names in HOMES.items() for name in names}
+
+__all__ = list(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+    globals()[name] = value  # found directly from now on
+    return value

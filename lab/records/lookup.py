@@ -4,19 +4,22 @@ many processes ask for it together."""
 
 from __future__ import annotations
 
+import os
+import sqlite3
 from contextlib import nullcontext
 
 from filelock import FileLock
-from mlflow.entities import ViewType
-from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
-from lab.records.store import LOCK_TIMEOUT_S, sqlite_path, store_dir
+from lab.errors import LabError
+from lab.records.store import LOCK_TIMEOUT_S, default_uri, sqlite_path, store_dir
 from lab.records.views import (EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, comparison_view_state,
                                read_comparison_view, write_comparison_view)
 
 GRID_PARENT_TAG = "gatelab.grid_parent"
 GRID_TAG = "gatelab.grid"   # on a grid's parent and on each of its cells' runs
+RUN_NAME_TAG = "mlflow.runName"  # mlflow.utils.mlflow_tags.MLFLOW_RUN_NAME
+# (MLflow is imported where it is used: the store's grids are read without it for a one-line
+# error, missing_grid)
 
 
 def experiment_id(mlflow_client, name: str, uri: str) -> str:
@@ -34,6 +37,8 @@ def experiment_id(mlflow_client, name: str, uri: str) -> str:
         if read_comparison_view(found.tags) != comparison_view_state():
             write_comparison_view(mlflow_client, found.experiment_id)  # the lab's view changed
         return found.experiment_id
+    from mlflow.exceptions import MlflowException
+
     location = None
     if uri.startswith("sqlite:"):
         location = (store_dir() / "artifacts" / name.replace("/", "_")).as_uri()
@@ -48,6 +53,8 @@ def experiment_id(mlflow_client, name: str, uri: str) -> str:
 
 def search_all(mlflow_client, experiment_id: str, filter_string: str) -> list:
     """Every active run of the experiment matching the filter, over all result pages."""
+    from mlflow.entities import ViewType
+
     runs, token = [], None
     while True:
         page = mlflow_client.search_runs([experiment_id], filter_string, ViewType.ACTIVE_ONLY,
@@ -82,7 +89,7 @@ def find_or_create_run(mlflow_client, experiment_id: str, match_tags: dict[str, 
         if found:
             return found, False
         mine = mlflow_client.create_run(experiment_id,
-                                        tags={MLFLOW_RUN_NAME: run_name, **match_tags,
+                                        tags={RUN_NAME_TAG: run_name, **match_tags,
                                               **(extra_tags or {})}).info.run_id
         winner = find_run(mlflow_client, experiment_id, match_tags)
     if winner != mine:
@@ -116,3 +123,40 @@ def grid_cell_runs(mlflow_client, name: str) -> tuple[str, list] | None:
     if parent is None:
         return None
     return parent, child_runs(mlflow_client, experiment.experiment_id, parent)
+
+
+def no_grid(grid: str, uri: str, grids: list[str]) -> LabError:
+    """The error for a grid the store at `uri` does not hold, naming the ones it does."""
+    return LabError(f"report: no grid named {grid!r} in {uri}; grids there: "
+                    f"{', '.join(sorted(grids)) or 'none (run `gatelab grid FILE` first)'}")
+
+
+def missing_grid(grid: str, uri: str | None = None) -> LabError | None:
+    """no_grid's error where a SQLite store (tracking_uri's choice: `uri`, else
+    MLFLOW_TRACKING_URI, else the local store) plainly lacks `grid`: no file, or no
+    experiment of that name; read with sqlite3 alone, so that the error does not wait for
+    MLflow's import (1.4 s). None wherever that cannot be told so: MLflow then decides."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+    try:
+        path = sqlite_path(uri) if uri.startswith("sqlite:") else None
+    except Exception:  # not a URL MLflow could use either: tracking_uri says so
+        return None
+    if path is None or path.is_dir():
+        return None
+    if not path.exists():
+        return no_grid(grid, uri, [])
+    try:
+        db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        try:
+            if db.execute("SELECT 1 FROM experiments WHERE name = ?", (grid,)).fetchone():
+                return None
+            grids = [name for (name,) in db.execute(
+                "SELECT DISTINCT e.name FROM experiments e JOIN runs r ON r.experiment_id = "
+                "e.experiment_id JOIN tags t ON t.run_uuid = r.run_uuid WHERE t.key = ? AND "
+                "t.value = 'true' AND e.lifecycle_stage = 'active' AND r.lifecycle_stage = "
+                "'active'", (GRID_PARENT_TAG,))]
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
+    return no_grid(grid, uri, grids)

@@ -16,19 +16,13 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import mlflow
-import mlflow.store
-import mlflow.store.db.utils  # registers every table of MLflow's models (_mlflow_tables)
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
 from filelock import FileLock, Timeout
-from mlflow.db import upgrade
-from mlflow.store.db.base_sql_model import Base
-from mlflow.tracking import MlflowClient
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 from lab.errors import LabError, check_free_space, writable_folder
+
+# MLflow, alembic and SQLAlchemy are imported in the functions that use them: the store's
+# folder and a check of a store file that does not exist yet need none of them, and MLflow
+# alone takes 1.4 s to import (benchmarks/README.md, start-up).
 
 STORE_DIR = "mlruns"
 
@@ -49,7 +43,7 @@ def tracking_uri(explicit: str | None = None) -> str:
     except OSError as err:  # read-only, a file in the way, a full disk
         raise LabError(f"store: cannot create {store} ({err.strerror or err}); set "
                        "GATELAB_STORE to a writable folder") from None
-    uri = f"sqlite:///{store / 'mlflow.db'}"
+    uri = default_uri()
     check_uri(uri, "store")
     return uri
 
@@ -74,9 +68,16 @@ def check_writable(uri: str, params: int) -> None:
         writable_folder("store", path.parent)  # SQLite writes its journal beside the file
 
 
+def default_uri() -> str:
+    """The local store's URI, unchecked: the SQLite file in store_dir()."""
+    return f"sqlite:///{store_dir() / 'mlflow.db'}"
+
+
 def client(uri: str):
     """An MlflowClient on `uri`, its SQLite store first made whole (open_store), so that
     MLflow never creates or migrates a store file in place."""
+    from mlflow.tracking import MlflowClient
+
     open_store(uri)
     return MlflowClient(tracking_uri=uri)
 
@@ -106,6 +107,8 @@ def check_uri(uri: str, source: str) -> None:
     if scheme in ("http", "https"):
         _check_server(uri, source)
     elif scheme in DATABASE_SCHEMES:
+        from sqlalchemy.exc import ArgumentError
+
         try:
             path = sqlite_path(uri) if scheme == "sqlite" else None
         except ArgumentError as err:
@@ -142,6 +145,8 @@ def _check_server(uri: str, source: str) -> None:
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a sqlite: URI; None for an in-memory database (or another
     database's URL)."""
+    from sqlalchemy.engine import make_url
+
     url = make_url(uri)
     database = url.database if url.get_backend_name() == "sqlite" else None
     return None if database in (None, "", ":memory:") else Path(database).absolute()
@@ -183,14 +188,20 @@ def _recovery(path: Path) -> str:
 @functools.cache
 def _migrations():
     """MLflow's alembic script directory (the package's db_migrations) and its head."""
+    import mlflow.store
+    from alembic.script import ScriptDirectory
+
     scripts = ScriptDirectory(str(Path(mlflow.store.__file__).parent / "db_migrations"))
     return scripts, scripts.get_current_head()
 
 
 @functools.cache
 def _mlflow_tables() -> frozenset[str]:
-    """The tables MLflow's models declare (the import of mlflow.store.db.utils above
-    registers all of them)."""
+    """The tables MLflow's models declare (importing mlflow.store.db.utils registers all
+    of them)."""
+    import mlflow.store.db.utils  # noqa: F401
+    from mlflow.store.db.base_sql_model import Base
+
     return frozenset(Base.metadata.tables)
 
 
@@ -228,6 +239,9 @@ def store_revision(path: Path) -> str:
         raise refuse("no MLflow schema revision (alembic_version): another program's database, "
                      "or a store whose creation stopped midway")
     revision = versions[0][0]
+    import mlflow
+    from alembic.util import CommandError
+
     scripts, head = _migrations()
     try:
         known = scripts.get_revision(revision) is not None
@@ -279,6 +293,9 @@ def _build(path: Path, work: Path, revision: str | None) -> None:
     """Under the store's lock: migrate `work` (a new file, or a copy of the store at
     `revision`) to MLflow's head with `mlflow db upgrade`, then rename it over `path`; an
     upgrade first keeps the old file as <store>.bak-<revision> and says so in one line."""
+    import mlflow
+    from mlflow.db import upgrade
+
     _remove_database(work)  # what a killed earlier attempt left; the lock makes it stale
     if revision is not None:
         copy_database(path, work)

@@ -56,6 +56,8 @@ from lab.analysis.outputs import LAYER_TABLE, layer_metrics
 from lab.errors import LabError
 from lab.model.gates import PAPER_DENSE_BASELINE_PPL, VARIANTS
 from lab.records import find_grid_parent, grid_cell_runs
+from lab.progress import clip
+from lab.records.lookup import no_grid
 from lab.reports import trends
 from lab.reports.ladder import plot_ladder
 from lab.reports.seeds import BASELINE, Interval, Row, RunRecord, paired_delta, t_interval
@@ -102,10 +104,8 @@ def load_runs(grid: str, uri: str | None = None) -> tuple[object, str, list[RunR
     client = records.client(uri)
     found = grid_cell_runs(client, grid)
     if found is None:
-        grids = [e.name for e in client.search_experiments()
-                 if find_grid_parent(client, e.experiment_id)]
-        raise LabError(f"report: no grid named {grid!r} in {uri}; grids there: "
-                       f"{', '.join(grids) or 'none (run `gatelab grid FILE` first)'}")
+        raise no_grid(grid, uri, [e.name for e in client.search_experiments()
+                                  if find_grid_parent(client, e.experiment_id)])
     parent, cell_runs = found
     latest: dict[str, object] = {}
     for run in cell_runs:
@@ -702,12 +702,29 @@ def summary_rows(rows: list[Row]) -> list[list[str]]:
     return table
 
 
+# What `gatelab report` and `gatelab demo` print fits TERMINAL_COLUMNS; the full tables (29
+# columns at `smoke`, 479 characters a line) are report.md and report.csv.
+
+
 def terminal_summary(report: Report) -> str:
     """`summary_rows` in aligned columns, for a terminal."""
     table = summary_rows(report.rows)
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
-                     for line in table)
+    return "\n".join(clip("  ".join(cell.ljust(width) for cell, width in zip(line, widths))
+                          .rstrip()) for line in table)
+
+
+def terminal_report(report: Report) -> str:
+    """What `gatelab report` prints of one grid: the short table, each trend's verdict in a
+    line, and where the full report is."""
+    lines = [f"grid {report.grid}", "", terminal_summary(report)]
+    judged = [v for v in report.verdicts if v.verdict != "not in this grid"]
+    if judged:
+        lines += ["", "the paper's trends here (each comparison behind them: report.md):"]
+        lines += [clip(f"{v.trend.number:>3}. {v.verdict}: {v.trend.claim}") for v in judged]
+    lines += ["", "the full report (every column, the trends' comparisons, plots; also on the "
+              "grid's parent run):", f"  {report.out_dir}/report.md and report.csv"]
+    return "\n".join(lines)
 
 
 def log_summary(client, parent: str, rows: list[Row], all_rows: list[Row],

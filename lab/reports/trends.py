@@ -695,6 +695,16 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
+def _where(verdicts: list[str], grids: list[str]) -> str:
+    """The grids where a trend holds, among those that test it."""
+    testable = [g for g, v in zip(grids, verdicts)
+                if v != "not in this grid" and not v.startswith("not testable")]
+    holding = [g for g, v in zip(grids, verdicts) if v == "holds"]
+    return ("no grid tests it" if not testable else
+            f"all {len(testable)} that test it" if len(holding) == len(testable) > 1 else
+            ", ".join(holding) if holding else "none")
+
+
 def across(by_grid: dict[str, list[TrendResult]]) -> str:
     """Trend 10 and the issue's "at both scales, at one, or at neither": each trend's verdict
     in each grid, and the grids where it holds."""
@@ -704,12 +714,15 @@ def across(by_grid: dict[str, list[TrendResult]]) -> str:
     for n, result in enumerate(by_grid[grids[0]]):
         trend = result.trend
         verdicts = [by_grid[g][n].verdict for g in grids]
-        testable = [g for g, v in zip(grids, verdicts)
-                    if v != "not in this grid" and not v.startswith("not testable")]
-        holding = [g for g, v in zip(grids, verdicts) if v == "holds"]
-        where = ("no grid tests it" if not testable else
-                 f"all {len(testable)} that test it" if len(holding) == len(testable) > 1 else
-                 ", ".join(holding) if holding else "none")
-        brief = [v.split(";")[0] if v.startswith("not testable") else v for v in verdicts]
-        lines.append(f"| {trend.number} | {trend.claim} | " + " | ".join(brief) + f" | {where} |")
+        short = [v.split(";")[0] if v.startswith("not testable") else v for v in verdicts]
+        lines.append(f"| {trend.number} | {trend.claim} | " + " | ".join(short)
+                     + f" | {_where(verdicts, grids)} |")
     return "\n".join(lines)
+
+
+def holds_in(by_grid: dict[str, list[TrendResult]]) -> list[str]:
+    """across() for a terminal: a line a trend, the grids where it holds and its claim."""
+    grids = list(by_grid)
+    return [f"{trend.number:>3}. {_where([by_grid[g][n].verdict for g in grids], grids)}: "
+            f"{trend.claim}" for n, trend in enumerate(TRENDS)]
+

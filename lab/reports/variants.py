@@ -16,6 +16,7 @@ of what the G1 elementwise and headwise gates add; `ratio_to_paper` is ours over
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from lab.config import PRESETS, RunConfig, resolve
 from lab.errors import LabError, check_choice
@@ -23,6 +24,7 @@ from lab.model.config import parse_switch_head, switch_expert_rank
 from lab.model.gates import (PAPER_POSITION_NAMES, VARIANTS, Variant, custom_variant, parse_gate,
                              paper_switch_fraction, projection_params)
 from lab.model.params import count_params
+from lab.progress import clip
 
 # What the parameter-matched baselines are measured against (Table 1 rows 5 and 10).
 G1_REFERENCES = {"g1_elementwise": "sdpa_elementwise_sigmoid_mul",
@@ -119,20 +121,41 @@ def _budget(row: dict) -> str:
             f"G1hw {b['added_over_g1_headwise']:.0f}x ({b['paper_added_over_g1_headwise']:.0f}x)")
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], wide: bool = False) -> str:
+    """The variants in aligned columns: their paper row, the paper's delta-PPL and the
+    parameters each adds, ours at the preset and the paper's. The terminal's table stops
+    there (at most 120 columns, TERMINAL_COLUMNS); `wide` adds the parameter budget and the
+    gate axes or model changes (`--out`)."""
     preset = rows[0]["preset"] if rows else ""
-    lines = [f"{'slug':44} {'paper':9} {'paper dPPL':>10} {'added @' + preset:>14} "
-             f"{'paper':>6}  {'budget: ours (paper)':36}  axes / changes"]
+    lines = [f"{'slug':44} {'in paper':9} {'paper dPPL':>10} {'added @' + preset:>14} "
+             f"{'paper added':>11}" + (f"  {'budget: ours (paper)':36}  axes / changes" if wide
+                                       else "")]
     for r in rows:
         added = f"{r['params_added']:,}" if r["available"] else "n/a"
         delta = "" if r["paper_delta_ppl"] is None else f"{r['paper_delta_ppl']:+.3f}"
         paper_added = "" if r["paper_added_m"] is None else f"{r['paper_added_m']:g}M"
-        note = "" if r["available"] else f"  [{r['unavailable_reason']}]"
-        lines.append(f"{r['slug']:44} {r['paper']:9} {delta:>10} {added:>14} {paper_added:>6}  "
-                     f"{_budget(r):36}  {_what(r)}{note}")
+        line = f"{r['slug']:44} {r['paper']:9} {delta:>10} {added:>14} {paper_added:>11}"
+        if wide:
+            note = "" if r["available"] else f"  [{r['unavailable_reason']}]"
+            line += f"  {_budget(r):36}  {_what(r)}{note}"
+        lines.append(line.rstrip())
     return "\n".join(lines)
 
 
-def print_variants(preset: str, as_json: bool = False, gate: str | None = None) -> None:
+def print_variants(preset: str, as_json: bool = False, gate: str | None = None,
+                   out: str | None = None) -> None:
     rows = describe_variants(preset, gate)
-    print(json.dumps(rows, indent=2) if as_json else format_table(rows))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(format_table(rows))
+    print()
+    for r in rows:  # (why a row is n/a: below the table rather than past its last column)
+        if not r["available"]:
+            print(clip(f"n/a: {r['unavailable_reason']}"))
+    if out:
+        Path(out).write_text(format_table(rows, wide=True) + "\n")
+        print(f"with each variant's parameter budget and gate axes or model changes: {out}")
+    else:
+        print("each variant's parameter budget and gate axes or model changes: "
+              "--out FILE (this table in full) or --json")

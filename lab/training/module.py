@@ -18,7 +18,10 @@ from lab.config import RunConfig, TrainConfig
 from lab.data.store import TokenStore, cache_root
 from lab.data.windows import WindowSampler, eval_windows
 from lab.model.decoder import Decoder
+from lab.progress import configure_output
 from lab.training.schedule import accumulation, lr_lambda, total_steps
+
+configure_output()  # Lightning set its loggers to INFO when imported (lab/progress.py)
 
 
 # Parameters kept out of weight decay, by name: norm gains and biases (nanoGPT's
