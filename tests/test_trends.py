@@ -330,7 +330,7 @@ def test_report_prints_the_verdicts_and_checks_its_band(store, tmp_path, capsys)
     write_grid(store)
     assert main(["report", "fake", "--tracking-uri", store, "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
-    assert "  1. partly: 1 of 5 as the paper" in printed  # a line a verdict in the terminal
+    assert "  1. unresolved (every adjusted comparison spans" in printed  # a line a verdict
     assert max(len(line) for line in printed.splitlines()) <= 120
     trends_part = (tmp_path / "out" / "report.md").read_text().split("### The paper's trends")[1]
     assert "| 1 | G1 elementwise < baseline | val/ppl | 7.288 vs 7.421 (dense, Table 2) " \
