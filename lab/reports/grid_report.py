@@ -593,6 +593,9 @@ def plot_sink_histories(histories: dict, path: Path) -> None:
         ax.set_xlabel("tokens trained")
         ax.set_ylabel(title)
         ax.set_title(title, fontsize=9)
+        # shares and attention mass: 0 is their floor and the reference, shown just above the
+        # axis so that a variant at 0 stays visible
+        ax.set_ylim(bottom=-0.02 * ax.get_ylim()[1])
     axes[0][0].legend(fontsize=7)
     fig.suptitle("the sink through training (thin: each seed; thick: the mean)")
     fig.tight_layout()
