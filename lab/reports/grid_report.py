@@ -59,7 +59,7 @@ from lab.records import find_grid_parent, grid_cell_runs
 from lab.progress import clip
 from lab.records.lookup import no_grid
 from lab.reports import trends
-from lab.reports.ladder import plot_ladder
+from lab.reports.ladder import finite_peaks, plot_ladder
 from lab.reports.seeds import BASELINE, Interval, Row, RunRecord, paired_delta, t_interval
 
 # Columns beside the perplexity, where runs carry them (lab/analysis/metrics.py, lab/training/callbacks.py);
@@ -392,8 +392,13 @@ def run_history(client, run_id: str) -> dict:
     """loss_history.json (step, loss, grad_norm) with the spike peaks of spikes.json, for the
     ladder plot (lab/reports/ladder.py)."""
     data = _artifact_json(client, run_id, "loss_history.json") or {}
-    data["spike_steps"] = [s["peak_step"] for s in _artifact_json(client, run_id, "spikes.json") or []]
+    data["spike_steps"] = spike_steps(client, run_id)
     return data
+
+
+def spike_steps(client, run_id: str) -> list[int]:
+    """The peak step of each loss spike the run's detector found (spikes.json)."""
+    return [s["peak_step"] for s in _artifact_json(client, run_id, "spikes.json") or []]
 
 
 def _row_label(row: Row, rows: list[Row]) -> str:
@@ -431,8 +436,7 @@ def plot_loss_curves(client, rows: list[Row], path: Path) -> None:
             ax.plot(steps, losses, color=colour, linestyle=styles[row.lr], linewidth=1.0,
                     alpha=0.85, label=_row_label(row, rows) if k == 0 else None)
             by_step = dict(zip(steps, losses))
-            peaks = [s["peak_step"] for s in _artifact_json(client, run.run_id, "spikes.json") or []]
-            peaks = [p for p in peaks if p in by_step and math.isfinite(by_step[p])]
+            peaks = finite_peaks(steps, losses, spike_steps(client, run.run_id))
             if peaks:
                 ax.scatter(peaks, [by_step[p] for p in peaks], marker="x", s=40, color=colour,
                            zorder=3)

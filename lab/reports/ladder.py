@@ -18,6 +18,13 @@ SEED_STYLES = ("-", "--", ":", "-.")
 History = Callable[[str], dict]
 
 
+def finite_peaks(steps: list[int], losses: list[float], peaks: list[int]) -> list[int]:
+    """The spike peaks that fall on a logged step with a finite loss: the ones a loss curve
+    can mark (a peak at a NaN, or between logged steps, has no point to stand on)."""
+    by_step = dict(zip(steps, losses))
+    return [p for p in peaks if p in by_step and math.isfinite(by_step[p])]
+
+
 def ladder_series(rows: list[Row], history: History) -> dict[float, list[dict]]:
     """For each LR rung, one entry per run: variant, seed, steps, loss, grad norm and the
     spike peaks that fall on a logged step with a finite loss. Runs without a history are
@@ -31,9 +38,7 @@ def ladder_series(rows: list[Row], history: History) -> dict[float, list[dict]]:
                 continue
             loss = list(data.get("loss") or [])
             norms = list(data.get("grad_norm") or [math.nan] * len(steps))
-            by_step = dict(zip(steps, loss))
-            peaks = [p for p in data.get("spike_steps") or []
-                     if p in by_step and math.isfinite(by_step[p])]
+            peaks = finite_peaks(steps, loss, data.get("spike_steps") or [])
             rungs.setdefault(row.lr, []).append(
                 {"variant": row.variant, "seed": run.seed, "step": steps, "loss": loss,
                  "grad_norm": norms, "spikes": peaks, "diverged": run.diverged})
