@@ -478,9 +478,14 @@ def judge(difference: Interval | None, expect: str, band: float) -> str:
 
 def p_value(difference: Interval) -> float:
     """Two-sided p of the paired t test of mean 0 (the test whose 95% interval `judge`
-    reads): a zero spread gives 0 for a nonzero mean and 1 for a zero one."""
+    reads). A zero spread (a discrete measure such as a spike count or an LR rung, the same
+    difference in every pair) leaves the t test undefined; then the exact sign test: every one
+    of n pairs on the same side has p = 2 x 0.5^n (1 for a zero mean), so two or three seeds
+    that agree resolve nothing alone, as they should not."""
     if difference.std == 0:
-        return 1.0 if difference.mean == 0 else 0.0
+        if difference.mean == 0:
+            return 1.0
+        return float(stats.binomtest(difference.n, difference.n, 0.5).pvalue)
     t = difference.mean / (difference.std / math.sqrt(difference.n))
     return float(2 * stats.t.sf(abs(t), difference.n - 1))
 
