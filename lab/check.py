@@ -51,7 +51,7 @@ from lab.data.store import cache_root
 from lab.errors import LabError
 from lab.model.decoder import Decoder, SwitchProjection
 from lab.model.loss import require as require_loss_kernel
-from lab.model.gates import VARIANTS
+from lab.model.variants import VARIANTS
 from lab.model.moe import MoEFeedForward
 from lab.training.module import compile_model
 

@@ -24,8 +24,9 @@ from lab.errors import (LabError, check_choice, check_field_types, check_fractio
                         check_positive_int)
 from lab.model.config import ModelConfig, check_vocab
 from lab.model.flops import PEAK_BF16_TFLOPS, flops_per_token_lower_bound
-from lab.model.gates import GateSpec, Variant, get_variant
+from lab.model.gates import GateSpec
 from lab.model.loss import KERNELS as LOSS_KERNELS
+from lab.model.variants import Variant, get_variant
 
 # numpy's legacy seeding and Lightning's seed_everything accept seeds in [0, 2^32 - 1].
 MAX_SEED = 2 ** 32 - 1

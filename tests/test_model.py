@@ -13,9 +13,10 @@ from lab.data.store import generate_synthetic
 from lab.errors import LabError
 from lab.model.config import ModelConfig, parse_switch_head, switch_expert_rank
 from lab.model.decoder import Decoder, RotaryEmbedding, SwitchProjection, apply_rotary
-from lab.model.gates import VARIANTS, GateSpec, custom_variant
+from lab.model.gates import GateSpec
 from lab.model.params import count_parameters
 from lab.model.params import count_params
+from lab.model.variants import VARIANTS, custom_variant
 
 DENSE_VARIANTS = [slug for slug, v in VARIANTS.items() if v.needs != "moe"]
 G1_TO_G5 = ["sdpa", "value", "key", "query", "dense_out"]
@@ -191,7 +192,7 @@ def test_ffn_widened_baselines_add_their_share_of_g1_in_whole_units(preset):
 @pytest.mark.parametrize("preset", DENSE_PRESETS)
 def test_switch_head_experts_add_the_papers_share_of_their_projections(preset):
     """Issue 24: within one rank step of Table 6's fraction of the replaced K+V or V."""
-    from lab.model.gates import paper_switch_fraction, projection_params
+    from lab.model.variants import paper_switch_fraction, projection_params
 
     for slug, variant in VARIANTS.items():
         if "switch_head_added_fraction" not in variant.model:

@@ -14,7 +14,7 @@ import yaml
 from lab.cli import main
 from lab.config import resolve
 from lab.errors import LabError
-from lab.model.gates import VARIANTS
+from lab.model.variants import VARIANTS
 from lab.model.params import count_params
 from lab.reports.variants import describe_variants
 from test_gates import SPEC_SLUGS  # pytest puts tests/ on sys.path

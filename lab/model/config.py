@@ -159,7 +159,7 @@ def switch_expert_rank(model: ModelConfig) -> int | None:
     The rule: per replaced projection and KV head, E experts of rank r and a router column
     per expert cost E r (d + D) + E d parameters where the projection cost d D, and r is the
     whole number that brings the difference closest to f d D, f the variant's fraction of the
-    paper (Table 6 over the MoE's K+V or V projections; lab/model/gates.py). The experts' output
+    paper (Table 6 over the MoE's K+V or V projections; lab/model/variants.py). The experts' output
     stays head_dim wide, so attention is unchanged; only the budget of the map shrinks.
     """
     if model.switch_head_added_fraction is None:

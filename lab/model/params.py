@@ -17,7 +17,7 @@ import torch.nn as nn
 from lab.model.config import ModelConfig
 from lab.model.decoder import Decoder
 from lab.model.flops import flops_per_token
-from lab.model.gates import VARIANTS
+from lab.model.variants import VARIANTS
 from lab.model.moe import moe_layers
 
 if TYPE_CHECKING:
