@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lab.training.callbacks import GateInsertion
-from lab.config import PRESETS, resolve
+from lab.config import resolve
 from lab.data.store import generate_synthetic
 from lab.errors import LabError
 from lab.model.config import ModelConfig, parse_switch_head, switch_expert_rank
@@ -17,6 +17,7 @@ from lab.model.gates import GateSpec
 from lab.model.params import count_parameters
 from lab.model.params import count_params
 from lab.model.variants import VARIANTS, custom_variant
+from lab.presets import PRESETS
 
 DENSE_VARIANTS = [slug for slug, v in VARIANTS.items() if v.needs != "moe"]
 G1_TO_G5 = ["sdpa", "value", "key", "query", "dense_out"]

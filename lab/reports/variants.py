@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lab.config import PRESETS, resolve
+from lab.config import resolve
 from lab.errors import LabError, check_choice
 from lab.model.gates import PAPER_POSITION_NAMES, parse_gate
 from lab.model.params import count_params
 from lab.model.variants import G1_REFERENCES, VARIANTS, Variant, budget, custom_variant
+from lab.presets import PRESETS
 from lab.progress import clip
 
 
