@@ -25,7 +25,6 @@ from lab.identity import cell_hash
 from lab.model.config import ModelConfig, check_vocab
 from lab.model.flops import PEAK_BF16_TFLOPS, flops_per_token_lower_bound
 from lab.model.gates import GateSpec
-from lab.model.loss import KERNELS as LOSS_KERNELS
 from lab.model.variants import Variant, get_variant
 from lab.presets import PRESETS
 
@@ -183,6 +182,9 @@ class TrainConfig:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# train.fused_loss: the LM loss's kernels, each computed by lab/model/loss.py (named here, not
+# imported from there: that module imports torch, and validating a config does not need it).
+LOSS_KERNELS = ("none", "liger")
 @dataclass(frozen=True)
 class DataConfig:
     """Where tokens come from: `synthetic`, a prepared token directory, or text files (lab/data/sources.py)."""

@@ -3,7 +3,7 @@ validated once with a readable error (the run's other sections: lab/config.py)."
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lab.errors import (LabError, check_choice, check_field_types, check_int_range,
                         check_nonnegative, check_nonnegative_int, check_positive,
@@ -137,6 +137,11 @@ class ModelConfig:
 def check_vocab(field_name: str, vocab_size) -> None:
     check_int_range(field_name, vocab_size, MIN_VOCAB, MAX_VOCAB,
                     "see MIN_VOCAB and MAX_VOCAB in lab/model/config.py")
+
+
+def experts_and_top_k(cfg: ModelConfig) -> tuple[int, int]:
+    """Experts in the pool and experts per token, `moe_extra_experts` included in both."""
+    return cfg.moe_experts + cfg.moe_extra_experts, cfg.moe_top_k + cfg.moe_extra_experts
 
 
 def parse_switch_head(text: str) -> tuple[str, int, int]:

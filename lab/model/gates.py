@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from lab.errors import LabError, check_choice
+
+if TYPE_CHECKING:
+    import torch
 
 POSITIONS = ("sdpa", "value", "key", "query", "dense_out")  # G1, G2, G3, G4, G5
 PAPER_POSITION_NAMES = {"sdpa": "G1", "value": "G2", "key": "G3", "query": "G4", "dense_out": "G5"}
@@ -31,19 +31,7 @@ FORMS = ("multiplicative", "additive")
 SHARED_AVERAGES = ("post_activation", "pre_activation")
 QK_PLACEMENTS = ("after_projection", "after_norm_rope")
 GATE_INITS = ("normal", "zeros")
-
-
-def _ns_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    # Table 4 row 7: scores in [0.5, 1] keep the non-linearity and remove sparsity.
-    return 0.5 + 0.5 * torch.sigmoid(x)
-
-
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "sigmoid": torch.sigmoid,
-    "silu": F.silu,
-    "identity": lambda x: x,
-    "ns_sigmoid": _ns_sigmoid,
-}
+ACTIVATIONS = ("sigmoid", "silu", "identity", "ns_sigmoid")  # computed by `activation`
 
 
 @dataclass(frozen=True)
@@ -82,7 +70,7 @@ class GateSpec:
         check_choice("gate.granularity", self.granularity, GRANULARITIES)
         check_choice("gate.sharing", self.sharing, SHARINGS)
         check_choice("gate.form", self.form, FORMS)
-        check_choice("gate.activation", self.activation, tuple(ACTIVATIONS))
+        check_choice("gate.activation", self.activation, ACTIVATIONS)
         check_choice("gate.init", self.init, GATE_INITS)
         check_choice("gate.shared_average", self.shared_average, SHARED_AVERAGES)
         check_choice("gate.qk_placement", self.qk_placement, QK_PLACEMENTS)
@@ -163,15 +151,35 @@ def gate_param_count(spec: GateSpec, heads: int, width: int, d_model: int) -> in
 
 # --- the math -----------------------------------------------------------------
 
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The gate's activation (ACTIVATIONS) of x.
+
+    torch is imported here, when a model computes its first gate scores, not with the
+    module: config validation, the variant registry and `gatelab variants` read GateSpec
+    before any model exists, and importing torch cost them 1.3-1.5 s of a 2 s start-up on
+    the 2-core CPU machine (benchmarks/README.md, start-up). Once imported it is a lookup,
+    and torch.compile traces through it (the import is no graph break)."""
+    import torch
+    import torch.nn.functional as F
+
+    if name == "sigmoid":
+        return torch.sigmoid(x)
+    if name == "silu":
+        return F.silu(x)
+    if name == "ns_sigmoid":
+        # Table 4 row 7: scores in [0.5, 1] keep the non-linearity and remove sparsity.
+        return 0.5 + 0.5 * torch.sigmoid(x)
+    return x  # identity
+
+
 def gate_scores(spec: GateSpec, logits: torch.Tensor) -> torch.Tensor:
     """Logits (..., heads, w) -> scores (..., heads or 1, w), activation and head sharing applied."""
-    activation = ACTIVATIONS[spec.activation]
     if spec.sharing == "head_shared":
         # Table 1 rows 12-13: average over the head dimension, one score per token and element.
         if spec.shared_average == "pre_activation":
-            return activation(logits.mean(dim=-2, keepdim=True))
-        return activation(logits).mean(dim=-2, keepdim=True)
-    return activation(logits)
+            return activation(spec.activation, logits.mean(dim=-2, keepdim=True))
+        return activation(spec.activation, logits).mean(dim=-2, keepdim=True)
+    return activation(spec.activation, logits)
 
 
 def apply_gate(spec: GateSpec, y: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

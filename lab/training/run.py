@@ -31,7 +31,6 @@ from lab.config import RunConfig, with_vocab
 from lab.data.sources import open_source
 from lab.data.store import TokenStore
 from lab.data.windows import check_batch_fits
-from lab.errors import LabError
 from lab.interrupts import interruption
 from lab.model.params import count_params, model_flops_per_token
 from lab.records import OWNER_TAG, end_dead_runs, owner_identity
