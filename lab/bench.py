@@ -27,12 +27,12 @@ from lab import records
 from lab.config import RunConfig, resolve
 from lab.errors import LabError
 from lab.model.decoder import Decoder
-from lab.model.loss import require as require_loss_kernel
 from lab.model.params import count_params, model_flops_per_token
 from lab.training.run import open_data, train_run
 from lab.training.callbacks import device_peak_tflops
 from lab.training.module import (adamw, begin_cudagraph_step, compile_model, step_loss,
                                  train_sampler, uses_cudagraphs)
+from lab.training.preflight import preflight
 from lab.training.schedule import accumulation
 
 
@@ -63,11 +63,11 @@ class BareLoop:
     def __init__(self, config: RunConfig, warmup: int):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         held_before = _allocated()
+        preflight(config, self.device)
         store, config = open_data(config)
         self.config = config
         t = config.train
         torch.manual_seed(t.seed)
-        require_loss_kernel(t.fused_loss, self.device == "cuda")
         self.model = Decoder(config.model).to(self.device)
         self.model.loss_kernel = t.fused_loss
         if t.compile_on(self.device == "cuda"):

@@ -50,10 +50,10 @@ from lab.config import resolve
 from lab.data.store import cache_root
 from lab.errors import LabError
 from lab.model.decoder import Decoder, SwitchProjection
-from lab.model.loss import require as require_loss_kernel
-from lab.model.gates import VARIANTS
 from lab.model.moe import MoEFeedForward
+from lab.model.variants import VARIANTS
 from lab.training.module import compile_model
+from lab.training.preflight import preflight
 
 # Allowed relative error per training precision: (logits, loss, gradients).
 TOLERANCES = {"bf16-mixed": (3e-2, 2e-2, 1e-1), "16-mixed": (3e-2, 2e-2, 1e-1),
@@ -183,7 +183,7 @@ def check_variant(variant: str, preset: str, overrides: list[str], device: str, 
                   modes: list[str], layers: int, batch: int, seed: int,
                   tolerances: tuple[float, float, float]) -> list[CheckRow]:
     config = resolve(variant, preset, overrides)
-    require_loss_kernel(config.train.fused_loss, device == "cuda")
+    preflight(config, device)
     model_config = config.model
     if layers:
         model_config = dataclasses.replace(model_config, n_layers=min(layers, model_config.n_layers))

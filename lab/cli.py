@@ -125,7 +125,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 def cmd_train(args) -> int:
     from lab.config import check_experiment_name, resolve
-    from lab.model.gates import custom_variant, parse_gate
+    from lab.model.gates import parse_gate
+    from lab.model.variants import custom_variant
 
     check_experiment_name("--experiment", args.experiment)
     variant = custom_variant(parse_gate(args.gate)) if args.gate else args.variant

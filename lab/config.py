@@ -1,4 +1,5 @@
-"""Configuration: presets, the resolved run config, overrides, validation, hashing.
+"""Configuration: the resolved run config, overrides, validation (presets: lab/presets.py;
+a cell's identity: lab/identity.py).
 
 Data flows one way: a `RunConfig` is resolved once (preset + variant + overrides),
 validated with a readable error, and then read by the model, the Lightning module,
@@ -8,8 +9,6 @@ the trainer and the tracker. Nothing downstream mutates it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import re
 import unicodedata
@@ -22,10 +21,12 @@ import yaml
 from lab.errors import (LabError, check_choice, check_field_types, check_fraction, check_int_range,
                         check_nonnegative, check_nonnegative_int, check_positive,
                         check_positive_int)
+from lab.identity import cell_hash
 from lab.model.config import ModelConfig, check_vocab
 from lab.model.flops import PEAK_BF16_TFLOPS, flops_per_token_lower_bound
-from lab.model.gates import GateSpec, Variant, get_variant
-from lab.model.loss import KERNELS as LOSS_KERNELS
+from lab.model.gates import GateSpec
+from lab.model.variants import Variant, get_variant
+from lab.presets import PRESETS
 
 # numpy's legacy seeding and Lightning's seed_everything accept seeds in [0, 2^32 - 1].
 MAX_SEED = 2 ** 32 - 1
@@ -181,26 +182,9 @@ class TrainConfig:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-ANALYSIS_FIELDS = ("analysis_windows", "analysis_every", "long_context_factors",
-                   "sink_head_threshold", "sink_short_window")
-# Fields added after stores already held runs: left out of a cell's identity while at their
-# default, so that a grid recorded before they existed still resumes instead of rerunning.
-LATER_FIELDS = {("model", "residual_init_scale"): 1.0, ("train", "compile_mode"): "default",
-                ("train", "checkpoint_min_interval_s"): 300.0,
-                ("model", "switch_head_added_fraction"): None,
-                ("model", "ffn_widen_g1_fraction"): 0.0, ("train", "gate_constant_decay"): False,
-                ("train", "fused_loss"): "none"}
-
-
-def _default_changed_training(raw: dict, section: str, name: str) -> bool:
-    """A later field whose default changed what some models train: it stays in their identity
-    even at its default, so their cells recorded before are not taken as done. Before
-    `gate_constant_decay` the input-independent gate's b was decayed (issue 24)."""
-    gate = raw["model"].get("gate")
-    return ((section, name) == ("train", "gate_constant_decay") and gate is not None
-            and not gate["input_dependent"])
-
-
+# train.fused_loss: the LM loss's kernels, each computed by lab/model/loss.py (named here, not
+# imported from there: that module imports torch, and validating a config does not need it).
+LOSS_KERNELS = ("none", "liger")
 @dataclass(frozen=True)
 class DataConfig:
     """Where tokens come from: `synthetic`, a prepared token directory, or text files (lab/data/sources.py)."""
@@ -261,68 +245,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Identity of a grid cell: every field that changes what is trained (the analysis
-        fields only change what is measured afterwards, so they are left out)."""
-        raw = self.to_dict()
-        for name in ANALYSIS_FIELDS:
-            raw["train"].pop(name, None)
-        for (section, name), default in LATER_FIELDS.items():
-            if raw[section].get(name) == default and \
-                    not _default_changed_training(raw, section, name):
-                raw[section].pop(name)
-        # Compiling changes speed, not what is trained; "auto" (the default since it replaced
-        # false) hashes as false did, so grids recorded before it resume instead of rerunning.
-        if raw["train"].get("compile") == "auto":
-            raw["train"]["compile"] = False
-        blob = json.dumps(raw, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-# --- presets ------------------------------------------------------------------------
-# Sub-billion Qwen3-style decoders: 2:1 GQA and head_dim 64 as the paper's dense models
-# (Table 7), context 1024. `tiny` is for CPU tests (head_dim 16, context 128, synthetic vocab).
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(model=dict(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
-                            head_dim=16, ffn_hidden=192, context=128),
-                 train=dict(batch_size=16, lr=3e-3, val_every=50, val_batches=4)),
-    "small": dict(model=dict(n_layers=6, d_model=384, n_heads=6, n_kv_heads=3, head_dim=64,
-                             ffn_hidden=1024, context=1024),
-                  train=dict(batch_size=32, lr=3e-3, val_every=200, val_batches=16)),
-    "base": dict(model=dict(n_layers=12, d_model=512, n_heads=8, n_kv_heads=4, head_dim=64,
-                            ffn_hidden=1792, context=1024),
-                 train=dict(batch_size=64, lr=2e-3, val_every=250, val_batches=16)),
-    "medium": dict(model=dict(n_layers=16, d_model=768, n_heads=12, n_kv_heads=6, head_dim=64,
-                              ffn_hidden=2304, context=1024),
-                   train=dict(batch_size=64, lr=1.5e-3, val_every=250, val_batches=16)),
-    "large": dict(model=dict(n_layers=28, d_model=1024, n_heads=16, n_kv_heads=8, head_dim=64,
-                             ffn_hidden=2816, context=1024),
-                  train=dict(batch_size=128, micro_batch_size=32, lr=1e-3, val_every=250,
-                             val_batches=16)),
-    "xl": dict(model=dict(n_layers=28, d_model=1536, n_heads=24, n_kv_heads=12, head_dim=64,
-                          ffn_hidden=4096, context=1024),
-               train=dict(batch_size=128, micro_batch_size=16, lr=8e-4, val_every=250,
-                          val_batches=16)),
-    # Depth is what exposes the paper's stability trend at small scale (issue: reproduce).
-    "deep-narrow": dict(model=dict(n_layers=32, d_model=256, n_heads=4, n_kv_heads=2,
-                                   head_dim=64, ffn_hidden=768, context=1024),
-                        train=dict(batch_size=32, lr=1e-2, val_every=250, val_batches=16)),
-    # Mixture-of-experts FFN (lab/model/moe.py), the paper's main model family (docs/paper.md §7.2) at small
-    # scale: fine-grained experts (expert FFN ~0.375 d_model, as 768 / 2048), top-k of the pool
-    # so that the activated FFN width equals the dense preset's, untied embeddings as the paper.
-    "moe-tiny": dict(model=dict(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
-                                head_dim=16, ffn_hidden=192, context=128, tie_embeddings=False,
-                                ffn="moe", moe_experts=16, moe_top_k=4, moe_expert_hidden=48),
-                     train=dict(batch_size=16, lr=3e-3, val_every=50, val_batches=4)),
-    "moe-small": dict(model=dict(n_layers=6, d_model=384, n_heads=6, n_kv_heads=3, head_dim=64,
-                                 ffn_hidden=1024, context=1024, tie_embeddings=False, ffn="moe",
-                                 moe_experts=32, moe_top_k=8, moe_expert_hidden=128),
-                      train=dict(batch_size=32, lr=3e-3, val_every=200, val_batches=16)),
-    "moe-base": dict(model=dict(n_layers=12, d_model=512, n_heads=8, n_kv_heads=4, head_dim=64,
-                                ffn_hidden=1792, context=1024, tie_embeddings=False, ffn="moe",
-                                moe_experts=32, moe_top_k=8, moe_expert_hidden=224),
-                     train=dict(batch_size=64, lr=2e-3, val_every=250, val_batches=16)),
-}
+        """Identity of a grid cell (lab/identity.py: which fields make it, and why)."""
+        return cell_hash(self.to_dict())
 
 
 def read_yaml(path, kind: str):

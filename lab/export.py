@@ -61,6 +61,18 @@ RENAMED = {
 
 # --- what can be exported -------------------------------------------------------------
 
+# ModelConfig fields an export may hold at any value: those config.json carries
+# (`hf_config`; `ffn_widen_g1_fraction` through `intermediate_size`, the FFN's width) and
+# those that do not change what trained weights compute (the init's scale; the experts'
+# shapes and losses, unused by the dense FFN an export must have). Every other field must be
+# at its default, a plain Qwen3 block: a field added to ModelConfig is refused until it is
+# listed here, rather than exported with a meaning the reference code does not have.
+EXPORTED_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim",
+                   "ffn_hidden", "ffn_widen_g1_fraction", "context", "rope_base", "rms_eps",
+                   "tie_embeddings", "init_std")
+NEUTRAL_FIELDS = ("residual_init_scale", "moe_experts", "moe_top_k", "moe_expert_hidden",
+                  "moe_shared_expert", "moe_normalize_top_k", "moe_aux_loss_coef",
+                  "moe_z_loss_coef")
 # Gate fields that do not change what a trained G1 head-specific gate computes.
 INERT_GATE_FIELDS = ("init", "shared_average", "qk_placement")
 
@@ -76,14 +88,10 @@ def unsupported_gate_fields(gate: GateSpec) -> dict:
 
 def check_exportable(config: RunConfig) -> None:
     """LabError naming the reason and what is supported, for anything the reference Qwen3 cannot load."""
-    m = config.model
-    defaults = ModelConfig()
-    changed = [f"{name}={getattr(m, name)}"
-               for name in ("sdpa_transform", "sandwich_norm", "residual_clip", "switch_head",
-                            "gate_insert_fraction", "ffn")
-               if getattr(m, name) != getattr(defaults, name)]
-    if not m.qk_norm:
-        changed.append("qk_norm")
+    m, defaults = config.model, ModelConfig()
+    allowed = EXPORTED_FIELDS + NEUTRAL_FIELDS + ("gate",)
+    changed = [f"{f.name}={getattr(m, f.name)}" for f in dataclasses.fields(m)
+               if f.name not in allowed and getattr(m, f.name) != getattr(defaults, f.name)]
     if m.gate is not None and unsupported_gate_fields(m.gate):
         changed.append("gate " + ",".join(f"{k}={v}" for k, v in unsupported_gate_fields(m.gate).items()))
     if changed:

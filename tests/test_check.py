@@ -63,7 +63,7 @@ def test_the_fast_side_uses_the_loss_kernel_training_uses(monkeypatch, capsys):
         return 1.05 * F.cross_entropy((hidden @ weight.T).float(), targets, reduction=reduction)
 
     monkeypatch.setattr(loss_module, "_liger", lambda: wrong_fused)
-    monkeypatch.setattr("lab.check.require_loss_kernel", lambda kernel, cuda: None)
+    monkeypatch.setattr("lab.check.preflight", lambda config, device: None)
     assert main(["check", "--preset", "tiny", "--variants", "baseline",
                  "--set", "train.fused_loss=liger"]) == 1
     failure = [line for line in capsys.readouterr().err.splitlines()

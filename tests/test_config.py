@@ -1,4 +1,4 @@
-"""lab/config.py: what makes a grid cell's identity, and how fields are checked."""
+"""lab/config.py and lab/identity.py: what makes a grid cell's identity, and how fields are checked."""
 
 import hashlib
 import json
@@ -6,8 +6,9 @@ import re
 
 import pytest
 
-from lab.config import ANALYSIS_FIELDS, LATER_FIELDS, resolve
+from lab.config import resolve
 from lab.errors import LabError
+from lab.identity import ANALYSIS_FIELDS, LATER_FIELDS
 
 
 def test_fields_added_later_keep_old_cell_identities_at_their_default():

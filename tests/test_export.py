@@ -14,6 +14,7 @@ from lab.config import resolve
 from lab.errors import LabError
 from lab.export import export, load_hf, model_config_from_hf, q_proj_rows
 from lab.model.decoder import Decoder
+from lab.model.variants import VARIANTS
 
 EXPORTED = ["baseline", "sdpa_headwise_sigmoid_mul", "sdpa_elementwise_sigmoid_mul"]
 UNTIED = ["model.tie_embeddings=false"]
@@ -183,6 +184,37 @@ def test_unsupported_variant_is_refused_before_writing(tmp_path, variant):
                                        "sdpa_elementwise_sigmoid_mul"):
         export(str(tmp_path / "last.ckpt"), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+# What the reference Qwen3 can express (the behaviour the allow-list keeps): the plain block
+# with the two G1 gates, and the parameter-matched baselines that only change head counts or
+# the FFN's width. Every other registered variant is refused.
+EXPRESSIBLE = {"baseline", "baseline_kv8", "baseline_q48", "baseline_ffn_g1params",
+               "baseline_ffn_kv8params", "sdpa_elementwise_sigmoid_mul",
+               "sdpa_headwise_sigmoid_mul"}
+
+
+@pytest.mark.parametrize("slug", list(VARIANTS))
+def test_every_registered_variant_exports_to_the_reference_forward_or_is_refused(tmp_path, slug):
+    """export's allow-list (lab/export.py EXPORTED_FIELDS, NEUTRAL_FIELDS) over the whole
+    registry: an export computes our logits in the reference code's forward (re-implemented
+    above from config.json alone), a refusal names the fields and writes nothing."""
+    config = resolve(slug, "moe-tiny" if VARIANTS[slug].needs == "moe" else "tiny")
+    decoder = trained_like_decoder(config)
+    write_checkpoint(tmp_path / "last.ckpt", config, decoder, 5)
+    out = tmp_path / "hf"
+    if slug not in EXPRESSIBLE:
+        with pytest.raises(LabError, match=rf"^export: variant {slug} is not expressible in the "
+                                           r"reference Qwen3 layout \(.+=.+\); supported: "):
+            export(str(tmp_path / "last.ckpt"), out)
+        assert not out.exists()
+        return
+    export(str(tmp_path / "last.ckpt"), out)
+    hf, weights = read_export(out)
+    x = tokens(config.model.vocab_size)
+    with torch.no_grad():
+        diff = (reference_logits(hf, weights, x) - decoder(x)).abs().max().item()
+    assert diff < 1e-4, (slug, diff)
 
 
 def test_missing_checkpoint_and_bad_format(tmp_path, monkeypatch, capsys):

@@ -2,9 +2,10 @@
 
 import pytest
 
-from lab.config import PRESETS, resolve
+from lab.config import resolve
 from lab.model.flops import flops_per_token_lower_bound
 from lab.model.params import model_flops_per_token
+from lab.presets import PRESETS
 
 VARIANTS = ("baseline", "sdpa_elementwise_sigmoid_mul", "sdpa_headwise_sigmoid_mul",
             "value_elementwise_sigmoid_mul", "baseline_add4experts")

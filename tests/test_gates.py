@@ -1,13 +1,14 @@
-"""lab/model/gates.py: the gate axes, the score math, the parameter formulas and the registry."""
+"""lab/model/gates.py and lab/model/variants.py: the gate axes, the score math, the parameter
+formulas and the registry."""
 
 
 import pytest
 import torch
 
 from lab.errors import LabError
-from lab.model.gates import (VARIANTS, GateSpec, apply_gate, custom_variant, gate_logit_width,
-                             gate_param_count, gate_scores, gated_heads_and_width, get_variant,
-                             parse_gate)
+from lab.model.gates import (GateSpec, apply_gate, gate_logit_width, gate_param_count, gate_scores,
+                             gated_heads_and_width, parse_gate)
+from lab.model.variants import VARIANTS, custom_variant, display_name, get_variant
 
 # Spec section 3: the 27 slugs, exactly as named there.
 SPEC_SLUGS = [
@@ -56,6 +57,16 @@ def test_paper_delta_ppl_is_against_table_1_baseline():
     assert get_variant("baseline_residual_clip").paper_delta_ppl is None
     assert (get_variant("sdpa_headwise_sigmoid_mul").paper_table,
             get_variant("sdpa_headwise_sigmoid_mul").paper_row) == ("Table 1", 10)
+
+
+def test_display_names_are_the_registrys_short_names_else_the_slug():
+    """The report's trend lines name variants by `short` (lab/reports/trends.py)."""
+    assert display_name("sdpa_elementwise_sigmoid_mul") == "G1 elementwise"
+    assert display_name("value_headwise_sigmoid_mul") == "G2 value headwise"
+    assert display_name("switchhead_kv_8top8") == "switchhead_kv_8top8"  # none given
+    assert display_name("custom_sdpa_headwise") == "custom_sdpa_headwise"  # not registered
+    shorts = [v.short for v in VARIANTS.values() if v.short]
+    assert len(shorts) == len(set(shorts)) == 17
 
 
 # --- the axis spec -------------------------------------------------------------------------
@@ -191,7 +202,7 @@ def test_gate_parameter_formulas_at_paper_sizes_exactly():
 # --- the budgets of Switch Head and the parameter-matched baselines (issue 24) -----------------
 
 def test_paper_switch_fractions_are_table_6_over_the_replaced_projections():
-    from lab.model.gates import paper_switch_fraction, projection_params
+    from lab.model.variants import paper_switch_fraction, projection_params
 
     p = PAPER_MOE
     kv = projection_params("kv", p["d_model"], p["n_kv_heads"], p["head_dim"], p["layers"])

@@ -178,3 +178,30 @@ def test_prepare_runs_where_mlflow_optuna_and_sqlalchemy_are_missing(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "prepared").is_dir()
+
+
+def test_the_registry_presets_config_resolution_and_counts_import_no_torch():
+    """Start-up (benchmarks/README.md): `gatelab variants` and a bad `gatelab train` config
+    resolve configs, read the registry and count parameters before any model exists; torch
+    (1.3-1.5 s to import on the 2-core CPU machine) stays out of all of it. A fresh
+    interpreter does that work and reports which heavy libraries it loaded."""
+    import subprocess
+    import sys
+
+    child = ("import sys\n"
+             "from lab.config import resolve\n"
+             "from lab.errors import LabError\n"
+             "from lab.model.variants import VARIANTS, get_variant\n"
+             "from lab.reports.variants import describe_variants\n"
+             "rows = describe_variants('small')\n"
+             "assert all(r['params_added'] is not None for r in rows if r['available'])\n"
+             "try:\n"
+             "    resolve(get_variant('sdpa_headwise_sigmoid_mul'), 'tiny', ['train.lr=abc'])\n"
+             "except LabError:\n"
+             "    pass\n"
+             "heavy = ('torch', 'lightning', 'mlflow', 'optuna', 'scipy', 'numpy')\n"
+             "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n")
+    done = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

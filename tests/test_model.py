@@ -8,14 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from lab.training.callbacks import GateInsertion
-from lab.config import PRESETS, resolve
+from lab.config import resolve
 from lab.data.store import generate_synthetic
 from lab.errors import LabError
 from lab.model.config import ModelConfig, parse_switch_head, switch_expert_rank
 from lab.model.decoder import Decoder, RotaryEmbedding, SwitchProjection, apply_rotary
-from lab.model.gates import VARIANTS, GateSpec, custom_variant
+from lab.model.gates import GateSpec
 from lab.model.params import count_parameters
 from lab.model.params import count_params
+from lab.model.variants import VARIANTS, custom_variant
+from lab.presets import PRESETS
 
 DENSE_VARIANTS = [slug for slug, v in VARIANTS.items() if v.needs != "moe"]
 G1_TO_G5 = ["sdpa", "value", "key", "query", "dense_out"]
@@ -161,6 +163,42 @@ def test_added_parameters_match_the_paper_formulas_at_larger_presets(preset):
         assert counts["total"] == baseline_total(base) + paper_added(slug, base), slug
 
 
+# The presets the count is held to the built model at: two dense, both MoE ones used in tests.
+COUNTED_PRESETS = ["tiny", "small", "moe-tiny", "moe-small"]
+COUNT_OVERRIDES = [[], ["model.tie_embeddings=false", "model.qk_norm=false"],
+                   ["gate.bias=true", "model.moe_shared_expert=true"],
+                   ["gate.input_dependent=false", "gate.sharing=head_shared"]]
+
+
+@pytest.mark.parametrize("preset", COUNTED_PRESETS)
+def test_counts_from_the_config_equal_the_built_models_for_every_variant(preset):
+    """lab/model/params.py counts from the shapes alone (`gatelab variants` imports no torch);
+    here every registered variant, with overrides that add or remove tensors, is built on the
+    meta device and counted tensor by tensor: total, non-embedding, added over the variant's
+    baseline, and active (the experts a token does not select left out)."""
+    from lab.model.moe import moe_layers
+    from lab.model.params import baseline_model
+
+    compared = 0
+    for slug in VARIANTS:
+        for overrides in COUNT_OVERRIDES:
+            try:
+                config = resolve(slug, preset, overrides)
+            except LabError:  # a variant's needs, or an override its gate does not have
+                continue
+            with torch.device("meta"):
+                model, baseline = Decoder(config.model), Decoder(baseline_model(config))
+            built = count_parameters(model)
+            inactive = sum(layer.expert_parameters() * (layer.num_experts - layer.top_k)
+                           // layer.num_experts for layer in moe_layers(model))
+            assert count_params(config) == {
+                "total": built["total"], "non_embedding": built["non_embedding"],
+                "added": built["total"] - count_parameters(baseline)["total"],
+                "active": built["total"] - inactive}, (slug, overrides)
+            compared += 1
+    assert compared >= len(VARIANTS) * 2
+
+
 def test_g1_elementwise_adds_layers_times_dmodel_times_query_width():
     """Issue 2's acceptance: exactly layers x d_model x (q heads x head_dim) more than baseline."""
     m = model_config("baseline")
@@ -191,7 +229,7 @@ def test_ffn_widened_baselines_add_their_share_of_g1_in_whole_units(preset):
 @pytest.mark.parametrize("preset", DENSE_PRESETS)
 def test_switch_head_experts_add_the_papers_share_of_their_projections(preset):
     """Issue 24: within one rank step of Table 6's fraction of the replaced K+V or V."""
-    from lab.model.gates import paper_switch_fraction, projection_params
+    from lab.model.variants import paper_switch_fraction, projection_params
 
     for slug, variant in VARIANTS.items():
         if "switch_head_added_fraction" not in variant.model:

@@ -14,7 +14,7 @@ from lab.config import resolve
 from lab.errors import LabError
 from lab.model.config import ModelConfig
 from lab.model.decoder import Decoder
-from lab.model.gates import VARIANTS
+from lab.model.variants import VARIANTS
 from lab.model.layers import SwiGLU
 import lab.model.moe as moe
 from lab.model.moe import (MoEFeedForward, expert_counts, grouped_matmul, load_balancing_loss,

@@ -1,13 +1,13 @@
 """docs/paper.md, the paper reference the code cites: every `docs/paper.md §N` in the repository
 names a section that exists, and the page holds every registry variant with the numbers the
-registry quotes (lab/model/gates.py)."""
+registry quotes (lab/model/variants.py)."""
 
 import re
 from pathlib import Path
 
 import pytest
 
-from lab.model.gates import VARIANTS, Variant
+from lab.model.variants import VARIANTS, Variant
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "docs" / "paper.md"

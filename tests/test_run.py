@@ -24,8 +24,9 @@ from lab import records
 from lab.config import resolve
 from lab.errors import LabError
 from lab.model.params import count_params
-from lab.training.run import (RunResult, check_devices, describe, open_data, throughput_summary,
-                              to_json, train_run)
+from lab.training.preflight import check_devices, preflight
+from lab.training.run import (RunResult, describe, open_data, throughput_summary, to_json,
+                              train_run)
 
 # 16 optimizer steps of 8 windows of 32 tokens, validation every 4; no end-of-run analysis,
 # which tests/test_analysis.py covers and which would triple the run's time.
@@ -66,6 +67,29 @@ def test_devices_beyond_the_visible_gpus_are_refused_with_the_allowed_range(monk
     with pytest.raises(LabError, match=r"^train\.devices: 3 devices per run, but 2 CUDA "
                                        r"device\(s\) are visible; allowed: 1\.\.2$"):
         check_devices(3)
+
+
+def test_preflight_checks_the_devices_and_the_loss_kernel_on_the_device_it_is_given(monkeypatch):
+    """lab/training/preflight.py: train, check and bench call it before anything is recorded."""
+    visible_gpus(monkeypatch, 0)
+    preflight(resolve("baseline", "tiny"), "cpu")
+    with pytest.raises(LabError, match=r"^train\.devices: 2 devices per run, but no CUDA"):
+        preflight(resolve("baseline", "tiny", {"train.devices": 2}), "cpu")
+    liger = resolve("baseline", "tiny", {"train.fused_loss": "liger"})
+    with pytest.raises(LabError, match=r"^train\.fused_loss=liger: .* needs a CUDA GPU"):
+        preflight(liger, "cpu")
+    visible_gpus(monkeypatch, 2)
+    preflight(resolve("baseline", "tiny", {"train.devices": 2}), "cuda")
+
+
+def test_train_run_refuses_a_kernel_this_machine_cannot_run_before_any_record(store, monkeypatch):  # noqa: F811
+    visible_gpus(monkeypatch, 0)
+    config = resolve("baseline", "tiny", {"train.fused_loss": "liger"}, data="synthetic")
+    with pytest.raises(LabError, match=r"^train\.fused_loss=liger"):
+        train_run(config, store, quiet=True)
+    client = MlflowClient(store)
+    assert [run for experiment in client.search_experiments()
+            for run in client.search_runs([experiment.experiment_id])] == []
 
 
 def test_open_data_checks_the_devices_before_it_opens_any_data(monkeypatch):

@@ -6,7 +6,8 @@ import torch
 from gridkit import store  # noqa: F401  (fixture)
 from lab.config import resolve
 from lab.model.decoder import Decoder
-from lab.model.gates import VARIANTS, GateSpec, custom_variant
+from lab.model.gates import GateSpec
+from lab.model.variants import VARIANTS, custom_variant
 from lab.training.module import LanguageModel
 
 

@@ -14,7 +14,7 @@ import yaml
 from lab.cli import main
 from lab.config import resolve
 from lab.errors import LabError
-from lab.model.gates import VARIANTS
+from lab.model.variants import VARIANTS
 from lab.model.params import count_params
 from lab.reports.variants import describe_variants
 from test_gates import SPEC_SLUGS  # pytest puts tests/ on sys.path
@@ -121,6 +121,39 @@ def test_train_reports_g1_adds_layers_x_dmodel_x_query_width(tmp_path, monkeypat
     baseline_total = count_params(resolve("baseline", "tiny"))["total"]
     assert f"{baseline_total + added:,} total" in report
     assert f"{added:,} added over baseline" in report
+
+
+def test_a_variant_added_to_the_registry_alone_is_listed_trained_and_exported(
+        tmp_path, monkeypatch, capsys):
+    """Issue 41: a variant that is a point of the gate space is one entry of
+    lab/model/variants.py and nothing else. Added here to the registry only, it is listed by
+    `gatelab variants --json` with its parameters, trains one step on the CPU through
+    `gatelab train --variant`, and exports to the reference Qwen3 layout."""
+    from lab.data.store import prepare_synthetic
+    from lab.export import load_hf
+    from lab.model.gates import GateSpec
+    from lab.model.variants import Variant
+
+    slug = "sdpa_headwise_sigmoid_mul_zeroinit"
+    monkeypatch.setitem(VARIANTS, slug, Variant(
+        slug, GateSpec(granularity="headwise", init="zeros"), short="G1 headwise, zero init",
+        paper="T1-10", description="G1 headwise, the gate logits' weights starting at 0"))
+    rows = {r["slug"]: r for r in json.loads(run_cli(capsys, "variants", "--json"))}
+    assert rows[slug]["axes"]["init"] == "zeros"
+    assert rows[slug]["params_added"] == 2 * 64 * 4  # tiny: L x d_model x query heads
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = prepare_synthetic(512, train_tokens=20_000, root=tmp_path / "cache")
+    out = run_cli(capsys, "train", "--variant", slug, "--preset", "tiny", "--data",
+                  str(store.path), "--tokens", str(4 * 128), "--set", "train.batch_size=4",
+                  "--set", "train.val_batches=1", "--set", "train.analysis_windows=0", "--quiet")
+    run_id = out.split()[1].rstrip(":")
+    assert "from the final checkpoint" in run_cli(capsys, "export", run_id, "--out",
+                                                  str(tmp_path / "hf"))
+    gate = load_hf(tmp_path / "hf").cfg.gate
+    assert (gate.position, gate.granularity) == ("sdpa", "headwise")
 
 
 # --- the grid files ---------------------------------------------------------------------------

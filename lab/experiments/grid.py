@@ -65,7 +65,7 @@ from lab.experiments.pool import (WorkerPool, cpu_threads, die_with_parent, fail
                                   parse_gpus, slot_name, threads_per_worker)
 from lab.experiments.schema import GridSpec, grid_from_dict, load_grid, with_cli  # noqa: F401
 from lab.interrupts import interruption, note_killed, stop_on_signals
-from lab.model.gates import VARIANTS
+from lab.model.variants import VARIANTS
 from lab.model.loss import require as require_loss_kernel
 from lab.model.params import count_params, model_flops_per_token
 from lab.progress import GridProgress, configure_output, duration

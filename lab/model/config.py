@@ -3,7 +3,7 @@ validated once with a readable error (the run's other sections: lab/config.py)."
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lab.errors import (LabError, check_choice, check_field_types, check_int_range,
                         check_nonnegative, check_nonnegative_int, check_positive,
@@ -139,6 +139,11 @@ def check_vocab(field_name: str, vocab_size) -> None:
                     "see MIN_VOCAB and MAX_VOCAB in lab/model/config.py")
 
 
+def experts_and_top_k(cfg: ModelConfig) -> tuple[int, int]:
+    """Experts in the pool and experts per token, `moe_extra_experts` included in both."""
+    return cfg.moe_experts + cfg.moe_extra_experts, cfg.moe_top_k + cfg.moe_extra_experts
+
+
 def parse_switch_head(text: str) -> tuple[str, int, int]:
     """'kv:8:8' -> ('kv', 8, 8): which projections get experts, how many, and top-k."""
     parts = text.split(":")
@@ -159,7 +164,7 @@ def switch_expert_rank(model: ModelConfig) -> int | None:
     The rule: per replaced projection and KV head, E experts of rank r and a router column
     per expert cost E r (d + D) + E d parameters where the projection cost d D, and r is the
     whole number that brings the difference closest to f d D, f the variant's fraction of the
-    paper (Table 6 over the MoE's K+V or V projections; lab/model/gates.py). The experts' output
+    paper (Table 6 over the MoE's K+V or V projections; lab/model/variants.py). The experts' output
     stays head_dim wide, so attention is unchanged; only the budget of the map shrinks.
     """
     if model.switch_head_added_fraction is None:

@@ -45,7 +45,7 @@ def flops_per_token_lower_bound(m) -> float:
     and routers are left out, so this never exceeds model_flops_per_token."""
     attn_width = m.n_heads * m.head_dim
     attention = m.d_model * (attn_width + 2 * m.n_kv_heads * m.head_dim) + attn_width * m.d_model
-    if m.ffn == "moe":  # the experts a token uses (lab.model.moe.experts_and_top_k), shared included
+    if m.ffn == "moe":  # the experts a token uses (lab.model.config.experts_and_top_k), shared included
         active = m.moe_top_k + m.moe_extra_experts + int(m.moe_shared_expert)
         ffn = active * 3 * m.d_model * m.moe_expert_hidden
     else:

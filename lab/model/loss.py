@@ -27,9 +27,6 @@ import torch.nn.functional as F
 
 from lab.errors import LabError
 
-KERNELS = ("none", "liger")
-
-
 def require(kernel: str, cuda: bool) -> None:
     """Fail before training where `kernel` cannot run here, with what to do about it."""
     if kernel == "none":

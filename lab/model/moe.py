@@ -42,15 +42,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lab.model.config import ModelConfig
+from lab.model.config import ModelConfig, experts_and_top_k
 from lab.model.layers import SwiGLU, top_k_indices
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-def experts_and_top_k(cfg: ModelConfig) -> tuple[int, int]:
-    """Experts in the pool and experts per token, `moe_extra_experts` included in both."""
-    return cfg.moe_experts + cfg.moe_extra_experts, cfg.moe_top_k + cfg.moe_extra_experts
 
 
 def route(logits: torch.Tensor, top_k: int, normalize: bool, module: nn.Module | None = None):

@@ -7,7 +7,7 @@ the same initial draw of the shared weights, so differences are far less noisy t
 spread of either), with its own t interval; loss spikes; divergences; the analysis metrics
 where runs carry them; and the paper's delta-PPL beside ours with whether the sign agrees:
 from its dense Table 2 for a dense preset where the table has the variant (the G1 gates;
-PAPER_DENSE_TABLE in lab/model/gates.py), else from its MoE tables (1, 3, 4, 6), with the
+PAPER_DENSE_TABLE in lab/model/variants.py), else from its MoE tables (1, 3, 4, 6), with the
 table named and both numbers where the paper gives both.
 
 With several learning rates in a grid, each variant's row is at its best LR (lowest mean
@@ -54,7 +54,7 @@ from lab import records
 from lab.analysis.metrics import split_layer_metric
 from lab.analysis.outputs import LAYER_TABLE, layer_metrics
 from lab.errors import LabError
-from lab.model.gates import PAPER_DENSE_BASELINE_PPL, VARIANTS
+from lab.model.variants import PAPER_DENSE_BASELINE_PPL, VARIANTS
 from lab.records import find_grid_parent, grid_cell_runs
 from lab.progress import clip
 from lab.records.lookup import no_grid

@@ -50,7 +50,7 @@ would resolve the paper's effect at that spread: the smallest n at which a paire
 paper's relative difference between the two sides (left over right, minus 1) times our
 right side's mean. For '≈', the n at which the 95% half-width at this spread fits in the band.
 The paper's numbers come from its dense Table 2 for dense presets where it has both sides
-(PAPER_DENSE_TABLE of lab/model/gates.py), else from its MoE tables (Tables 1, 3, 4); the
+(PAPER_DENSE_TABLE of lab/model/variants.py), else from its MoE tables (Tables 1, 3, 4); the
 row says which. For the Gu share, which the paper does not measure, its F-Attn sets the
 relative effect.
 
@@ -69,7 +69,7 @@ from typing import Callable
 import numpy as np
 from scipy import stats
 
-from lab.model.gates import VARIANTS
+from lab.model.variants import VARIANTS
 from lab.reports.seeds import BASELINE, CONFIDENCE, Interval, Row, t_interval
 
 EQUIVALENCE_PERCENT = 1.0
@@ -256,7 +256,7 @@ class Comparison:
         return next((p for p in map(sink_premise, labels) if p), None)
 
 
-# The registry field (lab/model/gates.py) that holds the paper's number for a measure.
+# The registry field (lab/model/variants.py) that holds the paper's number for a measure.
 PAPER_FIELDS = {"val/ppl": "paper_ppl", "gate/mean": "paper_gate_mean",
                 "sink/first_token_attn": "paper_first_token_attn",
                 "act/max_mean": "paper_max_activation"}

@@ -10,7 +10,8 @@ Two kinds of row also carry a `budget`, their added parameters set beside the pa
 scale both share (absolute counts are 1000x apart): a Switch Head variant as a multiple of
 the projections its experts replace (K+V or V), a parameter-matched baseline as a multiple
 of what the G1 elementwise and headwise gates add; `ratio_to_paper` is ours over the paper's
-(1.0: the paper's budget at our size). docs/paper-notes.md states the rules.
+(1.0: the paper's budget at our size). docs/paper-notes.md states the rules; the arithmetic
+is the registry's (lab/model/variants.py), this module only lays the rows out.
 """
 
 from __future__ import annotations
@@ -18,42 +19,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lab.config import PRESETS, RunConfig, resolve
+from lab.config import resolve
 from lab.errors import LabError, check_choice
-from lab.model.config import parse_switch_head, switch_expert_rank
-from lab.model.gates import (PAPER_POSITION_NAMES, VARIANTS, Variant, custom_variant, parse_gate,
-                             paper_switch_fraction, projection_params)
+from lab.model.gates import PAPER_POSITION_NAMES, parse_gate
 from lab.model.params import count_params
+from lab.model.variants import G1_REFERENCES, VARIANTS, Variant, budget, custom_variant
+from lab.presets import PRESETS
 from lab.progress import clip
-
-# What the parameter-matched baselines are measured against (Table 1 rows 5 and 10).
-G1_REFERENCES = {"g1_elementwise": "sdpa_elementwise_sigmoid_mul",
-                 "g1_headwise": "sdpa_headwise_sigmoid_mul"}
-
-
-def switch_budget(variant: Variant, config: RunConfig, added: int) -> dict:
-    """Added parameters over the projections the experts replace, ours and Table 6's."""
-    m = config.model
-    target, _, _ = parse_switch_head(m.switch_head)
-    replaced = projection_params(target, m.d_model, m.n_kv_heads, m.head_dim, m.n_layers)
-    paper = paper_switch_fraction(target, variant.paper_added_m)
-    return {"replaced": "K+V" if target == "kv" else "V", "replaced_params": replaced,
-            "expert_rank": switch_expert_rank(m), "added_over_replaced": round(added / replaced, 4),
-            "paper_added_over_replaced": paper, "ratio_to_paper": round(added / replaced / paper, 3)}
-
-
-def matched_budget(variant: Variant, added: int, g1_added: dict[str, int]) -> dict:
-    """Added parameters over the G1 gates', ours and the paper's (of the control it matches)."""
-    paper_of = VARIANTS[variant.budget_of]
-    budget = {"matches_paper": variant.budget_of}
-    for name, slug in G1_REFERENCES.items():
-        ours = added / g1_added[name]
-        paper = paper_of.paper_added_m / VARIANTS[slug].paper_added_m
-        budget.update({f"{name}_added": g1_added[name], f"added_over_{name}": round(ours, 4),
-                       f"paper_added_over_{name}": round(paper, 4),
-                       f"ratio_to_paper_{name}": round(ours / paper, 3)})
-    budget["ratio_to_paper"] = budget["ratio_to_paper_g1_elementwise"]
-    return budget
 
 
 def describe_variant(variant: Variant, preset: str, g1_added: dict[str, int] | None = None) -> dict:
@@ -78,10 +50,7 @@ def describe_variant(variant: Variant, preset: str, g1_added: dict[str, int] | N
         return row
     counts = count_params(config)
     row["params_total"], row["params_added"] = counts["total"], counts["added"]
-    if config.model.switch_head is not None and variant.paper_added_m is not None:
-        row["budget"] = switch_budget(variant, config, counts["added"])
-    elif variant.budget_of is not None:
-        row["budget"] = matched_budget(variant, counts["added"], g1_added)
+    row["budget"] = budget(variant, config.model, counts["added"], g1_added)
     return row
 
 

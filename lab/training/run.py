@@ -31,15 +31,14 @@ from lab.config import RunConfig, with_vocab
 from lab.data.sources import open_source
 from lab.data.store import TokenStore
 from lab.data.windows import check_batch_fits
-from lab.errors import LabError
 from lab.interrupts import interruption
-from lab.model.loss import require as require_loss_kernel
 from lab.model.params import count_params, model_flops_per_token
 from lab.records import OWNER_TAG, end_dead_runs, owner_identity
 from lab.training import phases as run_phases
 from lab.training.callbacks import (AnalysisMonitor, AtomicCheckpoint, GateInsertion,
                                     LossMonitor, RoutingStats, RunProgress, device_peak_tflops)
 from lab.training.module import LanguageModel, TokenDataModule
+from lab.training.preflight import check_devices, preflight
 from lab.training.schedule import accumulation, total_steps
 
 DDP_RUN_ID = "GATELAB_DDP_RUN_ID"
@@ -53,18 +52,9 @@ class RunResult:
     diverged_step: int | None = None
 
 
-def check_devices(devices: int) -> None:
-    """train.devices GPUs must be visible here: without CUDA the Trainer would quietly train
-    on one CPU process instead (train_run)."""
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if devices > max(1, available):
-        where = f"{available} CUDA device(s) are visible" if available else \
-            "no CUDA device is visible (a CPU run uses 1)"
-        raise LabError(f"train.devices: {devices} devices per run, but {where}; allowed: "
-                       f"1..{max(1, available)}")
-
-
 def open_data(config: RunConfig) -> tuple[TokenStore, RunConfig]:
+    # The grid and the sweep open their data through here before their first cell or trial:
+    # this keeps their device check until they call `preflight` themselves (issue 41).
     check_devices(config.train.devices)
     d = config.data
     store = open_source(d.source, d.vocab_size, d.valid, d.test)
@@ -128,7 +118,7 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
     its share of the check), added to the ones measured here."""
     clock = run_phases.PhaseClock({"startup": run_phases.startup_seconds(), **(phases or {})})
     uri = records.tracking_uri(uri)
-    require_loss_kernel(config.train.fused_loss, torch.cuda.is_available())  # before any record
+    preflight(config, "cuda" if torch.cuda.is_available() else "cpu")  # before any record
     with clock.phase("data_open"):
         store, config = open_data(config)
     primary = int(os.environ.get("LOCAL_RANK", "0")) == 0
