@@ -226,7 +226,7 @@ def cmd_report(args) -> int:
                               **band)
         print(terminal_report(report))
         return 0
-    from lab.reports import trends
+    from lab.reports.trends import table as trends_table
 
     # (the control grid, when it is one of the grids, is reported on its own)
     reports = [build_report(grid, args.tracking_uri, control=None if grid == args.control
@@ -237,9 +237,9 @@ def cmd_report(args) -> int:
     by_grid = {report.grid: report.verdicts for report in reports}
     across = Path("reports") / f"trends-{'+'.join(grids)}.md"
     across.parent.mkdir(parents=True, exist_ok=True)
-    across.write_text(f"## The paper's trends across these grids\n\n{trends.across(by_grid)}\n")
+    across.write_text(f"## The paper's trends across these grids\n\n{trends_table.across(by_grid)}\n")
     print("\nthe paper's trends: the grids where each holds")
-    for line in trends.holds_in(by_grid):
+    for line in trends_table.holds_in(by_grid):
         print(clip(line))
     print(f"\nside by side, with each grid's verdict: {across}")
     return 0
@@ -483,10 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default reports/<grid>; one grid only)")
     p.add_argument("--equivalence-percent", type=float, default=None,
                    help="the band within which the trend verdicts call two variants the "
-                   "same, in percent of the right side's mean (default 1: lab/reports/trends.py)")
+                   "same, in percent of the right side's mean (default 1: lab/reports/trends/verdicts.py)")
     p.add_argument("--broke-margin", type=float, default=0.1, metavar="NATS",
                    help="over an LR ladder, a run broke when it diverged or ended this many "
-                   "nats above its variant's best rung (default 0.1: lab/reports/trends.py)")
+                   "nats above its variant's best rung (default 0.1: lab/reports/trends/verdicts.py)")
     p.add_argument("--control", metavar="GRID", help="a grid that changes one setting of "
                    "this one (e.g. reproduce-base-init): each variant's Δ PPL against its "
                    "variants too, paired by seed (report.md, control.csv)")

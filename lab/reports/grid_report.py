@@ -58,7 +58,9 @@ from lab.model.gates import PAPER_DENSE_BASELINE_PPL, VARIANTS
 from lab.records import find_grid_parent, grid_cell_runs
 from lab.progress import clip
 from lab.records.lookup import no_grid
-from lab.reports import trends
+from lab.reports.trends.measures import BROKE_MARGIN, broken_runs, largest_stable_lr
+from lab.reports.trends.table import markdown as trends_markdown
+from lab.reports.trends.verdicts import EQUIVALENCE_PERCENT, evaluate
 from lab.reports.ladder import finite_peaks, plot_ladder
 from lab.reports.seeds import BASELINE, Interval, Row, RunRecord, paired_delta, t_interval
 
@@ -79,7 +81,7 @@ class Report:
     markdown: str
     out_dir: Path
     files: list[Path]
-    verdicts: list = field(default_factory=list)  # trends.TrendResult, one per trend
+    verdicts: list = field(default_factory=list)  # trends.verdicts.TrendResult, one per trend
 
 
 # --- reading the store ------------------------------------------------------------------
@@ -241,7 +243,7 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def stability_table(all_rows: list[Row], margin: float = trends.BROKE_MARGIN) -> str:
+def stability_table(all_rows: list[Row], margin: float = BROKE_MARGIN) -> str:
     """Per variant over a learning-rate ladder: the largest LR at which no seed diverged, the
     largest at which no seed diverged or spiked, and the smallest that diverged (the paper's
     claim 4: the gate trains at LRs where the baseline breaks); then the largest LR at which
@@ -257,8 +259,8 @@ def stability_table(all_rows: list[Row], margin: float = trends.BROKE_MARGIN) ->
         calm = [r for r in stable if r.spikes == 0]
         broke = [r for r in ladder if r.diverged > 0]
         logit = stable[-1].extra.get("attn/logit_max") if stable else None
-        largest = trends.largest_stable_lr(ladder, margin)
-        broken = trends.broken_runs(ladder, margin)
+        largest = largest_stable_lr(ladder, margin)
+        broken = broken_runs(ladder, margin)
         first_broke = min((lr for (lr, _), hit in broken.items() if hit), default=None)
         lines.append("| " + " | ".join([
             variant, str(len(ladder)), f"{stable[-1].lr:g}" if stable else "none",
@@ -268,7 +270,7 @@ def stability_table(all_rows: list[Row], margin: float = trends.BROKE_MARGIN) ->
     return "\n".join(lines)
 
 
-def stability_pairs_table(all_rows: list[Row], margin: float = trends.BROKE_MARGIN) -> str:
+def stability_pairs_table(all_rows: list[Row], margin: float = BROKE_MARGIN) -> str:
     """Each variant against the baseline at the same LR and seed, rung by rung: the pairing
     of the paper's Table 2 (models side by side at one LR), which trend 11 pools."""
     ladders: dict[str, list[Row]] = {}
@@ -281,11 +283,11 @@ def stability_pairs_table(all_rows: list[Row], margin: float = trends.BROKE_MARG
     if BASELINE not in ladders:
         return "\n".join(lines)
     base = {r.lr: {run.seed: run for run in r.runs} for r in ladders[BASELINE]}
-    base_broken = trends.broken_runs(ladders[BASELINE], margin)
+    base_broken = broken_runs(ladders[BASELINE], margin)
     for variant in sorted(ladders, key=_variant_order):
         if variant == BASELINE:
             continue
-        broken = trends.broken_runs(ladders[variant], margin)
+        broken = broken_runs(ladders[variant], margin)
         for rung in sorted(ladders[variant], key=lambda r: r.lr):
             pairs = [(run, base[rung.lr][run.seed]) for run in rung.runs
                      if run.seed in base.get(rung.lr, {})]
@@ -611,9 +613,9 @@ def plot_sink_histories(histories: dict, path: Path) -> None:
 
 def build_report(grid: str, uri: str | None = None, out: str | Path | None = None,
                  log_to_parent: bool = True,
-                 equivalence_percent: float = trends.EQUIVALENCE_PERCENT,
+                 equivalence_percent: float = EQUIVALENCE_PERCENT,
                  control: str | None = None,
-                 broke_margin: float = trends.BROKE_MARGIN) -> Report:
+                 broke_margin: float = BROKE_MARGIN) -> Report:
     matplotlib.use("Agg")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one per artifact
 
@@ -657,9 +659,9 @@ def build_report(grid: str, uri: str | None = None, out: str | Path | None = Non
                      "every `train.analysis_every` steps (each variant at its best LR; the plot "
                      "is sink_vs_tokens.png).\n\n"
                      f"{sink_history_table(histories)}\n")
-    verdicts = trends.evaluate(rows, all_rows, equivalence_percent, dense, broke_margin)
+    verdicts = evaluate(rows, all_rows, equivalence_percent, dense, broke_margin)
     markdown += ("\n### The paper's trends (spec §6), as this grid tests them\n\n"
-                 f"{trends.markdown(verdicts, equivalence_percent)}\n")
+                 f"{trends_markdown(verdicts, equivalence_percent)}\n")
     files = [out_dir / "report.md", out_dir / "report.csv", out_dir / "loss_curves.png",
              out_dir / "delta_ppl.png"]
     files[0].write_text(markdown)

@@ -1,5 +1,5 @@
 """A grid's runs and the statistics over their seeds that the report and the trend verdicts
-share (lab/reports/grid_report.py, lab/reports/trends.py): each FINISHED cell as a record,
+share (lab/reports/grid_report.py, lab/reports/trends/): each FINISHED cell as a record,
 the cells of one variant and LR as a row, means with t intervals, and deltas paired by seed.
 """
 
