@@ -329,7 +329,7 @@ def test_stability_pairs_by_lr_and_seed_and_reads_broke_with_its_margin():
     assert headroom.difference.mean == pytest.approx(math.log10(1e-1) - math.log10(3e-2))
     assert not verdict(results, "11").startswith("not testable")
 
-    from lab.reports.grid_report import stability_pairs_table, stability_table
+    from lab.reports.tables import stability_pairs_table, stability_table
 
     pairs = {tuple(line.split(" | ")[:2]): line for line in
              stability_pairs_table(all_rows).splitlines()[2:]}

@@ -180,6 +180,11 @@ def _stability(margin: float) -> tuple[Comparison, ...]:
 
 
 def build_trends(broke_margin: float = BROKE_MARGIN) -> tuple[Trend, ...]:
+    return _gate_trends() + _mechanism_trends(broke_margin)
+
+
+def _gate_trends() -> tuple[Trend, ...]:
+    """Trends 1-6: which gates lower the perplexity, against what (Tables 1, 3, 4)."""
     return (
         Trend("1", "position ranking: G1 > G2 >> G4 ≈ G3 ≈ G5 ≈ no gate (Table 1)", (
             Comparison(G1, BASELINE, "<"),
@@ -220,6 +225,13 @@ def build_trends(broke_margin: float = BROKE_MARGIN) -> tuple[Trend, ...]:
             Comparison(G2, G1_HEADSHARED, "<", GATE),
             Comparison(G1_HEADSHARED, INPUT_INDEPENDENT, "<", GATE),
             Comparison(INPUT_INDEPENDENT, NS_SIGMOID, "<", GATE))),
+    )
+
+
+def _mechanism_trends(broke_margin: float) -> tuple[Trend, ...]:
+    """Trends 7-14: what the gate does to the sink, activations, outputs, stability and
+    length, and the controls that isolate it (Tables 2, 4-6, §5, appendix)."""
+    return (
         Trend("7", "the attention sink is removed by G1 only (§5; measured as Gu et al.'s "
               "Sink^0.3 share on 64-token windows, with BOS and without)",
               _sink_comparisons(GU_SHARE) + (Comparison(G1, BASELINE, "<", GU_SHARE_NO_BOS),
