@@ -188,7 +188,7 @@ def terminal_report(report: Report) -> str:
 def log_summary(client, parent: str, rows: list[Row], all_rows: list[Row],
                 verdicts: list | None = None) -> None:
     """The report's summary on the grid's parent run, where its MLflow page shows it: the
-    short table and the trend verdicts (lab/reports/trends.py) as the run's description,
+    short table and the trend verdicts (lab/reports/trends/) as the run's description,
     and per variant `report/<variant>/val_ppl_mean`,
     `.../delta_ppl_mean`, `.../delta_ppl_ci_low` and `.../delta_ppl_ci_high` as metrics.
     The cell runs get one colour per variant (`mlflow.runColor`), those of the loss plot."""

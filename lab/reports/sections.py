@@ -22,6 +22,7 @@ from lab.reports.tables import (control_table, markdown_table, sink_history_tabl
                                 stability_pairs_table, stability_table, write_control_csv,
                                 write_csv)
 from lab.reports.trends.table import markdown as trends_markdown
+from lab.reports.trends.verdicts import TrendResult
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class GridRecords:
     control: str | None            # the control grid's name, if any
     controls: list[Row]            # its rows, one per variant at its best LR
     histories: dict                # the sink measures through training (rows.sink_histories)
-    verdicts: list                 # trends.verdicts.TrendResult, one per trend
+    verdicts: list[TrendResult]    # one per trend
     equivalence_percent: float
     broke_margin: float
     out_dir: Path

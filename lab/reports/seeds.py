@@ -24,7 +24,7 @@ class RunRecord:
     metrics: dict
     diverged: bool
     ffn: str = "dense"   # the model's FFN (`model.ffn`): which of the paper's tables is its
-    #                      reference (lab/reports/grid_report.py, set_paper_reference)
+    #                      reference (lab/reports/rows.py, set_paper_reference)
 
     @property
     def val_ppl(self) -> float | None:

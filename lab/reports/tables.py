@@ -64,8 +64,8 @@ def stability_table(all_rows: list[Row], margin: float = BROKE_MARGIN) -> str:
     """Per variant over a learning-rate ladder: the largest LR at which no seed diverged, the
     largest at which no seed diverged or spiked, and the smallest that diverged (the paper's
     claim 4: the gate trains at LRs where the baseline breaks); then the largest LR at which
-    at least 2 seeds ran and none broke (lab/reports/trends.py: diverged, or a final loss
-    `margin` nats above the variant's best rung) and the first LR at which a run broke."""
+    at least 2 seeds ran and none broke (lab/reports/trends/measures.py: diverged, or a final
+    loss `margin` nats above the variant's best rung) and the first LR at which a run broke."""
     header = ["variant", "LRs tried", "max LR, no divergence", "max LR, no divergence or spike",
               "first LR that diverged", "largest attention logit (at max stable LR)",
               "largest stable LR (>= 2 seeds, none broke)", "first LR where a run broke"]
