@@ -49,10 +49,10 @@ baseline's, not with its own pre-gate output (a sigmoid below 1 makes that one a
 paired standard deviation and the seeds that would resolve the paper's effect at that
 spread: the smallest n at which a paired t test at `ALPHA` two-sided has power `POWER`
 (noncentral t) against the paper's effect, taken as the paper's relative difference between
-the two sides (left over right, minus 1) times our right side's mean. For '≈', the n at which the 95% half-width at this spread fits in the band.
-The paper's numbers come from its dense Table 2 for dense presets where it has both sides
-(PAPER_DENSE_TABLE of lab/model/gates.py), else from its MoE tables (Tables 1, 3, 4); the
-row says which. For the Gu share, which the paper does not measure, its F-Attn sets the
+the two sides (left over right, minus 1) times our right side's mean. For '≈', the n at
+which the 95% half-width at this spread fits in the band. The paper's numbers come from its
+dense Table 2 for dense presets where it has both sides (PAPER_DENSE_TABLE of
+lab/model/gates.py), else from its MoE tables (Tables 1, 3, 4); the row says which. For the Gu share, which the paper does not measure, its F-Attn sets the
 relative effect.
 
 Trend 10 ("the gains hold across settings") is read across grids (docs/results.md), so no
