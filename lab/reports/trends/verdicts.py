@@ -52,8 +52,8 @@ spread: the smallest n at which a paired t test at `ALPHA` two-sided has power `
 the two sides (left over right, minus 1) times our right side's mean. For '≈', the n at
 which the 95% half-width at this spread fits in the band. The paper's numbers come from its
 dense Table 2 for dense presets where it has both sides (PAPER_DENSE_TABLE of
-lab/model/gates.py), else from its MoE tables (Tables 1, 3, 4); the row says which. For the Gu share, which the paper does not measure, its F-Attn sets the
-relative effect.
+lab/model/gates.py), else from its MoE tables (Tables 1, 3, 4); the row says which. For the
+Gu share, which the paper does not measure, its F-Attn sets the relative effect.
 
 Trend 10 ("the gains hold across settings") is read across grids (docs/results.md), so no
 single grid's report judges it. The band of '≈' is our choice: the paper calls headwise
