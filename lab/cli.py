@@ -203,46 +203,10 @@ def cmd_grid(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from lab.records.lookup import missing_grid
+    from lab.reports.compose import report_grids
 
-    for grid in args.grid + ([args.control] if args.control else []):
-        error = missing_grid(grid, args.tracking_uri)  # (at once, without MLflow's import)
-        if error is not None:
-            raise error
-    from lab.progress import clip
-    from lab.reports.grid_report import build_report, terminal_report
-
-    if args.equivalence_percent is not None and not args.equivalence_percent > 0:
-        raise LabError(f"report: --equivalence-percent must be above 0, not "
-                       f"{args.equivalence_percent:g}")
-    if not args.broke_margin > 0:
-        raise LabError(f"report: --broke-margin must be above 0 nats, not {args.broke_margin:g}")
-    band = {"broke_margin": args.broke_margin} if args.equivalence_percent is None else \
-        {"equivalence_percent": args.equivalence_percent, "broke_margin": args.broke_margin}
-    grids = list(dict.fromkeys(args.grid))
-    if args.out and len(grids) > 1:
-        raise LabError("report: --out takes one grid; with several, each goes to reports/<grid>")
-    if len(grids) == 1:
-        report = build_report(grids[0], args.tracking_uri, args.out, control=args.control,
-                              **band)
-        print(terminal_report(report))
-        return 0
-    from lab.reports import trends
-
-    # (the control grid, when it is one of the grids, is reported on its own)
-    reports = [build_report(grid, args.tracking_uri, control=None if grid == args.control
-                            else args.control, **band) for grid in grids]
-    for report in reports:
-        print(f"{report.grid}: written to {report.out_dir} (and logged to its parent run)")
-    # The side-by-side table is as wide as its claims and grids: a file, and a line a trend here.
-    by_grid = {report.grid: report.verdicts for report in reports}
-    across = Path("reports") / f"trends-{'+'.join(grids)}.md"
-    across.parent.mkdir(parents=True, exist_ok=True)
-    across.write_text(f"## The paper's trends across these grids\n\n{trends.across(by_grid)}\n")
-    print("\nthe paper's trends: the grids where each holds")
-    for line in trends.holds_in(by_grid):
-        print(clip(line))
-    print(f"\nside by side, with each grid's verdict: {across}")
+    print(report_grids(args.grid, args.tracking_uri, args.out, args.control,
+                       args.equivalence_percent, args.broke_margin))
     return 0
 
 
@@ -484,10 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default reports/<grid>; one grid only)")
     p.add_argument("--equivalence-percent", type=float, default=None,
                    help="the band within which the trend verdicts call two variants the "
-                   "same, in percent of the right side's mean (default 1: lab/reports/trends.py)")
+                   "same, in percent of the right side's mean (default 1: lab/reports/trends/verdicts.py)")
     p.add_argument("--broke-margin", type=float, default=0.1, metavar="NATS",
                    help="over an LR ladder, a run broke when it diverged or ended this many "
-                   "nats above its variant's best rung (default 0.1: lab/reports/trends.py)")
+                   "nats above its variant's best rung (default 0.1: lab/reports/trends/verdicts.py)")
     p.add_argument("--control", metavar="GRID", help="a grid that changes one setting of "
                    "this one (e.g. reproduce-base-init): each variant's Δ PPL against its "
                    "variants too, paired by seed (report.md, control.csv)")

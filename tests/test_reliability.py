@@ -26,7 +26,7 @@ CRASH_TRIALS = int(os.environ.get("GATELAB_CRASH_TRIALS", "10"))
 def _loss_histories(uri: str, experiment: str) -> dict[str, list[float]]:
     from mlflow.tracking import MlflowClient
 
-    from lab.reports.grid_report import loss_history
+    from lab.reports.figures import loss_history
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -278,7 +278,7 @@ def test_same_config_and_seed_give_a_bitwise_identical_loss_curve_on_cpu(store):
 def _loss_histories_of(uri, run_id):
     from mlflow.tracking import MlflowClient
 
-    from lab.reports.grid_report import loss_history
+    from lab.reports.figures import loss_history
 
     return loss_history(MlflowClient(uri), run_id)[1]
 

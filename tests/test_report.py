@@ -82,7 +82,8 @@ def test_the_per_layer_profiles_read_alike_from_metrics_and_from_the_table(store
     committed snapshots) as `layers/...` metrics: the report reads both the same."""
     from mlflow.tracking import MlflowClient
 
-    from lab.reports.grid_report import build_report, layer_profile
+    from lab.reports.figures import layer_profile
+    from lab.reports.grid_report import build_report
 
     write_grid(store, layer_table=layer_table)
     client = MlflowClient(store)
@@ -157,7 +158,7 @@ def test_report_statistics_deltas_and_the_papers_direction(store, tmp_path):
     with open(tmp_path / "out" / "all_lrs.csv") as handle:
         assert len(list(csv.DictReader(handle))) == len(PPL)
 
-    from lab.reports.grid_report import layer_profile
+    from lab.reports.figures import layer_profile
 
     assert layer_profile(gate.runs, "layers/sink/first_token_attn") == pytest.approx([0.01, 0.11, 0.21])
     assert layer_profile(rows["baseline"].runs, "layers/act/max") == []
@@ -227,7 +228,8 @@ def test_a_control_that_is_missing_or_the_grid_itself_is_a_one_line_error(store,
 
 
 def test_one_seed_has_no_interval_and_an_unknown_grid_is_a_lab_error(store, tmp_path):
-    from lab.reports.grid_report import build_report, t_interval
+    from lab.reports.grid_report import build_report
+    from lab.reports.seeds import t_interval
 
     single = t_interval([3.0])
     assert single.mean == 3.0 and single.low is None and t_interval([]) is None
@@ -305,7 +307,8 @@ def test_with_one_learning_rate_there_is_no_copy_of_report_csv(store, tmp_path, 
 
 
 def test_stability_table_reads_the_largest_stable_lr_per_variant():
-    from lab.reports.grid_report import Row, RunRecord, stability_table
+    from lab.reports.seeds import Row, RunRecord
+    from lab.reports.tables import stability_table
 
     def row(variant, lr, diverged=(False, False), spikes=(0, 0), logit=None):
         runs = [RunRecord(f"{variant}{lr}{seed}", variant, lr, seed,
@@ -325,7 +328,7 @@ def test_stability_table_reads_the_largest_stable_lr_per_variant():
 
 
 def test_an_moe_preset_takes_the_papers_moe_table():
-    from lab.reports.grid_report import build_rows
+    from lab.reports.rows import build_rows
 
     records = [RunRecord(f"{v}{seed}", v, 3e-3, seed, {"val/ppl": 10.0 - seed}, False, ffn)
                for v in ("baseline", "sdpa_headwise_sigmoid_mul", "baseline_sandwich_norm")
@@ -376,3 +379,35 @@ def test_the_sink_through_training_is_tabulated_and_plotted_against_tokens(store
     # A grid without such series: no plot (and none left from before).
     build_report("fake" if write_grid(store) else "", store, out)
     assert not (out / "sink_vs_tokens.png").exists()
+
+
+def test_a_section_added_to_the_list_appears_in_report_md_in_its_place(store, tmp_path,
+                                                                       monkeypatch):
+    """report.md is its sections in the order of lab/reports/sections.py SECTIONS: a section
+    put into that list (here at test time, between the plots and the learning rates) is in
+    report.md at its place, its file is listed and logged to the grid's parent run with the
+    others."""
+    from mlflow.tracking import MlflowClient
+
+    from lab.reports import sections
+    from lab.reports.grid_report import build_report
+
+    def seeds_per_variant(records):
+        path = records.out_dir / "seeds.txt"
+        path.write_text("\n".join(f"{r.variant} {len(r.runs)}" for r in records.rows))
+        return sections.Section(f"\n### Seeds\n\n{len(records.rows)} variants\n", (path,))
+
+    at = sections.SECTIONS.index(sections.plots) + 1
+    monkeypatch.setattr(sections, "SECTIONS", [*sections.SECTIONS[:at], seeds_per_variant,
+                                               *sections.SECTIONS[at:]])
+    parent = write_grid(store)
+    report = build_report("fake", store, tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert text == report.markdown
+    # after the variants' table (the plots add no text), before every learning rate
+    assert text.index("| key_elementwise_sigmoid_mul |") < text.index("### Seeds\n\n4 variants\n") \
+        < text.index("### Every learning rate")
+    assert (tmp_path / "out" / "seeds.txt").read_text().startswith("baseline 3\n")
+    assert tmp_path / "out" / "seeds.txt" in report.files
+    logged = {a.path for a in MlflowClient(store).list_artifacts(parent, "report")}
+    assert "report/seeds.txt" in logged

@@ -2,7 +2,7 @@
 per rung, every run's training loss and gradient norm through training, one colour per
 variant and one line style per seed, the detected loss spikes marked, so that a reader sees
 where a variant broke and whether the other did at the same LR and seed (the pairing the
-verdict rules use, lab/reports/trends.py)."""
+verdict rules use, lab/reports/trends/measures.py)."""
 
 from __future__ import annotations
 

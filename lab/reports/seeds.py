@@ -1,5 +1,5 @@
 """A grid's runs and the statistics over their seeds that the report and the trend verdicts
-share (lab/reports/grid_report.py, lab/reports/trends.py): each FINISHED cell as a record,
+share (lab/reports/grid_report.py, lab/reports/trends/): each FINISHED cell as a record,
 the cells of one variant and LR as a row, means with t intervals, and deltas paired by seed.
 """
 
@@ -24,7 +24,7 @@ class RunRecord:
     metrics: dict
     diverged: bool
     ffn: str = "dense"   # the model's FFN (`model.ffn`): which of the paper's tables is its
-    #                      reference (lab/reports/grid_report.py, set_paper_reference)
+    #                      reference (lab/reports/rows.py, set_paper_reference)
 
     @property
     def val_ppl(self) -> float | None:
