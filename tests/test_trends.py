@@ -49,7 +49,8 @@ def test_the_trends_find_their_variants_in_the_registry_by_what_they_are():
     model settings, the paper's row), not by a re-spelled slug: a slug renamed in the
     registry is followed, a variant gone from it is an error, never a comparison that
     silently finds no runs."""
-    from lab.model.gates import VARIANTS, GateSpec
+    from lab.model.gates import GateSpec
+    from lab.model.variants import VARIANTS
 
     renamed = {("g1_renamed" if slug == definitions.G1 else slug): variant
                for slug, variant in VARIANTS.items()}
