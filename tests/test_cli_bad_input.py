@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gridkit import store  # noqa: F401
 
 TRAIN = ["train", "--quiet", "--preset", "tiny", "--data", "synthetic", "--tokens", "4096"]
 GRID_FILE = "name: fuzz\npreset: tiny\ntokens: 4096\nvariants: [baseline]\n"

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from gridkit import run_statuses, store, tiny_grid  # noqa: F401 (fixture)
+from gridkit import run_statuses, tiny_grid
 from lab.errors import LabError
 from lab.experiments.grid import (GridOptions, grid_from_dict, load_grid, owner_alive,
                                   owner_identity, parse_shard, plan, run_grid, shard_cells,
@@ -422,7 +422,7 @@ def test_a_compiled_shape_is_the_model_and_step_not_the_seed_or_learning_rate():
 
 
 @pytest.mark.parametrize("warm_first", [False, True])
-def test_warm_first_hands_the_pool_each_cells_compiled_shape(store, monkeypatch, warm_first):  # noqa: F811
+def test_warm_first_hands_the_pool_each_cells_compiled_shape(store, monkeypatch, warm_first):
     from lab.experiments import grid
 
     seen = {}

@@ -11,18 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from gridkit import _template_db
 from lab import records
 from lab.cli import EXAMPLES, main
 from lab.errors import LabError
 from lab.records import snapshot
+from storekit import make_store
 
 
 def _store(folder: Path, monkeypatch) -> tuple[str, str]:
     """A store at `folder` with one lab experiment and a run that has a JSON and a PNG
     artifact, as the lab lays them out; (its URI, the run's id)."""
-    folder.mkdir(parents=True)
-    shutil.copy(_template_db(), folder / "mlflow.db")
+    make_store(folder)
     monkeypatch.setenv("GATELAB_STORE", str(folder))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = records.tracking_uri()

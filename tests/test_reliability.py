@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import random
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -17,8 +16,9 @@ import lightning as L
 import pytest
 import torch
 
-from gridkit import (ForkedCommand, _template_db, grid_processes, nothing,  # noqa: F401
-                     run_grid_process, run_statuses, store, tiny_grid)
+from gridkit import (ForkedCommand, grid_processes, nothing, run_grid_process, run_statuses,
+                     tiny_grid)
+from storekit import make_store
 
 CRASH_TRIALS = int(os.environ.get("GATELAB_CRASH_TRIALS", "10"))
 
@@ -134,8 +134,7 @@ def test_kill_resume_of_the_command_s_process_group(tmp_path, monkeypatch, what)
         # A migrated empty store, so that the kills reach training in a CI-sized run (the
         # benchmark, and tests/test_records_store.py, kill the store's creation too).
         prepare(workdir)
-        (workdir / "mlruns").mkdir()
-        shutil.copy(_template_db(), workdir / "mlruns" / "mlflow.db")
+        make_store(workdir / "mlruns")
 
     case.prepare = prepare_with_a_store
 

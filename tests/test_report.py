@@ -8,7 +8,6 @@ import math
 
 import pytest
 
-from gridkit import store  # noqa: F401 (fixture)
 from lab.analysis import outputs
 from lab.errors import LabError
 from lab.reports.seeds import RunRecord

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 
-from gridkit import store  # noqa: F401 (fixture)
 from lab.training.spikes import detect_spikes
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from gridkit import store  # noqa: F401  (fixture: a throwaway store, the test cache, a tmp cwd)
 from lab.training.phases import PHASES
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_verdict.py"
@@ -95,7 +94,7 @@ def test_the_tables_show_each_cells_phases_and_each_loops_ratio():
     assert "- liger: skipped: no liger_kernel" in md
 
 
-def test_a_dry_pass_runs_a_real_grid_and_the_timed_loops(store, tmp_path):  # noqa: F811
+def test_a_dry_pass_runs_a_real_grid_and_the_timed_loops(store, tmp_path):
     out = tmp_path / "ttv"
     report = ttv.run(ttv.parse_args([str(out), "--dry", "--sections", "grid-small,mfu,liger"]))
     sections = report["sections"]

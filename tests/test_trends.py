@@ -7,7 +7,6 @@ import math
 
 import pytest
 
-from gridkit import store  # noqa: F401 (fixture)
 from lab.reports import trends
 from lab.reports.seeds import Interval, Row, RunRecord, t_interval
 
