@@ -34,6 +34,7 @@ def imported_by(argv: list[str], env: dict | None = None) -> tuple[list[str], st
     return eval(done.stdout.strip().splitlines()[-1]), done.stderr  # noqa: S307 (our print)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--bogus"], ["store", "--help"]])
 def test_help_and_a_usage_error_import_no_heavy_library(argv):
     """`gatelab --help` stays fast (lab/cli.py imports each command's modules when it runs):
@@ -41,6 +42,7 @@ def test_help_and_a_usage_error_import_no_heavy_library(argv):
     assert imported_by(argv)[0] == []
 
 
+@pytest.mark.slow
 def test_variants_and_one_line_errors_wait_for_no_library_they_do_not_use(store):
     """Start-up (benchmarks/README.md): `variants` counts parameters with torch on the meta
     device but loads no Lightning, MLflow or Optuna; a report of a grid the store lacks, and
@@ -81,6 +83,7 @@ def test_every_command_has_help_with_a_parsable_example(name, capsys):
     build_parser().parse_args(words[1:])  # the example is a valid command line
 
 
+@pytest.mark.slow
 def test_quiet_train_prints_only_its_result(new_store):
     """A fresh process, as a script or CI job runs it: --quiet must hold from the first import,
     through the store's creation."""
@@ -108,6 +111,7 @@ def run_cli(args: list[str], env: dict | None = None,
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_train_prints_the_labs_lines_and_none_of_the_libraries(store):
     """Normal level, a fresh process: the parameter line and the result, nothing else."""
     done = run_cli(["train", *TINY_RUN])
@@ -118,6 +122,7 @@ def test_train_prints_the_labs_lines_and_none_of_the_libraries(store):
     assert lines[0].startswith("[baseline] parameters: ") and lines[-1].startswith("run ")
 
 
+@pytest.mark.slow
 def test_verbose_train_prints_a_progress_line_per_tenth_and_the_libraries(store):
     done = run_cli(["train", *TINY_RUN, "--verbose"])
     assert done.returncode == 0, done.stderr
@@ -168,6 +173,7 @@ def test_run_options_have_help(capsys):
     assert "--preset PRESET model preset: tiny (CPU)" in text
 
 
+@pytest.mark.slow
 def test_sweep_workers_print_one_line_per_trial_and_nothing_else(store, tmp_path):
     """Two worker processes on one terminal: whole lines, one per finished trial, no bars,
     no Optuna or Lightning log; the journal path shown as a path."""

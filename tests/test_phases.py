@@ -54,6 +54,7 @@ EVERY_PHASE = {"model.context": 32, "train.batch_size": 8, "train.val_every": 4,
                "train.checkpoint_every": 8}
 
 
+@pytest.mark.slow
 def test_a_run_logs_every_phase_and_they_sum_to_its_wall_clock(store):
     config = resolve("baseline", "tiny", EVERY_PHASE, data="synthetic", tokens=16 * 256)
     started = time.perf_counter()
@@ -78,6 +79,7 @@ def test_a_run_logs_every_phase_and_they_sum_to_its_wall_clock(store):
     assert m[metric("other")] < 0.25 * (m[TOTAL_METRIC] - before)
 
 
+@pytest.mark.slow
 def test_the_grid_prints_the_summed_breakdown_of_its_cells(store, capsys):
     spec = grid_from_dict(tiny_grid("timed", ["baseline"], seeds=(0, 1)))
     summary = run_grid(spec, GridOptions(quiet=True))

@@ -137,6 +137,7 @@ def test_the_environment_variable_is_named_when_it_holds_the_bad_uri(monkeypatch
 
 # --- creation: atomic under SIGKILL, serialised between processes --------------------------
 
+@pytest.mark.slow
 def test_sigkill_while_a_store_is_created_leaves_no_store_or_a_whole_one(tmp_path):
     """KILL_TRIALS creations of a fresh store, each SIGKILLed at a random moment of an
     uncut creation's time: each path afterwards has no store or one that opens with its
@@ -188,6 +189,7 @@ def test_sigkill_while_a_store_is_created_leaves_no_store_or_a_whole_one(tmp_pat
     assert not cut_short.with_name("mlflow.db.creating").exists()
 
 
+@pytest.mark.slow
 def test_six_runs_started_together_on_a_fresh_store_all_finish(tmp_path, monkeypatch):
     """Issue 20: six `gatelab train` processes on a store none has created yet; MLflow
     alone breaks the schema (alembic migrations racing) and all six die."""

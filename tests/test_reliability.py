@@ -37,6 +37,7 @@ def _loss_histories(uri: str, experiment: str) -> dict[str, list[float]]:
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_rerun_finishes_each_cell_exactly_once(store):
     """SIGKILL the grid process CRASH_TRIALS times at random moments (each restart is also a
     rerun: it must reconcile what the last one left), then let it finish. Every cell ends
@@ -103,6 +104,7 @@ def _kill_resume_benchmark():
     return sys.modules["kill_resume"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["grid", "sweep"])
 def test_kill_resume_of_the_command_s_process_group(tmp_path, monkeypatch, what):
     """The reduced measurement of benchmarks/kill_resume.py: `gatelab grid` / `gatelab
@@ -448,6 +450,7 @@ def _long_command(command: str, tmp_path: Path) -> list[str]:
     return ["sweep", str(path), "--storage", str(tmp_path / "stopped.journal")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command, signum", [
     (command, signum) for command in ("train", "grid", "sweep")
     for signum in (signal.SIGTERM, signal.SIGINT)] + [("grid-2-workers", signal.SIGTERM)])
@@ -479,6 +482,7 @@ def test_a_stop_signal_ends_the_command_with_128_plus_its_number_and_every_run_k
         {f"stopped by {signal.Signals(signum).name}"}
 
 
+@pytest.mark.slow
 def test_a_signal_inside_a_store_write_waits_for_its_commit_and_the_run_still_ends_killed(store):
     """Raised between an INSERT and its COMMIT, the interrupt would leave that SQLite write
     transaction open, and marking the run KILLED would wait out the 20 s busy timeout and
@@ -627,6 +631,7 @@ def _command_process(argv: list[str], sigint_ignored: bool):
                             preexec_fn=ignore_sigint if sigint_ignored else None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, sigint_ignored", [
     (signal.SIGINT, True), (signal.SIGINT, False), (signal.SIGTERM, False)])
 def test_a_stop_signal_during_the_start_up_is_one_line_and_leaves_no_run(store, tmp_path, signum,
@@ -653,6 +658,7 @@ def test_a_stop_signal_during_the_start_up_is_one_line_and_leaves_no_run(store, 
     assert _runs_of(store, "stopped") == []
 
 
+@pytest.mark.slow
 def test_sigint_inherited_ignored_still_stops_a_training_run_killed(store, tmp_path):
     """The background-job case once the run trains: SIGINT ends it KILLED, exit 130."""
     process = _command_process([*_long_command("train", tmp_path), "--quiet"], True)
@@ -687,6 +693,7 @@ def _sigkill_while_training(store, argv: list[str]) -> None:
         process.join()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["train", "sweep"])
 def test_a_rerun_ends_the_runs_a_sigkill_left_running(store, tmp_path, command):
     """A `train` or `sweep` SIGKILLed mid-run cannot close its run; the next command that

@@ -34,6 +34,7 @@ def test_the_default_is_every_section_in_priority_order_within_one_call():
     assert args.budget_s <= 540 and not args.dry
 
 
+@pytest.mark.slow
 def test_sections_past_the_budget_are_skipped_and_said(tmp_path, monkeypatch):
     ran = []
     monkeypatch.setattr(ttv, "SECTION_RUNS", {name: (lambda ctx, n=name: ran.append(n) or {})
@@ -94,6 +95,7 @@ def test_the_tables_show_each_cells_phases_and_each_loops_ratio():
     assert "- liger: skipped: no liger_kernel" in md
 
 
+@pytest.mark.slow
 def test_a_dry_pass_runs_a_real_grid_and_the_timed_loops(store, tmp_path):
     out = tmp_path / "ttv"
     report = ttv.run(ttv.parse_args([str(out), "--dry", "--sections", "grid-small,mfu,liger"]))

@@ -19,6 +19,7 @@ def test_setup_compiles_the_model_once_in_the_configured_mode(monkeypatch):
     assert modes == ["reduce-overhead"]
 
 
+@pytest.mark.slow
 def test_each_run_in_one_process_gets_compiled_not_the_recompile_limits_eager_fallback(
         monkeypatch):
     """A grid worker trains many models in one process. Without a fresh Dynamo cache per run,

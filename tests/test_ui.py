@@ -31,6 +31,10 @@ from pathlib import Path
 
 import pytest
 
+# Every test here serves `gatelab ui` or reads the smoke grid its fixture trains in
+# subprocesses (minutes on a 2-core machine): out of the `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 GRID = "smoke"
