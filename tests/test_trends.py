@@ -324,6 +324,7 @@ def test_no_breaking_point_leaves_stability_untested_and_out_of_the_adjustment()
         "not testable here: no breaking point")
 
 
+@pytest.mark.slow
 def test_report_prints_the_verdicts_and_checks_its_band(store, tmp_path, capsys):
     from test_report import write_grid
 
@@ -378,6 +379,7 @@ def test_across_grids_names_where_each_trend_holds():
         "| holds | holds | all 2 that test it |")
 
 
+@pytest.mark.slow
 def test_report_of_several_grids_prints_the_verdicts_side_by_side(store, tmp_path, capsys,
                                                                   monkeypatch):
     from test_report import write_grid
