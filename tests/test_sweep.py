@@ -39,14 +39,15 @@ def sweep_dict(**changes) -> dict:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A working directory with its own MLflow store, data cache and sweeps/ (workers are
-    spawned processes: they inherit the environment and the working directory)."""
-    root = tmp_path_factory.mktemp("sweep")
+def workspace(new_store):
+    """A working directory with its own MLflow store and sweeps/, and the shared data cache
+    (workers are spawned processes: they inherit the environment and the working directory)."""
+    store = new_store("sweep")
+    root = store.root.parent
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        mp.setenv("GATELAB_STORE", str(root / "mlruns"))
-        mp.setenv("GATELAB_CACHE", str(root / "cache"))
+        for key, value in store.env.items():
+            mp.setenv(key, value)
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         yield root
 
