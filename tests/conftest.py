@@ -15,7 +15,7 @@ from typing import Callable
 import pytest
 import torch
 
-from storekit import Store, make_store
+from storekit import Store, make_store, shared_dir
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -33,6 +33,14 @@ def normal_verbosity(monkeypatch):
     from lab.progress import VERBOSITY_ENV
 
     monkeypatch.delenv(VERBOSITY_ENV, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def shared_cache(monkeypatch):
+    """Every test's data cache is the tests' shared one unless the test names another: the
+    default, cache/ of the working directory, was the checkout's for tests that plan a grid
+    without a store (tests/test_grid.py's first ones wrote a synthetic corpus there)."""
+    monkeypatch.setenv("GATELAB_CACHE", str(shared_dir() / "cache"))
 
 
 @pytest.fixture
