@@ -1,16 +1,13 @@
-"""Shared by the grid, report and reliability tests: a throwaway MLflow store per test and
-a grid small enough to train in about a second per cell on one CPU thread."""
+"""Shared by the grid, report and reliability tests: a grid small enough to train in about a
+second per cell on one CPU thread, and the targets of the processes they fork and kill (the
+test's store: the `store` fixture, conftest.py)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import sys
-import tempfile
 from pathlib import Path
-
-import pytest
 
 # Worker and fork-server processes import from sys.path, where '' would mean the changed
 # working directory of a test: name this checkout and this folder explicitly.
@@ -28,41 +25,6 @@ def tiny_grid(name: str, variants, seeds=(0,), lrs=(3e-3,), **overrides) -> dict
     return {"name": name, "preset": "tiny", "data": "synthetic", "tokens": TINY_TOKENS,
             "variants": list(variants), "seeds": list(seeds), "lrs": list(lrs),
             "overrides": {**TINY_OVERRIDES, **overrides}}
-
-
-def _shared_dir() -> Path:
-    # Outside the repository, shared by test sessions: the synthetic corpus and an empty,
-    # migrated MLflow database are deterministic and slow to make.
-    path = Path(tempfile.gettempdir()) / "gatelab-tests"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-def _template_db() -> Path:
-    import mlflow
-
-    template = _shared_dir() / f"mlflow-{mlflow.__version__}.db"
-    if not template.exists():
-        work = Path(tempfile.mkdtemp(dir=_shared_dir()))
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(f"sqlite:///{work / 'mlflow.db'}").search_experiments()
-        os.replace(work / "mlflow.db", template)
-        shutil.rmtree(work, ignore_errors=True)
-    return template
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch) -> str:
-    """A fresh store under tmp_path (copied from a migrated empty database); returns its URI."""
-    root = tmp_path / "mlruns"
-    root.mkdir()
-    shutil.copy(_template_db(), root / "mlflow.db")
-    monkeypatch.setenv("GATELAB_STORE", str(root))
-    monkeypatch.setenv("GATELAB_CACHE", str(_shared_dir() / "cache"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return f"sqlite:///{root / 'mlflow.db'}"
 
 
 def run_statuses(uri: str, experiment: str) -> dict[str, list[str]]:

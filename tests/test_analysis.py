@@ -258,6 +258,7 @@ def test_non_finite_weights_are_skipped(tmp_path):
     assert analyze(model, store, config, windows=2).skipped == "non-finite weights"
 
 
+@pytest.mark.slow
 def test_training_run_records_the_metrics_and_analyze_writes_the_plots(tmp_path, monkeypatch):
     """Acceptance: a run carries sink/act/gate metrics; `gatelab analyze <run id>` logs plots."""
     from lab import records

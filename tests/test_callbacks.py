@@ -12,7 +12,6 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from gridkit import store  # noqa: F401  (fixture)
 from lab.config import resolve
 from lab.model.flops import peak_tflops
 from lab.training.callbacks import AtomicCheckpoint, LossMonitor, device_peak_tflops
@@ -139,7 +138,7 @@ class SlowValidation(L.Callback):
             time.sleep(0.25)
 
 
-def test_logged_tokens_per_s_is_steps_times_tokens_over_measured_step_time(store):  # noqa: F811
+def test_logged_tokens_per_s_is_steps_times_tokens_over_measured_step_time(store):
     from lab.training.run import train_run
 
     config = resolve("baseline", "tiny", {"model.context": 32, "train.batch_size": 8,

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gridkit import store  # noqa: F401
 
 TRAIN = ["train", "--quiet", "--preset", "tiny", "--data", "synthetic", "--tokens", "4096"]
 GRID_FILE = "name: fuzz\npreset: tiny\ntokens: 4096\nvariants: [baseline]\n"
@@ -407,6 +406,7 @@ def test_bad_input_is_one_error_line_exit_2_and_no_run(store, tmp_path, capsys, 
     assert _run_count(store) == 0
 
 
+@pytest.mark.slow
 def test_a_real_process_refuses_the_same_way(store, tmp_path):
     """The in-process cases stand for the command: one, run as `python -m lab`."""
     done = subprocess.run([sys.executable, "-m", "lab", *train("--tokens", "inf")],

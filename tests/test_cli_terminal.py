@@ -7,14 +7,12 @@ import argparse
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from gridkit import _template_db
 from lab.cli import EXAMPLES, build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +34,7 @@ def imported_by(argv: list[str], env: dict | None = None) -> tuple[list[str], st
     return eval(done.stdout.strip().splitlines()[-1]), done.stderr  # noqa: S307 (our print)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--bogus"], ["store", "--help"]])
 def test_help_and_a_usage_error_import_no_heavy_library(argv):
     """`gatelab --help` stays fast (lab/cli.py imports each command's modules when it runs):
@@ -43,14 +42,13 @@ def test_help_and_a_usage_error_import_no_heavy_library(argv):
     assert imported_by(argv)[0] == []
 
 
-def test_variants_and_one_line_errors_wait_for_no_library_they_do_not_use(tmp_path):
+@pytest.mark.slow
+def test_variants_and_one_line_errors_wait_for_no_library_they_do_not_use(store):
     """Start-up (benchmarks/README.md): `variants` counts parameters from the configs' shapes
     and loads none of them; a report of a grid the store lacks, and the store's, train's and
     a grid file's one-line errors, say so before those load."""
     assert imported_by(["variants"])[0] == []
-    env = {"GATELAB_STORE": str(tmp_path / "mlruns")}
-    (tmp_path / "mlruns").mkdir()
-    shutil.copy(_template_db(), tmp_path / "mlruns" / "mlflow.db")  # a store without `core`
+    # `store`: an empty store, which holds no grid `core`
     for argv, message, allowed in (
             (["report", "core"], "error: report: no grid named 'core'", {"sqlalchemy"}),
             (["store", "pack", "x.tgz"], "error: store pack: x.tgz: a snapshot is xz", set()),
@@ -63,7 +61,7 @@ def test_variants_and_one_line_errors_wait_for_no_library_they_do_not_use(tmp_pa
              {"torch", "sqlalchemy"}),
             (["grid", "absent.yaml"], "error: grid file: absent.yaml not found",
              {"torch", "sqlalchemy"})):
-        modules, err = imported_by(argv, env)
+        modules, err = imported_by(argv)
         assert err.startswith(message), (argv, err)
         assert set(modules) <= allowed, (argv, modules)
 
@@ -87,19 +85,11 @@ def test_every_command_has_help_with_a_parsable_example(name, capsys):
     build_parser().parse_args(words[1:])  # the example is a valid command line
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> dict[str, str]:
-    """One temporary MLflow store and data cache for this module's runs."""
-    root = tmp_path_factory.mktemp("cli")
-    return {"GATELAB_STORE": str(root / "mlruns"), "GATELAB_CACHE": str(root / "cache")}
-
-
-def test_quiet_train_prints_only_its_result(store):
-    """A fresh process, as a script or CI job runs it: --quiet must hold from the first import."""
-    env = dict(os.environ, **store)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    done = subprocess.run([sys.executable, "-m", "lab", "train", *TINY_RUN, "--quiet"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+@pytest.mark.slow
+def test_quiet_train_prints_only_its_result(new_store):
+    """A fresh process, as a script or CI job runs it: --quiet must hold from the first import,
+    through the store's creation."""
+    done = run_cli(["train", *TINY_RUN, "--quiet"], new_store("cli", migrated=False).env)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""  # no banners, tips, schema messages or progress bars
     lines = done.stdout.splitlines()
@@ -112,17 +102,21 @@ LIBRARY_NOISE = ("GPU available", "TPU available", "Tip:", "litlogger", "LeafSpe
                  "Creating initial MLflow database tables", "it/s]")
 
 
-def run_cli(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **env)
+def run_cli(args: list[str], env: dict | None = None,
+            timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m lab ARGS` in a fresh process, on the store the `store` fixture set in
+    os.environ or the one `env` names."""
+    env = dict(os.environ, **(env or {}))
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("GATELAB_VERBOSITY", None)
     return subprocess.run([sys.executable, "-m", "lab", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_train_prints_the_labs_lines_and_none_of_the_libraries(store):
     """Normal level, a fresh process: the parameter line and the result, nothing else."""
-    done = run_cli(["train", *TINY_RUN], store)
+    done = run_cli(["train", *TINY_RUN])
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert not [noise for noise in LIBRARY_NOISE if noise in done.stdout]
@@ -130,8 +124,9 @@ def test_train_prints_the_labs_lines_and_none_of_the_libraries(store):
     assert lines[0].startswith("[baseline] parameters: ") and lines[-1].startswith("run ")
 
 
+@pytest.mark.slow
 def test_verbose_train_prints_a_progress_line_per_tenth_and_the_libraries(store):
-    done = run_cli(["train", *TINY_RUN, "--verbose"], store)
+    done = run_cli(["train", *TINY_RUN, "--verbose"])
     assert done.returncode == 0, done.stderr
     steps = [line.strip() for line in done.stdout.splitlines() if " step " in line]
     # 3 steps: a line at each (a tenth of 3 rounds up to one step), in the one lab format.
@@ -180,6 +175,7 @@ def test_run_options_have_help(capsys):
     assert "--preset PRESET model preset: tiny (CPU)" in text
 
 
+@pytest.mark.slow
 def test_sweep_workers_print_one_line_per_trial_and_nothing_else(store, tmp_path):
     """Two worker processes on one terminal: whole lines, one per finished trial, no bars,
     no Optuna or Lightning log; the journal path shown as a path."""
@@ -190,7 +186,7 @@ def test_sweep_workers_print_one_line_per_trial_and_nothing_else(store, tmp_path
         name="two", preset="tiny", data="synthetic", tokens=2.5e4, variants=["baseline"],
         lr={"ladder": [3e-3, 3e-2]}, pruner="none", overrides={"train.val_every": 4})))
     done = run_cli(["sweep", str(sweep_file), "--workers", "2", "--storage",
-                    str(tmp_path / "two.journal")], store)
+                    str(tmp_path / "two.journal")])
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     lines = done.stdout.splitlines()
@@ -277,12 +273,11 @@ def test_train_refuses_zero_threads_before_anything_is_recorded(tmp_path, monkey
 
 @pytest.mark.parametrize("argv", [["variants", "--preset", "small"],
                                   ["variants", "--preset", "moe-small"],
-                                  ["grid", "ablations/paper.yaml", "--dry-run"]])
-def test_tables_fit_120_columns_and_say_where_the_full_one_is(argv, tmp_path, monkeypatch,
-                                                               capsys):
+                                  ["grid", str(REPO / "ablations/paper.yaml"), "--dry-run"]])
+def test_tables_fit_120_columns_and_say_where_the_full_one_is(argv, store, tmp_path, capsys):
     """`gatelab variants` printed 215 columns (two both headed "paper") and a dry run 217:
-    the terminal gets 120 at most; the full variants table goes to --out FILE."""
-    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
+    the terminal gets 120 at most; the full variants table goes to --out FILE. (`store`:
+    the dry run prepares the grid's corpus, in the tests' shared cache, not the checkout's.)"""
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) > 20 and max(len(line) for line in lines) <= 120

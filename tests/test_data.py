@@ -258,6 +258,7 @@ def test_windows_are_a_pure_function_of_seed_and_index(prepared):
     assert torch.equal(inputs[:, 1:], targets[:, :-1])
 
 
+@pytest.mark.slow
 def test_training_resumes_at_a_micro_batch_index(prepared):
     from lab.training.module import _TrainBatches
 

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from gridkit import run_statuses, store, tiny_grid  # noqa: F401 (fixture)
+from gridkit import run_statuses, tiny_grid
 from lab.errors import LabError
 from lab.experiments.grid import (GridOptions, grid_from_dict, load_grid, owner_alive,
                                   owner_identity, parse_shard, plan, run_grid, shard_cells,
@@ -124,6 +124,7 @@ def test_measured_rates_keep_to_the_device_and_undo_packing(store):
     assert measured_tokens_per_s(store, "small", "synthetic", "cpu") == (100.0, 1)
 
 
+@pytest.mark.slow
 def test_dry_run_after_a_run_marks_finished_cells_done(store, capsys):
     """A dry run of a grid that has partly run lists its FINISHED cells as done and times
     only the rest, from the finished runs' own speed on this kind of device."""
@@ -145,6 +146,7 @@ def test_dry_run_after_a_run_marks_finished_cells_done(store, capsys):
     assert "median of 1 finished tiny runs on cpu" in out
 
 
+@pytest.mark.slow
 def test_grid_layout_and_rerun_skips_finished_cells(store):
     """Parent run per grid, one child per cell with its tags; a rerun runs nothing; more
     seeds run only the new cells, under the same parent."""
@@ -179,6 +181,7 @@ def test_grid_layout_and_rerun_skips_finished_cells(store):
     assert sum(r.data.tags.get("gatelab.grid_parent") == "true" for r in runs) == 1
 
 
+@pytest.mark.slow
 def test_four_cpu_workers_write_one_sqlite_store(store):
     """Four worker processes train and log at once into one SQLite store: every cell is
     recorded exactly once, with all its metrics."""
@@ -196,6 +199,7 @@ def test_four_cpu_workers_write_one_sqlite_store(store):
             assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 8
 
 
+@pytest.mark.slow
 def test_a_failing_cell_is_marked_failed_and_the_grid_moves_on(store, monkeypatch):
     """CUDA OOM and a full disk, injected into two cells' training steps: each ends FAILED
     with a tag saying why (OOM: a smaller micro-batch), and the other cells finish."""
@@ -350,6 +354,7 @@ def test_a_cell_is_claimed_once_and_taken_over_only_from_a_dead_holder(store):
     assert claim_cell(task, ctx, "elsewhere.invalid:1:1") == (None, "FINISHED by another process")
 
 
+@pytest.mark.slow
 def test_two_grids_started_together_on_one_store_train_each_cell_once(store, tmp_path):
     """Two `gatelab grid` processes on one store with nothing in it yet (no experiment, no
     parent): every cell ends with exactly one run, FINISHED, under one parent."""
@@ -380,6 +385,7 @@ def test_two_grids_started_together_on_one_store_train_each_cell_once(store, tmp
     assert len(claims) >= 4
 
 
+@pytest.mark.slow
 def test_a_time_limit_starts_no_cell_that_would_not_end_in_time(store, monkeypatch):
     """Each cell takes 100 s of a made-up clock; under a 250 s limit the second cell starts
     (100 + 100 < 250) and the third does not (200 + 100 > 250): it is left, said so, and a
@@ -422,7 +428,7 @@ def test_a_compiled_shape_is_the_model_and_step_not_the_seed_or_learning_rate():
 
 
 @pytest.mark.parametrize("warm_first", [False, True])
-def test_warm_first_hands_the_pool_each_cells_compiled_shape(store, monkeypatch, warm_first):  # noqa: F811
+def test_warm_first_hands_the_pool_each_cells_compiled_shape(store, monkeypatch, warm_first):
     from lab.experiments import grid
 
     seen = {}

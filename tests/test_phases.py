@@ -6,7 +6,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from gridkit import store, tiny_grid  # noqa: F401  (fixture)
+from gridkit import tiny_grid
 from lab.config import resolve
 from lab.experiments.grid import GridOptions, describe_summary, grid_from_dict, run_grid
 from lab.training import phases
@@ -54,7 +54,8 @@ EVERY_PHASE = {"model.context": 32, "train.batch_size": 8, "train.val_every": 4,
                "train.checkpoint_every": 8}
 
 
-def test_a_run_logs_every_phase_and_they_sum_to_its_wall_clock(store):  # noqa: F811
+@pytest.mark.slow
+def test_a_run_logs_every_phase_and_they_sum_to_its_wall_clock(store):
     config = resolve("baseline", "tiny", EVERY_PHASE, data="synthetic", tokens=16 * 256)
     started = time.perf_counter()
     result = train_run(config, store, "phases", quiet=True, phases={"check_share": 0.25})
@@ -78,7 +79,8 @@ def test_a_run_logs_every_phase_and_they_sum_to_its_wall_clock(store):  # noqa: 
     assert m[metric("other")] < 0.25 * (m[TOTAL_METRIC] - before)
 
 
-def test_the_grid_prints_the_summed_breakdown_of_its_cells(store, capsys):  # noqa: F811
+@pytest.mark.slow
+def test_the_grid_prints_the_summed_breakdown_of_its_cells(store, capsys):
     spec = grid_from_dict(tiny_grid("timed", ["baseline"], seeds=(0, 1)))
     summary = run_grid(spec, GridOptions(quiet=True))
     assert len(summary.outcomes) == 2 and all(o.phases for o in summary.outcomes)

@@ -86,6 +86,7 @@ class RecordingPool(WorkerPool):
         return "crashed", task.index, sorted(started), reason
 
 
+@pytest.mark.slow
 def test_workers_start_with_their_slots_environment_and_a_dead_one_is_reported(monkeypatch):
     """Two CPU slots marked apart: each task runs with its worker's slot and the parent's
     environment; the worker killed in task 1 is reported with that task, what it had
@@ -109,6 +110,7 @@ def test_workers_start_with_their_slots_environment_and_a_dead_one_is_reported(m
     assert sorted(dispatched) == [(0, "a"), (1, "b"), (2, slot_of[2]), (3, slot_of[3])]
 
 
+@pytest.mark.slow
 def test_no_task_starts_once_admit_says_no_and_those_in_progress_finish():
     """The grid's --time-limit: after two outcomes no more tasks are admitted; the tasks in
     progress then are waited for, and the ones never started come back in order."""
@@ -143,6 +145,7 @@ class ShapedPool(WorkerPool):
     job = staticmethod(compile_then_train)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("warm_first", [False, True])
 def test_warm_first_starts_one_task_of_a_shape_and_the_others_once_it_is_warm(warm_first):
     """--warm-first: the second task of shape a waits for the first's warm notice, and the

@@ -3,11 +3,10 @@ restored), and a parent run is created once and then found, the earliest of its 
 
 from mlflow.tracking import MlflowClient
 
-from gridkit import store  # noqa: F401  (fixture)
 from lab.records.lookup import experiment_id, find_or_create_run, find_run
 
 
-def test_an_experiment_is_created_once_and_a_deleted_one_is_restored(store):  # noqa: F811
+def test_an_experiment_is_created_once_and_a_deleted_one_is_restored(store):
     client = MlflowClient(store)
     created = experiment_id(client, "grid-a", store)
     assert experiment_id(client, "grid-a", store) == created
@@ -16,7 +15,7 @@ def test_an_experiment_is_created_once_and_a_deleted_one_is_restored(store):  # 
     assert client.get_experiment(created).lifecycle_stage == "active"
 
 
-def test_a_parent_run_is_created_once_then_found(store):  # noqa: F811
+def test_a_parent_run_is_created_once_then_found(store):
     client = MlflowClient(store)
     experiment = experiment_id(client, "parents", store)
     match = {"gatelab.grid": "core", "gatelab.role": "parent"}
@@ -30,7 +29,7 @@ def test_a_parent_run_is_created_once_then_found(store):  # noqa: F811
     assert find_run(client, experiment, {**match, "gatelab.grid": "other"}) is None
 
 
-def test_of_several_runs_with_the_tags_the_earliest_is_the_one(store):  # noqa: F811
+def test_of_several_runs_with_the_tags_the_earliest_is_the_one(store):
     client = MlflowClient(store)
     experiment = experiment_id(client, "several", store)
     first = client.create_run(experiment, start_time=1000, tags={"role": "parent"}).info.run_id

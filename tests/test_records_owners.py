@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from gridkit import store  # noqa: F401
 from lab.records import owners
 from lab.records.owners import STALE_AFTER_S, is_local, owner_alive, owner_identity
 

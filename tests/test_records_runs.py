@@ -13,7 +13,6 @@ import yaml
 from mlflow.artifacts import load_text
 from mlflow.tracking import MlflowClient
 
-from gridkit import store  # noqa: F401  (fixture)
 from lab.config import flatten, from_dict, resolve
 from lab.errors import LabError
 from lab.interrupts import Interrupted
@@ -30,7 +29,7 @@ def test_run_tags_name_the_cell_and_its_identity():
     assert tags["git_commit"]
 
 
-def test_start_run_records_a_running_run_with_its_config(store):  # noqa: F811
+def test_start_run_records_a_running_run_with_its_config(store):
     config = resolve("sdpa_elementwise_sigmoid_mul", "tiny", data="synthetic", seed=2)
     client = MlflowClient(store)
     parent = client.create_run(client.create_experiment("parents")).info.run_id
@@ -63,7 +62,7 @@ def test_the_commit_tag_is_the_override_when_set_and_git_head_otherwise(monkeypa
     assert git_commit() == "abc1234"
 
 
-def test_more_params_than_one_request_takes_are_all_recorded_and_long_values_are_cut(store):  # noqa: F811
+def test_more_params_than_one_request_takes_are_all_recorded_and_long_values_are_cut(store):
     """log_params hands MLflow all of them at once (its client splits them into requests of
     100); a value past MLflow's 6000 characters is cut, not refused."""
     client = MlflowClient(store)
@@ -74,7 +73,7 @@ def test_more_params_than_one_request_takes_are_all_recorded_and_long_values_are
     assert recorded == {k: str(v) for k, v in params.items()} | {"long": "x" * 6000}
 
 
-def test_a_yaml_artifact_keeps_its_key_order_and_reads_back_safely(store):  # noqa: F811
+def test_a_yaml_artifact_keeps_its_key_order_and_reads_back_safely(store):
     client = MlflowClient(store)
     run = client.create_run(client.create_experiment("yaml"))
     log_yaml(client, run.info.run_id, {"name": "lr", "variants": ("b", "a"), "seeds": [0]},
@@ -117,7 +116,7 @@ def test_a_failure_is_described_by_its_kind_in_one_line(make_error, kind, messag
     (Pruned("trial 3 pruned at step 40"), "KILLED",
      {"gatelab.killed_reason": "Pruned: trial 3 pruned at step 40"}),
 ])
-def test_end_run_closes_the_run_and_says_why(store, err, status, tags):  # noqa: F811
+def test_end_run_closes_the_run_and_says_why(store, err, status, tags):
     client = MlflowClient(store)
     run_id = client.create_run(client.create_experiment("ends")).info.run_id
     assert end_run(client, run_id, resolve("baseline", "tiny"), err, stopped_by=(Pruned,)) == status
@@ -153,7 +152,7 @@ def test_the_heartbeat_refreshes_its_tag_while_the_run_trains_and_stops_after():
     assert len(recorder.beats) == count
 
 
-def test_runs_starting_together_on_one_corpus_each_get_it_as_their_input(store, tmp_path):  # noqa: F811
+def test_runs_starting_together_on_one_corpus_each_get_it_as_their_input(store, tmp_path):
     """Grid workers start their cells at once: MLflow's check-then-insert of the
     experiment's dataset row races, and the loser's UNIQUE error is retried (log_corpus)."""
     from lab.data.store import prepare_synthetic
@@ -184,7 +183,7 @@ def test_runs_starting_together_on_one_corpus_each_get_it_as_their_input(store, 
         assert given.dataset.digest == corpus.fingerprint
 
 
-def test_a_dataset_input_refused_once_is_logged_on_the_next_attempt(store, tmp_path):  # noqa: F811
+def test_a_dataset_input_refused_once_is_logged_on_the_next_attempt(store, tmp_path):
     from mlflow.exceptions import MlflowException
 
     from lab.data.store import prepare_synthetic

@@ -11,18 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from gridkit import _template_db
 from lab import records
 from lab.cli import EXAMPLES, main
 from lab.errors import LabError
 from lab.records import snapshot
+from storekit import make_store
 
 
 def _store(folder: Path, monkeypatch) -> tuple[str, str]:
     """A store at `folder` with one lab experiment and a run that has a JSON and a PNG
     artifact, as the lab lays them out; (its URI, the run's id)."""
-    folder.mkdir(parents=True)
-    shutil.copy(_template_db(), folder / "mlflow.db")
+    make_store(folder)
     monkeypatch.setenv("GATELAB_STORE", str(folder))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = records.tracking_uri()
@@ -40,6 +39,7 @@ def _store(folder: Path, monkeypatch) -> tuple[str, str]:
     return uri, run.info.run_id
 
 
+@pytest.mark.slow
 def test_a_store_moves_to_another_folder_with_its_artifacts(tmp_path, monkeypatch):
     _, run_id = _store(tmp_path / "here" / "mlruns", monkeypatch)
     packed = snapshot.pack(tmp_path / "store.tar.xz")
@@ -231,6 +231,7 @@ def test_unpack_refuses_two_snapshots_of_one_grid_and_writes_nothing(tmp_path, m
         snapshot.unpack([tmp_path / "a.tar.xz", tmp_path / "absent.tar.xz"])
 
 
+@pytest.mark.slow
 def test_the_committed_snapshots_resume_the_reproduction_grids(tmp_path, monkeypatch):
     """docs/store/<grid>.tar.xz, one file per grid, is where the reproduction goes on from:
     each holds that grid's experiment alone, and every run it holds as FINISHED is a cell

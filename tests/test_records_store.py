@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from gridkit import (TINY_OVERRIDES, TINY_TOKENS, _template_db, cli_process,  # noqa: F401
-                     create_store_process, grid_processes, nothing)
+from gridkit import (TINY_OVERRIDES, TINY_TOKENS, cli_process, create_store_process,
+                     grid_processes, nothing)
 from lab.errors import LabError
 from lab.records import store as mlflow_store
+from storekit import Store, template_db
 
 KILL_TRIALS = int(os.environ.get("GATELAB_STORE_KILL_TRIALS", "20"))
 TRAIN = ["train", "--preset", "tiny", "--data", "synthetic", "--tokens", str(TINY_TOKENS),
@@ -45,7 +46,7 @@ def _free_port() -> int:
 
 
 def _copy_template(path: Path) -> Path:
-    shutil.copy(_template_db(), path)
+    shutil.copy(template_db(), path)
     return path
 
 
@@ -83,22 +84,17 @@ def test_a_store_file_that_is_not_a_whole_store_is_refused_and_left_as_it_is(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]  # no run, no lock
 
 
-def test_an_empty_default_store_is_refused_by_a_grid_not_taken_as_a_new_one(tmp_path,
-                                                                           monkeypatch, capsys):
+def test_an_empty_default_store_is_refused_by_a_grid_not_taken_as_a_new_one(store, tmp_path,
+                                                                           capsys):
     """Issue 26: a 0-byte mlruns/mlflow.db (a full disk, a bad copy) held a store's runs;
     taken as a new store, the grid would silently train every cell again."""
     import yaml
 
-    from gridkit import _shared_dir, tiny_grid
+    from gridkit import tiny_grid
     from lab.cli import main
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
-    monkeypatch.setenv("GATELAB_CACHE", str(_shared_dir() / "cache"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    (tmp_path / "mlruns").mkdir()
     db = tmp_path / "mlruns" / "mlflow.db"
-    db.write_bytes(b"")
+    db.write_bytes(b"")  # the fixture's store, its database emptied
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(tiny_grid("empty-store", ["baseline"])))
     assert main(["grid", "g.yaml", "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -141,6 +137,7 @@ def test_the_environment_variable_is_named_when_it_holds_the_bad_uri(monkeypatch
 
 # --- creation: atomic under SIGKILL, serialised between processes --------------------------
 
+@pytest.mark.slow
 def test_sigkill_while_a_store_is_created_leaves_no_store_or_a_whole_one(tmp_path):
     """KILL_TRIALS creations of a fresh store, each SIGKILLed at a random moment of an
     uncut creation's time: each path afterwards has no store or one that opens with its
@@ -192,14 +189,13 @@ def test_sigkill_while_a_store_is_created_leaves_no_store_or_a_whole_one(tmp_pat
     assert not cut_short.with_name("mlflow.db.creating").exists()
 
 
+@pytest.mark.slow
 def test_six_runs_started_together_on_a_fresh_store_all_finish(tmp_path, monkeypatch):
     """Issue 20: six `gatelab train` processes on a store none has created yet; MLflow
     alone breaks the schema (alembic migrations racing) and all six die."""
-    from gridkit import _shared_dir
-
     context = grid_processes()
     root = tmp_path / "mlruns"
-    env = {"GATELAB_STORE": str(root), "GATELAB_CACHE": str(_shared_dir() / "cache")}
+    env = Store(root).env  # nothing there yet: the six runs create the store
     monkeypatch.setenv("GATELAB_CACHE", env["GATELAB_CACHE"])
     from lab.data.store import prepare_synthetic
 

@@ -7,7 +7,6 @@ import base64
 import json
 import zlib
 
-from gridkit import store  # noqa: F401  (fixture)
 from lab import records
 from lab.records import views
 

@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import random
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -17,8 +16,9 @@ import lightning as L
 import pytest
 import torch
 
-from gridkit import (ForkedCommand, _template_db, grid_processes, nothing,  # noqa: F401
-                     run_grid_process, run_statuses, store, tiny_grid)
+from gridkit import (ForkedCommand, grid_processes, nothing, run_grid_process, run_statuses,
+                     tiny_grid)
+from storekit import make_store
 
 CRASH_TRIALS = int(os.environ.get("GATELAB_CRASH_TRIALS", "10"))
 
@@ -37,6 +37,7 @@ def _loss_histories(uri: str, experiment: str) -> dict[str, list[float]]:
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_rerun_finishes_each_cell_exactly_once(store):
     """SIGKILL the grid process CRASH_TRIALS times at random moments (each restart is also a
     rerun: it must reconcile what the last one left), then let it finish. Every cell ends
@@ -103,6 +104,7 @@ def _kill_resume_benchmark():
     return sys.modules["kill_resume"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["grid", "sweep"])
 def test_kill_resume_of_the_command_s_process_group(tmp_path, monkeypatch, what):
     """The reduced measurement of benchmarks/kill_resume.py: `gatelab grid` / `gatelab
@@ -134,8 +136,7 @@ def test_kill_resume_of_the_command_s_process_group(tmp_path, monkeypatch, what)
         # A migrated empty store, so that the kills reach training in a CI-sized run (the
         # benchmark, and tests/test_records_store.py, kill the store's creation too).
         prepare(workdir)
-        (workdir / "mlruns").mkdir()
-        shutil.copy(_template_db(), workdir / "mlruns" / "mlflow.db")
+        make_store(workdir / "mlruns")
 
     case.prepare = prepare_with_a_store
 
@@ -449,6 +450,7 @@ def _long_command(command: str, tmp_path: Path) -> list[str]:
     return ["sweep", str(path), "--storage", str(tmp_path / "stopped.journal")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command, signum", [
     (command, signum) for command in ("train", "grid", "sweep")
     for signum in (signal.SIGTERM, signal.SIGINT)] + [("grid-2-workers", signal.SIGTERM)])
@@ -480,6 +482,7 @@ def test_a_stop_signal_ends_the_command_with_128_plus_its_number_and_every_run_k
         {f"stopped by {signal.Signals(signum).name}"}
 
 
+@pytest.mark.slow
 def test_a_signal_inside_a_store_write_waits_for_its_commit_and_the_run_still_ends_killed(store):
     """Raised between an INSERT and its COMMIT, the interrupt would leave that SQLite write
     transaction open, and marking the run KILLED would wait out the 20 s busy timeout and
@@ -628,6 +631,7 @@ def _command_process(argv: list[str], sigint_ignored: bool):
                             preexec_fn=ignore_sigint if sigint_ignored else None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, sigint_ignored", [
     (signal.SIGINT, True), (signal.SIGINT, False), (signal.SIGTERM, False)])
 def test_a_stop_signal_during_the_start_up_is_one_line_and_leaves_no_run(store, tmp_path, signum,
@@ -654,6 +658,7 @@ def test_a_stop_signal_during_the_start_up_is_one_line_and_leaves_no_run(store, 
     assert _runs_of(store, "stopped") == []
 
 
+@pytest.mark.slow
 def test_sigint_inherited_ignored_still_stops_a_training_run_killed(store, tmp_path):
     """The background-job case once the run trains: SIGINT ends it KILLED, exit 130."""
     process = _command_process([*_long_command("train", tmp_path), "--quiet"], True)
@@ -688,6 +693,7 @@ def _sigkill_while_training(store, argv: list[str]) -> None:
         process.join()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["train", "sweep"])
 def test_a_rerun_ends_the_runs_a_sigkill_left_running(store, tmp_path, command):
     """A `train` or `sweep` SIGKILLed mid-run cannot close its run; the next command that

@@ -8,7 +8,6 @@ import math
 
 import pytest
 
-from gridkit import store  # noqa: F401 (fixture)
 from lab.analysis import outputs
 from lab.errors import LabError
 from lab.reports.seeds import RunRecord
@@ -75,6 +74,7 @@ def write_grid(uri: str, name: str = "fake", ppl: dict | None = None,
     return parent
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer_table", [False, True], ids=["metrics (older runs)", "table"])
 def test_the_per_layer_profiles_read_alike_from_metrics_and_from_the_table(store, tmp_path,
                                                                             layer_table):
@@ -98,6 +98,7 @@ def test_the_per_layer_profiles_read_alike_from_metrics_and_from_the_table(store
     assert (tmp_path / "out" / "per_layer.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_report_statistics_deltas_and_the_papers_direction(store, tmp_path):
     from lab.reports.grid_report import build_report
 
@@ -175,6 +176,7 @@ def test_report_statistics_deltas_and_the_papers_direction(store, tmp_path):
 CONTROL_PPL = {("baseline", 3e-3): [9.6, 9.7, 9.8, 9.0], ("baseline", 1e-3): [12.0, 12.0, 12.0, 12.0]}
 
 
+@pytest.mark.slow
 def test_a_control_grid_gives_every_variant_a_second_delta_paired_by_seed(store, tmp_path):
     from lab.reports.grid_report import build_report
 
@@ -207,6 +209,7 @@ def test_a_control_grid_gives_every_variant_a_second_delta_paired_by_seed(store,
     assert not (out / "control.csv").exists()
 
 
+@pytest.mark.slow
 def test_a_control_that_is_missing_or_the_grid_itself_is_a_one_line_error(store, tmp_path, capsys,
                                                                          monkeypatch):
     from lab.cli import main
@@ -237,6 +240,7 @@ def test_one_seed_has_no_interval_and_an_unknown_grid_is_a_lab_error(store, tmp_
         build_report("nothing", store, tmp_path)
 
 
+@pytest.mark.slow
 def test_report_command_prints_every_variant(store, capsys, tmp_path):
     from lab.cli import main
 
@@ -251,6 +255,7 @@ def test_report_command_prints_every_variant(store, capsys, tmp_path):
     assert all(f"| {variant} |" in (tmp_path / "r" / "report.md").read_text() for variant, _ in PPL)
 
 
+@pytest.mark.slow
 def test_the_parent_run_carries_the_summary_and_the_cells_their_variants_colour(store, tmp_path):
     from lab import records
     from lab.reports.grid_report import build_report, terminal_summary
@@ -343,6 +348,7 @@ def test_an_moe_preset_takes_the_papers_moe_table():
     assert sandwich.paper_delta_percent == pytest.approx(100 * (7.407 - 9.195) / 9.195)
 
 
+@pytest.mark.slow
 def test_the_sink_through_training_is_tabulated_and_plotted_against_tokens(store, tmp_path):
     """Runs that log the sink measures every N steps (train.analysis_every): the report's
     table gives the mean over seeds at each step, in tokens trained (tokens/seen over the

@@ -19,7 +19,6 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from gridkit import store  # noqa: F401  (fixture)
 from lab import records
 from lab.config import resolve
 from lab.errors import LabError
@@ -99,7 +98,7 @@ def test_open_data_checks_the_devices_before_it_opens_any_data(monkeypatch):
         open_data(config)
 
 
-def test_open_data_gives_the_model_the_vocabulary_of_the_tokens(store):  # noqa: F811
+def test_open_data_gives_the_model_the_vocabulary_of_the_tokens(store):
     config = resolve("baseline", "tiny", {"data.vocab_size": 600}, data="synthetic")
     assert config.model.vocab_size == 512  # the preset's, until the tokens are known
     token_store, opened = open_data(config)
@@ -107,7 +106,7 @@ def test_open_data_gives_the_model_the_vocabulary_of_the_tokens(store):  # noqa:
     assert opened.data == config.data and opened.train == config.train
 
 
-def test_open_data_refuses_a_split_shorter_than_one_micro_batch(store):  # noqa: F811
+def test_open_data_refuses_a_split_shorter_than_one_micro_batch(store):
     # The synthetic corpus's valid split has 100,000 tokens; 16 windows of 8,193 need more.
     config = resolve("baseline", "tiny", {"model.context": 8192}, data="synthetic",
                      tokens=16 * 8192)
@@ -143,7 +142,7 @@ def test_throughput_summary_reports_only_what_was_measured(monkeypatch):
     assert throughput_summary(monitor(rate=500.0, first_step_s=1.0), compiled)["time/compile_s"] == 0
 
 
-def test_a_finished_run_records_its_summary_parameters_and_histories(store):  # noqa: F811
+def test_a_finished_run_records_its_summary_parameters_and_histories(store):
     config = fast_config("sdpa_elementwise_sigmoid_mul")
     result = train_run(config, store, "summary", quiet=True)
     assert result.status == "FINISHED" and result.diverged_step is None
@@ -195,7 +194,7 @@ def test_system_metrics_are_on_for_gpu_runs_and_mlflows_switch_decides_where_set
     assert records.system_metrics_enabled()
 
 
-def test_a_run_with_system_metrics_on_samples_them_while_it_trains(store, monkeypatch):  # noqa: F811
+def test_a_run_with_system_metrics_on_samples_them_while_it_trains(store, monkeypatch):
     """On a CPU (what a test can run) MLflow's monitor samples the CPU, memory and disk; on a
     GPU the same monitor adds system/gpu_0_... through NVML."""
     monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
@@ -259,7 +258,7 @@ class StopAt(L.Callback):
             raise self.error
 
 
-def test_a_crash_marks_the_run_failed_and_passes_the_error_on(store):  # noqa: F811
+def test_a_crash_marks_the_run_failed_and_passes_the_error_on(store):
     with pytest.raises(RuntimeError, match="boom"):
         train_run(fast_config(), store, "crash", quiet=True,
                   callbacks=[StopAt(3, RuntimeError("boom"))])
@@ -268,7 +267,7 @@ def test_a_crash_marks_the_run_failed_and_passes_the_error_on(store):  # noqa: F
     assert run.info.status == "FAILED"
 
 
-def test_an_interrupted_run_is_killed_and_continues_from_its_checkpoint(store):  # noqa: F811
+def test_an_interrupted_run_is_killed_and_continues_from_its_checkpoint(store):
     config = fast_config(**{"train.checkpoint_every": 2})
     started = []
     with pytest.raises((KeyboardInterrupt, SystemExit)):  # Lightning makes Ctrl-C an exit
@@ -292,7 +291,7 @@ def test_an_interrupted_run_is_killed_and_continues_from_its_checkpoint(store): 
 
 # --- the one-line result ---------------------------------------------------------------
 
-def test_interval_metrics_are_written_in_the_background_and_waited_for(store, monkeypatch):  # noqa: F811
+def test_interval_metrics_are_written_in_the_background_and_waited_for(store, monkeypatch):
     """The training loop does not wait for the store (RunLogger.log_metrics_in_background):
     with the store's write held back, the call returns and nothing is in the store yet;
     wait_for_writes returns once the write is in."""

@@ -1,13 +1,17 @@
-"""lab/experiments/schema.py: a file that `extends` another (the control grids of ablations/)."""
+"""lab/experiments/schema.py: a file that `extends` another (the control grids of ablations/),
+the refusals, defaults and nulls of one file, and the flags that replace its values."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lab.errors import LabError
 from lab.experiments.grid import load_grid
+from lab.experiments.schema import (MAX_EXTENDS, GridSpec, check_finite_numbers, grid_from_dict,
+                                    with_cli)
 from lab.experiments.sweep import load_sweep
 
 BASE = """name: parent
@@ -96,3 +100,123 @@ def test_a_file_without_extends_reads_as_before(tmp_path):
     spec = load_grid(write(tmp_path, "parent.yaml", BASE))
     assert spec.name == "parent" and spec.seeds == (0, 1)
     assert spec.overrides == {"train.val_every": 20, "train.log_every": 5}
+
+
+# --- reading one file: from_dict's refusals, defaults and nulls (lab/experiments/schema.py) --
+
+GRID_FIELDS = "name, preset, data, tokens, variants, seeds, overrides, lrs"
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (["name", "g"], f"grid file g.yaml: expected a mapping with fields {GRID_FIELDS}"),
+    ("name: g", f"grid file g.yaml: expected a mapping with fields {GRID_FIELDS}"),
+    ({"name": "g", "variants": ["baseline"], "seed": [1]},
+     f"grid file g.yaml: unknown field 'seed'; allowed: {GRID_FIELDS}"),
+    ({"variants": ["baseline"]}, "grid file g.yaml: missing field 'name'"),
+    ({"name": "g", "variants": []}, "grid file g.yaml: missing field 'variants'"),
+    ({"name": "", "variants": ["baseline"]}, "grid file g.yaml: missing field 'name'"),
+    ({"name": "g", "variants": ["baseline"], "preset": 3}, "preset: expected a preset name, got 3"),
+    ({"name": "g", "variants": ["baseline"], "data": ""},
+     "data: expected synthetic, a corpus directory or text files, got ''"),
+    ({"name": "g", "variants": ["baseline"], "lrs": {"from_sweep": 3}},
+     "lrs: expected a list of learning rates or {from_sweep: <sweep name>}"),
+    ({"name": "g", "variants": ["baseline"], "lrs": {"from_sweep": "lr", "best": 1}},
+     "lrs: expected a list of learning rates or {from_sweep: <sweep name>}"),
+    ({"name": "g", "variants": ["baseline"], "overrides": {"model.rms_eps": float("nan")}},
+     "grid file g.yaml: overrides.model.rms_eps: expected a finite number, got nan"),
+])
+def test_a_bad_file_is_one_error_naming_the_key(raw, expected):
+    with pytest.raises(LabError) as refused:
+        grid_from_dict(raw, "grid file g.yaml")
+    assert str(refused.value) == expected
+
+
+def test_a_key_set_to_null_is_absent_and_absent_keys_take_the_defaults():
+    spec = grid_from_dict({"name": "g", "variants": ["baseline"], "preset": None, "seeds": None,
+                           "tokens": None, "overrides": None, "lrs": None})
+    assert spec == GridSpec(name="g", variants=("baseline",))
+    assert (spec.preset, spec.data, spec.tokens, spec.seeds, spec.overrides, spec.lrs,
+            spec.lr_sweep) == ("tiny", "synthetic", None, (0,), {}, None, None)
+
+
+def test_learning_rates_come_as_a_list_or_from_a_sweep():
+    listed = grid_from_dict({"name": "g", "variants": "all", "lrs": [1e-3, "3e-3"]})
+    assert listed.lrs == (1e-3, 3e-3) and listed.lr_sweep is None and listed.variants == "all"
+    swept = grid_from_dict({"name": "g", "variants": ["baseline"], "lrs": {"from_sweep": "lr"}})
+    assert swept.lrs is None and swept.lr_sweep == "lr"
+
+
+@pytest.mark.parametrize("value, path", [
+    ({"a": [1.0, {"b": float("inf")}]}, "a.1.b"),
+    ([0.5, float("-inf")], "1"),
+    (float("nan"), "value"),
+])
+def test_check_finite_numbers_names_the_path_to_a_nan_or_infinity(value, path):
+    with pytest.raises(LabError, match=rf"^f.yaml: {path}: expected a finite number, got "):
+        check_finite_numbers("f.yaml", value)
+
+
+def test_finite_numbers_and_other_values_pass():
+    check_finite_numbers("f.yaml", {"a": [1, 2.5, {"b": "text", "c": None, "d": True}],
+                                    "e": 1e308})
+
+
+# --- flags over a file: with_flags (both kinds) and the grid's with_cli -------------------
+
+def test_flags_replace_the_files_values_and_set_adds_to_its_overrides():
+    spec = grid_from_dict({"name": "g", "variants": ["baseline"], "tokens": 2e5,
+                           "seeds": [0, 1], "lrs": {"from_sweep": "lr"},
+                           "overrides": {"train.val_every": 50, "train.log_every": 5}})
+    flagged = with_cli(spec, preset="small", data="cache/books", tokens="1e4", seeds="2,3",
+                       lrs="1e-3,3e-3", variants="baseline,sdpa_headwise_sigmoid_mul",
+                       overrides=["train.log_every=7", "model.qk_norm=false"])
+    assert (flagged.preset, flagged.data, flagged.tokens) == ("small", "cache/books", 1e4)
+    assert flagged.seeds == (2, 3) and flagged.variants == ("baseline",
+                                                            "sdpa_headwise_sigmoid_mul")
+    assert flagged.lrs == (1e-3, 3e-3) and flagged.lr_sweep is None  # --lrs over from_sweep
+    assert flagged.overrides == {"train.val_every": 50, "train.log_every": "7",
+                                 "model.qk_norm": "false"}
+    assert spec.tokens == 2e5 and spec.overrides["train.log_every"] == 5  # the file's, kept
+    assert with_cli(spec) == spec  # no flags: the file as it is
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (dict(preset=""), "--preset: expected a preset name, got ''"),
+    (dict(data=""), "--data: expected synthetic, a corpus directory or text files, got ''"),
+    (dict(tokens="lots"), "--tokens: "),
+    (dict(overrides=["train.seed=3"]), "--set.train.seed: set this with the grid's `seeds` "
+                                       "field"),
+    (dict(overrides=["train.val_every"]), "--set: expected key=value, got 'train.val_every'"),
+    (dict(seeds="x"), "--seeds: "),
+    (dict(lrs="0"), "--lrs: "),
+    (dict(variants=[3]), "--variants: variant names are strings, got 3"),
+    (dict(variants="a,b,a"), "--variants: lists a value twice"),
+])
+def test_a_bad_flag_is_one_error_naming_the_flag(flags, expected):
+    spec = grid_from_dict({"name": "g", "variants": ["baseline"]})
+    with pytest.raises(LabError) as refused:
+        with_cli(spec, **flags)
+    assert str(refused.value).startswith(expected) and "\n" not in str(refused.value)
+
+
+def test_the_recorded_grid_yaml_reads_back_as_the_grid():
+    """to_dict is what the grid's parent run keeps as grid.yaml (records.log_yaml: PyYAML's
+    safe dumper); read back, it is the same grid (its lr_sweep null: lrs were listed)."""
+    spec = grid_from_dict({"name": "g", "variants": ["baseline", "sdpa_headwise_sigmoid_mul"],
+                           "tokens": 1e4, "seeds": [0, 2], "lrs": [1e-3],
+                           "overrides": {"train.val_every": 5, "model.qk_norm": False}})
+    recorded = yaml.safe_load(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    assert recorded.pop("lr_sweep") is None
+    assert recorded["variants"] == ["baseline", "sdpa_headwise_sigmoid_mul"]
+    assert grid_from_dict(recorded) == spec
+    assert grid_from_dict({"name": "g", "variants": "all"}).to_dict()["variants"] == "all"
+
+
+def test_an_extends_chain_longer_than_max_extends_is_refused_not_a_recursion_error(tmp_path):
+    write(tmp_path, "g0.yaml", BASE)
+    for level in range(1, MAX_EXTENDS + 2):
+        write(tmp_path, f"g{level}.yaml", f"extends: g{level - 1}.yaml\nname: g{level}\n")
+    assert load_grid(tmp_path / f"g{MAX_EXTENDS}.yaml").name == f"g{MAX_EXTENDS}"
+    with pytest.raises(LabError, match=rf"extends: a chain of more than {MAX_EXTENDS} files "
+                                       rf"\(from .*g{MAX_EXTENDS + 1}.yaml\)"):
+        load_grid(tmp_path / f"g{MAX_EXTENDS + 1}.yaml")

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 
-from gridkit import store  # noqa: F401 (fixture)
 from lab.training.spikes import detect_spikes
 
 
@@ -47,6 +46,7 @@ def test_a_non_finite_loss_is_a_spike_of_infinite_excess():
     assert events[-1].peak_step == 2500 and events[-1].max_excess == float("inf")
 
 
+@pytest.mark.slow
 def test_a_run_logs_its_spikes_as_metrics_and_artifact(store):
     """With a hair-trigger detector every rise over the rolling median is an event: the
     metrics and spikes.json must agree with the detector run on loss_history.json."""

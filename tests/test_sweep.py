@@ -39,14 +39,15 @@ def sweep_dict(**changes) -> dict:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A working directory with its own MLflow store, data cache and sweeps/ (workers are
-    spawned processes: they inherit the environment and the working directory)."""
-    root = tmp_path_factory.mktemp("sweep")
+def workspace(new_store):
+    """A working directory with its own MLflow store and sweeps/, and the shared data cache
+    (workers are spawned processes: they inherit the environment and the working directory)."""
+    store = new_store("sweep")
+    root = store.root.parent
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        mp.setenv("GATELAB_STORE", str(root / "mlruns"))
-        mp.setenv("GATELAB_CACHE", str(root / "cache"))
+        for key, value in store.env.items():
+            mp.setenv(key, value)
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         yield root
 
@@ -194,6 +195,7 @@ def test_each_study_gets_exactly_its_budget_of_trials():
 
 # --- pruning by step --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_pruned_trial_reports_by_step_and_ends_pruned_not_failed(workspace):
     from lab import records
 
@@ -264,6 +266,7 @@ def finished_sweep(workspace):
     return sweep, summaries, time.time() - started
 
 
+@pytest.mark.slow
 def test_four_workers_record_every_trial_once(finished_sweep, workspace):
     sweep, summaries, _ = finished_sweep
     storage = optuna.storages.journal.JournalStorage(
@@ -298,6 +301,7 @@ def test_four_workers_record_every_trial_once(finished_sweep, workspace):
         assert summary.counts["diverged"] >= 1
 
 
+@pytest.mark.slow
 def test_two_workers_on_two_gpus_each_get_their_own(workspace, monkeypatch):
     """The sweep's workers used to start with no CUDA_VISIBLE_DEVICES, so on a 2-GPU machine
     every trial trained on GPU 0. With two GPUs (their count stood in for: no CUDA here) each
@@ -359,6 +363,7 @@ def test_a_trial_whose_worker_died_fails_and_its_run_says_why(tmp_path, monkeypa
     assert record.data.tags["gatelab.failure"] == reason
 
 
+@pytest.mark.slow
 def test_mlflow_one_child_per_trial_nested_under_its_study(finished_sweep, workspace):
     from lab import records
 
@@ -381,6 +386,7 @@ def test_mlflow_one_child_per_trial_nested_under_its_study(finished_sweep, works
     assert len(nested) == 4
 
 
+@pytest.mark.slow
 def test_resumed_sweep_adds_nothing_and_reuses_parents(finished_sweep, workspace):
     from lab import records
 
@@ -391,6 +397,7 @@ def test_resumed_sweep_adds_nothing_and_reuses_parents(finished_sweep, workspace
     assert len(runs) == 10  # 2 parents + 8 children, as before
 
 
+@pytest.mark.slow
 def test_report_and_best_lrs(finished_sweep, workspace, capsys):
     from lab import records
 
@@ -472,6 +479,7 @@ def postgres_url():
     shutil.rmtree(data, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_postgres_storage_with_two_workers(postgres_url, workspace):
     sweep = parse_sweep(sweep_dict(name="pg", variants=["baseline"],
                                    lr={"ladder": [3e-3, 30.0]}, pruner="none"))
@@ -484,6 +492,7 @@ def test_postgres_storage_with_two_workers(postgres_url, workspace):
     assert not (workspace / "sweeps" / "pg.journal").exists()
 
 
+@pytest.mark.slow
 def test_stale_trials_of_dead_local_workers_fail_and_others_stay(tmp_path):
     from lab.records.owners import owner_identity
     from lab.experiments.sweep import fail_stale_trials, open_storage, storage_url
@@ -521,6 +530,7 @@ def test_the_journal_lock_points_at_the_journal_for_a_relative_path_too(tmp_path
         assert (Path(link).parent / target).resolve() == journal
 
 
+@pytest.mark.slow
 def test_a_killed_ladder_trial_runs_again_at_its_point_and_no_point_runs_twice(workspace,
                                                                                monkeypatch):
     """A SIGKILL leaves the trial RUNNING; the rerun marks it FAIL. The GridSampler counts a
@@ -591,6 +601,7 @@ class _Killed(BaseException):
     """A SIGKILL of the resuming process, landing right after one of its writes."""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_after", ["run ended", "trial told"])
 def test_a_rerun_killed_while_failing_a_stale_trial_leaves_no_run_running(tmp_path,
                                                                          monkeypatch,
@@ -638,6 +649,7 @@ def test_a_rerun_killed_while_failing_a_stale_trial_leaves_no_run_running(tmp_pa
         assert client.get_run(run.info.run_id).info.status == "KILLED"
 
 
+@pytest.mark.slow
 def test_a_trial_killed_before_recording_its_worker_fails_after_the_grace(tmp_path, monkeypatch):
     """A kill between the trial's creation and its `worker` attribute, or between the MLflow
     run's creation and the trial's `mlflow_run_id`: the trial fails once it has stayed
@@ -677,6 +689,7 @@ def test_sweep_reads_its_lists_and_name_as_a_grid_does():
             parse_sweep(sweep_dict(**bad))
 
 
+@pytest.mark.slow
 def test_the_gpu_check_table_is_kept_on_each_parent_run(workspace, monkeypatch):
     """On a GPU machine the check's table (lab.check.check_before_training) goes with the
     results it vouched for; here the check is stood in for, as CUDA is absent."""

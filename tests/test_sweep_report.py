@@ -16,12 +16,9 @@ from lab.reports.sweep_report import format_summary, sweep_report
 from sweepkit import made_up_trial
 
 @pytest.fixture
-def recorded_sweep(tmp_path, monkeypatch):
+def recorded_sweep(store, tmp_path):
     """Sweep `r` in its default journal (sweeps/r.journal): baseline diverges at 1e-1 and is
     best at 3e-3; gated is best at 1e-2 and stable up to 3e-2. One MLflow parent run per study."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (tmp_path / "sweeps").mkdir()
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "sweeps" / "r.journal")))

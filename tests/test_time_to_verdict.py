@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from gridkit import store  # noqa: F401  (fixture: a throwaway store, the test cache, a tmp cwd)
 from lab.training.phases import PHASES
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_verdict.py"
@@ -35,6 +34,7 @@ def test_the_default_is_every_section_in_priority_order_within_one_call():
     assert args.budget_s <= 540 and not args.dry
 
 
+@pytest.mark.slow
 def test_sections_past_the_budget_are_skipped_and_said(tmp_path, monkeypatch):
     ran = []
     monkeypatch.setattr(ttv, "SECTION_RUNS", {name: (lambda ctx, n=name: ran.append(n) or {})
@@ -95,7 +95,8 @@ def test_the_tables_show_each_cells_phases_and_each_loops_ratio():
     assert "- liger: skipped: no liger_kernel" in md
 
 
-def test_a_dry_pass_runs_a_real_grid_and_the_timed_loops(store, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_a_dry_pass_runs_a_real_grid_and_the_timed_loops(store, tmp_path):
     out = tmp_path / "ttv"
     report = ttv.run(ttv.parse_args([str(out), "--dry", "--sections", "grid-small,mfu,liger"]))
     sections = report["sections"]

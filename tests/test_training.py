@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from gridkit import store  # noqa: F401  (fixture)
 from lab.config import resolve
 from lab.model.decoder import Decoder
 from lab.model.gates import GateSpec
@@ -21,6 +20,7 @@ def test_setup_compiles_the_model_once_in_the_configured_mode(monkeypatch):
     assert modes == ["reduce-overhead"]
 
 
+@pytest.mark.slow
 def test_each_run_in_one_process_gets_compiled_not_the_recompile_limits_eager_fallback(
         monkeypatch):
     """A grid worker trains many models in one process. Without a fresh Dynamo cache per run,
@@ -300,7 +300,7 @@ def test_under_cuda_graphs_each_step_is_marked_and_the_kept_loss_is_a_copy(monke
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: CUDA graphs")
-def test_grid_cells_train_with_cuda_graphs_and_the_labs_callbacks(store):  # noqa: F811
+def test_grid_cells_train_with_cuda_graphs_and_the_labs_callbacks(store):
     """`train.compile_mode=reduce-overhead` in real grid cells, with every callback that runs
     inside training (validation through the training graph, checkpoints, the periodic probe
     analysis, the loss monitor keeping losses across steps): the cells finish and learn

@@ -7,7 +7,6 @@ import math
 
 import pytest
 
-from gridkit import store  # noqa: F401 (fixture)
 from lab.reports.trends import definitions, measures, statistics, verdicts
 from lab.reports.trends import table as trends_table
 from lab.reports.seeds import Interval, Row, RunRecord, t_interval
@@ -357,6 +356,7 @@ def test_no_breaking_point_leaves_stability_untested_and_out_of_the_adjustment()
         "not testable here: no breaking point")
 
 
+@pytest.mark.slow
 def test_report_prints_the_verdicts_and_checks_its_band(store, tmp_path, capsys):
     from test_report import write_grid
 
@@ -411,6 +411,7 @@ def test_across_grids_names_where_each_trend_holds():
         "| holds | holds | all 2 that test it |")
 
 
+@pytest.mark.slow
 def test_report_of_several_grids_prints_the_verdicts_side_by_side(store, tmp_path, capsys,
                                                                   monkeypatch):
     from test_report import write_grid

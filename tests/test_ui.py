@@ -31,6 +31,10 @@ from pathlib import Path
 
 import pytest
 
+# Every test here serves `gatelab ui` or reads the smoke grid its fixture trains in
+# subprocesses (minutes on a 2-core machine): out of the `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 GRID = "smoke"
@@ -85,7 +89,7 @@ def lab(args: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedP
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> dict:
+def smoke_grid(new_store) -> dict:
     """The environment of a store holding the smoke grid and its report (GATELAB_UI_STORE:
     an existing one, e.g. the demo's), and the grid's and the report's terminal output."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI",
@@ -93,12 +97,12 @@ def store(tmp_path_factory) -> dict:
     if os.environ.get("GATELAB_UI_STORE"):
         env["GATELAB_STORE"] = str(Path(os.environ["GATELAB_UI_STORE"]).resolve())
         return dict(env=env, grid=None, report=None)
-    root = tmp_path_factory.mktemp("ui")
-    env.update(GATELAB_STORE=str(root / "mlruns"), GATELAB_CACHE=str(root / "cache"))
+    store = new_store("ui", migrated=False)  # created by the grid, as `gatelab demo` does
+    env.update(store.env)
     grid = lab(["grid", "ablations/smoke.yaml", "--variants", ",".join(CELLS), "--seeds", "0,1",
                 "--tokens", "3e4", "--cpu-workers", "2", "--cpu-threads", "1"], env)
     assert grid.returncode == 0, grid.stdout + grid.stderr
-    report = lab(["report", GRID, "--out", str(root / "reports" / GRID)], env)
+    report = lab(["report", GRID, "--out", str(store.root.parent / "reports" / GRID)], env)
     assert report.returncode == 0, report.stdout + report.stderr
     return dict(env=env, grid=grid, report=report)
 
@@ -176,9 +180,9 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_to_gatelab_ui_ends_its_server_and_frees_the_port(store, sig):
+def test_a_signal_to_gatelab_ui_ends_its_server_and_frees_the_port(smoke_grid, sig):
     # SIGINT to a UI that inherited it ignored: it must stop all the same.
-    ui = UI(store["env"], sigint_ignored=sig == signal.SIGINT)
+    ui = UI(smoke_grid["env"], sigint_ignored=sig == signal.SIGINT)
     try:
         with urllib.request.urlopen(f"{ui.url}/health", timeout=10) as response:
             assert response.status == 200
@@ -195,10 +199,10 @@ def test_a_signal_to_gatelab_ui_ends_its_server_and_frees_the_port(store, sig):
         ui.close()
 
 
-def test_grid_and_report_print_the_labs_lines_only(store):
-    if store["grid"] is None:
+def test_grid_and_report_print_the_labs_lines_only(smoke_grid):
+    if smoke_grid["grid"] is None:
         pytest.skip("GATELAB_UI_STORE: the grid ran elsewhere")
-    grid = store["grid"]
+    grid = smoke_grid["grid"]
     assert grid.stderr == ""  # no banners, tips, deprecation or weights_only notices
     patterns = (rf"grid {GRID}: 4 cell\(s\) to run",
                 r"  \[[1-4]/4\] [a-z_]+/lr=0\.003/seed=[01]: val/ppl \d+\.\d{3} in \d+ s  "
@@ -210,11 +214,12 @@ def test_grid_and_report_print_the_labs_lines_only(store):
     lines = grid.stdout.splitlines()
     assert all(any(re.fullmatch(p, line) for p in patterns) for line in lines), lines
     assert len([line for line in lines if line.startswith("  [")]) == 4
-    printed = store["report"].stdout.splitlines()  # the short table: a variant a line
+    printed = smoke_grid["report"].stdout.splitlines()  # the short table: a variant a line
     assert all(any(line.split()[:1] == [variant] for line in printed) for variant in CELLS)
 
 
-def test_the_printed_links_open_the_model_training_layout_with_seeds_grouped_by_variant(store):
+def test_the_printed_links_open_the_model_training_layout_with_seeds_grouped_by_variant(
+        smoke_grid):
     """Every page `gatelab ui` prints a link to (the experiments, a grid's runs, its report
     run), a cell's run page and the chart view, in a fresh browser: the model-training
     layout, the cells grouped by variant with each seed's run named in full, no search
@@ -228,7 +233,7 @@ def test_the_printed_links_open_the_model_training_layout_with_seeds_grouped_by_
     from lab.records import child_runs, find_grid_parent, views
 
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("GATELAB_STORE", store["env"]["GATELAB_STORE"])
+        env.setenv("GATELAB_STORE", smoke_grid["env"]["GATELAB_STORE"])
         # MLflow exports an earlier in-process run's tracking URI to the environment
         env.delenv("MLFLOW_TRACKING_URI", raising=False)
         mlflow_client = records.client(records.tracking_uri())
@@ -240,7 +245,7 @@ def test_the_printed_links_open_the_model_training_layout_with_seeds_grouped_by_
     gated = next(r for name, r in sorted(cells.items()) if name.startswith(CELLS[1]))
     shots = Path(os.environ.get("GATELAB_UI_SCREENSHOTS") or ARTIFACTS)
     shots.mkdir(parents=True, exist_ok=True)
-    ui = UI(store["env"])
+    ui = UI(smoke_grid["env"])
     started = time.monotonic()
     try:
         link = ui.link(GRID)

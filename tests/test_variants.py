@@ -90,6 +90,7 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys, a
     assert list(tmp_path.iterdir()) == []  # no MLflow store, no data cache
 
 
+@pytest.mark.slow
 def test_python_m_lab_bad_variant_exits_2_without_traceback_or_store(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_TRACKING_URI", "GATELAB_STORE", "GATELAB_CACHE")}
@@ -103,6 +104,7 @@ def test_python_m_lab_bad_variant_exits_2_without_traceback_or_store(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_train_reports_g1_adds_layers_x_dmodel_x_query_width(tmp_path, monkeypatch, capsys):
     """Issue 2's acceptance, through `gatelab train` itself (one step on a small prepared
     synthetic corpus in a temporary store)."""
