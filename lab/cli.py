@@ -124,7 +124,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 # tests/test_cli_terminal.py holds --help, `variants` and the one-line errors to it.
 
 def cmd_train(args) -> int:
-    from lab.config import check_experiment_name, resolve
+    from lab.config import resolve
+    from lab.experiments.files import check_experiment_name
     from lab.model.gates import custom_variant, parse_gate
 
     check_experiment_name("--experiment", args.experiment)

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from lab.config import (check_name, parse_lrs, parse_seeds, parse_variants, read_yaml,
-                        yaml_number)
 from lab.errors import LabError
+from lab.experiments.files import (check_name, parse_lrs, parse_seeds, parse_variants, read_yaml,
+                                   yaml_number)
 from lab.experiments.overrides import read_overrides
 
 KeyReader = Callable[[Any], dict]  # a key's YAML value -> the dataclass fields it sets

@@ -64,8 +64,9 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from lab import check as lab_check
 from lab import records
-from lab.config import parse_variants, resolve, yaml_number
+from lab.config import resolve
 from lab.errors import LabError, check_choice, check_positive_int
+from lab.experiments.files import parse_variants, yaml_number
 from lab.experiments.overrides import override_pairs
 from lab.experiments.pool import WorkerPool, fail_run, gpu_slots, parse_gpus, threads_per_worker
 from lab.experiments.schema import ExperimentSpec, KeyReader, nonempty_string
