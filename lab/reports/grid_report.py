@@ -60,7 +60,8 @@ from lab.progress import clip
 from lab.records.lookup import no_grid
 from lab.reports import trends
 from lab.reports.ladder import finite_peaks, plot_ladder
-from lab.reports.seeds import BASELINE, Interval, Row, RunRecord, paired_delta, t_interval
+from lab.reports.seeds import (BASELINE, Interval, Row, RunRecord, finished_records, paired_delta,
+                               t_interval)
 
 # Columns beside the perplexity, where runs carry them (lab/analysis/metrics.py, lab/training/callbacks.py);
 # the long-context names are `long/ppl_<k>x[_yarn]` (MLflow rejects '@').
@@ -107,18 +108,7 @@ def load_runs(grid: str, uri: str | None = None) -> tuple[object, str, list[RunR
         raise no_grid(grid, uri, [e.name for e in client.search_experiments()
                                   if find_grid_parent(client, e.experiment_id)])
     parent, cell_runs = found
-    latest: dict[str, object] = {}
-    for run in cell_runs:
-        if run.info.status != "FINISHED":
-            continue
-        key = run.data.tags.get("config_hash", run.info.run_id)
-        if key not in latest or run.info.end_time > latest[key].info.end_time:
-            latest[key] = run
-    run_records = [RunRecord(r.info.run_id, r.data.tags.get("variant", "?"),
-                         float(r.data.tags.get("lr", "nan")), int(r.data.tags.get("seed", -1)),
-                         run_metrics(client, r), r.data.tags.get("diverged") == "true",
-                         r.data.params.get("model.ffn", "dense"))
-               for r in latest.values()]
+    run_records = finished_records(cell_runs, lambda run: run_metrics(client, run))
     if not run_records:
         raise LabError(f"report: grid {grid!r} has no FINISHED runs yet")
     return client, parent, run_records

@@ -99,8 +99,8 @@ def sweep_report(sweep_name: str, storage: str | None = None, out: str | Path | 
     mlflow_client = records.client(uri)
     experiment = mlflow_client.get_experiment_by_name(sweep_name)
     if experiment is not None:
-        for run in mlflow_client.search_runs([experiment.experiment_id],
-                                             filter_string="tags.sweep_role = 'parent'"):
+        parents = f"tags.{records.SWEEP_ROLE_TAG} = 'parent'"
+        for run in mlflow_client.search_runs([experiment.experiment_id], filter_string=parents):
             for name in ("val_loss_vs_lr.png", "summary.txt", "summary.json"):
                 mlflow_client.log_artifact(run.info.run_id, str(directory / name), "sweep_report")
     return summaries, plot

@@ -309,7 +309,8 @@ def _finish(trainer, module, data, monitor, config, mlflow_client, run_id, start
     if mlflow_client is None:
         return metrics
     with clock.phase("store"):
-        mlflow_client.set_tag(run_id, "diverged", str(monitor.diverged_step is not None).lower())
+        mlflow_client.set_tag(run_id, records.DIVERGED_TAG,
+                              str(monitor.diverged_step is not None).lower())
         records.log_metrics(mlflow_client, run_id, metrics, steps_done)
         mlflow_client.log_dict(run_id, [dataclasses.asdict(s) for s in spikes], "spikes.json")
         mlflow_client.log_dict(run_id, {"step": monitor.steps, "loss": monitor.losses,

@@ -23,13 +23,13 @@ import torch
 
 from lab import records
 from lab.config import from_dict
-from lab.experiments.grid.claims import CLAIM_TAG, GridContext, Task, claim_cell
-from lab.experiments.grid.estimate import RUNS_PER_GPU_TAG
+from lab.experiments.grid.claims import GridContext, Task, claim_cell
 from lab.experiments.pool import WorkerPool, die_with_parent, fail_run
 from lab.interrupts import interruption, stop_on_signals
 from lab.progress import configure_output
-from lab.records import (GRID_TAG, HEARTBEAT_TAG, OWNER_TAG, describe_failure, end_run,
-                         heartbeat, owner_identity, start_run)
+from lab.records import (CLAIM_TAG, GRID_TAG, HEARTBEAT_TAG, OWNER_TAG, RESUMED_TAG,
+                         RUNS_PER_GPU_TAG, describe_failure, end_run, heartbeat, owner_identity,
+                         start_run)
 from lab.training import phases as run_phases
 from lab.training.callbacks import FirstStepNotice, RunProgress
 from lab.training.run import train_run
@@ -92,7 +92,7 @@ def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = 
             if task.claim:
                 client.set_tag(run_id, CLAIM_TAG, task.claim)
             if task.resumed:
-                client.set_tag(run_id, "gatelab.resumed", "true")
+                client.set_tag(run_id, RESUMED_TAG, "true")
         if on_start:
             on_start(run_id)
         config = task.config

@@ -33,11 +33,10 @@ from lab import records
 from lab.config import RunConfig
 from lab.errors import LabError
 from lab.experiments.grid.spec import Cell
-from lab.records import (HEARTBEAT_TAG, STALE_AFTER_S, checkpoint_dir, kill_dead_run,
-                         load_checkpoint, owner_alive, run_owner_alive)
+from lab.records import (CLAIM_PARAM, CONFIG_HASH_TAG, HEARTBEAT_TAG, STALE_AFTER_S, CellRecord,
+                         checkpoint_dir, kill_dead_run, load_checkpoint, owner_alive,
+                         run_owner_alive)
 
-CLAIM_PARAM = "gatelab.claim"  # on the parent: gatelab.claim/<config_hash>/<attempt> = owner@time
-CLAIM_TAG = "gatelab.claim"    # on a cell's run: the <config_hash>/<attempt> it trains under
 
 
 # --- the store ------------------------------------------------------------------------
@@ -65,31 +64,31 @@ def reconcile(client, cells: list[Cell], runs: list, stale_after_s: float = STAL
     resume (a dead run with a checkpoint), or a fresh run. Dead RUNNING runs become KILLED.
     A checkpoint to resume from is read here (its plain data only, lab.records.load_checkpoint):
     one that is refused stops the grid with one line before anything trains."""
-    by_hash: dict[str, list] = {}
-    for run in runs:
-        by_hash.setdefault(run.data.tags.get("config_hash"), []).append(run)
+    by_hash: dict[str | None, list[CellRecord]] = {}
+    for record in map(CellRecord.from_run, runs):
+        by_hash.setdefault(record.config_hash, []).append(record)
     tasks, done, busy, killed = [], [], [], []
     for index, cell in enumerate(cells):
-        mine = sorted(by_hash.get(cell.config_hash, []), key=lambda r: r.info.start_time)
-        if any(r.info.status == "FINISHED" for r in mine):
+        mine = sorted(by_hash.get(cell.config_hash, []), key=lambda r: r.start_time)
+        if any(r.finished for r in mine):
             done.append(cell)
             continue
         live = False
-        for run in mine:
-            if run.info.status != "RUNNING":
+        for record in mine:
+            if record.status != "RUNNING":
                 continue
-            if run_owner_alive(run, stale_after_s):
+            if run_owner_alive(record.run, stale_after_s):
                 live = True
                 continue
-            kill_dead_run(client, run, "the grid resumed")
-            killed.append(run.info.run_id)
+            kill_dead_run(client, record.run, "the grid resumed")
+            killed.append(record.run_id)
         if live:
             busy.append(cell)
             continue
-        resumable = [r for r in mine if (r.info.status == "KILLED" or r.info.run_id in killed)
-                     and (checkpoint_dir(r.info.run_id) / "last.ckpt").exists()]
+        resumable = [r for r in mine if (r.status == "KILLED" or r.run_id in killed)
+                     and (checkpoint_dir(r.run_id) / "last.ckpt").exists()]
         if resumable:
-            run_id = resumable[-1].info.run_id
+            run_id = resumable[-1].run_id
             path = checkpoint_dir(run_id) / "last.ckpt"
             try:
                 load_checkpoint(path, "grid", mmap=True)
@@ -118,7 +117,7 @@ def cell_runs(client, ctx: GridContext, config_hash: str) -> list:
     experiment_id = client.get_run(ctx.parent_run_id).info.experiment_id
     return records.search_all(client, experiment_id,
                                f"tags.mlflow.parentRunId = '{ctx.parent_run_id}' and "
-                               f"tags.config_hash = '{config_hash}'")
+                               f"tags.{CONFIG_HASH_TAG} = '{config_hash}'")
 
 
 def _claim_alive(holder: str, runs: list, stale_after_s: float) -> bool:

@@ -19,9 +19,7 @@ from lab.experiments.grid.spec import Cell
 from lab.experiments.schema import GridSpec
 from lab.model.params import count_params, model_flops_per_token
 from lab.progress import duration
-from lab.records import DEVICE_TAG
-
-RUNS_PER_GPU_TAG = "gatelab.runs_per_gpu"  # on a GPU cell's run: cells sharing its GPU then
+from lab.records import DATA_TAG, DEVICE_TAG, PRESET_TAG, RUNS_PER_GPU_TAG, CellRecord
 
 # Time estimate without measurements: 6 N FLOPs per token (Kaplan et al., 2020) at a rate
 # we assume per worker, plus a fixed cost per run (process, store, validation and test).
@@ -123,7 +121,7 @@ def measured_tokens_per_s(uri: str, preset: str, data: str, device: str
         client = records.client(uri)
         experiments = [e.experiment_id for e in client.search_experiments()]
         runs = client.search_runs(experiments, f"attributes.status = 'FINISHED' and "
-                                  f"tags.preset = '{preset}' and tags.data = '{data}'",
+                                  f"tags.{PRESET_TAG} = '{preset}' and tags.{DATA_TAG} = '{data}'",
                                   max_results=500) if experiments else []
     except Exception:  # an unreadable store only means no measurement
         return None
@@ -140,7 +138,7 @@ def measured_tokens_per_s(uri: str, preset: str, data: str, device: str
 
 def finished_hashes(runs) -> set[str]:
     """The config hashes of the cells these runs hold FINISHED."""
-    return {r.data.tags.get("config_hash") for r in runs if r.info.status == "FINISHED"}
+    return {r.config_hash for r in map(CellRecord.from_run, runs) if r.finished}
 
 
 def finished_in_store(uri: str, grid: str) -> set[str]:

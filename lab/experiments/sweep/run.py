@@ -38,9 +38,10 @@ def parent_run(sweep: Sweep, variant: str, uri: str, storage: str) -> str:
     study = sweep.study_name(variant)
     owner = {OWNER_TAG: owner_identity(), records.HEARTBEAT_TAG: str(int(time.time()))}
     run_id, created = records.find_or_create_run(
-        mlflow_client, experiment, {"study": study, "sweep_role": "parent"}, study,
-        extra_tags={"sweep": sweep.name, "variant": variant, "preset": sweep.preset,
-                    "git_commit": records.git_commit(), **owner})
+        mlflow_client, experiment, {records.STUDY_TAG: study, records.SWEEP_ROLE_TAG: "parent"},
+        study, extra_tags={records.SWEEP_TAG: sweep.name, records.VARIANT_TAG: variant,
+                           records.PRESET_TAG: sweep.preset,
+                           records.GIT_COMMIT_TAG: records.git_commit(), **owner})
     if not created:
         mlflow_client.update_run(run_id, status="RUNNING")
         for key, value in owner.items():  # this process's now (a SIGKILL: end_dead_runs)

@@ -65,8 +65,8 @@ def trial_runs(uri: str, experiment: str | None, study_name: str, number: int | 
     found = client.get_experiment_by_name(experiment) if experiment else None
     if found is not None and number is not None:
         run_ids |= {r.info.run_id for r in records.search_all(
-            client, found.experiment_id, f"tags.study = '{study_name}' and "
-            f"tags.trial = '{number}' and attributes.status = 'RUNNING'")}
+            client, found.experiment_id, f"tags.{records.STUDY_TAG} = '{study_name}' and "
+            f"tags.{records.TRIAL_TAG} = '{number}' and attributes.status = 'RUNNING'")}
     return run_ids
 
 
@@ -103,7 +103,7 @@ def fail_stale_trials(study, uri: str, experiment: str | None = None) -> int:
         mlflow_client = records.client(uri)
         for run_id in trial_runs(uri, experiment, study.study_name, trial.number,
                                  trial.user_attrs.get("mlflow_run_id")):
-            mlflow_client.set_tag(run_id, "state", "failed")
+            mlflow_client.set_tag(run_id, records.STATE_TAG, "failed")
             mlflow_client.set_tag(run_id, records.KILLED_REASON_TAG,
                                   f"worker {worker or '(not recorded)'} was gone when the "
                                   "sweep resumed")

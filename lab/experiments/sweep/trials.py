@@ -96,7 +96,7 @@ class TrialEnd:
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         if run_ids:
-            self.mlflow_client.set_tag(run_ids[0], "state", state)
+            self.mlflow_client.set_tag(run_ids[0], records.STATE_TAG, state)
         if run_ids and self.artifacts is not None:
             try:
                 upload_loss_curve(trial, self.artifacts, self.mlflow_client, run_ids[0])
@@ -137,8 +137,8 @@ def run_trial(trial, sweep: Sweep, variant: str, uri: str, parent_run_id: str,
         notify({"run_id": run_id})
         trial.set_user_attr("mlflow_run_id", run_id)
 
-    tags = {"sweep": sweep.name, "study": sweep.study_name(variant), "trial": str(trial.number),
-            "state": "running"}
+    tags = {records.SWEEP_TAG: sweep.name, records.STUDY_TAG: sweep.study_name(variant),
+            records.TRIAL_TAG: str(trial.number), records.STATE_TAG: "running"}
     label = f"{variant}/trial-{trial.number}"
     callbacks = [pruning] if quiet else [pruning, RunProgress(
         label, total_steps(config), config.train.batch_size * config.model.context)]
@@ -228,7 +228,7 @@ class TrialPool(WorkerPool):
         # The runs first, the trial last (fail_stale_trials says why).
         for run_id in trial_runs(ctx.uri, ctx.sweep.name, study.study_name, number,
                                  started.get("run_id")):
-            records.client(ctx.uri).set_tag(run_id, "state", "failed")
+            records.client(ctx.uri).set_tag(run_id, records.STATE_TAG, "failed")
             fail_run(ctx.uri, run_id, "worker_died", reason)
         if number is not None:
             study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
