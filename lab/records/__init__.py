@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib
 
 HOMES = {
-    "cells": ["CLAIM_PARAM", "CLAIM_TAG", "CONFIG_HASH_TAG", "CellRecord", "DATA_TAG",
+    "cells": ["ANALYSIS_TAG", "CLAIM_PARAM", "CLAIM_TAG", "CONFIG_HASH_TAG", "CellRecord", "DATA_TAG",
               "DEVICE_TAG", "DIVERGED_TAG", "FAILURE_KIND_TAG", "FAILURE_TAG", "GIT_COMMIT_TAG",
               "GRID_PARENT_TAG", "GRID_TAG", "HEARTBEAT_TAG", "KILLED_REASON_TAG", "LR_TAG",
               "OWNER_TAG", "PRESET_TAG", "RESUMED_TAG", "RUNS_PER_GPU_TAG", "SEED_TAG",

@@ -28,6 +28,9 @@ DATA_TAG = "data"                # the corpus: data.source
 CONFIG_HASH_TAG = "config_hash"  # RunConfig.hash(): a cell's identity
 GIT_COMMIT_TAG = "git_commit"
 DIVERGED_TAG = "diverged"        # "true" / "false", set when training ends (lab/training/run.py)
+# Why a run has no analysis: "skipped: <why>" or "failed: <error>" (lab/analysis/outputs.py,
+# lab/training/run.py).
+ANALYSIS_TAG = "analysis"
 # What a run trained on: the GPU's name (torch.cuda.get_device_name) or "cpu"; set by the
 # process that trains it (a grid's parent never initialises CUDA), read by time estimates.
 DEVICE_TAG = "device"

@@ -359,7 +359,8 @@ def _analyze(module, store, config, mlflow_client, run_id, step) -> dict:
         log_analysis(mlflow_client, run_id, result, step)
     except Exception as err:  # a finished training run stays FINISHED; the tag says what broke
         traceback.print_exc()
-        mlflow_client.set_tag(run_id, "analysis", f"failed: {type(err).__name__}: {err}"[:500])
+        mlflow_client.set_tag(run_id, records.ANALYSIS_TAG,
+                              f"failed: {type(err).__name__}: {err}"[:500])
         return {}
     finally:
         module.model.to(device)
