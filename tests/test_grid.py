@@ -1,4 +1,4 @@
-"""lab/experiments/grid.py: grid files, cells, the MLflow layout, resume, workers and per-cell
+"""lab/experiments/grid/: grid files, cells, the MLflow layout, resume, workers and per-cell
 failures."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""lab/experiments/sweep.py: sweep files, the analysis, step-based pruning, parallel workers on one
+"""lab/experiments/sweep/: sweep files, the analysis, step-based pruning, parallel workers on one
 Optuna storage (journal file and PostgreSQL), MLflow nesting, and best_lrs beside the report
 of a sweep that really ran (the report's own tests: tests/test_sweep_report.py)."""
 
