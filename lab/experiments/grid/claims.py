@@ -38,7 +38,6 @@ from lab.records import (CLAIM_PARAM, CONFIG_HASH_TAG, HEARTBEAT_TAG, STALE_AFTE
                          run_owner_alive)
 
 
-
 # --- the store ------------------------------------------------------------------------
 
 @dataclass

@@ -30,6 +30,7 @@ from lab.records import (HEARTBEAT_TAG, OWNER_TAG, STALE_AFTER_S, child_runs,
 from lab.training import phases as run_phases
 from lab.training.module import use_compile_cache
 
+
 @dataclass
 class GridOptions:
     gpus: str | None = None

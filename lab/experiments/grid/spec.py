@@ -16,6 +16,7 @@ from lab.experiments.schema import GridSpec
 from lab.model.gates import VARIANTS
 from lab.training.run import open_data
 
+
 # --- cells ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from lab.progress import configure_output
 from lab.records import OWNER_TAG, end_dead_runs, owner_identity
 from lab.training.run import open_data
 
+
 def parent_run(sweep: Sweep, variant: str, uri: str, storage: str) -> str:
     """Find or create the study's parent run (tags sweep, study, sweep_role=parent), and mark
     it RUNNING: a resumed sweep reuses the parent it had; two machines starting the same new

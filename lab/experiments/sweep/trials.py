@@ -28,6 +28,7 @@ from lab.training.callbacks import RunProgress
 from lab.training.run import train_run
 from lab.training.schedule import total_steps
 
+
 def upload_loss_curve(trial, artifacts: FileSystemArtifactStore, mlflow_client,
                       run_id: str) -> None:
     """The trial's loss curve as the Optuna artifact `loss_curve.csv`: one row per step with
