@@ -62,8 +62,8 @@ def test_a_run_becomes_its_cells_record():
                 "gatelab.runs_per_gpu": "2"}, {"model.ffn": "moe"})
     record = CellRecord.from_run(run)
     assert (record.variant, record.lr, record.seed, record.config_hash, record.diverged,
-            record.ffn, record.preset, record.runs_per_gpu, record.finished) == \
-        ("sdpa_elementwise_sigmoid_mul", 3e-3, 1, "abc", True, "moe", "small", 2, True)
+            record.ffn, record.runs_per_gpu, record.finished) == \
+        ("sdpa_elementwise_sigmoid_mul", 3e-3, 1, "abc", True, "moe", 2, True)
     assert record.name == "sdpa_elementwise_sigmoid_mul/lr=0.003/seed=1" and record.run is run
     bare = CellRecord.from_run(_run({}, status="RUNNING"))
     assert (bare.variant, bare.seed, bare.config_hash, bare.diverged, bare.ffn,

@@ -97,7 +97,6 @@ class CellRecord:
     config_hash: str | None
     diverged: bool
     ffn: str                     # the model's FFN (`model.ffn`), "dense" for runs before MoE
-    preset: str | None = None
     runs_per_gpu: int = 1        # cells that shared its GPU (RUNS_PER_GPU_TAG)
     start_time: int | None = None
     end_time: int | None = None
@@ -109,7 +108,7 @@ class CellRecord:
         return cls(info.run_id, info.status, tags.get(VARIANT_TAG, "?"),
                    parse_lr(tags.get(LR_TAG)), int(tags.get(SEED_TAG, -1)),
                    tags.get(CONFIG_HASH_TAG), tags.get(DIVERGED_TAG) == "true",
-                   run.data.params.get("model.ffn", "dense"), tags.get(PRESET_TAG),
+                   run.data.params.get("model.ffn", "dense"),
                    int(tags.get(RUNS_PER_GPU_TAG, "1")), info.start_time, info.end_time, run)
 
     @property

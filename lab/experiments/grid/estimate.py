@@ -19,7 +19,7 @@ from lab.experiments.grid.spec import Cell
 from lab.experiments.schema import GridSpec
 from lab.model.params import count_params, model_flops_per_token
 from lab.progress import duration
-from lab.records import DATA_TAG, DEVICE_TAG, PRESET_TAG, RUNS_PER_GPU_TAG, CellRecord
+from lab.records import DATA_TAG, DEVICE_TAG, PRESET_TAG, CellRecord
 
 # Time estimate without measurements: 6 N FLOPs per token (Kaplan et al., 2020) at a rate
 # we assume per worker, plus a fixed cost per run (process, store, validation and test).
@@ -114,7 +114,7 @@ def measured_tokens_per_s(uri: str, preset: str, data: str, device: str
     """Median end-to-end tokens/s (tokens seen / wall time, overheads included) of FINISHED
     runs of this preset and data that trained on this kind of device ("cuda" or "cpu"), each
     as one cell alone on its GPU would run: a run that shared its GPU with k - 1 others
-    (its RUNS_PER_GPU_TAG) ran at packing_speedup(k) / k of that. None without any."""
+    (CellRecord.runs_per_gpu) ran at packing_speedup(k) / k of that. None without any."""
     if _no_store_yet(uri):
         return None
     try:
@@ -130,7 +130,7 @@ def measured_tokens_per_s(uri: str, preset: str, data: str, device: str
         wall, seen = run.data.metrics.get("time/wall_s"), run.data.metrics.get("tokens/seen")
         if not (wall and seen) or run_device_kind(run) != device:
             continue
-        shared = int(run.data.tags.get(RUNS_PER_GPU_TAG, "1"))
+        shared = CellRecord.from_run(run).runs_per_gpu
         rates.append(seen / wall * shared / packing_speedup(preset, shared))
     rates.sort()
     return (rates[len(rates) // 2], len(rates)) if rates else None
