@@ -381,6 +381,26 @@ def test_two_grids_started_together_on_one_store_train_each_cell_once(store, tmp
     assert len(claims) >= 4
 
 
+@pytest.mark.slow
+def test_a_cell_job_runs_as_its_own_process_through_the_packages_main(store):
+    """run_ddp_cell's job (`python -m lab.experiments.grid --run-cell`, what each DDP rank
+    runs) on the CPU, with no GPU given: the job trains the cell the grid claimed and created
+    its run for, and the grid reads the outcome it wrote."""
+    from lab import records
+    from lab.experiments.grid.cells import run_ddp_cell
+    from lab.experiments.grid.claims import GridContext, Task
+
+    [cell] = plan(grid_from_dict(tiny_grid("job", ["baseline"])))
+    client = records.client(store)
+    experiment = records.experiment_id(client, "job", store)
+    parent = records.find_or_create_grid_parent(client, experiment, "job")
+    outcome = run_ddp_cell(Task(0, cell.name, cell.config),
+                           GridContext(store, "job", parent, "job", True), [])
+    assert outcome.status == "FINISHED" and outcome.val_ppl > 1, outcome
+    assert run_statuses(store, "job") == {cell.name: ["FINISHED"]}
+    assert client.get_run(outcome.run_id).data.tags["gatelab.claim"] == f"{cell.config_hash}/1"
+
+
 def test_a_time_limit_starts_no_cell_that_would_not_end_in_time(store, monkeypatch):
     """Each cell takes 100 s of a made-up clock; under a 250 s limit the second cell starts
     (100 + 100 < 250) and the third does not (200 + 100 > 250): it is left, said so, and a
