@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 from scipy import stats
 
-from lab.records.cells import CellRecord
+from lab.records import CellRecord
 
 BASELINE = "baseline"
 CONFIDENCE = 0.95
