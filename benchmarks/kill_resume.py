@@ -309,7 +309,7 @@ class SweepCase:
     def _studies(self, workdir: Path) -> dict:
         import optuna
 
-        from lab.experiments.sweep import open_storage
+        from lab.experiments.sweep.storage import open_storage
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         url = f"sqlite:///{workdir / 'sweeps' / 'optuna.db'}" if self.storage == "sqlite" \

@@ -124,7 +124,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 # tests/test_cli_terminal.py holds --help, `variants` and the one-line errors to it.
 
 def cmd_train(args) -> int:
-    from lab.config import check_experiment_name, resolve
+    from lab.config import resolve
+    from lab.experiments.files import check_experiment_name
     from lab.model.gates import parse_gate
     from lab.model.variants import custom_variant
 
@@ -188,7 +189,7 @@ def cmd_grid(args) -> int:
                     seeds=args.seeds, lrs=args.lrs, variants=args.variants,
                     overrides=args.overrides)
     # (MLflow and Lightning only now: a bad grid file's error line does not wait for them)
-    from lab.experiments.grid import GridOptions, describe_summary, run_grid
+    from lab.experiments.grid.run import GridOptions, describe_summary, run_grid
     options = GridOptions(gpus=args.gpus, runs_per_gpu=args.runs_per_gpu,
                           cpu_workers=args.cpu_workers,
                           cpu_threads=args.cpu_threads, dry_run=args.dry_run,
@@ -212,7 +213,8 @@ def cmd_report(args) -> int:
 
 def cmd_demo(args) -> int:
     from lab import records
-    from lab.experiments.grid import GridOptions, describe_summary, load_grid, run_grid
+    from lab.experiments.grid.run import GridOptions, describe_summary, run_grid
+    from lab.experiments.schema import load_grid
     from lab.progress import duration
     from lab.reports.grid_report import build_report, terminal_summary
 
@@ -299,7 +301,8 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from lab.experiments.sweep import load_sweep, run_sweep
+    from lab.experiments.sweep.run import run_sweep
+    from lab.experiments.sweep.spec import load_sweep
     from lab.reports.sweep_report import format_summary
 
     sweep = load_sweep(args.sweep_file).with_flags(preset=args.preset, data=args.data,

@@ -56,7 +56,7 @@ def configure_output() -> None:
     to INFO when imported, so the lab's modules that import it call this again after
     (lab/training/module.py and callbacks.py); MLflow reads its level from the environment
     when imported, so that is set too; Optuna's is set when Optuna is loaded
-    (lab/experiments/sweep.py calls this again once it has imported it)."""
+    (lab/experiments/sweep/run.py calls this again once it has imported it)."""
     if verbosity() == "verbose":
         return
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")

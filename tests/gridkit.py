@@ -49,7 +49,8 @@ def run_grid_process(raw: dict, env: dict) -> None:
     exported URI, and the grid's runs went to that test's store instead)."""
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.update(env)
-    from lab.experiments.grid import GridOptions, grid_from_dict, run_grid
+    from lab.experiments.grid.run import GridOptions, run_grid
+    from lab.experiments.schema import grid_from_dict
 
     run_grid(grid_from_dict(raw), GridOptions(quiet=True, cpu_threads=1))
 

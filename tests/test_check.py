@@ -230,7 +230,8 @@ def test_every_variant_passes_on_the_gpu_at_small():
 @pytest.mark.parametrize("flags, check_option", [([], True), (["--check"], "force"),
                                                   (["--no-check"], False)])
 def test_grid_and_sweep_pass_check_and_no_check_on(monkeypatch, flags, check_option):
-    from lab.experiments import grid, sweep
+    from lab.experiments.grid import run as grid
+    from lab.experiments.sweep import run as sweep
 
     seen = {}
 

@@ -1,4 +1,4 @@
-"""lab/experiments/grid.py: grid files, cells, the MLflow layout, resume, workers and per-cell
+"""lab/experiments/grid/: grid files, cells, the MLflow layout, resume, workers and per-cell
 failures."""
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import torch
 
 from gridkit import run_statuses, tiny_grid
 from lab.errors import LabError
-from lab.experiments.grid import (GridOptions, grid_from_dict, load_grid, owner_alive,
-                                  owner_identity, parse_shard, plan, run_grid, shard_cells,
-                                  with_cli)
+from lab.experiments.grid.run import GridOptions, run_grid
+from lab.experiments.grid.spec import parse_shard, plan, shard_cells
+from lab.experiments.schema import grid_from_dict, load_grid, with_cli
+from lab.records import owner_alive, owner_identity
 
 
 def _runs(uri: str, experiment: str):
@@ -57,9 +58,9 @@ def test_all_means_every_variant_available_at_the_preset():
 def test_lrs_from_sweep_asks_the_sweep_module(monkeypatch):
     import types
 
-    fake = types.ModuleType("lab.experiments.sweep")
+    fake = types.ModuleType("lab.experiments.sweep.results")
     fake.best_lrs = lambda name, storage=None: {"baseline": 1e-3, "sdpa_headwise_sigmoid_mul": 4e-3}
-    monkeypatch.setitem(sys.modules, "lab.experiments.sweep", fake)
+    monkeypatch.setitem(sys.modules, "lab.experiments.sweep.results", fake)
     spec = grid_from_dict({"name": "s", "variants": ["baseline", "sdpa_headwise_sigmoid_mul"],
                            "lrs": {"from_sweep": "lr-tiny"}, "tokens": 1e4})
     assert {(c.variant, c.lr) for c in plan(spec)} == {("baseline", 1e-3),
@@ -102,7 +103,7 @@ def test_measured_rates_keep_to_the_device_and_undo_packing(store):
     when they logged GPU memory."""
     from mlflow.tracking import MlflowClient
 
-    from lab.experiments.grid import measured_tokens_per_s, packing_speedup
+    from lab.experiments.grid.estimate import measured_tokens_per_s, packing_speedup
 
     client = MlflowClient(store)
     experiment = client.create_experiment("rates")
@@ -250,7 +251,7 @@ def test_owner_liveness():
 def test_runs_per_gpu_gives_each_gpu_that_many_worker_slots(store, monkeypatch):
     """Two GPUs x three runs each: six workers, each pinned to one GPU, the host's cores split
     between them. (No GPU here: the device list and the pool are stand-ins.)"""
-    from lab.experiments import grid
+    from lab.experiments.grid import run as grid
 
     pools = []
 
@@ -280,11 +281,11 @@ def test_runs_per_gpu_gives_each_gpu_that_many_worker_slots(store, monkeypatch):
 ])
 def test_runs_per_gpu_refuses_nonsense_before_training(store, monkeypatch, overrides,
                                                        runs_per_gpu, message):
-    from lab.experiments import grid
-    from lab.training import run
+    from lab.experiments.grid import run as grid
+    from lab.training import preflight
 
     monkeypatch.setattr(grid, "parse_gpus", lambda text: ["0", "1"])
-    monkeypatch.setattr(run, "check_devices", lambda devices: None)  # the two faked GPUs
+    monkeypatch.setattr(preflight, "check_devices", lambda devices: None)  # the two faked GPUs
     with pytest.raises(LabError, match=message):
         run_grid(grid_from_dict(tiny_grid("refused", ["baseline"], **overrides)),
                  GridOptions(gpus="all", runs_per_gpu=runs_per_gpu, quiet=True))
@@ -294,7 +295,7 @@ def test_runs_per_gpu_refuses_nonsense_before_training(store, monkeypatch, overr
 def test_runs_per_gpu_auto_packs_from_the_measured_gain(store, monkeypatch):
     """auto (the default): as many cells per GPU as each still adds a tenth of one cell's
     tokens/s in the committed measurement, within the GPU's memory; unmeasured presets alone."""
-    from lab.experiments import grid
+    from lab.experiments.grid import estimate as grid
 
     speedup = grid.MEASURED_PACKING["small"]["speedup"]
     n, basis = grid.auto_runs_per_gpu("small", gpu_memory_gib=139.8)
@@ -321,7 +322,7 @@ def test_a_cell_is_claimed_once_and_taken_over_only_from_a_dead_holder(store):
     it; another process is turned away while the holder lives, takes the next attempt once
     it is dead, and nobody claims a cell that has a FINISHED run."""
     from lab import records
-    from lab.experiments.grid import GridContext, Task, claim_cell
+    from lab.experiments.grid.claims import GridContext, Task, claim_cell
     from lab.records import find_or_create_grid_parent
 
     raw = tiny_grid("claims", ["baseline"])
@@ -346,7 +347,7 @@ def test_a_cell_is_claimed_once_and_taken_over_only_from_a_dead_holder(store):
     assert {k: v.rpartition("@")[0] for k, v in params.items()} == {
         f"gatelab.claim/{cell.config_hash}/1": dead, f"gatelab.claim/{cell.config_hash}/2": alive}
 
-    from lab.experiments.grid import create_cell_run
+    from lab.experiments.grid.cells import create_cell_run
 
     run_id = create_cell_run(mine, ctx, alive)
     assert client.get_run(run_id).data.tags["gatelab.claim"] == mine.claim
@@ -386,11 +387,31 @@ def test_two_grids_started_together_on_one_store_train_each_cell_once(store, tmp
 
 
 @pytest.mark.slow
+def test_a_cell_job_runs_as_its_own_process_through_the_packages_main(store):
+    """run_ddp_cell's job (`python -m lab.experiments.grid --run-cell`, what each DDP rank
+    runs) on the CPU, with no GPU given: the job trains the cell the grid claimed and created
+    its run for, and the grid reads the outcome it wrote."""
+    from lab import records
+    from lab.experiments.grid.cells import run_ddp_cell
+    from lab.experiments.grid.claims import GridContext, Task
+
+    [cell] = plan(grid_from_dict(tiny_grid("job", ["baseline"])))
+    client = records.client(store)
+    experiment = records.experiment_id(client, "job", store)
+    parent = records.find_or_create_grid_parent(client, experiment, "job")
+    outcome = run_ddp_cell(Task(0, cell.name, cell.config),
+                           GridContext(store, "job", parent, "job", True), [])
+    assert outcome.status == "FINISHED" and outcome.val_ppl > 1, outcome
+    assert run_statuses(store, "job") == {cell.name: ["FINISHED"]}
+    assert client.get_run(outcome.run_id).data.tags["gatelab.claim"] == f"{cell.config_hash}/1"
+
+
+@pytest.mark.slow
 def test_a_time_limit_starts_no_cell_that_would_not_end_in_time(store, monkeypatch):
     """Each cell takes 100 s of a made-up clock; under a 250 s limit the second cell starts
     (100 + 100 < 250) and the third does not (200 + 100 > 250): it is left, said so, and a
     rerun without the limit trains only it."""
-    from lab.experiments import grid
+    from lab.experiments.grid import run as grid
 
     clock = [0.0]
     original = grid.execute_cell
@@ -416,7 +437,7 @@ def test_a_time_limit_starts_no_cell_that_would_not_end_in_time(store, monkeypat
 
 def test_a_compiled_shape_is_the_model_and_step_not_the_seed_or_learning_rate():
     from lab.config import resolve
-    from lab.experiments.grid import compile_shape
+    from lab.experiments.grid.estimate import compile_shape
 
     shape = compile_shape(resolve("baseline", "small", seed=0, lr=3e-3))
     assert compile_shape(resolve("baseline", "small", seed=2, lr=1e-3)) == shape
@@ -429,7 +450,7 @@ def test_a_compiled_shape_is_the_model_and_step_not_the_seed_or_learning_rate():
 
 @pytest.mark.parametrize("warm_first", [False, True])
 def test_warm_first_hands_the_pool_each_cells_compiled_shape(store, monkeypatch, warm_first):
-    from lab.experiments import grid
+    from lab.experiments.grid import run as grid
 
     seen = {}
 

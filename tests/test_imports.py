@@ -118,7 +118,25 @@ def test_the_graph_sees_function_local_and_from_package_imports():
     and of its records (`from lab import records`), and the CLI's imports inside its commands."""
     graph = import_graph(ROOT)
     assert {"lab.model.params", "lab.records"} <= graph["lab.training.run"]
-    assert "lab.training.run" in graph["lab.cli"] or "lab.experiments.grid" in graph["lab.cli"]
+    assert "lab.training.run" in graph["lab.cli"] or "lab.experiments.grid.run" in graph["lab.cli"]
+
+
+def test_a_best_lr_is_read_without_the_sweeps_runner():
+    """A grid's `lrs: {from_sweep}` and `gatelab sweep-report` read a sweep's results through
+    lab/experiments/sweep/results.py, and nothing that module imports, at any depth, trains,
+    runs trials or workers (issue 41: the grid had imported the sweep's runner to read them)."""
+    graph = import_graph(ROOT)
+    reached, stack = set(), ["lab.experiments.sweep.results"]
+    while stack:
+        for target in graph[stack.pop()] - reached:
+            reached.add(target)
+            stack.append(target)
+    runner = {"lab.experiments.sweep.run", "lab.experiments.sweep.trials",
+              "lab.experiments.sweep.studies"}
+    assert not reached & (runner | {"lab.experiments.pool", "lab.training.run"}), sorted(reached)
+    for reader in ("lab.experiments.grid.spec", "lab.reports.sweep_report"):
+        assert "lab.experiments.sweep.results" in graph[reader]
+        assert not graph[reader] & runner, (reader, sorted(graph[reader] & runner))
 
 
 @pytest.mark.parametrize("local", [False, True])

@@ -8,7 +8,8 @@ from mlflow.tracking import MlflowClient
 
 from gridkit import tiny_grid
 from lab.config import resolve
-from lab.experiments.grid import GridOptions, describe_summary, grid_from_dict, run_grid
+from lab.experiments.grid.run import GridOptions, describe_summary, run_grid
+from lab.experiments.schema import grid_from_dict
 from lab.training import phases
 from lab.training.phases import PHASES, TOTAL_METRIC, PhaseClock, breakdown, metric
 from lab.training.run import train_run

@@ -16,8 +16,9 @@ from mlflow.tracking import MlflowClient
 from lab.config import flatten, from_dict, resolve
 from lab.errors import LabError
 from lab.interrupts import Interrupted
-from lab.records.runs import (HEARTBEAT_TAG, describe_failure, end_run, git_commit, heartbeat,
-                              log_params, log_yaml, run_tags, start_run)
+from lab.records.cells import HEARTBEAT_TAG
+from lab.records.runs import (describe_failure, end_run, git_commit, heartbeat, log_params,
+                              log_yaml, run_tags, start_run)
 
 
 def test_run_tags_name_the_cell_and_its_identity():

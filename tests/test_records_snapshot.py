@@ -240,7 +240,8 @@ def test_the_committed_snapshots_resume_the_reproduction_grids(tmp_path, monkeyp
     those cells again unnoticed."""
     from types import SimpleNamespace
 
-    from lab.experiments import grid
+    from lab.experiments.grid import spec as grid
+    from lab.experiments.schema import load_grid
 
     files = sorted((Path(__file__).resolve().parents[1] / "docs" / "store").glob("*.tar.xz"))
     monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
@@ -265,5 +266,5 @@ def test_the_committed_snapshots_resume_the_reproduction_grids(tmp_path, monkeyp
     # ablations/ is the file's stem)
     for name, hashes in finished.items():
         planned = {cell.config.hash()
-                   for cell in grid.plan(grid.load_grid(f"ablations/{name}.yaml"))}
+                   for cell in grid.plan(load_grid(f"ablations/{name}.yaml"))}
         assert hashes <= planned, (name, sorted(hashes - planned))

@@ -243,7 +243,8 @@ def test_nan_ends_the_run_as_diverged_and_keeps_the_last_finite_checkpoint(store
 
 
 def test_a_diverging_cell_does_not_stop_the_grid(store):
-    from lab.experiments.grid import GridOptions, grid_from_dict, run_grid
+    from lab.experiments.grid.run import GridOptions, run_grid
+    from lab.experiments.schema import grid_from_dict
 
     summary = run_grid(grid_from_dict(tiny_grid("diverging", ["baseline"], lrs=[1e3, 3e-3])),
                        GridOptions(quiet=True, cpu_threads=1))
@@ -350,7 +351,8 @@ def test_the_labs_checkpoint_holds_only_tensors_and_plain_data_and_a_poisoned_on
 
     from lab.cli import main
     from lab.errors import LabError
-    from lab.experiments.grid import grid_from_dict, plan
+    from lab.experiments.grid.spec import plan
+    from lab.experiments.schema import grid_from_dict
     from lab.records import checkpoint_dir
     from lab.training.run import train_run
 
@@ -552,7 +554,8 @@ def test_an_error_after_the_run_exists_ends_it_failed_with_the_reason(store, mon
 def test_a_full_disk_while_the_cell_run_is_created_ends_it_failed_not_running(store, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from lab.experiments.grid import GridOptions, grid_from_dict, run_grid
+    from lab.experiments.grid.run import GridOptions, run_grid
+    from lab.experiments.schema import grid_from_dict
 
     original = MlflowClient.log_text
 

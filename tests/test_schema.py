@@ -9,10 +9,9 @@ import pytest
 import yaml
 
 from lab.errors import LabError
-from lab.experiments.grid import load_grid
 from lab.experiments.schema import (MAX_EXTENDS, GridSpec, check_finite_numbers, grid_from_dict,
-                                    with_cli)
-from lab.experiments.sweep import load_sweep
+                                    load_grid, with_cli)
+from lab.experiments.sweep.spec import load_sweep
 
 BASE = """name: parent
 preset: tiny
@@ -59,7 +58,7 @@ def test_extends_follows_a_chain_relative_to_each_file_and_lists_of_pairs_merge_
 
 
 def test_a_sweep_file_extends_another_and_its_storage_is_found_by_name(tmp_path, monkeypatch):
-    from lab.experiments.sweep import storage_url
+    from lab.experiments.sweep.storage import storage_url
 
     monkeypatch.chdir(tmp_path)
     write(tmp_path, "sweeps/lr.yaml", "name: lr\npreset: tiny\nvariants: [baseline]\n"

@@ -1,4 +1,4 @@
-"""lab/experiments/sweep.py: sweep files, the analysis, step-based pruning, parallel workers on one
+"""lab/experiments/sweep/: sweep files, the analysis, step-based pruning, parallel workers on one
 Optuna storage (journal file and PostgreSQL), MLflow nesting, and best_lrs beside the report
 of a sweep that really ran (the report's own tests: tests/test_sweep_report.py)."""
 
@@ -22,8 +22,11 @@ from optuna.artifacts import FileSystemArtifactStore
 
 from lab.cli import main
 from lab.errors import LabError
-from lab.experiments.sweep import (best_lrs, load_sweep, open_study, parse_sweep, run_sweep,
-                                   run_trial, summarize_trials, trial_tasks)
+from lab.experiments.sweep.results import best_lrs, summarize_trials
+from lab.experiments.sweep.run import run_sweep
+from lab.experiments.sweep.spec import load_sweep, parse_sweep
+from lab.experiments.sweep.studies import open_study
+from lab.experiments.sweep.trials import run_trial, trial_tasks
 from lab.reports.sweep_report import sweep_report
 from sweepkit import made_up_trial
 
@@ -136,8 +139,8 @@ def test_preset_data_tokens_and_set_replace_the_files_values_as_for_a_grid(tmp_p
     """`gatelab sweep` and `gatelab grid` take the same flags through the same code, with the
     same meaning: --preset, --data and --tokens replace the file's values, --set adds an
     override; the sweep is validated again with them before anything runs."""
-    from lab.experiments import grid as grid_module
-    from lab.experiments import sweep as sweep_module
+    from lab.experiments.grid import run as grid_module
+    from lab.experiments.sweep import run as sweep_module
 
     seen = {}
     monkeypatch.setattr(sweep_module, "run_sweep",
@@ -306,7 +309,7 @@ def test_two_workers_on_two_gpus_each_get_their_own(workspace, monkeypatch):
     """The sweep's workers used to start with no CUDA_VISIBLE_DEVICES, so on a 2-GPU machine
     every trial trained on GPU 0. With two GPUs (their count stood in for: no CUDA here) each
     of two workers is pinned to its own, a third shares one, and the cores are split."""
-    from lab.experiments import sweep as sweep_module
+    from lab.experiments.sweep import run as sweep_module
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -339,7 +342,8 @@ def test_a_trial_whose_worker_died_fails_and_its_run_says_why(tmp_path, monkeypa
     from types import SimpleNamespace
 
     from lab import records
-    from lab.experiments.sweep import SweepContext, TrialPool, TrialTask, open_storage, open_study
+    from lab.experiments.sweep.storage import open_storage
+    from lab.experiments.sweep.trials import SweepContext, TrialPool, TrialTask
 
     monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
     uri = records.tracking_uri()
@@ -495,7 +499,8 @@ def test_postgres_storage_with_two_workers(postgres_url, workspace):
 @pytest.mark.slow
 def test_stale_trials_of_dead_local_workers_fail_and_others_stay(tmp_path):
     from lab.records.owners import owner_identity
-    from lab.experiments.sweep import fail_stale_trials, open_storage, storage_url
+    from lab.experiments.sweep.storage import open_storage, storage_url
+    from lab.experiments.sweep.studies import fail_stale_trials
 
     study = optuna.create_study(study_name="s/baseline",
                                 storage=open_storage(str(tmp_path / "s.journal")))
@@ -516,7 +521,7 @@ def test_the_journal_lock_points_at_the_journal_for_a_relative_path_too(tmp_path
     the link. Made from a relative path (sweeps/<name>.journal, the default) the link
     dangled, the grace never began, and a rerun spun at full CPU for ever (a kill-resume
     test hung on it)."""
-    from lab.experiments.sweep import open_storage
+    from lab.experiments.sweep.storage import open_storage
 
     monkeypatch.chdir(tmp_path)
     links = []
@@ -537,9 +542,9 @@ def test_a_killed_ladder_trial_runs_again_at_its_point_and_no_point_runs_twice(w
     FAIL trial's point as visited, so before retry_failed_trials the rerun ended one point
     short (GridSampler stops the study once every point is visited) and the rerun after it
     trained a random point a second time."""
-    from lab.experiments import sweep as sweep_module
+    from lab.experiments.sweep import run as sweep_module
     from lab.records.owners import owner_identity
-    from lab.experiments.sweep import open_storage, open_study
+    from lab.experiments.sweep.storage import open_storage
 
     monkeypatch.setattr(sweep_module, "threads_per_worker", lambda workers: 1)  # conftest.py
 
@@ -567,7 +572,7 @@ def test_a_killed_ladder_trial_runs_again_at_its_point_and_no_point_runs_twice(w
 
 
 def test_retry_failed_trials_queues_each_failure_once_within_the_limit():
-    from lab.experiments.sweep import retry_failed_trials
+    from lab.experiments.sweep.studies import retry_failed_trials
 
     study = optuna.create_study()
     for lr in (1e-3, 1e-2):
@@ -586,7 +591,7 @@ def _store_and_study(tmp_path, monkeypatch, name: str):
     """A fresh MLflow store with the experiment `name`, and the study `name`/baseline on a
     journal beside it: what a sweep's rerun finds. Returns uri, client, experiment id, study."""
     from lab import records
-    from lab.experiments.sweep import open_storage
+    from lab.experiments.sweep.storage import open_storage
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # an earlier test's, if left
     monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
@@ -613,7 +618,7 @@ def test_a_rerun_killed_while_failing_a_stale_trial_leaves_no_run_running(tmp_pa
     from mlflow.tracking import MlflowClient
 
     from lab.records.owners import owner_identity
-    from lab.experiments.sweep import fail_stale_trials
+    from lab.experiments.sweep.studies import fail_stale_trials
 
     uri, client, experiment, study = _store_and_study(tmp_path, monkeypatch, "rekilled")
     dead = subprocess.Popen(["true"])
@@ -657,9 +662,9 @@ def test_a_trial_killed_before_recording_its_worker_fails_after_the_grace(tmp_pa
     worker records itself within the grace is left to it."""
     import threading
 
-    from lab.experiments import sweep as sweep_module
+    from lab.experiments.sweep import studies as sweep_module
     from lab.records.owners import owner_identity
-    from lab.experiments.sweep import fail_stale_trials
+    from lab.experiments.sweep.studies import fail_stale_trials
 
     monkeypatch.setattr(sweep_module, "UNOWNED_TRIAL_GRACE_S", 1.0)
     uri, client, experiment, study = _store_and_study(tmp_path, monkeypatch, "orphans")
@@ -694,7 +699,7 @@ def test_the_gpu_check_table_is_kept_on_each_parent_run(workspace, monkeypatch):
     """On a GPU machine the check's table (lab.check.check_before_training) goes with the
     results it vouched for; here the check is stood in for, as CUDA is absent."""
     from lab import check, records
-    from lab.experiments import sweep as sweep_module
+    from lab.experiments.sweep import run as sweep_module
 
     monkeypatch.setattr(sweep_module, "threads_per_worker", lambda workers: 1)  # conftest.py
     monkeypatch.setattr(check, "check_before_training",

@@ -306,7 +306,8 @@ def test_grid_cells_train_with_cuda_graphs_and_the_labs_callbacks(store):
     analysis, the loss monitor keeping losses across steps): the cells finish and learn
     what the default mode's cells learn, to bf16 rounding."""
     from gridkit import tiny_grid
-    from lab.experiments.grid import GridOptions, grid_from_dict, run_grid
+    from lab.experiments.grid.run import GridOptions, run_grid
+    from lab.experiments.schema import grid_from_dict
 
     every = {"train.analysis_every": 8, "train.checkpoint_every": 8, "train.compile": True}
     ppl = {}

@@ -280,7 +280,7 @@ CONTROLS = {
 
 @pytest.mark.parametrize("control", sorted(CONTROLS))
 def test_a_control_grid_differs_from_its_grid_only_in_what_it_controls(control):
-    from lab.experiments.grid import load_grid as load_spec
+    from lab.experiments.schema import load_grid as load_spec
 
     parent_name, changed, added_overrides = CONTROLS[control]
     child = load_spec(REPO / "ablations" / f"{control}.yaml").to_dict()

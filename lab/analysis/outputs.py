@@ -56,7 +56,7 @@ def log_analysis(mlflow_client, run_id: str, analysis: Analysis, step: int,
     where a run has no table: lab/reports/grid_report.py run_metrics), `analysis.json` and
     the plots; returns the files logged."""
     if analysis.skipped:
-        mlflow_client.set_tag(run_id, "analysis", f"skipped: {analysis.skipped}")
+        mlflow_client.set_tag(run_id, records.ANALYSIS_TAG, f"skipped: {analysis.skipped}")
         return []
     summary = {k: v for k, v in analysis.metrics.items() if split_layer_metric(k) is None}
     records.log_metrics(mlflow_client, run_id, summary, step)

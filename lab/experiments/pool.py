@@ -6,8 +6,8 @@ task a worker holds; a worker that dies holding one (the kernel's out-of-memory 
 segfault, a signal) is reported with that task, what the task had told the pool so far (its
 run, its trial) and how the process ended (its exit code, or the signal by name), and a
 fresh worker takes its slot. What "reported" means is the pool's kind's: a grid marks the
-cell's run FAILED, a sweep also fails the trial (lab/experiments/grid.py `CellPool`,
-lab/experiments/sweep.py `TrialPool`).
+cell's run FAILED, a sweep also fails the trial (lab/experiments/grid/cells.py `CellPool`,
+lab/experiments/sweep/trials.py `TrialPool`).
 
 GPU pinning: a grid gives every GPU `--runs-per-gpu` workers; a sweep's `--workers N` are
 spread over the visible GPUs, one GPU per worker, in contiguous blocks when there are more

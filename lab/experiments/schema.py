@@ -2,7 +2,7 @@
 read, and the flags that replace a file's values (`--preset`, `--data`, `--tokens`, `--set`).
 
 A file kind is a frozen dataclass that extends `ExperimentSpec` with its own fields and keys
-(`GridSpec` below, lab/experiments/sweep.py `Sweep`). Reading one refuses,
+(`GridSpec` below, lab/experiments/sweep/spec.py `Sweep`). Reading one refuses,
 with one LabError that names the key and the file (the CLI's one `error:` line, exit code 2),
 anything but a mapping, a key the kind does not have, a missing required key and a value
 its key's reader rejects, before anything is written anywhere. A key set to null is absent.
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from lab.config import (check_name, parse_lrs, parse_seeds, parse_variants, read_yaml,
-                        yaml_number)
 from lab.errors import LabError
+from lab.experiments.files import (check_name, parse_lrs, parse_seeds, parse_variants, read_yaml,
+                                   yaml_number)
 from lab.experiments.overrides import read_overrides
 
 KeyReader = Callable[[Any], dict]  # a key's YAML value -> the dataclass fields it sets
@@ -173,7 +173,7 @@ class ExperimentSpec:
         return out
 
 
-# --- the grid file (here, not in lab/experiments/grid.py, so that `gatelab grid` reads and
+# --- the grid file (here, not in lab/experiments/grid/, so that `gatelab grid` reads and
 # checks it before importing torch's training stack, MLflow and Lightning: a bad file's
 # error line need not wait for them; benchmarks/README.md, start-up) ---------------------
 

@@ -4,6 +4,8 @@ checkpoints beside them.
 Code outside the package calls these names through the package (`from lab import records`,
 then `records.start_run(...)`); where each lives:
 - `store.py`: the tracking URI and the SQLite store file (refused, created or upgraded whole);
+- `cells.py`: every tag name the lab writes on runs, the LR's text (format_lr, parse_lr) and
+  a run read back as the cell it holds (`CellRecord.from_run`);
 - `views.py`: what MLflow's UI shows of an experiment (its kind, the comparison view);
 - `lookup.py`: experiments and runs found by name and tags, a parent run created once
   (a grid's, and its cells' runs);
@@ -26,15 +28,20 @@ from __future__ import annotations
 import importlib
 
 HOMES = {
+    "cells": ["ANALYSIS_TAG", "CLAIM_PARAM", "CLAIM_TAG", "CONFIG_HASH_TAG", "CellRecord", "DATA_TAG",
+              "DEVICE_TAG", "DIVERGED_TAG", "FAILURE_KIND_TAG", "FAILURE_TAG", "GIT_COMMIT_TAG",
+              "GRID_PARENT_TAG", "GRID_TAG", "HEARTBEAT_TAG", "KILLED_REASON_TAG", "LR_TAG",
+              "OWNER_TAG", "PRESET_TAG", "RESUMED_TAG", "RUNS_PER_GPU_TAG", "SEED_TAG",
+              "STATE_TAG", "STUDY_TAG", "SWEEP_ROLE_TAG", "SWEEP_TAG", "TRIAL_TAG", "VARIANT_TAG",
+              "cell_name", "format_lr", "parse_lr"],
     "checkpoints": ["checkpoint_dir", "checkpoint_path", "load_checkpoint", "read_checkpoint",
                     "run_id_from_prefix"],
-    "lookup": ["GRID_PARENT_TAG", "GRID_TAG", "child_runs", "experiment_id", "find_grid_parent",
+    "lookup": ["child_runs", "experiment_id", "find_grid_parent",
                "find_or_create_grid_parent", "find_or_create_run", "find_run", "grid_cell_runs",
                "search_all"],
-    "owners": ["OWNER_TAG", "STALE_AFTER_S", "end_dead_runs", "is_local", "kill_dead_run",
+    "owners": ["STALE_AFTER_S", "end_dead_runs", "is_local", "kill_dead_run",
                "owner_alive", "owner_identity", "run_owner_alive"],
-    "runs": ["DEVICE_TAG", "FAILURE_KIND_TAG", "FAILURE_TAG", "HEARTBEAT_S", "HEARTBEAT_TAG",
-             "KILLED_REASON_TAG", "cell_name", "describe_failure", "device_name", "end_run",
+    "runs": ["HEARTBEAT_S", "describe_failure", "device_name", "end_run",
              "finite_metrics", "git_commit", "heartbeat", "log_check_table", "log_corpus",
              "log_metrics", "log_params", "log_yaml", "run_tags", "start_run", "system_metrics",
              "system_metrics_enabled"],

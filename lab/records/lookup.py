@@ -11,12 +11,11 @@ from contextlib import nullcontext
 from filelock import FileLock
 
 from lab.errors import LabError
+from lab.records.cells import GRID_PARENT_TAG, GRID_TAG
 from lab.records.store import LOCK_TIMEOUT_S, default_uri, sqlite_path, store_dir
 from lab.records.views import (EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, comparison_view_state,
                                read_comparison_view, write_comparison_view)
 
-GRID_PARENT_TAG = "gatelab.grid_parent"
-GRID_TAG = "gatelab.grid"   # on a grid's parent and on each of its cells' runs
 RUN_NAME_TAG = "mlflow.runName"  # mlflow.utils.mlflow_tags.MLFLOW_RUN_NAME
 # (MLflow is imported where it is used: the store's grids are read without it for a one-line
 # error, missing_grid)

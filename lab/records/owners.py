@@ -18,11 +18,12 @@ import socket
 import time
 from pathlib import Path
 
-# (lab.records.runs and .lookup, which load MLflow, are imported where a run is read: the
-# pool and `gatelab train` import this module before a one-line error, benchmarks/README.md)
+from lab.records.cells import HEARTBEAT_TAG, KILLED_REASON_TAG, OWNER_TAG
+
+# (lab.records.lookup, which loads MLflow, is imported where runs are searched: the pool
+# and `gatelab train` import this module before a one-line error, benchmarks/README.md)
 
 STALE_AFTER_S = 600.0
-OWNER_TAG = "gatelab.owner"  # on a run: host:pid:start of the process that trains it
 
 
 def _process_start(pid: int) -> str:
@@ -67,16 +68,12 @@ def is_local(owner: str | None) -> bool:
 
 def run_owner_alive(run, stale_after_s: float = STALE_AFTER_S) -> bool:
     """owner_alive for an MLflow run, by its owner and heartbeat tags."""
-    from lab.records.runs import HEARTBEAT_TAG
-
     return owner_alive(run.data.tags.get(OWNER_TAG), run.data.tags.get(HEARTBEAT_TAG),
                        stale_after_s)
 
 
 def kill_dead_run(client, run, when: str) -> None:
     """End a RUNNING run whose owner is gone KILLED, saying whose and `when` it was found."""
-    from lab.records.runs import KILLED_REASON_TAG
-
     client.set_terminated(run.info.run_id, "KILLED")
     client.set_tag(run.info.run_id, KILLED_REASON_TAG,
                    f"owner {run.data.tags.get(OWNER_TAG)} was gone when {when}")

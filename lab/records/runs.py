@@ -33,19 +33,15 @@ from lab.config import RunConfig, flatten
 from lab.data.store import TokenStore, cache_root
 from lab.errors import LabError
 from lab.interrupts import interruption, note_killed
+from lab.records.cells import (CONFIG_HASH_TAG, DATA_TAG, FAILURE_KIND_TAG, FAILURE_TAG,
+                               GIT_COMMIT_TAG, HEARTBEAT_TAG, KILLED_REASON_TAG, LR_TAG,
+                               PRESET_TAG, SEED_TAG, VARIANT_TAG, cell_name, format_lr)
 from lab.records.lookup import experiment_id
 from lab.records.store import client, store_dir
 
-# Why a run ended other than FINISHED (end_run below; the grid's reconcile and workers).
-FAILURE_KIND_TAG = "gatelab.failure_kind"   # oom, disk_full, config, error, worker_died
-FAILURE_TAG = "gatelab.failure"             # the one-line message
-KILLED_REASON_TAG = "gatelab.killed_reason"
-# Who still trains a run, as another host can tell (lab/records/owners.py owner_alive).
-HEARTBEAT_TAG = "gatelab.heartbeat"         # unix seconds of the owner's latest beat
+# How often a run's heartbeat tag is refreshed while it trains (lab/records/owners.py
+# owner_alive: how another host tells it is alive).
 HEARTBEAT_S = 60.0
-# What a run trained on: the GPU's name (torch.cuda.get_device_name) or "cpu"; set by the
-# process that trains it (a grid's parent never initialises CUDA), read by time estimates.
-DEVICE_TAG = "device"
 
 
 def device_name() -> str:
@@ -135,11 +131,6 @@ def _keep_visible_gpus(gpu_monitor) -> None:
         gpu_monitor.gpu_handles, gpu_monitor.num_gpus = mine, len(mine)
 
 
-def cell_name(variant: str, lr: float, seed: int) -> str:
-    """A run's name in the store: a grid cell's, and the default for a single run."""
-    return f"{variant}/lr={lr:g}/seed={seed}"
-
-
 def finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """The metrics MLflow can store: NaN, infinities and None left out."""
     return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
@@ -226,9 +217,10 @@ def log_params(mlflow_client, run_id: str, params: dict) -> None:
 
 
 def run_tags(config: RunConfig) -> dict[str, str]:
-    return {"variant": config.variant, "seed": str(config.train.seed), "preset": config.preset,
-            "lr": f"{config.train.lr:g}", "config_hash": config.hash(),
-            "git_commit": git_commit(), "data": config.data.source}
+    return {VARIANT_TAG: config.variant, SEED_TAG: str(config.train.seed),
+            PRESET_TAG: config.preset, LR_TAG: format_lr(config.train.lr),
+            CONFIG_HASH_TAG: config.hash(), GIT_COMMIT_TAG: git_commit(),
+            DATA_TAG: config.data.source}
 
 
 def start_run(config: RunConfig, uri: str, experiment: str, run_name: str | None = None,

@@ -8,6 +8,8 @@ import json
 import time
 import zlib
 
+from lab.records.cells import LR_TAG, SEED_TAG, VARIANT_TAG
+
 
 # MLflow's experiment kind, an experiment tag (the key and values are the UI's own constants,
 # mlflow/server/js: "genai_development", "custom_model_development"). Every experiment the
@@ -44,8 +46,8 @@ COMPARISON_CHARTS = (("LINE", "train/loss"), ("LINE", "val/loss"), ("BAR", "val/
 LINE_SMOOTHNESS = {"train/loss": 60, "val/loss": 0}
 IGNORE_OUTLIERS = {"train/loss": True, "val/loss": False}
 CHART_RUNS = 1000  # runs a chart draws (MLflow's default, 10, left a grid's 11th run out)
-COMPARISON_TAGS = ("seed", "lr")   # lab/records/runs.py run_tags
-GROUP_TAG = "variant"
+COMPARISON_TAGS = (SEED_TAG, LR_TAG)   # lab/records/runs.py run_tags
+GROUP_TAG = VARIANT_TAG
 # The run-name column's id in MLflow's runs table, and a width that shows the longest cell
 # name of the paper's variants with its LR and seed whole (in the UI's 13 px font).
 NAME_COLUMN = "attributes.`Run Name`"

@@ -58,7 +58,7 @@ from lab.records.lookup import no_grid
 from lab.reports.figures import row_styles
 from lab.reports.rows import build_rows, is_dense, sink_histories
 from lab.reports.sections import GridRecords, write_sections
-from lab.reports.seeds import BASELINE, Row, RunRecord
+from lab.reports.seeds import BASELINE, Row, RunRecord, finished_records
 from lab.reports.tables import summary_rows
 from lab.reports.trends.measures import BROKE_MARGIN
 from lab.reports.trends.verdicts import EQUIVALENCE_PERCENT, evaluate
@@ -100,22 +100,10 @@ def load_runs(grid: str, uri: str | None = None) -> tuple[object, str, list[RunR
         raise no_grid(grid, uri, [e.name for e in client.search_experiments()
                                   if find_grid_parent(client, e.experiment_id)])
     parent, cell_runs = found
-    latest: dict[str, object] = {}
-    for run in cell_runs:
-        if run.info.status != "FINISHED":
-            continue
-        key = run.data.tags.get("config_hash", run.info.run_id)
-        if key not in latest or run.info.end_time > latest[key].info.end_time:
-            latest[key] = run
-    run_records = [RunRecord(r.info.run_id, r.data.tags.get("variant", "?"),
-                         float(r.data.tags.get("lr", "nan")), int(r.data.tags.get("seed", -1)),
-                         run_metrics(client, r), r.data.tags.get("diverged") == "true",
-                         r.data.params.get("model.ffn", "dense"))
-               for r in latest.values()]
+    run_records = finished_records(cell_runs, lambda run: run_metrics(client, run))
     if not run_records:
         raise LabError(f"report: grid {grid!r} has no FINISHED runs yet")
     return client, parent, run_records
-
 
 
 # --- the report ----------------------------------------------------------------------------

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 from scipy import stats
+
+from lab.records import CellRecord
 
 BASELINE = "baseline"
 CONFIDENCE = 0.95
@@ -30,6 +33,21 @@ class RunRecord:
     def val_ppl(self) -> float | None:
         value = self.metrics.get("val/ppl")
         return None if self.diverged or value is None or not math.isfinite(value) else value
+
+
+def finished_records(runs, metrics_of: Callable[[object], dict]) -> list[RunRecord]:
+    """The FINISHED runs among a grid's cell runs as records, read by CellRecord.from_run:
+    the latest per config hash (a cell trained again after it finished), each with the
+    metrics `metrics_of(run)` reads."""
+    latest: dict[str, CellRecord] = {}
+    for cell in map(CellRecord.from_run, runs):
+        if not cell.finished:
+            continue
+        key = cell.config_hash or cell.run_id
+        if key not in latest or cell.end_time > latest[key].end_time:
+            latest[key] = cell
+    return [RunRecord(cell.run_id, cell.variant, cell.lr, cell.seed, metrics_of(cell.run),
+                      cell.diverged, cell.ffn) for cell in latest.values()]
 
 
 @dataclass

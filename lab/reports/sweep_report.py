@@ -3,8 +3,8 @@ summarised per variant (best LR, max stable LR, every LR's outcome) as a text ta
 summary.json and the loss-vs-LR plot, logged to the studies' MLflow parent runs.
 
 The summaries themselves (`summarize_sweep`, `VariantSummary`) stay in
-lab/experiments/sweep.py: the sweep logs `best/lr` to its parent runs when it ends and a
-grid's `lrs: {from_sweep:}` reads `best_lrs`, and experiments import nothing of reports.
+lab/experiments/sweep/results.py: the sweep logs `best/lr` to its parent runs when it ends and
+a grid's `lrs: {from_sweep:}` reads `best_lrs`, and experiments import nothing of reports.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lab import records
 from lab.errors import LabError
-from lab.experiments.sweep import STABLE_TOLERANCE, VariantSummary, summarize_sweep
+from lab.experiments.sweep.results import STABLE_TOLERANCE, VariantSummary, summarize_sweep
 
 
 def format_summary(summaries: dict[str, VariantSummary]) -> str:
@@ -99,8 +99,8 @@ def sweep_report(sweep_name: str, storage: str | None = None, out: str | Path | 
     mlflow_client = records.client(uri)
     experiment = mlflow_client.get_experiment_by_name(sweep_name)
     if experiment is not None:
-        for run in mlflow_client.search_runs([experiment.experiment_id],
-                                             filter_string="tags.sweep_role = 'parent'"):
+        parents = f"tags.{records.SWEEP_ROLE_TAG} = 'parent'"
+        for run in mlflow_client.search_runs([experiment.experiment_id], filter_string=parents):
             for name in ("val_loss_vs_lr.png", "summary.txt", "summary.json"):
                 mlflow_client.log_artifact(run.info.run_id, str(directory / name), "sweep_report")
     return summaries, plot

@@ -38,7 +38,7 @@ from lab.training import phases as run_phases
 from lab.training.callbacks import (AnalysisMonitor, AtomicCheckpoint, GateInsertion,
                                     LossMonitor, RoutingStats, RunProgress, device_peak_tflops)
 from lab.training.module import LanguageModel, TokenDataModule
-from lab.training.preflight import check_devices, preflight
+from lab.training.preflight import preflight
 from lab.training.schedule import accumulation, total_steps
 
 DDP_RUN_ID = "GATELAB_DDP_RUN_ID"
@@ -53,9 +53,6 @@ class RunResult:
 
 
 def open_data(config: RunConfig) -> tuple[TokenStore, RunConfig]:
-    # The grid and the sweep open their data through here before their first cell or trial:
-    # this keeps their device check until they call `preflight` themselves (issue 41).
-    check_devices(config.train.devices)
     d = config.data
     store = open_source(d.source, d.vocab_size, d.valid, d.test)
     check_batch_fits(store, config.model.context, config.train.micro_batch, d.bos_aligned,
@@ -299,7 +296,8 @@ def _finish(trainer, module, data, monitor, config, mlflow_client, run_id, start
     if mlflow_client is None:
         return metrics
     with clock.phase("store"):
-        mlflow_client.set_tag(run_id, "diverged", str(monitor.diverged_step is not None).lower())
+        mlflow_client.set_tag(run_id, records.DIVERGED_TAG,
+                              str(monitor.diverged_step is not None).lower())
         records.log_metrics(mlflow_client, run_id, metrics, steps_done)
         mlflow_client.log_dict(run_id, [dataclasses.asdict(s) for s in spikes], "spikes.json")
         mlflow_client.log_dict(run_id, {"step": monitor.steps, "loss": monitor.losses,
@@ -348,7 +346,8 @@ def _analyze(module, store, config, mlflow_client, run_id, step) -> dict:
         log_analysis(mlflow_client, run_id, result, step)
     except Exception as err:  # a finished training run stays FINISHED; the tag says what broke
         traceback.print_exc()
-        mlflow_client.set_tag(run_id, "analysis", f"failed: {type(err).__name__}: {err}"[:500])
+        mlflow_client.set_tag(run_id, records.ANALYSIS_TAG,
+                              f"failed: {type(err).__name__}: {err}"[:500])
         return {}
     finally:
         module.model.to(device)
