@@ -221,7 +221,7 @@ class GridCase:
         """Per cell: the statuses of its runs, and its FINISHED run's metrics and histories."""
         from mlflow.tracking import MlflowClient
 
-        from lab.reports.grid_report import loss_history
+        from lab.reports.figures import loss_history
 
         client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
         experiment = client.get_experiment_by_name(self.spec["name"])

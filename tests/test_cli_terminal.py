@@ -37,7 +37,7 @@ def imported_by(argv: list[str], env: dict | None = None) -> tuple[list[str], st
 @pytest.mark.slow
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--bogus"], ["store", "--help"]])
 def test_help_and_a_usage_error_import_no_heavy_library(argv):
-    """`gatelab --help` stays fast (lab/cli.py imports each command's modules when it runs):
+    """`gatelab --help` stays fast (lab/commands.py imports each command's modules when it runs):
     neither it nor a usage error loads torch, Lightning, MLflow or Optuna."""
     assert imported_by(argv)[0] == []
 
