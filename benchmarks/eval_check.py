@@ -3,7 +3,7 @@ evaluation path (docs/results.md, "Progress of the redo": the test split's sprea
 
 For each finished run of an experiment whose checkpoint is on this machine, the run's own
 evaluation windows (the loader's: `val_batches` x `micro_batch` windows spread over the split)
-are scored again from `last.ckpt` by the analysis' eager scorer (lab/analysis/metrics.py
+are scored again from `last.ckpt` by the analysis' eager scorer (lab/analysis/perplexity.py
 mean_loss) in float32 and in bf16 autocast, beside
 what the run logged (`val/final_loss`, `test/loss`: bf16, through the compiled training call
 on a GPU). Agreement within bf16's noise (~1e-2) says the logged numbers are the weights'.
@@ -20,7 +20,7 @@ import math
 import torch
 
 from lab import records
-from lab.analysis.metrics import mean_loss
+from lab.analysis.perplexity import mean_loss
 from lab.data.windows import eval_windows
 from lab.model.decoder import Decoder
 from lab.training.run import open_data
@@ -39,7 +39,7 @@ def check_run(run, device) -> dict:
         windows = eval_windows(store, split, config.model.context, t.val_batches * t.micro_batch,
                                config.data.bos_aligned, config.data.bos_prefix)
         row[f"{split}_logged"] = run.data.metrics.get(logged, math.nan)
-        # the analysis' own eager scoring (lab/analysis/metrics.py), in both precisions
+        # the analysis' own eager scoring (lab/analysis/perplexity.py), in both precisions
         for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
             row[f"{split}_{name}"] = mean_loss(model, windows, t.micro_batch,
                                                torch.device(device), dtype)

@@ -1,4 +1,5 @@
-"""lab/analysis/metrics.py: the paper's metrics (docs/paper.md §8) against hand computations."""
+"""lab/analysis/ (probes, metrics, perplexity, names, outputs): the paper's metrics (docs/paper.md
+§8) against hand computations."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lab.analysis.metrics import (ProbeRecorder, analyze, layer_metric, long_context_metric,
-                                  record)
+from lab.analysis.metrics import analyze
+from lab.analysis.names import layer_metric, long_context_metric
 from lab.analysis.outputs import LAYER_TABLE, layer_metrics, layer_table, write_outputs
+from lab.analysis.probes import ProbeRecorder, record
 from lab.config import resolve
 from lab.data.store import write_store
 from lab.errors import LabError
@@ -64,7 +66,7 @@ def test_first_token_attention_equals_hand_computation():
         logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)
         logits = logits.masked_fill(~torch.ones(16, 16, dtype=torch.bool).tril(), -math.inf)
         probs = logits.softmax(dim=-1)
-    expected = probs[:, :, 1:, 0].mean().item()  # query 0 excluded (lab/analysis/metrics.py)
+    expected = probs[:, :, 1:, 0].mean().item()  # query 0 excluded (lab/analysis/probes.py)
     assert recorder.mean("first_token_attn")[0] == pytest.approx(expected, rel=1e-5)
     received = probs[:, :, 1:, :].mean(dim=(0, 1, 2))
     assert recorder.top_key()[0][0] == int(received.argmax())
@@ -326,7 +328,7 @@ def test_the_layer_table_holds_the_per_layer_metrics_and_reads_back_as_them():
 def test_long_context_windows_open_with_bos_at_every_factor_when_training_did(tmp_path,
                                                                               monkeypatch,
                                                                               bos_prefix):
-    from lab.analysis import metrics as analysis
+    from lab.analysis import perplexity
 
     store = tiny_store(tmp_path / "store")
     seen = {}
@@ -335,10 +337,10 @@ def test_long_context_windows_open_with_bos_at_every_factor_when_training_did(tm
         seen[data.shape[1] - 1] = data.clone()
         return 1.0
 
-    monkeypatch.setattr(analysis, "mean_loss", record_windows)
+    monkeypatch.setattr(perplexity, "mean_loss", record_windows)
     model = Decoder(ModelConfig(**TINY))
-    result = analysis.long_context_perplexity(model, store, 16, [1, 2, 4], windows=8,
-                                              bos_prefix=bos_prefix)
+    result = perplexity.long_context_perplexity(model, store, 16, [1, 2, 4], windows=8,
+                                                bos_prefix=bos_prefix)
     assert set(result) == {"long/ppl_1x", "long/ppl_2x", "long/ppl_2x_yarn", "long/ppl_4x",
                            "long/ppl_4x_yarn"}
     assert sorted(seen) == [16, 32, 64]
@@ -355,7 +357,7 @@ def test_long_context_windows_open_with_bos_at_every_factor_when_training_did(tm
 
 
 def test_bos_reliance_compares_the_same_targets_with_and_without_bos(tmp_path, monkeypatch):
-    from lab.analysis import metrics as analysis
+    from lab.analysis import perplexity
 
     store = tiny_store(tmp_path / "store")
     seen = []
@@ -364,8 +366,8 @@ def test_bos_reliance_compares_the_same_targets_with_and_without_bos(tmp_path, m
         seen.append((data.clone(), skip_first))
         return 2.0 if len(seen) == 1 else 2.5  # with BOS first, then without
 
-    monkeypatch.setattr(analysis, "mean_loss", fake_loss)
-    metrics = analysis.bos_reliance(Decoder(ModelConfig(**TINY)), store, 16, windows=5)
+    monkeypatch.setattr(perplexity, "mean_loss", fake_loss)
+    metrics = perplexity.bos_reliance(Decoder(ModelConfig(**TINY)), store, 16, windows=5)
     (with_bos, skip_with), (without_bos, skip_without) = seen
     assert skip_with == skip_without == 1
     assert with_bos.shape == without_bos.shape == (5, 17)
@@ -377,7 +379,7 @@ def test_bos_reliance_compares_the_same_targets_with_and_without_bos(tmp_path, m
 
 
 def test_mean_loss_can_leave_out_the_first_predictions():
-    from lab.analysis import metrics as analysis
+    from lab.analysis import perplexity
 
     torch.manual_seed(0)
     model = Decoder(ModelConfig(**TINY)).eval()
@@ -385,7 +387,7 @@ def test_mean_loss_can_leave_out_the_first_predictions():
     with torch.no_grad():
         logits = model(data[:, :-1])
         expected = F.cross_entropy(logits[:, 2:].flatten(0, 1), data[:, 3:].flatten()).item()
-        got = analysis.mean_loss(model, data, 2, torch.device("cpu"), None, skip_first=2)
+        got = perplexity.mean_loss(model, data, 2, torch.device("cpu"), None, skip_first=2)
     assert got == pytest.approx(expected, rel=1e-6)
 
 
@@ -403,7 +405,7 @@ def test_analyze_measures_bos_reliance_only_for_models_trained_with_bos(tmp_path
 
 
 def test_mean_loss_leaves_out_the_first_predictions_of_each_window():
-    from lab.analysis.metrics import mean_loss
+    from lab.analysis.perplexity import mean_loss
     from lab.model.decoder import Decoder
 
     torch.manual_seed(0)
@@ -418,7 +420,7 @@ def test_mean_loss_leaves_out_the_first_predictions_of_each_window():
 
 
 def test_layer_metric_names_split_back_into_prefix_and_layer():
-    from lab.analysis.metrics import layer_metric, split_layer_metric
+    from lab.analysis.names import layer_metric, split_layer_metric
 
     name = layer_metric("sink/first_token_attn", 7, 12)
     assert name == "layers/sink/first_token_attn/layer_07"

@@ -1,4 +1,5 @@
-"""lab/data/ (store, windows, corpus, sources): text -> tokens -> windows, on small files written here."""
+"""lab/data/ (store, windows, documents, bpe, corpus, sources): text -> tokens -> windows, on
+small files written here."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import torch
 
 from lab.cli import main
 from lab.data import corpus
+from lab.data.bpe import load_tokenizer, split_long
+from lab.data.documents import read_documents
 from lab.data.sources import open_source
 from lab.data.store import END_OF_TEXT, TokenStore, prepare_synthetic, write_store
 from lab.data.windows import WindowSampler, check_batch_fits, eval_windows
@@ -49,7 +52,7 @@ def write_text(path: Path, docs: list[str]) -> Path:
 
 
 def decoded_documents(store: TokenStore, split: str) -> list[str]:
-    tokenizer = corpus.load_tokenizer(store.path / "tokenizer.json")
+    tokenizer = load_tokenizer(store.path / "tokenizer.json")
     tokens = np.asarray(store.tokens(split)).astype(np.int64)
     bounds = list(store.document_starts(split)) + [len(tokens)]
     return [tokenizer.decode(tokens[a + 1:b].tolist()) for a, b in zip(bounds, bounds[1:])]
@@ -92,9 +95,9 @@ def test_round_trip_text_tokens_text(text_corpus, prepared):
 
 
 def test_long_documents_are_cut_where_tokens_do_not_change(prepared):
-    tokenizer = corpus.load_tokenizer(prepared.store.path / "tokenizer.json")
+    tokenizer = load_tokenizer(prepared.store.path / "tokenizer.json")
     text = "\n\n".join(make_documents(20, 5)) + "  trailing  spaces\n\n\nand   gaps"
-    pieces = corpus.split_long(text, piece_chars=50)
+    pieces = split_long(text, piece_chars=50)
     assert len(pieces) > 10 and "".join(pieces) == text
     whole = tokenizer.encode(text, add_special_tokens=False).ids
     cut = [i for p in pieces for i in tokenizer.encode(p, add_special_tokens=False).ids]
@@ -433,10 +436,10 @@ def test_gutenberg_valid_file(cache):
     result = corpus.prepare(source, 1024, holdout_every=3, tokenizer_sample_mb=0.5)
     store = result.store
     assert store.manifest["documents"] == {"train": 4, "valid": 4, "test": 4}
-    total_chars = sum(len(d) for d in corpus.read_documents(Path(source)))
+    total_chars = sum(len(d) for d in read_documents(Path(source)))
     total_tokens = sum(store.manifest["splits"].values())
     assert 2.0 < total_chars / total_tokens < 5.0  # bytes per token of a small English BPE
-    first = next(corpus.read_documents(Path(source)))
+    first = next(read_documents(Path(source)))
     assert decoded_documents(store, "valid")[0] == first
 
 

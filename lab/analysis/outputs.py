@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from lab import records
-from lab.analysis.metrics import Analysis, layer_metric, split_layer_metric
+from lab.analysis.metrics import Analysis
+from lab.analysis.names import layer_metric, split_layer_metric
 from lab.analysis.plots import write_plots
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lab.analysis.metrics import ACTIVATION_CURVES, Analysis
+from lab.analysis.metrics import Analysis
+from lab.analysis.probes import ACTIVATION_CURVES
 
 
 def write_plots(analysis: Analysis, folder: Path) -> list[Path]:

@@ -4,8 +4,8 @@ A prepared corpus is a directory: `manifest.json` (source, tokenizer hash, vocab
 dtype, token counts per split, end-of-text id) and one flat token file per split
 (`train.bin`, `valid.bin`, `test.bin`, uint16 or uint32), read through numpy memmaps,
 as nanoGPT does. Documents are separated by the end-of-text token, which doubles as BOS.
-Text sources (files, globs, Hugging Face datasets) are tokenized into a store by
-lab/data/corpus.py (`gatelab prepare`); the windows training reads: lab/data/windows.py.
+Text sources (files, globs, Hugging Face datasets: lab/data/documents.py) are tokenized into
+a store by lab/data/corpus.py (`gatelab prepare`); the windows training reads: lab/data/windows.py.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from lab.analysis.metrics import split_layer_metric
+from lab.analysis.names import split_layer_metric
 from lab.reports.ladder import finite_peaks
 from lab.reports.rows import SINK_HISTORY, variant_order
 from lab.reports.seeds import BASELINE, Row, RunRecord

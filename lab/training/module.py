@@ -69,7 +69,7 @@ def use_compile_cache() -> str:
 def compile_model(model: Decoder, mode: str) -> Decoder:
     """torch.compile in place, as every compiled path of the lab does it (training, the
     bench's bare loop, `gatelab check`): state-dict keys stay unprefixed, and `forward`
-    called directly stays eager (lab/analysis/metrics.py's probes rely on that)."""
+    called directly stays eager (lab/analysis/probes.py's `record` relies on that)."""
     use_compile_cache()
     model.compile(mode=mode)
     return model
