@@ -12,7 +12,7 @@ killed runs sum floating-point numbers in the same order. The sweep's workers sp
 cores; a rerun with fewer trials left than workers starts fewer workers, each with more
 threads, which on the tiny preset gives bit-identical values (measured: 1 and 2 threads)
 and on larger models may not. The figures are in docs/reliability.md, "Kill and resume,
-measured"; tests/test_reliability.py::test_kill_resume_of_the_command_s_process_group is
+measured"; tests/integration/test_reliability.py::test_kill_resume_of_the_command_s_process_group is
 the same measurement reduced for CI.
 
 What is checked:

@@ -26,7 +26,7 @@ whatever fits in the time budget, and records what it skipped and why:
 Synthetic tokens everywhere: speed does not depend on what the tokens say. Writes
 OUT_DIR/time_to_verdict.json after every section and OUT_DIR/time_to_verdict.md (the
 tables) at the end; each grid's output is in OUT_DIR/grid-<name>.log. `--dry` is the same
-pass at the `tiny` preset with a few steps, for a CPU (tests/test_time_to_verdict.py).
+pass at the `tiny` preset with a few steps, for a CPU (tests/integration/test_time_to_verdict.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Each command imports the modules it runs when it runs, and checks its input firs
 can: importing them all at start-up (torch, Lightning, MLflow, Optuna behind them) took
 about 8 s on the 2-core CPU machine, against 0.1 s for `gatelab --help` (python -X
 importtime -m lab --help): a measured start-up cost (benchmarks/README.md, start-up).
-tests/test_cli_terminal.py holds --help, `variants` and the one-line errors to it.
+tests/integration/test_cli_terminal.py holds --help, `variants` and the one-line errors to it.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ The analysis fields (ANALYSIS_FIELDS) only change what is measured afterwards an
 out. Every field added to ModelConfig, GateSpec, TrainConfig or DataConfig after stores
 hold runs goes into LATER_FIELDS with its default: at that default it is left out, so the
 cells recorded before it existed keep their hash and resume instead of rerunning
-(tests/test_config.py holds recorded hashes). Add every new field here; where its default
+(tests/unit/test_config.py holds recorded hashes). Add every new field here; where its default
 changed what some models train, `_default_changed_training` keeps it in their identity.
 """
 

@@ -39,7 +39,7 @@ def normal_verbosity(monkeypatch):
 def shared_cache(monkeypatch):
     """Every test's data cache is the tests' shared one unless the test names another: the
     default, cache/ of the working directory, was the checkout's for tests that plan a grid
-    without a store (tests/test_grid.py's first ones wrote a synthetic corpus there)."""
+    without a store (tests/integration/test_grid.py's first ones wrote a synthetic corpus there)."""
     monkeypatch.setenv("GATELAB_CACHE", str(shared_dir() / "cache"))
 
 

@@ -74,7 +74,7 @@ def sdpa_aligned(x: torch.Tensor) -> bool:
         # construction: q and k are fresh tensors (norm and RoPE), and v is either fresh or a
         # column slice of the fused projection starting at (n_heads + k columns) x head_dim,
         # a multiple of SDPA_ALIGNMENT whenever head_dim is; any other head_dim is padded
-        # above, which makes a fresh tensor. tests/test_model.py checks that argument for
+        # above, which makes a fresh tensor. tests/unit/test_model.py checks that argument for
         # odd layouts with the offset read in eager mode.
         return layout_aligned
     return layout_aligned and x.storage_offset() % SDPA_ALIGNMENT == 0

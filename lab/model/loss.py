@@ -13,7 +13,7 @@
   `.item()`, a host sync that Dynamo cannot trace, so it runs outside the compiled graph
   (`torch.compiler.disable`): one graph break, at the very end of the forward.
 
-Both give the mean (or sum) over tokens of -log softmax(h W^T)[target]; tests/test_loss.py
+Both give the mean (or sum) over tokens of -log softmax(h W^T)[target]; tests/unit/test_loss.py
 compares "liger" with "none" in float32 and bf16 on a GPU. Whether it is faster is measured
 by `gatelab bench --set train.fused_loss=liger` (benchmarks/README.md), not assumed.
 """

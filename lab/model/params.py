@@ -4,7 +4,7 @@ each gate adds), active per token (MoE experts not selected left out), and the m
 per token MFU reads from them.
 
 The arithmetic follows the modules of lab/model/decoder.py, moe.py and layers.py tensor by
-tensor; tests/test_model.py holds it equal to the built model's count for every variant at
+tensor; tests/unit/test_model.py holds it equal to the built model's count for every variant at
 two presets and the MoE presets. No torch: `gatelab variants` prints these counts for every
 variant, and importing torch to build each model on the meta device took 1.4 s of its
 2.1 s start-up on the 2-core CPU machine (benchmarks/README.md, start-up).

@@ -5,7 +5,7 @@ estimate turn an MLflow run into the cell it holds.
 Tag values are text, and stores hold them for good (users' stores, the committed
 docs/store/*.tar.xz): a name or a value's spelling here is a file format. The learning rate
 travels as text in the `lr` tag and in a cell's run name (`format_lr`, `%g`) and is read back
-by `parse_lr` alone; tests/test_records_cells.py reads the committed snapshots back to the
+by `parse_lr` alone; tests/unit/test_records_cells.py reads the committed snapshots back to the
 records the report read from them before this module existed.
 
 No MLflow here: lab/records/owners.py imports this module, and the pool and `gatelab train`

@@ -25,7 +25,7 @@ MODEL_TRAINING_KIND = "custom_model_development"
 # URL carries `viewStateShareKey=<key>`: the view is the experiment tag
 # `mlflow.sharedViewState.<key>`, JSON {name, createdAt, updatedAt, state}, `state` being
 # "deflate;" + base64 of the zlib-compressed JSON of the page's search and table settings,
-# the form the UI's own "Views > Save as new view" writes (tests/test_ui.py opens it in
+# the form the UI's own "Views > Save as new view" writes (tests/integration/test_ui.py opens it in
 # Chromium).
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 COMPARISON_VIEW = "gatelab-runs"

@@ -38,7 +38,7 @@ def report_grids(grids: list[str], uri: str | None = None, out: str | None = Non
         if error is not None:
             raise error
     # MLflow, matplotlib and scipy only now: a missing grid's error line does not wait for
-    # them (tests/test_cli_terminal.py; the start-up cost in lab/commands.py).
+    # them (tests/integration/test_cli_terminal.py; the start-up cost in lab/commands.py).
     from lab.reports.grid_report import build_report, terminal_report
 
     grids = list(dict.fromkeys(grids))

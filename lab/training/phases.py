@@ -101,7 +101,7 @@ class PhaseClock:
     def metrics(self) -> dict[str, float]:
         """Every phase and the total up to now: `other` is the clock's time less the named
         phases, and the total their sum (so were phases to overlap, the total would exceed
-        the wall clock, which tests/test_phases.py compares it with)."""
+        the wall clock, which tests/integration/test_phases.py compares it with)."""
         elapsed = time.perf_counter() - self.started + self._before
         named = {name: s for name, s in self.seconds.items() if name != "other"}
         out = {metric(name): s for name, s in named.items()}

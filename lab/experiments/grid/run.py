@@ -83,7 +83,7 @@ class GridSummary:
         return [o for o in self.outcomes if o.status == "SKIPPED"]
 
 
-_now = time.monotonic  # the --time-limit clock (tests/test_grid.py replaces it)
+_now = time.monotonic  # the --time-limit clock (tests/integration/test_grid.py replaces it)
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,7 @@ def fail_stale_trials(study, uri: str, experiment: str | None = None) -> int:
             continue  # created after the first look: its worker may still record itself
         # The runs end before the trial is told: a rerun finds only RUNNING trials, so a
         # kill between the two, in the other order, left the runs RUNNING for good (the
-        # kill-resume test of tests/test_reliability.py met it on CI). In this order such a
+        # kill-resume test of tests/integration/test_reliability.py met it on CI). In this order such a
         # kill leaves the trial RUNNING, and the next rerun ends its runs again, harmlessly.
         mlflow_client = records.client(uri)
         for run_id in trial_runs(uri, experiment, study.study_name, trial.number,

@@ -411,7 +411,7 @@ def test_a_real_process_refuses_the_same_way(store, tmp_path):
     """The in-process cases stand for the command: one, run as `python -m lab`."""
     done = subprocess.run([sys.executable, "-m", "lab", *train("--tokens", "inf")],
                           capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == ["error: train.tokens: expected a finite number, got inf"]
     assert _run_count(store) == 0

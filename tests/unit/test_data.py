@@ -26,7 +26,7 @@ from lab.data.windows import WindowSampler, check_batch_fits, eval_windows
 from lab.errors import LabError
 
 # CI keeps the shared corpora in ../shared beside the clone; GATELAB_SHARED points elsewhere.
-SHARED = Path(os.environ.get("GATELAB_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+SHARED = Path(os.environ.get("GATELAB_SHARED", Path(__file__).resolve().parents[3] / "shared"))
 GUTENBERG = SHARED / "data" / "gutenberg-en"
 WORDS = ("the sea ship captain whale night storm harbour sailed island wind rope deck "
          "lantern Ahab said quietly and then 1851 of a to in was his her it").split()

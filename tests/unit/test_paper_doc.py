@@ -9,7 +9,7 @@ import pytest
 
 from lab.model.variants import VARIANTS, Variant
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAPER = ROOT / "docs" / "paper.md"
 # The one citation form docs/paper.md §1 defines: the path, a space, the section sign, a number.
 SIGN = "\u00a7"  # written as an escape where a test spells a bad reference, which the scan skips

@@ -1,7 +1,7 @@
 """lab/experiments/overrides.py: a grid's or sweep's `overrides:` and the `--set` flags, read
 by one parser; their values as the resolved config holds them; the keys neither may set;
 each refusal one LabError line. (The same refusals through `gatelab grid` and `gatelab
-sweep`, exit code 2 and nothing recorded: tests/test_cli_bad_input.py.)"""
+sweep`, exit code 2 and nothing recorded: tests/integration/test_cli_bad_input.py.)"""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_text_values_are_read_by_the_type_of_their_field(text, field, value):
 
 def test_a_yaml_int_in_a_float_field_stays_an_int_as_the_config_hash_holds_it():
     """docs: lab/config.py; a grid written `train.min_lr_ratio: 0` keeps the int, so its
-    cells' config hashes are those the store holds (tests/test_config.py's golden hashes)."""
+    cells' config hashes are those the store holds (tests/unit/test_config.py's golden hashes)."""
     config = resolve(GATED, "tiny", read_overrides("overrides", {"train.min_lr_ratio": 0}, "grid"))
     assert type(config.train.min_lr_ratio) is int
 

@@ -9,7 +9,7 @@ loss-curve charts, a cell's page, and the report's summary on the grid's parent 
 Screenshots are kept in test-artifacts/.
 
 On the demo's own store, after `make demo`:
-    GATELAB_UI_STORE=mlruns .venv/bin/python -m pytest tests/test_ui.py
+    GATELAB_UI_STORE=mlruns .venv/bin/python -m pytest tests/integration/test_ui.py
 (GATELAB_UI_SCREENSHOTS=docs/img also writes the README's pictures there).
 
 The browser test skips with its reason where Playwright or Chromium is missing (.ci/run
@@ -35,7 +35,7 @@ import pytest
 # subprocesses (minutes on a 2-core machine): out of the `-m "not slow"` loop.
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
 GRID = "smoke"
 CELLS = ("baseline", "sdpa_elementwise_sigmoid_mul")

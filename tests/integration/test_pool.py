@@ -2,8 +2,8 @@
 pinned to, how many threads it gets, the environment it starts with, and a worker that dies
 reported with its task, what the task had told the pool, and its signal.
 
-The sweep's use of it (its workers on different GPUs) is in tests/test_sweep.py, the grid's
-(--runs-per-gpu) in tests/test_grid.py."""
+The sweep's use of it (its workers on different GPUs) is in tests/integration/test_sweep.py, the grid's
+(--runs-per-gpu) in tests/integration/test_grid.py."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import pytest
 
 from lab.training.phases import PHASES
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_verdict.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "time_to_verdict.py"
 _spec = importlib.util.spec_from_file_location("time_to_verdict", SCRIPT)
 ttv = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ttv)

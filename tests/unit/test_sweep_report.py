@@ -1,6 +1,6 @@
 """lab/reports/sweep_report.py: the table, summary.json and plot of a sweep's studies, and
 their copies on the studies' MLflow parent runs, from a journal of made-up trials (no
-training here; tests/test_sweep.py reports on a sweep that really ran)."""
+training here; tests/integration/test_sweep.py reports on a sweep that really ran)."""
 
 from __future__ import annotations
 

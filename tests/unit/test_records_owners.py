@@ -1,7 +1,7 @@
 """lab/records/owners.py: who owns resumable work and whether that owner still lives
-(how worker processes split the host's cores: tests/test_pool.py).
+(how worker processes split the host's cores: tests/integration/test_pool.py).
 
-tests/test_grid.py `test_owner_liveness` covers the plain cases (this process alive, an exited
+tests/integration/test_grid.py `test_owner_liveness` covers the plain cases (this process alive, an exited
 child dead, a reused pid, a fresh and a stale remote heartbeat); here the rest of the rules."""
 
 import os

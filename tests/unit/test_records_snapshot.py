@@ -243,7 +243,7 @@ def test_the_committed_snapshots_resume_the_reproduction_grids(tmp_path, monkeyp
     from lab.experiments.grid import spec as grid
     from lab.experiments.schema import load_grid
 
-    files = sorted((Path(__file__).resolve().parents[1] / "docs" / "store").glob("*.tar.xz"))
+    files = sorted((Path(__file__).resolve().parents[2] / "docs" / "store").glob("*.tar.xz"))
     monkeypatch.setenv("GATELAB_STORE", str(tmp_path / "mlruns"))
     snapshot.unpack(files)
     db = sqlite3.connect(tmp_path / "mlruns" / "mlflow.db")

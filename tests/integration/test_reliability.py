@@ -96,7 +96,7 @@ def _kill_resume_benchmark():
     import sys
 
     if "kill_resume" not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / "kill_resume.py"
+        path = Path(__file__).resolve().parents[2] / "benchmarks" / "kill_resume.py"
         spec = importlib.util.spec_from_file_location("kill_resume", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules["kill_resume"] = module  # its dataclasses look their module up there
@@ -134,7 +134,7 @@ def test_kill_resume_of_the_command_s_process_group(tmp_path, monkeypatch, what)
 
     def prepare_with_a_store(workdir):
         # A migrated empty store, so that the kills reach training in a CI-sized run (the
-        # benchmark, and tests/test_records_store.py, kill the store's creation too).
+        # benchmark, and tests/unit/test_records_store.py, kill the store's creation too).
         prepare(workdir)
         make_store(workdir / "mlruns")
 
@@ -629,7 +629,7 @@ def _command_process(argv: list[str], sigint_ignored: bool):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen([sys.executable, "-m", "lab", *argv], env=env, text=True,
-                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE,
                             preexec_fn=ignore_sigint if sigint_ignored else None)
 

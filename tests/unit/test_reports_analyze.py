@@ -2,7 +2,7 @@
 file: the analysis of the checkpoint's weights with the command's windows and long-context
 factors, logged to the run where the store holds it and written to a folder where asked or
 where there is no run; its one-line refusals; the summary it prints. (The metrics
-themselves: tests/test_analysis.py, which also runs the command after a real training run.)"""
+themselves: tests/unit/test_analysis.py, which also runs the command after a real training run.)"""
 
 from __future__ import annotations
 

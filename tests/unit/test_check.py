@@ -247,7 +247,7 @@ def test_grid_and_sweep_pass_check_and_no_check_on(monkeypatch, flags, check_opt
     monkeypatch.setattr(grid, "describe_summary", lambda summary: "")
     monkeypatch.setattr(sweep, "run_sweep", run_sweep)
     monkeypatch.setattr("lab.reports.sweep_report.format_summary", lambda summaries: "")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     main(["grid", str(root / "ablations" / "smoke.yaml"), *flags])
     main(["sweep", str(root / "sweeps" / "lr.yaml"), *flags])
     assert seen == {"grid": check_option, "sweep": check_option}

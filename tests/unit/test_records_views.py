@@ -1,5 +1,5 @@
 """lab/records/views.py: experiments are marked as model-training ones and carry the
-comparison view (in the format MLflow's UI reads; tests/test_ui.py opens it in Chromium and
+comparison view (in the format MLflow's UI reads; tests/integration/test_ui.py opens it in Chromium and
 sees its grouping); lab/records/lookup.py's experiment_id gives both to every experiment the
 lab opens, and the current view to one that holds an older one."""
 

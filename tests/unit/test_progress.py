@@ -1,5 +1,5 @@
 """lab/progress.py: the three output levels, what each silences, and the progress lines of a
-grid and of a run. tests/test_cli_terminal.py checks whole commands in a fresh process; here
+grid and of a run. tests/integration/test_cli_terminal.py checks whole commands in a fresh process; here
 the pieces, with the clock and the trainer stood in for."""
 
 import logging

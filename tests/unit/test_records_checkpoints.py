@@ -1,8 +1,8 @@
 """lab/records/checkpoints.py: a checkpoint read back into its config, the Decoder's weights
 and its step; a file that is none is one error naming the command, and one that would run
 code when loaded is refused before any of it runs; a run id prefix names a run's checkpoint
-as a git prefix names a commit. (Paths by run id, folder or file: tests/test_export.py;
-analyze, export and resume refusing a poisoned checkpoint end to end: tests/test_reliability.py.)"""
+as a git prefix names a commit. (Paths by run id, folder or file: tests/unit/test_export.py;
+analyze, export and resume refusing a poisoned checkpoint end to end: tests/integration/test_reliability.py.)"""
 
 from pathlib import Path
 

@@ -136,7 +136,7 @@ def m_preset(m: ModelConfig) -> str:
 DENSE_PRESETS = [name for name, p in PRESETS.items() if p["model"].get("ffn", "dense") == "dense"]
 
 
-@pytest.mark.parametrize("preset", DENSE_PRESETS)  # MoE presets: tests/test_moe.py
+@pytest.mark.parametrize("preset", DENSE_PRESETS)  # MoE presets: tests/unit/test_moe.py
 def test_baseline_parameters_per_preset_match_the_formula(preset):
     config = resolve("baseline", preset)
     counts = count_params(config)

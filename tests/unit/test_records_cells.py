@@ -19,7 +19,7 @@ from lab.records.cells import (CONFIG_HASH_TAG, DATA_TAG, DIVERGED_TAG, GIT_COMM
                                format_lr, parse_lr)
 from lab.reports.seeds import finished_records
 
-STORE = Path(__file__).resolve().parents[1] / "docs" / "store"
+STORE = Path(__file__).resolve().parents[2] / "docs" / "store"
 
 
 @pytest.mark.parametrize("lr, text", [(3e-3, "0.003"), (2e-3, "0.002"), (1e-4, "0.0001"),
@@ -129,7 +129,7 @@ def test_a_resumed_grid_finds_the_committed_cells_done(committed_store, monkeypa
 
     # The prepared corpus's vocabulary (16,384: docs/results.md), which CI does not have.
     monkeypatch.setattr(spec, "open_data", lambda config: (SimpleNamespace(vocab_size=16384),))
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     cells = spec.plan(load_grid(root / "ablations" / "reproduce-base-lr.yaml"))
     _, runs = records.grid_cell_runs(committed_store, "reproduce-base-lr")
     plan = reconcile(committed_store, cells, runs)

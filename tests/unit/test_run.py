@@ -1,9 +1,9 @@
 """lab/training/run.py: one run end to end. What other tests leave out: the device and data
 checks before a run is recorded, the run summary and its final status, and the one-line result.
 
-The run's record (tags, params, config artifact) is tests/test_records_runs.py's, checkpoint
-reading tests/test_records_checkpoints.py's; parameter counts (`count_params`) are checked
-against the paper's formulas in tests/test_model.py and tests/test_moe.py."""
+The run's record (tags, params, config artifact) is tests/unit/test_records_runs.py's, checkpoint
+reading tests/unit/test_records_checkpoints.py's; parameter counts (`count_params`) are checked
+against the paper's formulas in tests/unit/test_model.py and tests/unit/test_moe.py."""
 
 import json
 import sys
@@ -28,7 +28,7 @@ from lab.training.run import (RunResult, describe, open_data, throughput_summary
                               train_run)
 
 # 16 optimizer steps of 8 windows of 32 tokens, validation every 4; no end-of-run analysis,
-# which tests/test_analysis.py covers and which would triple the run's time.
+# which tests/unit/test_analysis.py covers and which would triple the run's time.
 FAST = {"model.context": 32, "train.batch_size": 8, "train.val_every": 4, "train.val_batches": 2,
         "train.log_every": 2, "train.analysis_windows": 0, "train.long_context_factors": ""}
 STEPS, TOKENS_PER_STEP = 16, 8 * 32

@@ -1,8 +1,8 @@
 """lab/ui.py's parts, without MLflow's server or a browser: the address a browser is given,
 the port check, the server's command line, the links printed per experiment, the wait for
 the server and the stop of its whole process group. (`gatelab ui` itself, served and
-signalled, in Chromium: tests/test_ui.py; its port errors through the CLI:
-tests/test_cli_terminal.py.)"""
+signalled, in Chromium: tests/integration/test_ui.py; its port errors through the CLI:
+tests/integration/test_cli_terminal.py.)"""
 
 from __future__ import annotations
 

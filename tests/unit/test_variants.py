@@ -19,7 +19,7 @@ from lab.model.params import count_params
 from lab.reports.variants import describe_variants
 from test_gates import SPEC_SLUGS  # pytest puts tests/ on sys.path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(capsys, *argv) -> str:

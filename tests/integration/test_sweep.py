@@ -1,6 +1,6 @@
 """lab/experiments/sweep/: sweep files, the analysis, step-based pruning, parallel workers on one
 Optuna storage (journal file and PostgreSQL), MLflow nesting, and best_lrs beside the report
-of a sweep that really ran (the report's own tests: tests/test_sweep_report.py)."""
+of a sweep that really ran (the report's own tests: tests/unit/test_sweep_report.py)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def workspace(new_store):
 # --- the sweep file -------------------------------------------------------------------
 
 def test_shipped_sweep_file_is_valid():
-    sweep = load_sweep(Path(__file__).parents[1] / "sweeps" / "lr.yaml")
+    sweep = load_sweep(Path(__file__).parents[2] / "sweeps" / "lr.yaml")
     assert sweep.name == "lr" and sweep.sampler == "tpe" and sweep.pruner == "median"
     assert len(sweep.variants) >= 2 and sweep.lr_low < sweep.lr_high
 
@@ -336,7 +336,7 @@ def test_two_workers_on_two_gpus_each_get_their_own(workspace, monkeypatch):
 
 def test_a_trial_whose_worker_died_fails_and_its_run_says_why(tmp_path, monkeypatch):
     """What the sweep's pool does when a worker dies holding a trial (the pool's own test,
-    tests/test_pool.py, kills one): the trial is told FAIL, on a study whose sampler is not
+    tests/integration/test_pool.py, kills one): the trial is told FAIL, on a study whose sampler is not
     the ladder's GridSampler (telling its last point would stop an optimize loop that is not
     running), and the run, found by its tags here, ends FAILED saying why."""
     from types import SimpleNamespace

@@ -15,7 +15,7 @@ import pytest
 
 from lab.cli import EXAMPLES, build_parser, main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_RUN = ["--preset", "tiny", "--data", "synthetic", "--tokens", str(3 * 4 * 128),
             "--set", "train.batch_size=4", "--set", "train.val_batches=1"]
 
