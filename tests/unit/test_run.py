@@ -91,11 +91,13 @@ def test_train_run_refuses_a_kernel_this_machine_cannot_run_before_any_record(st
             for run in client.search_runs([experiment.experiment_id])] == []
 
 
-def test_open_data_checks_the_devices_before_it_opens_any_data(monkeypatch):
+def test_a_run_checks_the_devices_before_it_opens_any_data(monkeypatch, store):
+    """preflight comes first (train_run, and the grid and sweep before their first cell or
+    trial): a run that cannot get its GPUs says so, not that its corpus is missing."""
     visible_gpus(monkeypatch, 0)
     config = resolve("baseline", "tiny", {"train.devices": 2}, data="no/such/corpus")
     with pytest.raises(LabError, match=r"^train\.devices: 2 devices"):
-        open_data(config)
+        train_run(config, store, quiet=True)
 
 
 def test_open_data_gives_the_model_the_vocabulary_of_the_tokens(store):
