@@ -241,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="over an LR ladder, a run broke when it diverged or ended this many "
                    "nats above its variant's best rung (default 0.1: lab/reports/trends/verdicts.py)")
     p.add_argument("--control", metavar="GRID", help="a grid that changes one setting of "
-                   "this one (e.g. reproduce-base-init): each variant's Δ PPL against its "
-                   "variants too, paired by seed (report.md, control.csv)")
+                   "this one (e.g. reproduce-base-init): each variant's Δ PPL against the "
+                   "control's same variant, else its baseline (two factors changed), paired "
+                   "by seed (report.md, control.csv)")
     p.add_argument("--tracking-uri")
     p.set_defaults(func=commands.cmd_report)
 

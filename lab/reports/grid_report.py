@@ -28,10 +28,11 @@ measures through training (`train.analysis_every`), `sink_vs_tokens.png` plots t
 tokens trained, per variant (each seed and the mean), and report.md tabulates the means.
 
 With a control grid (`--control GRID`: a grid that changes one setting of this one, such as
-reproduce-base-init's depth-scaled init), report.md adds each variant's Δ against each of
-the control's variants, paired by seed like every other Δ (the same seed gives the same data
-order in both grids), and `control.csv` holds them: whether the gate's gain survives a
-baseline that has the control's setting.
+reproduce-base-init's depth-scaled init), report.md adds each variant's Δ against the same
+variant of the control, one factor changed (the control's setting), or against the control's
+baseline where the control lacks the variant (two factors changed, as the row says), paired
+by seed like every other Δ (the same seed gives the same data order in both grids), and
+`control.csv` holds them (lab/reports/tables.py control_deltas).
 
 This module reads the grid once (`read_grid`: its runs, rows, sink series and trend verdicts)
 and writes report.md as the sections of lab/reports/sections.py in their order, each with its

@@ -115,7 +115,8 @@ def learning_rates(records: GridRecords) -> Section:
 
 
 def against_control(records: GridRecords) -> Section:
-    """With a control grid: each variant's Δ against each of its variants (control.csv)."""
+    """With a control grid: each variant's Δ against the control's same variant, else its
+    baseline (control.csv; tables.control_deltas)."""
     _drop(records, "control.csv")
     control = records.control
     if not control:
@@ -123,7 +124,10 @@ def against_control(records: GridRecords) -> Section:
     path = records.out_dir / "control.csv"
     write_control_csv(records.rows, control, records.controls, path)
     return Section(f"\n### Against the control grid {control}\n\nEach variant's Δ against "
-                   f"{control}'s variants (each at its best LR), paired by seed.\n\n"
+                   f"the same variant of {control} where it has one (one factor changes: its "
+                   "setting), else against its baseline (two change: the setting and the "
+                   "variant), as 'factors changed' says; each at its best LR, paired by seed."
+                   "\n\n"
                    f"{control_table(records.rows, control, records.controls)}\n", (path,))
 
 

@@ -129,37 +129,51 @@ def stability_pairs_table(all_rows: list[Row], margin: float = BROKE_MARGIN) -> 
     return "\n".join(lines)
 
 
-def control_deltas(rows: list[Row], controls: list[Row]) -> list[tuple[Row, Row, Interval | None]]:
-    """(variant of this grid, variant of the control grid at its best LR, the Δ PPL of the
-    first against the second paired by seed), for every pair."""
-    return [(row, reference, paired_delta(row, reference)) for reference in controls
-            for row in rows]
+def control_deltas(rows: list[Row], controls: list[Row]) -> list[tuple[Row, Row, Interval | None, str]]:
+    """Per variant of this grid, one factor at a time (a control changes ONE setting): (the
+    variant, the control grid's row it is set against, the Δ PPL of the first against the
+    second paired by seed, the factors that change). That row is the control's same variant
+    where the control has it (the Δ is the control's setting on that variant: "setting"), else
+    the control's baseline ("setting + variant", two factors at once); a variant the control
+    has neither for gets none. Both at their best LR."""
+    by_variant = {reference.variant: reference for reference in controls}
+    pairs = []
+    for row in rows:
+        reference = by_variant.get(row.variant) or by_variant.get(BASELINE)
+        if reference is None:
+            continue
+        factors = "setting" if reference.variant == row.variant else "setting + variant"
+        pairs.append((row, reference, paired_delta(row, reference), factors))
+    return pairs
 
 
 def control_table(rows: list[Row], control: str, controls: list[Row]) -> str:
-    header = ["variant", "lr", "Δ PPL vs baseline", "control", "control val PPL",
-              "Δ PPL vs control", "Δ 95% CI", "seeds paired"]
+    header = ["variant", "lr", "Δ PPL vs baseline", "control", "factors changed",
+              "control val PPL", "Δ PPL vs control", "Δ 95% CI", "seeds paired"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row, reference, delta in control_deltas(rows, controls):
+    for row, reference, delta, factors in control_deltas(rows, controls):
         own = "0 (reference)" if row.variant == BASELINE else _fmt_interval(row.delta, signed=True)[0]
         centre, ci = _fmt_interval(delta, signed=True)
         lines.append("| " + " | ".join([
             row.variant, f"{row.lr:g}", own, f"{control}:{reference.variant} lr={reference.lr:g}",
-            _fmt_interval(reference.ppl)[0], centre, ci, str(delta.n if delta else 0)]) + " |")
+            factors, _fmt_interval(reference.ppl)[0], centre, ci,
+            str(delta.n if delta else 0)]) + " |")
     return "\n".join(lines)
 
 
 def write_control_csv(rows: list[Row], control: str, controls: list[Row], path: Path) -> None:
+    # factors_changed last: the columns before it are those users read since the first version.
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["variant", "lr", "control_grid", "control_variant", "control_lr",
                          "control_val_ppl_mean", "delta_ppl_mean", "delta_ppl_std",
-                         "delta_ppl_ci_low", "delta_ppl_ci_high", "seeds_paired"])
-        for row, reference, d in control_deltas(rows, controls):  # (None: an empty cell)
+                         "delta_ppl_ci_low", "delta_ppl_ci_high", "seeds_paired",
+                         "factors_changed"])
+        for row, reference, d, factors in control_deltas(rows, controls):  # (None: an empty cell)
             writer.writerow([row.variant, row.lr, control, reference.variant, reference.lr,
                              reference.ppl and reference.ppl.mean,
                              d and d.mean, d and d.std, d and d.low, d and d.high,
-                             d.n if d else 0])
+                             d.n if d else 0, factors])
 
 
 def write_csv(rows: list[Row], path: Path) -> None:

@@ -209,6 +209,48 @@ def test_a_control_grid_gives_every_variant_a_second_delta_paired_by_seed(store,
     assert not (out / "control.csv").exists()
 
 
+# A control grid that holds a gate too (as reproduce-base-init holds G1): the same 3e-3
+# baseline, and G1 with the control's setting.
+CONTROL_GATE_PPL = {("baseline", 3e-3): [9.6, 9.7, 9.8],
+                    ("sdpa_elementwise_sigmoid_mul", 3e-3): [9.2, 9.6, 9.4]}
+
+
+@pytest.mark.slow
+def test_a_control_grid_pairs_each_variant_with_its_own_variant_else_its_baseline(store, tmp_path):
+    from lab.reports.grid_report import build_report
+
+    write_grid(store)
+    write_grid(store, "fake-init", CONTROL_GATE_PPL)
+    out = tmp_path / "out"
+    report = build_report("fake", store, out, control="fake-init")
+    with open(out / "control.csv") as handle:
+        table = list(csv.DictReader(handle))
+    # One row a variant of the grid, never a variant against a different gate of the control.
+    assert sorted(r["variant"] for r in table) == sorted(r.variant for r in report.rows)
+    assert all(r["control_variant"] in (r["variant"], "baseline") for r in table)
+    by_variant = {r["variant"]: r for r in table}
+    # G1 (9.5, 9.8, 9.9) against the control's G1 (9.2, 9.6, 9.4): (+0.3, +0.2, +0.5), one factor.
+    g1 = by_variant["sdpa_elementwise_sigmoid_mul"]
+    assert g1["control_variant"] == "sdpa_elementwise_sigmoid_mul"
+    assert float(g1["delta_ppl_mean"]) == pytest.approx(1.0 / 3)
+    assert g1["seeds_paired"] == "3" and g1["factors_changed"] == "setting"
+    assert list(g1)[-1] == "factors_changed"  # the columns users read stay as they were
+    # A gate the control lacks: against its baseline (9.6, 9.7, 9.8), (+0.5, +0.6, +0.5), two factors.
+    key = by_variant["key_elementwise_sigmoid_mul"]
+    assert key["control_variant"] == "baseline" and key["factors_changed"] == "setting + variant"
+    assert float(key["delta_ppl_mean"]) == pytest.approx(1.6 / 3)
+    assert by_variant["baseline"]["factors_changed"] == "setting"
+    # report.md says the same, row by row.
+    section = report.markdown.split("### Against the control grid fake-init")[1].split("###")[0]
+    lines = [line for line in section.splitlines() if "fake-init:" in line]
+    assert len(lines) == len(report.rows)
+    gate = next(line for line in lines if line.startswith("| sdpa_elementwise_sigmoid_mul |"))
+    assert "fake-init:sdpa_elementwise_sigmoid_mul lr=0.003 | setting |" in gate
+    assert "| +0.333 ± 0.153 |" in gate
+    key_line = next(line for line in lines if line.startswith("| key_elementwise_sigmoid_mul |"))
+    assert "fake-init:baseline lr=0.003 | setting + variant |" in key_line
+
+
 @pytest.mark.slow
 def test_a_control_that_is_missing_or_the_grid_itself_is_a_one_line_error(store, tmp_path, capsys,
                                                                          monkeypatch):
