@@ -1,7 +1,7 @@
 """The identity of a grid cell: which fields of a resolved RunConfig make its hash.
 
 A grid resumes by this hash: a cell whose hash the store already holds FINISHED is done
-(lab/experiments/grid.py), so the hash must change exactly when what is trained changes.
+(lab/experiments/grid/claims.py, reconcile), so the hash must change exactly when what is trained changes.
 The analysis fields (ANALYSIS_FIELDS) only change what is measured afterwards and are left
 out. Every field added to ModelConfig, GateSpec, TrainConfig or DataConfig after stores
 hold runs goes into LATER_FIELDS with its default: at that default it is left out, so the

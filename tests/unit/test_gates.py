@@ -60,7 +60,7 @@ def test_paper_delta_ppl_is_against_table_1_baseline():
 
 
 def test_display_names_are_the_registrys_short_names_else_the_slug():
-    """The report's trend lines name variants by `short` (lab/reports/trends.py)."""
+    """The report's trend lines name variants by `short` (lab/reports/trends/definitions.py)."""
     assert display_name("sdpa_elementwise_sigmoid_mul") == "G1 elementwise"
     assert display_name("value_headwise_sigmoid_mul") == "G2 value headwise"
     assert display_name("switchhead_kv_8top8") == "switchhead_kv_8top8"  # none given
