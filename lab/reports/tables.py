@@ -147,33 +147,57 @@ def control_deltas(rows: list[Row], controls: list[Row]) -> list[tuple[Row, Row,
     return pairs
 
 
+def control_interaction(row: Row, reference: Row, rows: list[Row],
+                        controls: list[Row]) -> Interval | None:
+    """For a variant the control also has: how much its Δ vs the baseline changes with the
+    control's setting, (variant - baseline here) - (variant - baseline in the control) per
+    seed in all four, then its t interval. A gain that the setting takes away shows as a Δ
+    of the opposite sign (docs/results.md: at `base` the depth-scaled init takes 5-6 PPL of
+    G1's gain). None for the baseline itself, or where a baseline is missing."""
+    base = next((r for r in rows if r.variant == BASELINE), None)
+    control_base = next((r for r in controls if r.variant == BASELINE), None)
+    if row.variant == BASELINE or reference.variant != row.variant or not (base and control_base):
+        return None
+    ppl = [{r.seed: r.val_ppl for r in side.runs if r.val_ppl is not None}
+           for side in (row, base, reference, control_base)]
+    seeds = sorted(set.intersection(*(set(by_seed) for by_seed in ppl)))
+    return t_interval([(ppl[0][s] - ppl[1][s]) - (ppl[2][s] - ppl[3][s]) for s in seeds])
+
+
 def control_table(rows: list[Row], control: str, controls: list[Row]) -> str:
     header = ["variant", "lr", "Δ PPL vs baseline", "control", "factors changed",
-              "control val PPL", "Δ PPL vs control", "Δ 95% CI", "seeds paired"]
+              "control val PPL", "Δ PPL vs control", "Δ 95% CI", "seeds paired",
+              "Δ vs baseline, here - control [95% CI]"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, reference, delta, factors in control_deltas(rows, controls):
         own = "0 (reference)" if row.variant == BASELINE else _fmt_interval(row.delta, signed=True)[0]
         centre, ci = _fmt_interval(delta, signed=True)
+        change = control_interaction(row, reference, rows, controls)
         lines.append("| " + " | ".join([
             row.variant, f"{row.lr:g}", own, f"{control}:{reference.variant} lr={reference.lr:g}",
             factors, _fmt_interval(reference.ppl)[0], centre, ci,
-            str(delta.n if delta else 0)]) + " |")
+            str(delta.n if delta else 0),
+            " ".join(_fmt_interval(change, signed=True)) if change else "-"]) + " |")
     return "\n".join(lines)
 
 
 def write_control_csv(rows: list[Row], control: str, controls: list[Row], path: Path) -> None:
-    # factors_changed last: the columns before it are those users read since the first version.
+    # factors_changed and the change of the Δ vs baseline after the columns users read since the
+    # first version, which stay as they were.
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["variant", "lr", "control_grid", "control_variant", "control_lr",
                          "control_val_ppl_mean", "delta_ppl_mean", "delta_ppl_std",
                          "delta_ppl_ci_low", "delta_ppl_ci_high", "seeds_paired",
-                         "factors_changed"])
+                         "factors_changed", "delta_vs_baseline_change_mean",
+                         "delta_vs_baseline_change_ci_low", "delta_vs_baseline_change_ci_high"])
         for row, reference, d, factors in control_deltas(rows, controls):  # (None: an empty cell)
+            change = control_interaction(row, reference, rows, controls)
             writer.writerow([row.variant, row.lr, control, reference.variant, reference.lr,
                              reference.ppl and reference.ppl.mean,
                              d and d.mean, d and d.std, d and d.low, d and d.high,
-                             d.n if d else 0, factors])
+                             d.n if d else 0, factors,
+                             change and change.mean, change and change.low, change and change.high])
 
 
 def write_csv(rows: list[Row], path: Path) -> None:

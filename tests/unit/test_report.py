@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import math
 
+import numpy as np
 import pytest
 
 from lab.analysis import outputs
@@ -191,7 +192,7 @@ def test_a_control_grid_gives_every_variant_a_second_delta_paired_by_seed(store,
     # G1 (9.5, 9.8, 9.9) against the control's 3e-3 baseline (9.6, 9.7, 9.8): (-0.1, +0.1, +0.1)
     gate = lines["sdpa_elementwise_sigmoid_mul"]
     assert "fake-init:baseline lr=0.003" in gate and "| +0.033 ± 0.115 |" in gate
-    assert gate.rstrip(" |").endswith("| 3")
+    assert gate.endswith("| 3 | - |")  # seeds paired; no change of Δ: the control lacks G1
     with open(out / "control.csv") as handle:
         table = {r["variant"]: r for r in csv.DictReader(handle)}
     half = T_975_DF2 * 0.1154701 / math.sqrt(3)
@@ -234,10 +235,23 @@ def test_a_control_grid_pairs_each_variant_with_its_own_variant_else_its_baselin
     assert g1["control_variant"] == "sdpa_elementwise_sigmoid_mul"
     assert float(g1["delta_ppl_mean"]) == pytest.approx(1.0 / 3)
     assert g1["seeds_paired"] == "3" and g1["factors_changed"] == "setting"
-    assert list(g1)[-1] == "factors_changed"  # the columns users read stay as they were
+    # the columns users read stay as they were, the new ones after them
+    assert list(g1)[:12] == ["variant", "lr", "control_grid", "control_variant", "control_lr",
+                             "control_val_ppl_mean", "delta_ppl_mean", "delta_ppl_std",
+                             "delta_ppl_ci_low", "delta_ppl_ci_high", "seeds_paired",
+                             "factors_changed"]
+    # How G1's Δ vs the baseline changes with the setting: here (-0.5, -0.6, -0.3), in the
+    # control (9.2-9.6, 9.6-9.7, 9.4-9.8) = (-0.4, -0.1, -0.4); per seed (-0.1, -0.5, +0.1).
+    assert float(g1["delta_vs_baseline_change_mean"]) == pytest.approx(-0.5 / 3)
+    low, high = float(g1["delta_vs_baseline_change_ci_low"]), float(g1["delta_vs_baseline_change_ci_high"])
+    half = 4.302652729911275 * np.std([-0.1, -0.5, 0.1], ddof=1) / np.sqrt(3)  # t(0.975, 2)
+    assert (low, high) == pytest.approx((-0.5 / 3 - half, -0.5 / 3 + half))
+    # none for the baseline (its own reference) or a variant the control lacks
+    assert by_variant["baseline"]["delta_vs_baseline_change_mean"] == ""
     # A gate the control lacks: against its baseline (9.6, 9.7, 9.8), (+0.5, +0.6, +0.5), two factors.
     key = by_variant["key_elementwise_sigmoid_mul"]
     assert key["control_variant"] == "baseline" and key["factors_changed"] == "setting + variant"
+    assert key["delta_vs_baseline_change_mean"] == ""
     assert float(key["delta_ppl_mean"]) == pytest.approx(1.6 / 3)
     assert by_variant["baseline"]["factors_changed"] == "setting"
     # report.md says the same, row by row.
@@ -246,7 +260,7 @@ def test_a_control_grid_pairs_each_variant_with_its_own_variant_else_its_baselin
     assert len(lines) == len(report.rows)
     gate = next(line for line in lines if line.startswith("| sdpa_elementwise_sigmoid_mul |"))
     assert "fake-init:sdpa_elementwise_sigmoid_mul lr=0.003 | setting |" in gate
-    assert "| +0.333 ± 0.153 |" in gate
+    assert "| +0.333 ± 0.153 |" in gate and gate.endswith("| -0.167 ± 0.306 [-0.926, +0.592] |")
     key_line = next(line for line in lines if line.startswith("| key_elementwise_sigmoid_mul |"))
     assert "fake-init:baseline lr=0.003 | setting + variant |" in key_line
 
