@@ -109,6 +109,7 @@ def cell_rows(uri: str, grid: str) -> list[dict]:
     """Each FINISHED cell of `grid` in the store: its phases and what they come to."""
     from mlflow.tracking import MlflowClient
 
+    from lab.records import CONFIG_HASH_TAG, RUNS_PER_GPU_TAG
     from lab.training.phases import PHASES, TOTAL_METRIC, metric
 
     client = MlflowClient(uri)
@@ -116,13 +117,13 @@ def cell_rows(uri: str, grid: str) -> list[dict]:
     if experiment is None:
         return []
     rows = []
-    for run in client.search_runs([experiment.experiment_id],
-                                  "attributes.status = 'FINISHED' and tags.config_hash != ''"):
+    finished_cells = f"attributes.status = 'FINISHED' and tags.{CONFIG_HASH_TAG} != ''"
+    for run in client.search_runs([experiment.experiment_id], finished_cells):
         m = run.data.metrics
         if TOTAL_METRIC not in m:
             continue
         row = {"cell": run.info.run_name, "total_s": m[TOTAL_METRIC],
-               "runs_per_gpu": int(run.data.tags.get("gatelab.runs_per_gpu", "1")),
+               "runs_per_gpu": int(run.data.tags.get(RUNS_PER_GPU_TAG, "1")),
                "tokens_per_s": m.get("throughput/tokens_per_s_mean"),
                "mfu": m.get("throughput/mfu")}
         row.update({name: m.get(metric(name), 0.0) for name in PHASES})

@@ -131,12 +131,12 @@ if want eval-check named; then
 fi
 if want report; then
   for grid in reproduce reproduce-base reproduce-base-init reproduce-base-lr reproduce-base-steps sink stability stability-noqk reproduce-init reproduce-lr; do
-    control=()  # (the base grid is also read against its depth-scaled-init control)
-    [ "$grid" = reproduce-base ] && control=(--control reproduce-base-init)
+    options=()  # (the base grid is also read against its depth-scaled-init control)
+    [ "$grid" = reproduce-base ] && options=(--control reproduce-base-init)
     # (the stability grids' criterion counts 0.05 nats above the best rung as broke)
-    case $grid in stability|stability-noqk) control=(--broke-margin 0.05) ;; esac
+    case $grid in stability|stability-noqk) options=(--broke-margin 0.05) ;; esac
     # (each grid's terminal report beside its tables, in the one reports.tgz that comes back)
-    gatelab report "$grid" "${control[@]}" --out "$WORK/$grid" > "$WORK/report-$grid.md" 2>&1
+    gatelab report "$grid" "${options[@]}" --out "$WORK/$grid" > "$WORK/report-$grid.md" 2>&1
     tail -20 "$WORK/report-$grid.md"
   done
   tar czf "$OUT/reports.tgz" "$WORK"

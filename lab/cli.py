@@ -109,8 +109,6 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     _add_overrides(parser)
 
 
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gatelab", description="Gated-attention ablation lab "
                                      "(Qiu et al., 2025): train, sweep and compare gate variants.")
@@ -239,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "same, in percent of the right side's mean (default 1: lab/reports/trends/verdicts.py)")
     p.add_argument("--broke-margin", type=float, default=0.1, metavar="NATS",
                    help="over an LR ladder, a run broke when it diverged or ended this many "
-                   "nats above its variant's best rung (default 0.1: lab/reports/trends/verdicts.py)")
+                   "nats above its variant's best rung (default 0.1: "
+                   "lab/reports/trends/measures.py BROKE_MARGIN)")
     p.add_argument("--control", metavar="GRID", help="a grid that changes one setting of "
                    "this one (e.g. reproduce-base-init): each variant's Δ PPL against the "
                    "control's same variant, else its baseline (two factors changed), paired "

@@ -96,7 +96,7 @@ def cli_in_own_group(argv: list[str], env: dict, cwd: str, log: str) -> None:
     """Target of a forked `gatelab` command that leads its own process group (the
     kill-and-resume test SIGKILLs the group), run in `cwd`, its output appended to `log`.
     It sees one core: a sweep gives its workers os.cpu_count() / workers torch threads
-    (lab.experiments.owners.threads_per_worker), and the tests train on one thread (conftest.py)."""
+    (lab.experiments.pool.threads_per_worker), and the tests train on one thread (conftest.py)."""
     os.setsid()
     os.cpu_count = lambda: 1
     os.chdir(cwd)

@@ -177,15 +177,24 @@ def test_report_statistics_deltas_and_the_papers_direction(store, tmp_path):
 CONTROL_PPL = {("baseline", 3e-3): [9.6, 9.7, 9.8, 9.0], ("baseline", 1e-3): [12.0, 12.0, 12.0, 12.0]}
 
 
+def report_with_control(store, out, control_ppl):
+    """The fake grid and a control grid `fake-init` of `control_ppl`, reported into `out`
+    against it; returns the report and its control section of report.md."""
+    from lab.reports.grid_report import build_report
+
+    write_grid(store)
+    write_grid(store, "fake-init", control_ppl)
+    report = build_report("fake", store, out, control="fake-init")
+    section = report.markdown.split("### Against the control grid fake-init")[1].split("###")[0]
+    return report, section
+
+
 @pytest.mark.slow
 def test_a_control_grid_gives_every_variant_a_second_delta_paired_by_seed(store, tmp_path):
     from lab.reports.grid_report import build_report
 
-    write_grid(store)
-    write_grid(store, "fake-init", CONTROL_PPL)
     out = tmp_path / "out"
-    report = build_report("fake", store, out, control="fake-init")
-    section = report.markdown.split("### Against the control grid fake-init")[1].split("###")[0]
+    report, section = report_with_control(store, out, CONTROL_PPL)
     lines = {line.split(" | ")[0].strip("| "): line for line in section.splitlines()
              if line.startswith("| ") and "fake-init:" in line}
     assert set(lines) == {r.variant for r in report.rows}
@@ -218,12 +227,8 @@ CONTROL_GATE_PPL = {("baseline", 3e-3): [9.6, 9.7, 9.8],
 
 @pytest.mark.slow
 def test_a_control_grid_pairs_each_variant_with_its_own_variant_else_its_baseline(store, tmp_path):
-    from lab.reports.grid_report import build_report
-
-    write_grid(store)
-    write_grid(store, "fake-init", CONTROL_GATE_PPL)
     out = tmp_path / "out"
-    report = build_report("fake", store, out, control="fake-init")
+    report, section = report_with_control(store, out, CONTROL_GATE_PPL)
     with open(out / "control.csv") as handle:
         table = list(csv.DictReader(handle))
     # One row a variant of the grid, never a variant against a different gate of the control.
@@ -255,7 +260,6 @@ def test_a_control_grid_pairs_each_variant_with_its_own_variant_else_its_baselin
     assert float(key["delta_ppl_mean"]) == pytest.approx(1.6 / 3)
     assert by_variant["baseline"]["factors_changed"] == "setting"
     # report.md says the same, row by row.
-    section = report.markdown.split("### Against the control grid fake-init")[1].split("###")[0]
     lines = [line for line in section.splitlines() if "fake-init:" in line]
     assert len(lines) == len(report.rows)
     gate = next(line for line in lines if line.startswith("| sdpa_elementwise_sigmoid_mul |"))
