@@ -338,8 +338,9 @@ def describe(report: CheckReport) -> str:
 
 
 # What a pass vouches for: the code that builds, trains and checks a model (a change to any of
-# these files is a change the check may have to catch), relative to the lab package.
-CHECKED_CODE = ("model/*.py", "training/*.py", "check.py", "config.py")
+# these files is a change the check may have to catch), relative to the lab package. The
+# presets are in it: a pass is keyed by the preset's name, and the shapes are in presets.py.
+CHECKED_CODE = ("model/*.py", "training/*.py", "check.py", "config.py", "presets.py")
 
 
 def code_hash() -> str:
