@@ -128,7 +128,7 @@ class SwitchProjection(nn.Module):
     Experts are few (<= 8), so all are computed in one matmul and the unselected masked out.
 
     `rank` r makes every expert low-rank, d_model -> r -> D (`experts_down`, `experts_up`),
-    so a variant adds the paper's share of the projection (lab/config.py
+    so a variant adds the paper's share of the projection (lab/model/config.py
     `switch_expert_rank`); None keeps full-rank experts (`experts_proj`).
     """
 
