@@ -357,7 +357,8 @@ def accelerator_identity() -> str:
     """The device the check runs on (GPU 0 of this process's view) and the library versions
     whose kernels it runs: the defect it exists for was one cuDNN version's. Device
     properties and the cuDNN version need no CUDA context on the device (the grid reads the
-    GPU's memory the same way before it starts its workers, lab/experiments/grid/run.py)."""
+    GPU's memory the same way before it starts its workers, lab/experiments/grid/estimate.py
+    gpu_memory_gib)."""
     return (f"{torch.cuda.get_device_properties(0).name}; torch {torch.__version__}; "
             f"CUDA {torch.version.cuda}; cuDNN {torch.backends.cudnn.version()}")
 
