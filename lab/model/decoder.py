@@ -8,7 +8,8 @@ The attention computes Q, K, V and every input-dependent gate's logits from the 
 pre-norm hidden state X in one fused matmul (the reference code fuses the G1 gate into
 q_proj; docs/paper.md §6). The gate math itself is lab/model/gates.py. A `probe` callable, when given,
 receives the tensors at each gate position and the exact attention probabilities
-(lab/analysis/metrics.py turns them into the paper's metrics); without one the fast SDPA path runs.
+(lab/analysis/probes.py ProbeRecorder; lab/analysis/metrics.py turns its sums into the
+paper's metrics); without one the fast SDPA path runs.
 """
 
 from __future__ import annotations
