@@ -338,8 +338,9 @@ def describe(report: CheckReport) -> str:
 
 
 # What a pass vouches for: the code that builds, trains and checks a model (a change to any of
-# these files is a change the check may have to catch), relative to the lab package.
-CHECKED_CODE = ("model/*.py", "training/*.py", "check.py", "config.py")
+# these files is a change the check may have to catch), relative to the lab package. The
+# presets are in it: a pass is keyed by the preset's name, and the shapes are in presets.py.
+CHECKED_CODE = ("model/*.py", "training/*.py", "check.py", "config.py", "presets.py")
 
 
 def code_hash() -> str:
@@ -356,7 +357,8 @@ def accelerator_identity() -> str:
     """The device the check runs on (GPU 0 of this process's view) and the library versions
     whose kernels it runs: the defect it exists for was one cuDNN version's. Device
     properties and the cuDNN version need no CUDA context on the device (the grid reads the
-    GPU's memory the same way before it starts its workers, lab/experiments/grid/run.py)."""
+    GPU's memory the same way before it starts its workers, lab/experiments/grid/estimate.py
+    gpu_memory_gib)."""
     return (f"{torch.cuda.get_device_properties(0).name}; torch {torch.__version__}; "
             f"CUDA {torch.version.cuda}; cuDNN {torch.backends.cudnn.version()}")
 

@@ -179,6 +179,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # train.fused_loss: the LM loss's kernels, each computed by lab/model/loss.py (named here, not
 # imported from there: that module imports torch, and validating a config does not need it).
 LOSS_KERNELS = ("none", "liger")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where tokens come from: `synthetic`, a prepared token directory, or text files (lab/data/sources.py)."""

@@ -8,7 +8,8 @@ The attention computes Q, K, V and every input-dependent gate's logits from the 
 pre-norm hidden state X in one fused matmul (the reference code fuses the G1 gate into
 q_proj; docs/paper.md §6). The gate math itself is lab/model/gates.py. A `probe` callable, when given,
 receives the tensors at each gate position and the exact attention probabilities
-(lab/analysis/metrics.py turns them into the paper's metrics); without one the fast SDPA path runs.
+(lab/analysis/probes.py ProbeRecorder; lab/analysis/metrics.py turns its sums into the
+paper's metrics); without one the fast SDPA path runs.
 """
 
 from __future__ import annotations
@@ -89,8 +90,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, base: float, context: int, yarn_factor: float = 1.0,
                  beta_fast: float = 32.0, beta_slow: float = 1.0):
         super().__init__()
-        # (on the meta device, for parameter counting, the table is made on the CPU: arange on
-        # meta first loads torch's compiler stack, 1.3 s that `gatelab variants` waited for)
+        # (on the meta device the table is made on the CPU: arange on meta first loads torch's
+        # compiler stack; Decoder.__init__ says who builds on meta)
         device = "cpu" if torch.empty(0).is_meta else None
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64,
                                                 device=device) / head_dim))
@@ -128,7 +129,7 @@ class SwitchProjection(nn.Module):
     Experts are few (<= 8), so all are computed in one matmul and the unselected masked out.
 
     `rank` r makes every expert low-rank, d_model -> r -> D (`experts_down`, `experts_up`),
-    so a variant adds the paper's share of the projection (lab/config.py
+    so a variant adds the paper's share of the projection (lab/model/config.py
     `switch_expert_rank`); None keeps full-rank experts (`experts_proj`).
     """
 
@@ -357,9 +358,10 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, yarn_factor: float = 1.0):
         super().__init__()
         self.cfg = cfg
-        # On the meta device (parameter counting) the embedding skips its default init:
-        # normal_ on meta loads torch's Python reference ops first, about a second that
-        # `gatelab variants` waited for (benchmarks/README.md, start-up). Elsewhere the default
+        # On the meta device (tests/unit/test_model.py builds every variant there to hold
+        # lab/model/params.py's counts to the built model's) the embedding skips its default
+        # init: normal_ on meta loads torch's Python reference ops first (with the RoPE table
+        # and the experts' init, about 5 s more of those tests on CPU). Elsewhere the default
         # init stays: it draws from the RNG stream every recorded run was initialised with.
         meta = torch.empty(0).is_meta
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.empty(

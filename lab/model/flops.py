@@ -9,6 +9,8 @@ the active parameter count (lab/model/moe.py).
 
 from __future__ import annotations
 
+from lab.model.config import experts_and_top_k
+
 # Dense bf16 tensor-core peaks, TFLOP/s, from the vendors' datasheets (no sparsity), for the
 # GPUs where Lightning's table (lightning.fabric.utilities.throughput, which
 # lab/training/callbacks.py device_peak_tflops reads for every other GPU) has no entry for the
@@ -45,8 +47,8 @@ def flops_per_token_lower_bound(m) -> float:
     and routers are left out, so this never exceeds model_flops_per_token."""
     attn_width = m.n_heads * m.head_dim
     attention = m.d_model * (attn_width + 2 * m.n_kv_heads * m.head_dim) + attn_width * m.d_model
-    if m.ffn == "moe":  # the experts a token uses (lab.model.config.experts_and_top_k), shared included
-        active = m.moe_top_k + m.moe_extra_experts + int(m.moe_shared_expert)
+    if m.ffn == "moe":  # the experts a token uses, shared included
+        active = experts_and_top_k(m)[1] + int(m.moe_shared_expert)
         ffn = active * 3 * m.d_model * m.moe_expert_hidden
     else:
         ffn = 3 * m.d_model * m.ffn_hidden

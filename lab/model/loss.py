@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from lab.errors import LabError
 
+
 def require(kernel: str, cuda: bool) -> None:
     """Fail before training where `kernel` cannot run here, with what to do about it."""
     if kernel == "none":

@@ -51,7 +51,7 @@ def paper_switch_fraction(target: str, paper_added_m: float) -> float:
 class Variant:
     """A named point the paper measured: a gate, or architecture changes (its controls).
 
-    `model` holds ModelConfig field overrides (lab/config.py); `q_heads_factor` and
+    `model` holds ModelConfig field overrides (lab/model/config.py); `q_heads_factor` and
     `kv_heads_factor` scale the preset's head counts for the parameter-matched baselines.
     `paper` cites table and row; the paper_* numbers are the MoE-15A2B values (Tables 1, 3, 4, 6)
     where it reports them, for the report to set beside ours. `paper_baseline_ppl` is the
@@ -111,7 +111,7 @@ _WIDEN = "ffn_widen_g1_fraction"
 
 def _switch_head(target: str, experts: int, top_k: int, paper_added_m: float) -> dict:
     """A Table 6 row: low-rank experts sized to add the paper's share of the replaced
-    projections (lab/config.py `switch_expert_rank`; docs/paper-notes.md)."""
+    projections (lab/model/config.py `switch_expert_rank`; docs/paper-notes.md)."""
     fraction = paper_switch_fraction(target, paper_added_m)
     which, replaced = ("K and V", "K+V") if target == "kv" else ("V", "V")
     return {"model": {_SWITCH: f"{target}:{experts}:{top_k}",
