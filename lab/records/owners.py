@@ -26,7 +26,7 @@ from lab.records.cells import HEARTBEAT_TAG, KILLED_REASON_TAG, OWNER_TAG
 STALE_AFTER_S = 600.0
 
 
-def _process_start(pid: int) -> str:
+def process_start(pid: int) -> str:
     """The process's start time in clock ticks since boot (Linux), '' where unknown."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -37,7 +37,7 @@ def _process_start(pid: int) -> str:
 
 def owner_identity(pid: int | None = None) -> str:
     pid = pid or os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
+    return f"{socket.gethostname()}:{pid}:{process_start(pid)}"
 
 
 def owner_alive(owner: str | None, heartbeat: str | None, stale_after_s: float = STALE_AFTER_S,
@@ -55,7 +55,7 @@ def owner_alive(owner: str | None, heartbeat: str | None, stale_after_s: float =
             return False
         except PermissionError:
             pass  # exists, owned by someone else
-        return not start or _process_start(pid) == start
+        return not start or process_start(pid) == start
     try:
         return (now or time.time()) - float(heartbeat) < stale_after_s
     except (TypeError, ValueError):

@@ -23,6 +23,7 @@ from lab.model.flops import peak_tflops
 from lab.model.moe import moe_layers, routing_summary
 from lab.progress import configure_output, duration, verbosity
 from lab.records import finite_metrics
+from lab.training.schedule import total_steps
 from lab.training.spikes import detect_spikes
 
 configure_output()  # Lightning set its loggers to INFO when imported (lab/progress.py)
@@ -431,6 +432,13 @@ class RunProgress(L.Callback):
         self.tokens_per_step = tokens_per_step
         self.min_interval_s = 0.0 if verbosity() == "verbose" else min_interval_s
         self._start = self._printed = None
+
+    @classmethod
+    def for_run(cls, label: str, config: RunConfig,
+                min_interval_s: float = 30.0) -> "RunProgress":
+        """The lines of a run of `config`: its total steps and tokens per step."""
+        return cls(label, total_steps(config), config.train.batch_size * config.model.context,
+                   min_interval_s)
 
     def on_train_start(self, trainer, pl_module):
         self._start = self._printed = (time.perf_counter(), trainer.global_step)

@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from lab.records.owners import _process_start
+from lab.records.owners import process_start
 
 # Phase -> what it holds. The order is the order of a run.
 PHASES = {
@@ -54,7 +54,7 @@ def _process_started_at() -> float | None:
     """This process's start as a Unix time (Linux: its start in clock ticks since boot, as
     the owner tags read it, plus the boot time; 10 ms resolution), None elsewhere."""
     try:
-        ticks = int(_process_start(os.getpid()))
+        ticks = int(process_start(os.getpid()))
         boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime "))
         return boot + ticks / os.sysconf("SC_CLK_TCK")

@@ -201,9 +201,7 @@ def _train(config: RunConfig, store, run_id: str, uri: str, mlflow_client, prima
                                    config.train.checkpoint_min_interval_s)
     all_callbacks = [monitor, checkpoints, *(callbacks or [])]
     if not quiet and primary:
-        all_callbacks.append(RunProgress(config.variant, steps,
-                                         config.train.batch_size * config.model.context,
-                                         min_interval_s=10.0))
+        all_callbacks.append(RunProgress.for_run(config.variant, config, min_interval_s=10.0))
     if config.model.gate_insert_fraction is not None:
         all_callbacks.append(GateInsertion(int(config.model.gate_insert_fraction * steps)))
     if config.model.ffn == "moe":

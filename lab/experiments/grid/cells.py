@@ -33,7 +33,6 @@ from lab.records import (CLAIM_TAG, GRID_TAG, HEARTBEAT_TAG, OWNER_TAG, RESUMED_
 from lab.training import phases as run_phases
 from lab.training.callbacks import FirstStepNotice, RunProgress
 from lab.training.run import train_run
-from lab.training.schedule import total_steps
 
 
 @dataclass
@@ -96,8 +95,7 @@ def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = 
         if on_start:
             on_start(run_id)
         config = task.config
-        callbacks = [] if ctx.quiet else [RunProgress(
-            task.name, total_steps(config), config.train.batch_size * config.model.context)]
+        callbacks = [] if ctx.quiet else [RunProgress.for_run(task.name, config)]
         if on_first_step is not None:
             callbacks.append(FirstStepNotice(on_first_step))
         # The claim and the run's creation are the cell's store writes before its run starts.

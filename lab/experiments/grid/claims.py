@@ -168,8 +168,7 @@ def claim_cell(task: Task, ctx: GridContext, owner: str) -> tuple[Task | None, s
         break
     # Held: what the cell needs is read again, after the claim (a run may have FINISHED or
     # died since this grid planned).
-    cell = Cell(task.config.variant, task.config.train.lr, task.config.train.seed, task.config)
-    now = reconcile(client, [cell], cell_runs(client, ctx, config_hash), ctx.stale_after_s)
+    now = reconcile(client, [Cell.of(task.config)], cell_runs(client, ctx, config_hash), ctx.stale_after_s)
     if now.done:
         return None, "FINISHED by another process"
     if now.busy:

@@ -26,6 +26,11 @@ class Cell:
     seed: int
     config: RunConfig          # resolved, with the data's vocabulary
 
+    @classmethod
+    def of(cls, config: RunConfig) -> "Cell":
+        """The cell a resolved config (with its data's vocabulary) is."""
+        return cls(config.variant, config.train.lr, config.train.seed, config)
+
     @property
     def name(self) -> str:
         return records.cell_name(self.variant, self.lr, self.seed)
@@ -86,8 +91,7 @@ def plan(spec: GridSpec) -> list[Cell]:
         key = dataclasses.astuple(config.data)
         if key not in opened:
             opened[key] = open_data(config)[0].vocab_size
-        config = with_vocab(config, opened[key])
-        cells.append(Cell(config.variant, config.train.lr, config.train.seed, config))
+        cells.append(Cell.of(with_vocab(config, opened[key])))
     return cells
 
 

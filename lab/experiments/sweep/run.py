@@ -130,13 +130,14 @@ def _before_trials(sweep: Sweep, uri: str, quiet: bool, check: bool | str,
     """Each variant runnable here (preflight), the data prepared, the store's room checked,
     and (on a GPU) `gatelab check` of the sweep's variants: its table, or None where it did
     not run."""
-    for variant in sweep.variants:
-        preflight(sweep.config(variant, sweep.lr_bounds()[0], sweep.seeds[0]),
-                  "cuda" if gpus else "cpu")
+    # Each variant at the sweep's lowest LR and first seed: what these checks need of a trial.
+    configs = [sweep.config(variant, sweep.lr_bounds()[0], sweep.seeds[0])
+               for variant in sweep.variants]
+    for config in configs:
+        preflight(config, "cuda" if gpus else "cpu")
     # Prepare the data once, here: workers would otherwise race to build the same cache.
-    open_data(sweep.config(sweep.variants[0], sweep.lr_bounds()[0], sweep.seeds[0]))
-    records.check_writable(uri, max(count_params(sweep.config(
-        variant, sweep.lr_bounds()[0], sweep.seeds[0]))["total"] for variant in sweep.variants))
+    open_data(configs[0])
+    records.check_writable(uri, max(count_params(config)["total"] for config in configs))
     if not check:
         return None
     return lab_check.check_before_training(sweep.preset, list(sweep.variants),

@@ -26,7 +26,6 @@ from lab.progress import duration
 from lab.records import owner_identity
 from lab.training.callbacks import RunProgress
 from lab.training.run import train_run
-from lab.training.schedule import total_steps
 
 
 def upload_loss_curve(trial, artifacts: FileSystemArtifactStore, mlflow_client,
@@ -141,8 +140,7 @@ def run_trial(trial, sweep: Sweep, variant: str, uri: str, parent_run_id: str,
     tags = {records.SWEEP_TAG: sweep.name, records.STUDY_TAG: sweep.study_name(variant),
             records.TRIAL_TAG: str(trial.number), records.STATE_TAG: "running"}
     label = f"{variant}/trial-{trial.number}"
-    callbacks = [pruning] if quiet else [pruning, RunProgress(
-        label, total_steps(config), config.train.batch_size * config.model.context)]
+    callbacks = [pruning] if quiet else [pruning, RunProgress.for_run(label, config)]
     try:
         # A pruned trial's run ends KILLED, its reason the pruning message.
         result = train_run(config, uri, experiment=sweep.name, parent_run_id=parent_run_id,
