@@ -25,7 +25,6 @@ def variant_order(variant: str) -> tuple:
     return (variant != BASELINE, order.index(variant) if variant in order else len(order), variant)
 
 
-
 def _rank(row: Row) -> tuple:
     # Lower is better; a group with diverged runs or no perplexity ranks after all others.
     return (row.diverged > 0, row.ppl is None, row.ppl.mean if row.ppl else 0.0)
@@ -36,12 +35,13 @@ def build_rows(run_records: list[RunRecord]) -> tuple[list[Row], list[Row]]:
     groups: dict[tuple[str, float], list[RunRecord]] = {}
     for record in run_records:
         groups.setdefault((record.variant, record.lr), []).append(record)
+    dense = is_dense(run_records)
     all_rows = []
     for (variant, lr), runs in groups.items():
         runs.sort(key=lambda r: r.seed)
         row = Row(variant, lr, runs, t_interval([r.val_ppl for r in runs if r.val_ppl is not None]))
         if variant in VARIANTS:
-            set_paper_reference(row, VARIANTS[variant], dense=is_dense(run_records))
+            set_paper_reference(row, VARIANTS[variant], dense=dense)
         all_rows.append(row)
     best: dict[str, Row] = {}
     for row in all_rows:
