@@ -131,7 +131,7 @@ def plot_deltas(rows: list[Row], path: Path) -> None:
 
 
 def layer_profile(runs: list[RunRecord], prefix: str) -> list[float]:
-    """Mean over seeds of `<prefix>/layer_<i>` (lab.analysis.layer_metric), by layer."""
+    """Mean over seeds of `<prefix>/layer_<i>` (lab/analysis/names.py layer_metric), by layer."""
     by_layer: dict[int, list[float]] = {}
     for run in runs:
         for name, value in run.metrics.items():
