@@ -249,8 +249,7 @@ def summary_rows(rows: list[Row]) -> list[list[str]]:
     (mean ± std), Δ vs the baseline and its 95% CI."""
     table = [["variant", "seeds", "val PPL", "Δ vs baseline", "Δ 95% CI"]]
     for row in rows:
-        ppl = "-" if row.ppl is None else f"{row.ppl.mean:.3f}" + (
-            "" if row.ppl.std is None else f" ± {row.ppl.std:.3f}")
+        ppl = _fmt_interval(row.ppl)[0]
         if row.variant == BASELINE:
             delta, ci = "(reference)", ""
         else:
