@@ -25,6 +25,12 @@ def variant_order(variant: str) -> tuple:
     return (variant != BASELINE, order.index(variant) if variant in order else len(order), variant)
 
 
+def row_label(row: Row, rows: list[Row]) -> str:
+    """The variant, with the LR when `rows` hold more than one LR (the plots' legends and the
+    terminal's short table)."""
+    return f"{row.variant} lr={row.lr:g}" if len({r.lr for r in rows}) > 1 else row.variant
+
+
 def _rank(row: Row) -> tuple:
     # Lower is better; a group with diverged runs or no perplexity ranks after all others.
     return (row.diverged > 0, row.ppl is None, row.ppl.mean if row.ppl else 0.0)

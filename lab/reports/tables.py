@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab.reports.rows import SINK_HISTORY, variant_order
+from lab.reports.rows import SINK_HISTORY, row_label, variant_order
 from lab.reports.seeds import BASELINE, Interval, Row, paired_delta, t_interval
 from lab.reports.trends.measures import BROKE_MARGIN, broken_runs, largest_stable_lr
 
@@ -264,8 +264,7 @@ def summary_rows(rows: list[Row]) -> list[list[str]]:
         else:
             delta, ci = _fmt_interval(row.delta, signed=True)
             delta = delta.split(" ± ")[0]
-        name = f"{row.variant} lr={row.lr:g}" if len({r.lr for r in rows}) > 1 else row.variant
-        table.append([name, str(len(row.runs)), ppl, delta, ci])
+        table.append([row_label(row, rows), str(len(row.runs)), ppl, delta, ci])
     return table
 
 
