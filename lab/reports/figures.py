@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from lab.analysis.names import split_layer_metric
 from lab.reports.ladder import finite_peaks
-from lab.reports.rows import SINK_HISTORY, variant_order
+from lab.reports.rows import SINK_HISTORY, row_label, variant_order
 from lab.reports.seeds import BASELINE, Row, RunRecord
 
 # Per-layer curves of the paper's Fig. 2 and 6: first-token attention and the largest hidden
@@ -57,11 +57,6 @@ def spike_steps(client, run_id: str) -> list[int]:
     return [s["peak_step"] for s in _artifact_json(client, run_id, "spikes.json") or []]
 
 
-def _row_label(row: Row, rows: list[Row]) -> str:
-    """The variant, with the LR when `rows` hold more than one LR."""
-    return f"{row.variant} lr={row.lr:g}" if len({r.lr for r in rows}) > 1 else row.variant
-
-
 # Well-separated colours, one per variant (matplotlib's tab10, then the darker half of tab20
 # and its lighter half), and one line style per learning rate.
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
@@ -90,7 +85,7 @@ def plot_loss_curves(client, rows: list[Row], path: Path) -> None:
             if not steps:
                 continue
             ax.plot(steps, losses, color=colour, linestyle=styles[row.lr], linewidth=1.0,
-                    alpha=0.85, label=_row_label(row, rows) if k == 0 else None)
+                    alpha=0.85, label=row_label(row, rows) if k == 0 else None)
             by_step = dict(zip(steps, losses))
             peaks = finite_peaks(steps, losses, spike_steps(client, run.run_id))
             if peaks:
@@ -131,7 +126,7 @@ def plot_deltas(rows: list[Row], path: Path) -> None:
 
 
 def layer_profile(runs: list[RunRecord], prefix: str) -> list[float]:
-    """Mean over seeds of `<prefix>/layer_<i>` (lab.analysis.layer_metric), by layer."""
+    """Mean over seeds of `<prefix>/layer_<i>` (lab/analysis/names.py layer_metric), by layer."""
     by_layer: dict[int, list[float]] = {}
     for run in runs:
         for name, value in run.metrics.items():
@@ -156,7 +151,7 @@ def plot_per_layer(rows: list[Row], path: Path) -> bool:
             if values:
                 ax.plot(range(len(values)), values, marker="o", markersize=3,
                         color=colours[row.variant], linestyle=styles[row.lr],
-                        label=_row_label(row, rows))
+                        label=row_label(row, rows))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
         ax.set_xlabel("layer (0 = first)")
         ax.set_ylabel(title + " (mean over seeds)")

@@ -60,7 +60,7 @@ from lab.reports.figures import row_styles
 from lab.reports.rows import build_rows, is_dense, sink_histories
 from lab.reports.sections import GridRecords, write_sections
 from lab.reports.seeds import BASELINE, Row, RunRecord, finished_records
-from lab.reports.tables import summary_rows
+from lab.reports.tables import markdown_head, markdown_row, summary_rows
 from lab.reports.trends.measures import BROKE_MARGIN
 from lab.reports.trends.verdicts import EQUIVALENCE_PERCENT, evaluate
 
@@ -182,8 +182,7 @@ def log_summary(client, parent: str, rows: list[Row], all_rows: list[Row],
     `.../delta_ppl_mean`, `.../delta_ppl_ci_low` and `.../delta_ppl_ci_high` as metrics.
     The cell runs get one colour per variant (`mlflow.runColor`), those of the loss plot."""
     table = summary_rows(rows)
-    lines = ["| " + " | ".join(line) + " |" for line in table]
-    lines.insert(1, "|" + "---|" * len(table[0]))
+    lines = markdown_head(table[0]) + [markdown_row(line) for line in table[1:]]
     verdict_lines = [] if not verdicts else [
         "", "The paper's trends here (each comparison behind them: report/report.md):", "",
         "| # | trend | verdict |", "|---|---|---|",

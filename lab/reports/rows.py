@@ -25,6 +25,11 @@ def variant_order(variant: str) -> tuple:
     return (variant != BASELINE, order.index(variant) if variant in order else len(order), variant)
 
 
+def row_label(row: Row, rows: list[Row]) -> str:
+    """The variant, with the LR when `rows` hold more than one LR (the plots' legends and the
+    terminal's short table)."""
+    return f"{row.variant} lr={row.lr:g}" if len({r.lr for r in rows}) > 1 else row.variant
+
 
 def _rank(row: Row) -> tuple:
     # Lower is better; a group with diverged runs or no perplexity ranks after all others.
@@ -36,12 +41,13 @@ def build_rows(run_records: list[RunRecord]) -> tuple[list[Row], list[Row]]:
     groups: dict[tuple[str, float], list[RunRecord]] = {}
     for record in run_records:
         groups.setdefault((record.variant, record.lr), []).append(record)
+    dense = is_dense(run_records)
     all_rows = []
     for (variant, lr), runs in groups.items():
         runs.sort(key=lambda r: r.seed)
         row = Row(variant, lr, runs, t_interval([r.val_ppl for r in runs if r.val_ppl is not None]))
         if variant in VARIANTS:
-            set_paper_reference(row, VARIANTS[variant], dense=is_dense(run_records))
+            set_paper_reference(row, VARIANTS[variant], dense=dense)
         all_rows.append(row)
     best: dict[str, Row] = {}
     for row in all_rows:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab.reports.rows import SINK_HISTORY, variant_order
+from lab.reports.rows import SINK_HISTORY, row_label, variant_order
 from lab.reports.seeds import BASELINE, Interval, Row, paired_delta, t_interval
 from lab.reports.trends.measures import BROKE_MARGIN, broken_runs, largest_stable_lr
 
@@ -39,12 +39,21 @@ def _percent(value: float | None, pattern: str, missing: str = "") -> str:
     return missing if value is None else pattern.format(value)
 
 
+def markdown_head(header: list[str]) -> list[str]:
+    """A Markdown table's first two lines: the column names and the rule under them."""
+    return [markdown_row(header), "|" + "---|" * len(header)]
+
+
+def markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def markdown_table(rows: list[Row]) -> str:
     extras = sorted({k for r in rows for k in r.extra})
     header = ["variant", "lr", "seeds", "val PPL (mean ± std)", "95% CI", "Δ PPL vs baseline",
               "Δ 95% CI", "Δ %", "paper Δ PPL (%)", "same sign", "spikes", "diverged", *extras,
               "paper Δ from", "paper Δ, MoE (%)", "paper Δ, dense (%)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = markdown_head(header)
     for row in rows:
         ppl, ppl_ci = _fmt_interval(row.ppl)
         delta, delta_ci = ("0 (reference)", "-") if row.variant == BASELINE else \
@@ -56,7 +65,7 @@ def markdown_table(rows: list[Row]) -> str:
                  percent, paper, row.direction, str(row.spikes), f"{row.diverged}/{len(row.runs)}",
                  *[_fmt(row.extra.get(k), 4) for k in extras], row.paper_table or "-",
                  _paper_cell(row.paper_moe), _paper_cell(row.paper_dense)]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_row(cells))
     return "\n".join(lines)
 
 
@@ -69,7 +78,7 @@ def stability_table(all_rows: list[Row], margin: float = BROKE_MARGIN) -> str:
     header = ["variant", "LRs tried", "max LR, no divergence", "max LR, no divergence or spike",
               "first LR that diverged", "largest attention logit (at max stable LR)",
               "largest stable LR (>= 2 seeds, none broke)", "first LR where a run broke"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = markdown_head(header)
     for variant in sorted({r.variant for r in all_rows}, key=variant_order):
         ladder = sorted((r for r in all_rows if r.variant == variant), key=lambda r: r.lr)
         stable = [r for r in ladder if r.diverged == 0]
@@ -79,11 +88,11 @@ def stability_table(all_rows: list[Row], margin: float = BROKE_MARGIN) -> str:
         largest = largest_stable_lr(ladder, margin)
         broken = broken_runs(ladder, margin)
         first_broke = min((lr for (lr, _), hit in broken.items() if hit), default=None)
-        lines.append("| " + " | ".join([
+        lines.append(markdown_row([
             variant, str(len(ladder)), f"{stable[-1].lr:g}" if stable else "none",
             f"{calm[-1].lr:g}" if calm else "none", f"{broke[0].lr:g}" if broke else "none",
             _fmt(logit, 1), "none" if largest is None else f"{largest:g}",
-            "none" if first_broke is None else f"{first_broke:g}"]) + " |")
+            "none" if first_broke is None else f"{first_broke:g}"]))
     return "\n".join(lines)
 
 
@@ -96,7 +105,7 @@ def stability_pairs_table(all_rows: list[Row], margin: float = BROKE_MARGIN) -> 
     header = ["variant", "lr", "seeds paired", "spikes (variant / baseline)",
               "largest grad norm (variant / baseline, mean)",
               "Δ final loss, nats (mean [95% CI])", "broke (variant / baseline)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = markdown_head(header)
     if BASELINE not in ladders:
         return "\n".join(lines)
     base = {r.lr: {run.seed: run for run in r.runs} for r in ladders[BASELINE]}
@@ -120,12 +129,12 @@ def stability_pairs_table(all_rows: list[Row], margin: float = BROKE_MARGIN) -> 
                       for side in zip(*pairs)]
             hits = [sum(table[(rung.lr, p.seed)] for p in side)
                     for table, side in zip((broken, base_broken), zip(*pairs))]
-            lines.append("| " + " | ".join([
+            lines.append(markdown_row([
                 variant, f"{rung.lr:g}", str(len(pairs)), f"{spikes[0]} / {spikes[1]}",
                 " / ".join(_fmt(float(np.nanmean(n)) if np.isfinite(n).any() else None, 2)
                            for n in norms),
                 centre if ci == "-" else f"{centre.split(' ± ')[0]} {ci}",
-                f"{hits[0]} / {hits[1]}"]) + " |")
+                f"{hits[0]} / {hits[1]}"]))
     return "\n".join(lines)
 
 
@@ -168,16 +177,16 @@ def control_table(rows: list[Row], control: str, controls: list[Row]) -> str:
     header = ["variant", "lr", "Δ PPL vs baseline", "control", "factors changed",
               "control val PPL", "Δ PPL vs control", "Δ 95% CI", "seeds paired",
               "Δ vs baseline, here - control [95% CI]"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = markdown_head(header)
     for row, reference, delta, factors in control_deltas(rows, controls):
         own = "0 (reference)" if row.variant == BASELINE else _fmt_interval(row.delta, signed=True)[0]
         centre, ci = _fmt_interval(delta, signed=True)
         change = control_interaction(row, reference, rows, controls)
-        lines.append("| " + " | ".join([
+        lines.append(markdown_row([
             row.variant, f"{row.lr:g}", own, f"{control}:{reference.variant} lr={reference.lr:g}",
             factors, _fmt_interval(reference.ppl)[0], centre, ci,
             str(delta.n if delta else 0),
-            " ".join(_fmt_interval(change, signed=True)) if change else "-"]) + " |")
+            " ".join(_fmt_interval(change, signed=True)) if change else "-"]))
     return "\n".join(lines)
 
 
@@ -230,7 +239,7 @@ def sink_history_table(histories: dict) -> str:
     variants = sorted({v for n, _ in names for v in histories[n]}, key=variant_order)
     header = ["variant", "tokens trained", *[f"{title} (mean over seeds)" for _, title in names],
               "seeds"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = markdown_head(header)
     for variant in variants:
         runs = {n: histories[n].get(variant, {}) for n, _ in names}
         points = sorted({t for by_seed in runs.values() for h in by_seed.values() for t in h})
@@ -240,7 +249,7 @@ def sink_history_table(histories: dict) -> str:
                 values = [h[tokens] for h in runs[name].values() if tokens in h]
                 seeds = max(seeds, len(values))
                 cells.append(_fmt(float(np.mean(values)) if values else None, 3))
-            lines.append("| " + " | ".join([variant, f"{tokens:.3g}", *cells, str(seeds)]) + " |")
+            lines.append(markdown_row([variant, f"{tokens:.3g}", *cells, str(seeds)]))
     return "\n".join(lines)
 
 
@@ -249,15 +258,13 @@ def summary_rows(rows: list[Row]) -> list[list[str]]:
     (mean ± std), Δ vs the baseline and its 95% CI."""
     table = [["variant", "seeds", "val PPL", "Δ vs baseline", "Δ 95% CI"]]
     for row in rows:
-        ppl = "-" if row.ppl is None else f"{row.ppl.mean:.3f}" + (
-            "" if row.ppl.std is None else f" ± {row.ppl.std:.3f}")
+        ppl = _fmt_interval(row.ppl)[0]
         if row.variant == BASELINE:
             delta, ci = "(reference)", ""
         else:
             delta, ci = _fmt_interval(row.delta, signed=True)
             delta = delta.split(" ± ")[0]
-        name = f"{row.variant} lr={row.lr:g}" if len({r.lr for r in rows}) > 1 else row.variant
-        table.append([name, str(len(row.runs)), ppl, delta, ci])
+        table.append([row_label(row, rows), str(len(row.runs)), ppl, delta, ci])
     return table
 
 
