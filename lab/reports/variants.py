@@ -1,8 +1,8 @@
 """`gatelab variants`: the registry as a table or JSON, with parameters added at a preset.
 
 Each row: the slug, its gate axes (or the architecture changes of a control), the
-parameters it adds over the baseline at the chosen preset (counted on the meta device,
-so even `xl` costs no memory), the paper's table and row, and the paper's delta-PPL
+parameters it adds over the baseline at the chosen preset (counted from the config's
+shapes, lab/model/params.py: no model is built, so even `xl` costs nothing), the paper's table and row, and the paper's delta-PPL
 where it reports one. A variant that cannot be built at the preset (the MoE-only
 `baseline_add4experts` at a dense preset) is listed as unavailable with the reason.
 
