@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU reproduction (docs/results.md), phase by phase on one or more GPUs.
-#   bash docs/reproduce_gpu.sh [all|prepare|eval-check|reproduce|base|base-init|base-lr|base-steps|sink|stability|stability-noqk|init-control|lr-control|report]
+#   bash docs/reproduce_gpu.sh [all|prepare|eval-check|reproduce|base|base-init|base-lr|base-steps|sink|sink-long|stability|stability-noqk|init-control|lr-control|report]
 # or several phases joined by commas (base,base-init), run in the script's order within one
 # call's CALL_LIMIT_S: a phase that ends early leaves its time to the next.
 # Phases, so that each fits one call of a time-limited machine; the grids resume from the
@@ -35,7 +35,7 @@ set -uo pipefail
 phases=",${1:-all},"
 # want PHASE: PHASE was asked for by name (or, when all is, as one of the grids of `all`)
 want() { [[ $phases == *",$1,"* ]] || { [[ $phases == *",all,"* ]] && [ "${2:-}" != named ]; }; }
-unknown=$(tr ',' '\n' <<< "${1:-all}" | grep -vxE 'all|prepare|eval-check|reproduce|base|base-init|base-lr|base-steps|sink|stability|stability-noqk|init-control|lr-control|report' || true)
+unknown=$(tr ',' '\n' <<< "${1:-all}" | grep -vxE 'all|prepare|eval-check|reproduce|base|base-init|base-lr|base-steps|sink|sink-long|stability|stability-noqk|init-control|lr-control|report' || true)
 if [ -n "$unknown" ]; then echo "error: unknown phase(s): $(paste -sd, <<< "$unknown")" >&2; exit 2; fi
 if [ -d .data/gutenberg-en ]; then DATA=${DATA:-.data/gutenberg-en}; else DATA=${DATA:-../shared/data/gutenberg-en}; fi
 OUT=${OUT:-reproduction-out}      # where the tarballs and report tables land
@@ -111,6 +111,10 @@ if want sink; then
   run_grid "${SINK_LIMIT_S:-600}" ablations/sink.yaml --gpus all --runs-per-gpu "${SINK_RUNS_PER_GPU:-3}" \
     "${grid_args[@]}" --quiet
 fi
+if want sink-long; then
+  run_grid "${SINK_LIMIT_S:-600}" ablations/sink-long.yaml --gpus all --runs-per-gpu "${SINK_RUNS_PER_GPU:-3}" \
+    "${grid_args[@]}" --quiet
+fi
 if want stability; then
   run_grid "${STABILITY_LIMIT_S:-600}" ablations/stability.yaml --gpus all "${grid_args[@]}" --quiet
 fi
@@ -130,7 +134,7 @@ if want eval-check named; then
     --out "$OUT/eval-check-${EVAL_GRID:-reproduce}.json" 2>&1 | grep -v "Mismatch dtype\|torch.rms_norm"
 fi
 if want report; then
-  for grid in reproduce reproduce-base reproduce-base-init reproduce-base-lr reproduce-base-steps sink stability stability-noqk reproduce-init reproduce-lr; do
+  for grid in reproduce reproduce-base reproduce-base-init reproduce-base-lr reproduce-base-steps sink sink-long stability stability-noqk reproduce-init reproduce-lr; do
     options=()  # (the base grid is also read against its depth-scaled-init control)
     [ "$grid" = reproduce-base ] && options=(--control reproduce-base-init)
     # (the stability grids' criterion counts 0.05 nats above the best rung as broke)

@@ -125,6 +125,44 @@ def test_measured_rates_keep_to_the_device_and_undo_packing(store):
     assert measured_tokens_per_s(store, "small", "synthetic", "cpu") == (100.0, 1)
 
 
+def test_a_time_limit_admits_the_first_cells_by_the_measured_rate_with_packing(store,
+                                                                                monkeypatch):
+    """Before any cell of this process has ended, `--time-limit` admits a cell only if the
+    store's measured rate says it ends in time, cells sharing a GPU each slower by
+    runs_per_gpu / their measured speed-up (an unmeasured preset: no speed-up); with nothing
+    measured it admits as before; once a cell has ended here, that cell's time rules."""
+    from mlflow.tracking import MlflowClient
+
+    from lab.config import resolve
+    from lab.experiments.grid import run as grid
+    from lab.experiments.grid.estimate import expected_cell_s
+
+    config = resolve("baseline", "deep-narrow", tokens=3e8)
+    assert expected_cell_s([config], store, "cuda", 1) is None
+    client = MlflowClient(store)
+    experiment = client.create_experiment("measured")
+    run_id = client.create_run(experiment, tags={"preset": "deep-narrow", "data": config.data.source,
+                                                 "device": "NVIDIA H200"}).info.run_id
+    client.log_metric(run_id, "tokens/seen", 1e8)
+    client.log_metric(run_id, "time/wall_s", 200.0)  # 5e5 tokens/s end to end
+    client.set_terminated(run_id, "FINISHED")
+    seconds, basis = expected_cell_s([config], store, "cuda", 1)
+    assert seconds == pytest.approx(600.0) and "median of 1 finished deep-narrow" in basis
+    assert expected_cell_s([config], store, "cuda", 3)[0] == pytest.approx(1800.0)
+    assert expected_cell_s([config], store, "cpu", 1) is None
+
+    clock = [0.0]
+    monkeypatch.setattr(grid, "_now", lambda: clock[0])
+    dispatch = grid.Dispatch(None, 0.0, 1000.0)
+    assert dispatch.admit()  # nothing measured: as before
+    dispatch.expected_s = seconds
+    assert dispatch.admit()  # 0 + 600 < 1000
+    clock[0] = 500.0
+    assert not dispatch.admit()  # 500 + 600 > 1000
+    dispatch.longest_s = 400.0  # a cell ended here after 400 s: it rules
+    assert dispatch.admit()
+
+
 @pytest.mark.slow
 def test_dry_run_after_a_run_marks_finished_cells_done(store, capsys):
     """A dry run of a grid that has partly run lists its FINISHED cells as done and times

@@ -75,8 +75,8 @@ def test_a_single_phase_runs_only_its_grid(tmp_path):
 
 
 ALL_GRIDS = ["reproduce", "reproduce-base", "reproduce-base-init", "reproduce-base-lr",
-             "reproduce-base-steps", "sink", "stability", "stability-noqk", "reproduce-init",
-             "reproduce-lr"]
+             "reproduce-base-steps", "sink", "sink-long", "stability", "stability-noqk",
+             "reproduce-init", "reproduce-lr"]
 
 
 def test_all_runs_every_grid_but_not_the_eval_check(tmp_path):

@@ -169,6 +169,29 @@ def estimate(cells: list[Cell], counts: list[dict], uri: str, workers: int,
     return seconds, basis
 
 
+def expected_cell_s(configs: list[RunConfig], uri: str, device: str, runs_per_gpu: int
+                    ) -> tuple[float, str] | None:
+    """Seconds the longest of these cells' configs is expected to take with `runs_per_gpu` of them
+    sharing each GPU, from the store's measured rate (measured_tokens_per_s: overheads
+    included), and the sentence saying so; None where the store measures none. What
+    `--time-limit` admits a grid's first cells by, before any cell of this process has ended
+    (on 2026-12-06 three packed `stability` cells were started on no estimate and were cut
+    off at 83% by the call's limit, 8 device minutes lost)."""
+    if not configs:
+        return None
+    spec = configs[0]
+    measured = measured_tokens_per_s(uri, spec.preset, spec.data.source, device)
+    if not measured:
+        return None
+    rate, n = measured
+    slower = runs_per_gpu / packing_speedup(spec.preset, runs_per_gpu) if runs_per_gpu > 1 else 1.0
+    seconds = max(c.train.tokens for c in configs) / rate * slower
+    packed = (f", {runs_per_gpu} cells per GPU at {packing_speedup(spec.preset, runs_per_gpu):.2f}x"
+              f" one cell's tokens/s" if runs_per_gpu > 1 else "")
+    return seconds, (f"about {duration(seconds)} a cell: {rate:,.0f} tokens/s end to end, the "
+                     f"median of {n} finished {spec.preset} runs on {device}{packed}")
+
+
 def print_dry_run(spec: GridSpec, cells: list[Cell], uri: str, workers: int, device: str,
                   per_gpu: int = 1) -> None:
     """`per_gpu` cells sharing a GPU each run slower by per_gpu / (their measured aggregate

@@ -15,8 +15,9 @@ from lab import records
 from lab.errors import LabError, check_positive
 from lab.experiments.grid.cells import CellPool, Outcome, execute_cell, run_ddp_cell
 from lab.experiments.grid.claims import GridContext, Plan, Task, reconcile
-from lab.experiments.grid.estimate import (auto_runs_per_gpu, compile_shape, finished_hashes,
-                                           gpu_memory_gib, parse_runs_per_gpu, print_dry_run)
+from lab.experiments.grid.estimate import (auto_runs_per_gpu, compile_shape, expected_cell_s,
+                                           finished_hashes, gpu_memory_gib, parse_runs_per_gpu,
+                                           print_dry_run)
 from lab.experiments.grid.spec import Cell, parse_shard, plan, shard_cells
 from lab.experiments.overrides import override_pairs
 from lab.experiments.pool import cpu_threads, gpu_slots, parse_gpus, slot_name, threads_per_worker
@@ -174,6 +175,8 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
                       check_s / max(1, len(work.tasks)))
     dispatch = Dispatch(_progress(spec.name, work, layout.workers, options.quiet), started_at,
                         options.time_limit_s)
+    if options.time_limit_s is not None:
+        dispatch.expect([t.config for t in work.tasks], uri, layout, spec.name, options.quiet)
     with stop_on_signals(), heartbeat(client, parent):  # SIGINT, SIGTERM: runs end KILLED
         try:
             _open_parent(client, parent, me, spec, check_table)
@@ -226,12 +229,24 @@ class Dispatch:
     outcomes: list[Outcome] = field(default_factory=list)
     dispatched_at: dict[int, float] = field(default_factory=dict)
     longest_s: float = 0.0  # the longest cell so far, dispatch to outcome, packing included
+    expected_s: float = 0.0  # a cell's time from the store's measurements, until one ends here
+
+    def expect(self, configs: list, uri: str, layout: Layout, grid: str, quiet: bool) -> None:
+        """Under a time limit, the first cells are admitted by what the store measured for
+        the preset on this device, packing included (estimate.expected_cell_s)."""
+        expected = expected_cell_s(configs, uri, layout.device,
+                                   layout.runs_per_gpu if layout.gpus else 1)
+        if expected is not None:
+            self.expected_s = expected[0]
+            if not quiet:
+                print(f"grid {grid}: --time-limit: {expected[1]}", flush=True)
 
     def admit(self) -> bool:
-        """A cell may start: no limit, or the longest cell so far still fits before it."""
+        """A cell may start: no limit, or the longest cell so far (before any has ended
+        here, the measured expectation) still fits before it."""
         if self.time_limit_s is None:
             return True
-        return _now() + self.longest_s < self.started_at + self.time_limit_s
+        return _now() + (self.longest_s or self.expected_s) < self.started_at + self.time_limit_s
 
     def dispatched(self, task: Task, where) -> None:
         self.dispatched_at[task.index] = _now()
