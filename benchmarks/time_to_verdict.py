@@ -12,7 +12,8 @@ whatever fits in the time budget, and records what it skipped and why:
   (lab/training/phases.py `time/*_s`), the fraction of its wall clock in training steps,
   the grid's wall clock start to report, and a projection to the 48-cell grid;
 - deep-narrow: the deep-narrow preset at batch 16, bare loop vs lab path, with the default
-  compile mode and with `reduce-overhead` (CUDA graphs);
+  compile mode and with `reduce-overhead` (CUDA graphs); and at batch 64 (the stability
+  ladder's cells) with the default mode;
 - mfu: tokens/s and MFU at `medium` and `base`, bare loop and lab path;
 - grid-base: one real `reproduce-base` cell (6e7 tokens);
 - liger: the bare loop at `small` and `medium` with `train.fused_loss=liger` and without
@@ -48,7 +49,7 @@ sys.path.insert(0, str(REPO))
 
 # Seconds each section takes on one H100/H200, from the measurements it repeats (rough, for
 # the budget; benchmarks/README.md and issue 38): compiles of 15-50 s each dominate.
-ESTIMATED_S = {"grid-small": 150, "deep-narrow": 170, "mfu": 120, "grid-base": 130,
+ESTIMATED_S = {"grid-small": 150, "deep-narrow": 230, "mfu": 120, "grid-base": 130,
                "liger": 110, "grid-small-again": 70, "grid-small-warm": 150}
 SECTIONS = list(ESTIMATED_S)
 DRY_ESTIMATED_S = 5.0      # per section in --dry (the tests' budget arithmetic)
@@ -186,9 +187,14 @@ def _bench_pair(preset: str, overrides: list[str], ctx: dict, lab: bool = True) 
 
 
 def deep_narrow(ctx: dict) -> dict:
-    return {"rows": [dict(_bench_pair("deep-narrow", ["train.batch_size=16",
+    # batch 16 (launch-bound: the issue's case) in both compile modes, then batch 64 with the
+    # default mode: the stability ladder's cells (ablations/stability.yaml), 853k tokens/s
+    # alone on an H200 on 2026-12-06 (MFU 23%), and no faster packed: how near bare is that?
+    return {"rows": [dict(_bench_pair("deep-narrow", [f"train.batch_size={batch}",
                                                        f"train.compile_mode={mode}"], ctx),
-                          mode=mode) for mode in ("default", "reduce-overhead")]}
+                          mode=mode, batch_size=batch)
+                     for batch, mode in ((16, "default"), (16, "reduce-overhead"),
+                                         (64, "default"))]}
 
 
 def mfu(ctx: dict) -> dict:
@@ -334,6 +340,8 @@ def tables(report: dict) -> str:
         for name, s in loops:
             for r in s["rows"]:
                 setting = r.get("mode") or r.get("loss") or "defaults"
+                if "batch_size" in r:
+                    setting += f", batch {r['batch_size']}"
                 ratio = f"{r['lab_over_bare']:.3f}" if "lab_over_bare" in r else "-"
                 lines.append(f"| {name} | {r['preset']} | {setting} | {_rate(r.get('bare'))} | "
                              f"{_rate(r.get('lab'))} | {ratio} |")

@@ -82,7 +82,8 @@ def test_the_tables_show_each_cells_phases_and_each_loops_ratio():
                                  "grid_s": 120.0, "report_s": 6.0,
                                  "projected_small_grid_min": 21.3, "time_line": "time in 1 cell"},
                   "deep-narrow": {"status": "done", "rows": [
-                      {"preset": "deep-narrow", "mode": "reduce-overhead", "lab_over_bare": 0.85,
+                      {"preset": "deep-narrow", "mode": "reduce-overhead", "batch_size": 16,
+                       "lab_over_bare": 0.85,
                        "bare": {"tokens_per_s": 500_000.0, "mfu": 0.1},
                        "lab": {"tokens_per_s": 425_000.0, "mfu": 0.085}}]},
                   "liger": {"status": "skipped", "reason": "no liger_kernel"}}}
@@ -90,7 +91,7 @@ def test_the_tables_show_each_cells_phases_and_each_loops_ratio():
     assert ("| ttv-small | baseline/lr=0.003/seed=0 | 2 | 100.0 | 91.0 | **0.910** | 3.0 | "
             "1.0 | 0.5 | 2.0 | 1.0 | 0.5 | 0.5 | 0.5 | 1,000,000 |") in md
     assert "projected 48-cell `small` grid on one GPU, start to report: 21.3 min" in md
-    assert ("| deep-narrow | deep-narrow | reduce-overhead | 500,000 (10.0%) | 425,000 (8.5%) "
+    assert ("| deep-narrow | deep-narrow | reduce-overhead, batch 16 | 500,000 (10.0%) | 425,000 (8.5%) "
             "| 0.850 |") in md
     assert "- liger: skipped: no liger_kernel" in md
 
