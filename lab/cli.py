@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--equivalence-percent", type=float, default=None,
                    help="the band within which the trend verdicts call two variants the "
                    "same, in percent of the right side's mean (default 1: lab/reports/trends/verdicts.py)")
-    p.add_argument("--broke-margin", type=float, default=0.1, metavar="NATS",
+    p.add_argument("--broke-margin", type=float, default=None, metavar="NATS",
                    help="over an LR ladder, a run broke when it diverged or ended this many "
                    "nats above its variant's best rung (default 0.1: "
                    "lab/reports/trends/measures.py BROKE_MARGIN)")

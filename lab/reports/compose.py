@@ -18,11 +18,11 @@ from lab.records.lookup import missing_grid
 
 
 def check_report_options(grids: list[str], out: str | None, equivalence_percent: float | None,
-                         broke_margin: float) -> None:
+                         broke_margin: float | None) -> None:
     if equivalence_percent is not None and not equivalence_percent > 0:
         raise LabError(f"report: --equivalence-percent must be above 0, not "
                        f"{equivalence_percent:g}")
-    if not broke_margin > 0:
+    if broke_margin is not None and not broke_margin > 0:
         raise LabError(f"report: --broke-margin must be above 0 nats, not {broke_margin:g}")
     if out and len(grids) > 1:
         raise LabError("report: --out takes one grid; with several, each goes to reports/<grid>")
@@ -30,9 +30,10 @@ def check_report_options(grids: list[str], out: str | None, equivalence_percent:
 
 def report_grids(grids: list[str], uri: str | None = None, out: str | None = None,
                  control: str | None = None, equivalence_percent: float | None = None,
-                 broke_margin: float = 0.1) -> str:
+                 broke_margin: float | None = None) -> str:
     """Write the grids' reports (and, for several, the trends across them); return what the
-    terminal shows of them. `equivalence_percent` None: the trends' default."""
+    terminal shows of them. `equivalence_percent` and `broke_margin` None: the trends'
+    defaults (one constant each, in lab/reports/trends/, so the CLI repeats neither)."""
     for grid in grids + ([control] if control else []):
         error = missing_grid(grid, uri)  # (at once, without MLflow's import)
         if error is not None:
@@ -43,8 +44,8 @@ def report_grids(grids: list[str], uri: str | None = None, out: str | None = Non
 
     grids = list(dict.fromkeys(grids))
     check_report_options(grids, out, equivalence_percent, broke_margin)
-    band = {"broke_margin": broke_margin} if equivalence_percent is None else \
-        {"equivalence_percent": equivalence_percent, "broke_margin": broke_margin}
+    band = {key: value for key, value in (("equivalence_percent", equivalence_percent),
+                                          ("broke_margin", broke_margin)) if value is not None}
     if len(grids) == 1:
         return terminal_report(build_report(grids[0], uri, out, control=control, **band))
     # (the control grid, when it is one of the grids, is reported on its own)

@@ -371,6 +371,14 @@ def test_report_prints_the_verdicts_and_checks_its_band(store, tmp_path, capsys)
     assert "| 1 | G1 elementwise < baseline | val/ppl | 7.288 vs 7.421 (dense, Table 2) " \
            "| -0.4667 |" in trends_part
     assert "| as the paper |" in trends_part
+    # Without --broke-margin the report uses the one constant, which the help names.
+    from lab.cli import build_parser
+    from lab.reports.trends.measures import BROKE_MARGIN
+
+    assert f"ended more than {BROKE_MARGIN:g} nats above that rung's mean" in \
+        (tmp_path / "out" / "report.md").read_text()
+    report_help = build_parser()._subparsers._group_actions[0].choices["report"].format_help()
+    assert f"(default {BROKE_MARGIN:g}:" in " ".join(report_help.split())
     assert main(["report", "fake", "--tracking-uri", store, "--equivalence-percent", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "report: --equivalence-percent must be above 0, not 0" in err[0]
