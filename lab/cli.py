@@ -229,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_grid)
 
     p = _parser(sub, "report", "compare the variants of a grid: tables (Markdown, CSV) and plots")
-    p.add_argument("grid", nargs="+", help="grid name (the MLflow experiment); with several "
+    p.add_argument("grid", nargs="+", help="grid name (the MLflow experiment), or its grid "
+                   "file (ablations/NAME.yaml), whose `criterion:` the report then checks "
+                   "(by name: the one the grid last ran with); with several "
                    "(e.g. the two scales), each grid's report and then the trend verdicts "
                    "side by side, with the grids where each holds")
     p.add_argument("--out", help="output folder (default reports/<grid>; one grid only)")
@@ -238,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "same, in percent of the right side's mean (default 1: lab/reports/trends/verdicts.py)")
     p.add_argument("--broke-margin", type=float, default=None, metavar="NATS",
                    help="over an LR ladder, a run broke when it diverged or ended this many "
-                   "nats above its variant's best rung (default 0.1: "
-                   "lab/reports/trends/measures.py BROKE_MARGIN)")
+                   "nats above its variant's best rung (default: the grid file's "
+                   "criterion's broke_margin, else 0.1: lab/reports/trends/measures.py "
+                   "BROKE_MARGIN)")
     p.add_argument("--control", metavar="GRID", help="a grid that changes one setting of "
                    "this one (e.g. reproduce-base-init): each variant's Δ PPL against the "
                    "control's same variant, else its baseline (two factors changed), paired "

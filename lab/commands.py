@@ -89,6 +89,10 @@ def cmd_grid(args) -> int:
     spec = with_cli(load_grid(args.file), preset=args.preset, data=args.data, tokens=args.tokens,
                     seeds=args.seeds, lrs=args.lrs, variants=args.variants,
                     overrides=args.overrides)
+    if spec.criterion is not None and spec.criterion.trends:
+        # (the trends are the report's to name: one it would refuse fails here, before a cell)
+        from lab.reports.criterion import check_trends
+        check_trends(spec.criterion, f"grid file {args.file}")
     # (MLflow and Lightning only now: a bad grid file's error line does not wait for them)
     from lab.experiments.grid.run import GridOptions, describe_summary, run_grid
     options = GridOptions(gpus=args.gpus, runs_per_gpu=args.runs_per_gpu,

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from lab.errors import LabError
+from lab.experiments.criterion import Criterion, read_criterion
 from lab.experiments.files import (check_name, parse_lrs, parse_seeds, parse_variants, read_yaml,
                                    yaml_number)
 from lab.experiments.overrides import read_overrides
@@ -192,12 +193,22 @@ class GridSpec(ExperimentSpec):
 
     lrs: tuple[float, ...] | None = None     # None: the preset's LR
     lr_sweep: str | None = None              # lrs: {from_sweep: <name>}
+    criterion: Criterion | None = None       # the success criterion (lab/experiments/criterion.py)
 
     kind: ClassVar[str] = "grid"
 
     @classmethod
     def keys(cls) -> dict[str, KeyReader]:
-        return {**super().keys(), "lrs": _learning_rates_key}
+        return {**super().keys(), "lrs": _learning_rates_key,
+                "criterion": lambda value: {"criterion": read_criterion(value)}}
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if self.criterion is None:
+            del out["criterion"]  # (a grid without one records the grid.yaml it always did)
+        else:
+            out["criterion"] = self.criterion.to_dict()
+        return out
 
 
 def grid_from_dict(raw, source: str = "grid file") -> GridSpec:

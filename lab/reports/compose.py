@@ -28,12 +28,32 @@ def check_report_options(grids: list[str], out: str | None, equivalence_percent:
         raise LabError("report: --out takes one grid; with several, each goes to reports/<grid>")
 
 
+def grid_file(path: str):
+    """(the grid's name, its criterion or None) from a grid file named on the command line,
+    read and checked as `gatelab grid` reads it (without MLflow's import)."""
+    from lab.experiments.schema import load_grid
+
+    if not Path(path).is_file():
+        raise LabError(f"report: grid file {path} not found")
+    spec = load_grid(path)
+    return spec.name, spec.criterion
+
+
 def report_grids(grids: list[str], uri: str | None = None, out: str | None = None,
                  control: str | None = None, equivalence_percent: float | None = None,
                  broke_margin: float | None = None) -> str:
     """Write the grids' reports (and, for several, the trends across them); return what the
     terminal shows of them. `equivalence_percent` and `broke_margin` None: the trends'
     defaults (one constant each, in lab/reports/trends/, so the CLI repeats neither)."""
+    files = {}  # grid name -> its grid file's criterion, for grids given as files
+    names = []
+    for grid in grids:
+        if grid.endswith((".yaml", ".yml")):
+            name, criterion = grid_file(grid)
+            files[name] = (criterion, f"the grid file {grid}")
+            grid = name
+        names.append(grid)
+    grids = names
     for grid in grids + ([control] if control else []):
         error = missing_grid(grid, uri)  # (at once, without MLflow's import)
         if error is not None:
@@ -47,9 +67,11 @@ def report_grids(grids: list[str], uri: str | None = None, out: str | None = Non
     band = {key: value for key, value in (("equivalence_percent", equivalence_percent),
                                           ("broke_margin", broke_margin)) if value is not None}
     if len(grids) == 1:
-        return terminal_report(build_report(grids[0], uri, out, control=control, **band))
+        return terminal_report(build_report(grids[0], uri, out, control=control,
+                                            grid_file=files.get(grids[0]), **band))
     # (the control grid, when it is one of the grids, is reported on its own)
-    reports = [build_report(grid, uri, control=None if grid == control else control, **band)
+    reports = [build_report(grid, uri, control=None if grid == control else control,
+                            grid_file=files.get(grid), **band)
                for grid in grids]
     return across_grids({report.grid: report.verdicts for report in reports},
                         [f"{report.grid}: written to {report.out_dir} (and logged to its "

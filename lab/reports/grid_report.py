@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,8 +55,10 @@ from lab import records
 from lab.analysis.outputs import LAYER_TABLE, layer_metrics
 from lab.errors import LabError
 from lab.records import find_grid_parent, grid_cell_runs
-from lab.progress import clip
+from lab.progress import TERMINAL_COLUMNS, clip
 from lab.records.lookup import no_grid
+from lab.reports.criterion import (CriterionResult, evaluate_criterion, gate_verdicts,
+                                   parent_criterion)
 from lab.reports.figures import row_styles
 from lab.reports.rows import build_rows, is_dense, sink_histories
 from lab.reports.sections import GridRecords, write_sections
@@ -74,6 +77,7 @@ class Report:
     out_dir: Path
     files: list[Path]
     verdicts: list = field(default_factory=list)  # trends.verdicts.TrendResult, one per trend
+    criterion: CriterionResult | None = None       # the grid file's, checked (reports/criterion.py)
 
 
 # --- reading the store ------------------------------------------------------------------
@@ -110,8 +114,11 @@ def load_runs(grid: str, uri: str | None = None) -> tuple[object, str, list[RunR
 # --- the report ----------------------------------------------------------------------------
 
 def read_grid(grid: str, uri: str | None, out_dir: Path, equivalence_percent: float,
-              control: str | None, broke_margin: float) -> tuple[str, GridRecords]:
-    """(the grid's parent run, what the report's sections read: lab/reports/sections.py)."""
+              control: str | None, broke_margin: float | None,
+              grid_file: tuple | None = None) -> tuple[str, GridRecords]:
+    """(the grid's parent run, what the report's sections read: lab/reports/sections.py).
+    `grid_file`: (criterion, where it was read) from a grid file on the command line; else
+    the criterion is the one on the parent's grid.yaml (lab/reports/criterion.py)."""
     client, parent, run_records = load_runs(grid, uri)
     rows, all_rows = build_rows(run_records)
     if control == grid:
@@ -119,23 +126,31 @@ def read_grid(grid: str, uri: str | None, out_dir: Path, equivalence_percent: fl
                        "changes one of its settings")
     controls = build_rows(load_runs(control, uri)[2])[0] if control else []
     dense = is_dense(run_records)
-    verdicts = evaluate(rows, all_rows, equivalence_percent, dense, broke_margin)
+    criterion, source = grid_file if grid_file is not None else \
+        (parent_criterion(client, parent), "the grid.yaml of the grid's parent run (the grid "
+         "file it last ran with)")
+    judged = None if criterion is None else evaluate_criterion(criterion, source, rows, client)
+    if broke_margin is None:  # the command line's, else the criterion's, else the default
+        broke_margin = criterion.broke_margin if criterion and criterion.broke_margin \
+            else BROKE_MARGIN
+    verdicts = gate_verdicts(evaluate(rows, all_rows, equivalence_percent, dense, broke_margin),
+                             judged)
     return parent, GridRecords(grid, client, run_records, rows, all_rows, dense, control,
                                controls, sink_histories(client, rows), verdicts,
-                               equivalence_percent, broke_margin, out_dir)
+                               equivalence_percent, broke_margin, out_dir, judged)
 
 
 def build_report(grid: str, uri: str | None = None, out: str | Path | None = None,
                  log_to_parent: bool = True,
                  equivalence_percent: float = EQUIVALENCE_PERCENT,
                  control: str | None = None,
-                 broke_margin: float = BROKE_MARGIN) -> Report:
+                 broke_margin: float | None = None, grid_file: tuple | None = None) -> Report:
     matplotlib.use("Agg")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one per artifact
 
     out_dir = Path(out or Path("reports") / grid)
     parent, grid_records = read_grid(grid, uri, out_dir, equivalence_percent, control,
-                                     broke_margin)
+                                     broke_margin, grid_file)
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown, written = write_sections(grid_records)
     files = [out_dir / "report.md", *written]
@@ -146,7 +161,8 @@ def build_report(grid: str, uri: str | None = None, out: str | Path | None = Non
         for file in files:
             client.log_artifact(parent, str(file), artifact_path="report")
         log_summary(client, parent, rows, all_rows, verdicts)
-    return Report(grid, rows, all_rows, markdown, out_dir, files, verdicts)
+    return Report(grid, rows, all_rows, markdown, out_dir, files, verdicts,
+                  grid_records.criterion)
 
 
 # What `gatelab report` and `gatelab demo` print fits TERMINAL_COLUMNS; the full tables (29
@@ -166,6 +182,9 @@ def terminal_report(report: Report) -> str:
     line, and where the full report is."""
     lines = [f"grid {report.grid}", "", terminal_summary(report)]
     judged = [v for v in report.verdicts if v.verdict != "not in this grid"]
+    if report.criterion is not None:  # (wrapped, not clipped: its numbers are the point)
+        lines += ["", *textwrap.wrap(f"the grid file's criterion: {report.criterion.summary()}",
+                                     TERMINAL_COLUMNS, subsequent_indent="  ")]
     if judged:
         lines += ["", "the paper's trends here (each comparison behind them: report.md):"]
         lines += [clip(f"{v.trend.number:>3}. {v.verdict}: {v.trend.claim}") for v in judged]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from lab.reports.criterion import CriterionResult
+from lab.reports.criterion import markdown as criterion_markdown
 from lab.reports.figures import (plot_deltas, plot_loss_curves, plot_lr, plot_per_layer,
                                  plot_sink_histories, row_styles, run_history)
 from lab.reports.ladder import plot_ladder
@@ -43,6 +45,7 @@ class GridRecords:
     equivalence_percent: float
     broke_margin: float
     out_dir: Path
+    criterion: CriterionResult | None = None  # the grid file's criterion, checked
 
     @property
     def n_lrs(self) -> int:
@@ -144,6 +147,11 @@ def sink_through_training(records: GridRecords) -> Section:
                    f"{sink_history_table(records.histories)}\n", (path,))
 
 
+def grid_criterion(records: GridRecords) -> Section:
+    """The grid file's criterion, each premise with its numbers (lab/reports/criterion.py)."""
+    return Section(criterion_markdown(records.criterion))
+
+
 def trends(records: GridRecords) -> Section:
     """Last: the paper's trends as this grid tests them (lab/reports/trends/)."""
     return Section("\n### The paper's trends (spec §6), as this grid tests them\n\n"
@@ -151,7 +159,8 @@ def trends(records: GridRecords) -> Section:
 
 
 SECTIONS: list[Callable[[GridRecords], Section]] = [
-    variants_table, plots, learning_rates, against_control, sink_through_training, trends]
+    variants_table, plots, learning_rates, against_control, sink_through_training,
+    grid_criterion, trends]
 
 
 def write_sections(records: GridRecords) -> tuple[str, list[Path]]:

@@ -246,6 +246,14 @@ CASES = [
      "model.rms_eps: expected a finite number, got inf"),
     ("grid-file-weight-decay", grid_file(GRID_FILE + "overrides: {train.weight_decay: -1}\n"),
      "train.weight_decay: must be a non-negative number, got -1"),
+    ("grid-file-criterion-trend", grid_file(
+        GRID_FILE + "criterion: {written: before, premise: [{variant: baseline, measure: "
+        "sink/first_token_attn, at_least: 0.03}], trends: [99]}\n"),
+     "criterion: trends: '99' is not a trend"),
+    ("grid-file-criterion-no-written", grid_file(GRID_FILE + "criterion: {broke_margin: 0.05}\n"),
+     "criterion: written: say when"),
+    ("report-grid-file-missing", ["report", "{tmp}/absent.yaml"],
+     "absent.yaml not found"),
     # --- issue 40: the store and output places, checked before a run is made --------------
     ("tracking-uri-memory", train("--tracking-uri", "sqlite:///:memory:"),
      "--tracking-uri: 'sqlite:///:memory:' is an in-memory SQLite database"),

@@ -117,7 +117,9 @@ def test_report_reads_the_base_grid_against_its_init_control(tmp_path):
     done, lines = run_script(tmp_path, "report")
     assert done.returncode == 0, done.stdout + done.stderr
     reports = [line.split()[3:] for line in lines if line.startswith("-m lab report ")]
-    assert [r[0] for r in reports][:3] == ["reproduce", "reproduce-base", "reproduce-base-init"]
+    # each grid by its file, so that the report checks the file's criterion (docs/grid.md)
+    assert [r[0] for r in reports] == [f"ablations/{grid}.yaml" for grid in ALL_GRIDS]
+    assert all((ROOT / r[0]).is_file() for r in reports)
     assert reports[1][1:3] == ["--control", "reproduce-base-init"]
     assert "--control" not in reports[0] and "--control" not in reports[2]
     assert not any(line.startswith("-m lab prepare") for line in lines)

@@ -103,7 +103,7 @@ def test_a_file_without_extends_reads_as_before(tmp_path):
 
 # --- reading one file: from_dict's refusals, defaults and nulls (lab/experiments/schema.py) --
 
-GRID_FIELDS = "name, preset, data, tokens, variants, seeds, overrides, lrs"
+GRID_FIELDS = "name, preset, data, tokens, variants, seeds, overrides, lrs, criterion"
 
 
 @pytest.mark.parametrize("raw, expected", [

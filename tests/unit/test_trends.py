@@ -378,7 +378,7 @@ def test_report_prints_the_verdicts_and_checks_its_band(store, tmp_path, capsys)
     assert f"ended more than {BROKE_MARGIN:g} nats above that rung's mean" in \
         (tmp_path / "out" / "report.md").read_text()
     report_help = build_parser()._subparsers._group_actions[0].choices["report"].format_help()
-    assert f"(default {BROKE_MARGIN:g}:" in " ".join(report_help.split())
+    assert f"else {BROKE_MARGIN:g}:" in " ".join(report_help.split())
     assert main(["report", "fake", "--tracking-uri", store, "--equivalence-percent", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "report: --equivalence-percent must be above 0, not 0" in err[0]
