@@ -332,6 +332,14 @@ def test_two_workers_on_two_gpus_each_get_their_own(workspace, monkeypatch):
     run_sweep(sweep, workers=2, quiet=True, check=False)
     run_sweep(sweep, workers=3, quiet=True, check=False)
     assert started == [(["0", "1"], 6), (["0", "0", "1"], 4)]
+    # On the CPU a model as narrow as tiny's (d_model 64) trains on one thread per worker,
+    # as the grid's cells do (lab/experiments/pool.py threads_per_worker), not on 12 // 2.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    run_sweep(parse_sweep(sweep_dict(name="cpu-pinned", variants=["baseline"],
+                                     lr={"ladder": [1e-3, 3e-3]}, pruner="none")),
+              workers=2, quiet=True, check=False)
+    assert started[-1] == ([None, None], 1)
 
 
 def test_a_trial_whose_worker_died_fails_and_its_run_says_why(tmp_path, monkeypatch):
@@ -546,7 +554,8 @@ def test_a_killed_ladder_trial_runs_again_at_its_point_and_no_point_runs_twice(w
     from lab.records.owners import owner_identity
     from lab.experiments.sweep.storage import open_storage
 
-    monkeypatch.setattr(sweep_module, "threads_per_worker", lambda workers: 1)  # conftest.py
+    monkeypatch.setattr(sweep_module, "threads_per_worker",
+                        lambda workers, d_model=None: 1)  # conftest.py
 
     sweep = parse_sweep(sweep_dict(name="killed", variants=["baseline"], tokens=2048,
                                    lr={"ladder": [1e-3, 3e-3, 1e-2]}, pruner="none"))
@@ -701,7 +710,8 @@ def test_the_gpu_check_table_is_kept_on_each_parent_run(workspace, monkeypatch):
     from lab import check, records
     from lab.experiments.sweep import run as sweep_module
 
-    monkeypatch.setattr(sweep_module, "threads_per_worker", lambda workers: 1)  # conftest.py
+    monkeypatch.setattr(sweep_module, "threads_per_worker",
+                        lambda workers, d_model=None: 1)  # conftest.py
     monkeypatch.setattr(check, "check_before_training",
                         lambda *args, **kwargs: "variant  mode  logits\nbaseline eager 7e-03\n")
     sweep = parse_sweep(sweep_dict(name="checked", variants=["baseline"], tokens=2048,

@@ -178,12 +178,17 @@ def _run_trials(tasks: list, ctx: SweepContext, workers: int, gpus: list[str],
                 studies: dict) -> None:
     """The trials in this process (one worker), or by a TrialPool."""
     workers = max(1, min(workers, len(tasks)))
+    # On the CPU a narrow model trains on one thread per worker, as a grid's cells do
+    # (pool.threads_per_worker); GPU workers split the cores.
+    sweep = ctx.sweep
+    d_model = None if gpus else \
+        sweep.config(sweep.variants[0], sweep.lr_bounds()[0], sweep.seeds[0]).model.d_model
     if workers == 1:
-        torch.set_num_threads(threads_per_worker(1))
+        torch.set_num_threads(threads_per_worker(1, d_model))
         for task in tasks:
             run_trial_task(task, ctx, notify=lambda info: None)
         return
-    pool = TrialPool(gpu_slots(gpus, workers), threads_per_worker(workers), ctx, studies)
+    pool = TrialPool(gpu_slots(gpus, workers), threads_per_worker(workers, d_model), ctx, studies)
     try:
         pool.run(tasks, on_outcome=lambda outcome: None, on_dispatch=lambda task, slot: None)
     except BaseException as err:  # each worker ends its trial's run KILLED for the same signal
