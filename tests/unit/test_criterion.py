@@ -26,6 +26,9 @@ def test_a_criterion_reads_into_its_premise_trends_and_margin():
     assert read_criterion(criterion.to_dict()) == criterion
     margin_only = read_criterion({"written": "before", "broke_margin": "5e-2"})
     assert margin_only.broke_margin == 0.05 and not margin_only.premise
+    # a bare date, which YAML reads as one, is when it was written
+    dated = read_criterion(yaml.safe_load("written: 2026-12-06\nbroke_margin: 0.05\n"))
+    assert dated.written == "2026-12-06" and read_criterion(dated.to_dict()) == dated
 
 
 @pytest.mark.parametrize("change, message", [
