@@ -185,6 +185,10 @@ def test_a_time_limit_expects_no_more_cells_on_a_gpu_than_there_are_to_run(store
     assert dispatch.expected_s == pytest.approx(200.0)
     dispatch.expect([config, config], store, layout, "g", quiet=True)
     assert dispatch.expected_s == pytest.approx(200.0 * 2 / packing_speedup("small", 2))
+    # a DDP cell over 2 GPUs: one GPU's measured rate is not its rate, so none is expected
+    ddp = grid.Dispatch(None, grid._now(), 1000.0)
+    ddp.expect([config], store, grid.Layout(["0", "1"], 2, 1, [], 1, 1, None), "g", quiet=True)
+    assert ddp.expected_s == 0.0 and ddp.admit()
 
 
 @pytest.mark.slow
