@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, metavar="SECONDS",
                    help="start no cell after this many seconds from the grid's start that would "
                    "not end before them, judged by the longest cell run so far (before one has ended: the "
-                   "store's measured rate for the preset, packing included; a time-limited "
+                   "store's measured rate for the preset, packing included, except for DDP "
+                   "cells; a time-limited "
                    "job slot: cells in progress finish instead of being killed; rerun to go on)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the cells, parameter counts and a time estimate; run nothing")

@@ -23,6 +23,7 @@ training stack).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import date
 
 from lab.errors import LabError
 from lab.experiments.files import yaml_number
@@ -107,6 +108,8 @@ def read_criterion(value, where: str = "criterion") -> Criterion:
     """The `criterion:` mapping of a grid file, checked (LabError naming the key)."""
     raw = _mapping(where, value, CRITERION_KEYS)
     written = raw.get("written")
+    if isinstance(written, date):  # (YAML reads a bare `written: 2026-12-06` as a date)
+        written = written.isoformat()
     if not isinstance(written, str) or not written.strip():
         raise LabError(f"{where}: written: say when the criterion was written (before which "
                        "cells ran), e.g. '2026-12-05, before any cell ran'")

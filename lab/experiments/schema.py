@@ -202,6 +202,19 @@ class GridSpec(ExperimentSpec):
         return {**super().keys(), "lrs": _learning_rates_key,
                 "criterion": lambda value: {"criterion": read_criterion(value)}}
 
+    @classmethod
+    def complete(cls, fields: dict) -> dict:
+        """A premise is about one of the grid's variants: one the grid does not run could
+        never be checked, and would make its trends "not testable here" for good (a grid
+        that extends another and runs other variants sets its own criterion, or null)."""
+        criterion, variants = fields.get("criterion"), fields.get("variants")
+        if criterion is not None and variants not in (None, "all"):
+            for i, premise in enumerate(criterion.premise):
+                if premise.variant not in variants:
+                    raise LabError(f"criterion: premise[{i}]: variant: {premise.variant!r} is "
+                                   f"not one of the grid's variants ({', '.join(variants)})")
+        return fields
+
     def to_dict(self) -> dict:
         out = super().to_dict()
         if self.criterion is None:

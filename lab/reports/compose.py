@@ -30,12 +30,16 @@ def check_report_options(grids: list[str], out: str | None, equivalence_percent:
 
 def grid_file(path: str):
     """(the grid's name, its criterion or None) from a grid file named on the command line,
-    read and checked as `gatelab grid` reads it (without MLflow's import)."""
+    read and checked as `gatelab grid` reads it (without MLflow's import), its trends too:
+    a bad one is refused before any grid's report is written."""
     from lab.experiments.schema import load_grid
+    from lab.reports.criterion import check_trends
 
     if not Path(path).is_file():
         raise LabError(f"report: grid file {path} not found")
     spec = load_grid(path)
+    if spec.criterion is not None:
+        check_trends(spec.criterion, f"report: grid file {path}")
     return spec.name, spec.criterion
 
 

@@ -254,6 +254,11 @@ CASES = [
      "criterion: written: say when"),
     ("report-grid-file-missing", ["report", "{tmp}/absent.yaml"],
      "absent.yaml not found"),
+    # (a later grid file's bad trend stops the command before the first grid's report)
+    ("report-grid-file-criterion-trend", [
+        "report", "{grid}", "{tmp}/written.yaml",
+        "@write:" + GRID_FILE + "criterion: {written: before, trends: [99]}\n"],
+     "written.yaml: criterion: trends: '99' is not a trend"),
     # --- issue 40: the store and output places, checked before a run is made --------------
     ("tracking-uri-memory", train("--tracking-uri", "sqlite:///:memory:"),
      "--tracking-uri: 'sqlite:///:memory:' is an in-memory SQLite database"),

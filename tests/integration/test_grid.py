@@ -163,6 +163,34 @@ def test_a_time_limit_admits_the_first_cells_by_the_measured_rate_with_packing(s
     assert dispatch.admit()
 
 
+def test_a_time_limit_expects_no_more_cells_on_a_gpu_than_there_are_to_run(store):
+    """A grid with one cell left at --runs-per-gpu 2 runs it alone: its expectation is one
+    cell's time, not a packed cell's (which could refuse a cell that fits, on every rerun)."""
+    from mlflow.tracking import MlflowClient
+
+    from lab.config import resolve
+    from lab.experiments.grid import run as grid
+    from lab.experiments.grid.estimate import packing_speedup
+
+    config = resolve("baseline", "small", tokens=1e8)
+    client = MlflowClient(store)
+    run_id = client.create_run(client.create_experiment("measured"), tags={
+        "preset": "small", "data": config.data.source, "device": "NVIDIA H200"}).info.run_id
+    client.log_metric(run_id, "tokens/seen", 1e8)
+    client.log_metric(run_id, "time/wall_s", 200.0)
+    client.set_terminated(run_id, "FINISHED")
+    layout = grid.Layout(["0"], 1, 2, [], 2, 1, None)
+    dispatch = grid.Dispatch(None, 0.0, 1000.0)
+    dispatch.expect([config], store, layout, "g", quiet=True)
+    assert dispatch.expected_s == pytest.approx(200.0)
+    dispatch.expect([config, config], store, layout, "g", quiet=True)
+    assert dispatch.expected_s == pytest.approx(200.0 * 2 / packing_speedup("small", 2))
+    # a DDP cell over 2 GPUs: one GPU's measured rate is not its rate, so none is expected
+    ddp = grid.Dispatch(None, grid._now(), 1000.0)
+    ddp.expect([config], store, grid.Layout(["0", "1"], 2, 1, [], 1, 1, None), "g", quiet=True)
+    assert ddp.expected_s == 0.0 and ddp.admit()
+
+
 @pytest.mark.slow
 def test_dry_run_after_a_run_marks_finished_cells_done(store, capsys):
     """A dry run of a grid that has partly run lists its FINISHED cells as done and times

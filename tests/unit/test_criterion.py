@@ -26,6 +26,9 @@ def test_a_criterion_reads_into_its_premise_trends_and_margin():
     assert read_criterion(criterion.to_dict()) == criterion
     margin_only = read_criterion({"written": "before", "broke_margin": "5e-2"})
     assert margin_only.broke_margin == 0.05 and not margin_only.premise
+    # a bare date, which YAML reads as one, is when it was written
+    dated = read_criterion(yaml.safe_load("written: 2026-12-06\nbroke_margin: 0.05\n"))
+    assert dated.written == "2026-12-06" and read_criterion(dated.to_dict()) == dated
 
 
 @pytest.mark.parametrize("change, message", [
@@ -62,6 +65,27 @@ def test_a_grid_file_carries_its_criterion_into_grid_yaml_and_back():
     assert "criterion" not in grid_from_dict({"name": "g", "variants": ["baseline"]}).to_dict()
     with pytest.raises(LabError, match="grid file: criterion: unknown key|criterion: unknown key"):
         grid_from_dict({**raw, "criterion": {**SINK, "nope": 1}})
+
+
+
+def test_a_premise_names_one_of_the_grids_variants(tmp_path):
+    """One the grid does not run could never be checked: refused, also where a grid that
+    extends another runs other variants and would inherit the other's premise."""
+    with pytest.raises(LabError, match="criterion: premise\\[0\\]: variant: 'baseline' is not "
+                       "one of the grid's variants \\(sdpa_elementwise_sigmoid_mul\\)"):
+        grid_from_dict({"name": "g", "variants": ["sdpa_elementwise_sigmoid_mul"],
+                        "criterion": SINK})
+    assert grid_from_dict({"name": "g", "variants": "all", "criterion": SINK}).criterion
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"name": "base", "variants": ["baseline"],
+                                                        "criterion": SINK}))
+    (tmp_path / "gated.yaml").write_text("extends: base.yaml\nname: gated\n"
+                                         "variants: [sdpa_elementwise_sigmoid_mul]\n")
+    from lab.experiments.schema import load_grid
+
+    with pytest.raises(LabError, match="is not one of the grid's variants"):
+        load_grid(tmp_path / "gated.yaml")
+    (tmp_path / "gated.yaml").write_text((tmp_path / "gated.yaml").read_text() + "criterion: null\n")
+    assert load_grid(tmp_path / "gated.yaml").criterion is None
 
 
 def test_the_committed_sink_grids_name_their_premise():

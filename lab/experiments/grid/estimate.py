@@ -78,6 +78,16 @@ def packing_speedup(preset: str, runs_per_gpu: int) -> float:
         if runs_per_gpu > 1 else 1.0
 
 
+def packed_slowdown(preset: str, runs_per_gpu: int) -> tuple[float, str]:
+    """How many times longer each of `runs_per_gpu` cells sharing a GPU takes than one cell
+    alone (runs_per_gpu / packing_speedup), and the phrase saying so ("" for one alone)."""
+    if runs_per_gpu <= 1:
+        return 1.0, ""
+    speedup = packing_speedup(preset, runs_per_gpu)
+    return runs_per_gpu / speedup, (f"{runs_per_gpu} cells per GPU at {speedup:.2f}x one "
+                                    "cell's tokens/s")
+
+
 def compile_shape(config: RunConfig) -> str:
     """What decides a cell's compiled graph (the model, the micro-batch, the compile mode,
     the precision and the loss kernel; not the seed or the learning rate): cells with the
@@ -184,12 +194,11 @@ def expected_cell_s(configs: list[RunConfig], uri: str, device: str, runs_per_gp
     if not measured:
         return None
     rate, n = measured
-    slower = runs_per_gpu / packing_speedup(spec.preset, runs_per_gpu) if runs_per_gpu > 1 else 1.0
+    slower, packed = packed_slowdown(spec.preset, runs_per_gpu)
     seconds = max(c.train.tokens for c in configs) / rate * slower
-    packed = (f", {runs_per_gpu} cells per GPU at {packing_speedup(spec.preset, runs_per_gpu):.2f}x"
-              f" one cell's tokens/s" if runs_per_gpu > 1 else "")
     return seconds, (f"about {duration(seconds)} a cell: {rate:,.0f} tokens/s end to end, the "
-                     f"median of {n} finished {spec.preset} runs on {device}{packed}")
+                     f"median of {n} finished {spec.preset} runs on {device}"
+                     + (f", {packed}" if packed else ""))
 
 
 def print_dry_run(spec: GridSpec, cells: list[Cell], uri: str, workers: int, device: str,
@@ -199,10 +208,10 @@ def print_dry_run(spec: GridSpec, cells: list[Cell], uri: str, workers: int, dev
     are listed as done and left out of the time: the grid would skip them."""
     counts = [count_params(c.config) for c in cells]
     seconds, basis = estimate(cells, counts, uri, workers, device)
-    packed_speedup = packing_speedup(spec.preset, per_gpu)
-    if per_gpu > 1:
-        seconds = [s * per_gpu / packed_speedup for s in seconds]
-        basis += f"; {per_gpu:.0f} cells per GPU at {packed_speedup:.2f}x one cell's tokens/s"
+    slower, packed = packed_slowdown(spec.preset, per_gpu)
+    if packed:
+        seconds = [s * slower for s in seconds]
+        basis += f"; {packed}"
     done = finished_in_store(uri, spec.name)
     width = max(len(c.name) for c in cells)
     print(f"grid {spec.name}: {len(cells)} cells, preset {spec.preset}, data {spec.data}, "

@@ -233,9 +233,14 @@ class Dispatch:
 
     def expect(self, configs: list, uri: str, layout: Layout, grid: str, quiet: bool) -> None:
         """Under a time limit, the first cells are admitted by what the store measured for
-        the preset on this device, packing included (estimate.expected_cell_s)."""
-        expected = expected_cell_s(configs, uri, layout.device,
-                                   layout.runs_per_gpu if layout.gpus else 1)
+        the preset on this device, packing included (estimate.expected_cell_s): no GPU holds
+        more cells than there are to run (the last cells of a grid may each run alone). Not
+        for a DDP cell: the store's rate is one GPU's, and how a cell over several scales is
+        not measured, so the first one starts as before."""
+        if layout.gpus and layout.devices > 1:
+            return
+        per_gpu = min(layout.runs_per_gpu, len(configs)) if layout.gpus else 1
+        expected = expected_cell_s(configs, uri, layout.device, per_gpu)
         if expected is not None:
             self.expected_s = expected[0]
             if not quiet:
