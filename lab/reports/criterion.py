@@ -44,8 +44,9 @@ class CriterionResult:
         return None if any(p.met is None for p in self.premises) else True
 
     def summary(self) -> str:
+        margin = self.criterion.broke_margin
         if not self.premises:
-            return "no premise"
+            return "no premise" + (f"; broke margin {margin:g} nats" if margin is not None else "")
         word = {True: "met", False: "not met", None: "not checkable"}[self.met]
         failing = [p.evidence for p in self.premises if p.met is not True]
         return f"premise {word}" + (f": {'; '.join(failing)}" if failing else "")
@@ -53,11 +54,12 @@ class CriterionResult:
 
 def parent_criterion(client, parent: str) -> Criterion | None:
     """The criterion of the grid.yaml on the grid's parent run, None without one."""
+    # (a parent without grid.yaml was made before grids logged it; one that has it but
+    # cannot be read is an error, not "no criterion": its trends would go ungated unnoticed)
+    if "grid.yaml" not in {a.path for a in client.list_artifacts(parent)}:
+        return None
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(parent, "grid.yaml", tmp)
-        except Exception:  # (a parent without grid.yaml: made before grids logged it)
-            return None
+        path = client.download_artifacts(parent, "grid.yaml", tmp)
         raw = yaml.safe_load(Path(path).read_text()) or {}
     value = raw.get("criterion") if isinstance(raw, dict) else None
     return None if value is None else read_criterion(value, "the parent run's grid.yaml: criterion")
