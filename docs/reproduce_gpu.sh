@@ -29,6 +29,10 @@
 # store with it (a 2026-12-02 call whose grid limit did not leave that room came back empty).
 # The call's whole output is also kept in $OUT/reproduce.log, so a call cut short still
 # brings back what it did.
+# PACK_COMPILE_CACHE=1: the call also brings back Inductor's cache as
+# $OUT/inductor-<gpu>.tar.gz (at most OUT_FILE_LIMIT_BYTES); copied to .compile-cache/ (git
+# ignores it) and carried with the wheels, a later session's first call on the same kind of
+# GPU starts with it (COMPILE_CACHE_DIR names another folder).
 # TOKENIZER: optional tokenizer.json to reuse (the one `gatelab prepare` trains on the first
 # 32 MB of train-00 is deterministic, so training it again gives the same file).
 set -uo pipefail
@@ -86,6 +90,22 @@ if [ "$phases" != ",report," ]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 fi
 [ "$phases" = ",prepare," ] && exit 0
+# Inductor's caches (cache/inductor: lab/training/module.py use_compile_cache) from an earlier
+# session on the same kind of GPU, carried as $COMPILE_CACHE_DIR/inductor-<gpu>.tar.gz (a
+# call with PACK_COMPILE_CACHE=1 brings that file back, below): the first cell of each
+# shape then loads its graphs instead of compiling them (a deep-narrow cell compiled for 89 s
+# on a cold cache on 2026-12-06, 2-3 s a cell from the warm one). Inductor keys each entry by
+# the torch and Triton versions and the GPU, so a cache from other versions is unused, not
+# wrong; the file is named by the GPU, and a machine that already has a cache keeps its own.
+inductor=${TORCHINDUCTOR_CACHE_DIR:-cache/inductor}
+gpu_kind=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 |
+  tr '[:upper:] ' '[:lower:]-' | tr -cd 'a-z0-9-')
+carried="${COMPILE_CACHE_DIR:-.compile-cache}/inductor-${gpu_kind:-none}.tar.gz"
+if [ "$phases" != ",report," ] && [ -n "$gpu_kind" ] && [ -f "$carried" ] && [ ! -d "$inductor" ]; then
+  mkdir -p "$inductor" && tar xzf "$carried" -C "$inductor" &&
+    echo "compile cache: unpacked $carried into $inductor ($(du -sm "$inductor" | cut -f1) MB)"
+fi
+[ "${PACK_COMPILE_CACHE:-0}" = 1 ] && out_files=$((out_files + 1))
 # (after prepare: the records import MLflow, which the first call of a machine may not carry)
 echo "git_commit tag: $(python3 -c 'from lab import records; print(records.git_commit())')"
 if [ -e "$store/mlflow.db" ]; then echo "store: keeping the $store/mlflow.db already here"
@@ -157,4 +177,13 @@ for grid in "${ran[@]}"; do
     gatelab store pack "$OUT/$grid.tar.xz" --grid "$grid" --force --quiet
   fi
 done
+if [ "${PACK_COMPILE_CACHE:-0}" = 1 ] && [ -d "$inductor" ] && [ -n "$gpu_kind" ]; then
+  tar czf "$OUT/inductor-$gpu_kind.tar.gz" -C "$inductor" .
+  if [ "$(stat -c %s "$OUT/inductor-$gpu_kind.tar.gz")" -gt "${OUT_FILE_LIMIT_BYTES:-16000000}" ]; then
+    echo "compile cache: $inductor is over ${OUT_FILE_LIMIT_BYTES:-16000000} bytes packed; not brought back"
+    rm -f "$OUT/inductor-$gpu_kind.tar.gz"
+  else
+    echo "compile cache: packed $inductor into $OUT/inductor-$gpu_kind.tar.gz (carry it as ${COMPILE_CACHE_DIR:-.compile-cache}/ next session)"
+  fi
+fi
 ls -la "$OUT"

@@ -126,3 +126,39 @@ def test_report_reads_the_base_grid_against_its_init_control(tmp_path):
     assert not any(line.startswith("-m lab store pack") for line in lines)  # no grid ran
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["reports.tgz",
                                                                      "reproduce.log"]
+
+
+def test_a_compile_cache_carried_for_this_gpu_is_unpacked_and_packed_back_when_asked(tmp_path):
+    """A call finds .compile-cache/inductor-<gpu>.tar.gz (here the stand-in nvidia-smi's
+    `fake-gpu`) and unpacks it into Inductor's cache folder before any grid; with
+    PACK_COMPILE_CACHE=1 it brings the folder back as $OUT/inductor-<gpu>.tar.gz, one of the
+    files a call brings back; a cache named for another GPU is left alone."""
+    import tarfile
+
+    carried, inductor = tmp_path / "carried", tmp_path / "inductor"
+    carried.mkdir()
+    source = tmp_path / "made"
+    (source / "fxgraph").mkdir(parents=True)
+    (source / "fxgraph" / "entry").write_text("graph")
+    with tarfile.open(carried / "inductor-fake-gpu.tar.gz", "w:gz") as tar:
+        tar.add(source / "fxgraph", arcname="fxgraph")
+    done, lines = run_script(tmp_path, "sink", COMPILE_CACHE_DIR=str(carried),
+                             TORCHINDUCTOR_CACHE_DIR=str(inductor), PACK_COMPILE_CACHE="1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (inductor / "fxgraph" / "entry").read_text() == "graph"
+    assert "compile cache: unpacked" in done.stdout
+    unpacked_at = done.stdout.index("compile cache: unpacked")
+    assert unpacked_at < done.stdout.index("grid ablations/sink.yaml")
+    back = tmp_path / "out" / "inductor-fake-gpu.tar.gz"
+    with tarfile.open(back) as tar:
+        assert "./fxgraph/entry" in tar.getnames()
+
+    # another GPU's cache: not unpacked; without PACK_COMPILE_CACHE nothing comes back
+    (carried / "inductor-fake-gpu.tar.gz").rename(carried / "inductor-other-gpu.tar.gz")
+    shutil.rmtree(inductor)
+    shutil.rmtree(tmp_path / "out")
+    done, _ = run_script(tmp_path, "sink", COMPILE_CACHE_DIR=str(carried),
+                         TORCHINDUCTOR_CACHE_DIR=str(inductor))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not inductor.exists() and "compile cache" not in done.stdout
+    assert not (tmp_path / "out" / "inductor-fake-gpu.tar.gz").exists()
