@@ -123,6 +123,17 @@ def test_measured_rates_keep_to_the_device_and_undo_packing(store):
     run(3000, 1, metrics={"memory/peak_gib": 2.0})  # before the tag: a GPU run by its memory
     assert measured_tokens_per_s(store, "small", "synthetic", "cuda")[1] == 2
     assert measured_tokens_per_s(store, "small", "synthetic", "cpu") == (100.0, 1)
+    # With a batch size: only the runs at that batch, where the store holds any.
+    for tokens in (500, 700):
+        run_id = client.create_run(experiment, tags={"preset": "small", "data": "synthetic",
+                                                     "device": "cpu"}).info.run_id
+        client.log_param(run_id, "train.batch_size", "16")
+        for key, value in {"tokens/seen": tokens, "time/wall_s": 10}.items():
+            client.log_metric(run_id, key, value)
+        client.set_terminated(run_id, "FINISHED")
+    assert measured_tokens_per_s(store, "small", "synthetic", "cpu", 16) == (70.0, 2)
+    assert measured_tokens_per_s(store, "small", "synthetic", "cpu")[1] == 3  # all of them
+    assert measured_tokens_per_s(store, "small", "synthetic", "cpu", 32)[1] == 3  # none at 32
 
 
 def test_a_time_limit_admits_the_first_cells_by_the_measured_rate_with_packing(store,

@@ -119,12 +119,15 @@ def run_device_kind(run) -> str:
     return "cuda" if "memory/peak_gib" in run.data.metrics else "cpu"
 
 
-def measured_tokens_per_s(uri: str, preset: str, data: str, device: str
-                          ) -> tuple[float, int] | None:
+def measured_tokens_per_s(uri: str, preset: str, data: str, device: str,
+                          batch_size: int | None = None) -> tuple[float, int] | None:
     """Median end-to-end tokens/s (tokens seen / wall time, overheads included) of FINISHED
     runs of this preset and data that trained on this kind of device ("cuda" or "cpu"), each
     as one cell alone on its GPU would run: a run that shared its GPU with k - 1 others
-    (CellRecord.runs_per_gpu) ran at packing_speedup(k) / k of that. None without any."""
+    (CellRecord.runs_per_gpu) ran at packing_speedup(k) / k of that. With `batch_size`, only
+    the runs at that batch where the store has any: a cell's tokens/s depends on its batch
+    (the sink grid's `small` cells train at 16, the reproduction's at the preset's 32, and
+    the stability ladder's deep-narrow at 64). None without any."""
     if _no_store_yet(uri):
         return None
     try:
@@ -135,14 +138,16 @@ def measured_tokens_per_s(uri: str, preset: str, data: str, device: str
                                   max_results=500) if experiments else []
     except Exception:  # an unreadable store only means no measurement
         return None
-    rates = []
+    rates, at_batch = [], []
     for run in runs:
         wall, seen = run.data.metrics.get("time/wall_s"), run.data.metrics.get("tokens/seen")
         if not (wall and seen) or run_device_kind(run) != device:
             continue
         shared = CellRecord.from_run(run).runs_per_gpu
         rates.append(seen / wall * shared / packing_speedup(preset, shared))
-    rates.sort()
+        if batch_size is not None and run.data.params.get("train.batch_size") == str(batch_size):
+            at_batch.append(rates[-1])
+    rates = sorted(at_batch or rates)
     return (rates[len(rates) // 2], len(rates)) if rates else None
 
 
@@ -163,7 +168,8 @@ def estimate(cells: list[Cell], counts: list[dict], uri: str, workers: int,
     """Seconds per cell (one cell alone on its worker) and a sentence saying what the
     estimate rests on."""
     spec = cells[0].config
-    measured = measured_tokens_per_s(uri, spec.preset, spec.data.source, device)
+    measured = measured_tokens_per_s(uri, spec.preset, spec.data.source, device,
+                                     spec.train.batch_size)
     if measured:
         rate, n = measured
         seconds = [c.config.train.tokens / rate for c in cells]
@@ -190,7 +196,8 @@ def expected_cell_s(configs: list[RunConfig], uri: str, device: str, runs_per_gp
     if not configs:
         return None
     spec = configs[0]
-    measured = measured_tokens_per_s(uri, spec.preset, spec.data.source, device)
+    measured = measured_tokens_per_s(uri, spec.preset, spec.data.source, device,
+                                     spec.train.batch_size)
     if not measured:
         return None
     rate, n = measured
