@@ -43,8 +43,8 @@ HOMES = {
                "owner_alive", "owner_identity", "run_owner_alive"],
     "runs": ["HEARTBEAT_S", "describe_failure", "device_name", "end_run",
              "finite_metrics", "git_commit", "heartbeat", "log_check_table", "log_corpus",
-             "log_metrics", "log_params", "log_yaml", "run_tags", "start_run", "system_metrics",
-             "system_metrics_enabled"],
+             "log_metrics", "log_params", "log_yaml", "read_artifact_text", "run_tags",
+             "start_run", "system_metrics", "system_metrics_enabled"],
     "store": ["check_writable", "client", "open_store", "store_dir", "tracking_uri"],
     "views": ["experiments_page_url", "run_page_url", "runs_page_url"],
 }

@@ -14,10 +14,12 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import yaml
@@ -164,6 +166,16 @@ def log_check_table(mlflow_client, run_id: str, table: str) -> None:
     per start (`check-<UTC time>.txt`): a resumed grid on another machine adds its own."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     mlflow_client.log_text(run_id, table, f"check-{stamp}.txt")
+
+
+def read_artifact_text(mlflow_client, run_id: str, artifact_file: str) -> str | None:
+    """The text of one of the run's artifacts, None when the run has no such file (a run
+    made before it was logged); a file that is there but cannot be read raises."""
+    folder = artifact_file.rpartition("/")[0] or None
+    if artifact_file not in {a.path for a in mlflow_client.list_artifacts(run_id, folder)}:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return Path(mlflow_client.download_artifacts(run_id, artifact_file, tmp)).read_text()
 
 
 def log_yaml(mlflow_client, run_id: str, data, artifact_file: str) -> None:

@@ -10,12 +10,11 @@ grid last ran with); a grid run before criteria existed has none there.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import yaml
 
+from lab import records
 from lab.errors import LabError
 from lab.experiments.criterion import Criterion, Premise, read_criterion
 from lab.reports.seeds import Row
@@ -56,11 +55,10 @@ def parent_criterion(client, parent: str) -> Criterion | None:
     """The criterion of the grid.yaml on the grid's parent run, None without one."""
     # (a parent without grid.yaml was made before grids logged it; one that has it but
     # cannot be read is an error, not "no criterion": its trends would go ungated unnoticed)
-    if "grid.yaml" not in {a.path for a in client.list_artifacts(parent)}:
+    text = records.read_artifact_text(client, parent, "grid.yaml")
+    if text is None:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = client.download_artifacts(parent, "grid.yaml", tmp)
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = yaml.safe_load(text) or {}
     value = raw.get("criterion") if isinstance(raw, dict) else None
     return None if value is None else read_criterion(value, "the parent run's grid.yaml: criterion")
 

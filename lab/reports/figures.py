@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from lab import records
 from lab.analysis.names import split_layer_metric
 from lab.reports.ladder import finite_peaks
 from lab.reports.rows import SINK_HISTORY, row_label, variant_order
@@ -26,12 +26,12 @@ LAYER_METRICS = (("layers/sink/first_token_attn", "attention to the first token 
 
 
 def _artifact_json(client, run_id: str, name: str):
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(run_id, name, tmp)
-        except Exception:
-            return None
-        return json.loads(Path(path).read_text())
+    """The run's JSON artifact, None without it; a plot draws without an unreadable one."""
+    try:
+        text = records.read_artifact_text(client, run_id, name)
+    except Exception:
+        return None
+    return None if text is None else json.loads(text)
 
 
 def loss_history(client, run_id: str) -> tuple[list[int], list[float]]:

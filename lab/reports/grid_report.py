@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,11 +87,9 @@ def run_metrics(client, run) -> dict[str, float]:
     wins over the same names as metrics (a run with `train.analysis_every` also has them as
     time series); an older run, the committed snapshots' included, as metrics only."""
     metrics = dict(run.data.metrics)
-    folder = LAYER_TABLE.rpartition("/")[0]
-    if any(a.path == LAYER_TABLE for a in client.list_artifacts(run.info.run_id, folder)):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = client.download_artifacts(run.info.run_id, LAYER_TABLE, tmp)
-            metrics.update(layer_metrics(json.loads(Path(path).read_text())))
+    table = records.read_artifact_text(client, run.info.run_id, LAYER_TABLE)
+    if table is not None:
+        metrics.update(layer_metrics(json.loads(table)))
     return metrics
 
 

@@ -18,7 +18,7 @@ from lab.errors import LabError
 from lab.interrupts import Interrupted
 from lab.records.cells import HEARTBEAT_TAG
 from lab.records.runs import (describe_failure, end_run, git_commit, heartbeat, log_params,
-                              log_yaml, run_tags, start_run)
+                              log_yaml, read_artifact_text, run_tags, start_run)
 
 
 def test_run_tags_name_the_cell_and_its_identity():
@@ -82,6 +82,20 @@ def test_a_yaml_artifact_keeps_its_key_order_and_reads_back_safely(store):
     text = load_text(f"{run.info.artifact_uri}/sweep.yaml")
     assert text == "name: lr\nvariants:\n- b\n- a\nseeds:\n- 0\n"
     assert yaml.safe_load(text) == {"name": "lr", "variants": ["b", "a"], "seeds": [0]}
+
+
+def test_an_artifact_reads_back_as_text_or_none_when_the_run_has_none(store):
+    """What the report reads (a parent's grid.yaml, a run's layer table, loss histories):
+    the file's text, at the top or in a folder; None for a file the run never logged."""
+    client = MlflowClient(store)
+    run_id = client.create_run(client.create_experiment("texts")).info.run_id
+    log_yaml(client, run_id, {"name": "g"}, "grid.yaml")
+    client.log_text(run_id, '{"a": 1}', "analysis/layers.json")
+    assert read_artifact_text(client, run_id, "grid.yaml") == "name: g\n"
+    assert read_artifact_text(client, run_id, "analysis/layers.json") == '{"a": 1}'
+    assert read_artifact_text(client, run_id, "sweep.yaml") is None
+    assert read_artifact_text(client, run_id, "analysis/other.json") is None
+    assert read_artifact_text(client, run_id, "nowhere/x.json") is None
 
 
 class Pruned(Exception):
