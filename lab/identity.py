@@ -17,9 +17,15 @@ import json
 
 ANALYSIS_FIELDS = ("analysis_windows", "analysis_every", "long_context_factors",
                    "sink_head_threshold", "sink_short_window")
+# Fields that change how fast a cell trains, not what it trains, left out at every value.
+# compile_mode (since 2026-12-06; before, a non-default mode was in the identity): CUDA graphs
+# replay the kernels the default mode runs, so a preset may switch its mode (deep-narrow did,
+# to reduce-overhead) and its recorded cells still resume. A cell recorded with a
+# non-default mode before gets a new hash and trains once more (the committed store has none).
+SPEED_FIELDS = ("compile_mode",)
 # Fields added after stores already held runs: left out of a cell's identity while at their
 # default, so that a grid recorded before they existed still resumes instead of rerunning.
-LATER_FIELDS = {("model", "residual_init_scale"): 1.0, ("train", "compile_mode"): "default",
+LATER_FIELDS = {("model", "residual_init_scale"): 1.0,
                 ("train", "checkpoint_min_interval_s"): 300.0,
                 ("model", "switch_head_added_fraction"): None,
                 ("model", "ffn_widen_g1_fraction"): 0.0, ("train", "gate_constant_decay"): False,
@@ -39,7 +45,7 @@ def cell_hash(raw: dict) -> str:
     """The hash of a RunConfig's `to_dict()`: every field that changes what is trained."""
     raw = {section: dict(values) if isinstance(values, dict) else values
            for section, values in raw.items()}
-    for name in ANALYSIS_FIELDS:
+    for name in ANALYSIS_FIELDS + SPEED_FIELDS:
         raw["train"].pop(name, None)
     for (section, name), default in LATER_FIELDS.items():
         if raw[section].get(name) == default and \

@@ -35,9 +35,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                train=dict(batch_size=128, micro_batch_size=16, lr=8e-4, val_every=250,
                           val_batches=16)),
     # Depth is what exposes the paper's stability trend at small scale (issue: reproduce).
+    # Its step is launch-bound (32 thin layers), so it replays CUDA graphs: on one H100
+    # (2026-12-06, benchmarks/results/2026-12-06-h100-time-to-verdict.json, batch 16) the lab
+    # path ran 632,833 tokens/s with them against 392,345 without, 0.91 of the bare loop's
+    # 691,880 with them. Only where it compiles (a GPU); the mode is not in a cell's identity.
     "deep-narrow": dict(model=dict(n_layers=32, d_model=256, n_heads=4, n_kv_heads=2,
                                    head_dim=64, ffn_hidden=768, context=1024),
-                        train=dict(batch_size=32, lr=1e-2, val_every=250, val_batches=16)),
+                        train=dict(batch_size=32, lr=1e-2, val_every=250, val_batches=16,
+                                   compile_mode="reduce-overhead")),
     # Mixture-of-experts FFN (lab/model/moe.py), the paper's main model family (docs/paper.md §7.2) at small
     # scale: fine-grained experts (expert FFN ~0.375 d_model, as 768 / 2048), top-k of the pool
     # so that the activated FFN width equals the dense preset's, untied embeddings as the paper.

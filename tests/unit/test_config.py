@@ -3,12 +3,15 @@
 import hashlib
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from lab.config import resolve
 from lab.errors import LabError
-from lab.identity import ANALYSIS_FIELDS, LATER_FIELDS
+from lab.identity import ANALYSIS_FIELDS, LATER_FIELDS, SPEED_FIELDS
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_fields_added_later_keep_old_cell_identities_at_their_default():
@@ -16,7 +19,8 @@ def test_fields_added_later_keep_old_cell_identities_at_their_default():
     assert ("model", "residual_init_scale") in LATER_FIELDS
     # The identity a store recorded before the fields existed: the same dict without them.
     raw = plain.to_dict()
-    raw["train"] = {k: v for k, v in raw["train"].items() if k not in ANALYSIS_FIELDS}
+    raw["train"] = {k: v for k, v in raw["train"].items()
+                    if k not in ANALYSIS_FIELDS + SPEED_FIELDS}
     for section, name in LATER_FIELDS:
         del raw[section][name]
     assert raw["train"]["compile"] == "auto"
@@ -48,6 +52,28 @@ def test_analysis_fields_do_not_change_the_identity():
     assert resolve("baseline", "tiny", ["train.lr=1e-3"]).hash() != plain.hash()
 
 
+def test_the_compile_mode_is_speed_and_leaves_the_identity_alone():
+    """deep-narrow replays CUDA graphs since 2026-12-06; the stability ladder's cell that
+    finished before, in the default mode, is still done (its hash as the GPU recorded it,
+    docs/store/stability.tar.xz)."""
+    from lab.config import with_vocab
+    from lab.experiments.schema import load_grid
+
+    spec = load_grid(REPO / "ablations" / "stability.yaml")
+
+    def ladder_cell(*extra: str):
+        overrides = [*(f"{k}={v}" for k, v in spec.overrides.items()), *extra]
+        config = resolve("baseline", spec.preset, overrides, data=spec.data, tokens=spec.tokens,
+                         seed=0, lr=3e-3)
+        return with_vocab(config, 16384)  # the prepared corpus's vocabulary
+
+    graphs = ladder_cell()
+    assert graphs.train.compile_mode == "reduce-overhead"
+    assert graphs.hash() == "b29436bfdbb10c6f"
+    assert ladder_cell("train.compile_mode=default").hash() == graphs.hash()
+    assert resolve("baseline", "small").train.compile_mode == "default"
+
+
 def test_compile_mode_is_checked_before_training():
     from lab.errors import LabError
 
@@ -75,7 +101,8 @@ def test_non_negative_integer_fields_refuse_negatives_with_one_message(override,
 def identity_before_issue_24(config) -> str:
     """The identity a store recorded before issue 24's fields existed."""
     raw = config.to_dict()
-    raw["train"] = {k: v for k, v in raw["train"].items() if k not in ANALYSIS_FIELDS}
+    raw["train"] = {k: v for k, v in raw["train"].items()
+                    if k not in ANALYSIS_FIELDS + SPEED_FIELDS}
     for section, name in LATER_FIELDS:
         raw[section].pop(name)
     raw["train"]["compile"] = False  # what "auto" was recorded as
