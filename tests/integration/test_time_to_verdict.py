@@ -79,8 +79,8 @@ def test_the_tables_show_each_cells_phases_and_each_loops_ratio():
               "date": "2026-12-06", "dry": False, "budget_s": 540, "seconds": 500,
               "sections": {
                   "grid-small": {"status": "done", "grid": "ttv-small", "cells": [cell],
-                                 "grid_s": 120.0, "report_s": 6.0,
-                                 "projected_small_grid_min": 21.3, "time_line": "time in 1 cell"},
+                                 "settings": "reproduce.yaml", "grid_s": 120.0, "report_s": 6.0,
+                                 "time_line": "time in 1 cell"},
                   "deep-narrow": {"status": "done", "rows": [
                       {"preset": "deep-narrow", "mode": "reduce-overhead", "batch_size": 16,
                        "lab_over_bare": 0.85,
@@ -90,10 +90,34 @@ def test_the_tables_show_each_cells_phases_and_each_loops_ratio():
     md = ttv.tables(report)
     assert ("| ttv-small | baseline/lr=0.003/seed=0 | 2 | 100.0 | 91.0 | **0.910** | 3.0 | "
             "1.0 | 0.5 | 2.0 | 1.0 | 0.5 | 0.5 | 0.5 | 1,000,000 |") in md
-    assert "projected 48-cell `small` grid on one GPU, start to report: 21.3 min" in md
+    # 120 s measured, then 47 more cells, 2 at a time, at 100 - 1 - 0.5 s each, then 6 s
+    assert ("projected 48-cell `small` grid on this GPU, start to report: 40.7 min, an upper "
+            "bound") in md
     assert ("| deep-narrow | deep-narrow | reduce-overhead, batch 16 | 500,000 (10.0%) | 425,000 (8.5%) "
             "| 0.850 |") in md
     assert "- liger: skipped: no liger_kernel" in md
+
+
+def test_the_projection_counts_the_check_and_start_up_once_not_in_every_cell():
+    """The H100 call of 2026-12-06: 2 packed cells of 146 s, of which 23.4 s the check's share
+    and 16.5 s the worker's start-up, in a 197 s grid; the 46 later cells pay neither."""
+    cells = [{"runs_per_gpu": 2, "total_s": 145.956, "check_share": 23.364, "startup": 16.556},
+             {"runs_per_gpu": 2, "total_s": 145.820, "check_share": 23.364, "startup": 16.509}]
+    section = {"settings": "reproduce.yaml", "grid_s": 197.41, "report_s": 13.17, "cells": cells}
+    assert ttv.projected_small_grid_min(section) == pytest.approx(
+        (197.41 + 46 * 106.0 / 2 + 13.17) / 60, rel=1e-3)
+    assert ttv.projected_small_grid_min({**section, "settings": "reproduce-base.yaml"}) is None
+
+
+def test_tables_only_rewrites_the_tables_from_a_calls_json(tmp_path, capsys):
+    assert ttv.main([str(tmp_path), "--tables-only"]) == 2
+    assert "no " in capsys.readouterr().err
+    report = {"environment": {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0"},
+              "date": "2026-12-06", "dry": False, "budget_s": 540, "seconds": 500,
+              "sections": {"liger": {"status": "skipped", "reason": "no liger_kernel"}}}
+    (tmp_path / "time_to_verdict.json").write_text(json.dumps(report))
+    assert ttv.main([str(tmp_path), "--tables-only"]) == 0
+    assert "- liger: skipped: no liger_kernel" in (tmp_path / "time_to_verdict.md").read_text()
 
 
 @pytest.mark.slow
