@@ -33,6 +33,11 @@
 # $OUT/inductor-<gpu>.tar.gz (at most OUT_FILE_LIMIT_BYTES); copied to .compile-cache/ (git
 # ignores it) and carried with the wheels, a later session's first call on the same kind of
 # GPU starts with it (COMPILE_CACHE_DIR names another folder).
+# The numerics check's passes (cache/checks: lab/check.py, keyed by the checked code's hash,
+# the GPU, the torch/CUDA/cuDNN versions, the preset and the variant) come back as
+# $OUT/checks.tar.gz from every call that ran a grid; carried in .compile-cache/ like the
+# Inductor cache, the next session's grids skip the check for code and GPU it passed on
+# (47-67 s of a session's first call, 2026-12-06) and check whatever changed.
 # TOKENIZER: optional tokenizer.json to reuse (the one `gatelab prepare` trains on the first
 # 32 MB of train-00 is deterministic, so training it again gives the same file).
 set -uo pipefail
@@ -106,6 +111,13 @@ if [ "$phases" != ",report," ] && [ -n "$gpu_kind" ] && [ -f "$carried" ] && [ !
     echo "compile cache: unpacked $carried into $inductor ($(du -sm "$inductor" | cut -f1) MB)"
 fi
 [ "${PACK_COMPILE_CACHE:-0}" = 1 ] && out_files=$((out_files + 1))
+checks="${GATELAB_CACHE:-cache}/checks"
+carried_checks="${COMPILE_CACHE_DIR:-.compile-cache}/checks.tar.gz"
+if [ "$phases" != ",report," ] && [ -f "$carried_checks" ]; then
+  # (a pass already on this machine is kept: the names are the keys, the contents the same)
+  mkdir -p "$checks" && tar xzf "$carried_checks" -C "$checks" --skip-old-files &&
+    echo "checks: unpacked $carried_checks into $checks ($(find "$checks" -name '*.txt' | wc -l) passes)"
+fi
 # (after prepare: the records import MLflow, which the first call of a machine may not carry)
 echo "git_commit tag: $(python3 -c 'from lab import records; print(records.git_commit())')"
 if [ -e "$store/mlflow.db" ]; then echo "store: keeping the $store/mlflow.db already here"
@@ -177,6 +189,15 @@ for grid in "${ran[@]}"; do
     gatelab store pack "$OUT/$grid.tar.xz" --grid "$grid" --force --quiet
   fi
 done
+# (only in a file the call has room for: the grids' snapshots come first)
+if [ "${#ran[@]}" -gt 0 ] && [ -d "$checks" ]; then
+  if [ "${OUT_FILES_LIMIT:-8}" -gt 0 ] && [ $((out_files + ${#ran[@]})) -ge "${OUT_FILES_LIMIT:-8}" ]; then
+    echo "checks: no room among the ${OUT_FILES_LIMIT:-8} files a call brings back; not packed"
+  else
+    tar czf "$OUT/checks.tar.gz" -C "$checks" . &&
+      echo "checks: packed $checks into $OUT/checks.tar.gz (carry it as ${COMPILE_CACHE_DIR:-.compile-cache}/ next session)"
+  fi
+fi
 if [ "${PACK_COMPILE_CACHE:-0}" = 1 ] && [ -d "$inductor" ] && [ -n "$gpu_kind" ]; then
   tar czf "$OUT/inductor-$gpu_kind.tar.gz" -C "$inductor" .
   if [ "$(stat -c %s "$OUT/inductor-$gpu_kind.tar.gz")" -gt "${OUT_FILE_LIMIT_BYTES:-16000000}" ]; then

@@ -162,3 +162,37 @@ def test_a_compile_cache_carried_for_this_gpu_is_unpacked_and_packed_back_when_a
     assert done.returncode == 0, done.stdout + done.stderr
     assert not inductor.exists() and "compile cache" not in done.stdout
     assert not (tmp_path / "out" / "inductor-fake-gpu.tar.gz").exists()
+
+
+def test_the_checks_passes_travel_between_sessions_with_the_grids(tmp_path):
+    """A call unpacks .compile-cache/checks.tar.gz (the numerics check's passes, lab/check.py)
+    into the lab's cache before any grid, keeping a pass this machine already holds, and a
+    call that ran a grid brings the passes back as $OUT/checks.tar.gz."""
+    import tarfile
+
+    carried, cache = tmp_path / "carried", tmp_path / "cache"
+    carried.mkdir()
+    made = tmp_path / "made"
+    made.mkdir()
+    (made / "baseline-abc.txt").write_text("carried pass")
+    (made / "kept-def.txt").write_text("carried copy")
+    with tarfile.open(carried / "checks.tar.gz", "w:gz") as tar:
+        for path in made.iterdir():
+            tar.add(path, arcname=path.name)
+    (cache / "checks").mkdir(parents=True)
+    (cache / "checks" / "kept-def.txt").write_text("this machine's pass")
+    done, _ = run_script(tmp_path, "sink", COMPILE_CACHE_DIR=str(carried),
+                         GATELAB_CACHE=str(cache))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (cache / "checks" / "baseline-abc.txt").read_text() == "carried pass"
+    assert (cache / "checks" / "kept-def.txt").read_text() == "this machine's pass"
+    assert done.stdout.index("checks: unpacked") < done.stdout.index("grid ablations/sink.yaml")
+    with tarfile.open(tmp_path / "out" / "checks.tar.gz") as tar:
+        assert sorted(tar.getnames()) == [".", "./baseline-abc.txt", "./kept-def.txt"]
+
+    # a call that runs no grid brings no passes back
+    shutil.rmtree(tmp_path / "out")
+    done, _ = run_script(tmp_path, "report", COMPILE_CACHE_DIR=str(carried),
+                         GATELAB_CACHE=str(cache))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not (tmp_path / "out" / "checks.tar.gz").exists()
