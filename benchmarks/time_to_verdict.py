@@ -22,7 +22,13 @@ whatever fits in the time budget, and records what it skipped and why:
   seed), to show the check skipped and the compile served from Inductor's cache;
 - grid-small-warm: grid-small's two packed cells for a variant not compiled yet, with
   `--warm-first` (one compiles, then the other loads its graphs), against grid-small's two
-  cells compiling side by side.
+  cells compiling side by side;
+- seed-batch-bound: the bare `small` loop at batch 32, 64 and 96 in one process: one model
+  at S x 32 runs the FLOPs, kernels and memory traffic of S seeds stacked into one batched
+  model at 32 each (the issue's "several seeds in one process"), less the per-seed weights'
+  batched matmuls, so its tokens/s over batch 32's is an upper bound on what stacking S
+  seeds could gain over one cell; below 1.3x times the packing gain, stacking cannot meet
+  the issue's bar and is not worth building.
 
 Synthetic tokens everywhere: speed does not depend on what the tokens say. Writes
 OUT_DIR/time_to_verdict.json after every section and OUT_DIR/time_to_verdict.md (the
@@ -52,7 +58,8 @@ sys.path.insert(0, str(REPO))
 # Measured on one H100 on 2026-12-06 (benchmarks/results/2026-12-06-h100-time-to-verdict.json):
 # grid-small 216 s with the check on a fresh machine, deep-narrow's first three rows 282 s.
 ESTIMATED_S = {"grid-small": 220, "deep-narrow": 370, "mfu": 120, "grid-base": 130,
-               "liger": 110, "grid-small-again": 70, "grid-small-warm": 150}
+               "liger": 110, "grid-small-again": 70, "grid-small-warm": 150,
+               "seed-batch-bound": 90}
 SECTIONS = list(ESTIMATED_S)
 DRY_ESTIMATED_S = 5.0      # per section in --dry (the tests' budget arithmetic)
 SMALL_GRID_CELLS = 48      # the `small` reproduction: 16 variants x 3 seeds
@@ -226,6 +233,28 @@ def liger(ctx: dict) -> dict:
                      for preset in ("small", "medium") for loss in ("none", "liger")]}
 
 
+def seed_batch_bound(ctx: dict) -> dict:
+    """The bare `small` loop at 1, 2 and 3 times its batch of 32, in one process (timed in
+    turn, as the bench times loops): the upper bound on stacking 2 or 3 seeds."""
+    import torch
+
+    from lab.bench import bench_config, time_bare_loops
+
+    steps, warmup = ctx["steps"], ctx["warmup"]
+    seeds = (1, 2, 3)
+    configs = [bench_config("baseline", ctx["preset"]("small"), steps, warmup, "synthetic",
+                            [f"train.batch_size={32 * n if not ctx['dry'] else 4 * n}"])
+               for n in seeds]
+    bare = time_bare_loops(configs, steps, warmup, 1, [None] * len(configs))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    one = bare[0]["tokens_per_s"]
+    return {"rows": [{"preset": ctx["preset"]("small"), "mode": f"{n} seed(s) as one batch",
+                      "batch_size": c.train.batch_size, "bare": r,
+                      "over_one_seed": r["tokens_per_s"] / one}
+                     for n, c, r in zip(seeds, configs, bare)]}
+
+
 SECTION_RUNS = {
     "grid-small": lambda ctx: run_grid_section("reproduce.yaml", "ttv-small", [0, 1], ctx),
     "deep-narrow": deep_narrow,
@@ -236,6 +265,7 @@ SECTION_RUNS = {
     "grid-small-warm": lambda ctx: run_grid_section(
         "reproduce.yaml", "ttv-small-warm", [0, 1], ctx, "sdpa_headwise_sigmoid_mul",
         ("--warm-first",)),
+    "seed-batch-bound": seed_batch_bound,
 }
 
 
@@ -357,7 +387,9 @@ def tables(report: dict) -> str:
                 setting = r.get("mode") or r.get("loss") or "defaults"
                 if "batch_size" in r:
                     setting += f", batch {r['batch_size']}"
-                ratio = f"{r['lab_over_bare']:.3f}" if "lab_over_bare" in r else "-"
+                ratio = (f"{r['lab_over_bare']:.3f}" if "lab_over_bare" in r else
+                         f"{r['over_one_seed']:.3f} over one seed" if "over_one_seed" in r
+                         else "-")
                 lines.append(f"| {name} | {r['preset']} | {setting} | {_rate(r.get('bare'))} | "
                              f"{_rate(r.get('lab'))} | {ratio} |")
         lines.append("")

@@ -30,7 +30,7 @@ def test_bad_arguments_stop_with_one_line(argv, message, capsys):
 def test_the_default_is_every_section_in_priority_order_within_one_call():
     args = ttv.parse_args(["out"])
     assert args.sections == ["grid-small", "deep-narrow", "mfu", "grid-base", "liger",
-                             "grid-small-again", "grid-small-warm"]
+                             "grid-small-again", "grid-small-warm", "seed-batch-bound"]
     assert args.budget_s <= 540 and not args.dry
 
 
@@ -137,3 +137,15 @@ def test_a_dry_pass_runs_a_real_grid_and_the_timed_loops(store, tmp_path):
     assert sections["liger"]["status"] == "skipped"  # needs CUDA
     md = (out / "time_to_verdict.md").read_text()
     assert "| ttv-small | baseline/lr=0.003/seed=0 |" in md and "| mfu | base | defaults |" in md
+
+
+def test_the_seed_batch_bound_times_one_model_at_one_two_and_three_batches(tmp_path):
+    """A dry pass (tiny, batch 4 a seed): three bare loops in one process, each row's rate
+    over the one-seed row's, the first exactly 1."""
+    args = ttv.parse_args([str(tmp_path), "--dry", "--sections", "seed-batch-bound"])
+    rows = ttv.run(args)["sections"]["seed-batch-bound"]["rows"]
+    assert [r["batch_size"] for r in rows] == [4, 8, 12]
+    assert rows[0]["over_one_seed"] == 1.0
+    assert all(r["bare"]["tokens_per_s"] > 0 for r in rows)
+    md = (tmp_path / "time_to_verdict.md").read_text()
+    assert "| seed-batch-bound | tiny | 3 seed(s) as one batch, batch 12 |" in md
