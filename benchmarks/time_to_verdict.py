@@ -187,9 +187,12 @@ def projected_small_grid_min(section: dict) -> float | None:
 
 # --- loops timed in this process ---------------------------------------------------------------
 
-def _bench_pair(preset: str, overrides: list[str], ctx: dict, lab: bool = True) -> dict:
+def _bench_pair(preset: str, overrides: list[str], ctx: dict, lab: bool = True,
+                profile: bool = False) -> dict:
     """The bare loop (and the lab path) of `preset` with `overrides`, timed as lab/bench.py
-    times them; the lab path's run goes to OUT_DIR/bench.db."""
+    times them; the lab path's run goes to OUT_DIR/bench.db. With `profile`, the bare loop's
+    kernel table after the timing (lab/bench.py, a few profiled steps) is kept in the row,
+    so the JSON a call brings back holds it."""
     import torch
 
     from lab.bench import bench_config, lab_loop, time_bare_loops
@@ -197,7 +200,11 @@ def _bench_pair(preset: str, overrides: list[str], ctx: dict, lab: bool = True) 
     steps, warmup = ctx["steps"], ctx["warmup"]
     config = bench_config("baseline", ctx["preset"](preset), steps, warmup, "synthetic", overrides)
     row = {"preset": preset, "overrides": overrides}
-    row["bare"] = time_bare_loops([config], steps, warmup, 1, [None])[0]
+    profile_path = ctx["out_dir"] / f"profile-{preset}.txt" if profile else None
+    row["bare"] = time_bare_loops([config], steps, warmup, 1, [profile_path])[0]
+    if profile_path is not None and profile_path.exists():
+        row["profile"] = profile_path.read_text()
+        profile_path.unlink()  # in the JSON; a call brings back a few files only
     if lab:
         torch._dynamo.reset()
         row["lab"] = lab_loop(config, steps, warmup, f"sqlite:///{ctx['out_dir'] / 'bench.db'}")
@@ -219,7 +226,8 @@ def deep_narrow(ctx: dict) -> dict:
 
 
 def mfu(ctx: dict) -> dict:
-    return {"rows": [_bench_pair(preset, [], ctx) for preset in ("medium", "base")]}
+    # With the bare loop's kernel profile: where a missed MFU target's time goes.
+    return {"rows": [_bench_pair(preset, [], ctx, profile=True) for preset in ("medium", "base")]}
 
 
 def liger(ctx: dict) -> dict:

@@ -134,6 +134,8 @@ def test_a_dry_pass_runs_a_real_grid_and_the_timed_loops(store, tmp_path):
     assert grid["time_line"].startswith("time in 1 cell(s)")
     for row in sections["mfu"]["rows"]:
         assert row["bare"]["tokens_per_s"] > 0 and row["lab"]["tokens_per_s"] > 0
+        assert "sorted by self_cpu_time_total" in row["profile"]  # kept in the JSON...
+    assert not list(out.glob("profile-*.txt"))  # ...and not as files a call must bring back
     assert sections["liger"]["status"] == "skipped"  # needs CUDA
     md = (out / "time_to_verdict.md").read_text()
     assert "| ttv-small | baseline/lr=0.003/seed=0 |" in md and "| mfu | base | defaults |" in md
