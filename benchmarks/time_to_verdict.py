@@ -1,6 +1,7 @@
 """Time to a verdict (issue 38): where a GPU call's minutes go, in one call of <= 9 minutes.
 
-    python3 benchmarks/time_to_verdict.py OUT_DIR [--budget-s 540] [--sections a,b,...] [--dry]
+    python3 benchmarks/time_to_verdict.py OUT_DIR [--work-dir DIR] [--budget-s 540]
+                                          [--sections a,b,...] [--dry] [--tables-only]
 
 On one H100 or H200 (torch 2.11, Lightning, the MLflow and Optuna wheels: `source
 benchmarks/gpu_env.sh` first), from the repository root, it measures in priority order
@@ -69,6 +70,10 @@ SMALL_GRID_BEFORE_MIN = 26  # its time on one H200 before this issue (docs/resul
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path, help="folder for the JSON, the tables and logs")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="folder for the rest: the grids' stores, grid files and reports, "
+                        "the lab path's bench.db (default: OUT_DIR; a device call brings back "
+                        "only a few files, so put them outside $OUT there)")
     parser.add_argument("--budget-s", type=float, default=540.0,
                         help="start no section that would not end within this many seconds "
                         "of the script's start (default 540: one 10-minute call, with margin)")
@@ -147,16 +152,17 @@ def cell_rows(uri: str, grid: str) -> list[dict]:
 
 def run_grid_section(source: str, name: str, seeds: list[int], ctx: dict,
                      variant: str = "baseline", flags: tuple[str, ...] = ()) -> dict:
-    out_dir, dry = ctx["out_dir"], ctx["dry"]
-    path = grid_file(source, name, seeds, dry, out_dir, variant)
-    store = out_dir / "store"
+    out_dir, work_dir, dry = ctx["out_dir"], ctx["work_dir"], ctx["dry"]
+    path = grid_file(source, name, seeds, dry, work_dir, variant)
+    store = work_dir / "store"
     env = dict(os.environ, GATELAB_STORE=str(store),
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     log = out_dir / f"grid-{name}.log"
     code, grid_s = _gatelab(["grid", str(path), *flags], env, log)
     if code != 0:
         raise RuntimeError(f"gatelab grid exited with {code}; see {log.name}")
-    code, report_s = _gatelab(["report", name, "--out", str(out_dir / f"report-{name}")], env, log)
+    code, report_s = _gatelab(["report", name, "--out", str(work_dir / f"report-{name}")], env,
+                              log)
     cells = cell_rows(f"sqlite:///{store / 'mlflow.db'}", name)
     lines = log.read_text().splitlines()
     result = {"grid": name, "settings": source, "flags": list(flags), "grid_s": grid_s,
@@ -190,7 +196,7 @@ def projected_small_grid_min(section: dict) -> float | None:
 def _bench_pair(preset: str, overrides: list[str], ctx: dict, lab: bool = True,
                 profile: bool = False) -> dict:
     """The bare loop (and the lab path) of `preset` with `overrides`, timed as lab/bench.py
-    times them; the lab path's run goes to OUT_DIR/bench.db. With `profile`, the bare loop's
+    times them; the lab path's run goes to the work folder's bench.db. With `profile`, the bare loop's
     kernel table after the timing (lab/bench.py, a few profiled steps) is kept in the row,
     so the JSON a call brings back holds it."""
     import torch
@@ -200,14 +206,14 @@ def _bench_pair(preset: str, overrides: list[str], ctx: dict, lab: bool = True,
     steps, warmup = ctx["steps"], ctx["warmup"]
     config = bench_config("baseline", ctx["preset"](preset), steps, warmup, "synthetic", overrides)
     row = {"preset": preset, "overrides": overrides}
-    profile_path = ctx["out_dir"] / f"profile-{preset}.txt" if profile else None
+    profile_path = ctx["work_dir"] / f"profile-{preset}.txt" if profile else None
     row["bare"] = time_bare_loops([config], steps, warmup, 1, [profile_path])[0]
     if profile_path is not None and profile_path.exists():
         row["profile"] = profile_path.read_text()
         profile_path.unlink()  # in the JSON; a call brings back a few files only
     if lab:
         torch._dynamo.reset()
-        row["lab"] = lab_loop(config, steps, warmup, f"sqlite:///{ctx['out_dir'] / 'bench.db'}")
+        row["lab"] = lab_loop(config, steps, warmup, f"sqlite:///{ctx['work_dir'] / 'bench.db'}")
         row["lab_over_bare"] = row["lab"]["tokens_per_s"] / row["bare"]["tokens_per_s"]
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -284,11 +290,12 @@ def run(args: argparse.Namespace, clock=time.perf_counter) -> dict:
     from lab.errors import LabError
 
     started = clock()
-    out_dir = args.out_dir
+    out_dir, work_dir = args.out_dir, args.work_dir or args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dry": args.dry,
               "budget_s": args.budget_s, "environment": environment(), "sections": {}}
-    ctx = {"out_dir": out_dir, "dry": args.dry, "steps": 4 if args.dry else 100,
+    ctx = {"out_dir": out_dir, "work_dir": work_dir, "dry": args.dry, "steps": 4 if args.dry else 100,
            "warmup": 2 if args.dry else 15,
            "preset": (lambda preset: "tiny") if args.dry else (lambda preset: preset)}
     for name in args.sections:

@@ -122,20 +122,25 @@ def test_tables_only_rewrites_the_tables_from_a_calls_json(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_dry_pass_runs_a_real_grid_and_the_timed_loops(store, tmp_path):
-    out = tmp_path / "ttv"
-    report = ttv.run(ttv.parse_args([str(out), "--dry", "--sections", "grid-small,mfu,liger"]))
+    out, work = tmp_path / "ttv", tmp_path / "work"
+    report = ttv.run(ttv.parse_args([str(out), "--work-dir", str(work), "--dry", "--sections",
+                                     "grid-small,mfu,liger"]))
     sections = report["sections"]
     grid = sections["grid-small"]
     assert grid["status"] == "done", grid
     (cell,) = grid["cells"]
     assert 0 < cell["train_fraction"] < 1 and cell["train_steps"] > 0
     assert sum(cell[p] for p in PHASES) == pytest.approx(cell["total_s"])
-    assert grid["report_exit"] == 0 and (out / "report-ttv-small" / "report.md").exists()
+    assert grid["report_exit"] == 0 and (work / "report-ttv-small" / "report.md").exists()
+    # what a device call must bring back is alone in OUT_DIR: the JSON, the tables, the logs
+    assert sorted(p.name for p in out.iterdir()) == ["grid-ttv-small.log",
+                                                     "time_to_verdict.json",
+                                                     "time_to_verdict.md"]
     assert grid["time_line"].startswith("time in 1 cell(s)")
     for row in sections["mfu"]["rows"]:
         assert row["bare"]["tokens_per_s"] > 0 and row["lab"]["tokens_per_s"] > 0
         assert "sorted by self_cpu_time_total" in row["profile"]  # kept in the JSON...
-    assert not list(out.glob("profile-*.txt"))  # ...and not as files a call must bring back
+    assert not list(work.glob("profile-*.txt"))  # ...and not as files a call must bring back
     assert sections["liger"]["status"] == "skipped"  # needs CUDA
     md = (out / "time_to_verdict.md").read_text()
     assert "| ttv-small | baseline/lr=0.003/seed=0 |" in md and "| mfu | base | defaults |" in md
