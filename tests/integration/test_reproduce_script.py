@@ -196,3 +196,13 @@ def test_the_checks_passes_travel_between_sessions_with_the_grids(tmp_path):
                          GATELAB_CACHE=str(cache))
     assert done.returncode == 0, done.stdout + done.stderr
     assert not (tmp_path / "out" / "checks.tar.gz").exists()
+
+
+def test_an_empty_checks_folder_is_not_packed(tmp_path):
+    """A checks folder without a pass (a carried file that held none) takes no file."""
+    (tmp_path / "cache" / "checks").mkdir(parents=True)
+    done, _ = run_script(tmp_path, "sink", COMPILE_CACHE_DIR=str(tmp_path / "carried"),
+                         GATELAB_CACHE=str(tmp_path / "cache"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not (tmp_path / "out" / "checks.tar.gz").exists()
+    assert "checks: packed" not in done.stdout
