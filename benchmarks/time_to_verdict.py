@@ -415,9 +415,9 @@ def main(argv: list[str] | None = None) -> int:
         if not source.is_file():
             print(f"error: --tables-only: no {source} to read", file=sys.stderr)
             return 2
-        report = json.loads(source.read_text())
-        (args.out_dir / "time_to_verdict.md").write_text(tables(report))
-        print(tables(report))
+        md = tables(json.loads(source.read_text()))
+        (args.out_dir / "time_to_verdict.md").write_text(md)
+        print(md)
         return 0
     report = run(args)
     print(tables(report))
