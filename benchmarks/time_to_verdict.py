@@ -1,7 +1,8 @@
 """Time to a verdict (issue 38): where a GPU call's minutes go, in one call of <= 9 minutes.
 
     python3 benchmarks/time_to_verdict.py OUT_DIR [--work-dir DIR] [--budget-s 540]
-                                          [--sections a,b,...] [--dry] [--tables-only]
+                                          [--sections a,b,...] [--dry]
+    python3 benchmarks/time_to_verdict.py OUT_DIR --tables-only  # the tables from its JSON
 
 On one H100 or H200 (torch 2.11, Lightning, the MLflow and Optuna wheels: `source
 benchmarks/gpu_env.sh` first), from the repository root, it measures in priority order
@@ -12,9 +13,9 @@ whatever fits in the time budget, and records what it skipped and why:
   them) on the synthetic corpus, then `gatelab report`: each cell's phases
   (lab/training/phases.py `time/*_s`), the fraction of its wall clock in training steps,
   the grid's wall clock start to report, and a projection to the 48-cell grid;
-- deep-narrow: the deep-narrow preset at batch 16, bare loop vs lab path, with the default
-  compile mode and with `reduce-overhead` (CUDA graphs); and at batch 64 (the stability
-  ladder's cells) with the default mode;
+- deep-narrow: the deep-narrow preset at batch 16 and at batch 64 (the stability ladder's
+  cells), bare loop vs lab path, each with the default compile mode and with
+  `reduce-overhead` (CUDA graphs, the preset's own mode since 2026-12-06);
 - mfu: tokens/s and MFU at `medium` and `base`, bare loop and lab path;
 - grid-base: one real `reproduce-base` cell (6e7 tokens);
 - liger: the bare loop at `small` and `medium` with `train.fused_loss=liger` and without
@@ -378,8 +379,10 @@ def tables(report: dict) -> str:
                     f"{c['store']:.1f} | {c['other'] + c['data_open'] + c['model_build']:.1f} | "
                     f"{c['tokens_per_s'] or 0:,.0f} |")
         lines.append("")
-        for _, s in grids:
-            projected = projected_small_grid_min(s)
+        for name, s in grids:
+            # (grid-small's alone: the later starts skip the check or load their compile, so
+            # a projection from their cells would be no upper bound)
+            projected = projected_small_grid_min(s) if name == "grid-small" else None
             flags = " ".join(s.get("flags", []))
             lines.append(f"- {s['grid']}: `gatelab grid{' ' + flags if flags else ''}` "
                          f"{s['grid_s']:.0f} s, `gatelab report` "
@@ -427,9 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         if not source.is_file():
             print(f"error: --tables-only: no {source} to read", file=sys.stderr)
             return 2
-        report = json.loads(source.read_text())
-        (args.out_dir / "time_to_verdict.md").write_text(tables(report))
-        print(tables(report))
+        md = tables(json.loads(source.read_text()))
+        (args.out_dir / "time_to_verdict.md").write_text(md)
+        print(md)
         return 0
     report = run(args)
     print(tables(report))

@@ -35,9 +35,10 @@
 # GPU starts with it (COMPILE_CACHE_DIR names another folder).
 # The numerics check's passes (cache/checks: lab/check.py, keyed by the checked code's hash,
 # the GPU, the torch/CUDA/cuDNN versions, the preset and the variant) come back as
-# $OUT/checks.tar.gz from every call that ran a grid; carried in .compile-cache/ like the
-# Inductor cache, the next session's grids skip the check for code and GPU it passed on
-# (47-67 s of a session's first call, 2026-12-06) and check whatever changed.
+# $OUT/checks.tar.gz from a call that ran a grid (where a file is left and the folder holds
+# a pass); carried in .compile-cache/ like the Inductor cache, the next session's grids skip
+# the check for code and GPU it passed on (47-67 s of a session's first call, 2026-12-06)
+# and check whatever changed.
 # TOKENIZER: optional tokenizer.json to reuse (the one `gatelab prepare` trains on the first
 # 32 MB of train-00 is deterministic, so training it again gives the same file).
 set -uo pipefail
@@ -189,8 +190,9 @@ for grid in "${ran[@]}"; do
     gatelab store pack "$OUT/$grid.tar.xz" --grid "$grid" --force --quiet
   fi
 done
-# (only in a file the call has room for: the grids' snapshots come first)
-if [ "${#ran[@]}" -gt 0 ] && [ -d "$checks" ]; then
+# (only in a file the call has room for: the grids' snapshots come first; an empty folder,
+# e.g. from a carried file that held no pass, takes no file)
+if [ "${#ran[@]}" -gt 0 ] && [ -n "$(find "$checks" -name '*.txt' -print -quit 2>/dev/null)" ]; then
   if [ "${OUT_FILES_LIMIT:-8}" -gt 0 ] && [ $((out_files + ${#ran[@]})) -ge "${OUT_FILES_LIMIT:-8}" ]; then
     echo "checks: no room among the ${OUT_FILES_LIMIT:-8} files a call brings back; not packed"
   else

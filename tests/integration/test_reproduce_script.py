@@ -37,10 +37,14 @@ def run_script(tmp_path: Path, phases: str, **extra_env: str
     for tool in ("python3", "nvidia-smi"):
         (bin_dir / tool).chmod(0o755)
     calls = tmp_path / "calls.log"
+    # (the lab's cache and the carried folder in tmp_path too: the script runs in the
+    # checkout, whose .compile-cache/checks.tar.gz it would otherwise unpack into its cache/)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls),
                OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"),
                GATELAB_STORE=str(tmp_path / "store"), DATA=str(tmp_path / "data"),
-               CALL_LIMIT_S="0", **extra_env)
+               CALL_LIMIT_S="0", GATELAB_CACHE=str(tmp_path / "cache"),
+               COMPILE_CACHE_DIR=str(tmp_path / "carried"))
+    env.update(extra_env)
     done = subprocess.run(["bash", str(SCRIPT), phases], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     lines = calls.read_text().splitlines() if calls.exists() else []
@@ -196,3 +200,13 @@ def test_the_checks_passes_travel_between_sessions_with_the_grids(tmp_path):
                          GATELAB_CACHE=str(cache))
     assert done.returncode == 0, done.stdout + done.stderr
     assert not (tmp_path / "out" / "checks.tar.gz").exists()
+
+
+def test_an_empty_checks_folder_is_not_packed(tmp_path):
+    """A checks folder without a pass (a carried file that held none) takes no file."""
+    (tmp_path / "cache" / "checks").mkdir(parents=True)
+    done, _ = run_script(tmp_path, "sink", COMPILE_CACHE_DIR=str(tmp_path / "carried"),
+                         GATELAB_CACHE=str(tmp_path / "cache"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not (tmp_path / "out" / "checks.tar.gz").exists()
+    assert "checks: packed" not in done.stdout

@@ -156,3 +156,21 @@ def test_the_seed_batch_bound_times_one_model_at_one_two_and_three_batches(tmp_p
     assert all(r["bare"]["tokens_per_s"] > 0 for r in rows)
     md = (tmp_path / "time_to_verdict.md").read_text()
     assert "| seed-batch-bound | tiny | 3 seed(s) as one batch, batch 12 |" in md
+
+
+def test_only_grid_small_is_projected_to_the_48_cell_grid():
+    """grid-small-again skips the check and loads its compile: no upper bound to project."""
+    cell = {"cell": "baseline/lr=0.003/seed=2", "runs_per_gpu": 1, "total_s": 60.0,
+            "train_steps": 55.0, "train_fraction": 0.917, "compile": 1.0, "check_share": 0.0,
+            "startup": 2.0, "validation": 1.0, "final_eval": 0.5, "analysis": 0.5,
+            "periodic_analysis": 0.0, "checkpoint": 0.0, "store": 0.0, "other": 0.0,
+            "data_open": 0.0, "model_build": 0.0, "tokens_per_s": 1e6}
+    again = {"status": "done", "grid": "ttv-small-again", "cells": [cell],
+             "settings": "reproduce.yaml", "grid_s": 70.0, "report_s": 6.0}
+    report = {"environment": {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0"},
+              "date": "2026-12-06", "dry": False, "budget_s": 540, "seconds": 500,
+              "sections": {"grid-small-again": again}}
+    md = ttv.tables(report)
+    assert "- ttv-small-again: `gatelab grid` 70 s, `gatelab report` 6 s." in md
+    assert "projected" not in md
+    assert ttv.projected_small_grid_min(again) is not None  # the section alone still projects
