@@ -175,6 +175,23 @@ def run_grid_section(source: str, name: str, seeds: list[int], ctx: dict,
     return result
 
 
+def packing_line(sections: dict) -> str | None:
+    """Packing on this GPU, where one call measured both sides: grid-small's packed cells'
+    tokens/s together against seed-batch-bound's one bare `small` loop alone at batch 32
+    (the lab path runs a few percent under its bare loop, so this flatters packing a little
+    less than a lab-path comparison would). `--runs-per-gpu auto` packs by MEASURED_PACKING,
+    an H200's measurement (lab/experiments/grid/estimate.py)."""
+    grid, bound = sections.get("grid-small", {}), sections.get("seed-batch-bound", {})
+    if grid.get("status") != "done" or bound.get("status") != "done" or not grid.get("cells"):
+        return None
+    cells = grid["cells"]
+    per_gpu = max(c["runs_per_gpu"] for c in cells)
+    together = per_gpu * statistics.mean(c["tokens_per_s"] or 0.0 for c in cells)
+    alone = bound["rows"][0]["bare"]["tokens_per_s"]
+    return (f"Packing on this GPU: {per_gpu} `small` cells {together:,.0f} tokens/s together, "
+            f"the bare loop alone {alone:,.0f}: {together / alone:.2f}x.")
+
+
 def projected_small_grid_min(section: dict) -> float | None:
     """The 48-cell `small` grid on one GPU, start to report, projected from a `grid-small`
     section: its measured grid (one start, the check, each worker's first cell with its
@@ -411,6 +428,9 @@ def tables(report: dict) -> str:
                 lines.append(f"| {name} | {r['preset']} | {setting} | {_rate(r.get('bare'))} | "
                              f"{_rate(r.get('lab'))} | {ratio} |")
         lines.append("")
+    packing = packing_line(sections)
+    if packing:
+        lines += [packing, ""]
     other = [(n, s) for n, s in sections.items() if s["status"] != "done"]
     if other:
         lines += ["## Not measured", ""]

@@ -174,3 +174,15 @@ def test_only_grid_small_is_projected_to_the_48_cell_grid():
     assert "- ttv-small-again: `gatelab grid` 70 s, `gatelab report` 6 s." in md
     assert "projected" not in md
     assert ttv.projected_small_grid_min(again) is not None  # the section alone still projects
+
+
+def test_packing_is_read_where_one_call_measured_both_sides():
+    cells = [{"runs_per_gpu": 2, "tokens_per_s": 980_000.0},
+             {"runs_per_gpu": 2, "tokens_per_s": 960_000.0}]
+    sections = {"grid-small": {"status": "done", "cells": cells},
+                "seed-batch-bound": {"status": "done",
+                                     "rows": [{"bare": {"tokens_per_s": 2_000_000.0}}]}}
+    assert ttv.packing_line(sections) == ("Packing on this GPU: 2 `small` cells 1,940,000 "
+                                          "tokens/s together, the bare loop alone 2,000,000: "
+                                          "0.97x.")
+    assert ttv.packing_line({**sections, "seed-batch-bound": {"status": "skipped"}}) is None
