@@ -147,15 +147,17 @@ def test_a_dry_pass_runs_a_real_grid_and_the_timed_loops(store, tmp_path):
 
 
 def test_the_seed_batch_bound_times_one_model_at_one_two_and_three_batches(tmp_path):
-    """A dry pass (tiny, batch 4 a seed): three bare loops in one process, each row's rate
-    over the one-seed row's, the first exactly 1."""
+    """A dry pass (tiny, batch 4 a seed): three bare loops in one process and two stacked
+    models, each row's rate over the one-seed row's."""
     args = ttv.parse_args([str(tmp_path), "--dry", "--sections", "seed-batch-bound"])
     rows = ttv.run(args)["sections"]["seed-batch-bound"]["rows"]
-    assert [r["batch_size"] for r in rows] == [4, 8, 12]
-    assert rows[0]["over_one_seed"] == 1.0
-    assert all(r["bare"]["tokens_per_s"] > 0 for r in rows)
+    assert [r["batch_size"] for r in rows] == [4, 8, 12, 4, 4]
+    assert [r["mode"] for r in rows[3:]] == ["2 seeds stacked (torch.func)",
+                                            "3 seeds stacked (torch.func)"]
+    assert all(r["bare"]["tokens_per_s"] > 0 and r["over_one_seed"] > 0 for r in rows)
     md = (tmp_path / "time_to_verdict.md").read_text()
     assert "| seed-batch-bound | tiny | 3 seed(s) as one batch, batch 12 |" in md
+    assert "| seed-batch-bound | tiny | 3 seeds stacked (torch.func), batch 4 |" in md
 
 
 def test_only_grid_small_is_projected_to_the_48_cell_grid():
