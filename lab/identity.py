@@ -3,8 +3,9 @@
 A grid resumes by this hash: a cell whose hash the store already holds FINISHED is done
 (lab/experiments/grid/claims.py, reconcile), so the hash must change exactly when what is trained changes.
 The analysis fields (ANALYSIS_FIELDS) only change what is measured afterwards, and the speed
-fields (SPEED_FIELDS) only how fast it trains: both are left out. Every field added to ModelConfig, GateSpec, TrainConfig or DataConfig after stores
-hold runs goes into LATER_FIELDS with its default: at that default it is left out, so the
+fields (SPEED_FIELDS) only how fast it trains: both are left out. Every field added to
+ModelConfig, GateSpec, TrainConfig or DataConfig after stores hold runs goes into
+LATER_FIELDS with its default: at that default it is left out, so the
 cells recorded before it existed keep their hash and resume instead of rerunning
 (tests/unit/test_config.py holds recorded hashes). Add every new field here; where its default
 changed what some models train, `_default_changed_training` keeps it in their identity.
