@@ -15,7 +15,7 @@ from matplotlib.ticker import MaxNLocator
 
 from lab import records
 from lab.analysis.names import split_layer_metric
-from lab.reports.ladder import finite_peaks
+from lab.reports.ladder import PROBE_SERIES, finite_peaks
 from lab.reports.rows import SINK_HISTORY, row_label, variant_order
 from lab.reports.seeds import BASELINE, Row, RunRecord
 
@@ -45,10 +45,20 @@ def loss_history(client, run_id: str) -> tuple[list[int], list[float]]:
 
 
 def run_history(client, run_id: str) -> dict:
-    """loss_history.json (step, loss, grad_norm) with the spike peaks of spikes.json, for the
-    ladder plot (lab/reports/ladder.py)."""
+    """loss_history.json (step, loss, grad_norm) with the spike peaks of spikes.json, and the
+    probe measures a run logged through training (`train.analysis_every`: the largest
+    attention logit, massive activations; PROBE_SERIES), for the ladder plot
+    (lab/reports/ladder.py)."""
     data = _artifact_json(client, run_id, "loss_history.json") or {}
     data["spike_steps"] = spike_steps(client, run_id)
+    data["probes"] = {}
+    for metric in PROBE_SERIES:
+        # one point a step (the periodic probe and the end-of-run analysis both log the last)
+        history = sorted(client.get_metric_history(run_id, metric),
+                         key=lambda m: (m.step, m.timestamp))
+        points = sorted({m.step: m.value for m in history}.items())
+        if len(points) > 1:  # one point is the end-of-run analysis alone, not a series
+            data["probes"][metric] = points
     return data
 
 
