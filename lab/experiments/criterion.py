@@ -10,6 +10,10 @@ experiment's success criterion is written into its grid file before it runs; doc
           at_least: 0.03          # the mean over seeds of each run's last value
           rises_from_step: 1000   # and in every seed, the last value above the one logged
                                   # at this step (the measure logged through training)
+        - variant: baseline       # or, over a learning-rate ladder: at some LR the
+          breaks: every seed      # variant broke in every seed that ran there (at least
+                                  # 2): diverged, or ended more than broke_margin nats
+                                  # above its best rung (lab/reports/trends/measures.py)
       trends: [7, 7f]             # the paper's trends the premise gates
       broke_margin: 0.05          # the report's --broke-margin for this grid
 
@@ -28,18 +32,22 @@ from datetime import date
 from lab.errors import LabError
 from lab.experiments.files import yaml_number
 
-PREMISE_KEYS = ("variant", "measure", "at_least", "rises_from_step")
+PREMISE_KEYS = ("variant", "measure", "at_least", "rises_from_step", "breaks")
+BREAKS = ("every seed",)  # what a ladder premise may ask (one reading so far)
 CRITERION_KEYS = ("written", "premise", "trends", "broke_margin")
 
 
 @dataclass(frozen=True)
 class Premise:
     variant: str
-    measure: str                  # a metric the runs log, e.g. sink/first_token_attn
-    at_least: float               # the mean over seeds of the runs' last values
+    measure: str | None           # a metric the runs log, e.g. sink/first_token_attn
+    at_least: float | None        # the mean over seeds of the runs' last values
     rises_from_step: int | None = None
+    breaks: str | None = None     # instead of a measure: the variant breaks on the ladder
 
     def to_dict(self) -> dict:
+        if self.breaks is not None:
+            return {"variant": self.variant, "breaks": self.breaks}
         out = {"variant": self.variant, "measure": self.measure, "at_least": self.at_least}
         if self.rises_from_step is not None:
             out["rises_from_step"] = self.rises_from_step
@@ -77,12 +85,24 @@ def _premise(where: str, value) -> Premise:
     from lab.model.variants import VARIANTS
 
     raw = _mapping(where, value, PREMISE_KEYS)
-    missing = [key for key in PREMISE_KEYS[:3] if raw.get(key) in (None, "")]
-    if missing:
-        raise LabError(f"{where}: missing key {missing[0]!r}")
-    variant, measure = raw["variant"], raw["measure"]
+    variant = raw.get("variant")
+    if variant in (None, ""):
+        raise LabError(f"{where}: missing key 'variant'")
     if not isinstance(variant, str) or variant not in VARIANTS:
         raise LabError(f"{where}: variant: {variant!r} is not a variant (gatelab variants)")
+    if "breaks" in raw:
+        other = [key for key in ("measure", "at_least", "rises_from_step") if key in raw]
+        if other:
+            raise LabError(f"{where}: breaks: a premise is a measure or a break, not both "
+                           f"(drop {other[0]!r})")
+        if raw["breaks"] not in BREAKS:
+            raise LabError(f"{where}: breaks: expected one of {', '.join(BREAKS)}, "
+                           f"got {raw['breaks']!r}")
+        return Premise(variant, None, None, None, raw["breaks"])
+    missing = [key for key in PREMISE_KEYS[1:3] if raw.get(key) in (None, "")]
+    if missing:
+        raise LabError(f"{where}: missing key {missing[0]!r} (or `breaks:`)")
+    measure = raw["measure"]
     if not isinstance(measure, str) or "/" not in measure:
         raise LabError(f"{where}: measure: expected a metric name such as "
                        f"sink/first_token_attn, got {measure!r}")

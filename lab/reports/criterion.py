@@ -18,6 +18,7 @@ from lab import records
 from lab.errors import LabError
 from lab.experiments.criterion import Criterion, Premise, read_criterion
 from lab.reports.seeds import Row
+from lab.reports.trends.measures import BROKE_MARGIN, broken_runs
 from lab.reports.trends.verdicts import TrendResult
 
 
@@ -67,8 +68,30 @@ def _values(values: list[float]) -> str:
     return ", ".join(f"{v:.3g}" for v in values)
 
 
-def check_premise(premise: Premise, rows: list[Row], history) -> PremiseResult:
-    """`history(run_id, metric)` -> [(step, value)]: the metric through training."""
+def check_break(premise: Premise, all_rows: list[Row], margin: float) -> PremiseResult:
+    """A ladder premise: at some LR, the variant broke (diverged, or ended more than `margin`
+    nats above its best rung: lab/reports/trends/measures.py broken_runs) in every seed
+    that ran there, at least 2."""
+    ladder = sorted((r for r in all_rows if r.variant == premise.variant), key=lambda r: r.lr)
+    name = f"{premise.variant} breaks in every seed at some LR (margin {margin:g} nats)"
+    if len({r.lr for r in ladder}) < 2:
+        return PremiseResult(premise, None, f"{name}: {premise.variant} has finished runs at "
+                             f"{len(ladder)} LR(s) here, no ladder")
+    broken = broken_runs(ladder, margin)
+    counts = [(rung.lr, sum(broken[(rung.lr, run.seed)] for run in rung.runs), len(rung.runs))
+              for rung in ladder]
+    met = any(n >= 2 and hit == n for _, hit, n in counts)
+    per_rung = ", ".join(f"{lr:g}: {hit} of {n}" for lr, hit, n in counts)
+    return PremiseResult(premise, met, f"{name}: {'yes' if met else 'no'} (broke, by LR: "
+                         f"{per_rung})")
+
+
+def check_premise(premise: Premise, rows: list[Row], history, all_rows: list[Row] | None = None,
+                  margin: float = BROKE_MARGIN) -> PremiseResult:
+    """`history(run_id, metric)` -> [(step, value)]: the metric through training. A ladder
+    premise (`breaks:`) reads every LR's rows, `all_rows`, with the grid's broke margin."""
+    if premise.breaks is not None:
+        return check_break(premise, all_rows if all_rows is not None else rows, margin)
     row = next((r for r in rows if r.variant == premise.variant), None)
     name = f"{premise.variant} {premise.measure}"
     if row is None:
@@ -111,15 +134,16 @@ def check_trends(criterion: Criterion, where: str) -> None:
                        f"the trends: {', '.join(known)}")
 
 
-def evaluate_criterion(criterion: Criterion, source: str, rows: list[Row], client
+def evaluate_criterion(criterion: Criterion, source: str, rows: list[Row], client,
+                       all_rows: list[Row] | None = None, margin: float = BROKE_MARGIN
                        ) -> CriterionResult:
     check_trends(criterion, f"report: {source}")
 
     def history(run_id: str, metric: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in client.get_metric_history(run_id, metric)]
 
-    return CriterionResult(criterion, source,
-                           tuple(check_premise(p, rows, history) for p in criterion.premise))
+    return CriterionResult(criterion, source, tuple(
+        check_premise(p, rows, history, all_rows, margin) for p in criterion.premise))
 
 
 def gate_verdicts(verdicts: list[TrendResult], result: CriterionResult | None

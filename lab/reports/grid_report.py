@@ -126,10 +126,11 @@ def read_grid(grid: str, uri: str | None, out_dir: Path, equivalence_percent: fl
     criterion, source = grid_file if grid_file is not None else \
         (parent_criterion(client, parent), "the grid.yaml of the grid's parent run (the grid "
          "file it last ran with)")
-    judged = None if criterion is None else evaluate_criterion(criterion, source, rows, client)
     if broke_margin is None:  # the command line's, else the criterion's, else the default
         broke_margin = criterion.broke_margin if criterion and criterion.broke_margin \
             else BROKE_MARGIN
+    judged = None if criterion is None else evaluate_criterion(criterion, source, rows, client,
+                                                               all_rows, broke_margin)
     verdicts = gate_verdicts(evaluate(rows, all_rows, equivalence_percent, dense, broke_margin),
                              judged)
     return parent, GridRecords(grid, client, run_records, rows, all_rows, dense, control,

@@ -49,6 +49,11 @@ def test_a_criterion_reads_into_its_premise_trends_and_margin():
     ({"premise": [{"variant": "baseline", "measure": "a/b", "at_least": 1,
                    "rises_from_step": 1.5}]}, "rises_from_step: expected a step"),
     ({"broke_margin": 0}, "criterion: broke_margin: must be a positive number"),
+    ({"premise": [{"variant": "baseline", "breaks": "often"}]},
+     "criterion: premise[0]: breaks: expected one of every seed, got 'often'"),
+    ({"premise": [{"variant": "baseline", "breaks": "every seed", "measure": "a/b"}]},
+     "criterion: premise[0]: breaks: a premise is a measure or a break, not both"),
+    ({"premise": [{"breaks": "every seed"}]}, "criterion: premise[0]: missing key 'variant'"),
 ])
 def test_a_bad_criterion_is_one_error_naming_its_key(change, message):
     with pytest.raises(LabError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -96,4 +101,8 @@ def test_the_committed_sink_grids_name_their_premise():
         criterion = load_grid(ablations / f"{name}.yaml").criterion
         assert criterion.premise == (Premise("baseline", "sink/first_token_attn", 0.03, 1000),)
         assert criterion.trends == ("7", "7f")
-    assert load_grid(ablations / "stability-noqk.yaml").criterion.broke_margin == 0.05
+    for name in ("stability", "stability-noqk"):
+        criterion = load_grid(ablations / f"{name}.yaml").criterion
+        assert criterion.broke_margin == 0.05 and criterion.trends == ("11",)
+        assert criterion.premise == (Premise("baseline", None, None, None, "every seed"),)
+        assert read_criterion(criterion.to_dict()) == criterion

@@ -52,6 +52,46 @@ def test_a_premise_that_cannot_be_checked_says_why():
     assert check_premise(premise, unlogged, history_of([0], [0])).met is None
 
 
+def ladder(finals_by_lr: dict[float, list[float]], diverged: dict[float, set] | None = None
+           ) -> list[Row]:
+    """The baseline over an LR ladder: each rung's runs' final validation losses by seed."""
+    diverged = diverged or {}
+    return [Row("baseline", lr, [RunRecord(f"{lr}-{seed}", "baseline", lr, seed,
+                                           {"val/final_loss": final}, seed in diverged.get(lr, ()))
+                                 for seed, final in enumerate(finals)], None)
+            for lr, finals in finals_by_lr.items()]
+
+
+BREAKS = Premise("baseline", None, None, None, "every seed")
+
+
+@pytest.mark.parametrize("finals_by_lr, diverged, met, said", [
+    # best rung 3e-3 (mean 3.50); at 1e-1 both seeds end more than 0.05 above it: broke
+    ({3e-3: [3.50, 3.50], 1e-2: [3.52, 3.53], 1e-1: [3.60, 3.58]}, {}, True,
+     "yes (broke, by LR: 0.003: 0 of 2, 0.01: 0 of 2, 0.1: 2 of 2)"),
+    # one seed only at the top rung: a spike or one bad seed is not the ladder breaking
+    ({3e-3: [3.50, 3.50], 1e-2: [3.52, 3.53], 1e-1: [3.60, 3.52]}, {}, False,
+     "no (broke, by LR: 0.003: 0 of 2, 0.01: 0 of 2, 0.1: 1 of 2)"),
+    # a divergence counts as breaking, whatever loss it logged
+    ({3e-3: [3.50, 3.50], 1e-1: [3.51, 3.52]}, {1e-1: {0, 1}}, True, "0.1: 2 of 2"),
+    # below the best rung a worse loss is under-training, not breaking
+    ({1e-3: [3.90, 3.95], 3e-3: [3.50, 3.50]}, {}, False, "0.001: 0 of 2"),
+])
+def test_a_ladder_premise_asks_every_seed_to_break_at_some_lr(finals_by_lr, diverged, met, said):
+    result = check_premise(BREAKS, [], None, ladder(finals_by_lr, diverged), margin=0.05)
+    assert result.met is met
+    assert result.evidence.startswith("baseline breaks in every seed at some LR (margin 0.05 "
+                                      f"nats): {'yes' if met else 'no'} (broke, by LR: ")
+    assert said in result.evidence
+
+
+def test_a_ladder_premise_needs_a_ladder_and_two_seeds_at_the_rung():
+    one_lr = check_premise(BREAKS, [], None, ladder({3e-3: [3.5, 3.5]}), margin=0.05)
+    assert one_lr.met is None and "no ladder" in one_lr.evidence
+    one_seed = check_premise(BREAKS, [], None, ladder({3e-3: [3.5], 1e-1: [9.0]}), margin=0.05)
+    assert one_seed.met is False and "0.1: 1 of 1" in one_seed.evidence
+
+
 def test_a_criterion_naming_no_trend_of_the_paper_is_refused_by_the_report():
     from lab.errors import LabError
     from lab.reports.criterion import evaluate_criterion
