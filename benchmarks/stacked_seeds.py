@@ -76,17 +76,31 @@ class StackedLoop:
             with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
                 return functional_call(template, (p, b), (inputs,), {"targets": targets})
 
-        self.grads_and_losses = vmap(grad_and_value(seed_loss))
-        self.compiled = False
+        eager = vmap(grad_and_value(seed_loss))
+        self.eager, self.compiled, self.compile_error = eager, False, None
+        self.grads_and_losses = eager
         if t.compile_on(self.device == "cuda"):
-            self.grads_and_losses = torch.compile(self.grads_and_losses)
-            self.compiled = True
+            # compile outside the transforms, the order torch.func's guide to torch.compile
+            # supports ("torch.func interaction with torch.compile")
+            self.grads_and_losses, self.compiled = torch.compile(eager), True
         self.seeds = seeds
         self.flops_per_token = model_flops_per_token(config)
         self.index = 0
         for _ in range(warmup):
             self.step()
         _sync()
+
+    def _grads(self, *args):
+        """The compiled transform; where it fails to compile, the eager one from then on,
+        the error kept for the table (a slower number, said, beats no number)."""
+        try:
+            return self.grads_and_losses(*args)
+        except Exception as err:  # noqa: BLE001
+            if not self.compiled:
+                raise
+            self.compile_error = f"{type(err).__name__}: {err}"[:300]
+            self.grads_and_losses, self.compiled = self.eager, False
+            return self.grads_and_losses(*args)
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = [sampler.batch(self.index) for sampler in self.samplers]
@@ -97,7 +111,7 @@ class StackedLoop:
 
     def step(self) -> torch.Tensor:
         inputs, targets = self._batch()
-        grads, losses = self.grads_and_losses(self.params, self.buffers, inputs, targets)
+        grads, losses = self._grads(self.params, self.buffers, inputs, targets)
         clip_each_seed(grads, self.config.train.grad_clip)
         for name, p in self.params.items():
             p.grad = grads[name]
@@ -118,7 +132,7 @@ class StackedLoop:
         # S seeds' tokens a step: the rate of the whole stack, comparable to S cells' sum.
         stacked = _with_batch(self.config, self.config.train.batch_size * self.seeds)
         return {**_rates(stacked, steps, elapsed, peak, self.flops_per_token),
-                "compiled": self.compiled}
+                "compiled": self.compiled, "compile_error": self.compile_error}
 
 
 def _with_seed(config: RunConfig, seed: int) -> RunConfig:

@@ -295,6 +295,8 @@ def seed_batch_bound(ctx: dict) -> dict:
             loop = StackedLoop(configs[0], n, warmup)
             row["bare"] = loop.time(steps)
             row["over_one_seed"] = row["bare"]["tokens_per_s"] / one
+            if row["bare"].get("compile_error"):  # timed eager: not the compiled bound's peer
+                row["mode"] += " (eager: its compile failed, see the JSON)"
             del loop
         except Exception as err:  # noqa: BLE001 - the row says what broke
             row["error"] = f"{type(err).__name__}: {err}"[:300]

@@ -51,3 +51,16 @@ def test_each_seed_is_clipped_by_its_own_norm():
     assert norms.tolist() == pytest.approx([5.0, 0.5])
     assert grads["a"][0].tolist() == pytest.approx([0.6, 0.8], rel=1e-5)  # clipped to 1
     assert grads["a"][1].tolist() == pytest.approx([0.3, 0.4])           # under: unchanged
+
+
+def test_a_stack_that_fails_to_compile_is_timed_eager_and_says_why():
+    stack = stacked_seeds.StackedLoop(_config(), seeds=2, warmup=0)
+
+    def refused(*args):
+        raise RuntimeError("dynamo cannot trace this")
+
+    stack.grads_and_losses, stack.compiled = refused, True  # as a GPU's compile would fail
+    assert stack.step().shape == (2,)
+    timed = stack.time(1)
+    assert timed["compiled"] is False and timed["tokens_per_s"] > 0
+    assert timed["compile_error"] == "RuntimeError: dynamo cannot trace this"
