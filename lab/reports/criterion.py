@@ -17,6 +17,7 @@ import yaml
 from lab import records
 from lab.errors import LabError
 from lab.experiments.criterion import Criterion, Premise, read_criterion
+from lab.reports.rows import metric_series
 from lab.reports.seeds import Row
 from lab.reports.trends.measures import BROKE_MARGIN, broken_runs
 from lab.reports.trends.verdicts import TrendResult
@@ -140,7 +141,7 @@ def evaluate_criterion(criterion: Criterion, source: str, rows: list[Row], clien
     check_trends(criterion, f"report: {source}")
 
     def history(run_id: str, metric: str) -> list[tuple[int, float]]:
-        return [(m.step, m.value) for m in client.get_metric_history(run_id, metric)]
+        return metric_series(client, run_id, metric)
 
     return CriterionResult(criterion, source, tuple(
         check_premise(p, rows, history, all_rows, margin) for p in criterion.premise))

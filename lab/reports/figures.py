@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator
 from lab import records
 from lab.analysis.names import split_layer_metric
 from lab.reports.ladder import PROBE_SERIES, finite_peaks
-from lab.reports.rows import SINK_HISTORY, row_label, variant_order
+from lab.reports.rows import SINK_HISTORY, metric_series, row_label, variant_order
 from lab.reports.seeds import BASELINE, Row, RunRecord
 
 # Per-layer curves of the paper's Fig. 2 and 6: first-token attention and the largest hidden
@@ -53,10 +53,7 @@ def run_history(client, run_id: str) -> dict:
     data["spike_steps"] = spike_steps(client, run_id)
     data["probes"] = {}
     for metric in PROBE_SERIES:
-        # one point a step (the periodic probe and the end-of-run analysis both log the last)
-        history = sorted(client.get_metric_history(run_id, metric),
-                         key=lambda m: (m.step, m.timestamp))
-        points = sorted({m.step: m.value for m in history}.items())
+        points = metric_series(client, run_id, metric)
         if len(points) > 1:  # one point is the end-of-run analysis alone, not a series
             data["probes"][metric] = points
     return data

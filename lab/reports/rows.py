@@ -104,6 +104,15 @@ SINK_HISTORY = (("sink/head_share_short", "Gu's Sink^0.3 share, 64-token BOS win
                 ("sink/first_token_attn", "F-Attn, 1,024-token BOS windows"))
 
 
+def metric_series(client, run_id: str, metric: str) -> list[tuple[int, float]]:
+    """The metric through training, one point a step, in step order: where two values share
+    a step (the periodic probe and the end-of-run analysis both log the last one), the later
+    logged. What the sink table, the ladder plot and the criterion's premise read."""
+    history = sorted(client.get_metric_history(run_id, metric),
+                     key=lambda m: (m.step, m.timestamp))
+    return sorted({m.step: m.value for m in history}.items())
+
+
 def sink_histories(client, rows: list[Row]) -> dict[str, dict[str, dict[int, dict[float, float]]]]:
     """metric -> variant -> seed -> {tokens trained: value}, for the runs that logged a sink
     measure at more than one step. Tokens per step: the run's `tokens/seen` over its step."""
@@ -114,11 +123,11 @@ def sink_histories(client, rows: list[Row]) -> dict[str, dict[str, dict[int, dic
                        key=lambda m: m.step, default=None)
             per_step = seen.value / seen.step if seen is not None and seen.step else None
             for name, _ in SINK_HISTORY:
-                history = client.get_metric_history(run.run_id, name)
-                if len(history) < 2 or per_step is None:
+                points = metric_series(client, run.run_id, name)
+                if len(points) < 2 or per_step is None:
                     continue
                 out.setdefault(name, {}).setdefault(row.variant, {})[run.seed] = {
-                    m.step * per_step: m.value for m in sorted(history, key=lambda m: m.step)}
+                    step * per_step: value for step, value in points}
     return out
 
 

@@ -477,3 +477,17 @@ def test_a_section_added_to_the_list_appears_in_report_md_in_its_place(store, tm
     assert tmp_path / "out" / "seeds.txt" in report.files
     logged = {a.path for a in MlflowClient(store).list_artifacts(parent, "report")}
     assert "report/seeds.txt" in logged
+
+
+def test_a_metric_series_keeps_one_point_a_step_the_later_logged():
+    """The periodic probe and the end-of-run analysis both log the last step: the series
+    (the sink table, the ladder plot, the criterion's premise) keeps the later one."""
+    from types import SimpleNamespace
+
+    from lab.reports.rows import metric_series
+
+    logged = [SimpleNamespace(step=1000, value=0.02, timestamp=5),
+              SimpleNamespace(step=500, value=0.01, timestamp=1),
+              SimpleNamespace(step=1000, value=0.03, timestamp=9)]
+    client = SimpleNamespace(get_metric_history=lambda run_id, metric: list(logged))
+    assert metric_series(client, "r", "sink/first_token_attn") == [(500, 0.01), (1000, 0.03)]
