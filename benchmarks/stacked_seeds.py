@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 
 import torch
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
-from lab.bench import _rates, _sync
+from lab.bench import time_steps
 from lab.config import RunConfig
 from lab.model.decoder import Decoder
 from lab.model.params import model_flops_per_token
@@ -88,7 +87,6 @@ class StackedLoop:
         self.index = 0
         for _ in range(warmup):
             self.step()
-        _sync()
 
     def _grads(self, *args):
         """The compiled transform; where it fails to compile, the eager one from then on,
@@ -120,18 +118,9 @@ class StackedLoop:
         return losses
 
     def time(self, steps: int) -> dict:
-        _sync()
-        if self.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        _sync()
-        elapsed = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if self.device == "cuda" else None
-        # S seeds' tokens a step: the rate of the whole stack, comparable to S cells' sum.
+        # S seeds' windows a step: the rate of the whole stack, comparable to S cells' sum.
         stacked = _with_batch(self.config, self.config.train.batch_size * self.seeds)
-        return {**_rates(stacked, steps, elapsed, peak, self.flops_per_token),
+        return {**time_steps(self.step, steps, stacked, self.flops_per_token),
                 "compiled": self.compiled, "compile_error": self.compile_error}
 
 

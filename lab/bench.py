@@ -106,23 +106,32 @@ class BareLoop:
 
     def time(self, steps: int) -> dict:
         """Tokens/s, step time, MFU and this model's own peak memory over `steps` steps."""
-        _sync()
-        if self.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        others = _allocated() - self.resident
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        _sync()
-        elapsed = time.perf_counter() - start
-        peak = ((torch.cuda.max_memory_allocated() - others) / 2 ** 30
-                if self.device == "cuda" else None)
-        return _rates(self.config, steps, elapsed, peak, self.flops_per_token)
+        return time_steps(self.step, steps, self.config, self.flops_per_token, self.resident)
 
     def close(self) -> None:
         del self.model, self.optimizer
         if self.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def time_steps(step, steps: int, config: RunConfig, flops_per_token: float,
+               resident: int = 0) -> dict:
+    """`steps` calls of `step` timed between two syncs: tokens/s (a step being
+    `config.train.batch_size` windows of its context), step time, MFU, and the peak memory
+    less what other models held beside this one's `resident` bytes. BareLoop's timing, and
+    benchmarks/stacked_seeds.py's (whose config counts every seed's windows)."""
+    _sync()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    others = _allocated() - resident
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync()
+    elapsed = time.perf_counter() - start
+    peak = ((torch.cuda.max_memory_allocated() - others) / 2 ** 30
+            if torch.cuda.is_available() else None)
+    return _rates(config, steps, elapsed, peak, flops_per_token)
 
 
 def _allocated() -> int:
