@@ -42,6 +42,7 @@ files; the rows, tables and figures are lab/reports/rows.py, tables.py and figur
 from __future__ import annotations
 
 import json
+import math
 import os
 import textwrap
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ from lab.reports.seeds import BASELINE, Row, RunRecord, finished_records
 from lab.reports.tables import markdown_head, markdown_row, summary_rows
 from lab.reports.trends.measures import BROKE_MARGIN
 from lab.reports.trends.verdicts import EQUIVALENCE_PERCENT, evaluate
+from lab.training.schedule import warmup_steps
+from lab.training.spikes import GRAD_NORM_MAX_AFTER_WARMUP, grad_norm_max_after_warmup
 
 
 @dataclass
@@ -90,7 +93,32 @@ def run_metrics(client, run) -> dict[str, float]:
     table = records.read_artifact_text(client, run.info.run_id, LAYER_TABLE)
     if table is not None:
         metrics.update(layer_metrics(json.loads(table)))
+    if GRAD_NORM_MAX_AFTER_WARMUP not in metrics:
+        derived = grad_norm_after_warmup_of(client, run)
+        if derived is not None:
+            metrics[GRAD_NORM_MAX_AFTER_WARMUP] = derived
     return metrics
+
+
+def grad_norm_after_warmup_of(client, run) -> float | None:
+    """`train/grad_norm_max_after_warmup` of a run that finished before runs logged it
+    (2026-12-06), from its per-step loss_history.json and the warmup its parameters set, as
+    lab/training/run.py computes it for a run now; None without the history or the
+    parameters, or where no step after warmup has a finite norm."""
+    params = run.data.params
+    try:
+        steps = int(float(params["train.tokens"])
+                    // (int(params["train.batch_size"]) * int(params["model.context"])))
+        warmup = warmup_steps(steps, float(params["train.warmup_fraction"]))
+    except (KeyError, ValueError):
+        return None
+    text = records.read_artifact_text(client, run.info.run_id, "loss_history.json")
+    if text is None:
+        return None
+    history = json.loads(text)
+    value = grad_norm_max_after_warmup(history.get("step", []), history.get("grad_norm", []),
+                                       warmup)
+    return None if math.isnan(value) else value
 
 
 def load_runs(grid: str, uri: str | None = None) -> tuple[object, str, list[RunRecord]]:

@@ -13,6 +13,7 @@ import numpy as np
 from lab.reports.rows import SINK_HISTORY, row_label, variant_order
 from lab.reports.seeds import BASELINE, Interval, Row, paired_delta, t_interval
 from lab.reports.trends.measures import BROKE_MARGIN, broken_runs, largest_stable_lr
+from lab.training.spikes import GRAD_NORM_MAX_AFTER_WARMUP
 
 
 def _paper_cell(reference: tuple[float, float] | None) -> str:
@@ -103,7 +104,7 @@ def stability_pairs_table(all_rows: list[Row], margin: float = BROKE_MARGIN) -> 
     for row in all_rows:
         ladders.setdefault(row.variant, []).append(row)
     header = ["variant", "lr", "seeds paired", "spikes (variant / baseline)",
-              "largest grad norm (variant / baseline, mean)",
+              "largest grad norm after warmup (variant / baseline, mean)",
               "Δ final loss, nats (mean [95% CI])", "broke (variant / baseline)"]
     lines = markdown_head(header)
     if BASELINE not in ladders:
@@ -119,7 +120,7 @@ def stability_pairs_table(all_rows: list[Row], margin: float = BROKE_MARGIN) -> 
                      if run.seed in base.get(rung.lr, {})]
             if not pairs:
                 continue
-            norms = [[p.metrics.get("train/grad_norm_max", math.nan) for p in side]
+            norms = [[p.metrics.get(GRAD_NORM_MAX_AFTER_WARMUP, math.nan) for p in side]
                      for side in zip(*pairs)]
             finals = [a.metrics["val/final_loss"] - b.metrics["val/final_loss"] for a, b in pairs
                       if not (a.diverged or b.diverged)

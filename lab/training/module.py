@@ -19,7 +19,7 @@ from lab.data.store import TokenStore, cache_root
 from lab.data.windows import WindowSampler, eval_windows
 from lab.model.decoder import Decoder
 from lab.progress import configure_output
-from lab.training.schedule import accumulation, lr_lambda, total_steps
+from lab.training.schedule import accumulation, lr_lambda, total_steps, warmup_steps
 
 configure_output()  # Lightning set its loggers to INFO when imported (lab/progress.py)
 
@@ -217,7 +217,7 @@ class LanguageModel(L.LightningModule):
         t = self.config.train
         fused = torch.cuda.is_available() and self.device.type == "cuda"
         optimizer = adamw(self.named_parameters(), self.config, fused)
-        warmup = int(t.warmup_fraction * self.max_steps)
+        warmup = warmup_steps(self.max_steps, t.warmup_fraction)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_lambda(step, self.max_steps, warmup, t.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -39,7 +39,8 @@ from lab.training.callbacks import (AnalysisMonitor, AtomicCheckpoint, GateInser
                                     LossMonitor, RoutingStats, RunProgress, device_peak_tflops)
 from lab.training.module import LanguageModel, TokenDataModule
 from lab.training.preflight import preflight
-from lab.training.schedule import accumulation, total_steps
+from lab.training.schedule import accumulation, total_steps, warmup_steps
+from lab.training.spikes import GRAD_NORM_MAX_AFTER_WARMUP, grad_norm_max_after_warmup
 
 DDP_RUN_ID = "GATELAB_DDP_RUN_ID"
 
@@ -291,6 +292,9 @@ def _finish(trainer, module, data, monitor, config, mlflow_client, run_id, start
     if monitor.grad_norms:
         finite = [n for n in monitor.grad_norms if math.isfinite(n)]
         metrics["train/grad_norm_max"] = max(finite, default=float("nan"))
+        metrics[GRAD_NORM_MAX_AFTER_WARMUP] = grad_norm_max_after_warmup(
+            monitor.steps, monitor.grad_norms,
+            warmup_steps(total_steps(config), config.train.warmup_fraction))
     if mlflow_client is None:
         return metrics
     with clock.phase("store"):

@@ -21,6 +21,11 @@ def lr_lambda(step: int, total_steps: int, warmup_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def warmup_steps(total: int, warmup_fraction: float) -> int:
+    """The steps of the linear warmup: the first `warmup_fraction` of the run's `total`."""
+    return int(warmup_fraction * total)
+
+
 def total_steps(config: RunConfig) -> int:
     tokens_per_step = config.train.batch_size * config.model.context
     return max(1, int(config.train.tokens // tokens_per_step))

@@ -491,3 +491,34 @@ def test_a_metric_series_keeps_one_point_a_step_the_later_logged():
               SimpleNamespace(step=1000, value=0.03, timestamp=9)]
     client = SimpleNamespace(get_metric_history=lambda run_id, metric: list(logged))
     assert metric_series(client, "r", "sink/first_token_attn") == [(500, 0.01), (1000, 0.03)]
+
+
+def test_a_run_from_before_the_after_warmup_norm_gets_it_from_its_history(store):
+    """Runs before 2026-12-06 logged only the whole run's largest gradient norm (the
+    initialisation's); the report takes the one after warmup from loss_history.json and the
+    warmup the run's parameters set, and keeps a logged one."""
+    from mlflow.tracking import MlflowClient
+
+    from lab.reports.grid_report import run_metrics
+
+    client = MlflowClient(store)
+    experiment = client.create_experiment("old")
+    norms = [4.7, 3.0, 0.9, 0.4, 1.6, 0.5, 0.3, 0.3]
+
+    def run(metrics: dict):
+        run_id = client.create_run(experiment).info.run_id
+        # 8 steps of 2 x 4 tokens, a quarter of them warmup: steps 1-2
+        for key, value in {"train.tokens": "64.0", "train.batch_size": "2",
+                           "model.context": "4", "train.warmup_fraction": "0.25"}.items():
+            client.log_param(run_id, key, value)
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, value)
+        client.log_dict(run_id, {"step": list(range(1, 9)), "loss": [5.0] * 8,
+                                 "grad_norm": norms}, "loss_history.json")
+        return client.get_run(run_id)
+
+    old = run_metrics(client, run({"train/grad_norm_max": 4.7}))
+    assert old["train/grad_norm_max"] == 4.7
+    assert old["train/grad_norm_max_after_warmup"] == 1.6
+    logged = run({"train/grad_norm_max": 4.7, "train/grad_norm_max_after_warmup": 1.25})
+    assert run_metrics(client, logged)["train/grad_norm_max_after_warmup"] == 1.25

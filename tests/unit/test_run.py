@@ -145,7 +145,7 @@ def test_throughput_summary_reports_only_what_was_measured(monkeypatch):
 
 
 def test_a_finished_run_records_its_summary_parameters_and_histories(store):
-    config = fast_config("sdpa_elementwise_sigmoid_mul")
+    config = fast_config("sdpa_elementwise_sigmoid_mul", **{"train.warmup_fraction": 0.25})
     result = train_run(config, store, "summary", quiet=True)
     assert result.status == "FINISHED" and result.diverged_step is None
     m = result.metrics
@@ -167,6 +167,9 @@ def test_a_finished_run_records_its_summary_parameters_and_histories(store):
     assert history["step"] == list(range(1, STEPS + 1))  # one loss per optimizer step
     assert len(history["loss"]) == len(history["grad_norm"]) == STEPS
     assert m["train/grad_norm_max"] == max(history["grad_norm"])
+    # after the warmup's int(0.25 x 16) = 4 steps (steps count from 1)
+    assert run.data.metrics["train/grad_norm_max_after_warmup"] == pytest.approx(
+        max(history["grad_norm"][4:]))
     assert describe(result) == (f"run {result.run_id}: val/ppl {m['val/ppl']:.3f}, test/ppl "
                                 f"{m['test/ppl']:.3f}, 4,096 tokens in {m['time/wall_s']:.0f} s")
     # Its corpus as its dataset input, the corpus's fingerprint as the digest.

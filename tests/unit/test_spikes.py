@@ -1,14 +1,15 @@
-"""lab/training/spikes.py: the loss-spike detector against a curve with planted spikes, and the
-spike metrics and artifact a run logs."""
+"""lab/training/spikes.py: the loss-spike detector against a curve with planted spikes, the
+spike metrics and artifact a run logs, and the largest gradient norm after warmup."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 
-from lab.training.spikes import detect_spikes
+from lab.training.spikes import detect_spikes, grad_norm_max_after_warmup
 
 
 def planted_curve() -> np.ndarray:
@@ -68,3 +69,13 @@ def test_a_run_logs_its_spikes_as_metrics_and_artifact(store):
     metrics = client.get_run(result.run_id).data.metrics
     assert metrics["spikes/count"] == len(expected)
     assert metrics["spikes/max_excess"] == pytest.approx(max(e.max_excess for e in expected))
+
+
+def test_the_largest_gradient_norm_after_warmup_leaves_out_the_initialisations():
+    # The first steps' norms at the initialisation (5, 4) are the whole run's largest; the
+    # excursion after warmup (3 steps here) is 2.5; a non-finite norm counts for nothing.
+    steps = list(range(1, 9))
+    norms = [5.0, 4.0, 0.6, 0.5, 2.5, float("nan"), 0.4, float("inf")]
+    assert grad_norm_max_after_warmup(steps, norms, warmup_steps=3) == 2.5
+    assert grad_norm_max_after_warmup(steps, norms, warmup_steps=0) == 5.0
+    assert math.isnan(grad_norm_max_after_warmup(steps, norms, warmup_steps=8))
