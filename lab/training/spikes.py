@@ -58,7 +58,8 @@ def grad_norm_max_after_warmup(steps, grad_norms, warmup_steps: int) -> float:
     The whole run's largest (`train/grad_norm_max`) is the warmup's: in 100 of the 101 runs
     of the committed stores (2026-12-06) it fell in the first 70 steps, in 86 at steps 1-5,
     the initialisation's norm (about 4.5-5.3 in a baseline at `small`, 2.6-3.8 with a G1
-    gate): a difference of initialisations, the same at every LR, not of stability. `steps` count optimizer steps from 1, so step k's gradient is
-    taken after k - 1 updates; those after warmup are k > warmup_steps. NaN where none."""
+    gate): a difference of initialisations, the same at every LR, not of stability.
+    `steps` count optimizer steps from 1, so step k's gradient is taken after k - 1
+    updates; those after warmup are k > warmup_steps. NaN where none."""
     late = [n for step, n in zip(steps, grad_norms) if step > warmup_steps and math.isfinite(n)]
     return max(late, default=float("nan"))
