@@ -23,7 +23,7 @@ from lab import records
 from lab.analysis.perplexity import mean_loss
 from lab.data.windows import eval_windows
 from lab.model.decoder import Decoder
-from lab.training.run import open_data
+from lab.training.corpus import open_data
 
 
 def check_run(run, device) -> dict:

@@ -31,8 +31,8 @@ from lab.bench import time_steps
 from lab.config import RunConfig
 from lab.model.decoder import Decoder
 from lab.model.params import model_flops_per_token
-from lab.training.module import decays, train_sampler
-from lab.training.run import open_data
+from lab.training.step import decays, train_sampler
+from lab.training.corpus import open_data
 
 
 def clip_each_seed(grads: dict[str, torch.Tensor], max_norm: float) -> torch.Tensor:

@@ -355,7 +355,7 @@ def run(args: argparse.Namespace, clock=time.perf_counter) -> dict:
         report["sections"][name] = entry
         write_json(report, out_dir)
     report["seconds"] = clock() - started
-    from lab.training.module import use_compile_cache
+    from lab.training.step import use_compile_cache
 
     report["compile_cache_mib"] = folder_mib(Path(use_compile_cache()))
     write_json(report, out_dir)

@@ -28,10 +28,11 @@ from lab.config import RunConfig, resolve
 from lab.errors import LabError
 from lab.model.decoder import Decoder
 from lab.model.params import count_params, model_flops_per_token
-from lab.training.run import open_data, train_run
+from lab.training.corpus import open_data
+from lab.training.run import train_run
 from lab.training.callbacks import device_peak_tflops
-from lab.training.module import (adamw, begin_cudagraph_step, compile_model, step_loss,
-                                 train_sampler, uses_cudagraphs)
+from lab.training.step import (adamw, begin_cudagraph_step, compile_model, step_loss,
+                               train_sampler, uses_cudagraphs)
 from lab.training.preflight import preflight
 from lab.training.schedule import accumulation
 

@@ -52,7 +52,7 @@ from lab.errors import LabError
 from lab.model.decoder import Decoder, SwitchProjection
 from lab.model.moe import MoEFeedForward
 from lab.model.variants import VARIANTS
-from lab.training.module import compile_model
+from lab.training.step import compile_model
 from lab.training.preflight import preflight
 
 # Allowed relative error per training precision: (logits, loss, gradients).

@@ -13,7 +13,7 @@ from lab.analysis.metrics import Analysis, analysis_device, analyze
 from lab.analysis.outputs import log_analysis, write_outputs
 from lab.errors import LabError
 from lab.model.decoder import Decoder
-from lab.training.run import open_data
+from lab.training.corpus import open_data
 
 
 def analyze_target(target: str, uri: str | None = None, windows: int | None = None,

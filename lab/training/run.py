@@ -27,14 +27,12 @@ from mlflow.entities import Metric
 from lab import records
 from lab.analysis.metrics import analysis_device, analyze
 from lab.analysis.outputs import log_analysis
-from lab.config import RunConfig, with_vocab
-from lab.data.sources import open_source
-from lab.data.store import TokenStore
-from lab.data.windows import check_batch_fits
+from lab.config import RunConfig
 from lab.interrupts import interruption
 from lab.model.params import count_params, model_flops_per_token
 from lab.records import OWNER_TAG, end_dead_runs, owner_identity
 from lab.training import phases as run_phases
+from lab.training.corpus import open_data
 from lab.training.callbacks import (AnalysisMonitor, AtomicCheckpoint, GateInsertion,
                                     LossMonitor, RoutingStats, RunProgress, device_peak_tflops)
 from lab.training.module import LanguageModel, TokenDataModule
@@ -51,14 +49,6 @@ class RunResult:
     status: str
     metrics: dict = field(default_factory=dict)
     diverged_step: int | None = None
-
-
-def open_data(config: RunConfig) -> tuple[TokenStore, RunConfig]:
-    d = config.data
-    store = open_source(d.source, d.vocab_size, d.valid, d.test)
-    check_batch_fits(store, config.model.context, config.train.micro_batch, d.bos_aligned,
-                     total_steps(config) * config.train.batch_size)
-    return store, with_vocab(config, store.vocab_size)
 
 
 class RunLogger(MLFlowLogger):

@@ -237,3 +237,23 @@ def test_the_registry_presets_config_resolution_and_counts_import_no_torch():
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_a_grids_own_process_plans_checks_and_dispatches_without_lightning():
+    """A grid's process whose workers train its cells imports neither Lightning nor the
+    torchmetrics and torchvision it pulls in (9 of the 19 s of a grid process's imports on
+    the lent GPU machine, benchmarks/README.md): planning, the numerics check's compile and
+    the pool need torch and MLflow only. A fresh interpreter imports those modules."""
+    import subprocess
+    import sys
+
+    child = ("import sys\n"
+             "import lab.experiments.grid.run, lab.experiments.grid.cells, lab.check\n"
+             "from lab.training.corpus import open_data\n"
+             "from lab.training.step import compile_model, use_compile_cache\n"
+             "print(sorted(m for m in ('lightning', 'torchmetrics', 'torchvision')"
+             " if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

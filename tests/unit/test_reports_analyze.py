@@ -20,7 +20,7 @@ from lab.config import resolve
 from lab.errors import LabError
 from lab.model.decoder import Decoder
 from lab.reports.analyze import analyze_target, summary
-from lab.training.run import open_data
+from lab.training.corpus import open_data
 
 # A small context keeps the analysis to a second; the synthetic corpus is the shared cache's.
 OVERRIDES = {"model.context": "16", "train.batch_size": "4"}

@@ -24,7 +24,8 @@ from lab.config import resolve
 from lab.errors import LabError
 from lab.model.params import count_params
 from lab.training.preflight import check_devices, preflight
-from lab.training.run import (RunResult, describe, open_data, throughput_summary, to_json,
+from lab.training.corpus import open_data
+from lab.training.run import (RunResult, describe, throughput_summary, to_json,
                               train_run)
 
 # 16 optimizer steps of 8 windows of 32 tokens, validation every 4; no end-of-run analysis,

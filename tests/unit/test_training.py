@@ -47,7 +47,7 @@ def test_each_run_in_one_process_gets_compiled_not_the_recompile_limits_eager_fa
 
 
 def test_adamw_decays_matrices_only_and_skips_frozen_parameters():
-    from lab.training.module import adamw
+    from lab.training.step import adamw
 
     config = resolve("sdpa_elementwise_sigmoid_mul", "tiny", ["train.weight_decay=0.1", "train.lr=0.01"])
     model = Decoder(config.model)
@@ -63,7 +63,7 @@ def test_adamw_decays_matrices_only_and_skips_frozen_parameters():
 
 def decay_by_name(config) -> dict[str, bool]:
     """Every trainable parameter's name -> whether `adamw` put it in the decayed group."""
-    from lab.training.module import adamw
+    from lab.training.step import adamw
 
     model = Decoder(config.model)
     decayed, undecayed = adamw(model.named_parameters(), config, fused=False).param_groups
@@ -150,7 +150,7 @@ def test_lightning_module_groups_by_its_prefixed_names_too():
 
 def test_decay_of_b_actually_moves_it_towards_zero():
     """AdamW with lr x wd on b alone (no gradient): decayed b shrinks, undecayed b stays."""
-    from lab.training.module import adamw
+    from lab.training.step import adamw
 
     for decay, shrinks in [("false", False), ("true", True)]:
         config = resolve("sdpa_input_independent_sigmoid_mul", "tiny",
@@ -177,7 +177,7 @@ def test_gate_constant_decay_is_checked_before_training():
 
 
 def test_step_loss_adds_the_moe_router_losses_to_the_lm_loss():
-    from lab.training.module import step_loss
+    from lab.training.step import step_loss
 
     config = resolve("baseline", "moe-tiny")
     model = Decoder(config.model)
@@ -189,8 +189,8 @@ def test_step_loss_adds_the_moe_router_losses_to_the_lm_loss():
 
 
 def test_train_sampler_draws_the_runs_windows_with_bos_prefix(tmp_path, monkeypatch):
-    from lab.training.run import open_data
-    from lab.training.module import train_sampler
+    from lab.training.corpus import open_data
+    from lab.training.step import train_sampler
 
     monkeypatch.setenv("GATELAB_CACHE", str(tmp_path / "cache"))
     store, config = open_data(resolve("baseline", "tiny", ["data.bos_prefix=true"]))
@@ -225,7 +225,7 @@ def test_evaluation_batches_are_whole_micro_batches(tmp_path, monkeypatch):
     """A shorter last batch would make a compiled model recompile inside validation (10-14 s
     at `small`, benchmarks/README.md); the remainder is left out when a whole batch exists."""
     from lab.data.windows import eval_windows
-    from lab.training.run import open_data
+    from lab.training.corpus import open_data
     from lab.training.module import TokenDataModule
 
     monkeypatch.setenv("GATELAB_CACHE", str(tmp_path / "cache"))
@@ -243,18 +243,20 @@ def test_evaluation_batches_are_whole_micro_batches(tmp_path, monkeypatch):
 
 def test_compiling_uses_the_labs_inductor_cache_unless_one_is_set(monkeypatch, tmp_path):
     """Every cell of a grid, its check and the next grid share Inductor's on-disk caches in
-    the lab's cache folder (lab/training/module.py use_compile_cache)."""
-    from lab.training import module as module_file
+    the lab's cache folder (lab/training/step.py use_compile_cache)."""
+    import os
 
-    monkeypatch.delenv(module_file.COMPILE_CACHE_ENV, raising=False)
+    from lab.training import step
+
+    monkeypatch.delenv(step.COMPILE_CACHE_ENV, raising=False)
     monkeypatch.setenv("GATELAB_CACHE", str(tmp_path / "cache"))
     model = Decoder(resolve("baseline", "tiny").model)
     monkeypatch.setattr(model, "compile", lambda **kwargs: None)
-    module_file.compile_model(model, "default")
-    assert module_file.os.environ[module_file.COMPILE_CACHE_ENV] == str(tmp_path / "cache" / "inductor")
-    monkeypatch.setenv(module_file.COMPILE_CACHE_ENV, str(tmp_path / "mine"))
-    module_file.compile_model(model, "default")
-    assert module_file.os.environ[module_file.COMPILE_CACHE_ENV] == str(tmp_path / "mine")
+    step.compile_model(model, "default")
+    assert os.environ[step.COMPILE_CACHE_ENV] == str(tmp_path / "cache" / "inductor")
+    monkeypatch.setenv(step.COMPILE_CACHE_ENV, str(tmp_path / "mine"))
+    step.compile_model(model, "default")
+    assert os.environ[step.COMPILE_CACHE_ENV] == str(tmp_path / "mine")
 
 
 @pytest.mark.parametrize("mode, compile, cuda, expected", [
@@ -262,7 +264,7 @@ def test_compiling_uses_the_labs_inductor_cache_unless_one_is_set(monkeypatch, t
     ("default", "auto", True, False), ("max-autotune-no-cudagraphs", "auto", True, False),
     ("reduce-overhead", "auto", False, False), ("reduce-overhead", False, True, False)])
 def test_which_runs_replay_cuda_graphs(mode, compile, cuda, expected):
-    from lab.training.module import uses_cudagraphs
+    from lab.training.step import uses_cudagraphs
 
     config = resolve("baseline", "tiny", [f"train.compile_mode={mode}", f"train.compile={compile}"])
     assert uses_cudagraphs(config.train, cuda) is expected

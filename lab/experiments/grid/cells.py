@@ -31,8 +31,6 @@ from lab.records import (CLAIM_TAG, GRID_TAG, HEARTBEAT_TAG, OWNER_TAG, RESUMED_
                          RUNS_PER_GPU_TAG, describe_failure, end_run, heartbeat, owner_identity,
                          start_run)
 from lab.training import phases as run_phases
-from lab.training.callbacks import FirstStepNotice, RunProgress
-from lab.training.run import train_run
 
 
 @dataclass
@@ -72,6 +70,12 @@ def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = 
     """Run one cell in this process: create (or take over) its run and train it. Any failure
     is recorded on the run and returned; an interrupt propagates (the run ends KILLED).
     `on_first_step()` is called once the run's first step (its compile) is done."""
+    # Lightning, here rather than at the top: the grid's own process imports this module to
+    # hand cells to its workers, and trains none of them itself unless it runs them in turn
+    # (lab/experiments/grid/run.py imports it up front then; lab/training/step.py says why).
+    from lab.training.callbacks import FirstStepNotice, RunProgress
+    from lab.training.run import train_run
+
     client = records.client(ctx.uri)
     run_id, holding = task.run_id, False   # holding: the run is this process's to close
     started = time.time()

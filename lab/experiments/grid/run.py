@@ -5,6 +5,7 @@ hold dispatched, the parent closed, and the summary `gatelab grid` prints.
 
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass, field
 
@@ -28,7 +29,7 @@ from lab.progress import GridProgress, duration
 from lab.records import (HEARTBEAT_TAG, OWNER_TAG, STALE_AFTER_S, child_runs,
                          find_or_create_grid_parent, heartbeat, owner_identity, run_owner_alive)
 from lab.training import phases as run_phases
-from lab.training.module import use_compile_cache
+from lab.training.step import use_compile_cache
 from lab.training.preflight import preflight
 
 
@@ -157,6 +158,13 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
 
     records.check_writable(uri, max(count_params(cell.config)["total"] for cell in
                                     {cell.variant: cell for cell in cells}.values()))
+    if trains_in_this_process(layout, options):
+        # The training code and Lightning, which only a process that trains imports (9 of
+        # the 19 s of a grid's imports on the lent GPU machine: benchmarks/README.md): here
+        # part of this process's start-up, as in a worker, not of its first cell.
+        importing = time.perf_counter()
+        importlib.import_module("lab.training.run")
+        startup_s += time.perf_counter() - importing
     # Before the check and the workers, which compile and inherit the environment.
     use_compile_cache()
     check_table, check_s = _check_variants(spec, cells, layout, options)
@@ -284,7 +292,7 @@ def _run_cells(tasks: list[Task], layout: Layout, options: GridOptions, ctx: Gri
     if layout.devices > 1 and gpus:
         return dispatch.in_turn(tasks, f"GPUs {','.join(gpus)} (DDP)",
                                 lambda task: run_ddp_cell(task, ctx, gpus))
-    if layout.workers == 1 and not (gpus and options.gpus not in (None, "all")):
+    if trains_in_this_process(layout, options):
         if not gpus:
             _set_threads(layout.worker_threads)
         return dispatch.in_turn(tasks, None, lambda task: execute_cell(task, ctx))
@@ -303,6 +311,14 @@ def _run_cells(tasks: list[Task], layout: Layout, options: GridOptions, ctx: Gri
         raise
     pool.close()
     return left
+
+
+def trains_in_this_process(layout: Layout, options: GridOptions) -> bool:
+    """Whether the grid's cells train in its own process, one after another: one worker, on
+    the CPU or on all (here: the one) GPU; with more, or with GPUs named, a pool of workers
+    trains them (and a DDP cell, a job of its own)."""
+    return not (layout.devices > 1 and layout.gpus) and layout.workers == 1 and \
+        not (layout.gpus and options.gpus not in (None, "all"))
 
 
 def _release_refused_parent(client, parent: str, err: LabError, stale_after_s: float) -> None:

@@ -14,7 +14,7 @@ from lab.config import RunConfig, resolve, with_vocab
 from lab.errors import LabError
 from lab.experiments.schema import GridSpec
 from lab.model.variants import VARIANTS
-from lab.training.run import open_data
+from lab.training.corpus import open_data
 
 
 # --- cells ---------------------------------------------------------------------------------

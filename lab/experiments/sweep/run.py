@@ -28,7 +28,7 @@ from lab.model.params import count_params
 from lab.progress import configure_output
 from lab.records import OWNER_TAG, end_dead_runs, owner_identity
 from lab.training.preflight import preflight
-from lab.training.run import open_data
+from lab.training.corpus import open_data
 
 
 def parent_run(sweep: Sweep, variant: str, uri: str, storage: str) -> str:
