@@ -120,7 +120,8 @@ if [ "$phases" != ",report," ] && [ -f "$carried_checks" ]; then
     echo "checks: unpacked $carried_checks into $checks ($(find "$checks" -name '*.txt' | wc -l) passes)"
 fi
 # (after prepare: the records import MLflow, which the first call of a machine may not carry)
-echo "git_commit tag: $(python3 -c 'from lab import records; print(records.git_commit())')"
+# (GATELAB_GIT_COMMIT given: the tag is that, without a 4-5-s MLflow import to say so)
+echo "git_commit tag: ${GATELAB_GIT_COMMIT:-$(python3 -c 'from lab import records; print(records.git_commit())')}"
 if [ -e "$store/mlflow.db" ]; then echo "store: keeping the $store/mlflow.db already here"
 elif [ -f "${snapshots[0]}" ]; then gatelab store unpack "${snapshots[@]}" --quiet
 else echo "store: none brought; the grids start a new one"; fi
