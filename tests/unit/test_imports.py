@@ -212,16 +212,26 @@ def test_prepare_runs_where_mlflow_optuna_and_sqlalchemy_are_missing(tmp_path):
     assert (tmp_path / "prepared").is_dir()
 
 
+def libraries_loaded_by(code: str, libraries: tuple[str, ...]) -> list[str]:
+    """Which of `libraries` (top-level packages) a fresh interpreter has loaded after running
+    `code` from the repository's root."""
+    import subprocess
+    import sys
+
+    report = (f"\nimport sys\nprint(sorted({{m.split('.')[0] for m in sys.modules}}"
+              f" & set({libraries!r})))\n")
+    done = subprocess.run([sys.executable, "-c", code + report], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 (our own print)
+
+
 def test_the_registry_presets_config_resolution_and_counts_import_no_torch():
     """Start-up (benchmarks/README.md): `gatelab variants` and a bad `gatelab train` config
     resolve configs, read the registry and count parameters before any model exists; torch
     (1.3-1.5 s to import on the 2-core CPU machine) stays out of all of it. A fresh
     interpreter does that work and reports which heavy libraries it loaded."""
-    import subprocess
-    import sys
-
-    child = ("import sys\n"
-             "from lab.config import resolve\n"
+    child = ("from lab.config import resolve\n"
              "from lab.errors import LabError\n"
              "from lab.model.variants import VARIANTS, get_variant\n"
              "from lab.reports.variants import describe_variants\n"
@@ -230,13 +240,9 @@ def test_the_registry_presets_config_resolution_and_counts_import_no_torch():
              "try:\n"
              "    resolve(get_variant('sdpa_headwise_sigmoid_mul'), 'tiny', ['train.lr=abc'])\n"
              "except LabError:\n"
-             "    pass\n"
-             "heavy = ('torch', 'lightning', 'mlflow', 'optuna', 'scipy', 'numpy')\n"
-             "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n")
-    done = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "[]"
+             "    pass\n")
+    assert libraries_loaded_by(child, ("torch", "lightning", "mlflow", "optuna", "scipy",
+                                       "numpy")) == []
 
 
 def test_a_grids_own_process_plans_checks_and_dispatches_without_lightning():
@@ -244,16 +250,7 @@ def test_a_grids_own_process_plans_checks_and_dispatches_without_lightning():
     torchmetrics and torchvision it pulls in (9 of the 19 s of a grid process's imports on
     the lent GPU machine, benchmarks/README.md): planning, the numerics check's compile and
     the pool need torch and MLflow only. A fresh interpreter imports those modules."""
-    import subprocess
-    import sys
-
-    child = ("import sys\n"
-             "import lab.experiments.grid.run, lab.experiments.grid.cells, lab.check\n"
+    child = ("import lab.experiments.grid.run, lab.experiments.grid.cells, lab.check\n"
              "from lab.training.corpus import open_data\n"
-             "from lab.training.step import compile_model, use_compile_cache\n"
-             "print(sorted(m for m in ('lightning', 'torchmetrics', 'torchvision')"
-             " if m in sys.modules))\n")
-    done = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "[]"
+             "from lab.training.step import compile_model, use_compile_cache\n")
+    assert libraries_loaded_by(child, ("lightning", "torchmetrics", "torchvision")) == []
