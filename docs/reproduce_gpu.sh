@@ -96,7 +96,7 @@ if [ "$phases" != ",report," ]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 fi
 [ "$phases" = ",prepare," ] && exit 0
-# Inductor's caches (cache/inductor: lab/training/module.py use_compile_cache) from an earlier
+# Inductor's caches (cache/inductor: lab/training/step.py use_compile_cache) from an earlier
 # session on the same kind of GPU, carried as $COMPILE_CACHE_DIR/inductor-<gpu>.tar.gz (a
 # call with PACK_COMPILE_CACHE=1 brings that file back, below): the first cell of each
 # shape then loads its graphs instead of compiling them (a deep-narrow cell compiled for 89 s

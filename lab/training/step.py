@@ -82,11 +82,11 @@ def uses_cudagraphs(train: TrainConfig, cuda: bool) -> bool:
 def begin_cudagraph_step(enabled: bool) -> None:
     """Tell CUDA Graph Trees that a new step begins. They assume one only when a forward
     follows a finished backward; the lab's evaluation runs the training graph forward with no
-    backward (LanguageModel._eval_step), which without this mark leaves a backward pending
-    and makes the next call record a new graph instead of replaying one
-    (docs.pytorch.org/docs/stable/torch.compiler_cudagraph_trees.html, "Limitations"). The
-    mark also means that the previous step's graph outputs may be overwritten: whatever is
-    kept past a step is a copy (training_step)."""
+    backward (lab/training/module.py LanguageModel._eval_step), which without this mark
+    leaves a backward pending and makes the next call record a new graph instead of replaying
+    one (docs.pytorch.org/docs/stable/torch.compiler_cudagraph_trees.html, "Limitations").
+    The mark also means that the previous step's graph outputs may be overwritten: whatever
+    is kept past a step is a copy (LanguageModel.training_step)."""
     if enabled:
         torch.compiler.cudagraph_mark_step_begin()
 

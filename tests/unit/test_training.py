@@ -1,4 +1,6 @@
-"""lab/training/module.py: the LightningModule's own choices."""
+"""lab/training/module.py: the LightningModule's own choices; and the training step it shares
+with the bench's bare loop (lab/training/step.py: optimizer, compile, CUDA graphs, windows,
+loss)."""
 
 import pytest
 import torch
