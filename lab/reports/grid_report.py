@@ -66,7 +66,7 @@ from lab.reports.seeds import BASELINE, Row, RunRecord, finished_records
 from lab.reports.tables import markdown_head, markdown_row, summary_rows
 from lab.reports.trends.measures import BROKE_MARGIN
 from lab.reports.trends.verdicts import EQUIVALENCE_PERCENT, evaluate
-from lab.training.schedule import warmup_steps
+from lab.training.schedule import steps_for_tokens, warmup_steps
 from lab.training.spikes import GRAD_NORM_MAX_AFTER_WARMUP, grad_norm_max_after_warmup
 
 
@@ -107,8 +107,8 @@ def grad_norm_after_warmup_of(client, run) -> float | None:
     parameters, or where no step after warmup has a finite norm."""
     params = run.data.params
     try:
-        steps = int(float(params["train.tokens"])
-                    // (int(params["train.batch_size"]) * int(params["model.context"])))
+        steps = steps_for_tokens(float(params["train.tokens"]), int(params["train.batch_size"]),
+                                 int(params["model.context"]))
         warmup = warmup_steps(steps, float(params["train.warmup_fraction"]))
     except (KeyError, ValueError):
         return None

@@ -27,8 +27,13 @@ def warmup_steps(total: int, warmup_fraction: float) -> int:
 
 
 def total_steps(config: RunConfig) -> int:
-    tokens_per_step = config.train.batch_size * config.model.context
-    return max(1, int(config.train.tokens // tokens_per_step))
+    return steps_for_tokens(config.train.tokens, config.train.batch_size, config.model.context)
+
+
+def steps_for_tokens(tokens: float, batch_size: int, context: int) -> int:
+    """The optimizer steps a budget of `tokens` buys at `batch_size` windows of `context`
+    tokens a step (also from a finished run's params: lab/reports/grid_report.py)."""
+    return max(1, int(tokens // (batch_size * context)))
 
 
 def accumulation(config: RunConfig) -> int:
