@@ -1,6 +1,7 @@
 """The Lightning side: the language-model module and the token data module.
 
-The module owns the model and the step logic (loss, optimizer, schedule, clipping);
+The module owns the model and the step logic (loss, optimizer, schedule, clipping), built
+from the Lightning-free pieces the bench's bare loop shares (lab/training/step.py);
 cross-cutting concerns (loss history, spikes, divergence, throughput, checkpoints, probes)
 live in callbacks (lab/training/callbacks.py); the Trainer runs the loop.
 """
