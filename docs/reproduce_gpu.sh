@@ -203,8 +203,10 @@ if [ "${#ran[@]}" -gt 0 ] && [ -n "$(find "$checks" -name '*.txt' -print -quit 2
 fi
 if [ "${PACK_COMPILE_CACHE:-0}" = 1 ] && [ -d "$inductor" ] && [ -n "$gpu_kind" ]; then
   tar czf "$OUT/inductor-$gpu_kind.tar.gz" -C "$inductor" .
-  if [ "$(stat -c %s "$OUT/inductor-$gpu_kind.tar.gz")" -gt "${OUT_FILE_LIMIT_BYTES:-16000000}" ]; then
-    echo "compile cache: $inductor is over ${OUT_FILE_LIMIT_BYTES:-16000000} bytes packed; not brought back"
+  packed=$(stat -c %s "$OUT/inductor-$gpu_kind.tar.gz")
+  if [ "$packed" -gt "${OUT_FILE_LIMIT_BYTES:-16000000}" ]; then
+    # (its sizes say what a smaller cache would need: the folder's and the packed file's)
+    echo "compile cache: $inductor is $(du -sm "$inductor" | cut -f1) MB, $packed bytes packed, over ${OUT_FILE_LIMIT_BYTES:-16000000}; not brought back"
     rm -f "$OUT/inductor-$gpu_kind.tar.gz"
   else
     echo "compile cache: packed $inductor into $OUT/inductor-$gpu_kind.tar.gz (carry it as ${COMPILE_CACHE_DIR:-.compile-cache}/ next session)"

@@ -7,6 +7,7 @@ own logic (phase selection, order, the early error) without training anything.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -156,6 +157,16 @@ def test_a_compile_cache_carried_for_this_gpu_is_unpacked_and_packed_back_when_a
     back = tmp_path / "out" / "inductor-fake-gpu.tar.gz"
     with tarfile.open(back) as tar:
         assert "./fxgraph/entry" in tar.getnames()
+
+    # over the size a call brings back: left out, with the sizes a smaller cache would need
+    shutil.rmtree(tmp_path / "out")
+    done, _ = run_script(tmp_path, "sink", COMPILE_CACHE_DIR=str(carried),
+                         TORCHINDUCTOR_CACHE_DIR=str(inductor), PACK_COMPILE_CACHE="1",
+                         OUT_FILE_LIMIT_BYTES="10")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not back.exists()
+    assert re.search(r"compile cache: \S+ is \d+ MB, \d+ bytes packed, over 10; not brought back",
+                     done.stdout)
 
     # another GPU's cache: not unpacked; without PACK_COMPILE_CACHE nothing comes back
     (carried / "inductor-fake-gpu.tar.gz").rename(carried / "inductor-other-gpu.tar.gz")
