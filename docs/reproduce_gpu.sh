@@ -64,9 +64,12 @@ ran=()  # the grids this call started, each packed into its own file at the end
 out_files=1
 want report && out_files=$((out_files + 1))
 want eval-check named && out_files=$((out_files + 1))
+# room_for_a_file: the call can bring back one more file besides those counted so far (the
+# log and the others in out_files, and a snapshot for each grid started)
+room_for_a_file() { [ "${OUT_FILES_LIMIT:-8}" -le 0 ] || [ $((out_files + ${#ran[@]})) -lt "${OUT_FILES_LIMIT:-8}" ]; }
 run_grid() { local limit=$1; shift
   local grid; grid=$(basename "$1" .yaml)  # (each grid file's experiment is its stem)
-  if [ "${OUT_FILES_LIMIT:-8}" -gt 0 ] && [ $((out_files + ${#ran[@]})) -ge "${OUT_FILES_LIMIT:-8}" ]; then
+  if ! room_for_a_file; then
     echo "grid $grid: not started: its snapshot would pass the ${OUT_FILES_LIMIT:-8} files a call brings back; the next call runs it"
     return 0
   fi
@@ -194,7 +197,7 @@ done
 # (only in a file the call has room for: the grids' snapshots come first; an empty folder,
 # e.g. from a carried file that held no pass, takes no file)
 if [ "${#ran[@]}" -gt 0 ] && [ -n "$(find "$checks" -name '*.txt' -print -quit 2>/dev/null)" ]; then
-  if [ "${OUT_FILES_LIMIT:-8}" -gt 0 ] && [ $((out_files + ${#ran[@]})) -ge "${OUT_FILES_LIMIT:-8}" ]; then
+  if ! room_for_a_file; then
     echo "checks: no room among the ${OUT_FILES_LIMIT:-8} files a call brings back; not packed"
   else
     tar czf "$OUT/checks.tar.gz" -C "$checks" . &&
