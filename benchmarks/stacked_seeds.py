@@ -61,6 +61,8 @@ class StackedLoop:
         params, self.buffers = stack_module_state(models)
         self.params = {name: p.detach().requires_grad_(False) for name, p in params.items()}
         del models
+        # (lab.training.step.adamw's two groups, built here: adamw takes only parameters that
+        # require grad, and these are plain tensors whose gradients torch.func returns)
         groups = [{"params": [p for n, p in self.params.items() if decays(n, t)],
                    "weight_decay": t.weight_decay},
                   {"params": [p for n, p in self.params.items() if not decays(n, t)],
