@@ -204,7 +204,11 @@ if [ "${#ran[@]}" -gt 0 ] && [ -n "$(find "$checks" -name '*.txt' -print -quit 2
       echo "checks: packed $checks into $OUT/checks.tar.gz (carry it as ${COMPILE_CACHE_DIR:-.compile-cache}/ next session)"
   fi
 fi
-if [ "${PACK_COMPILE_CACHE:-0}" = 1 ] && [ -d "$inductor" ] && [ -n "$gpu_kind" ]; then
+if [ "${PACK_COMPILE_CACHE:-0}" = 1 ] && { [ ! -d "$inductor" ] || [ -z "$gpu_kind" ]; }; then
+  # (said, not skipped silently: on 2026-12-06 a grid that trained in its own process
+  # compiled into torch's temporary folder, and this step found nothing without a word)
+  echo "compile cache: nothing brought back: ${gpu_kind:+no folder $inductor}${gpu_kind:-no GPU named by nvidia-smi}"
+elif [ "${PACK_COMPILE_CACHE:-0}" = 1 ]; then
   tar czf "$OUT/inductor-$gpu_kind.tar.gz" -C "$inductor" .
   packed=$(stat -c %s "$OUT/inductor-$gpu_kind.tar.gz")
   if [ "$packed" -gt "${OUT_FILE_LIMIT_BYTES:-16000000}" ]; then

@@ -13,6 +13,7 @@ import re
 
 import torch
 
+import lab
 from lab.config import RunConfig, TrainConfig
 from lab.data.store import TokenStore, cache_root
 from lab.data.windows import WindowSampler
@@ -57,8 +58,25 @@ def use_compile_cache() -> str:
     next grid on the machine share, and that can be carried to a lent machine's next call.
     Must be set before anything compiles (inductor reads it once, compile_model) and before
     the grid starts its workers, which inherit the environment (lab/experiments/pool.py).
-    An explicit TORCHINDUCTOR_CACHE_DIR is kept."""
-    return os.environ.setdefault(COMPILE_CACHE_ENV, str(cache_root() / "inductor"))
+    A TORCHINDUCTOR_CACHE_DIR the user set is kept; the one torch sets to its temporary
+    default on importing torch._dynamo (which Lightning and lab.check do) is replaced: until
+    2026-12-06 it was kept, and a grid that trained in its own process compiled into the
+    temporary folder (lab/__init__.py INDUCTOR_CACHE_GIVEN)."""
+    current = os.environ.get(COMPILE_CACHE_ENV)
+    if current is not None and (lab.INDUCTOR_CACHE_GIVEN or current != _torch_default_cache()):
+        return current
+    os.environ[COMPILE_CACHE_ENV] = folder = str(cache_root() / "inductor")
+    return folder
+
+
+def _torch_default_cache() -> str | None:
+    """The folder torch gives Inductor when none is named (None where this torch has no such
+    function: every set value is then kept)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:
+        return None
+    return default_cache_dir()
 
 
 def compile_model(model: Decoder, mode: str) -> Decoder:

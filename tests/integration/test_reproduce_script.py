@@ -178,6 +178,13 @@ def test_a_compile_cache_carried_for_this_gpu_is_unpacked_and_packed_back_when_a
     assert not inductor.exists() and "compile cache" not in done.stdout
     assert not (tmp_path / "out" / "inductor-fake-gpu.tar.gz").exists()
 
+    # asked to bring back a cache where no grid compiled into the folder: a line says so
+    shutil.rmtree(tmp_path / "out")
+    done, _ = run_script(tmp_path, "sink", COMPILE_CACHE_DIR=str(carried),
+                         TORCHINDUCTOR_CACHE_DIR=str(inductor), PACK_COMPILE_CACHE="1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"compile cache: nothing brought back: no folder {inductor}" in done.stdout
+
 
 def test_the_checks_passes_travel_between_sessions_with_the_grids(tmp_path):
     """A call unpacks .compile-cache/checks.tar.gz (the numerics check's passes, lab/check.py)

@@ -174,6 +174,34 @@ def test_compiling_uses_the_labs_inductor_cache_unless_one_is_set(monkeypatch, t
     assert os.environ[step.COMPILE_CACHE_ENV] == str(tmp_path / "mine")
 
 
+def test_the_labs_inductor_cache_replaces_the_one_torch_sets_on_import(tmp_path):
+    """Importing torch._dynamo (Lightning and lab.check do) sets TORCHINDUCTOR_CACHE_DIR to
+    torch's temporary default; the lab's folder replaces it, and a folder the user named
+    before the lab was imported is kept even where it is torch's default. Until 2026-12-06 a
+    grid that trained in its own process compiled into the temporary folder. Fresh
+    interpreters: the variable is read at import."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import os, lab, torch._dynamo\n"
+              "before = os.environ.get('TORCHINDUCTOR_CACHE_DIR')\n"
+              "from lab.training.step import use_compile_cache\n"
+              "print(before, use_compile_cache(), os.environ['TORCHINDUCTOR_CACHE_DIR'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["GATELAB_CACHE"] = str(tmp_path / "cache")
+
+    def run(extra: dict) -> list[str]:
+        return subprocess.run([sys.executable, "-c", script], env={**env, **extra}, check=True,
+                              capture_output=True, text=True).stdout.split()
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    ours = str(tmp_path / "cache" / "inductor")
+    assert run({}) == [default_cache_dir(), ours, ours]
+    named = {"TORCHINDUCTOR_CACHE_DIR": default_cache_dir()}
+    assert run(named) == [default_cache_dir()] * 3
+
+
 @pytest.mark.parametrize("mode, compile, cuda, expected", [
     ("reduce-overhead", "auto", True, True), ("max-autotune", True, True, True),
     ("default", "auto", True, False), ("max-autotune-no-cudagraphs", "auto", True, False),
