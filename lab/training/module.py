@@ -18,7 +18,7 @@ from lab.data.windows import WindowSampler, eval_windows
 from lab.model.decoder import Decoder
 from lab.progress import configure_output
 from lab.training.schedule import accumulation, lr_lambda, total_steps, warmup_steps
-from lab.training.step import (adamw, begin_cudagraph_step, compile_model, step_loss,
+from lab.training.step import (adamw, begin_cudagraph_step, compile_for_training, step_loss,
                                train_sampler, uses_cudagraphs)
 
 configure_output()  # Lightning set its loggers to INFO when imported (lab/progress.py)
@@ -40,15 +40,9 @@ class LanguageModel(L.LightningModule):
         # lab/training/run.py chooses the accelerator.
         if self.config.train.compile_on(torch.cuda.is_available()) and \
                 not getattr(self, "_compiled", False):
-            # A run starts from empty Dynamo caches (torch.compiler.reset): a grid or sweep
-            # worker trains many models in one process, all through the one code object
-            # `Decoder.forward`, so graphs of earlier runs piled up behind guards no later
-            # model passes until Dynamo's recompile limit (8) made it train the next models
-            # eagerly (one H200, 2026-12-02: a worker's cells from the fifth on ran at 0.46M
-            # tokens/s instead of 1.1M). Inductor's on-disk cache survives the reset, so a
-            # variant compiled before (another seed) still compiles quickly.
-            torch.compiler.reset()
-            compile_model(self.model, self.config.train.compile_mode)
+            # Dynamo's caches start empty unless this process's last model was of the same
+            # configuration (lab/training/step.py compile_for_training: the recompile limit).
+            compile_for_training(self.model, self.config.train.compile_mode)
             self._compiled = True
             self._cudagraphs = uses_cudagraphs(self.config.train, torch.cuda.is_available())
 

@@ -211,3 +211,58 @@ def test_which_runs_replay_cuda_graphs(mode, compile, cuda, expected):
 
     config = resolve("baseline", "tiny", [f"train.compile_mode={mode}", f"train.compile={compile}"])
     assert uses_cudagraphs(config.train, cuda) is expected
+
+
+def _eager_compiled(model: Decoder) -> Decoder:
+    """`model.compile` through Dynamo with its eager backend: traced and guarded as in
+    training, without Inductor's C++ build on the CPU."""
+    model.compile = lambda mode: torch.nn.Module.compile(model, backend="eager")
+    return model
+
+
+def test_a_training_compile_resets_dynamo_only_for_another_model(monkeypatch):
+    """compile_for_training clears Dynamo's caches for a model of another configuration or
+    mode (the recompile limit), keeps them for the same one, and always for CUDA graphs."""
+    from lab.training import step
+
+    resets = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(1))
+    monkeypatch.setattr(step, "_compiled_last", None)
+
+    def compiled(variant: str, mode: str = "default") -> bool:
+        model = Decoder(resolve(variant, "tiny").model)
+        model.compile = lambda **kwargs: None
+        return step.compile_for_training(model, mode)
+
+    assert [compiled("baseline"), compiled("baseline"), compiled("sdpa_elementwise_sigmoid_mul"),
+            compiled("sdpa_elementwise_sigmoid_mul", "max-autotune-no-cudagraphs"),
+            compiled("baseline", "reduce-overhead"), compiled("baseline", "reduce-overhead")] == \
+        [False, True, False, False, False, False]
+    assert len(resets) == 5
+
+
+def test_a_kept_compile_trains_the_new_models_weights_without_tracing_again(monkeypatch):
+    """The next seed of the same variant reuses the graph Dynamo traced for the last one
+    (nothing traced again) and computes with its own weights: its compiled loss is its eager
+    loss, not the earlier model's."""
+    from torch._dynamo.utils import counters
+
+    from lab.training import step
+
+    monkeypatch.setattr(step, "_compiled_last", None)
+    config = resolve("sdpa_elementwise_sigmoid_mul", "tiny").model
+    tokens = torch.randint(0, config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = _eager_compiled(Decoder(config))
+        eager = model.forward(tokens, targets=tokens)  # `forward` called directly stays eager
+        assert step.compile_for_training(model, "default") == (seed == 1)
+        counters.clear()
+        compiled = model(tokens, targets=tokens)
+        traced = counters["stats"]["unique_graphs"]
+        assert traced == (1 if seed == 0 else 0)
+        torch.testing.assert_close(compiled, eager)
+        losses.append(compiled.item())
+    assert losses[0] != losses[1]
+    torch.compiler.reset()

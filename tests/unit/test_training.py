@@ -28,10 +28,10 @@ def test_each_run_in_one_process_gets_compiled_not_the_recompile_limits_eager_fa
     the limit applies the same, with no Inductor compile."""
     from torch._dynamo.utils import counters
 
-    from lab.training import module as module_file
+    from lab.training import step
 
-    monkeypatch.setattr(module_file, "compile_model",
-                        lambda model, mode: model.compile(backend="eager"))
+    monkeypatch.setattr(step, "compile_model", lambda model, mode: model.compile(backend="eager"))
+    monkeypatch.setattr(step, "_compiled_last", None)
     torch.compiler.reset()
     tokens = torch.randint(0, 64, (1, 16))
     with torch._dynamo.config.patch(recompile_limit=2):
