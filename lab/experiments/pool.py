@@ -210,9 +210,14 @@ class WorkerPool:
     def run(self, tasks: list, on_outcome: Callable[[Any], None],
             on_dispatch: Callable[[Any, dict[str, str]], None],
             admit: Callable[[], bool] = lambda: True,
-            shape_of: Callable[[Any], Hashable] | None = None) -> list:
+            shape_of: Callable[[Any], Hashable] | None = None,
+            model_of: Callable[[Any], Hashable] | None = None) -> list:
         """Run the tasks, a free worker taking the next one while `admit()` says a task may
         still start (the grid's --time-limit); the tasks never started, in order.
+
+        `model_of`: a free worker takes the first pending task of the same model as its last
+        one, where there is one, before the next in order: the worker keeps Dynamo's graphs
+        for it (lab/training/step.py compile_for_training) instead of tracing them again.
 
         `shape_of` (the grid's --warm-first): tasks of one shape (one compiled graph) wait
         while the first of their shape has not told the pool it is warm (`notify({"warm":
@@ -224,9 +229,12 @@ class WorkerPool:
         started: dict[int, dict] = {}     # task index -> what the task has notified
         warming: dict[Hashable, int] = {}  # shape -> the index of its first task, compiling
         warm: set[Hashable] = set()
+        last_model: dict[int, Hashable] = {}  # worker slot -> model_of its last task
 
-        def take():
-            for task in pending:
+        def take(slot: int):
+            same = [t for t in pending if model_of is not None and slot in last_model
+                    and model_of(t) == last_model[slot]]
+            for task in same + [t for t in pending if t not in same]:
                 shape = shape_of(task) if shape_of else None
                 if shape is None or shape in warm or shape not in warming:
                     if shape is not None and shape not in warm:
@@ -244,9 +252,11 @@ class WorkerPool:
         while holding or (pending and admit()):
             for slot in range(len(self.workers)):
                 if slot not in holding and pending and admit():
-                    task = take()
+                    task = take(slot)
                     if task is None:
                         break
+                    if model_of is not None:
+                        last_model[slot] = model_of(task)
                     holding[slot] = task
                     self.workers[slot][1].put(task)
                     on_dispatch(task, self.slots[slot])

@@ -41,8 +41,8 @@ class LanguageModel(L.LightningModule):
         if self.config.train.compile_on(torch.cuda.is_available()) and \
                 not getattr(self, "_compiled", False):
             # Dynamo's caches start empty unless this process's last model was of the same
-            # configuration (lab/training/step.py compile_for_training: the recompile limit).
-            compile_for_training(self.model, self.config.train.compile_mode)
+            # compile shape (lab/training/step.py compile_for_training: the recompile limit).
+            compile_for_training(self.model, self.config)
             self._compiled = True
             self._cudagraphs = uses_cudagraphs(self.config.train, torch.cuda.is_available())
 

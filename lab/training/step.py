@@ -8,6 +8,8 @@ the lent GPU machine (benchmarks/README.md): the cells' workers import it.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 
@@ -88,33 +90,45 @@ def compile_model(model: Decoder, mode: str) -> Decoder:
     return model
 
 
-# The model configuration and compile mode this process last compiled for training.
-_compiled_last: tuple | None = None
+def compile_shape(config: RunConfig) -> str:
+    """What decides a run's compiled graph (the model, the micro-batch, the compile mode,
+    the precision and the loss kernel; not the seed or the learning rate): runs with the
+    same value load each other's graphs from Inductor's cache (a grid's --warm-first), and
+    a process keeps Dynamo's for the next (compile_for_training)."""
+    t = config.train
+    return json.dumps([dataclasses.asdict(config.model), t.micro_batch, t.compile, t.compile_mode,
+                       t.precision, t.fused_loss], sort_keys=True, default=str)
 
 
-def compile_for_training(model: Decoder, mode: str) -> bool:
-    """compile_model for a training run, Dynamo's caches reset (torch.compiler.reset) unless
-    this process last compiled a model of the same configuration in the same mode; returns
-    whether they were kept.
+# The compile_shape this process last compiled a model for training for.
+_compiled_last: str | None = None
+
+
+def compile_for_training(model: Decoder, config: RunConfig) -> bool:
+    """compile_model for a training run of `config`, Dynamo's caches reset
+    (torch.compiler.reset) unless this process's last one had the same compile_shape;
+    returns whether they were kept.
 
     Reset: a grid or sweep worker trains many models in one process, all through the one
     code object `Decoder.forward`, and graphs of earlier models piled up behind guards until
     Dynamo's recompile limit (8) made it train the next models eagerly (one H200,
     2026-12-02: a worker's cells from the fifth on ran at 0.46M tokens/s instead of 1.1M).
-    Kept: the worker's next cell of the same variant (another seed or LR) reuses the graphs
-    already traced, whose guards it passes (they guard the configuration and take the
-    weights as inputs: tests/unit/test_step.py), instead of tracing again and loading them
-    from Inductor's disk cache (3.5 s of a `small` cell on one H100, 2026-12-06). Which
-    graph runs is Dynamo's guards' choice either way; this only decides when to clear.
-    Not under CUDA graphs: the earlier model's recorded graphs hold their memory pool, and
-    whether a new model's re-recording frees it is not measured on a GPU yet."""
+    Kept: the worker's next cell of the same shape (another seed or LR; the grid's pool
+    hands it one where it can) reuses the graphs already traced, whose guards it passes
+    (they guard the configuration and take the weights as inputs: tests/unit/test_step.py),
+    instead of tracing again and loading them from Inductor's disk cache (3.5 s of a
+    `small` cell on one H100, 2026-12-06). Which graph runs is Dynamo's guards' choice
+    either way; this only decides when to clear. Not under CUDA graphs: the earlier model's
+    recorded graphs hold their memory pool, and whether a new model's re-recording frees it
+    is not measured on a GPU yet."""
     global _compiled_last
-    key = (model.cfg, mode)
-    kept = key == _compiled_last and mode not in CUDAGRAPH_MODES
+    mode = config.train.compile_mode
+    shape = compile_shape(config)
+    kept = shape == _compiled_last and mode not in CUDAGRAPH_MODES
     if not kept:
         torch.compiler.reset()
     compile_model(model, mode)
-    _compiled_last = key
+    _compiled_last = shape
     return kept
 
 

@@ -336,7 +336,7 @@ def test_runs_per_gpu_gives_each_gpu_that_many_worker_slots(store, monkeypatch):
         def __init__(self, slots, threads, ctx):
             pools.append((slots, threads))
 
-        def run(self, tasks, finished, dispatched, admit):
+        def run(self, tasks, finished, dispatched, admit, **orderings):
             return []  # no task left unstarted
 
         def close(self):
@@ -514,7 +514,7 @@ def test_a_time_limit_starts_no_cell_that_would_not_end_in_time(store, monkeypat
 
 def test_a_compiled_shape_is_the_model_and_step_not_the_seed_or_learning_rate():
     from lab.config import resolve
-    from lab.experiments.grid.estimate import compile_shape
+    from lab.training.step import compile_shape
 
     shape = compile_shape(resolve("baseline", "small", seed=0, lr=3e-3))
     assert compile_shape(resolve("baseline", "small", seed=2, lr=1e-3)) == shape
@@ -531,8 +531,9 @@ def test_warm_first_hands_the_pool_each_cells_compiled_shape(store, monkeypatch,
 
     seen = {}
 
-    def run(self, tasks, on_outcome, on_dispatch, admit, shape_of=None):
+    def run(self, tasks, on_outcome, on_dispatch, admit, shape_of=None, model_of=None):
         seen["shapes"] = shape_of and {shape_of(task) for task in tasks}
+        seen["models"] = {model_of(task) for task in tasks}
         return list(tasks)  # none started
 
     monkeypatch.setattr(grid.CellPool, "__init__", lambda self, *args: None)
@@ -542,3 +543,4 @@ def test_warm_first_hands_the_pool_each_cells_compiled_shape(store, monkeypatch,
                                     seeds=(0, 1)))
     run_grid(spec, GridOptions(cpu_workers=2, quiet=True, warm_first=warm_first))
     assert (seen["shapes"] is None) if not warm_first else len(seen["shapes"]) == 2
+    assert len(seen["models"]) == 2  # a worker's next cell: another seed of its variant first

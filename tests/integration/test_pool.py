@@ -167,3 +167,28 @@ def test_warm_first_starts_one_task_of_a_shape_and_the_others_once_it_is_warm(wa
     assert order[:2] == [0, 2]
     warm_at = dict(outcomes)[0]
     assert all(at >= warm_at for index, at in dispatched if index in (1, 3))
+
+
+def report_index(task: ShapedJob, context, notify) -> int:
+    return task.index
+
+
+class IndexPool(WorkerPool):
+    job = staticmethod(report_index)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("by_model", [False, True])
+def test_a_free_worker_takes_the_next_task_of_its_last_model_first(by_model):
+    """`model_of`: a worker that trained model a takes the next pending a before the next
+    task in order (it keeps Dynamo's graphs for it); without it, tasks go in order."""
+    workers = IndexPool([{}], 1, None)
+    tasks = [ShapedJob(0, "a"), ShapedJob(1, "b"), ShapedJob(2, "a"), ShapedJob(3, "b")]
+    dispatched = []
+    try:
+        workers.run(tasks, lambda outcome: None,
+                    lambda task, slot: dispatched.append(task.index),
+                    model_of=(lambda task: task.shape) if by_model else None)
+    finally:
+        workers.close()
+    assert dispatched == ([0, 2, 1, 3] if by_model else [0, 1, 2, 3])

@@ -220,25 +220,30 @@ def _eager_compiled(model: Decoder) -> Decoder:
     return model
 
 
-def test_a_training_compile_resets_dynamo_only_for_another_model(monkeypatch):
-    """compile_for_training clears Dynamo's caches for a model of another configuration or
-    mode (the recompile limit), keeps them for the same one, and always for CUDA graphs."""
+def test_a_training_compile_resets_dynamo_only_for_another_shape(monkeypatch):
+    """compile_for_training clears Dynamo's caches for a model of another compile shape
+    (the recompile limit), keeps them for the same one (another seed or LR), and always
+    clears them under CUDA graphs."""
     from lab.training import step
 
     resets = []
     monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(1))
     monkeypatch.setattr(step, "_compiled_last", None)
 
-    def compiled(variant: str, mode: str = "default") -> bool:
-        model = Decoder(resolve(variant, "tiny").model)
+    def compiled(variant: str, *overrides: str, seed: int = 0) -> bool:
+        config = resolve(variant, "tiny", list(overrides), seed=seed)
+        model = Decoder(config.model)
         model.compile = lambda **kwargs: None
-        return step.compile_for_training(model, mode)
+        return step.compile_for_training(model, config)
 
-    assert [compiled("baseline"), compiled("baseline"), compiled("sdpa_elementwise_sigmoid_mul"),
-            compiled("sdpa_elementwise_sigmoid_mul", "max-autotune-no-cudagraphs"),
-            compiled("baseline", "reduce-overhead"), compiled("baseline", "reduce-overhead")] == \
-        [False, True, False, False, False, False]
-    assert len(resets) == 5
+    assert [compiled("baseline"), compiled("baseline", "train.lr=1e-2", seed=1),
+            compiled("sdpa_elementwise_sigmoid_mul"),
+            compiled("sdpa_elementwise_sigmoid_mul", "train.micro_batch_size=2"),
+            compiled("sdpa_elementwise_sigmoid_mul", "train.compile_mode=max-autotune-no-cudagraphs"),
+            compiled("baseline", "train.compile_mode=reduce-overhead"),
+            compiled("baseline", "train.compile_mode=reduce-overhead")] == \
+        [False, True, False, False, False, False, False]
+    assert len(resets) == 6
 
 
 def test_a_kept_compile_trains_the_new_models_weights_without_tracing_again(monkeypatch):
@@ -250,18 +255,18 @@ def test_a_kept_compile_trains_the_new_models_weights_without_tracing_again(monk
     from lab.training import step
 
     monkeypatch.setattr(step, "_compiled_last", None)
-    config = resolve("sdpa_elementwise_sigmoid_mul", "tiny").model
-    tokens = torch.randint(0, config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     losses = []
     for seed in (0, 1):
+        config = resolve("sdpa_elementwise_sigmoid_mul", "tiny", seed=seed)
+        tokens = torch.randint(0, config.model.vocab_size, (2, 32),
+                               generator=torch.Generator().manual_seed(0))
         torch.manual_seed(seed)
-        model = _eager_compiled(Decoder(config))
+        model = _eager_compiled(Decoder(config.model))
         eager = model.forward(tokens, targets=tokens)  # `forward` called directly stays eager
-        assert step.compile_for_training(model, "default") == (seed == 1)
+        assert step.compile_for_training(model, config) == (seed == 1)
         counters.clear()
         compiled = model(tokens, targets=tokens)
-        traced = counters["stats"]["unique_graphs"]
-        assert traced == (1 if seed == 0 else 0)
+        assert counters["stats"]["unique_graphs"] == (1 if seed == 0 else 0)
         torch.testing.assert_close(compiled, eager)
         losses.append(compiled.item())
     assert losses[0] != losses[1]

@@ -5,8 +5,6 @@ some of the preset on this kind of device, else from model FLOPs at an assumed r
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import textwrap
 from pathlib import Path
 
@@ -86,15 +84,6 @@ def packed_slowdown(preset: str, runs_per_gpu: int) -> tuple[float, str]:
     speedup = packing_speedup(preset, runs_per_gpu)
     return runs_per_gpu / speedup, (f"{runs_per_gpu} cells per GPU at {speedup:.2f}x one "
                                     "cell's tokens/s")
-
-
-def compile_shape(config: RunConfig) -> str:
-    """What decides a cell's compiled graph (the model, the micro-batch, the compile mode,
-    the precision and the loss kernel; not the seed or the learning rate): cells with the
-    same value load each other's graphs from Inductor's cache (--warm-first)."""
-    t = config.train
-    return json.dumps([dataclasses.asdict(config.model), t.micro_batch, t.compile, t.compile_mode,
-                       t.precision, t.fused_loss], sort_keys=True, default=str)
 
 
 def gpu_memory_gib() -> float | None:

@@ -16,7 +16,7 @@ from lab import records
 from lab.errors import LabError, check_positive
 from lab.experiments.grid.cells import CellPool, Outcome, execute_cell, run_ddp_cell
 from lab.experiments.grid.claims import GridContext, Plan, Task, reconcile
-from lab.experiments.grid.estimate import (auto_runs_per_gpu, compile_shape, expected_cell_s,
+from lab.experiments.grid.estimate import (auto_runs_per_gpu, expected_cell_s,
                                            finished_hashes, gpu_memory_gib, parse_runs_per_gpu,
                                            print_dry_run)
 from lab.experiments.grid.spec import Cell, parse_shard, plan, shard_cells
@@ -29,7 +29,7 @@ from lab.progress import GridProgress, duration
 from lab.records import (HEARTBEAT_TAG, OWNER_TAG, STALE_AFTER_S, child_runs,
                          find_or_create_grid_parent, heartbeat, owner_identity, run_owner_alive)
 from lab.training import phases as run_phases
-from lab.training.step import use_compile_cache
+from lab.training.step import compile_shape, use_compile_cache
 from lab.training.preflight import preflight
 
 
@@ -304,7 +304,8 @@ def _run_cells(tasks: list[Task], layout: Layout, options: GridOptions, ctx: Gri
             if options.warm_first else {}
         left = pool.run(tasks, dispatch.finished,
                         lambda task, slot: dispatch.dispatched(task, slot_name(slot)),
-                        dispatch.admit, **warm_first)
+                        dispatch.admit, model_of=lambda task: compile_shape(task.config),
+                        **warm_first)
     except BaseException as err:
         stop = interruption(err)
         pool.close(stop.signum if stop is not None else None)
