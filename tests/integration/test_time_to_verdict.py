@@ -104,9 +104,35 @@ def test_the_projection_counts_the_check_and_start_up_once_not_in_every_cell():
     cells = [{"runs_per_gpu": 2, "total_s": 145.956, "check_share": 23.364, "startup": 16.556},
              {"runs_per_gpu": 2, "total_s": 145.820, "check_share": 23.364, "startup": 16.509}]
     section = {"settings": "reproduce.yaml", "grid_s": 197.41, "report_s": 13.17, "cells": cells}
-    assert ttv.projected_small_grid_min(section) == pytest.approx(
-        (197.41 + 46 * 106.0 / 2 + 13.17) / 60, rel=1e-3)
+    minutes, basis = ttv.projected_small_grid_min(section)
+    assert minutes == pytest.approx((197.41 + 46 * 106.0 / 2 + 13.17) / 60, rel=1e-3)
+    assert basis == "an upper bound"
     assert ttv.projected_small_grid_min({**section, "settings": "reproduce-base.yaml"}) is None
+
+
+def test_the_projection_takes_a_workers_later_cells_where_the_section_has_them():
+    """4 cells, 2 a GPU: each worker's second cell (no start-up of its own) is what the other
+    44 cells of the long grid cost, its share of the check aside; the tables say so."""
+    first = {"runs_per_gpu": 2, "total_s": 142.0, "check_share": 8.0, "startup": 16.0,
+             "train_fraction": 0.54}
+    later = {"runs_per_gpu": 2, "total_s": 88.0, "check_share": 8.0, "startup": 0.0,
+             "train_fraction": 0.87}
+    section = {"settings": "reproduce.yaml", "grid_s": 250.0, "report_s": 13.0,
+               "cells": [first, first, later, later]}
+    minutes, basis = ttv.projected_small_grid_min(section)
+    assert minutes == pytest.approx((250.0 + 44 * 80.0 / 2 + 13.0) / 60)
+    assert basis == "from the 2 cell(s) a worker ran after its first"
+    cells = [{**c, "cell": f"baseline/lr=0.003/seed={i}", "train_steps": 1.0, "compile": 0.0,
+              "validation": 0.0, "final_eval": 0.0, "analysis": 0.0, "periodic_analysis": 0.0,
+              "checkpoint": 0.0, "store": 0.0, "other": 0.0, "data_open": 0.0,
+              "model_build": 0.0, "tokens_per_s": 1e6} for i, c in enumerate(section["cells"])]
+    report = {"environment": {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0"},
+              "date": "2026-12-06", "dry": False, "budget_s": 540, "seconds": 500,
+              "sections": {"grid-small": {**section, "cells": cells, "status": "done",
+                                          "grid": "ttv-small"}}}
+    md = ttv.tables(report)
+    assert f"start to report: {minutes:.1f} min, from the 2 cell(s) a worker ran" in md
+    assert "the cells a worker ran after its first: 0.870 of their wall clock" in md
 
 
 def test_tables_only_rewrites_the_tables_from_a_calls_json(tmp_path, capsys):
