@@ -130,7 +130,8 @@ def cell_rows(uri: str, grid: str) -> list[dict]:
     from mlflow.tracking import MlflowClient
 
     from lab.records import CONFIG_HASH_TAG, RUNS_PER_GPU_TAG
-    from lab.training.phases import PHASES, TOTAL_METRIC, metric
+    from lab.training.phases import (MODEL_BUILD_PARTS, PHASES, TOTAL_METRIC, metric,
+                                     model_build_metric)
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(grid)
@@ -147,6 +148,9 @@ def cell_rows(uri: str, grid: str) -> list[dict]:
                "tokens_per_s": m.get("throughput/tokens_per_s_mean"),
                "mfu": m.get("throughput/mfu")}
         row.update({name: m.get(metric(name), 0.0) for name in PHASES})
+        # model_build's parts (logged since 2026-12-06, later)
+        row["model_build_parts"] = {part: m[model_build_metric(part)] for part in MODEL_BUILD_PARTS
+                                    if model_build_metric(part) in m}
         row["train_fraction"] = row["train_steps"] / row["total_s"] if row["total_s"] else None
         rows.append(row)
     return sorted(rows, key=lambda r: r["cell"])
@@ -441,6 +445,11 @@ def tables(report: dict) -> str:
                              f"{projected[0]:.1f} min, {projected[1]} (before: "
                              f"{SMALL_GRID_BEFORE_MIN} min on one H200)"
                              if projected else "") + ".")
+            parts = [c["model_build_parts"] for c in s["cells"] if c.get("model_build_parts")]
+            if parts:
+                lines.append("  - model build, mean of its parts over the cells: " + ", ".join(
+                    f"{part} {statistics.mean(p.get(part, 0.0) for p in parts):.2f} s"
+                    for part in parts[0]))
             later = later_cells(s)
             if later:
                 lines.append(f"  - the cells a worker ran after its first: "

@@ -78,10 +78,14 @@ class LossMonitor(L.Callback):
         self.train_seconds, self.train_steps = 0.0, 0
         self.first_step_s: float | None = None
         self._started: float | None = None
+        self.fit_started_at: float | None = None
         self._interval: tuple[float, int] | None = None   # (clock, step) the interval began at
         self._excluded = 0.0
         self._validation_started: float | None = None
         self.validation_seconds = 0.0  # periodic validations, for time/validation_s
+
+    def on_fit_start(self, trainer, pl_module):
+        self.fit_started_at = time.perf_counter()  # (lab/training/phases.py MODEL_BUILD_PARTS)
 
     def on_train_start(self, trainer, pl_module):
         self._started = time.perf_counter()

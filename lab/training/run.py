@@ -215,11 +215,13 @@ def _train(config: RunConfig, store, run_id: str, uri: str, mlflow_client, prima
         deterministic=config.train.deterministic, default_root_dir=str(records.checkpoint_dir(run_id)),
         # a compiled run evaluates through its training graph (lab/training/module.py _eval_step)
         inference_mode=not config.train.compile_on(cuda))
+    built = time.perf_counter()
     # Lightning's own load of the checkpoint, restricted the same way as load_checkpoint.
     with records.system_metrics(run_id, uri, resumed=start_step > 0) if primary else nullcontext():
+        fitting = time.perf_counter()
         trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt.exists() else None,
                     weights_only=True)
-    _training_phases(clock, config, monitor, checkpoints, periodic, building)
+    _training_phases(clock, config, monitor, checkpoints, periodic, (building, built, fitting))
     metrics = _finish(trainer, module, data, monitor, config,
                       mlflow_client if primary else None, run_id, started, clock)
     if primary:
@@ -235,13 +237,21 @@ def _train(config: RunConfig, store, run_id: str, uri: str, mlflow_client, prima
 
 
 def _training_phases(clock, config: RunConfig, monitor: LossMonitor,
-                     checkpoints: AtomicCheckpoint, periodic, building: float) -> None:
+                     checkpoints: AtomicCheckpoint, periodic,
+                     build_marks: tuple[float, float, float]) -> None:
     """The phases inside `trainer.fit`, from the callbacks' own clocks: the build up to the
-    first step (LossMonitor's start), the first step split into compile and one steady step,
-    the steady training time, and what validation, checkpoints and the periodic analysis
-    took out of it."""
+    first step (LossMonitor's start) and its parts (`build_marks`: its start, the Trainer
+    built, `fit` called), the first step split into compile and one steady step, the steady
+    training time, and what validation, checkpoints and the periodic analysis took out of
+    it."""
+    building, built, fitting = build_marks
     if monitor.started_at is not None:
         clock.add("model_build", monitor.started_at - building)
+        fit_started = monitor.fit_started_at or fitting
+        for part, seconds in {"construct": built - building, "monitor": fitting - built,
+                              "setup": fit_started - fitting,
+                              "loop": monitor.started_at - fit_started}.items():
+            clock.details[run_phases.model_build_metric(part)] = max(0.0, seconds)
     first = monitor.first_step_s or 0.0
     rate = monitor.steady_tokens_per_s()
     steady_step = monitor.tokens_per_step / rate if rate else first

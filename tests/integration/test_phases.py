@@ -69,6 +69,10 @@ def test_a_run_logs_every_phase_and_they_sum_to_its_wall_clock(store):
                  "periodic_analysis", "checkpoint", "final_eval", "analysis"):
         assert logged[metric(name)] > 0, name
     assert logged[metric("compile")] == 0  # eager on the CPU
+    # model_build's parts: each logged, and together the phase
+    parts = [logged[phases.model_build_metric(part)] for part in phases.MODEL_BUILD_PARTS]
+    assert all(seconds >= 0 for seconds in parts) and parts[0] > 0 and parts[2] > 0
+    assert sum(parts) == pytest.approx(logged[metric("model_build")], abs=1e-6)
     assert logged[metric("check_share")] == 0.25
     # Logged: the phases add up to the logged total; returned: also the closing of the run.
     assert sum(logged[metric(n)] for n in PHASES) == pytest.approx(logged[TOTAL_METRIC])

@@ -163,6 +163,7 @@ def test_a_dry_pass_runs_a_real_grid_and_the_timed_loops(store, tmp_path):
                                                      "time_to_verdict.json",
                                                      "time_to_verdict.md"]
     assert grid["time_line"].startswith("time in 1 cell(s)")
+    assert sum(cell["model_build_parts"].values()) == pytest.approx(cell["model_build"])
     for row in sections["mfu"]["rows"]:
         assert row["bare"]["tokens_per_s"] > 0 and row["lab"]["tokens_per_s"] > 0
         assert "sorted by self_cpu_time_total" in row["profile"]  # kept in the JSON...
@@ -170,6 +171,7 @@ def test_a_dry_pass_runs_a_real_grid_and_the_timed_loops(store, tmp_path):
     assert sections["liger"]["status"] == "skipped"  # needs CUDA
     md = (out / "time_to_verdict.md").read_text()
     assert "| ttv-small | baseline/lr=0.003/seed=0 |" in md and "| mfu | base | defaults |" in md
+    assert "model build, mean of its parts over the cells: construct " in md
 
 
 def test_the_seed_batch_bound_times_one_model_at_one_two_and_three_batches(tmp_path):
