@@ -175,7 +175,7 @@ def test_compiling_uses_the_labs_inductor_cache_unless_one_is_set(monkeypatch, t
 
 
 def test_the_labs_inductor_cache_replaces_the_one_torch_sets_on_import(tmp_path):
-    """Importing torch._dynamo (Lightning and lab.check do) sets TORCHINDUCTOR_CACHE_DIR to
+    """Importing torch._dynamo (Lightning does) sets TORCHINDUCTOR_CACHE_DIR to
     torch's temporary default; the lab's folder replaces it, and a folder the user named
     before the lab was imported is kept even where it is torch's default. Until 2026-12-06 a
     grid that trained in its own process compiled into the temporary folder. Fresh
