@@ -61,9 +61,9 @@ def use_compile_cache() -> str:
     Must be set before anything compiles (inductor reads it once, compile_model) and before
     the grid starts its workers, which inherit the environment (lab/experiments/pool.py).
     A TORCHINDUCTOR_CACHE_DIR the user set is kept; the one torch sets to its temporary
-    default on importing torch._dynamo (Lightning imports it; torch.compile does) is replaced: until
-    2026-12-06 it was kept, and a grid that trained in its own process compiled into the
-    temporary folder (lab/__init__.py INDUCTOR_CACHE_GIVEN)."""
+    default on importing torch._dynamo (Lightning imports it) is replaced: until 2026-12-06
+    it was kept, and a grid that trained in its own process compiled into the temporary
+    folder (lab/__init__.py INDUCTOR_CACHE_GIVEN)."""
     current = os.environ.get(COMPILE_CACHE_ENV)
     if current is not None and (lab.INDUCTOR_CACHE_GIVEN or current != _torch_default_cache()):
         return current
