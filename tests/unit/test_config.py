@@ -74,6 +74,24 @@ def test_the_compile_mode_is_speed_and_leaves_the_identity_alone():
     assert resolve("baseline", "small").train.compile_mode == "default"
 
 
+def test_the_graphs_check_grid_trains_the_ladders_g1_cell_without_cuda_graphs():
+    """ablations/stability-graphs-check.yaml: G1 elementwise, seed 0, LR 3e-2 of the ladder,
+    in the default compile mode: the same cell (hash) the ladder trained under CUDA graphs."""
+    from lab.config import with_vocab
+    from lab.experiments.grid.spec import plan
+    from lab.experiments.schema import load_grid
+
+    def cells(name: str) -> dict:
+        return {(c.variant, c.config.train.seed, c.config.train.lr): with_vocab(c.config, 16384)
+                for c in plan(load_grid(REPO / "ablations" / f"{name}.yaml"))}
+
+    (key, check), = cells("stability-graphs-check").items()
+    ladder = cells("stability")[key]
+    assert key == ("sdpa_elementwise_sigmoid_mul", 0, 3e-2)
+    assert (check.train.compile_mode, ladder.train.compile_mode) == ("default", "reduce-overhead")
+    assert check.hash() == ladder.hash() == "6636932856c11626"  # as the GPU recorded it
+
+
 def test_compile_mode_is_checked_before_training():
     from lab.errors import LabError
 
