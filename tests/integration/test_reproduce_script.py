@@ -79,6 +79,13 @@ def test_a_single_phase_runs_only_its_grid(tmp_path):
     assert grids_run(lines) == ["stability-noqk"]
 
 
+def test_the_graphs_check_runs_when_named_and_not_in_all(tmp_path):
+    """stability-graphs-check (one ladder cell without CUDA graphs) is a named phase only."""
+    done, lines = run_script(tmp_path, "stability,stability-graphs-check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert grids_run(lines) == ["stability", "stability-graphs-check"]
+
+
 ALL_GRIDS = ["reproduce", "reproduce-base", "reproduce-base-init", "reproduce-base-lr",
              "reproduce-base-steps", "sink", "sink-long", "stability", "stability-noqk",
              "reproduce-init", "reproduce-lr"]
@@ -87,7 +94,7 @@ ALL_GRIDS = ["reproduce", "reproduce-base", "reproduce-base-init", "reproduce-ba
 def test_all_runs_every_grid_but_not_the_eval_check(tmp_path):
     done, lines = run_script(tmp_path, "all", OUT_FILES_LIMIT="0")  # no limit on files back
     assert done.returncode == 0, done.stdout + done.stderr
-    assert grids_run(lines) == ALL_GRIDS
+    assert grids_run(lines) == ALL_GRIDS  # (not the named-only stability-graphs-check)
     assert not any("eval_check" in line for line in lines)
     packed = [line.split()[6] for line in lines if line.startswith("-m lab store pack")]
     assert packed == ALL_GRIDS
