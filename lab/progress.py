@@ -11,8 +11,8 @@ sweep's workers print as the command does.
 
 Progress is lines, not redrawn bars: several worker processes print to one terminal, and
 a log file of a grid should read the same as the terminal did. A run prints `RunProgress`
-lines (step, loss, tokens/s, ETA: lab/training/callbacks.py); a grid prints one line per finished cell with its ETA
-(`GridProgress`); a sweep one line per finished trial.
+lines (step, loss, tokens/s, ETA: lab/training/run_progress.py); a grid prints one line per
+finished cell with its ETA (`GridProgress`); a sweep one line per finished trial.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import warnings
 # Lightning is not imported here: every command reaches this module, and Lightning took 3-4 s
 # of the 4-5 s a one-line error took to print (python -X importtime, benchmarks/README.md).
 # The lab's Lightning callback that prints a run's lines is RunProgress in
-# lab/training/callbacks.py.
+# lab/training/run_progress.py.
 
 VERBOSITY_ENV = "GATELAB_VERBOSITY"
 LEVELS = ("quiet", "normal", "verbose")
@@ -54,8 +54,8 @@ def set_verbosity(level: str) -> None:
 def configure_output() -> None:
     """Apply `verbosity()` to the libraries' loggers and warnings. Lightning sets its loggers
     to INFO when imported, so the lab's modules that import it call this again after
-    (lab/training/module.py and callbacks.py); MLflow reads its level from the environment
-    when imported, so that is set too; Optuna's is set when Optuna is loaded
+    (lab/training/module.py, callbacks.py and run_progress.py); MLflow reads its level from
+    the environment when imported, so that is set too; Optuna's is set when Optuna is loaded
     (lab/experiments/sweep/run.py calls this again once it has imported it)."""
     if verbosity() == "verbose":
         return

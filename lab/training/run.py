@@ -34,9 +34,10 @@ from lab.records import OWNER_TAG, end_dead_runs, owner_identity
 from lab.training import phases as run_phases
 from lab.training.corpus import open_data
 from lab.training.callbacks import (AnalysisMonitor, AtomicCheckpoint, GateInsertion,
-                                    LossMonitor, RoutingStats, RunProgress, device_peak_tflops)
+                                    LossMonitor, RoutingStats, device_peak_tflops)
 from lab.training.module import LanguageModel, TokenDataModule
 from lab.training.preflight import preflight
+from lab.training.run_progress import RunProgress
 from lab.training.schedule import accumulation, total_steps, warmup_steps
 from lab.training.spikes import GRAD_NORM_MAX_AFTER_WARMUP, grad_norm_max_after_warmup
 
@@ -210,7 +211,7 @@ def _train(config: RunConfig, store, run_id: str, uri: str, mlflow_client, prima
         check_val_every_n_epoch=None, num_sanity_val_steps=0,
         accumulate_grad_batches=accumulation(config), log_every_n_steps=config.train.log_every,
         logger=lightning_logger(uri, run_id), callbacks=all_callbacks,
-        # Progress is the lab's RunProgress lines (lab/training/callbacks.py), not Lightning's bar.
+        # Progress is the lab's RunProgress lines (lab/training/run_progress.py), not Lightning's bar.
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         deterministic=config.train.deterministic, default_root_dir=str(records.checkpoint_dir(run_id)),
         # a compiled run evaluates through its training graph (lab/training/module.py _eval_step)

@@ -15,7 +15,7 @@ import torch
 
 from lab.progress import (LIBRARY_LOGGERS, VERBOSITY_ENV, GridProgress,
                           configure_output, duration, set_verbosity, verbosity)
-from lab.training.callbacks import RunProgress
+from lab.training.run_progress import RunProgress
 
 
 @pytest.fixture

@@ -73,7 +73,8 @@ def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = 
     # Lightning, here rather than at the top: the grid's own process imports this module to
     # hand cells to its workers, and trains none of them itself unless it runs them in turn
     # (lab/experiments/grid/run.py imports it up front then; lab/training/step.py says why).
-    from lab.training.callbacks import FirstStepNotice, RunProgress
+    from lab.training.callbacks import FirstStepNotice
+    from lab.training.run_progress import RunProgress
     from lab.training.run import train_run
 
     client = records.client(ctx.uri)

@@ -24,7 +24,7 @@ from lab.experiments.sweep.storage import open_storage
 from lab.experiments.sweep.studies import open_study, trial_runs
 from lab.progress import duration
 from lab.records import owner_identity
-from lab.training.callbacks import RunProgress
+from lab.training.run_progress import RunProgress
 from lab.training.run import train_run
 
 
