@@ -59,7 +59,8 @@ def use_compile_cache() -> str:
     of the temporary folder: one place that every cell of a grid, the grid's check and the
     next grid on the machine share, and that can be carried to a lent machine's next call.
     Must be set before anything compiles (inductor reads it once, compile_model) and before
-    the grid starts its workers, which inherit the environment (lab/experiments/pool.py).
+    a grid or sweep starts its workers, which inherit the environment (lab/experiments/pool.py)
+    and so cannot tell torch's folder from one the user named.
     A TORCHINDUCTOR_CACHE_DIR the user set is kept; the one torch sets to its temporary
     default on importing torch._dynamo (Lightning imports it) is replaced: until 2026-12-06
     it was kept, and a grid that trained in its own process compiled into the temporary
