@@ -101,7 +101,14 @@ def compile_shape(config: RunConfig) -> str:
                        t.precision, t.fused_loss], sort_keys=True, default=str)
 
 
-# The compile_shape this process last compiled a model for training for.
+def kept_shape(config: RunConfig) -> str | None:
+    """The compile_shape across whose runs a process keeps Dynamo's caches
+    (compile_for_training), or None where it keeps none: under CUDA graphs (the grid's pool
+    then has no model to give a worker first, lab/experiments/pool.py)."""
+    return None if config.train.compile_mode in CUDAGRAPH_MODES else compile_shape(config)
+
+
+# The kept_shape of the model this process last compiled for training.
 _compiled_last: str | None = None
 
 
@@ -123,12 +130,11 @@ def compile_for_training(model: Decoder, config: RunConfig) -> bool:
     recorded graphs hold their memory pool, and whether a new model's re-recording frees it
     is not measured on a GPU yet."""
     global _compiled_last
-    mode = config.train.compile_mode
-    shape = compile_shape(config)
-    kept = shape == _compiled_last and mode not in CUDAGRAPH_MODES
+    shape = kept_shape(config)
+    kept = shape is not None and shape == _compiled_last
     if not kept:
         torch.compiler.reset()
-    compile_model(model, mode)
+    compile_model(model, config.train.compile_mode)
     _compiled_last = shape
     return kept
 
