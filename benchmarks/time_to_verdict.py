@@ -23,8 +23,8 @@ whatever fits in the time budget, and records what it skipped and why:
 - grid-small-again: a second `gatelab grid` start on the same machine and code (another
   seed), to show the check skipped and the compile served from Inductor's cache;
 - grid-small-warm: grid-small's two packed cells for a variant not compiled yet, with
-  `--warm-first` (one compiles, then the other loads its graphs), against grid-small's two
-  cells compiling side by side;
+  `--warm-first` (one compiles, then the other loads its graphs), against grid-small's first
+  two cells compiling side by side;
 - seed-batch-bound: the bare `small` loop at batch 32, 64 and 96 in one process: one model
   at S x 32 runs the FLOPs, kernels and memory traffic of S seeds stacked into one batched
   model at 32 each (the issue's "several seeds in one process"), less the per-seed weights'
