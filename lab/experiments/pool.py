@@ -285,6 +285,7 @@ class WorkerPool:
                 del holding[slot]
                 warmed(task.index)
                 self.workers[slot] = self._start(self.slots[slot])
+                last_model.pop(slot, None)  # a fresh process: no graphs kept
                 on_outcome(self.crashed(task, started.get(task.index, {}), reason))
         return list(pending)
 

@@ -208,3 +208,18 @@ def test_a_task_of_no_model_to_keep_leaves_the_order_alone():
     finally:
         workers.close()
     assert dispatched == [0, 1, 3, 2]
+
+
+@pytest.mark.slow
+def test_a_fresh_worker_in_a_dead_ones_slot_has_no_model_to_keep():
+    """The worker that died holding a task of model a took its graphs with it: the one that
+    replaces it takes the next task in order, not the next of a."""
+    workers = RecordingPool([{}], 1, None)
+    dispatched = []
+    try:
+        workers.run([Job(0, die=True), Job(1), Job(2)], lambda outcome: None,
+                    lambda task, slot: dispatched.append(task.index),
+                    model_of=lambda task: "a" if task.index in (0, 2) else "b")
+    finally:
+        workers.close()
+    assert dispatched == [0, 1, 2]
