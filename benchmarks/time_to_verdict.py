@@ -23,8 +23,8 @@ whatever fits in the time budget, and records what it skipped and why:
 - grid-small-again: a second `gatelab grid` start on the same machine and code (another
   seed), to show the check skipped and the compile served from Inductor's cache;
 - grid-small-warm: grid-small's two packed cells for a variant not compiled yet, with
-  `--warm-first` (one compiles, then the other loads its graphs), against grid-small's two
-  cells compiling side by side;
+  `--warm-first` (one compiles, then the other loads its graphs), against grid-small's first
+  two cells compiling side by side;
 - seed-batch-bound: the bare `small` loop at batch 32, 64 and 96 in one process: one model
   at S x 32 runs the FLOPs, kernels and memory traffic of S seeds stacked into one batched
   model at 32 each (the issue's "several seeds in one process"), less the per-seed weights'
@@ -59,7 +59,8 @@ sys.path.insert(0, str(REPO))
 # Seconds each section takes on one H100/H200, from the measurements it repeats (rough, for
 # the budget; benchmarks/README.md and issue 38): compiles of 15-50 s each dominate.
 # Measured on one H100 on 2026-12-06 (benchmarks/results/2026-12-06-h100-time-to-verdict.json):
-# grid-small 216 s with the check on a fresh machine, deep-narrow's first three rows 282 s.
+# grid-small 216 s with the check on a fresh machine (its 2 cells then; 4 since, so 320 is a
+# guess), deep-narrow's first three rows 282 s.
 ESTIMATED_S = {"grid-small": 320, "deep-narrow": 370, "mfu": 120, "grid-base": 130,
                "liger": 110, "grid-small-again": 70, "grid-small-warm": 150,
                "seed-batch-bound": 220}  # (the stacked models' compile: a guess, not timed yet)

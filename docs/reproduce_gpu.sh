@@ -213,7 +213,8 @@ fi
 if [ "${PACK_COMPILE_CACHE:-0}" = 1 ] && { [ ! -d "$inductor" ] || [ -z "$gpu_kind" ]; }; then
   # (said, not skipped silently: on 2026-12-06 a grid that trained in its own process
   # compiled into torch's temporary folder, and this step found nothing without a word)
-  echo "compile cache: nothing brought back: ${gpu_kind:+no folder $inductor}${gpu_kind:-no GPU named by nvidia-smi}"
+  why="no folder $inductor"; [ -n "$gpu_kind" ] || why="no GPU named by nvidia-smi"
+  echo "compile cache: nothing brought back: $why"
 elif [ "${PACK_COMPILE_CACHE:-0}" = 1 ]; then
   tar czf "$OUT/inductor-$gpu_kind.tar.gz" -C "$inductor" .
   packed=$(stat -c %s "$OUT/inductor-$gpu_kind.tar.gz")

@@ -218,6 +218,7 @@ class WorkerPool:
         `model_of`: a free worker takes the first pending task of the same model as its last
         one, where there is one, before the next in order: the worker keeps Dynamo's graphs
         for it (lab/training/step.py compile_for_training) instead of tracing them again.
+        None: a task of no model to keep (CUDA graphs), after which the next in order.
 
         `shape_of` (the grid's --warm-first): tasks of one shape (one compiled graph) wait
         while the first of their shape has not told the pool it is warm (`notify({"warm":
@@ -232,9 +233,10 @@ class WorkerPool:
         last_model: dict[int, Hashable] = {}  # worker slot -> model_of its last task
 
         def take(slot: int):
-            same = [t for t in pending if model_of is not None and slot in last_model
-                    and model_of(t) == last_model[slot]]
-            for task in same + [t for t in pending if t not in same]:
+            last = last_model.get(slot)
+            # (stable: the last model's tasks first, each group in order)
+            preferred = sorted(pending, key=lambda t: last is None or model_of(t) != last)
+            for task in preferred:
                 shape = shape_of(task) if shape_of else None
                 if shape is None or shape in warm or shape not in warming:
                     if shape is not None and shape not in warm:
@@ -283,6 +285,7 @@ class WorkerPool:
                 del holding[slot]
                 warmed(task.index)
                 self.workers[slot] = self._start(self.slots[slot])
+                last_model.pop(slot, None)  # a fresh process: no graphs kept
                 on_outcome(self.crashed(task, started.get(task.index, {}), reason))
         return list(pending)
 

@@ -48,8 +48,10 @@ PHASES = {
 MODEL_BUILD_PARTS = {
     "construct": "the model on the CPU, the data module, the callbacks and the Trainer",
     "monitor": "MLflow's system-metrics sampler started (records.system_metrics)",
-    "setup": "Lightning's fit up to on_fit_start: compile wrapping, device placement, optimizer",
-    "loop": "on_fit_start to the training loop's start: dataloaders, the loop's own setup",
+    "setup": "Lightning's fit up to on_fit_start: compile wrapping, device placement, optimizer"
+             " (a resume: the checkpoint read, its weights restored)",
+    "loop": "on_fit_start to the training loop's start: dataloaders, the loop's own setup"
+            " (a resume: the optimizer's and the loop's state restored)",
 }
 
 

@@ -40,6 +40,7 @@ from lab.training.preflight import preflight
 from lab.training.run_progress import RunProgress
 from lab.training.schedule import accumulation, total_steps, warmup_steps
 from lab.training.spikes import GRAD_NORM_MAX_AFTER_WARMUP, grad_norm_max_after_warmup
+from lab.training.step import use_compile_cache
 
 DDP_RUN_ID = "GATELAB_DDP_RUN_ID"
 
@@ -203,6 +204,10 @@ def _train(config: RunConfig, store, run_id: str, uri: str, mlflow_client, prima
         periodic = AnalysisMonitor(store, config, monitor)
         all_callbacks.append(periodic)
     cuda = torch.cuda.is_available()
+    if config.train.compile_on(cuda):
+        # named before `fit` starts a DDP run's other ranks, which inherit the environment
+        # (lab/training/step.py use_compile_cache)
+        use_compile_cache()
     precision = config.train.precision_on(cuda)
     trainer = L.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=config.train.devices if cuda else 1,

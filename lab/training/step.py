@@ -59,7 +59,8 @@ def use_compile_cache() -> str:
     of the temporary folder: one place that every cell of a grid, the grid's check and the
     next grid on the machine share, and that can be carried to a lent machine's next call.
     Must be set before anything compiles (inductor reads it once, compile_model) and before
-    the grid starts its workers, which inherit the environment (lab/experiments/pool.py).
+    a grid or sweep starts its workers, which inherit the environment (lab/experiments/pool.py)
+    and so cannot tell torch's folder from one the user named.
     A TORCHINDUCTOR_CACHE_DIR the user set is kept; the one torch sets to its temporary
     default on importing torch._dynamo (Lightning imports it) is replaced: until 2026-12-06
     it was kept, and a grid that trained in its own process compiled into the temporary
@@ -100,7 +101,14 @@ def compile_shape(config: RunConfig) -> str:
                        t.precision, t.fused_loss], sort_keys=True, default=str)
 
 
-# The compile_shape this process last compiled a model for training for.
+def kept_shape(config: RunConfig) -> str | None:
+    """The compile_shape across whose runs a process keeps Dynamo's caches
+    (compile_for_training), or None where it keeps none: under CUDA graphs (the grid's pool
+    then has no model to give a worker first, lab/experiments/pool.py)."""
+    return None if config.train.compile_mode in CUDAGRAPH_MODES else compile_shape(config)
+
+
+# The kept_shape of the model this process last compiled for training.
 _compiled_last: str | None = None
 
 
@@ -122,12 +130,11 @@ def compile_for_training(model: Decoder, config: RunConfig) -> bool:
     recorded graphs hold their memory pool, and whether a new model's re-recording frees it
     is not measured on a GPU yet."""
     global _compiled_last
-    mode = config.train.compile_mode
-    shape = compile_shape(config)
-    kept = shape == _compiled_last and mode not in CUDAGRAPH_MODES
+    shape = kept_shape(config)
+    kept = shape is not None and shape == _compiled_last
     if not kept:
         torch.compiler.reset()
-    compile_model(model, mode)
+    compile_model(model, config.train.compile_mode)
     _compiled_last = shape
     return kept
 

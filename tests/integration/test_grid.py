@@ -544,3 +544,25 @@ def test_warm_first_hands_the_pool_each_cells_compiled_shape(store, monkeypatch,
     run_grid(spec, GridOptions(cpu_workers=2, quiet=True, warm_first=warm_first))
     assert (seen["shapes"] is None) if not warm_first else len(seen["shapes"]) == 2
     assert len(seen["models"]) == 2  # a worker's next cell: another seed of its variant first
+
+
+def test_under_cuda_graphs_the_pool_keeps_the_plans_order(store, monkeypatch):
+    """A worker resets Dynamo for every run under CUDA graphs (lab/training/step.py
+    compile_for_training), so there is no model to keep: the pool is handed none, and keeps
+    the plan's seed-major order (a ladder cut by --time-limit holds its first seed's pairs),
+    instead of training every cell of one variant first for nothing."""
+    from lab.experiments.grid import run as grid
+
+    seen = {}
+
+    def run(self, tasks, on_outcome, on_dispatch, admit, shape_of=None, model_of=None):
+        seen["models"] = {model_of(task) for task in tasks}
+        return list(tasks)  # none started
+
+    monkeypatch.setattr(grid.CellPool, "__init__", lambda self, *args: None)
+    monkeypatch.setattr(grid.CellPool, "run", run)
+    monkeypatch.setattr(grid.CellPool, "close", lambda self, signum=None: None)
+    spec = grid_from_dict(tiny_grid("graphs", ["baseline", "sdpa_headwise_sigmoid_mul"],
+                                    seeds=(0, 1), **{"train.compile_mode": "reduce-overhead"}))
+    run_grid(spec, GridOptions(cpu_workers=2, quiet=True))
+    assert seen["models"] == {None}

@@ -192,3 +192,34 @@ def test_a_free_worker_takes_the_next_task_of_its_last_model_first(by_model):
     finally:
         workers.close()
     assert dispatched == ([0, 2, 1, 3] if by_model else [0, 1, 2, 3])
+
+
+@pytest.mark.slow
+def test_a_task_of_no_model_to_keep_leaves_the_order_alone():
+    """`model_of` None (a run that keeps no compiled graphs: CUDA graphs) gives a worker no
+    preference: after one, it takes the next task in order."""
+    workers = IndexPool([{}], 1, None)
+    tasks = [ShapedJob(0, None), ShapedJob(1, "b"), ShapedJob(2, None), ShapedJob(3, "b")]
+    dispatched = []
+    try:
+        workers.run(tasks, lambda outcome: None,
+                    lambda task, slot: dispatched.append(task.index),
+                    model_of=lambda task: task.shape)
+    finally:
+        workers.close()
+    assert dispatched == [0, 1, 3, 2]
+
+
+@pytest.mark.slow
+def test_a_fresh_worker_in_a_dead_ones_slot_has_no_model_to_keep():
+    """The worker that died holding a task of model a took its graphs with it: the one that
+    replaces it takes the next task in order, not the next of a."""
+    workers = RecordingPool([{}], 1, None)
+    dispatched = []
+    try:
+        workers.run([Job(0, die=True), Job(1), Job(2)], lambda outcome: None,
+                    lambda task, slot: dispatched.append(task.index),
+                    model_of=lambda task: "a" if task.index in (0, 2) else "b")
+    finally:
+        workers.close()
+    assert dispatched == [0, 1, 2]

@@ -191,6 +191,8 @@ def test_a_compile_cache_carried_for_this_gpu_is_unpacked_and_packed_back_when_a
                          TORCHINDUCTOR_CACHE_DIR=str(inductor), PACK_COMPILE_CACHE="1")
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"compile cache: nothing brought back: no folder {inductor}" in done.stdout
+    assert f"compile cache: nothing brought back: no folder {inductor}\n" in done.stdout  # (not
+    # followed by the GPU's name)
 
 
 def test_the_checks_passes_travel_between_sessions_with_the_grids(tmp_path):

@@ -342,6 +342,40 @@ def test_two_workers_on_two_gpus_each_get_their_own(workspace, monkeypatch):
     assert started[-1] == ([None, None], 1)
 
 
+def test_the_workers_compile_into_the_labs_cache_not_torchs_temporary_one(tmp_path, monkeypatch):
+    """The sweep's process has imported Lightning, which set TORCHINDUCTOR_CACHE_DIR to
+    torch's temporary default; its workers inherit that environment and cannot tell who set
+    the variable (lab/__init__.py INDUCTOR_CACHE_GIVEN: True in every worker), so they kept
+    torch's folder and a GPU sweep's compiles never reached the lab's cache. The lab's folder
+    is set before the workers start, as a grid sets it."""
+    from types import SimpleNamespace
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    import lab
+    from lab.experiments.sweep import run as sweep_module
+    from lab.training import step
+
+    monkeypatch.setattr(lab, "INDUCTOR_CACHE_GIVEN", False)
+    monkeypatch.setenv(step.COMPILE_CACHE_ENV, default_cache_dir())
+    monkeypatch.setenv("GATELAB_CACHE", str(tmp_path / "cache"))
+    inherited = []
+
+    class RecordingPool:
+        def __init__(self, slots, threads, ctx, studies):
+            inherited.append(os.environ[step.COMPILE_CACHE_ENV])
+
+        def run(self, tasks, on_outcome, on_dispatch):
+            pass
+
+        def close(self, signum=None):
+            pass
+
+    monkeypatch.setattr(sweep_module, "TrialPool", RecordingPool)
+    sweep_module._run_trials(["a trial", "another"], SimpleNamespace(sweep=None), 2, ["0"], {})
+    assert inherited == [str(tmp_path / "cache" / "inductor")]
+
+
 def test_a_trial_whose_worker_died_fails_and_its_run_says_why(tmp_path, monkeypatch):
     """What the sweep's pool does when a worker dies holding a trial (the pool's own test,
     tests/integration/test_pool.py, kills one): the trial is told FAIL, on a study whose sampler is not

@@ -331,3 +331,34 @@ def test_describe_and_to_json_of_a_diverged_run():
     assert describe(result) == "run abc123: diverged at step 6"
     assert json.loads(to_json(result)) == {"run_id": "abc123", "status": "FINISHED",
                                            "metrics": {"diverged/step": 6.0}, "diverged_step": 6}
+
+
+def test_a_compiled_runs_other_ranks_inherit_the_labs_inductor_cache(store, monkeypatch):
+    """Lightning starts a DDP run's other ranks as `fit` begins, before the model compiles
+    (when this rank would name the lab's Inductor folder); they inherit this process's
+    environment, where importing Lightning set torch's temporary folder, and cannot tell who
+    set it (lab/__init__.py INDUCTOR_CACHE_GIVEN): `gatelab train` on 2 GPUs compiled rank 1
+    into torch's folder. The lab's folder is named before `fit`."""
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    import lab
+    from lab.data.store import cache_root
+    from lab.training import step
+
+    monkeypatch.setattr(lab, "INDUCTOR_CACHE_GIVEN", False)
+    monkeypatch.setenv(step.COMPILE_CACHE_ENV, default_cache_dir())
+    at_fit = []
+
+    class Stop(Exception):
+        pass
+
+    def fit(self, *args, **kwargs):
+        at_fit.append(os.environ[step.COMPILE_CACHE_ENV])
+        raise Stop
+
+    monkeypatch.setattr(L.Trainer, "fit", fit)
+    with pytest.raises(Stop):
+        train_run(fast_config(**{"train.compile": "true"}), store, quiet=True)
+    assert at_fit == [str(cache_root() / "inductor")]

@@ -29,7 +29,7 @@ from lab.progress import GridProgress, duration
 from lab.records import (HEARTBEAT_TAG, OWNER_TAG, STALE_AFTER_S, child_runs,
                          find_or_create_grid_parent, heartbeat, owner_identity, run_owner_alive)
 from lab.training import phases as run_phases
-from lab.training.step import compile_shape, use_compile_cache
+from lab.training.step import compile_shape, kept_shape, use_compile_cache
 from lab.training.preflight import preflight
 
 
@@ -304,7 +304,7 @@ def _run_cells(tasks: list[Task], layout: Layout, options: GridOptions, ctx: Gri
             if options.warm_first else {}
         left = pool.run(tasks, dispatch.finished,
                         lambda task, slot: dispatch.dispatched(task, slot_name(slot)),
-                        dispatch.admit, model_of=lambda task: compile_shape(task.config),
+                        dispatch.admit, model_of=lambda task: kept_shape(task.config),
                         **warm_first)
     except BaseException as err:
         stop = interruption(err)

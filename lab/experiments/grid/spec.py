@@ -73,7 +73,9 @@ def _learning_rates(spec: GridSpec, variants: list[str]) -> dict[str, tuple[floa
 def plan(spec: GridSpec) -> list[Cell]:
     """Every cell of the grid, resolved and validated, with its data opened (a missing or
     corrupt corpus fails here, before any run). Seeds outermost, so a grid stopped half-way
-    already holds whole comparisons at its first seeds."""
+    already holds whole comparisons at its first seeds; a pool of workers departs from it
+    to train a variant's cells of one compiled shape on one worker in turn (docs/grid.md,
+    lab/experiments/pool.py `model_of`)."""
     variants = _variants(spec)
     if not variants:
         raise LabError(f"variants: none is available at preset {spec.preset!r}")

@@ -29,6 +29,7 @@ from lab.progress import configure_output
 from lab.records import OWNER_TAG, end_dead_runs, owner_identity
 from lab.training.preflight import preflight
 from lab.training.corpus import open_data
+from lab.training.step import use_compile_cache
 
 
 def parent_run(sweep: Sweep, variant: str, uri: str, storage: str) -> str:
@@ -188,6 +189,10 @@ def _run_trials(tasks: list, ctx: SweepContext, workers: int, gpus: list[str],
         for task in tasks:
             run_trial_task(task, ctx, notify=lambda info: None)
         return
+    # The workers inherit this process's environment, where importing Lightning set torch's
+    # temporary folder, and cannot tell who set it: the lab's folder first, as a grid does
+    # (lab/training/step.py use_compile_cache).
+    use_compile_cache()
     pool = TrialPool(gpu_slots(gpus, workers), threads_per_worker(workers, d_model), ctx, studies)
     try:
         pool.run(tasks, on_outcome=lambda outcome: None, on_dispatch=lambda task, slot: None)
