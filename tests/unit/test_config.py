@@ -78,12 +78,17 @@ def test_the_graphs_check_grid_trains_the_ladders_g1_cell_without_cuda_graphs():
     """ablations/stability-graphs-check.yaml: G1 elementwise, seed 0, LR 3e-2 of the ladder,
     in the default compile mode: the same cell (hash) the ladder trained under CUDA graphs."""
     from lab.config import with_vocab
-    from lab.experiments.grid.spec import plan
     from lab.experiments.schema import load_grid
 
     def cells(name: str) -> dict:
-        return {(c.variant, c.config.train.seed, c.config.train.lr): with_vocab(c.config, 16384)
-                for c in plan(load_grid(REPO / "ablations" / f"{name}.yaml"))}
+        """The grid's cells as resolved configs, without the corpus (absent in a clean clone):
+        its vocabulary as the prepared corpus's."""
+        spec = load_grid(REPO / "ablations" / f"{name}.yaml")
+        overrides = [f"{k}={v}" for k, v in spec.overrides.items()]
+        return {(variant, seed, lr): with_vocab(resolve(variant, spec.preset, overrides,
+                                                        data=spec.data, tokens=spec.tokens,
+                                                        seed=seed, lr=lr), 16384)
+                for variant in spec.variants for seed in spec.seeds for lr in spec.lrs}
 
     (key, check), = cells("stability-graphs-check").items()
     ladder = cells("stability")[key]
