@@ -525,8 +525,9 @@ def test_a_compiled_shape_is_the_model_and_step_not_the_seed_or_learning_rate():
         assert compile_shape(other) != shape
 
 
-@pytest.mark.parametrize("warm_first", [False, True])
-def test_warm_first_hands_the_pool_each_cells_compiled_shape(store, monkeypatch, warm_first):
+def what_the_pool_is_handed(monkeypatch, spec, options: GridOptions) -> dict:
+    """The grid's run with its pool replaced by one that starts nothing and keeps the set of
+    each ordering key it was handed (None where it was handed no such function)."""
     from lab.experiments.grid import run as grid
 
     seen = {}
@@ -539,9 +540,16 @@ def test_warm_first_hands_the_pool_each_cells_compiled_shape(store, monkeypatch,
     monkeypatch.setattr(grid.CellPool, "__init__", lambda self, *args: None)
     monkeypatch.setattr(grid.CellPool, "run", run)
     monkeypatch.setattr(grid.CellPool, "close", lambda self, signum=None: None)
+    run_grid(spec, options)
+    return seen
+
+
+@pytest.mark.parametrize("warm_first", [False, True])
+def test_warm_first_hands_the_pool_each_cells_compiled_shape(store, monkeypatch, warm_first):
     spec = grid_from_dict(tiny_grid("warm", ["baseline", "sdpa_headwise_sigmoid_mul"],
                                     seeds=(0, 1)))
-    run_grid(spec, GridOptions(cpu_workers=2, quiet=True, warm_first=warm_first))
+    seen = what_the_pool_is_handed(monkeypatch, spec, GridOptions(cpu_workers=2, quiet=True,
+                                                                  warm_first=warm_first))
     assert (seen["shapes"] is None) if not warm_first else len(seen["shapes"]) == 2
     assert len(seen["models"]) == 2  # a worker's next cell: another seed of its variant first
 
@@ -551,18 +559,7 @@ def test_under_cuda_graphs_the_pool_keeps_the_plans_order(store, monkeypatch):
     compile_for_training), so there is no model to keep: the pool is handed none, and keeps
     the plan's seed-major order (a ladder cut by --time-limit holds its first seed's pairs),
     instead of training every cell of one variant first for nothing."""
-    from lab.experiments.grid import run as grid
-
-    seen = {}
-
-    def run(self, tasks, on_outcome, on_dispatch, admit, shape_of=None, model_of=None):
-        seen["models"] = {model_of(task) for task in tasks}
-        return list(tasks)  # none started
-
-    monkeypatch.setattr(grid.CellPool, "__init__", lambda self, *args: None)
-    monkeypatch.setattr(grid.CellPool, "run", run)
-    monkeypatch.setattr(grid.CellPool, "close", lambda self, signum=None: None)
     spec = grid_from_dict(tiny_grid("graphs", ["baseline", "sdpa_headwise_sigmoid_mul"],
                                     seeds=(0, 1), **{"train.compile_mode": "reduce-overhead"}))
-    run_grid(spec, GridOptions(cpu_workers=2, quiet=True))
+    seen = what_the_pool_is_handed(monkeypatch, spec, GridOptions(cpu_workers=2, quiet=True))
     assert seen["models"] == {None}
