@@ -204,7 +204,13 @@ class LossMonitor(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self._flush(trainer, pl_module)
-        self.wait_for_writes(trainer)
+        # The last background write: where the logger can, its writer is stopped too, so
+        # that closing the run does not wait for it (lab/training/run.py RunLogger).
+        end = getattr(trainer.logger, "end_background_writes", None)
+        if trainer.is_global_zero and end is not None:
+            end()
+        else:
+            self.wait_for_writes(trainer)
 
     def on_exception(self, trainer, pl_module, exception):
         # A stop signal or a failure: what was written reaches the store before train_run

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import threading
 import time
 import traceback
 from contextlib import nullcontext
@@ -82,6 +83,26 @@ class RunLogger(MLFlowLogger):
         writes, self._writes = self._writes, []
         for write in writes:
             write.wait()
+
+    def end_background_writes(self) -> threading.Thread | None:
+        """At the end of training: every background write waited for, then MLflow's
+        async-logging thread told to stop, in a thread of its own. Stopping it waits for that
+        thread's next poll of its queue, up to 1 s (mlflow/utils/async_logging/
+        async_logging_queue.py, `_queue.get(timeout=1)`), and closing the run
+        (`set_terminated`, which stops it first) waited that out after the final evaluation
+        and the analysis: 0.6-0.9 s a cell, the largest of a cell's store writes
+        (benchmarks/README.md). Stopped here, the wait overlaps them, and the close finds the
+        queue stopped. A later background write starts MLflow's thread again (its
+        `log_batch_async`), and the close then waits as before. Returns the thread (None
+        where the store has no async queue to stop)."""
+        self.wait_for_writes()
+        store = getattr(getattr(self.experiment, "_tracking_client", None), "store", None)
+        stop = getattr(store, "shut_down_async_logging", None)
+        if stop is None:
+            return None
+        thread = threading.Thread(target=stop, name="mlflow-async-logging-stop", daemon=True)
+        thread.start()
+        return thread
 
     def finalize(self, status: str = "success") -> None:
         pass  # train_run terminates the run once test metrics and artifacts are in

@@ -111,6 +111,11 @@ def test_the_interval_is_logged_in_the_background_and_waited_for_before_a_checkp
     monitor.on_train_end(trainer, None)
     assert events == [("background", 1), ("waited", None), ("checkpoint", None),
                       ("waited", None), ("background", 2), ("waited", None)]
+    # a logger that can stop its writer is asked to at the end of training (and it waits)
+    logger.end_background_writes = lambda: events.append(("ended", None))
+    feed(monitor, trainer, [[2.0, 2.0]])
+    monitor.on_train_end(trainer, None)
+    assert events[-2:] == [("background", 3), ("ended", None)]
 
 
 class StepClock(L.Callback):

@@ -326,6 +326,33 @@ def test_interval_metrics_are_written_in_the_background_and_waited_for(store, mo
     assert logger._writes == []
 
 
+def test_the_end_of_training_stops_mlflows_writer_so_closing_the_run_does_not_wait(store):
+    """Closing a run stops MLflow's async-logging thread, which first sleeps out its queue's
+    1-s poll; RunLogger.end_background_writes (the end of training) waits for the writes and
+    has that thread stopped in the background, so the close, after the final evaluation and
+    the analysis, finds it stopped. With the code before, the queue was still running at the
+    close (0.6-0.9 s a cell). A later background write starts it again."""
+    from lab import records
+    from lab.training.run import lightning_logger
+
+    client = records.client(store)
+    run_id = client.create_run(client.create_experiment("stop-writer")).info.run_id
+    logger = lightning_logger(store, run_id)
+    queue = logger.experiment._tracking_client.store._async_logging_queue
+    logger.log_metrics_in_background({"train/loss": 1.5}, step=10)
+    assert queue.is_active()
+    stopping = logger.end_background_writes()
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [(10, 1.5)]
+    stopping.join(10)
+    assert not stopping.is_alive() and queue.is_idle()  # set_terminated has nothing to wait for
+    logger.log_metrics_in_background({"train/loss": 1.25}, step=20)
+    assert queue.is_active()
+    logger.wait_for_writes()
+    client.set_terminated(run_id, "FINISHED")
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [10, 20]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
 def test_describe_and_to_json_of_a_diverged_run():
     result = RunResult("abc123", "FINISHED", {"diverged/step": 6.0}, diverged_step=6)
     assert describe(result) == "run abc123: diverged at step 6"
