@@ -68,6 +68,18 @@ def log_analysis(mlflow_client, run_id: str, analysis: Analysis, step: int,
     return names
 
 
+def log_plots(mlflow_client, run_id: str, analysis: Analysis) -> list[str]:
+    """The plots alone, into the run's `analysis` folder beside the `analysis.json` that
+    log_analysis(plots=False) logged: a grid's own process draws its workers' (lab/
+    experiments/grid/plots.py). Returns the files logged."""
+    if analysis.skipped:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        names = [path.name for path in write_plots(analysis, Path(tmp))]
+        mlflow_client.log_artifacts(run_id, tmp, artifact_path="analysis")
+    return names
+
+
 def write_outputs(analysis: Analysis, folder: Path, plots: bool = True) -> list[Path]:
     """`analysis.json` (every metric and per-layer value) and the plots, into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)

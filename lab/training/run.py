@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.entities import Metric
 
 from lab import records
-from lab.analysis.metrics import analysis_device, analyze
+from lab.analysis.metrics import Analysis, analysis_device, analyze
 from lab.analysis.outputs import log_analysis
 from lab.config import RunConfig
 from lab.interrupts import interruption
@@ -121,12 +121,15 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
               callbacks: list | None = None,
               on_start: Callable[[str], None] | None = None,
               stopped_by: tuple[type[BaseException], ...] = (),
-              phases: dict[str, float] | None = None) -> RunResult:
+              phases: dict[str, float] | None = None,
+              plots_elsewhere: Callable[[Analysis], None] | None = None) -> RunResult:
     """Train, evaluate and record one run. `run_id` continues an existing (killed) run from
     its last checkpoint; otherwise a new run is created. An exception of `stopped_by` (the
     sweep's pruning) ends the run KILLED rather than FAILED (end_run). `phases`: seconds of
     the run's phases spent before this call (lab/training/phases.py: a grid cell's claim,
-    its share of the check), added to the ones measured here."""
+    its share of the check), added to the ones measured here. `plots_elsewhere`: the
+    end-of-run analysis is handed to it and its plots are not drawn here (a grid's pool
+    worker hands them to the grid's own process: lab/experiments/grid/plots.py)."""
     clock = run_phases.PhaseClock({"startup": run_phases.startup_seconds(), **(phases or {})})
     uri = records.tracking_uri(uri)
     preflight(config, "cuda" if torch.cuda.is_available() else "cpu")  # before any record
@@ -168,7 +171,7 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
                 mlflow_client.update_run(run_id, status="RUNNING")
         with records.heartbeat(mlflow_client, run_id) if owned else nullcontext():
             return _train(config, store, run_id, uri, mlflow_client, primary, start_step, quiet,
-                          callbacks, on_start, clock)
+                          callbacks, on_start, clock, plots_elsewhere)
     except BaseException as err:
         if primary and run_id is not None:  # (start_run closes a run it could not finish)
             records.end_run(mlflow_client, run_id, config, err, stopped_by)
@@ -180,7 +183,7 @@ def train_run(config: RunConfig, uri: str | None = None, experiment: str = "gate
 
 def _train(config: RunConfig, store, run_id: str, uri: str, mlflow_client, primary: bool,
            start_step: int, quiet: bool, callbacks, on_start,
-           clock: run_phases.PhaseClock) -> RunResult:
+           clock: run_phases.PhaseClock, plots_elsewhere=None) -> RunResult:
     """train_run once its run exists: whatever this raises, train_run closes the run."""
     os.environ[DDP_RUN_ID] = run_id
     if on_start and primary:
@@ -250,7 +253,7 @@ def _train(config: RunConfig, store, run_id: str, uri: str, mlflow_client, prima
                     weights_only=True)
     _training_phases(clock, config, monitor, checkpoints, periodic, (building, built, fitting))
     metrics = _finish(trainer, module, data, monitor, config,
-                      mlflow_client if primary else None, run_id, started, clock)
+                      mlflow_client if primary else None, run_id, started, clock, plots_elsewhere)
     if primary:
         closing = time.perf_counter()
         records.end_run(mlflow_client, run_id, config, None)
@@ -293,7 +296,7 @@ def _training_phases(clock, config: RunConfig, monitor: LossMonitor,
 
 
 def _finish(trainer, module, data, monitor, config, mlflow_client, run_id, started,
-            clock: run_phases.PhaseClock) -> dict:
+            clock: run_phases.PhaseClock, plots_elsewhere=None) -> dict:
     """Final evaluation (every rank takes part) and the run's summary (`mlflow_client` is None
     on DDP ranks > 0, which record nothing). The run's phases (lab/training/phases.py) are
     logged last, when every phase but the closing of the run has happened."""
@@ -333,7 +336,8 @@ def _finish(trainer, module, data, monitor, config, mlflow_client, run_id, start
                                         "grad_norm": monitor.grad_norms}, "loss_history.json")
     if trainer.is_global_zero and (config.train.analysis_windows or config.train.context_factors()):
         analysing = time.perf_counter()
-        analysis = _analyze(module, data.store, config, mlflow_client, run_id, steps_done)
+        analysis = _analyze(module, data.store, config, mlflow_client, run_id, steps_done,
+                            plots_elsewhere)
         # its own time/analysis_s where it logged one (not when the analysis failed)
         clock.add("analysis", analysis.get("time/analysis_s", time.perf_counter() - analysing))
         metrics.update(analysis)
@@ -364,15 +368,16 @@ def throughput_summary(monitor, config: RunConfig) -> dict[str, float]:
     return out
 
 
-def _analyze(module, store, config, mlflow_client, run_id, step) -> dict:
+def _analyze(module, store, config, mlflow_client, run_id, step, plots_elsewhere=None) -> dict:
     """The paper's analyses on the final weights (lab/analysis/metrics.py), also for a diverged run
-    whose weights are still finite; timed as `time/analysis_s`."""
+    whose weights are still finite; timed as `time/analysis_s` (the plots in it unless they
+    are drawn elsewhere: train_run's `plots_elsewhere`)."""
     started = time.time()
     device = next(module.model.parameters()).device
     model = module.model.to(analysis_device())  # Lightning's teardown left it on the CPU
     try:
         result = analyze(model, store, config)
-        log_analysis(mlflow_client, run_id, result, step)
+        log_analysis(mlflow_client, run_id, result, step, plots=plots_elsewhere is None)
     except Exception as err:  # a finished training run stays FINISHED; the tag says what broke
         traceback.print_exc()
         mlflow_client.set_tag(run_id, records.ANALYSIS_TAG,
@@ -382,6 +387,8 @@ def _analyze(module, store, config, mlflow_client, run_id, step) -> dict:
         module.model.to(device)
     seconds = time.time() - started
     records.log_metrics(mlflow_client, run_id, {"time/analysis_s": seconds}, step)
+    if plots_elsewhere is not None and not result.skipped:
+        plots_elsewhere(result)
     return {**result.metrics, "time/analysis_s": seconds}
 
 

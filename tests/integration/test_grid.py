@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from gridkit import run_statuses, tiny_grid
+from gridkit import TINY_OVERRIDES, TINY_TOKENS, run_statuses, tiny_grid
 from lab.errors import LabError
 from lab.experiments.grid.run import GridOptions, run_grid
 from lab.experiments.grid.spec import parse_shard, plan, shard_cells
@@ -27,6 +27,14 @@ def _runs(uri: str, experiment: str):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     return client, client.search_runs([exp.experiment_id], "")
+
+
+FIGURES = {"analysis/first_token_attn.png", "analysis/max_activation.png",
+           "analysis/gate_scores.png", "analysis/attention_maps.png"}  # a gated variant's
+
+
+def _artifacts(client, run_id: str, folder: str = "analysis") -> set[str]:
+    return {a.path for a in client.list_artifacts(run_id, folder)}
 
 
 def test_grid_file_reads_yaml_numbers_and_cli_flags_replace_fields(tmp_path):
@@ -275,6 +283,37 @@ def test_four_cpu_workers_write_one_sqlite_store(store):
         if run.data.tags.get("mlflow.parentRunId"):
             assert {"val/ppl", "test/ppl", "params/total"} <= set(run.data.metrics)
             assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 8
+            # the workers' plots, drawn by the grid's process before the grid returned
+            gated = run.data.tags["variant"] != "baseline"
+            assert FIGURES - ({"analysis/gate_scores.png"} if not gated else set()) <= \
+                _artifacts(client, run.info.run_id)
+    assert all(o.unplotted is None for o in summary.outcomes)  # not kept in the summary
+
+
+def test_a_run_can_hand_its_plots_to_the_grids_process(store):
+    """train_run's `plots_elsewhere` (a pool worker's cell): the run logs its analysis
+    without the figures and hands the analysis over; the grid's ParentPlots draws them into
+    the run's `analysis` folder, the same files an inline run logs."""
+    from lab.config import resolve
+    from lab.experiments.grid.plots import ParentPlots
+    from lab.records import client as store_client
+    from lab.training.run import train_run
+
+    config = resolve("sdpa_elementwise_sigmoid_mul", "tiny",
+                     {**TINY_OVERRIDES, "train.tokens": TINY_TOKENS,
+                      "train.analysis_windows": 2, "train.long_context_factors": ""})
+    handed = []
+    result = train_run(config, store, "handed", quiet=True, plots_elsewhere=handed.append)
+    client = store_client(store)
+    assert "analysis/analysis.json" in _artifacts(client, result.run_id)
+    assert not FIGURES & _artifacts(client, result.run_id)
+    assert len(handed) == 1 and handed[0].attention_maps and handed[0].gate_samples is not None
+    plots = ParentPlots(store)
+    plots.draw(result.run_id, handed[0])
+    plots.close()
+    assert FIGURES <= _artifacts(client, result.run_id)
+    inline = train_run(config, store, "inline", quiet=True)
+    assert _artifacts(client, inline.run_id) == _artifacts(client, result.run_id)
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ The package's modules, in the order they import each other:
 - `claims.py`: what each cell needs from the store (resume) and the claim one process
   trains it under;
 - `cells.py`: one cell trained, in this process, a pool worker or a DDP job;
+- `plots.py`: the plots of a pool worker's cells, drawn by the grid's own process;
 - `run.py`: the grid (`run_grid`): options, the parent run, the cells dispatched, the summary.
 
 Worker processes watch the grid process's identity and end within a second of it, so a

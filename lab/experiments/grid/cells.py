@@ -18,6 +18,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,6 +46,9 @@ class Outcome:
     failure: str | None = None
     # Seconds per phase of the cell's run (lab/training/phases.py), for the grid's time line.
     phases: dict[str, float] = field(default_factory=dict)
+    # A pool worker's cell: its end-of-run analysis, whose plots the grid's process draws
+    # (lab/experiments/grid/plots.py); None where they were drawn with the run.
+    unplotted: Any = None
 
     def text(self) -> str:
         if self.status == "SKIPPED":
@@ -66,10 +70,12 @@ def create_cell_run(task: Task, ctx: GridContext, owner: str) -> str:
 
 
 def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = True,
-                 on_first_step=None) -> Outcome:
+                 on_first_step=None, plots_elsewhere: bool = False) -> Outcome:
     """Run one cell in this process: create (or take over) its run and train it. Any failure
     is recorded on the run and returned; an interrupt propagates (the run ends KILLED).
-    `on_first_step()` is called once the run's first step (its compile) is done."""
+    `on_first_step()` is called once the run's first step (its compile) is done.
+    `plots_elsewhere`: the run's plots are not drawn here; its analysis comes back in the
+    outcome (`unplotted`) for the grid's process to draw."""
     # Lightning, here rather than at the top: the grid's own process imports this module to
     # hand cells to its workers, and trains none of them itself unless it runs them in turn
     # (lab/experiments/grid/run.py imports it up front then; lab/training/step.py says why).
@@ -105,12 +111,15 @@ def execute_cell(task: Task, ctx: GridContext, on_start=None, lead_rank: bool = 
             callbacks.append(FirstStepNotice(on_first_step))
         # The claim and the run's creation are the cell's store writes before its run starts.
         before = {"store": time.perf_counter() - claiming, "check_share": ctx.check_share_s}
+        handed: list = []
         with heartbeat(client, run_id) if lead_rank else nullcontext():
             result = train_run(config, ctx.uri, ctx.experiment, run_id=run_id, quiet=True,
-                               callbacks=callbacks, phases=before)
+                               callbacks=callbacks, phases=before,
+                               plots_elsewhere=handed.append if plots_elsewhere else None)
         return Outcome(task.index, task.name, "FINISHED", run_id, result.metrics.get("val/ppl"),
                        result.diverged_step, time.time() - started,
-                       phases=run_phases.phase_seconds(result.metrics))
+                       phases=run_phases.phase_seconds(result.metrics),
+                       unplotted=handed[0] if handed else None)
     except KeyboardInterrupt as err:  # a stop signal before train_run took the run over
         if holding and run_id is not None:
             end_run(client, run_id, task.config, err)
@@ -137,9 +146,10 @@ def _release_memory() -> None:
 
 def run_cell_in_worker(task: Task, ctx: GridContext, notify) -> Outcome:
     """A cell in a pool worker: the pool hears of its run as soon as it exists, and when its
-    first step is done (WorkerPool.run's warm-up of a shape)."""
+    first step is done (WorkerPool.run's warm-up of a shape); the grid's process draws its
+    plots (lab/experiments/grid/plots.py), so the worker's next cell starts without them."""
     return execute_cell(task, ctx, on_start=lambda run_id: notify({"run_id": run_id}),
-                        on_first_step=lambda: notify({"warm": True}))
+                        on_first_step=lambda: notify({"warm": True}), plots_elsewhere=True)
 
 
 class CellPool(WorkerPool):

@@ -19,6 +19,7 @@ from lab.experiments.grid.claims import GridContext, Plan, Task, reconcile
 from lab.experiments.grid.estimate import (auto_runs_per_gpu, expected_cell_s,
                                            finished_hashes, gpu_memory_gib, parse_runs_per_gpu,
                                            print_dry_run)
+from lab.experiments.grid.plots import ParentPlots
 from lab.experiments.grid.spec import Cell, parse_shard, plan, shard_cells
 from lab.experiments.overrides import override_pairs
 from lab.experiments.pool import cpu_threads, gpu_slots, parse_gpus, slot_name, threads_per_worker
@@ -299,18 +300,28 @@ def _run_cells(tasks: list[Task], layout: Layout, options: GridOptions, ctx: Gri
     slots = layout.pinned or gpu_slots([], options.cpu_workers)
     threads = threads_per_worker(len(layout.pinned)) if gpus else layout.worker_threads
     pool = CellPool(slots, threads, ctx)
+    plots = ParentPlots(ctx.uri)
+
+    def finished(outcome: Outcome) -> None:
+        if outcome.unplotted is not None:
+            plots.draw(outcome.run_id, outcome.unplotted)
+            outcome.unplotted = None
+        dispatch.finished(outcome)
+
     try:
         warm_first = {"shape_of": lambda task: compile_shape(task.config)} \
             if options.warm_first else {}
-        left = pool.run(tasks, dispatch.finished,
+        left = pool.run(tasks, finished,
                         lambda task, slot: dispatch.dispatched(task, slot_name(slot)),
                         dispatch.admit, model_of=lambda task: kept_shape(task.config),
                         **warm_first)
     except BaseException as err:
         stop = interruption(err)
         pool.close(stop.signum if stop is not None else None)
+        plots.close()
         raise
     pool.close()
+    plots.close()
     return left
 
 
