@@ -17,6 +17,7 @@ a second of it, so a SIGKILLed grid or sweep leaves no worker writing to the sto
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import queue
@@ -34,6 +35,7 @@ from lab.errors import LabError
 from lab.interrupts import stop_on_signals
 from lab.progress import configure_output
 from lab.records import owner_alive, owner_identity
+from lab.training import phases as run_phases
 
 GPU_ENV = "CUDA_VISIBLE_DEVICES"
 
@@ -141,8 +143,8 @@ def _environment(changes: dict[str, str]):
                 os.environ[key] = value
 
 
-def _worker_main(env: dict, threads: int, parent_owner: str, job: Callable, context,
-                 tasks, results) -> None:
+def _worker_main(env: dict, threads: int, parent_owner: str, job: Callable,
+                 preload: tuple[str, ...], tasks, results) -> None:
     os.environ.update(env)
     configure_output()  # the forkserver imported Lightning, which set its loggers to INFO
     die_with_parent(parent_owner)
@@ -151,6 +153,12 @@ def _worker_main(env: dict, threads: int, parent_owner: str, job: Callable, cont
         # SIGINT (Ctrl-C reaches the whole process group) and SIGTERM (forwarded by
         # WorkerPool.close) end the task's run KILLED, as in the parent process.
         with stop_on_signals():
+            for module in preload:
+                importlib.import_module(module)
+            # The worker's start-up ends here, not at its first task, which may wait for
+            # the pool's context (WorkerPool.begin: a grid's check comes first).
+            run_phases.end_startup()
+            context = tasks.get()
             while True:
                 task = tasks.get()
                 if task is None:
@@ -162,6 +170,9 @@ def _worker_main(env: dict, threads: int, parent_owner: str, job: Callable, cont
                 results.put(("outcome", task.index, job(task, context, notify)))
     except (KeyboardInterrupt, SystemExit):
         return
+
+
+LATER = object()  # WorkerPool's context: handed to `begin` later
 
 
 class WorkerPool:
@@ -177,31 +188,47 @@ class WorkerPool:
     fork from a server that has imported torch, Lightning and MLflow once (forkserver), so
     four workers do not pay four interpreter start-ups; as that server keeps the
     environment of the moment it started, each worker is handed this process's (the store,
-    the data cache, the output level), as a spawned one inherits it."""
+    the data cache, the output level), as a spawned one inherits it.
+
+    A worker imports `preload` as it starts, then waits for the context its tasks run in:
+    given to the constructor, or later to `begin` (a grid starts its workers before its
+    `gatelab check`, so that their imports, 15-21 s a spawned worker on the lent H100
+    machine, overlap the check instead of following it)."""
 
     job: Callable[[Any, Any, Callable[[dict], None]], Any]
+    preload: tuple[str, ...] = ()
 
-    def __init__(self, slots: list[dict[str, str]], threads: int, context):
+    def __init__(self, slots: list[dict[str, str]], threads: int, context=LATER):
         if any(GPU_ENV in slot for slot in slots):
             self.mp = multiprocessing.get_context("spawn")
         else:
             self.mp = multiprocessing.get_context("forkserver")
             self.mp.set_forkserver_preload(["torch", "lightning", "mlflow", "mlflow.tracking"])
-        self.slots, self.threads, self.context = slots, threads, context
+        self.slots, self.threads, self.context, self.begun = slots, threads, None, False
         self.environment = dict(os.environ)
         self.results = self.mp.Queue()
         self.workers = [self._start(slot) for slot in slots]
+        if context is not LATER:
+            self.begin(context)
+
+    def begin(self, context) -> None:
+        """The context every worker's tasks run in (one started later gets it too)."""
+        self.context, self.begun = context, True
+        for _, tasks in self.workers:
+            tasks.put(context)
 
     def _start(self, slot: dict[str, str]):
         tasks = self.mp.Queue()
         process = self.mp.Process(target=_worker_main, daemon=True,
                                   args=({**self.environment, **slot}, self.threads,
-                                        owner_identity(), type(self).job, self.context, tasks,
+                                        owner_identity(), type(self).job, self.preload, tasks,
                                         self.results))
         # A spawned worker starts with the slot's CUDA_VISIBLE_DEVICES already set, so that
         # no import before _worker_main can initialise CUDA on another device.
         with _environment(slot if self.mp.get_start_method() == "spawn" else {}):
             process.start()
+        if self.begun:
+            tasks.put(self.context)
         return process, tasks
 
     def crashed(self, task, started: dict, reason: str):
@@ -291,7 +318,14 @@ class WorkerPool:
 
     def close(self, signum: int | None = None) -> None:
         """Stop the workers: each ends after its task; with `signum` (the parent was stopped
-        by that signal) each gets the signal now, so its run ends KILLED with that reason."""
+        by that signal) each gets the signal now, so its run ends KILLED with that reason.
+        Before `begin` no worker holds anything: each is ended at once, mid-import or not."""
+        if not self.begun:
+            for process, _ in self.workers:
+                process.terminate()
+            for process, _ in self.workers:
+                process.join(timeout=10)
+            return
         for process, tasks in self.workers:
             if process.is_alive():
                 tasks.put(None)

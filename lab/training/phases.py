@@ -66,6 +66,7 @@ def model_build_metric(part: str) -> str:
 TOTAL_METRIC = "time/total_s"
 
 _startup_taken = False
+_startup_s: float | None = None  # set by end_startup
 
 
 def _process_started_at() -> float | None:
@@ -80,15 +81,28 @@ def _process_started_at() -> float | None:
         return None
 
 
+def _seconds_since_start() -> float:
+    started = _process_started_at()
+    return max(0.0, time.time() - started) if started is not None else 0.0
+
+
+def end_startup() -> None:
+    """This process's start-up ends now: a pool worker that has imported what it trains with
+    and may then wait for work (lab/experiments/pool.py), a wait that is not start-up."""
+    global _startup_s
+    if _startup_s is None:
+        _startup_s = _seconds_since_start()
+
+
 def startup_seconds() -> float:
-    """Seconds from this process's start to now, the first time it is asked in a process;
-    0 afterwards (a grid worker pays its interpreter and imports once, with its first cell)."""
+    """Seconds from this process's start to now (or to end_startup, where it was called), the
+    first time it is asked in a process; 0 afterwards (a grid worker pays its interpreter and
+    imports once, with its first cell)."""
     global _startup_taken
     if _startup_taken:
         return 0.0
     _startup_taken = True
-    started = _process_started_at()
-    return max(0.0, time.time() - started) if started is not None else 0.0
+    return _startup_s if _startup_s is not None else _seconds_since_start()
 
 
 class PhaseClock:

@@ -369,11 +369,18 @@ def test_runs_per_gpu_gives_each_gpu_that_many_worker_slots(store, monkeypatch):
     between them. (No GPU here: the device list and the pool are stand-ins.)"""
     from lab.experiments.grid import run as grid
 
-    pools = []
+    pools, events = [], []
 
     class RecordingPool:
-        def __init__(self, slots, threads, ctx):
+        begun = False
+
+        def __init__(self, slots, threads):
             pools.append((slots, threads))
+            events.append("workers started")
+
+        def begin(self, ctx):
+            self.begun = True
+            events.append("context handed")
 
         def run(self, tasks, finished, dispatched, admit, **orderings):
             return []  # no task left unstarted
@@ -381,14 +388,29 @@ def test_runs_per_gpu_gives_each_gpu_that_many_worker_slots(store, monkeypatch):
         def close(self):
             pass
 
+    def check(spec, cells, layout, options):
+        events.append("check")
+        return None, 0.0
+
     monkeypatch.setattr(grid, "parse_gpus", lambda text: ["0", "1"])
     monkeypatch.setattr(grid, "CellPool", RecordingPool)
+    monkeypatch.setattr(grid, "_check_variants", check)
     monkeypatch.setattr(os, "cpu_count", lambda: 12)
-    run_grid(grid_from_dict(tiny_grid("packed", ["baseline"], seeds=(0, 1))),
-             GridOptions(gpus="all", runs_per_gpu=3, quiet=True))
+    spec = grid_from_dict(tiny_grid("packed", ["baseline"], seeds=(0, 1)))
+    run_grid(spec, GridOptions(gpus="all", runs_per_gpu=3, quiet=True))
     (slots, threads), = pools
     assert [s["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "0", "0", "1", "1", "1"]
     assert threads == 2
+    # the workers start before the check, so that their imports overlap it
+    assert events == ["workers started", "check", "context handed"]
+    # ... unless the store holds every cell FINISHED: then none starts early (here the store
+    # is made to say so, and its runs, which the stand-in pool never trained, still start
+    # them after the check, as a grid did before workers started early)
+    monkeypatch.setattr(grid, "finished_in_store",
+                        lambda uri, name: {cell.config_hash for cell in plan(spec)})
+    events.clear()
+    run_grid(spec, GridOptions(gpus="all", runs_per_gpu=3, quiet=True))
+    assert events == ["check", "workers started", "context handed"]
 
 
 @pytest.mark.parametrize("overrides, runs_per_gpu, message", [
@@ -577,6 +599,7 @@ def what_the_pool_is_handed(monkeypatch, spec, options: GridOptions) -> dict:
         return list(tasks)  # none started
 
     monkeypatch.setattr(grid.CellPool, "__init__", lambda self, *args: None)
+    monkeypatch.setattr(grid.CellPool, "begin", lambda self, ctx: setattr(self, "begun", True))
     monkeypatch.setattr(grid.CellPool, "run", run)
     monkeypatch.setattr(grid.CellPool, "close", lambda self, signum=None: None)
     run_grid(spec, options)

@@ -110,6 +110,41 @@ def test_workers_start_with_their_slots_environment_and_a_dead_one_is_reported(m
     assert sorted(dispatched) == [(0, "a"), (1, "b"), (2, slot_of[2]), (3, slot_of[3])]
 
 
+def startup_then_context(task: Job, context, notify) -> tuple:
+    import sys
+
+    from lab.training import phases
+    return task.index, phases.startup_seconds(), context, "colorsys" in sys.modules
+
+
+class LaterPool(WorkerPool):
+    job = staticmethod(startup_then_context)
+    preload = ("colorsys",)  # a module nothing else here imports
+
+
+@pytest.mark.slow
+def test_workers_start_before_their_context_and_their_startup_ends_before_the_wait():
+    """A pool started before its context is known (the grid starts its workers before its
+    check): each worker imports `preload` and waits; `begin` hands the context, which a task
+    then runs with. The worker's start-up (a run's `time/startup_s`) ends before that wait,
+    so a 5-s wait for the context is not counted as start-up. A pool never begun is ended
+    at once by close."""
+    workers = LaterPool([{}], 1)
+    try:
+        time.sleep(5.0)
+        workers.begin("given later")
+        outcomes = []
+        workers.run([Job(0), Job(1)], outcomes.append, lambda task, slot: None)
+    finally:
+        workers.close()
+    (index0, startup0, context0, preloaded0), (index1, startup1, _, _) = sorted(outcomes)
+    assert (index0, context0, preloaded0, index1) == (0, "given later", True, 1)
+    assert startup0 < 3.0 and startup1 == 0.0  # counted once, without the wait
+    never = LaterPool([{}, {}], 1)
+    never.close()
+    assert not any(process.is_alive() for process, _ in never.workers)
+
+
 @pytest.mark.slow
 def test_no_task_starts_once_admit_says_no_and_those_in_progress_finish():
     """The grid's --time-limit: after two outcomes no more tasks are admitted; the tasks in

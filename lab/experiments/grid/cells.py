@@ -157,6 +157,9 @@ class CellPool(WorkerPool):
     `gatelab.failure_kind=worker_died`, and the grid goes on."""
 
     job = staticmethod(run_cell_in_worker)
+    # The training code, imported as a worker starts (before the grid's check ends), not
+    # with its first cell (lab/experiments/grid/run.py _start_pool).
+    preload = ("lab.training.run",)
 
     def crashed(self, task: Task, started: dict, reason: str) -> Outcome:
         fail_run(self.context.uri, started.get("run_id"), "worker_died", reason)

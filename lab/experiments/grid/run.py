@@ -17,7 +17,8 @@ from lab.errors import LabError, check_positive
 from lab.experiments.grid.cells import CellPool, Outcome, execute_cell, run_ddp_cell
 from lab.experiments.grid.claims import GridContext, Plan, Task, reconcile
 from lab.experiments.grid.estimate import (auto_runs_per_gpu, expected_cell_s,
-                                           finished_hashes, gpu_memory_gib, parse_runs_per_gpu,
+                                           finished_hashes, finished_in_store, gpu_memory_gib,
+                                           parse_runs_per_gpu,
                                            print_dry_run)
 from lab.experiments.grid.plots import ParentPlots
 from lab.experiments.grid.spec import Cell, parse_shard, plan, shard_cells
@@ -168,6 +169,20 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
         startup_s += time.perf_counter() - importing
     # Before the check and the workers, which compile and inherit the environment.
     use_compile_cache()
+    # A pool's workers start now, so that their start-up overlaps the check.
+    pool = _start_pool(layout, options, uri, spec.name, cells)
+    try:
+        return _check_and_run(spec, options, cells, all_cells, layout, uri, pool, started_at,
+                              startup_s)
+    finally:
+        if pool is not None and not pool.begun:  # never handed a cell
+            pool.close()
+
+
+def _check_and_run(spec: GridSpec, options: GridOptions, cells: list[Cell],
+                   all_cells: list[Cell], layout: Layout, uri: str, pool: CellPool | None,
+                   started_at: float, startup_s: float) -> GridSummary:
+    """run_grid from the check on: the parent run, the cells, the summary."""
     check_table, check_s = _check_variants(spec, cells, layout, options)
     client = records.client(uri)
     experiment = records.experiment_id(client, spec.name, uri)
@@ -180,7 +195,7 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
         _release_refused_parent(client, parent, err, options.stale_after_s)
         raise
     ctx = GridContext(uri, spec.name, parent, spec.name, options.quiet, options.stale_after_s,
-                      layout.runs_per_gpu if gpus and layout.devices == 1 else 0,
+                      layout.runs_per_gpu if layout.gpus and layout.devices == 1 else 0,
                       check_s / max(1, len(work.tasks)))
     dispatch = Dispatch(_progress(spec.name, work, layout.workers, options.quiet), started_at,
                         options.time_limit_s)
@@ -189,7 +204,7 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
     with stop_on_signals(), heartbeat(client, parent):  # SIGINT, SIGTERM: runs end KILLED
         try:
             _open_parent(client, parent, me, spec, check_table)
-            left = _run_cells(work.tasks, layout, options, ctx, dispatch)
+            left = _run_cells(work.tasks, layout, options, ctx, dispatch, pool)
         except KeyboardInterrupt as err:
             stop = interruption(err)
             note_killed()
@@ -283,10 +298,30 @@ class Dispatch:
         return []
 
 
+def _uses_pool(layout: Layout, options: GridOptions) -> bool:
+    """Whether a pool of worker processes trains the grid's cells (_run_cells)."""
+    return not (layout.devices > 1 and layout.gpus) and not trains_in_this_process(layout, options)
+
+
+def _start_pool(layout: Layout, options: GridOptions, uri: str, grid: str,
+                cells: list[Cell]) -> CellPool | None:
+    """The grid's pool, its workers started before its check and its parent run (each then
+    imports the training code: 15-21 s a spawned worker on the lent H100 machine, which
+    followed a 31-60 s check before; benchmarks/README.md), or None: no pool trains here,
+    or the store holds every cell FINISHED already (read only, as a dry run reads it)."""
+    if not _uses_pool(layout, options) or \
+            {c.config_hash for c in cells} <= finished_in_store(uri, grid):
+        return None
+    slots = layout.pinned or gpu_slots([], options.cpu_workers)
+    threads = threads_per_worker(len(layout.pinned)) if layout.gpus else layout.worker_threads
+    return CellPool(slots, threads)
+
+
 def _run_cells(tasks: list[Task], layout: Layout, options: GridOptions, ctx: GridContext,
-               dispatch: Dispatch) -> list[Task]:
-    """Every task, as a DDP job over the GPUs, in this process, or by a pool of workers;
-    returns those a time limit left unstarted."""
+               dispatch: Dispatch, pool: CellPool | None = None) -> list[Task]:
+    """Every task, as a DDP job over the GPUs, in this process, or by a pool of workers
+    (`pool`, started before the check, or started here); returns those a time limit left
+    unstarted."""
     gpus = layout.gpus
     if not tasks:
         return []
@@ -297,9 +332,11 @@ def _run_cells(tasks: list[Task], layout: Layout, options: GridOptions, ctx: Gri
         if not gpus:
             _set_threads(layout.worker_threads)
         return dispatch.in_turn(tasks, None, lambda task: execute_cell(task, ctx))
-    slots = layout.pinned or gpu_slots([], options.cpu_workers)
-    threads = threads_per_worker(len(layout.pinned)) if gpus else layout.worker_threads
-    pool = CellPool(slots, threads, ctx)
+    if pool is None:
+        slots = layout.pinned or gpu_slots([], options.cpu_workers)
+        threads = threads_per_worker(len(layout.pinned)) if gpus else layout.worker_threads
+        pool = CellPool(slots, threads)
+    pool.begin(ctx)
     plots = ParentPlots(ctx.uri)
 
     def finished(outcome: Outcome) -> None:
