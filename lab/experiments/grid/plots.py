@@ -16,7 +16,7 @@ them again from the checkpoint), and a plot that fails is said on stderr and in 
 from __future__ import annotations
 
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 from lab import records
 from lab.analysis.metrics import Analysis
@@ -29,10 +29,9 @@ class ParentPlots:
     def __init__(self, uri: str):
         self.uri = uri
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grid-plots")
-        self.pending: list[Future] = []
 
     def draw(self, run_id: str, analysis: Analysis) -> None:
-        self.pending.append(self._thread.submit(self._draw, run_id, analysis))
+        self._thread.submit(self._draw, run_id, analysis)
 
     def _draw(self, run_id: str, analysis: Analysis) -> list[str]:
         client = records.client(self.uri)
