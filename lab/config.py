@@ -259,7 +259,9 @@ def _coerce(field_name: str, current: Any, text: str) -> Any:
         if text.lower() in ("false", "0", "no"):
             return False
         raise LabError(f"{field_name}: expected true or false, got {text!r}")
-    if text.lower() in ("none", "null"):
+    # A field whose value is text keeps "none" as its text: train.fused_loss and
+    # model.sdpa_transform name their default "none" (no such field may be None).
+    if text.lower() in ("none", "null") and not isinstance(current, str):
         return None
     try:
         if isinstance(current, int):

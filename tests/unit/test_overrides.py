@@ -44,6 +44,10 @@ def test_the_returned_mapping_is_a_copy():
     ("model.qk_norm=1", ("model", "qk_norm"), True),
     ("train.compile_mode=max-autotune", ("train", "compile_mode"), "max-autotune"),
     ("data.valid=none", ("data", "valid"), None),
+    # text fields whose default is the word "none" (the error for liger on a CPU says to
+    # pass train.fused_loss=none; it was read as None and refused)
+    ("train.fused_loss=none", ("train", "fused_loss"), "none"),
+    ("model.sdpa_transform=none", ("model", "sdpa_transform"), "none"),
 ])
 def test_text_values_are_read_by_the_type_of_their_field(text, field, value):
     overrides = read_overrides("--set", [text], "grid")
