@@ -122,6 +122,13 @@ def test_the_projection_takes_a_workers_later_cells_where_the_section_has_them()
     minutes, basis = ttv.projected_small_grid_min(section)
     assert minutes == pytest.approx((250.0 + 44 * 80.0 / 2 + 13.0) / 60)
     assert basis == "from the 2 cell(s) a worker ran after its first"
+    # with the first cells' compile known, each of the other 15 variants pays it once
+    compiled = {**section, "cells": [{**first, "compile": 15.0}, {**first, "compile": 16.0},
+                                     {**later, "compile": 0.0}, {**later, "compile": 0.0}]}
+    minutes_compiled, basis = ttv.projected_small_grid_min(compiled)
+    assert minutes_compiled == pytest.approx((250.0 + (44 * 80.0 + 15 * 15.5) / 2 + 13.0) / 60)
+    assert basis == ("from the 2 cell(s) a worker ran after its first, and each of the other "
+                     "15 variants' compile once (16 s; their check not counted)")
     cells = [{**c, "cell": f"baseline/lr=0.003/seed={i}", "train_steps": 1.0, "compile": 0.0,
               "validation": 0.0, "final_eval": 0.0, "analysis": 0.0, "periodic_analysis": 0.0,
               "checkpoint": 0.0, "store": 0.0, "other": 0.0, "data_open": 0.0,
@@ -133,6 +140,8 @@ def test_the_projection_takes_a_workers_later_cells_where_the_section_has_them()
     md = ttv.tables(report)
     assert f"start to report: {minutes:.1f} min, from the 2 cell(s) a worker ran" in md
     assert "the cells a worker ran after its first: 0.870 of their wall clock" in md
+    # 1 s of steps in the 80 s left once the 8-s check share is taken out
+    assert "(mean of 2); 0.013 without their share of this grid's check" in md
 
 
 def test_tables_only_rewrites_the_tables_from_a_calls_json(tmp_path, capsys):
