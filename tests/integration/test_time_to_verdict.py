@@ -29,9 +29,13 @@ def test_bad_arguments_stop_with_one_line(argv, message, capsys):
 
 def test_the_default_is_every_section_in_priority_order_within_one_call():
     args = ttv.parse_args(["out"])
-    assert args.sections == ["grid-small", "deep-narrow", "mfu", "grid-base", "liger",
-                             "grid-small-again", "grid-small-warm", "seed-batch-bound"]
+    assert args.sections == ["grid-small", "deep-narrow", "mfu", "liger", "grid-base",
+                             "grid-small-again", "grid-small-warm", "deep-narrow-modes",
+                             "seed-batch-bound"]
     assert args.budget_s <= 540 and not args.dry
+    # the acceptance's table (the grid's cells, deep-narrow against its bare loop, MFU) in
+    # the default budget, by the estimates
+    assert sum(ttv.ESTIMATED_S[name] for name in args.sections[:3]) <= args.budget_s
 
 
 @pytest.mark.slow
