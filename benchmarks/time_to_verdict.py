@@ -212,8 +212,8 @@ def projected_small_grid_min(section: dict) -> tuple[float, str] | None:
     """The 48-cell `small` grid on one GPU, start to report, projected from a `grid-small`
     section, and how: its measured grid, then the other cells, runs_per_gpu at a time, then
     the report. Each other cell at the mean wall clock of the section's later cells (a
-    worker's second: check share aside, their compile kept or loaded as in the long grid,
-    where a new variant's loads from the cache in about 3.5 s more); where the section has
+    worker's second: check share aside, its variant's graphs kept), and each of the grid's
+    other variants' compile once, at the section's first cells' mean; where the section has
     none (before 2026-12-06 it ran 2 cells, each a worker's first), at its cells' wall clock
     less the check's share and the start-up, their compile counted cold: an upper bound. A
     projection, not a measurement (the whole grid is longer than one device session)."""

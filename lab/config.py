@@ -12,9 +12,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from lab.errors import (LabError, check_choice, check_field_types, check_fraction, check_int_range,
-                        check_nonnegative, check_nonnegative_int, check_positive,
-                        check_positive_int)
+from lab.errors import (LabError, allows_none, check_choice, check_field_types, check_fraction,
+                        check_int_range, check_nonnegative, check_nonnegative_int,
+                        check_positive, check_positive_int)
 from lab.identity import cell_hash
 from lab.model.config import ModelConfig, check_vocab
 from lab.model.flops import PEAK_BF16_TFLOPS, flops_per_token_lower_bound
@@ -251,17 +251,19 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def _coerce(field_name: str, current: Any, text: str) -> Any:
-    """Parse an override value by the type of the field's current value."""
+def _coerce(field_name: str, current: Any, text: str, optional: bool) -> Any:
+    """Parse an override value by the type of the field's current value; `optional`: the
+    field may hold None (its annotation says so: lab/errors.py allows_none)."""
     if isinstance(current, bool):
         if text.lower() in ("true", "1", "yes"):
             return True
         if text.lower() in ("false", "0", "no"):
             return False
         raise LabError(f"{field_name}: expected true or false, got {text!r}")
-    # A field whose value is text keeps "none" as its text: train.fused_loss and
-    # model.sdpa_transform name their default "none" (no such field may be None).
-    if text.lower() in ("none", "null") and not isinstance(current, str):
+    # A text field that may not be None keeps "none" as its text: train.fused_loss and
+    # model.sdpa_transform name their default "none". One that may (model.switch_head, which
+    # a Switch Head variant sets) reads it as None, whatever its value now.
+    if text.lower() in ("none", "null") and (optional or not isinstance(current, str)):
         return None
     try:
         if isinstance(current, int):
@@ -318,7 +320,10 @@ def _apply(section_obj, section: str, values: dict) -> Any:
     updates = {}
     for name, value in values.items():
         current = getattr(section_obj, name)
-        updates[name] = _coerce(f"{section}.{name}", current, value) if isinstance(value, str) else value
+        if isinstance(value, str):
+            value = _coerce(f"{section}.{name}", current, value,
+                            allows_none(type(section_obj), name))
+        updates[name] = value
     return dataclasses.replace(section_obj, **updates)
 
 

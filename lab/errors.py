@@ -72,6 +72,11 @@ def _field_types(cls) -> dict[str, tuple]:
     return out
 
 
+def allows_none(cls, name: str) -> bool:
+    """Whether field `name` of the config dataclass `cls` may hold None (its annotation)."""
+    return None in _field_types(cls).get(name, ())
+
+
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
 
 

@@ -23,7 +23,8 @@ from lab.records.owners import process_start
 
 # Phase -> what it holds. The order is the order of a run.
 PHASES = {
-    "startup": "process start and imports, up to the run's start (first run of a process only)",
+    "startup": "process start and imports, up to the run's start, or a pool worker's to the end "
+               "of its imports (first run of a process only)",
     "check_share": "the grid's `gatelab check`, divided over the cells it started",
     "data_open": "opening the token store and checking the batch fits",
     "store": "MLflow store writes outside training: the run, its params, its final metrics "

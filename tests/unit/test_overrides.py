@@ -56,6 +56,15 @@ def test_text_values_are_read_by_the_type_of_their_field(text, field, value):
     assert resolved == value and type(resolved) is type(value)
 
 
+def test_none_clears_a_text_field_that_may_be_none_though_a_variant_set_it():
+    """model.switch_head is `str | None`, and a Switch Head variant sets it: `none` still
+    reads as None there (the rule for train.fused_loss's word "none" is its type's, not
+    the text it holds now)."""
+    pairs = ["model.switch_head=none", "model.switch_head_added_fraction=none"]
+    config = resolve("switchhead_kv_4top4", "tiny", read_overrides("--set", pairs, "grid"))
+    assert config.model.switch_head is None and config.model.switch_head_added_fraction is None
+
+
 def test_a_yaml_int_in_a_float_field_stays_an_int_as_the_config_hash_holds_it():
     """docs: lab/config.py; a grid written `train.min_lr_ratio: 0` keeps the int, so its
     cells' config hashes are those the store holds (tests/unit/test_config.py's golden hashes)."""

@@ -34,14 +34,15 @@ class ParentPlots:
         self._thread.submit(self._draw, run_id, analysis)
 
     def _draw(self, run_id: str, analysis: Analysis) -> list[str]:
-        client = records.client(self.uri)
+        # Everything inside the try: what this thread raises would stay in its future, unsaid.
         try:
+            client = records.client(self.uri)
             return log_plots(client, run_id, analysis)
         except Exception as err:  # the run's metrics and analysis.json are in: say, go on
             why = f"plots failed: {type(err).__name__}: {err}"[:500]
             print(f"warning: run {run_id}: {why}", file=sys.stderr, flush=True)
             try:
-                client.set_tag(run_id, records.ANALYSIS_TAG, why)
+                records.client(self.uri).set_tag(run_id, records.ANALYSIS_TAG, why)
             except Exception:
                 pass
             return []

@@ -312,6 +312,12 @@ def _start_pool(layout: Layout, options: GridOptions, uri: str, grid: str,
     if not _uses_pool(layout, options) or \
             {c.config_hash for c in cells} <= finished_in_store(uri, grid):
         return None
+    return _new_pool(layout, options)
+
+
+def _new_pool(layout: Layout, options: GridOptions) -> CellPool:
+    """A worker started for each slot (the GPU slots, or `--cpu-workers` on the CPU); each
+    waits for the context its cells run in (WorkerPool.begin)."""
     slots = layout.pinned or gpu_slots([], options.cpu_workers)
     threads = threads_per_worker(len(layout.pinned)) if layout.gpus else layout.worker_threads
     return CellPool(slots, threads)
@@ -333,9 +339,7 @@ def _run_cells(tasks: list[Task], layout: Layout, options: GridOptions, ctx: Gri
             _set_threads(layout.worker_threads)
         return dispatch.in_turn(tasks, None, lambda task: execute_cell(task, ctx))
     if pool is None:
-        slots = layout.pinned or gpu_slots([], options.cpu_workers)
-        threads = threads_per_worker(len(layout.pinned)) if gpus else layout.worker_threads
-        pool = CellPool(slots, threads)
+        pool = _new_pool(layout, options)
     pool.begin(ctx)
     plots = ParentPlots(ctx.uri)
 
