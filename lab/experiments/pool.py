@@ -192,7 +192,7 @@ class WorkerPool:
 
     A worker imports `preload` as it starts, then waits for the context its tasks run in:
     given to the constructor, or later to `begin` (a grid starts its workers before its
-    `gatelab check`, so that their imports, 15-21 s a spawned worker on the lent H100
+    `gatelab check`, so that their imports, 13-21 s a spawned worker on the lent H100
     machine, overlap the check instead of following it)."""
 
     job: Callable[[Any, Any, Callable[[dict], None]], Any]

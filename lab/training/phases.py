@@ -43,9 +43,9 @@ PHASES = {
 
 
 # The parts of model_build, logged as `time/model_build/<part>_s` (they sum to it): on one
-# H100 a `small` cell's build took 4.1-5.3 s (2026-12-06) and 0.2 s on the CPU machine, and
-# which part holds the rest (CUDA's start, device placement, MLflow's system-metrics
-# sampler, Lightning's setup) was not measured apart.
+# H100 (2026-12-06, benchmarks/README.md "The third round") a `small` cell's build took 3.3 s
+# in a worker's first cell (`setup` 2.6 s: CUDA's start, device placement; `construct` 0.6)
+# and 0.22-0.28 s in its later cells; 0.2 s on the CPU machine.
 MODEL_BUILD_PARTS = {
     "construct": "the model on the CPU, the data module, the callbacks and the Trainer",
     "monitor": "MLflow's system-metrics sampler started (records.system_metrics)",

@@ -18,8 +18,7 @@ from lab.experiments.grid.cells import CellPool, Outcome, execute_cell, run_ddp_
 from lab.experiments.grid.claims import GridContext, Plan, Task, reconcile
 from lab.experiments.grid.estimate import (auto_runs_per_gpu, expected_cell_s,
                                            finished_hashes, finished_in_store, gpu_memory_gib,
-                                           parse_runs_per_gpu,
-                                           print_dry_run)
+                                           parse_runs_per_gpu, print_dry_run)
 from lab.experiments.grid.plots import ParentPlots
 from lab.experiments.grid.spec import Cell, parse_shard, plan, shard_cells
 from lab.experiments.overrides import override_pairs
@@ -306,8 +305,8 @@ def _uses_pool(layout: Layout, options: GridOptions) -> bool:
 def _start_pool(layout: Layout, options: GridOptions, uri: str, grid: str,
                 cells: list[Cell]) -> CellPool | None:
     """The grid's pool, its workers started before its check and its parent run (each then
-    imports the training code: 15-21 s a spawned worker on the lent H100 machine, which
-    followed a 31-60 s check before; benchmarks/README.md), or None: no pool trains here,
+    imports the training code: 13-21 s a spawned worker on the lent H100 machine, which
+    followed a 30-60 s check before; benchmarks/README.md), or None: no pool trains here,
     or the store holds every cell FINISHED already (read only, as a dry run reads it)."""
     if not _uses_pool(layout, options) or \
             {c.config_hash for c in cells} <= finished_in_store(uri, grid):
