@@ -226,15 +226,17 @@ def projected_small_grid_min(section: dict) -> tuple[float, str] | None:
     if later:
         cell_s = statistics.mean(c["total_s"] - c["check_share"] for c in later)
         basis = f"from the {len(later)} cell(s) a worker ran after its first"
-        # The section trains one variant; the grid's other variants each compile once (a
-        # worker keeps a variant's graphs for its other seeds and takes them first:
-        # WorkerPool.run's model_of), as the section's first cells did, side by side.
+        # The section trains one variant; in the grid each worker's first cell is another
+        # variant's, and the variants left each compile once more (a worker keeps a
+        # variant's graphs for its other seeds and takes them first: WorkerPool.run's
+        # model_of), at the section's first cells' compile.
         first = [c for c in cells if c.get("startup")]
         if first and "compile" in first[0]:
             compile_s = statistics.mean(c["compile"] for c in first)
-            extra_s = (SMALL_GRID_VARIANTS - 1) * compile_s
-            basis += (f", and each of the other {SMALL_GRID_VARIANTS - 1} variants' compile "
-                      f"once ({compile_s:.0f} s; their check not counted)")
+            others = max(0, SMALL_GRID_VARIANTS - len(first))
+            extra_s = others * compile_s
+            basis += (f", and each of the other {others} variants' compile once "
+                      f"({compile_s:.0f} s; their check not counted)")
     else:
         cell_s = statistics.mean(c["total_s"] - c["check_share"] - c["startup"] for c in cells)
         basis = "an upper bound"
