@@ -225,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with several workers, start one cell of each compiled shape first and "
                    "the others of that shape once it has compiled (they load its graphs from "
                    "the cache instead of compiling them side by side)")
+    p.add_argument("--no-compile-ahead", dest="compile_ahead", action="store_false",
+                   help="do not compile the later cells' shapes in a process of their own while "
+                   "the first cells train (by default it does where the preset's measured "
+                   "memory leaves room for it: docs/grid.md)")
     _add_no_check(p)
     _add_tracking(p)
     p.set_defaults(func=commands.cmd_grid)

@@ -100,7 +100,8 @@ def cmd_grid(args) -> int:
                           cpu_threads=args.cpu_threads, dry_run=args.dry_run,
                           tracking_uri=args.tracking_uri, shard=args.shard, quiet=args.quiet,
                           stale_after_s=args.stale_after, check=_check_option(args),
-                          time_limit_s=args.time_limit, warm_first=args.warm_first)
+                          time_limit_s=args.time_limit, warm_first=args.warm_first,
+                          compile_ahead=args.compile_ahead)
     summary = run_grid(spec, options)
     if args.dry_run:
         return 0

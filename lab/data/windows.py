@@ -95,7 +95,10 @@ class WindowSampler:
         else:
             offsets = self.starts[rng.integers(0, len(self.starts), size=self.micro_batch)]
         windows = _windows(self.tokens, offsets, self.seq_len, self.bos_id)
-        return windows[:, :-1], windows[:, 1:]
+        # Contiguous, as evaluation's are (lab/training/module.py _eval_step) and as a copy to
+        # the GPU makes them: a compiled model guards on strides, and on the CPU the views'
+        # (seq_len + 1, 1) made the first validation trace and compile its graph again.
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 
 def eval_windows(store: TokenStore, split: str, seq_len: int, n_windows: int,

@@ -129,7 +129,7 @@ def die_with_parent(parent_owner: str, every_s: float = 0.5) -> None:
 
 
 @contextmanager
-def _environment(changes: dict[str, str]):
+def environment_with(changes: dict[str, str]):
     """This process's environment with `changes`, for the child processes started inside."""
     saved = {key: os.environ.get(key) for key in changes}
     os.environ.update(changes)
@@ -225,7 +225,7 @@ class WorkerPool:
                                         self.results))
         # A spawned worker starts with the slot's CUDA_VISIBLE_DEVICES already set, so that
         # no import before _worker_main can initialise CUDA on another device.
-        with _environment(slot if self.mp.get_start_method() == "spawn" else {}):
+        with environment_with(slot if self.mp.get_start_method() == "spawn" else {}):
             process.start()
         if self.begun:
             tasks.put(self.context)

@@ -54,10 +54,10 @@ def test_how_a_worker_ended_is_said_in_words():
 
 def test_a_gpu_workers_device_is_set_while_it_starts_and_this_process_keeps_its_own(monkeypatch):
     """A spawned worker inherits the environment of the moment it starts: the slot's GPU is
-    set for that moment only (lab.experiments.pool._environment)."""
+    set for that moment only (lab.experiments.pool.environment_with)."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     monkeypatch.delenv("SLOT_MARK", raising=False)
-    with pool._environment({"CUDA_VISIBLE_DEVICES": "1", "SLOT_MARK": "x"}):
+    with pool.environment_with({"CUDA_VISIBLE_DEVICES": "1", "SLOT_MARK": "x"}):
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "1" and os.environ["SLOT_MARK"] == "x"
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1" and "SLOT_MARK" not in os.environ
 

@@ -58,6 +58,19 @@ def auto_runs_per_gpu(preset: str, gpu_memory_gib: float | None) -> tuple[int, s
                f"{preset} (benchmarks/packing.py), {measured['peak_gib']:.1f} GiB each")
 
 
+def room_for_one_more(preset: str, runs_per_gpu: int, gpu_memory_gib: float | None) -> bool:
+    """Whether one more model of `preset` fits on a GPU beside `runs_per_gpu` cells, by the
+    measured peaks (MEASURED_PACKING) and the same headroom as packing: the grid's
+    compile-ahead process takes one training step of each later shape beside the cells
+    (lab/experiments/grid/ahead.py). False for a preset not measured: a cell's peak is not
+    known, and the step must not take the memory a cell needs. True without a GPU."""
+    if gpu_memory_gib is None:
+        return True
+    measured = MEASURED_PACKING.get(preset)
+    return measured is not None and \
+        (runs_per_gpu + 1) * measured["peak_gib"] <= GPU_MEMORY_HEADROOM * gpu_memory_gib
+
+
 def parse_runs_per_gpu(value) -> int | str:
     if value == "auto":
         return value

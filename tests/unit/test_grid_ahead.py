@@ -1,0 +1,66 @@
+"""lab/experiments/grid/ahead.py: which compiled shapes a grid compiles ahead, and that what
+the compile-ahead process leaves in Inductor's cache is what a cell of that shape (another
+seed and learning rate) loads instead of compiling. (Which cells a grid hands it:
+tests/integration/test_grid.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from lab.config import resolve
+from lab.experiments.grid import ahead
+from lab.training.step import compile_shape
+
+TINY = {"data": "synthetic", "tokens": 4 * 16 * 128}
+
+
+def _config(variant: str, seed: int = 0, *overrides: str, lr: float | None = None):
+    return resolve(variant, "tiny", ["train.compile=true", *overrides], seed=seed, lr=lr, **TINY)
+
+
+def test_each_later_shape_once_in_the_order_the_cells_reach_it():
+    cells = [_config("baseline"), _config("sdpa_headwise_sigmoid_mul"),
+             _config("baseline", 1), _config("sdpa_elementwise_sigmoid_mul"),
+             _config("sdpa_headwise_sigmoid_mul", 1), _config("baseline", 0, lr=1e-2),
+             _config("value_elementwise_sigmoid_mul")]
+    started = {compile_shape(cells[0])}
+    chosen = ahead.shapes_ahead(cells, started, cuda=False)
+    assert [c.variant for c in chosen] == ["sdpa_headwise_sigmoid_mul",
+                                           "sdpa_elementwise_sigmoid_mul",
+                                           "value_elementwise_sigmoid_mul"]
+    assert ahead.shapes_ahead(cells, {compile_shape(c) for c in cells}, cuda=False) == []
+
+
+def test_nothing_is_compiled_ahead_where_the_cells_do_not_compile():
+    """`train.compile: auto` compiles on a GPU only."""
+    cells = [resolve(v, "tiny", **TINY) for v in ("baseline", "sdpa_headwise_sigmoid_mul")]
+    assert ahead.shapes_ahead(cells, set(), cuda=False) == []
+    assert [c.variant for c in ahead.shapes_ahead(cells, set(), cuda=True)] == \
+        ["baseline", "sdpa_headwise_sigmoid_mul"]
+
+
+@pytest.mark.slow
+def test_a_cell_loads_what_the_process_compiled_ahead(store, tmp_path, monkeypatch, capfd):
+    """The process compiles one shape into an empty Inductor cache; a training run of that
+    shape at another seed and learning rate then finds every graph it compiles there (its
+    training step's and its evaluation's): no cache miss. Before 2026-12-06 the CPU's
+    training batches were strided views, and the run's first validation traced and compiled
+    a graph of its own (lab/data/windows.py)."""
+    from lab.training.run import train_run
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    shape = _config("sdpa_headwise_sigmoid_mul")
+    process = ahead.CompileAhead([shape], {}, "grid test", quiet=False)
+    process.process.join(timeout=240)
+    assert process.process.exitcode == 0
+    assert "grid test: compiled sdpa_headwise_sigmoid_mul ahead" in capfd.readouterr().out
+
+    torch.compiler.reset()
+    counters.clear()
+    result = train_run(_config("sdpa_headwise_sigmoid_mul", 1, lr=1e-2), quiet=True)
+    assert result.status == "FINISHED"
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 2  # forward and backward
+    assert counters["inductor"]["fxgraph_cache_miss"] == 0
+    torch.compiler.reset()
