@@ -616,6 +616,37 @@ def test_warm_first_hands_the_pool_each_cells_compiled_shape(store, monkeypatch,
     assert len(seen["models"]) == 2  # a worker's next cell: another seed of its variant first
 
 
+def what_is_compiled_ahead(monkeypatch, spec, options: GridOptions) -> list[str] | None:
+    """The variants the grid hands its compile-ahead process (lab/experiments/grid/ahead.py),
+    in order, with its pool replaced as above; None where it starts none."""
+    from lab.experiments.grid import ahead
+    from lab.experiments.grid import run as grid
+
+    handed = {}
+
+    def start(configs, started, gpus, label, quiet):
+        handed["variants"] = [c.variant for c in ahead.shapes_ahead(configs, started, cuda=False)]
+
+    monkeypatch.setattr(grid, "start_compile_ahead", start)
+    what_the_pool_is_handed(monkeypatch, spec, options)
+    return handed.get("variants")
+
+
+@pytest.mark.parametrize("warm_first, expected", [(False, ["sdpa_headwise_sigmoid_mul"]),
+                                                  (True, [])])
+def test_the_shapes_compiled_ahead_are_those_the_first_cells_do_not_compile(
+        store, monkeypatch, warm_first, expected):
+    """Two workers: the first two cells in order (two learning rates of the baseline, one
+    shape) start at once, so the headwise variant's shape is compiled ahead; with
+    --warm-first the second worker starts on the headwise cell, and nothing is left to."""
+    spec = grid_from_dict(tiny_grid("ahead", ["baseline", "sdpa_headwise_sigmoid_mul"],
+                                    lrs=(3e-3, 1e-2), **{"train.compile": True}))
+    assert what_is_compiled_ahead(monkeypatch, spec, GridOptions(
+        cpu_workers=2, quiet=True, warm_first=warm_first)) == expected
+    assert what_is_compiled_ahead(monkeypatch, spec, GridOptions(
+        cpu_workers=2, quiet=True, compile_ahead=False)) is None
+
+
 def test_under_cuda_graphs_the_pool_keeps_the_plans_order(store, monkeypatch):
     """A worker resets Dynamo for every run under CUDA graphs (lab/training/step.py
     compile_for_training), so there is no model to keep: the pool is handed none, and keeps
