@@ -10,9 +10,11 @@ whatever fits in the time budget, and records what it skipped and why:
 
 - grid-small: real `gatelab grid` cells with the `small` reproduction's settings
   (ablations/reproduce.yaml, 7.5e7 tokens a cell, packed as `--runs-per-gpu auto` packs
-  them) on the synthetic corpus, then `gatelab report`: each cell's phases
-  (lab/training/phases.py `time/*_s`), the fraction of its wall clock in training steps,
-  the grid's wall clock start to report, and a projection to the 48-cell grid;
+  them) on the synthetic corpus, 4 of its variants at seed 0, then `gatelab report`: each
+  cell's phases (lab/training/phases.py `time/*_s`) and kind (a worker's first, or a later
+  cell whose graphs came from Inductor's cache, filled by the grid's compile-ahead process),
+  the fraction of its wall clock in training steps, the grid's wall clock start to report,
+  what the compile-ahead process compiled, and a projection to the 48-cell grid;
 - deep-narrow: the deep-narrow preset at batch 16 in its own compile mode, `reduce-overhead`
   (CUDA graphs, since 2026-12-06), bare loop vs lab path: the issue's launch-bound row;
 - deep-narrow-modes: the same at batch 16 in the default mode, and at batch 64 (the
@@ -60,10 +62,14 @@ sys.path.insert(0, str(REPO))
 # Seconds each section takes on one H100/H200, from the measurements it repeats (rough, for
 # the budget; benchmarks/README.md and issue 38): compiles of 15-50 s each dominate.
 # Measured on one H100 on 2026-12-06 (benchmarks/results/2026-12-06-h100-*.json): grid-small's
-# 4 cells and report 233 s with the check of a fresh machine (round 3), deep-narrow's 4 rows
-# 400 s (about 100 s a row, so 110 for the one row of `deep-narrow` and 300 for the others),
-# mfu 156 s. The default order's first three, the acceptance's table, fit one 540-s budget.
-ESTIMATED_S = {"grid-small": 260, "deep-narrow": 110, "mfu": 160, "liger": 110,
+# 4 cells of one variant and report 233 s with the check of a fresh machine (round 3: 30 s for
+# its one variant), deep-narrow's 4 rows 400 s (about 100 s a row, so 110 for the one row of
+# `deep-narrow` and 300 for the others), mfu 156 s. grid-small now trains 4 variants, so its
+# check covers 4: a guess, not timed yet, of about 15 s more for each of the 3 extra (233 + 45
+# = 278 s, and the later cells' loads from the cache), 300 with margin. By these estimates the
+# default order's first two fit one 540-s budget; mfu, third, starts only where the first two
+# ran 20 s under their estimates.
+ESTIMATED_S = {"grid-small": 300, "deep-narrow": 110, "mfu": 160, "liger": 110,
                "grid-base": 130, "grid-small-again": 70, "grid-small-warm": 150,
                "deep-narrow-modes": 300,
                "seed-batch-bound": 220}  # (the stacked models' compile: a guess, not timed yet)
@@ -72,6 +78,15 @@ DRY_ESTIMATED_S = 5.0      # per section in --dry (the tests' budget arithmetic)
 SMALL_GRID_CELLS = 48      # the `small` reproduction: 16 variants x 3 seeds
 SMALL_GRID_VARIANTS = 16
 SMALL_GRID_BEFORE_MIN = 26  # its time on one H200 before this issue (docs/results.md)
+# grid-small's variants at seed 0: the first two are its 2 workers' first cells (2 a GPU at
+# `small`), compiling cold; the other two are each a worker's later cell, whose compiled shape
+# the grid's compile-ahead process (lab/experiments/grid/ahead.py) compiled meanwhile.
+SMALL_GRID_SECTION_VARIANTS = ("baseline", "sdpa_elementwise_sigmoid_mul",
+                               "sdpa_headwise_sigmoid_mul", "value_elementwise_sigmoid_mul")
+# A later cell whose worker kept its variant's graphs still logs a compile phase of its first
+# step's jitter over a steady step (round 3, one H100: 0.000 and 0.002 s); one that loaded its
+# graphs from Inductor's cache, about 3.5 s: a cell under this compiled nothing.
+KEPT_COMPILE_S = 0.5
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -105,13 +120,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # --- grid cells ------------------------------------------------------------------------------
 
 def grid_file(source: str, name: str, seeds: list[int], dry: bool, out_dir: Path,
-              variant: str = "baseline") -> Path:
-    """A real grid's settings (its overrides and token budget), on synthetic tokens, one
-    variant at `seeds`; in --dry one seed at `tiny`, 4 steps, a small analysis."""
+              variants: tuple[str, ...] = ("baseline",)) -> Path:
+    """A real grid's settings (its overrides and token budget), on synthetic tokens,
+    `variants` at `seeds`; in --dry the first variant at one seed at `tiny`, 4 steps, a small
+    analysis (on the CPU nothing compiles: the other variants would add no kind of cell)."""
     spec = yaml.safe_load((REPO / "ablations" / source).read_text())
-    spec.update(name=name, data="synthetic", variants=[variant], seeds=seeds)
+    spec.update(name=name, data="synthetic", variants=list(variants), seeds=seeds)
     if dry:
-        spec.update(preset="tiny", tokens=4 * 16 * 128, seeds=seeds[:1])
+        spec.update(preset="tiny", tokens=4 * 16 * 128, seeds=seeds[:1],
+                    variants=list(variants[:1]))
         spec["overrides"].update({"train.val_every": 2, "train.val_batches": 2,
                                   "train.analysis_windows": 2,
                                   "train.long_context_factors": "1,2"})
@@ -157,14 +174,32 @@ def cell_rows(uri: str, grid: str) -> list[dict]:
         row["model_build_parts"] = {part: m[model_build_metric(part)] for part in MODEL_BUILD_PARTS
                                     if model_build_metric(part) in m}
         row["train_fraction"] = row["train_steps"] / row["total_s"] if row["total_s"] else None
+        row["kind"] = cell_kind(row)
         rows.append(row)
     return sorted(rows, key=lambda r: r["cell"])
 
 
+def cell_kind(cell: dict) -> str:
+    """`first`: a worker's first cell (it paid the worker's start-up); of the later cells,
+    `loaded`: it compiled, so its graphs came from Inductor's cache (the compile-ahead
+    process's, or an earlier cell's), or `kept`: it compiled nothing, its worker kept its
+    variant's graphs from a cell before. From the phases, so older JSON's cells have one too;
+    a cell trained in the grid's own process (no worker pool: a CPU's grid) reads as a later
+    one, for the grid counts that process's start-up as its own."""
+    if cell.get("startup"):
+        return "first"
+    return "loaded" if cell.get("compile", 0.0) >= KEPT_COMPILE_S else "kept"
+
+
+def cells_of_kind(section: dict, kind: str) -> list[dict]:
+    return [c for c in section.get("cells") or [] if cell_kind(c) == kind]
+
+
 def run_grid_section(source: str, name: str, seeds: list[int], ctx: dict,
-                     variant: str = "baseline", flags: tuple[str, ...] = ()) -> dict:
+                     variants: tuple[str, ...] = ("baseline",),
+                     flags: tuple[str, ...] = ()) -> dict:
     out_dir, work_dir, dry = ctx["out_dir"], ctx["work_dir"], ctx["dry"]
-    path = grid_file(source, name, seeds, dry, work_dir, variant)
+    path = grid_file(source, name, seeds, dry, work_dir, variants)
     store = work_dir / "store"
     env = dict(os.environ, GATELAB_STORE=str(store),
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
@@ -181,7 +216,12 @@ def run_grid_section(source: str, name: str, seeds: list[int], ctx: dict,
               "report_exit": code, "cells": cells,
               "time_line": next((l.strip() for l in reversed(lines) if "s summed:" in l), None),
               # what the grid said of its check: passed in N s, or passed before
-              "check_lines": [l.strip() for l in lines if l.startswith(f"grid {name}: check")]}
+              "check_lines": [l.strip() for l in lines if l.startswith(f"grid {name}: check")],
+              # what its compile-ahead process compiled, and in how long (or what failed)
+              "ahead_lines": [l.strip() for l in lines
+                              if l.startswith((f"grid {name}: compiled ",
+                                               f"grid {name}: compiling "))
+                              and " ahead" in l]}
     return result
 
 
@@ -205,26 +245,56 @@ def packing_line(sections: dict) -> str | None:
 def later_cells(section: dict) -> list[dict]:
     """The cells a worker ran after its first (no process start-up of their own): what the
     rest of a long grid's cells pay."""
-    return [c for c in section.get("cells") or [] if not c.get("startup")]
+    return [c for c in section.get("cells") or [] if cell_kind(c) != "first"]
+
+
+def loaded_cell_model(section: dict) -> dict | None:
+    """What the 48-cell grid's cells beyond the section's cost, from its `loaded` cells (a
+    worker's later cell of a variant whose graphs the compile-ahead process left in Inductor's
+    cache): another variant's first cell at their mean wall clock, their check share aside
+    (`cell_s`); another seed's cell at that less their mean compile (`kept_s`), for its worker
+    keeps the graphs and compiles nothing (round 3, one H100: 0.0 s); both train their mean
+    training steps (`train_steps`). None where the section has no `loaded` cell."""
+    loaded = cells_of_kind(section, "loaded")
+    if not loaded:
+        return None
+    cell_s = statistics.mean(c["total_s"] - c["check_share"] for c in loaded)
+    compile_s = statistics.mean(c["compile"] for c in loaded)
+    return {"cells": len(loaded), "cell_s": cell_s, "compile_s": compile_s,
+            "kept_s": cell_s - compile_s,
+            "train_steps": statistics.mean(c["train_steps"] for c in loaded)}
 
 
 def projected_small_grid_min(section: dict) -> tuple[float, str] | None:
     """The 48-cell `small` grid on one GPU, start to report, projected from a `grid-small`
     section, and how: its measured grid, then the other cells, runs_per_gpu at a time, then
-    the report. Each other cell at the mean wall clock of the section's later cells (a
-    worker's second: check share aside, its variant's graphs kept), and each of the grid's
-    other variants' compile once, at the section's first cells' mean; where the section has
-    none (before 2026-12-06 it ran 2 cells, each a worker's first), at its cells' wall clock
-    less the check's share and the start-up, their compile counted cold: an upper bound. A
-    projection, not a measurement (the whole grid is longer than one device session)."""
+    the report. Where the section has `loaded` cells (since its 4 cells are 4 variants): the
+    other variants' first cells at their wall clock, and the other seeds' cells at that less
+    their compile (loaded_cell_model). Before, where it has later cells (4 seeds of one
+    variant: each worker's second `kept` its graphs): each other cell at their mean wall
+    clock, check share aside, and each of the grid's other variants' compile once, at the
+    section's first cells' mean. Before that (2 cells, each a worker's first): at its cells'
+    wall clock less the check's share and the start-up, their compile counted cold: an upper
+    bound. A projection, not a measurement (the whole grid is longer than one device
+    session)."""
     cells = section.get("cells") or []
     if section.get("settings") != "reproduce.yaml" or not cells:
         return None
     per_gpu = max(c["runs_per_gpu"] for c in cells)
+    rest = max(0, SMALL_GRID_CELLS - len(cells))
     later = later_cells(section)
-    extra_s = 0.0
-    if later:
-        cell_s = statistics.mean(c["total_s"] - c["check_share"] for c in later)
+    loaded = loaded_cell_model(section)
+    if loaded:
+        variants = {c["cell"].split("/")[0] for c in cells}
+        other_firsts = min(rest, max(0, SMALL_GRID_VARIANTS - len(variants)))
+        other_seeds = rest - other_firsts
+        rest_s = other_firsts * loaded["cell_s"] + other_seeds * loaded["kept_s"]
+        basis = (f"from the {loaded['cells']} `loaded` cell(s): the other {other_firsts} "
+                 f"variants' first cells at their {loaded['cell_s']:.1f} s (check share "
+                 f"aside), the {other_seeds} other seeds' cells at that less their "
+                 f"{loaded['compile_s']:.1f}-s compile (a worker keeps a variant's graphs)")
+    elif later:
+        rest_s = rest * statistics.mean(c["total_s"] - c["check_share"] for c in later)
         basis = f"from the {len(later)} cell(s) a worker ran after its first"
         # The section trains one variant; in the grid each worker's first cell is another
         # variant's, and the variants left each compile once more (a worker keeps a
@@ -234,15 +304,33 @@ def projected_small_grid_min(section: dict) -> tuple[float, str] | None:
         if first and "compile" in first[0]:
             compile_s = statistics.mean(c["compile"] for c in first)
             others = max(0, SMALL_GRID_VARIANTS - len(first))
-            extra_s = others * compile_s
+            rest_s += others * compile_s
             basis += (f", and each of the other {others} variants' compile once "
                       f"({compile_s:.0f} s; their check not counted)")
     else:
-        cell_s = statistics.mean(c["total_s"] - c["check_share"] - c["startup"] for c in cells)
+        rest_s = rest * statistics.mean(c["total_s"] - c["check_share"] - c["startup"]
+                                        for c in cells)
         basis = "an upper bound"
-    rest = max(0, SMALL_GRID_CELLS - len(cells))
-    return (section["grid_s"] + (rest * cell_s + extra_s) / per_gpu
-            + section["report_s"]) / 60, basis
+    return (section["grid_s"] + rest_s / per_gpu + section["report_s"]) / 60, basis
+
+
+def small_grid_train_share(section: dict) -> tuple[float, str] | None:
+    """The 48-cell grid's summed cell time in training steps, its check aside, estimated from
+    a `grid-small` section as projected_small_grid_min projects the grid: the workers' first
+    cells as measured, the other variants' first cells `loaded`, the other seeds' cells
+    `kept` (loaded_cell_model); and what it counted. None without `loaded` cells."""
+    loaded = loaded_cell_model(section)
+    first = cells_of_kind(section, "first")
+    if not loaded or section.get("settings") != "reproduce.yaml":
+        return None
+    loaded_cells = max(0, SMALL_GRID_VARIANTS - len(first))
+    kept_cells = max(0, SMALL_GRID_CELLS - len(first) - loaded_cells)
+    steps = (sum(c["train_steps"] for c in first)
+             + (loaded_cells + kept_cells) * loaded["train_steps"])
+    wall = (sum(c["total_s"] - c["check_share"] for c in first)
+            + loaded_cells * loaded["cell_s"] + kept_cells * loaded["kept_s"])
+    return steps / wall, (f"{len(first)} first cells as measured, {loaded_cells} `loaded` "
+                          f"and {kept_cells} `kept`")
 
 
 # --- loops timed in this process ---------------------------------------------------------------
@@ -349,16 +437,19 @@ def seed_batch_bound(ctx: dict) -> dict:
 
 
 SECTION_RUNS = {
-    # 4 seeds: with 2 cells a GPU, each worker's second cell is a long grid's steady cell
-    "grid-small": lambda ctx: run_grid_section("reproduce.yaml", "ttv-small", [0, 1, 2, 3], ctx),
+    # 4 variants at seed 0, 2 cells a GPU (SMALL_GRID_SECTION_VARIANTS): each worker's second
+    # cell is a later variant's first, its graphs compiled ahead
+    "grid-small": lambda ctx: run_grid_section("reproduce.yaml", "ttv-small", [0], ctx,
+                                               SMALL_GRID_SECTION_VARIANTS),
     "deep-narrow": deep_narrow,
     "deep-narrow-modes": deep_narrow_modes,
     "mfu": mfu,
     "grid-base": lambda ctx: run_grid_section("reproduce-base.yaml", "ttv-base", [0], ctx),
     "liger": liger,
     "grid-small-again": lambda ctx: run_grid_section("reproduce.yaml", "ttv-small-again", [2], ctx),
+    # a variant grid-small neither trains nor compiles ahead: not in Inductor's cache yet
     "grid-small-warm": lambda ctx: run_grid_section(
-        "reproduce.yaml", "ttv-small-warm", [0, 1], ctx, "sdpa_headwise_sigmoid_mul",
+        "reproduce.yaml", "ttv-small-warm", [0, 1], ctx, ("key_elementwise_sigmoid_mul",),
         ("--warm-first",)),
     "seed-batch-bound": seed_batch_bound,
 }
@@ -443,15 +534,20 @@ def tables(report: dict) -> str:
     grids = [(n, s) for n, s in sections.items() if s["status"] == "done" and "cells" in s]
     if grids:
         lines += ["## Grid cells: where the wall clock goes (seconds; lab/training/phases.py)", "",
-                  "| grid | cell | per GPU | wall | train steps | in steps | compile | check | "
-                  "startup | validation | analysis | checkpoint | store | build, other | "
-                  "tokens/s |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "A cell's kind: `first`, a worker's first (its start-up paid); `loaded`, a "
+                  "later cell that compiled (its graphs from Inductor's cache); `kept`, a later "
+                  "cell that compiled nothing (its worker kept the graphs).", "",
+                  "| grid | cell | kind | per GPU | wall | train steps | in steps | compile | "
+                  "check | startup | validation | analysis | checkpoint | store | "
+                  "build, other | tokens/s |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+                  "---:|"]
         for _, s in grids:
             for c in s["cells"]:
                 fraction = f"{c['train_fraction']:.3f}" if c["train_fraction"] is not None else "-"
                 lines.append(
-                    f"| {s['grid']} | {c['cell']} | {c['runs_per_gpu']} | {c['total_s']:.1f} | "
+                    f"| {s['grid']} | {c['cell']} | {cell_kind(c)} | {c['runs_per_gpu']} | "
+                    f"{c['total_s']:.1f} | "
                     f"{c['train_steps']:.1f} | **{fraction}** | {c['compile']:.1f} | "
                     f"{c['check_share']:.1f} | {c['startup']:.1f} | "
                     f"{c['validation'] + c['final_eval']:.1f} | "
@@ -471,6 +567,11 @@ def tables(report: dict) -> str:
                              f"{projected[0]:.1f} min, {projected[1]} (before: "
                              f"{SMALL_GRID_BEFORE_MIN} min on one H200)"
                              if projected else "") + ".")
+            share = small_grid_train_share(s) if name == "grid-small" else None
+            if share:
+                lines.append(f"  - the 48-cell grid's summed cell time in training steps, "
+                             f"without the check: {share[0]:.3f} ({share[1]}; estimated from "
+                             f"this call's cells)")
             parts = [c["model_build_parts"] for c in s["cells"] if c.get("model_build_parts")]
             if parts:
                 lines.append("  - model build, mean of its parts over the cells: " + ", ".join(
@@ -486,7 +587,8 @@ def tables(report: dict) -> str:
                              f"{statistics.mean(c['train_fraction'] for c in later):.3f} of "
                              f"their wall clock in training steps (mean of {len(later)}); "
                              f"{unchecked:.3f} without their share of this grid's check")
-            for line in [*s.get("check_lines", []), s.get("time_line")]:
+            for line in [*s.get("check_lines", []), *s.get("ahead_lines", []),
+                         s.get("time_line")]:
                 if line:
                     lines.append(f"  - `{line}`")
         lines.append("")
