@@ -620,14 +620,13 @@ def what_is_compiled_ahead(monkeypatch, spec, options: GridOptions) -> list[str]
     """The variants the grid hands its compile-ahead process (lab/experiments/grid/ahead.py),
     in order, with its pool replaced as above; None where it starts none."""
     from lab.experiments.grid import ahead
-    from lab.experiments.grid import run as grid
 
     handed = {}
 
     def start(configs, started, gpus, label, quiet):
         handed["variants"] = [c.variant for c in ahead.shapes_ahead(configs, started, cuda=False)]
 
-    monkeypatch.setattr(grid, "start_compile_ahead", start)
+    monkeypatch.setattr(ahead, "start_compile_ahead", start)
     what_the_pool_is_handed(monkeypatch, spec, options)
     return handed.get("variants")
 

@@ -5,14 +5,19 @@ tests/integration/test_grid.py.)"""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
-import torch
-from torch._dynamo.utils import counters
 
 from lab.config import resolve
 from lab.experiments.grid import ahead
 from lab.training.step import compile_shape
 
+REPO = Path(__file__).resolve().parents[2]
 TINY = {"data": "synthetic", "tokens": 4 * 16 * 128}
 
 
@@ -41,6 +46,20 @@ def test_nothing_is_compiled_ahead_where_the_cells_do_not_compile():
         ["baseline", "sdpa_headwise_sigmoid_mul"]
 
 
+# A cell of the shape compiled ahead, as a grid's worker trains it: in a fresh interpreter, so
+# that nothing an earlier test compiled in this process is what it finds.
+CELL = """
+import json, sys
+from torch._dynamo.utils import counters
+from lab.config import resolve
+from lab.training.run import train_run
+config = resolve("sdpa_headwise_sigmoid_mul", "tiny", ["train.compile=true"], seed=1, lr=1e-2,
+                 data="synthetic", tokens=4 * 16 * 128)
+result = train_run(config, quiet=True)
+print(json.dumps({"status": result.status, **counters["inductor"]}))
+"""
+
+
 @pytest.mark.slow
 def test_a_cell_loads_what_the_process_compiled_ahead(store, tmp_path, monkeypatch, capfd):
     """The process compiles one shape into an empty Inductor cache; a training run of that
@@ -48,19 +67,18 @@ def test_a_cell_loads_what_the_process_compiled_ahead(store, tmp_path, monkeypat
     training step's and its evaluation's): no cache miss. Before 2026-12-06 the CPU's
     training batches were strided views, and the run's first validation traced and compiled
     a graph of its own (lab/data/windows.py)."""
-    from lab.training.run import train_run
-
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    shape = _config("sdpa_headwise_sigmoid_mul")
-    process = ahead.CompileAhead([shape], {}, "grid test", quiet=False)
+    process = ahead.CompileAhead([_config("sdpa_headwise_sigmoid_mul")], {}, "grid test",
+                                 quiet=False)
     process.process.join(timeout=240)
     assert process.process.exitcode == 0
     assert "grid test: compiled sdpa_headwise_sigmoid_mul ahead" in capfd.readouterr().out
 
-    torch.compiler.reset()
-    counters.clear()
-    result = train_run(_config("sdpa_headwise_sigmoid_mul", 1, lr=1e-2), quiet=True)
-    assert result.status == "FINISHED"
-    assert counters["inductor"]["fxgraph_cache_hit"] >= 2  # forward and backward
-    assert counters["inductor"]["fxgraph_cache_miss"] == 0
-    torch.compiler.reset()
+    cell = subprocess.run([sys.executable, "-c", CELL], capture_output=True, text=True,
+                          timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                            "PYTHONPATH": str(REPO)})
+    assert cell.returncode == 0, cell.stderr[-2000:]
+    found = json.loads(cell.stdout.strip().splitlines()[-1])
+    assert found["status"] == "FINISHED"
+    assert found.get("fxgraph_cache_hit", 0) >= 2  # forward and backward
+    assert found.get("fxgraph_cache_miss", 0) == 0

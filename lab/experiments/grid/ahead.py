@@ -27,6 +27,7 @@ import time
 import torch
 
 from lab.config import RunConfig
+from lab.experiments.grid.estimate import gpu_memory_gib, room_for_one_more
 from lab.experiments.pool import GPU_ENV, die_with_parent, environment_with
 from lab.records import owner_identity
 from lab.training.step import compile_shape
@@ -122,6 +123,24 @@ class CompileAhead:
         if self.process.is_alive():
             self.process.terminate()
         self.process.join(timeout=10)
+
+
+def start_for_grid(preset: str, configs: list[RunConfig], workers: int, runs_per_gpu: int,
+                   gpus: list[str], warm_first: bool, label: str,
+                   quiet: bool) -> CompileAhead | None:
+    """A grid's CompileAhead for the shapes of the cells to run (`configs`, in order) beyond
+    those its first cells compile themselves, on the first of `gpus` (none: the CPU), or
+    None: no such shape, or no room for one more model of `preset` beside the
+    `runs_per_gpu` cells on the GPU (estimate.room_for_one_more). The first cells are the
+    first `workers` in order, or with --warm-first the first of `workers` shapes
+    (lab/experiments/pool.py WorkerPool.run)."""
+    if not configs or not room_for_one_more(preset, runs_per_gpu if gpus else 1,
+                                            gpu_memory_gib() if gpus else None):
+        return None
+    shapes = list(dict.fromkeys(compile_shape(config) for config in configs))
+    first = shapes[:workers] if warm_first else \
+        [compile_shape(config) for config in configs[:workers]]
+    return start_compile_ahead(configs, set(first), gpus, label, quiet)
 
 
 def start_compile_ahead(configs: list[RunConfig], started: set[str], gpus: list[str],

@@ -14,13 +14,12 @@ import torch
 from lab import check as lab_check
 from lab import records
 from lab.errors import LabError, check_positive
-from lab.experiments.grid.ahead import CompileAhead, start_compile_ahead
+from lab.experiments.grid.ahead import start_for_grid
 from lab.experiments.grid.cells import CellPool, Outcome, execute_cell, run_ddp_cell
 from lab.experiments.grid.claims import GridContext, Plan, Task, reconcile
 from lab.experiments.grid.estimate import (auto_runs_per_gpu, expected_cell_s,
                                            finished_hashes, finished_in_store, gpu_memory_gib,
-                                           parse_runs_per_gpu, print_dry_run,
-                                           room_for_one_more)
+                                           parse_runs_per_gpu, print_dry_run)
 from lab.experiments.grid.plots import ParentPlots
 from lab.experiments.grid.spec import Cell, parse_shard, plan, shard_cells
 from lab.experiments.overrides import override_pairs
@@ -62,10 +61,7 @@ class GridOptions:
     # compiles, and other shapes go first (WorkerPool.run). Off by default: the slot it
     # holds idle is measured against the compile it saves by benchmarks/time_to_verdict.py.
     warm_first: bool = False
-    # The compiled shapes the cells reach after the first ones, compiled by a process of their
-    # own while those train (lab/experiments/grid/ahead.py): where the preset's measured
-    # memory leaves room for it beside the cells (estimate.room_for_one_more).
-    compile_ahead: bool = True
+    compile_ahead: bool = True  # the later cells' shapes (lab/experiments/grid/ahead.py)
 
 
 @dataclass
@@ -174,12 +170,14 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
         startup_s += time.perf_counter() - importing
     # Before the check and the workers, which compile and inherit the environment.
     use_compile_cache()
-    # (read only, as a dry run reads it: the cells themselves are reconciled after the check)
-    todo = [c for c in cells if c.config_hash not in finished_in_store(uri, spec.name)]
-    # A pool's workers start now, so that their start-up overlaps the check, and so does the
-    # process that compiles the later cells' shapes.
+    done = finished_in_store(uri, spec.name)  # (read only; reconciled after the check)
+    todo = [c.config for c in cells if c.config_hash not in done]
+    # A pool's workers, and the process that compiles the later cells' shapes, start now, so
+    # that their start-up overlaps the check.
     pool = _start_pool(layout, options, todo)
-    ahead = _start_ahead(spec, layout, options, todo)
+    ahead = start_for_grid(spec.preset, todo, layout.workers, layout.runs_per_gpu, layout.gpus,
+                           options.warm_first, f"grid {spec.name}", options.quiet) \
+        if options.compile_ahead and layout.devices == 1 else None
     try:
         return _check_and_run(spec, options, cells, all_cells, layout, uri, pool, started_at,
                               startup_s)
@@ -314,32 +312,14 @@ def _uses_pool(layout: Layout, options: GridOptions) -> bool:
     return not (layout.devices > 1 and layout.gpus) and not trains_in_this_process(layout, options)
 
 
-def _start_pool(layout: Layout, options: GridOptions, todo: list[Cell]) -> CellPool | None:
+def _start_pool(layout: Layout, options: GridOptions, todo: list) -> CellPool | None:
     """The grid's pool, its workers started before its check and its parent run (each then
     imports the training code: 13-21 s a spawned worker on the lent H100 machine, which
     followed a 30-60 s check before; benchmarks/README.md), or None: no pool trains here,
-    or there is no cell `todo` (the store holds every cell FINISHED already)."""
+    or no cell is `todo` (the store holds every one FINISHED)."""
     if not _uses_pool(layout, options) or not todo:
         return None
     return _new_pool(layout, options)
-
-
-def _start_ahead(spec: GridSpec, layout: Layout, options: GridOptions,
-                 todo: list[Cell]) -> CompileAhead | None:
-    """The process that compiles the shapes of the cells `todo` beyond those the first cells
-    compile themselves (lab/experiments/grid/ahead.py), or None: turned off, a DDP cell, no
-    room for it on the GPU, or no such shape. The first cells are the first `workers` in
-    order, or with --warm-first the first of `workers` shapes (WorkerPool.run)."""
-    if not options.compile_ahead or layout.devices > 1 or not todo or \
-            not room_for_one_more(spec.preset, layout.runs_per_gpu if layout.gpus else 1,
-                                  gpu_memory_gib() if layout.gpus else None):
-        return None
-    configs = [c.config for c in todo]
-    shapes = list(dict.fromkeys(compile_shape(config) for config in configs))
-    first = shapes[:layout.workers] if options.warm_first else \
-        [compile_shape(config) for config in configs[:layout.workers]]
-    return start_compile_ahead(configs, set(first), layout.gpus, f"grid {spec.name}",
-                               options.quiet)
 
 
 def _new_pool(layout: Layout, options: GridOptions) -> CellPool:
