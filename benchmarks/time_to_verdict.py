@@ -65,11 +65,10 @@ sys.path.insert(0, str(REPO))
 # 4 cells of one variant and report 233 s with the check of a fresh machine (round 3: 30 s for
 # its one variant), deep-narrow's 4 rows 400 s (about 100 s a row, so 110 for the one row of
 # `deep-narrow` and 300 for the others), mfu 156 s. grid-small now trains 4 variants, so its
-# check covers 4: a guess, not timed yet, of about 15 s more for each of the 3 extra (233 + 45
-# = 278 s, and the later cells' loads from the cache), 300 with margin. By these estimates the
-# default order's first two fit one 540-s budget; mfu, third, starts only where the first two
-# ran 20 s under their estimates.
-ESTIMATED_S = {"grid-small": 300, "deep-narrow": 110, "mfu": 160, "liger": 110,
+# check covers 4: 252 s in the fourth round (one H100, 2026-12-06: check 38 s, grid 237 s,
+# report 10 s), where deep-narrow took 83 s and mfu 121 s. The default order's first three,
+# the acceptance's table, fit one 540-s budget.
+ESTIMATED_S = {"grid-small": 270, "deep-narrow": 110, "mfu": 160, "liger": 110,
                "grid-base": 130, "grid-small-again": 70, "grid-small-warm": 150,
                "deep-narrow-modes": 300,
                "seed-batch-bound": 220}  # (the stacked models' compile: a guess, not timed yet)

@@ -36,10 +36,9 @@ def test_the_default_is_every_section_in_priority_order_within_one_call():
                              "grid-small-again", "grid-small-warm", "deep-narrow-modes",
                              "seed-batch-bound"]
     assert args.budget_s <= 540 and not args.dry
-    # the grid's cells and deep-narrow against its bare loop in the default budget, by the
-    # estimates; mfu, third, only where those two ran under theirs (grid-small's check of 4
-    # variants is a guess)
-    assert sum(ttv.ESTIMATED_S[name] for name in args.sections[:2]) <= args.budget_s
+    # the acceptance's table (the grid's cells, deep-narrow against its bare loop, MFU) in
+    # the default budget, by the estimates (measured: the fourth round's 252 + 83 + 121 s)
+    assert sum(ttv.ESTIMATED_S[name] for name in args.sections[:3]) <= args.budget_s
 
 
 @pytest.mark.slow
