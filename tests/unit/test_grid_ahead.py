@@ -6,9 +6,12 @@ tests/integration/test_grid.py.)"""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +47,33 @@ def test_nothing_is_compiled_ahead_where_the_cells_do_not_compile():
     assert ahead.shapes_ahead(cells, set(), cuda=False) == []
     assert [c.variant for c in ahead.shapes_ahead(cells, set(), cuda=True)] == \
         ["baseline", "sdpa_headwise_sigmoid_mul"]
+
+
+def _ignore_sigterm_then_wait(ready) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ready.set()
+    time.sleep(120)
+
+
+def test_close_ends_a_process_that_sigterm_does_not_end(monkeypatch):
+    """Inside a training step Lightning's SIGTERM handler only notes the signal and the step
+    (its compile) goes on: a process that does not end on SIGTERM is killed, not left
+    compiling and holding GPU memory after the grid."""
+    monkeypatch.setattr(ahead, "CLOSE_WAIT_S", 1.0, raising=False)
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    process = context.Process(target=_ignore_sigterm_then_wait, args=(ready,), daemon=True)
+    process.start()
+    try:
+        assert ready.wait(timeout=30)
+        compile_ahead = object.__new__(ahead.CompileAhead)
+        compile_ahead.process = process
+        compile_ahead.close()
+        assert not process.is_alive()
+    finally:
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 # A cell of the shape compiled ahead, as a grid's worker trains it: in a fresh interpreter, so

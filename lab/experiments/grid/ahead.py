@@ -103,6 +103,10 @@ def _ahead_main(env: dict, parent_owner: str, configs: list[RunConfig], label: s
         return
 
 
+# Seconds CompileAhead.close waits for the process to end after each signal.
+CLOSE_WAIT_S = 10.0
+
+
 class CompileAhead:
     """The process that compiles `configs` one after another (lab/experiments/pool.py's
     spawned workers say why a GPU process starts fresh), on one GPU of the grid's (its
@@ -120,9 +124,16 @@ class CompileAhead:
             self.process.start()
 
     def close(self) -> None:
+        """End the process: SIGTERM, then SIGKILL where it has not ended within
+        CLOSE_WAIT_S. Inside a training step Lightning's own SIGTERM handler only notes the
+        signal and lets the step finish first (its compile: 12-21 s a shape at `small` on one
+        H100, benchmarks/README.md "The fourth round")."""
         if self.process.is_alive():
             self.process.terminate()
-        self.process.join(timeout=10)
+        self.process.join(timeout=CLOSE_WAIT_S)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=CLOSE_WAIT_S)
 
 
 def start_for_grid(preset: str, configs: list[RunConfig], workers: int, runs_per_gpu: int,
