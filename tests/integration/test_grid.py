@@ -646,6 +646,24 @@ def test_the_shapes_compiled_ahead_are_those_the_first_cells_do_not_compile(
         cpu_workers=2, quiet=True, compile_ahead=False)) is None
 
 
+def test_a_compile_ahead_process_that_cannot_start_leaves_the_grid_to_its_cells(
+        store, monkeypatch, capfd):
+    """The process only ever fills Inductor's cache: where it cannot start (here: no process
+    to be had), the grid goes on to its pool, its cells compiling their shapes themselves,
+    and says so."""
+    from lab.experiments.grid import ahead
+
+    def no_process(self, *args, **kwargs):
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(ahead.CompileAhead, "__init__", no_process)
+    spec = grid_from_dict(tiny_grid("ahead-fails", ["baseline", "sdpa_headwise_sigmoid_mul"],
+                                    lrs=(3e-3, 1e-2), **{"train.compile": True}))
+    seen = what_the_pool_is_handed(monkeypatch, spec, GridOptions(cpu_workers=2, quiet=True))
+    assert len(seen["models"]) == 2  # the pool was handed the cells
+    assert "grid ahead-fails: compiling ahead did not start" in capfd.readouterr().err
+
+
 def test_under_cuda_graphs_the_pool_keeps_the_plans_order(store, monkeypatch):
     """A worker resets Dynamo for every run under CUDA graphs (lab/training/step.py
     compile_for_training), so there is no model to keep: the pool is handed none, and keeps

@@ -157,8 +157,14 @@ def start_for_grid(preset: str, configs: list[RunConfig], workers: int, runs_per
 def start_compile_ahead(configs: list[RunConfig], started: set[str], gpus: list[str],
                         label: str, quiet: bool) -> CompileAhead | None:
     """A CompileAhead for the shapes of `configs` (the cells to run, in order) but those
-    `started`, on the first of `gpus`; None where there is none to compile."""
+    `started`, on the first of `gpus`; None where there is none to compile, or where the
+    process did not start (the cells then compile their shapes themselves, as without it)."""
     ahead = shapes_ahead(configs, started, bool(gpus))
     if not ahead:
         return None
-    return CompileAhead(ahead, {GPU_ENV: gpus[0]} if gpus else {}, label, quiet)
+    try:
+        return CompileAhead(ahead, {GPU_ENV: gpus[0]} if gpus else {}, label, quiet)
+    except Exception as err:  # (OSError: no process to be had) it only ever fills the cache
+        print(f"{label}: compiling ahead did not start, each cell compiles its shape "
+              f"itself: {type(err).__name__}: {err}"[:500], file=sys.stderr, flush=True)
+        return None

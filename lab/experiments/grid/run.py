@@ -175,10 +175,12 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
     # A pool's workers, and the process that compiles the later cells' shapes, start now, so
     # that their start-up overlaps the check.
     pool = _start_pool(layout, options, todo)
-    ahead = start_for_grid(spec.preset, todo, layout.workers, layout.runs_per_gpu, layout.gpus,
-                           options.warm_first, f"grid {spec.name}", options.quiet) \
-        if options.compile_ahead and layout.devices == 1 else None
+    ahead = None
     try:
+        if options.compile_ahead and layout.devices == 1:
+            ahead = start_for_grid(spec.preset, todo, layout.workers, layout.runs_per_gpu,
+                                   layout.gpus, options.warm_first, f"grid {spec.name}",
+                                   options.quiet)
         return _check_and_run(spec, options, cells, all_cells, layout, uri, pool, started_at,
                               startup_s)
     finally:
