@@ -84,7 +84,8 @@ SMALL_GRID_SECTION_VARIANTS = ("baseline", "sdpa_elementwise_sigmoid_mul",
                                "sdpa_headwise_sigmoid_mul", "value_elementwise_sigmoid_mul")
 # A later cell whose worker kept its variant's graphs still logs a compile phase of its first
 # step's jitter over a steady step (round 3, one H100: 0.000 and 0.002 s); one that loaded its
-# graphs from Inductor's cache, about 3.5 s: a cell under this compiled nothing.
+# graphs from Inductor's cache, about 3.5 s in the second round and 0.9-1.5 s in the fourth
+# (one H100): a cell under this compiled nothing.
 KEPT_COMPILE_S = 0.5
 
 
