@@ -49,6 +49,25 @@ def test_nothing_is_compiled_ahead_where_the_cells_do_not_compile():
         ["baseline", "sdpa_headwise_sigmoid_mul"]
 
 
+@pytest.mark.parametrize("preset, runs_per_gpu, starts", [
+    ("small", 2, True),    # 3 x 3.9 GiB within 0.8 of 80 GiB
+    ("base", 2, True),     # 3 x 21.2 = 63.6 GiB: just within 64
+    ("base", 3, False),    # 4 x 21.2 = 84.8 GiB: no room beside the cells
+    ("medium", 1, False),  # no measured peak: a cell's memory is not known
+])
+def test_it_starts_on_a_gpu_only_where_the_measured_peaks_leave_room(monkeypatch, preset,
+                                                                     runs_per_gpu, starts):
+    """estimate.room_for_one_more on an 80-GiB GPU: the process's training step is one more
+    model beside the packed cells."""
+    handed = []
+    monkeypatch.setattr(ahead, "gpu_memory_gib", lambda: 80.0)
+    monkeypatch.setattr(ahead, "start_compile_ahead",
+                        lambda configs, started, gpus, label, quiet: handed.append(gpus))
+    cells = [_config("baseline"), _config("sdpa_headwise_sigmoid_mul")]
+    ahead.start_for_grid(preset, cells, 1, runs_per_gpu, ["0"], False, "grid test", True)
+    assert handed == ([["0"]] if starts else [])
+
+
 def _ignore_sigterm_then_wait(ready) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     ready.set()
