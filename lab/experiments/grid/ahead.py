@@ -3,11 +3,12 @@ their own while the first cells train, so that each later variant's first cell l
 graphs from Inductor's on-disk cache (lab/training/step.py use_compile_cache) instead of
 compiling them.
 
-Why: on a fresh machine each variant's first cell compiled for 15.0-15.6 s of its 87-s wall
-clock at `small` (one H100, 2026-12-06, benchmarks/README.md "The third round"), 14 times in
-the 16-variant reproduction grid beyond its workers' first cells: the largest fixed cost left
-of a grid's cells once a worker keeps a variant's graphs for its other seeds. A load from the
-cache took about 3.5 s of such a cell. The workers compile every shape themselves as before
+Why: on a fresh machine each variant's first cell compiled for 15.0-15.6 s at `small`, beside
+a later cell's 87.5-s wall clock (one H100, 2026-12-06, benchmarks/README.md "The third
+round"), 14 times in the 16-variant reproduction grid beyond its workers' first cells: the
+largest fixed cost left of a grid's cells once a worker keeps a variant's graphs for its
+other seeds. A cell whose shape this process compiled spent 0.9-1.5 s loading it (the fourth
+round). The workers compile every shape themselves as before
 where this process has not reached it yet, or fails: it only ever fills the cache.
 
 The compile is one training step through the lab's own path (LanguageModel's setup and
