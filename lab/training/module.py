@@ -129,6 +129,18 @@ class LanguageModel(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+def graph_trainer_options(config: RunConfig, cuda: bool) -> dict:
+    """The Trainer's arguments that decide the graphs a compiled run traces (its precision's
+    autocast, its micro-batches per step, deterministic kernels, evaluation's grad mode): one
+    place for train_run and the grid's compile-ahead process (lab/experiments/grid/ahead.py),
+    whose cached graphs a cell finds only where both pass the same."""
+    return {"precision": config.train.precision_on(cuda),
+            "accumulate_grad_batches": accumulation(config),
+            "deterministic": config.train.deterministic,
+            # a compiled run evaluates through its training graph (_eval_step)
+            "inference_mode": not config.train.compile_on(cuda)}
+
+
 class _TrainBatches(IterableDataset):
     """Micro-batches start, start+1, ... of this rank, split over loader workers in order
     (the DataLoader takes one batch from each worker in turn, so order is preserved)."""

@@ -36,7 +36,7 @@ from lab.training import phases as run_phases
 from lab.training.corpus import open_data
 from lab.training.callbacks import (AnalysisMonitor, AtomicCheckpoint, GateInsertion,
                                     LossMonitor, RoutingStats, device_peak_tflops)
-from lab.training.module import LanguageModel, TokenDataModule
+from lab.training.module import LanguageModel, TokenDataModule, graph_trainer_options
 from lab.training.preflight import preflight
 from lab.training.run_progress import RunProgress
 from lab.training.schedule import accumulation, total_steps, warmup_steps
@@ -232,19 +232,17 @@ def _train(config: RunConfig, store, run_id: str, uri: str, mlflow_client, prima
         # named before `fit` starts a DDP run's other ranks, which inherit the environment
         # (lab/training/step.py use_compile_cache)
         use_compile_cache()
-    precision = config.train.precision_on(cuda)
     trainer = L.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=config.train.devices if cuda else 1,
         strategy="ddp" if cuda and config.train.devices > 1 else "auto",
-        precision=precision, max_steps=steps, val_check_interval=config.train.val_every,
+        max_steps=steps, val_check_interval=config.train.val_every,
         check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        accumulate_grad_batches=accumulation(config), log_every_n_steps=config.train.log_every,
+        log_every_n_steps=config.train.log_every,
         logger=lightning_logger(uri, run_id), callbacks=all_callbacks,
         # Progress is the lab's RunProgress lines (lab/training/run_progress.py), not Lightning's bar.
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        deterministic=config.train.deterministic, default_root_dir=str(records.checkpoint_dir(run_id)),
-        # a compiled run evaluates through its training graph (lab/training/module.py _eval_step)
-        inference_mode=not config.train.compile_on(cuda))
+        default_root_dir=str(records.checkpoint_dir(run_id)),
+        **graph_trainer_options(config, cuda))
     built = time.perf_counter()
     # Lightning's own load of the checkpoint, restricted the same way as load_checkpoint.
     with records.system_metrics(run_id, uri, resumed=start_step > 0) if primary else nullcontext():

@@ -145,3 +145,18 @@ def test_grid_cells_train_with_cuda_graphs_and_the_labs_callbacks(store):
         assert [o.status for o in summary.outcomes] == ["FINISHED", "FINISHED"]
         ppl[mode] = [o.val_ppl for o in summary.outcomes]
     assert ppl["reduce-overhead"] == pytest.approx(ppl["default"], rel=0.03)
+
+
+def test_the_graph_deciding_trainer_options_follow_the_config():
+    """train_run's Trainer and the grid's compile-ahead take these from one place
+    (lab/training/module.py graph_trainer_options): a compiled run evaluates under grad mode
+    through its training graph, so not in inference mode."""
+    from lab.training.module import graph_trainer_options
+
+    eager = resolve("baseline", "tiny", ["train.batch_size=16", "train.micro_batch_size=8"])
+    assert graph_trainer_options(eager, cuda=False) == {
+        "precision": "32-true", "accumulate_grad_batches": 2,
+        "deterministic": eager.train.deterministic, "inference_mode": True}
+    compiled = resolve("baseline", "tiny", ["train.compile=true"])
+    options = graph_trainer_options(compiled, cuda=True)
+    assert options["precision"] == "bf16-mixed" and options["inference_mode"] is False

@@ -56,8 +56,7 @@ def compile_one(config: RunConfig) -> float:
     import lightning as L
 
     from lab.training.corpus import open_data
-    from lab.training.module import LanguageModel, TokenDataModule
-    from lab.training.schedule import accumulation
+    from lab.training.module import LanguageModel, TokenDataModule, graph_trainer_options
 
     started = time.perf_counter()
     cuda = torch.cuda.is_available()
@@ -65,12 +64,10 @@ def compile_one(config: RunConfig) -> float:
     module = LanguageModel(config)  # its setup compiles (compile_for_training), as a cell's
     with tempfile.TemporaryDirectory(prefix="gatelab-ahead-") as root:
         trainer = L.Trainer(
-            accelerator="gpu" if cuda else "cpu", devices=1,
-            precision=config.train.precision_on(cuda), max_steps=1, limit_val_batches=0,
-            num_sanity_val_steps=0, accumulate_grad_batches=accumulation(config),
-            logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, deterministic=config.train.deterministic,
-            default_root_dir=root, inference_mode=not config.train.compile_on(cuda))
+            accelerator="gpu" if cuda else "cpu", devices=1, max_steps=1, limit_val_batches=0,
+            num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+            **graph_trainer_options(config, cuda))  # as train_run's Trainer
         trainer.fit(module, datamodule=TokenDataModule(store, config))
     del trainer, module
     gc.collect()
