@@ -41,11 +41,11 @@ GPU_ENV = "CUDA_VISIBLE_DEVICES"
 
 
 def parse_gpus(text: str | None) -> list[str]:
-    """`all` (or nothing) or a comma list of CUDA indices -> the device ids workers are
-    pinned to; none without CUDA."""
+    """`all` (or nothing) or a comma list of CUDA indices, as this process sees them -> the
+    device ids workers are pinned to (their CUDA_VISIBLE_DEVICES); none without CUDA."""
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if text is None or text == "all":
-        return [str(i) for i in range(available)]
+        return visible_ids([str(i) for i in range(available)])
     if available == 0:
         raise LabError("--gpus: no CUDA device is visible; leave --gpus out to run on CPU")
     ids = [g.strip() for g in text.split(",") if g.strip()]
@@ -53,7 +53,15 @@ def parse_gpus(text: str | None) -> list[str]:
         if not gpu.isdigit() or int(gpu) >= available:
             raise LabError(f"--gpus: {gpu!r} is not one of all, "
                            f"{', '.join(str(i) for i in range(available))}")
-    return list(dict.fromkeys(ids))
+    return visible_ids(list(dict.fromkeys(ids)))
+
+
+def visible_ids(indices: list[str]) -> list[str]:
+    """CUDA indices of this process -> the same devices as a child's CUDA_VISIBLE_DEVICES
+    names them: where this process was started with CUDA_VISIBLE_DEVICES (e.g. `2,3`, or
+    GPU UUIDs), its index i is that list's i-th entry, not the host's GPU i."""
+    inherited = [g.strip() for g in os.environ.get(GPU_ENV, "").split(",") if g.strip()]
+    return [inherited[int(i)] if int(i) < len(inherited) else i for i in indices]
 
 
 def gpu_slots(gpus: list[str], workers: int) -> list[dict[str, str]]:

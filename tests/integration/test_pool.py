@@ -32,6 +32,25 @@ def test_each_worker_is_pinned_to_one_gpu_and_the_gpus_share_them_evenly(gpus, w
     assert slot_name(slots[0]) == f"GPU {pinned[0]}"
 
 
+@pytest.mark.parametrize("inherited, asked, pinned", [
+    (None, None, ["0", "1"]), (None, "1", ["1"]),
+    ("2,3", None, ["2", "3"]), ("2,3", "1", ["3"]),          # this process sees GPUs 2 and 3
+    ("GPU-a1,GPU-b2", "0", ["GPU-a1"])])
+def test_gpus_are_named_to_the_workers_as_this_process_sees_them(monkeypatch, inherited, asked,
+                                                                  pinned):
+    """--gpus (and `all`) count the devices this process sees; a worker's
+    CUDA_VISIBLE_DEVICES names the same device, not the host's GPU of that index."""
+    from lab.experiments import pool
+
+    monkeypatch.setattr(pool.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(pool.torch.cuda, "device_count", lambda: 2)
+    if inherited is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", inherited)
+    assert pool.parse_gpus(asked) == pinned
+
+
 def test_without_gpus_every_slot_is_a_cpu_slot():
     assert gpu_slots([], 3) == [{}, {}, {}]
     assert slot_name({}) == "a CPU worker"
