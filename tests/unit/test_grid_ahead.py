@@ -120,6 +120,7 @@ def test_a_cell_loads_what_the_process_compiled_ahead(store, tmp_path, monkeypat
     process = ahead.CompileAhead([_config("sdpa_headwise_sigmoid_mul")], {}, "grid test",
                                  quiet=False)
     process.process.join(timeout=240)
+    process.close()  # (ends it, should the join have timed out)
     assert process.process.exitcode == 0
     assert "grid test: compiled sdpa_headwise_sigmoid_mul ahead" in capfd.readouterr().out
 
