@@ -8,11 +8,12 @@ a later cell's 87.5-s wall clock (one H100, 2026-12-06, benchmarks/README.md "Th
 round"), 14 times in the 16-variant reproduction grid beyond its workers' first cells: the
 largest fixed cost left of a grid's cells once a worker keeps a variant's graphs for its
 other seeds. A cell whose shape this process compiled spent 0.9-1.5 s loading it (the fourth
-round). The workers compile every shape themselves as before
-where this process has not reached it yet, or fails: it only ever fills the cache.
+round). The workers compile every shape themselves as before where this process has not
+reached it yet, or fails: it only ever fills the cache.
 
 The compile is one training step through the lab's own path (LanguageModel's setup and
-training step, the Trainer's precision and accumulation, the run's data loader), so the
+training step, train_run's graph options for the Trainer: lab/training/module.py
+graph_trainer_options, the run's data loader), so the
 graphs it leaves are the ones a cell traces; nothing is recorded. Shapes, not cells: runs of
 one compile_shape (another seed or learning rate) share their graphs."""
 
