@@ -13,9 +13,9 @@ reached it yet, or fails: it only ever fills the cache.
 
 The compile is one training step through the lab's own path (LanguageModel's setup and
 training step, train_run's graph options for the Trainer: lab/training/module.py
-graph_trainer_options, the run's data loader), so the
-graphs it leaves are the ones a cell traces; nothing is recorded. Shapes, not cells: runs of
-one compile_shape (another seed or learning rate) share their graphs."""
+graph_trainer_options, the run's data loader), so the graphs it leaves are the ones a cell
+traces; nothing is recorded. Shapes, not cells: runs of one compile_shape (another seed or
+learning rate) share their graphs."""
 
 from __future__ import annotations
 
