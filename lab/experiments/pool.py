@@ -151,12 +151,19 @@ def environment_with(changes: dict[str, str]):
                 os.environ[key] = value
 
 
-def _worker_main(env: dict, threads: int, parent_owner: str, job: Callable,
-                 preload: tuple[str, ...], tasks, results) -> None:
+def enter_child(env: dict, threads: int, parent_owner: str) -> None:
+    """A child process's first steps, the pool's workers' and the grid's compile-ahead
+    process's (lab/experiments/grid/ahead.py): the parent's environment, the lab's output
+    level, an end with the parent, its torch threads."""
     os.environ.update(env)
     configure_output()  # the forkserver imported Lightning, which set its loggers to INFO
     die_with_parent(parent_owner)
     torch.set_num_threads(threads)
+
+
+def _worker_main(env: dict, threads: int, parent_owner: str, job: Callable,
+                 preload: tuple[str, ...], tasks, results) -> None:
+    enter_child(env, threads, parent_owner)
     try:
         # SIGINT (Ctrl-C reaches the whole process group) and SIGTERM (forwarded by
         # WorkerPool.close) end the task's run KILLED, as in the parent process.

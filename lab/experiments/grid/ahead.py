@@ -30,7 +30,7 @@ import torch
 
 from lab.config import RunConfig
 from lab.experiments.grid.estimate import gpu_memory_gib, room_for_one_more
-from lab.experiments.pool import GPU_ENV, die_with_parent, environment_with
+from lab.experiments.pool import GPU_ENV, enter_child, environment_with
 from lab.records import owner_identity
 from lab.training.step import compile_shape
 
@@ -79,14 +79,9 @@ def compile_one(config: RunConfig) -> float:
 
 def _ahead_main(env: dict, parent_owner: str, configs: list[RunConfig], label: str,
                 quiet: bool) -> None:
-    os.environ.update(env)
-    from lab.progress import configure_output
-
-    configure_output()
-    die_with_parent(parent_owner)
     # The step is one batch: the process's time is the compiler's, which runs in Inductor's
-    # own worker processes; one thread leaves the cores to the training workers.
-    torch.set_num_threads(1)
+    # own worker processes; one torch thread leaves the cores to the training workers.
+    enter_child(env, 1, parent_owner)
     try:
         for config in configs:
             try:
