@@ -62,10 +62,8 @@ def log_analysis(mlflow_client, run_id: str, analysis: Analysis, step: int,
     summary = {k: v for k, v in analysis.metrics.items() if split_layer_metric(k) is None}
     records.log_metrics(mlflow_client, run_id, summary, step)
     mlflow_client.log_dict(run_id, layer_table(analysis.metrics), LAYER_TABLE)
-    with tempfile.TemporaryDirectory() as tmp:
-        names = [path.name for path in write_outputs(analysis, Path(tmp), plots)]
-        mlflow_client.log_artifacts(run_id, tmp, artifact_path="analysis")
-    return names
+    return _log_analysis_files(mlflow_client, run_id,
+                               lambda folder: write_outputs(analysis, folder, plots))
 
 
 def log_plots(mlflow_client, run_id: str, analysis: Analysis) -> list[str]:
@@ -74,8 +72,13 @@ def log_plots(mlflow_client, run_id: str, analysis: Analysis) -> list[str]:
     experiments/grid/plots.py). Returns the files logged."""
     if analysis.skipped:
         return []
+    return _log_analysis_files(mlflow_client, run_id, lambda folder: write_plots(analysis, folder))
+
+
+def _log_analysis_files(mlflow_client, run_id: str, write) -> list[str]:
+    """What `write(folder)` writes, logged into the run's `analysis` folder; their names."""
     with tempfile.TemporaryDirectory() as tmp:
-        names = [path.name for path in write_plots(analysis, Path(tmp))]
+        names = [path.name for path in write(Path(tmp))]
         mlflow_client.log_artifacts(run_id, tmp, artifact_path="analysis")
     return names
 
