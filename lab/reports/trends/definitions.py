@@ -14,7 +14,7 @@ from lab.model.gates import GateSpec
 from lab.model.variants import VARIANTS, Variant, display_name
 from lab.reports.seeds import BASELINE
 from lab.reports.trends.measures import (BROKE_MARGIN, broke_or_spiked, max_stable_lr, metric,
-                                         on_ladder, ratio, sink_premise)
+                                         on_ladder, ratio, sink_premise, unstable_rungs)
 from lab.training.spikes import GRAD_NORM_MAX_AFTER_WARMUP
 
 
@@ -161,14 +161,17 @@ def _stability(margin: float) -> tuple[Comparison, ...]:
     """Trend 11's pairs, for each G1 gate against the baseline: spikes, the largest gradient
     norm after warmup (log10: excursions are multiplicative, 0.3 against 42 in the probe of
     docs/results.md; the whole run's largest is the initialisation's: lab/training/spikes.py)
-    and the final loss, paired at the same LR and seed over the ladder; and
-    the largest LR that did not break, paired by seed."""
+    and the final loss, paired at the same LR and seed at the rungs where the baseline broke
+    or spiked (measures.py unstable_rungs; every rung until 2026-12-06); and the largest LR
+    that did not break, paired by seed."""
+    unstable = unstable_rungs(margin)
     out = []
     for gate in (G1, G1_HEADWISE):
-        out += [Comparison(gate, BASELINE, "<", on_ladder("spikes/count"),
+        out += [Comparison(gate, BASELINE, "<", on_ladder("spikes/count", rungs=unstable),
                            paper="no spikes against about 12 above 0.5 nats (§7.5)"),
-                Comparison(gate, BASELINE, "<", on_ladder(GRAD_NORM_MAX_AFTER_WARMUP, log10=True)),
-                Comparison(gate, BASELINE, "<", on_ladder("val/final_loss"),
+                Comparison(gate, BASELINE, "<", on_ladder(GRAD_NORM_MAX_AFTER_WARMUP, log10=True,
+                                                          rungs=unstable)),
+                Comparison(gate, BASELINE, "<", on_ladder("val/final_loss", rungs=unstable),
                            paper="7.325 vs 9.195 at LR 8e-3 (Table 2 rows 6, 10)"),
                 Comparison(gate, BASELINE, ">", max_stable_lr(margin),
                            paper="8e-3 trains, the baseline breaks (Table 2)")]

@@ -48,10 +48,13 @@ def ratio(numerator: str, denominator: str) -> Callable[[Row, list[Row]], PerSee
 
 # --- the LR ladder: runs paired by (LR, seed) --------------------------------------------
 
-def on_ladder(name: str, log10: bool = False) -> Callable[[Row, list[Row]], PerSeed]:
+def on_ladder(name: str, log10: bool = False, rungs: Callable[[list[Row]], set] | None = None
+              ) -> Callable[[Row, list[Row]], PerSeed]:
     """A metric of every run of the ladder, keyed by (LR, seed), so that two variants pair at
     the same LR and seed (the paper's Table 2 sets models side by side at one LR). The final
-    loss of a diverged run is left out (its breaking counts in `broke`)."""
+    loss of a diverged run is left out (its breaking counts in `broke`). `rungs`: a function
+    of the baseline's ladder giving the LRs at which the pairs count (verdicts.py compare
+    reads it as the measure's `rungs`), e.g. `unstable_rungs`."""
     def measure(row: Row, ladder: list[Row]) -> PerSeed:
         out = {}
         for rung in ladder:
@@ -65,8 +68,24 @@ def on_ladder(name: str, log10: bool = False) -> Callable[[Row, list[Row]], PerS
                     value = math.log10(value)
                 out[(rung.lr, run.seed)] = value
         return out
-    measure.label = f"log10 {name}, by LR and seed" if log10 else f"{name}, by LR and seed"
+    measure.label = (f"log10 {name}" if log10 else name) + ", by LR and seed" + \
+        (f" {rungs.label}" if rungs is not None else "")
+    measure.rungs = rungs
     return measure
+
+
+def unstable_rungs(margin: float = BROKE_MARGIN) -> Callable[[list[Row]], set]:
+    """The LRs of a ladder at which some run broke (`broken_runs`) or spiked: where trend 11
+    pairs a gate with the baseline. The stability grid's criterion (ablations/stability.yaml,
+    written before it ran) reads the paired comparisons "at the rungs where the baseline
+    broke"; a rung where the baseline trains well says nothing of headroom, and pooled with
+    the others it dilutes them. "Or spiked" as the trend's premise reads an instability."""
+    def rungs(ladder: list[Row]) -> set:
+        broken = broken_runs(ladder, margin)
+        return {rung.lr for rung in ladder for run in rung.runs
+                if broken[(rung.lr, run.seed)] or run.metrics.get("spikes/count", 0) > 0}
+    rungs.label = "at the LRs where the baseline broke or spiked"
+    return rungs
 
 
 def broken_runs(ladder: list[Row], margin: float = BROKE_MARGIN) -> dict[tuple[float, int], bool]:

@@ -6,7 +6,8 @@ Each trend is a few comparisons. A comparison takes one measure of two variants 
 measures of two variants), per seed, and its paired difference `left - right` with a 95% t
 interval over seeds (the same seed gives both the same data order and the same draw of the
 shared weights: lab/reports/grid_report.py). The stability comparisons pair by LR and seed
-instead: one pair per rung of the LR ladder and seed that both variants ran. The paper
+instead: one pair per rung of the LR ladder and seed that both variants ran, at the rungs
+where the baseline broke or spiked (measures.py unstable_rungs). The paper
 expects the difference below zero ('<'), above ('>'), or near zero ('≈': inside
 ±`equivalence_percent` of the right side's mean).
 
@@ -143,6 +144,10 @@ def compare(comparison: Comparison, rows: dict[str, Row], ladders: dict[str, lis
     left = comparison.measure(rows[comparison.left], ladders[comparison.left])
     right = right_measure(rows[comparison.right], ladders[comparison.right])
     pairs = sorted(set(left) & set(right))
+    rungs = getattr(comparison.measure, "rungs", None)
+    if rungs is not None:  # a ladder measure paired only at some of the baseline's LRs
+        kept = rungs(ladders.get(BASELINE, []))
+        pairs = [key for key in pairs if key[0] in kept]
     difference = t_interval([left[k] - right[k] for k in pairs])
     right_mean = float(np.mean([right[k] for k in pairs])) if pairs else 0.0
     band = equivalence_percent / 100 * abs(right_mean)
