@@ -87,6 +87,11 @@ SMALL_GRID_SECTION_VARIANTS = ("baseline", "sdpa_elementwise_sigmoid_mul",
 # graphs from Inductor's cache, about 3.5 s in the second round and 0.9-1.5 s in the fourth
 # (one H100): a cell under this compiled nothing.
 KEPT_COMPILE_S = 0.5
+# A later cell that compiled cold (the compile-ahead process had not reached its shape, or
+# did not start) compiles as long as a first cell: 14.2-15.3 s at `small` in the fourth round
+# (one H100), against at most 3.5 s for one that loaded: `cold`, not `loaded`, so that it does
+# not stand in the 48-cell projection for the cells the cache serves.
+COLD_COMPILE_S = 8.0
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -181,14 +186,17 @@ def cell_rows(uri: str, grid: str) -> list[dict]:
 
 def cell_kind(cell: dict) -> str:
     """`first`: a worker's first cell (it paid the worker's start-up); of the later cells,
-    `loaded`: it compiled, so its graphs came from Inductor's cache (the compile-ahead
-    process's, or an earlier cell's), or `kept`: it compiled nothing, its worker kept its
-    variant's graphs from a cell before. From the phases, so older JSON's cells have one too;
+    `loaded`: it compiled briefly, so its graphs came from Inductor's cache (the
+    compile-ahead process's, or an earlier cell's), `cold`: it compiled as long as a first
+    cell does (COLD_COMPILE_S), or `kept`: it compiled nothing, its worker kept its variant's
+    graphs from a cell before. From the phases, so older JSON's cells have one too;
     a cell trained in the grid's own process (no worker pool: a CPU's grid) reads as a later
     one, for the grid counts that process's start-up as its own."""
     if cell.get("startup"):
         return "first"
-    return "loaded" if cell.get("compile", 0.0) >= KEPT_COMPILE_S else "kept"
+    compile_s = cell.get("compile", 0.0)
+    return "cold" if compile_s >= COLD_COMPILE_S else \
+        "loaded" if compile_s >= KEPT_COMPILE_S else "kept"
 
 
 def cells_of_kind(section: dict, kind: str) -> list[dict]:
@@ -535,8 +543,9 @@ def tables(report: dict) -> str:
     if grids:
         lines += ["## Grid cells: where the wall clock goes (seconds; lab/training/phases.py)", "",
                   "A cell's kind: `first`, a worker's first (its start-up paid); `loaded`, a "
-                  "later cell that compiled (its graphs from Inductor's cache); `kept`, a later "
-                  "cell that compiled nothing (its worker kept the graphs).", "",
+                  "later cell that compiled briefly (its graphs from Inductor's cache); `cold`, "
+                  "a later cell that compiled as long as a first cell; `kept`, a later cell "
+                  "that compiled nothing (its worker kept the graphs).", "",
                   "| grid | cell | kind | per GPU | wall | train steps | in steps | compile | "
                   "check | startup | validation | analysis | checkpoint | store | "
                   "build, other | tokens/s |",

@@ -157,6 +157,7 @@ def test_the_projection_takes_a_workers_later_cells_where_the_section_has_them()
     (16.0, 15.0, "first"),   # a worker's first cell: its start-up paid, compiled cold
     (12.0, 3.5, "first"),    # ...or loaded: still the worker's first
     (0.0, 3.5, "loaded"),    # a later cell that compiled: its graphs from the cache
+    (0.0, 14.2, "cold"),     # ...or compiled cold, as a first cell: not a `loaded` one
     (0.0, 0.0023, "kept"),   # round 3's kept cell: a first step's jitter, no compile
     (0.0, 0.0, "kept"),
 ])
