@@ -59,13 +59,39 @@ def test_it_starts_on_a_gpu_only_where_the_measured_peaks_leave_room(monkeypatch
                                                                      runs_per_gpu, starts):
     """estimate.room_for_one_more on an 80-GiB GPU: the process's training step is one more
     model beside the packed cells."""
+    assert _starts_ahead(monkeypatch, preset, runs_per_gpu) == starts
+
+
+@pytest.mark.parametrize("override", ["train.batch_size=64", "model.d_model=1024",
+                                      "train.precision=32-true"])
+def test_overrides_that_change_a_cells_peak_leave_the_measurement_behind(monkeypatch, override):
+    """The peaks were measured at the preset's defaults: a `small` grid at batch 64 (4x the
+    measured activations), wider, or in fp32 is not measured, so nothing starts beside it and
+    `--runs-per-gpu auto` runs its cells alone; an override of what the peak does not depend
+    on (the weight decay) keeps the measurement."""
+    from lab.experiments.grid import estimate
+
+    assert not _starts_ahead(monkeypatch, "small", 2, override)
+    n, basis = estimate.auto_runs_per_gpu("small", 139.8, _config_at("small", override))
+    assert n == 1 and "overrides change" in basis
+    assert _starts_ahead(monkeypatch, "small", 2, "train.weight_decay=0.5")
+    assert estimate.auto_runs_per_gpu("small", 139.8,
+                                      _config_at("small", "train.weight_decay=0.5"))[0] == 2
+
+
+def _config_at(preset: str, *overrides: str, variant: str = "baseline"):
+    return resolve(variant, preset, list(overrides), data="synthetic")
+
+
+def _starts_ahead(monkeypatch, preset: str, runs_per_gpu: int, *overrides: str) -> bool:
     handed = []
     monkeypatch.setattr(ahead, "gpu_memory_gib", lambda: 80.0)
     monkeypatch.setattr(ahead, "start_compile_ahead",
                         lambda configs, started, gpus, label, quiet: handed.append(gpus))
-    cells = [_config("baseline"), _config("sdpa_headwise_sigmoid_mul")]
+    cells = [_config_at(preset, *overrides),
+             _config_at(preset, *overrides, variant="sdpa_headwise_sigmoid_mul")]
     ahead.start_for_grid(preset, cells, 1, runs_per_gpu, ["0"], False, "grid test", True)
-    assert handed == ([["0"]] if starts else [])
+    return handed == [["0"]]
 
 
 def _ignore_sigterm_then_wait(ready) -> None:

@@ -140,7 +140,7 @@ def start_for_grid(preset: str, configs: list[RunConfig], workers: int, runs_per
     first `workers` in order, or with --warm-first the first of `workers` shapes
     (lab/experiments/pool.py WorkerPool.run)."""
     if not configs or not room_for_one_more(preset, runs_per_gpu if gpus else 1,
-                                            gpu_memory_gib() if gpus else None):
+                                            gpu_memory_gib() if gpus else None, configs[0]):
         return None
     shapes = list(dict.fromkeys(compile_shape(config) for config in configs))
     first = shapes[:workers] if warm_first else \

@@ -11,13 +11,14 @@ from pathlib import Path
 import torch
 
 from lab import records
-from lab.config import RunConfig
+from lab.config import RunConfig, resolve, with_vocab
 from lab.errors import LabError
 from lab.experiments.grid.spec import Cell
 from lab.experiments.schema import GridSpec
 from lab.model.params import count_params, model_flops_per_token
 from lab.progress import duration
 from lab.records import DATA_TAG, DEVICE_TAG, PRESET_TAG, CellRecord
+from lab.training.step import compile_shape
 
 # Time estimate without measurements: 6 N FLOPs per token (Kaplan et al., 2020) at a rate
 # we assume per worker, plus a fixed cost per run (process, store, validation and test).
@@ -43,11 +44,29 @@ PACKING_MIN_GAIN = 0.1
 GPU_MEMORY_HEADROOM = 0.8   # of the device's memory, for the packed cells' peaks together
 
 
-def auto_runs_per_gpu(preset: str, gpu_memory_gib: float | None) -> tuple[int, str]:
-    """Cells per GPU for `--runs-per-gpu auto`, and the sentence saying why."""
+def packing_measurement(preset: str, config: RunConfig | None = None) -> dict | None:
+    """MEASURED_PACKING's entry for `preset`, or None: not measured, or the cells' `config`
+    (one of the grid's: its cells share the overrides) changes what a cell's peak and its
+    packing gain depend on, its compiled shape (the model, the micro-batch, the precision,
+    the compile mode: lab/training/step.py compile_shape), from the preset's defaults the
+    entry was measured at (a `small` grid at batch 64 would take 4x the measured peak)."""
     measured = MEASURED_PACKING.get(preset)
+    if measured is None or config is None:
+        return measured
+    defaults = with_vocab(resolve(config.variant, preset), config.model.vocab_size)
+    return measured if compile_shape(defaults) == compile_shape(config) else None
+
+
+def auto_runs_per_gpu(preset: str, gpu_memory_gib: float | None,
+                      config: RunConfig | None = None) -> tuple[int, str]:
+    """Cells per GPU for `--runs-per-gpu auto`, and the sentence saying why (`config`: one of
+    the grid's cells, packing_measurement)."""
+    measured = packing_measurement(preset, config)
     if measured is None:
-        return 1, f"one cell per GPU (no packing measurement for preset {preset!r})"
+        why = "preset" if preset not in MEASURED_PACKING else \
+            "the preset's defaults, which the grid's overrides change (model, micro-batch, " \
+            "precision or compile mode); preset"
+        return 1, f"one cell per GPU (no packing measurement for {why} {preset!r})"
     speedup = measured["speedup"]
     n = 1
     while n + 1 in speedup and speedup[n + 1] - speedup[n] >= PACKING_MIN_GAIN:
@@ -58,15 +77,17 @@ def auto_runs_per_gpu(preset: str, gpu_memory_gib: float | None) -> tuple[int, s
                f"{preset} (benchmarks/packing.py), {measured['peak_gib']:.1f} GiB each")
 
 
-def room_for_one_more(preset: str, runs_per_gpu: int, gpu_memory_gib: float | None) -> bool:
+def room_for_one_more(preset: str, runs_per_gpu: int, gpu_memory_gib: float | None,
+                      config: RunConfig | None = None) -> bool:
     """Whether one more model of `preset` fits on a GPU beside `runs_per_gpu` cells, by the
-    measured peaks (MEASURED_PACKING) and the same headroom as packing: the grid's
-    compile-ahead process takes one training step of each later shape beside the cells
-    (lab/experiments/grid/ahead.py). False for a preset not measured: a cell's peak is not
-    known, and the step must not take the memory a cell needs. True without a GPU."""
+    measured peaks (packing_measurement, of the grid's cell `config`) and the same headroom
+    as packing: the grid's compile-ahead process takes one training step of each later shape
+    beside the cells (lab/experiments/grid/ahead.py). False where not measured: a cell's
+    peak is not known, and the step must not take the memory a cell needs. True without a
+    GPU."""
     if gpu_memory_gib is None:
         return True
-    measured = MEASURED_PACKING.get(preset)
+    measured = packing_measurement(preset, config)
     return measured is not None and \
         (runs_per_gpu + 1) * measured["peak_gib"] <= GPU_MEMORY_HEADROOM * gpu_memory_gib
 
