@@ -31,9 +31,11 @@
 # The call's whole output is also kept in $OUT/reproduce.log, so a call cut short still
 # brings back what it did.
 # PACK_COMPILE_CACHE=1: the call also brings back Inductor's cache as
-# $OUT/inductor-<gpu>.tar.gz (at most OUT_FILE_LIMIT_BYTES); copied to .compile-cache/ (git
-# ignores it) and carried with the wheels, a later session's first call on the same kind of
-# GPU starts with it (COMPILE_CACHE_DIR names another folder).
+# $OUT/inductor-<gpu>.tar.gz (at most OUT_FILE_LIMIT_BYTES), or, where the machine started
+# from carried ones, only what it compiled since, as $OUT/inductor-<gpu>.<phases>-<UTC
+# minute>.tar.gz; copied to .compile-cache/ (git ignores it) and carried with the wheels, a
+# later session's first call on the same kind of GPU starts with all of them
+# (COMPILE_CACHE_DIR names another folder).
 # The numerics check's passes (cache/checks: lab/check.py, keyed by the checked code's hash,
 # the GPU, the torch/CUDA/cuDNN versions, the preset and the variant) come back as
 # $OUT/checks.tar.gz from a call that ran a grid (where a file is left and the folder holds
@@ -101,8 +103,9 @@ if [ "$phases" != ",report," ]; then
 fi
 [ "$phases" = ",prepare," ] && exit 0
 # Inductor's caches (cache/inductor: lab/training/step.py use_compile_cache) from an earlier
-# session on the same kind of GPU, carried as $COMPILE_CACHE_DIR/inductor-<gpu>.tar.gz (a
-# call with PACK_COMPILE_CACHE=1 brings that file back, below): the first cell of each
+# session on the same kind of GPU, carried as $COMPILE_CACHE_DIR/inductor-<gpu>.tar.gz and
+# inductor-<gpu>.*.tar.gz (a call with PACK_COMPILE_CACHE=1 brings one back, below): the
+# first cell of each
 # shape then loads its graphs instead of compiling them (a deep-narrow cell compiled for 89 s
 # on a cold cache on 2026-12-06, 2-3 s a cell from the warm one). Inductor keys each entry by
 # the torch and Triton versions and the GPU, so a cache from other versions is unused, not
@@ -110,10 +113,21 @@ fi
 inductor=${TORCHINDUCTOR_CACHE_DIR:-cache/inductor}
 gpu_kind=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 |
   tr '[:upper:] ' '[:lower:]-' | tr -cd 'a-z0-9-')
-carried="${COMPILE_CACHE_DIR:-.compile-cache}/inductor-${gpu_kind:-none}.tar.gz"
-if [ "$phases" != ",report," ] && [ -n "$gpu_kind" ] && [ -f "$carried" ] && [ ! -d "$inductor" ]; then
-  mkdir -p "$inductor" && tar xzf "$carried" -C "$inductor" &&
-    echo "compile cache: unpacked $carried into $inductor ($(du -sm "$inductor" | cut -f1) MB)"
+# (the whole cache, and one file per call since that brought back only what it compiled: on
+# 2026-12-06 a call's 172-MB cache, half of it the carried one, packed to 26.5 MB, over
+# what a call brings back, while the CUDA-graph shapes it compiled were about half)
+carried=()
+for file in "${COMPILE_CACHE_DIR:-.compile-cache}/inductor-${gpu_kind:-none}.tar.gz" \
+    "${COMPILE_CACHE_DIR:-.compile-cache}/inductor-${gpu_kind:-none}".*.tar.gz; do
+  [ -f "$file" ] && carried+=("$file")
+done
+# what is newer than this file the machine compiled itself (written where a cache is unpacked)
+unpacked_at=$(realpath -m "${inductor%/}.unpacked")
+if [ "$phases" != ",report," ] && [ -n "$gpu_kind" ] && [ "${#carried[@]}" -gt 0 ] && [ ! -d "$inductor" ]; then
+  mkdir -p "$inductor"
+  for file in "${carried[@]}"; do tar xzf "$file" -C "$inductor"; done
+  touch "$unpacked_at"
+  echo "compile cache: unpacked ${carried[*]} into $inductor ($(du -sm "$inductor" | cut -f1) MB)"
 fi
 [ "${PACK_COMPILE_CACHE:-0}" = 1 ] && out_files=$((out_files + 1))
 checks="${GATELAB_CACHE:-cache}/checks"
@@ -216,14 +230,22 @@ if [ "${PACK_COMPILE_CACHE:-0}" = 1 ] && { [ ! -d "$inductor" ] || [ -z "$gpu_ki
   why="no folder $inductor"; [ -n "$gpu_kind" ] || why="no GPU named by nvidia-smi"
   echo "compile cache: nothing brought back: $why"
 elif [ "${PACK_COMPILE_CACHE:-0}" = 1 ]; then
-  tar czf "$OUT/inductor-$gpu_kind.tar.gz" -C "$inductor" .
-  packed=$(stat -c %s "$OUT/inductor-$gpu_kind.tar.gz")
-  if [ "$packed" -gt "${OUT_FILE_LIMIT_BYTES:-16000000}" ]; then
+  cache_file="$OUT/inductor-$gpu_kind.tar.gz" newer=()
+  if [ -f "$unpacked_at" ]; then  # only what this machine compiled: the carried files stay
+    cache_file="$OUT/inductor-$gpu_kind.$(sed 's/^,//; s/,$//; s/,/-/g' <<< "$phases")-$(date -u +%Y%m%d%H%M).tar.gz"
+    newer=(-newer "$unpacked_at")
+  fi
+  ( cd "$inductor" && find . -type f "${newer[@]}" -print0 | tar czf "$cache_file" --null -T - )
+  packed=$(stat -c %s "$cache_file")
+  if [ "$(tar tzf "$cache_file" | wc -l)" -eq 0 ]; then
+    echo "compile cache: nothing compiled since the carried cache was unpacked; nothing brought back"
+    rm -f "$cache_file"
+  elif [ "$packed" -gt "${OUT_FILE_LIMIT_BYTES:-16000000}" ]; then
     # (its sizes say what a smaller cache would need: the folder's and the packed file's)
     echo "compile cache: $inductor is $(du -sm "$inductor" | cut -f1) MB, $packed bytes packed, over ${OUT_FILE_LIMIT_BYTES:-16000000}; not brought back"
-    rm -f "$OUT/inductor-$gpu_kind.tar.gz"
+    rm -f "$cache_file"
   else
-    echo "compile cache: packed $inductor into $OUT/inductor-$gpu_kind.tar.gz (carry it as ${COMPILE_CACHE_DIR:-.compile-cache}/ next session)"
+    echo "compile cache: packed $inductor${newer:+ (what this machine compiled)} into $cache_file (carry it as ${COMPILE_CACHE_DIR:-.compile-cache}/ next session)"
   fi
 fi
 ls -la "$OUT"

@@ -19,11 +19,16 @@ SCRIPT = ROOT / "docs" / "reproduce_gpu.sh"
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
-# A python3 that logs its arguments, and for `store pack PATH` writes PATH (the script
-# reads the packed file's size).
+# A python3 that logs its arguments, for `store pack PATH` writes PATH (the script reads
+# the packed file's size), and with FAKE_COMPILE set a grid writes that file into Inductor's
+# cache folder, as a cell's compile does.
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "$*" >> "$CALLS"
 if [ "$1 $2 $3 $4" = "-m lab store pack" ]; then echo packed > "$5"; fi
+if [ "$1 $2 $3" = "-m lab grid" ] && [ -n "${FAKE_COMPILE:-}" ]; then
+  mkdir -p "$(dirname "$TORCHINDUCTOR_CACHE_DIR/$FAKE_COMPILE")"
+  echo compiled > "$TORCHINDUCTOR_CACHE_DIR/$FAKE_COMPILE"
+fi
 if [ "$1" = "-c" ]; then echo abc1234; fi
 exit 0
 """
@@ -143,8 +148,10 @@ def test_report_reads_the_base_grid_against_its_init_control(tmp_path):
 def test_a_compile_cache_carried_for_this_gpu_is_unpacked_and_packed_back_when_asked(tmp_path):
     """A call finds .compile-cache/inductor-<gpu>.tar.gz (here the stand-in nvidia-smi's
     `fake-gpu`) and unpacks it into Inductor's cache folder before any grid; with
-    PACK_COMPILE_CACHE=1 it brings the folder back as $OUT/inductor-<gpu>.tar.gz, one of the
-    files a call brings back; a cache named for another GPU is left alone."""
+    PACK_COMPILE_CACHE=1 it brings back what the machine compiled since as
+    $OUT/inductor-<gpu>.<phases>-<minute>.tar.gz, one of the files a call brings back (the
+    carried file travels again as it is); a machine that unpacked nothing brings back its
+    whole cache as $OUT/inductor-<gpu>.tar.gz; a cache named for another GPU is left alone."""
     import tarfile
 
     carried, inductor = tmp_path / "carried", tmp_path / "inductor"
@@ -155,15 +162,40 @@ def test_a_compile_cache_carried_for_this_gpu_is_unpacked_and_packed_back_when_a
     with tarfile.open(carried / "inductor-fake-gpu.tar.gz", "w:gz") as tar:
         tar.add(source / "fxgraph", arcname="fxgraph")
     done, lines = run_script(tmp_path, "sink", COMPILE_CACHE_DIR=str(carried),
-                             TORCHINDUCTOR_CACHE_DIR=str(inductor), PACK_COMPILE_CACHE="1")
+                             TORCHINDUCTOR_CACHE_DIR=str(inductor), PACK_COMPILE_CACHE="1",
+                             FAKE_COMPILE="triton/new-kernel")
     assert done.returncode == 0, done.stdout + done.stderr
     assert (inductor / "fxgraph" / "entry").read_text() == "graph"
     assert "compile cache: unpacked" in done.stdout
     unpacked_at = done.stdout.index("compile cache: unpacked")
     assert unpacked_at < done.stdout.index("grid ablations/sink.yaml")
+    [new] = (tmp_path / "out").glob("inductor-fake-gpu.*.tar.gz")
+    assert re.fullmatch(r"inductor-fake-gpu\.sink-\d{12}\.tar\.gz", new.name)
+    with tarfile.open(new) as tar:
+        assert tar.getnames() == ["./triton/new-kernel"]  # not the carried entry
+    assert not (tmp_path / "out" / "inductor-fake-gpu.tar.gz").exists()
+
+    # the next session carries both files: both are unpacked; nothing compiled, nothing back
+    shutil.copy(new, carried / new.name)
+    shutil.rmtree(inductor)
+    shutil.rmtree(tmp_path / "out")
+    done, _ = run_script(tmp_path, "sink", COMPILE_CACHE_DIR=str(carried),
+                         TORCHINDUCTOR_CACHE_DIR=str(inductor), PACK_COMPILE_CACHE="1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (inductor / "triton" / "new-kernel").is_file() and (inductor / "fxgraph").is_dir()
+    assert "compile cache: nothing compiled since the carried cache was unpacked" in done.stdout
+    assert not list((tmp_path / "out").glob("inductor-*"))
+    (carried / new.name).unlink()
+
+    # a machine that unpacked nothing (its own cache there) brings the whole folder back
+    Path(f"{inductor}.unpacked").unlink()
+    shutil.rmtree(tmp_path / "out")
+    done, _ = run_script(tmp_path, "sink", COMPILE_CACHE_DIR=str(carried),
+                         TORCHINDUCTOR_CACHE_DIR=str(inductor), PACK_COMPILE_CACHE="1")
+    assert done.returncode == 0, done.stdout + done.stderr
     back = tmp_path / "out" / "inductor-fake-gpu.tar.gz"
     with tarfile.open(back) as tar:
-        assert "./fxgraph/entry" in tar.getnames()
+        assert {"./fxgraph/entry", "./triton/new-kernel"} <= set(tar.getnames())
 
     # over the size a call brings back: left out, with the sizes a smaller cache would need
     shutil.rmtree(tmp_path / "out")
