@@ -79,7 +79,11 @@ def unstable_rungs(margin: float = BROKE_MARGIN) -> Callable[[list[Row]], set]:
     pairs a gate with the baseline. The stability grid's criterion (ablations/stability.yaml,
     written before it ran) reads the paired comparisons "at the rungs where the baseline
     broke"; a rung where the baseline trains well says nothing of headroom, and pooled with
-    the others it dilutes them. "Or spiked" as the trend's premise reads an instability."""
+    the others it dilutes them. "Or spiked" as the trend's premise reads an instability. The
+    selection is the baseline's, as the claim is ("the gate trains where the baseline
+    breaks"): a gate's instability at a rung where the baseline was stable is not in these
+    pairs, but it is in the gate's largest stable LR (max_stable_lr, the report's stability
+    table)."""
     def rungs(ladder: list[Row]) -> set:
         broken = broken_runs(ladder, margin)
         return {rung.lr for rung in ladder for run in rung.runs
