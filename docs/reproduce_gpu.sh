@@ -35,7 +35,9 @@
 # from carried ones, only what it compiled since, as $OUT/inductor-<gpu>.<phases>-<UTC
 # minute>.tar.gz; copied to .compile-cache/ (git ignores it) and carried with the wheels, a
 # later session's first call on the same kind of GPU starts with all of them
-# (COMPILE_CACHE_DIR names another folder).
+# (COMPILE_CACHE_DIR names another folder). The tree (21 MB on 2026-12-06), the wheels
+# (22.6 MB) and .compile-cache/ travel together within a call's 64 MiB: keep there only the
+# caches the call's grids use (git ignores .compile-cache-*/ for those set aside).
 # The numerics check's passes (cache/checks: lab/check.py, keyed by the checked code's hash,
 # the GPU, the torch/CUDA/cuDNN versions, the preset and the variant) come back as
 # $OUT/checks.tar.gz from a call that ran a grid (where a file is left and the folder holds
