@@ -237,7 +237,9 @@ elif [ "${PACK_COMPILE_CACHE:-0}" = 1 ]; then
     cache_file="$OUT/inductor-$gpu_kind.$(sed 's/^,//; s/,$//; s/,/-/g' <<< "$phases")-$(date -u +%Y%m%d%H%M).tar.gz"
     newer=(-newer "$unpacked_at")
   fi
-  ( cd "$inductor" && find . -type f "${newer[@]}" -print0 | tar czf "$cache_file" --null -T - )
+  # (names relative to the folder, as `tar -C "$inductor" .` gave them; $OUT may be relative)
+  find "$inductor" -type f "${newer[@]}" -printf './%P\0' |
+    tar czf "$cache_file" -C "$inductor" --null -T -
   packed=$(stat -c %s "$cache_file")
   if [ "$(tar tzf "$cache_file" | wc -l)" -eq 0 ]; then
     echo "compile cache: nothing compiled since the carried cache was unpacked; nothing brought back"
