@@ -90,7 +90,7 @@ def _starts_ahead(monkeypatch, preset: str, runs_per_gpu: int, *overrides: str) 
                         lambda configs, started, gpus, label, quiet: handed.append(gpus))
     cells = [_config_at(preset, *overrides),
              _config_at(preset, *overrides, variant="sdpa_headwise_sigmoid_mul")]
-    ahead.start_for_grid(preset, cells, 1, runs_per_gpu, ["0"], False, "grid test", True)
+    ahead.start_for_grid(cells, 1, runs_per_gpu, ["0"], False, "grid test", True)
     return handed == [["0"]]
 
 

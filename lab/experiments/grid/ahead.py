@@ -130,16 +130,16 @@ class CompileAhead:
             self.process.join(timeout=CLOSE_WAIT_S)
 
 
-def start_for_grid(preset: str, configs: list[RunConfig], workers: int, runs_per_gpu: int,
+def start_for_grid(configs: list[RunConfig], workers: int, runs_per_gpu: int,
                    gpus: list[str], warm_first: bool, label: str,
                    quiet: bool) -> CompileAhead | None:
     """A grid's CompileAhead for the shapes of the cells to run (`configs`, in order) beyond
     those its first cells compile themselves, on the first of `gpus` (none: the CPU), or
-    None: no such shape, or no room for one more model of `preset` beside the
+    None: no such shape, or no room for one more model of the cells' preset beside the
     `runs_per_gpu` cells on the GPU (estimate.room_for_one_more). The first cells are the
     first `workers` in order, or with --warm-first the first of `workers` shapes
     (lab/experiments/pool.py WorkerPool.run)."""
-    if not configs or not room_for_one_more(preset, runs_per_gpu if gpus else 1,
+    if not configs or not room_for_one_more(configs[0].preset, runs_per_gpu if gpus else 1,
                                             gpu_memory_gib() if gpus else None, configs[0]):
         return None
     shapes = list(dict.fromkeys(compile_shape(config) for config in configs))

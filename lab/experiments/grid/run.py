@@ -178,7 +178,7 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
     ahead = None
     try:
         if options.compile_ahead and layout.devices == 1:
-            ahead = start_for_grid(spec.preset, todo, layout.workers, layout.runs_per_gpu,
+            ahead = start_for_grid(todo, layout.workers, layout.runs_per_gpu,
                                    layout.gpus, options.warm_first, f"grid {spec.name}",
                                    options.quiet)
         return _check_and_run(spec, options, cells, all_cells, layout, uri, pool, started_at,
