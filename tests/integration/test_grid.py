@@ -413,6 +413,46 @@ def test_runs_per_gpu_gives_each_gpu_that_many_worker_slots(store, monkeypatch):
     assert events == ["check", "workers started", "context handed"]
 
 
+def test_the_check_covers_only_the_variants_with_cells_left_to_train(store, monkeypatch):
+    """A grid resumed on a GPU machine checks the variants it will train, not one whose cells
+    the store holds finished; with every cell finished it checks nothing. (No GPU here: the
+    device list, the pool and the store's finished cells are stand-ins.)"""
+    from lab import check as lab_check
+    from lab.experiments.grid import run as grid
+
+    checked = []
+
+    class IdlePool:
+        begun = False
+
+        def __init__(self, slots, threads):
+            pass
+
+        def begin(self, ctx):
+            self.begun = True
+
+        def run(self, tasks, finished, dispatched, admit, **orderings):
+            return []
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(grid, "parse_gpus", lambda text: ["0"])
+    monkeypatch.setattr(grid, "CellPool", IdlePool)
+    monkeypatch.setattr(lab_check, "check_before_training",
+                        lambda preset, variants, *args, **kwargs: checked.append(variants))
+    spec = grid_from_dict(tiny_grid("resumed", ["baseline", "sdpa_elementwise_sigmoid_mul"],
+                                    seeds=(0, 1)))
+    baseline_done = {c.config_hash for c in plan(spec) if c.variant == "baseline"}
+    monkeypatch.setattr(grid, "finished_in_store", lambda uri, name: baseline_done)
+    run_grid(spec, GridOptions(gpus="all", runs_per_gpu=2, quiet=True))
+    assert checked == [["sdpa_elementwise_sigmoid_mul"]]
+    monkeypatch.setattr(grid, "finished_in_store",
+                        lambda uri, name: {c.config_hash for c in plan(spec)})
+    run_grid(spec, GridOptions(gpus="all", runs_per_gpu=2, quiet=True))
+    assert checked == [["sdpa_elementwise_sigmoid_mul"]]  # nothing to train, nothing checked
+
+
 @pytest.mark.parametrize("overrides, runs_per_gpu, message", [
     ({}, 0, "--runs-per-gpu: must be at least 1"),
     ({"train.devices": 2}, 2, "--runs-per-gpu: a DDP cell"),

@@ -171,7 +171,8 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
     # Before the check and the workers, which compile and inherit the environment.
     use_compile_cache()
     done = finished_in_store(uri, spec.name)  # (read only; reconciled after the check)
-    todo = [c.config for c in cells if c.config_hash not in done]
+    to_train = [c for c in cells if c.config_hash not in done]
+    todo = [c.config for c in to_train]
     # A pool's workers, and the process that compiles the later cells' shapes, start now, so
     # that their start-up overlaps the check.
     pool = _start_pool(layout, options, todo)
@@ -182,7 +183,7 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
                                    layout.gpus, options.warm_first, f"grid {spec.name}",
                                    options.quiet)
         return _check_and_run(spec, options, cells, all_cells, layout, uri, pool, started_at,
-                              startup_s)
+                              startup_s, to_train)
     finally:
         if pool is not None and not pool.begun:  # never handed a cell
             pool.close()
@@ -192,9 +193,9 @@ def run_grid(spec: GridSpec, options: GridOptions) -> GridSummary:
 
 def _check_and_run(spec: GridSpec, options: GridOptions, cells: list[Cell],
                    all_cells: list[Cell], layout: Layout, uri: str, pool: CellPool | None,
-                   started_at: float, startup_s: float) -> GridSummary:
+                   started_at: float, startup_s: float, to_train: list[Cell]) -> GridSummary:
     """run_grid from the check on: the parent run, the cells, the summary."""
-    check_table, check_s = _check_variants(spec, cells, layout, options)
+    check_table, check_s = _check_variants(spec, to_train, layout, options)
     client = records.client(uri)
     experiment = records.experiment_id(client, spec.name, uri)
     me = {OWNER_TAG: owner_identity(), HEARTBEAT_TAG: str(int(time.time()))}
@@ -231,10 +232,12 @@ def _check_and_run(spec: GridSpec, options: GridOptions, cells: list[Cell],
 
 def _check_variants(spec: GridSpec, cells: list[Cell], layout: Layout,
                     options: GridOptions) -> tuple[dict | None, float]:
-    """`gatelab check` of the grid's variants on a GPU (lab/check.py), and its seconds."""
+    """`gatelab check` on a GPU (lab/check.py) of the variants of `cells`, the ones the store
+    did not hold finished (a variant whose cells have all run trains nothing to check), and
+    its seconds."""
     checking = time.perf_counter()
     check_table = None
-    if layout.gpus and options.check:
+    if layout.gpus and options.check and cells:
         check_table = lab_check.check_before_training(
             spec.preset, list(dict.fromkeys(c.variant for c in cells)),
             override_pairs(spec.overrides), options.quiet,
