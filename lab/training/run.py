@@ -344,7 +344,7 @@ def _finish(trainer, module, data, monitor, config, mlflow_client, run_id, start
     records.log_metrics(mlflow_client, run_id, timings, steps_done)
     metrics.update(timings)
     # This write comes after the clock was read: in the returned phases, as the closing of
-    # the run is (train_run), not in the logged ones (on a loaded CPU it took 0.5 s).
+    # the run is (train_run), not in the logged ones.
     _add_store_seconds(metrics, time.perf_counter() - writing)
     return metrics
 
