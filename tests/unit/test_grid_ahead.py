@@ -72,11 +72,10 @@ def test_overrides_that_change_a_cells_peak_leave_the_measurement_behind(monkeyp
     from lab.experiments.grid import estimate
 
     assert not _starts_ahead(monkeypatch, "small", 2, override)
-    n, basis = estimate.auto_runs_per_gpu("small", 139.8, _config_at("small", override))
+    n, basis = estimate.auto_runs_per_gpu(_config_at("small", override), 139.8)
     assert n == 1 and "overrides change" in basis
     assert _starts_ahead(monkeypatch, "small", 2, "train.weight_decay=0.5")
-    assert estimate.auto_runs_per_gpu("small", 139.8,
-                                      _config_at("small", "train.weight_decay=0.5"))[0] == 2
+    assert estimate.auto_runs_per_gpu(_config_at("small", "train.weight_decay=0.5"), 139.8)[0] == 2
 
 
 def _config_at(preset: str, *overrides: str, variant: str = "baseline"):

@@ -139,8 +139,8 @@ def start_for_grid(configs: list[RunConfig], workers: int, runs_per_gpu: int,
     `runs_per_gpu` cells on the GPU (estimate.room_for_one_more). The first cells are the
     first `workers` in order, or with --warm-first the first of `workers` shapes
     (lab/experiments/pool.py WorkerPool.run)."""
-    if not configs or not room_for_one_more(configs[0].preset, runs_per_gpu if gpus else 1,
-                                            gpu_memory_gib() if gpus else None, configs[0]):
+    if not configs or not room_for_one_more(configs[0], runs_per_gpu if gpus else 1,
+                                            gpu_memory_gib() if gpus else None):
         return None
     shapes = list(dict.fromkeys(compile_shape(config) for config in configs))
     first = shapes[:workers] if warm_first else \

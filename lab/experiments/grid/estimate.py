@@ -44,24 +44,24 @@ PACKING_MIN_GAIN = 0.1
 GPU_MEMORY_HEADROOM = 0.8   # of the device's memory, for the packed cells' peaks together
 
 
-def packing_measurement(preset: str, config: RunConfig | None = None) -> dict | None:
-    """MEASURED_PACKING's entry for `preset`, or None: not measured, or the cells' `config`
-    (one of the grid's: its cells share the overrides) changes what a cell's peak and its
+def packing_measurement(config: RunConfig) -> dict | None:
+    """MEASURED_PACKING's entry for the preset of `config` (one of a grid's cells: they share
+    the overrides), or None: not measured, or the overrides change what a cell's peak and its
     packing gain depend on, its compiled shape (the model, the micro-batch, the precision,
     the compile mode: lab/training/step.py compile_shape), from the preset's defaults the
     entry was measured at (a `small` grid at batch 64 would take 4x the measured peak)."""
-    measured = MEASURED_PACKING.get(preset)
-    if measured is None or config is None:
-        return measured
-    defaults = with_vocab(resolve(config.variant, preset), config.model.vocab_size)
+    measured = MEASURED_PACKING.get(config.preset)
+    if measured is None:
+        return None
+    defaults = with_vocab(resolve(config.variant, config.preset), config.model.vocab_size)
     return measured if compile_shape(defaults) == compile_shape(config) else None
 
 
-def auto_runs_per_gpu(preset: str, gpu_memory_gib: float | None,
-                      config: RunConfig | None = None) -> tuple[int, str]:
+def auto_runs_per_gpu(config: RunConfig, gpu_memory_gib: float | None) -> tuple[int, str]:
     """Cells per GPU for `--runs-per-gpu auto`, and the sentence saying why (`config`: one of
     the grid's cells, packing_measurement)."""
-    measured = packing_measurement(preset, config)
+    preset = config.preset
+    measured = packing_measurement(config)
     if measured is None:
         why = "preset" if preset not in MEASURED_PACKING else \
             "the preset's defaults, which the grid's overrides change (model, micro-batch, " \
@@ -77,17 +77,15 @@ def auto_runs_per_gpu(preset: str, gpu_memory_gib: float | None,
                f"{preset} (benchmarks/packing.py), {measured['peak_gib']:.1f} GiB each")
 
 
-def room_for_one_more(preset: str, runs_per_gpu: int, gpu_memory_gib: float | None,
-                      config: RunConfig | None = None) -> bool:
-    """Whether one more model of `preset` fits on a GPU beside `runs_per_gpu` cells, by the
-    measured peaks (packing_measurement, of the grid's cell `config`) and the same headroom
-    as packing: the grid's compile-ahead process takes one training step of each later shape
-    beside the cells (lab/experiments/grid/ahead.py). False where not measured: a cell's
+def room_for_one_more(config: RunConfig, runs_per_gpu: int, gpu_memory_gib: float | None) -> bool:
+    """Whether one more model of a grid's cell `config` fits on a GPU beside `runs_per_gpu`
+    cells, by the measured peaks (packing_measurement) and the same headroom as packing: the
+    grid's compile-ahead process takes one training step of each later shape beside the cells (lab/experiments/grid/ahead.py). False where not measured: a cell's
     peak is not known, and the step must not take the memory a cell needs. True without a
     GPU."""
     if gpu_memory_gib is None:
         return True
-    measured = packing_measurement(preset, config)
+    measured = packing_measurement(config)
     return measured is not None and \
         (runs_per_gpu + 1) * measured["peak_gib"] <= GPU_MEMORY_HEADROOM * gpu_memory_gib
 

@@ -131,7 +131,7 @@ def _layout(spec: GridSpec, options: GridOptions, gpus: list[str], runs_per_gpu:
     packing_basis = None
     if runs_per_gpu == "auto":
         runs_per_gpu, packing_basis = (1, None) if devices > 1 or not gpus else \
-            auto_runs_per_gpu(spec.preset, gpu_memory_gib(), cells[0].config)
+            auto_runs_per_gpu(cells[0].config, gpu_memory_gib())
     if devices > 1 and runs_per_gpu > 1:
         raise LabError("--runs-per-gpu: a DDP cell (train.devices > 1) takes its GPUs whole; "
                        "leave --runs-per-gpu at 1")
