@@ -80,9 +80,9 @@ def auto_runs_per_gpu(config: RunConfig, gpu_memory_gib: float | None) -> tuple[
 def room_for_one_more(config: RunConfig, runs_per_gpu: int, gpu_memory_gib: float | None) -> bool:
     """Whether one more model of a grid's cell `config` fits on a GPU beside `runs_per_gpu`
     cells, by the measured peaks (packing_measurement) and the same headroom as packing: the
-    grid's compile-ahead process takes one training step of each later shape beside the cells (lab/experiments/grid/ahead.py). False where not measured: a cell's
-    peak is not known, and the step must not take the memory a cell needs. True without a
-    GPU."""
+    grid's compile-ahead process takes one training step of each later shape beside the cells
+    (lab/experiments/grid/ahead.py). False where not measured: a cell's peak is not known,
+    and the step must not take the memory a cell needs. True without a GPU."""
     if gpu_memory_gib is None:
         return True
     measured = packing_measurement(config)
