@@ -85,9 +85,9 @@ def check_break(premise: Premise, all_rows: list[Row], margin: float) -> Premise
     per_rung = ", ".join(f"{lr:g}: {hit} of {n}" for lr, hit, n in counts)
     # (a grid still running may have one seed broken at a rung: say why that is not yet "yes")
     one_seed = not met and any(n == 1 and hit == 1 for _, hit, n in counts)
+    why = "; a rung needs at least 2 seeds, all broken" if one_seed else ""
     return PremiseResult(premise, met, f"{name}: {'yes' if met else 'no'} (broke, by LR: "
-                         f"{per_rung}" + ("; a rung needs at least 2 seeds, all broken"
-                                          if one_seed else "") + ")")
+                         f"{per_rung}{why})")
 
 
 def check_premise(premise: Premise, rows: list[Row], history, all_rows: list[Row] | None = None,

@@ -470,33 +470,6 @@ def test_runs_per_gpu_refuses_nonsense_before_training(store, monkeypatch, overr
     assert run_statuses(store, "refused") == {}
 
 
-def test_runs_per_gpu_auto_packs_from_the_measured_gain(store, monkeypatch):
-    """auto (the default): as many cells per GPU as each still adds a tenth of one cell's
-    tokens/s in the committed measurement, within the GPU's memory; unmeasured presets alone."""
-    from lab.config import resolve
-    from lab.experiments.grid import estimate as grid
-
-    def at(preset):
-        return resolve("baseline", preset, data="synthetic")
-
-    speedup = grid.MEASURED_PACKING["small"]["speedup"]
-    n, basis = grid.auto_runs_per_gpu(at("small"), gpu_memory_gib=139.8)
-    assert n == max(k for k in speedup if all(speedup[j + 1] - speedup[j] >= grid.PACKING_MIN_GAIN
-                                                for j in range(1, k)))
-    assert n >= 2 and "measured" in basis
-    peak = grid.MEASURED_PACKING["small"]["peak_gib"]
-    assert grid.auto_runs_per_gpu(at("small"), gpu_memory_gib=1.5 * peak)[0] == 1  # one fits
-    assert grid.auto_runs_per_gpu(at("medium"), gpu_memory_gib=139.8)[0] == 1
-    n, basis = grid.auto_runs_per_gpu(at("base"), gpu_memory_gib=139.8)  # measured: packing loses
-    assert n == 1 and "measured 1.00x" in basis
-    assert grid.parse_runs_per_gpu("3") == 3 and grid.parse_runs_per_gpu("auto") == "auto"
-    for bad in ("0", "x", "1.5", -2):
-        with pytest.raises(LabError, match="--runs-per-gpu"):
-            grid.parse_runs_per_gpu(bad)
-    # The time estimate slows each packed cell by N / gain.
-    assert grid.packing_speedup("small", n) == speedup[n] and grid.packing_speedup("tiny", 3) == 1.0
-
-
 # --- one claim per cell (issue 26) ----------------------------------------------------------
 
 def test_a_cell_is_claimed_once_and_taken_over_only_from_a_dead_holder(store):

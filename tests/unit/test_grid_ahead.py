@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from lab.config import resolve
+from lab.errors import LabError
 from lab.experiments.grid import ahead
 from lab.training.step import compile_shape
 
@@ -60,6 +61,30 @@ def test_it_starts_on_a_gpu_only_where_the_measured_peaks_leave_room(monkeypatch
     """estimate.room_for_one_more on an 80-GiB GPU: the process's training step is one more
     model beside the packed cells."""
     assert _starts_ahead(monkeypatch, preset, runs_per_gpu) == starts
+
+
+def test_runs_per_gpu_auto_packs_from_the_measured_gain():
+    """auto (the default): as many cells per GPU as each still adds a tenth of one cell's
+    tokens/s in the committed measurement, within the GPU's memory; unmeasured presets alone."""
+    from lab.experiments.grid import estimate as grid
+
+    speedup = grid.MEASURED_PACKING["small"]["speedup"]
+    n, basis = grid.auto_runs_per_gpu(_config_at("small"), gpu_memory_gib=139.8)
+    assert n == max(k for k in speedup if all(speedup[j + 1] - speedup[j] >= grid.PACKING_MIN_GAIN
+                                                for j in range(1, k)))
+    assert n >= 2 and "measured" in basis
+    peak = grid.MEASURED_PACKING["small"]["peak_gib"]
+    one_fits = 1.5 * peak
+    assert grid.auto_runs_per_gpu(_config_at("small"), gpu_memory_gib=one_fits)[0] == 1
+    assert grid.auto_runs_per_gpu(_config_at("medium"), gpu_memory_gib=139.8)[0] == 1
+    n, basis = grid.auto_runs_per_gpu(_config_at("base"), gpu_memory_gib=139.8)  # packing loses
+    assert n == 1 and "measured 1.00x" in basis
+    assert grid.parse_runs_per_gpu("3") == 3 and grid.parse_runs_per_gpu("auto") == "auto"
+    for bad in ("0", "x", "1.5", -2):
+        with pytest.raises(LabError, match="--runs-per-gpu"):
+            grid.parse_runs_per_gpu(bad)
+    # The time estimate slows each packed cell by N / gain.
+    assert grid.packing_speedup("small", n) == speedup[n] and grid.packing_speedup("tiny", 3) == 1.0
 
 
 @pytest.mark.parametrize("override", ["train.batch_size=64", "model.d_model=1024",
